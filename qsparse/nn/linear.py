@@ -1,0 +1,193 @@
+"""QSparseLinear: one linear layer for dense | top-k | BitLinear b1.58 | both.
+
+A projection input passes an :class:`ActivationSparsifier` (optional RMSNorm -> optional
+absmax b-bit quantization -> top-k mask), then multiplies the (optionally ternarized)
+weight: ``Y = (Q(N(X)) * M) Q_w(W)^T + b`` with ``M = TopK(|N(X)|)`` (Eq. 4-10).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from .config import PATTERNS, WEIGHT_QUANT, keep_count
+from .quant import absmax_quantize, absmean_ternarize, straight_through
+from .topk import apply_mask, block_topk_mask, topk_mask
+
+
+class ActivationSparsifier(nn.Module):
+    """The activation pipeline of one projection-input site.
+
+    ``x``: [..., dim] -> [..., dim]. Steps: RMSNorm (``subln``), per-token absmax
+    quantization to ``act_bits`` (mask still chosen from the unquantized values), top-k
+    (``token_topk``: k per row; ``block_topk``: k per block), straight-through gradient.
+
+    ``ratio`` may change during training (:func:`qsparse.set_sparsity_ratio`); ``target_ratio``
+    remembers the configured value. While ``track_stats`` is on, the number of zero outputs
+    and of outputs are accumulated (no host sync) for :mod:`qsparse.stats`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ratio: float = 0.0,
+        pattern: str = "token_topk",
+        block_size: int = 32,
+        ste: bool = True,
+        rescale: bool = False,
+        act_bits: int | None = None,
+        subln: bool = False,
+        eps: float = 1e-5,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if pattern not in PATTERNS:
+            raise ValueError(
+                f"sparsity.pattern={pattern!r} is not supported; use one of {PATTERNS}"
+            )
+        if pattern == "block_topk" and dim % block_size:
+            raise ValueError(
+                f"sparsity.block_size={block_size} does not divide the input size {dim}; "
+                "pick a divisor (the paper uses 32)"
+            )
+        self.dim = dim
+        self.pattern = pattern
+        self.block_size = block_size
+        self.ste = ste
+        self.rescale = rescale
+        self.act_bits = act_bits
+        self.eps = eps
+        self.norm = nn.RMSNorm(dim, eps=norm_eps) if subln else None
+        self.target_ratio = float(ratio)
+        self.ratio = float(ratio)
+        self.keep()  # validates ratio against dim
+        self.track_stats = False
+        self.register_buffer("zeros_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("values_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def keep(self) -> int | None:
+        """k per row (token_topk) or per block (block_topk); ``None`` when nothing is dropped."""
+        if self.pattern == "none" or self.ratio == 0.0:
+            return None
+        width = self.block_size if self.pattern == "block_topk" else self.dim
+        k = keep_count(width, self.ratio)
+        return None if k == width else k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        k = self.keep()
+        out = None
+        if k is not None and x.is_cuda and not self.rescale:
+            if self.pattern == "token_topk":
+                out = kernels.fused_token_topk(x, k, self.ste, self.act_bits)
+            else:
+                out = kernels.fused_block_topk(x, k, self.block_size, self.ste, self.act_bits)
+        if out is None:
+            out = self._reference(x, k)
+        if self.track_stats:
+            with torch.no_grad():
+                self.zeros_seen += (out == 0).sum()
+                self.values_seen += out.numel()
+        return out
+
+    def _reference(self, x: torch.Tensor, k: int | None) -> torch.Tensor:
+        if k is None:
+            if self.act_bits is None:
+                return x
+            return absmax_quantize(x, self.act_bits, self.eps, ste=True)
+        if self.pattern == "token_topk":
+            mask = topk_mask(x, k)
+        else:
+            mask = block_topk_mask(x, k, self.block_size)
+        values = None
+        if self.act_bits is not None:
+            values = absmax_quantize(x, self.act_bits, self.eps, ste=True)
+        return apply_mask(x, mask, self.ste, values=values, rescale=self.rescale)
+
+    def reset_stats(self) -> None:
+        self.zeros_seen.zero_()
+        self.values_seen.zero_()
+
+    def extra_repr(self) -> str:
+        parts = [f"dim={self.dim}", f"pattern={self.pattern}", f"ratio={self.ratio}"]
+        if self.pattern == "block_topk":
+            parts.append(f"block_size={self.block_size}")
+        if not self.ste:
+            parts.append("ste=False")
+        if self.act_bits is not None:
+            parts.append(f"act_bits={self.act_bits}")
+        return ", ".join(parts)
+
+
+class QSparseLinear(nn.Linear):
+    """``nn.Linear`` with an optional input :class:`ActivationSparsifier` (``act``) and
+    optional absmean ternary weights (``weight_quant="ternary"``, BitLinear b1.58).
+
+    ``x``: [..., in_features] -> [..., out_features]. The latent ``weight`` stays in full
+    precision for the optimizer; the forward uses ``Q_w(W)`` with a straight-through gradient.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        act: ActivationSparsifier | None = None,
+        weight_quant: str = "none",
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(act, weight_quant, eps)
+
+    def _setup(self, act: ActivationSparsifier | None, weight_quant: str, eps: float) -> None:
+        if weight_quant not in WEIGHT_QUANT:
+            raise ValueError(f"quant.weights={weight_quant!r} is not supported; use {WEIGHT_QUANT}")
+        if act is not None and act.dim != self.in_features:
+            raise ValueError(
+                f"sparsifier dim {act.dim} does not match in_features {self.in_features}"
+            )
+        self.act = act
+        self.weight_quant = weight_quant
+        self.eps = eps
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        act: ActivationSparsifier | None = None,
+        weight_quant: str = "none",
+        eps: float = 1e-5,
+    ) -> QSparseLinear:
+        """Wrap an existing ``nn.Linear`` reusing its Parameter objects (no copy), so
+        optimizer state, tied weights and loaded checkpoints stay attached."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features = linear.in_features
+        new.out_features = linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._setup(act, weight_quant, eps)
+        return new
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight used in the forward: ``W`` or its ternary form ``{-a, 0, +a}``."""
+        if self.weight_quant == "ternary":
+            return absmean_ternarize(self.weight, self.eps, ste=True)
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", weight_quant={self.weight_quant}" if self.weight_quant != "none" else "")
+
+
+__all__ = ["ActivationSparsifier", "QSparseLinear", "straight_through"]
