@@ -1,0 +1,58 @@
+"""qsparse: fully sparsely-activated and quantized LLM training (Q-Sparse, BitNet b1.58).
+
+Quick start::
+
+    import qsparse
+    report = qsparse.sparsify(hf_model, sparsity=0.6, quant=qsparse.QuantConfig(weights="ternary",
+                              act_bits=8, subln=True), activation="relu2")
+    print(report)
+"""
+
+from .convert import SparsifyReport, get_settings, set_sparsity_ratio, sparsifiers, sparsify
+from .nn import (
+    ActivationSparsifier,
+    GLUFeedForward,
+    QSparseLinear,
+    QuantConfig,
+    ReLUSquared,
+    SparsityConfig,
+)
+from .stats import activated_parameters, measure, measured_sparsity, track_sparsity
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # lazy: models pull in transformers, which is slow to import
+    if name in ("load", "export"):
+        from .models import hf
+
+        return getattr(hf, name)
+    if name in ("LlamaConfig", "LlamaForCausalLM"):
+        from .models import llama
+
+        return getattr(llama, name)
+    raise AttributeError(f"module 'qsparse' has no attribute {name!r}")
+
+
+__all__ = [
+    "ActivationSparsifier",
+    "GLUFeedForward",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "QSparseLinear",
+    "QuantConfig",
+    "ReLUSquared",
+    "SparsifyReport",
+    "SparsityConfig",
+    "activated_parameters",
+    "export",
+    "get_settings",
+    "load",
+    "measure",
+    "measured_sparsity",
+    "set_sparsity_ratio",
+    "sparsifiers",
+    "sparsify",
+    "track_sparsity",
+]
