@@ -1,0 +1,189 @@
+"""qsparse.sparsify on tiny transformers models: masks, parameter reuse, errors, statistics."""
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import qsparse
+from qsparse.nn import QSparseLinear, QuantConfig, SparsityConfig
+
+SHAPE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny(family: str = "llama") -> torch.nn.Module:
+    cfg_cls, model_cls = FAMILIES[family]
+    torch.manual_seed(0)
+    return model_cls(cfg_cls(**SHAPE)).eval()
+
+
+def capture_inputs(model):
+    """Record the input of every projection during one forward."""
+    seen, handles = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.split(".")[-1].endswith("proj"):
+
+            def hook(m, args, name=name):
+                x = args[0]
+                seen[name] = m.act(x) if getattr(m, "act", None) is not None else x
+
+            handles.append(mod.register_forward_pre_hook(hook))
+    return seen, handles
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_zero_sparsity_keeps_logits(family):
+    model = tiny(family)
+    ids = torch.randint(0, 97, (2, 10))
+    ref = model(ids).logits
+    qsparse.sparsify(model, 0.0)
+    assert torch.allclose(model(ids).logits, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_projection_input_has_exactly_k_nonzeros_and_qkv_share_a_mask(family):
+    model = tiny(family)
+    qsparse.sparsify(model, SparsityConfig(ratio=0.6))
+    seen, handles = capture_inputs(model)
+    model(torch.randint(0, 97, (2, 9)))
+    for h in handles:
+        h.remove()
+    for i in range(2):
+        p = f"model.layers.{i}"
+        q, k, v = (seen[f"{p}.self_attn.{n}_proj"] for n in "qkv")
+        assert torch.equal(q, k) and torch.equal(q, v), "q/k/v share one sparsified input"
+        g, u = seen[f"{p}.mlp.gate_proj"], seen[f"{p}.mlp.up_proj"]
+        assert torch.equal(g, u)
+        for name, dim in [
+            ("self_attn.q_proj", 64),
+            ("self_attn.o_proj", 64),
+            ("mlp.gate_proj", 64),
+            ("mlp.down_proj", 96),
+        ]:
+            x = seen[f"{p}.{name}"]
+            nnz = (x != 0).sum(-1)
+            assert (nnz == int(0.4 * dim + 1e-6)).all(), name
+
+
+def test_parameters_are_reused_and_names_kept():
+    model = tiny()
+    before = dict(model.named_parameters())
+    keys = set(model.state_dict())
+    report = qsparse.sparsify(model, 0.5)
+    after = dict(model.named_parameters())
+    assert set(model.state_dict()) == keys
+    assert all(after[n] is p for n, p in before.items())
+    assert model.lm_head.weight is before["lm_head.weight"]
+    assert "lm_head" in report.skipped and len(report.converted) == 14
+    assert all(isinstance(model.get_submodule(n), QSparseLinear) for n in report.converted)
+
+
+def test_idempotent_and_reconfigurable():
+    model = tiny()
+    ids = torch.randint(0, 97, (1, 8))
+    qsparse.sparsify(model, 0.5, quant=QuantConfig(act_bits=8, subln=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # make SubLN weights non-trivial: a re-apply must keep them
+    out1 = model(ids).logits
+    qsparse.sparsify(model, 0.5, quant=QuantConfig(act_bits=8, subln=True))
+    assert torch.equal(model(ids).logits, out1)
+    n_hooks = len(model.model.layers[0].self_attn._forward_pre_hooks)
+    qsparse.sparsify(model, 0.25, quant=QuantConfig(act_bits=8, subln=True))
+    assert len(model.model.layers[0].self_attn._forward_pre_hooks) == n_hooks
+    assert model.model.layers[0].self_attn.qsparse_input.ratio == 0.25
+
+
+def test_module_filters_match_at_boundaries():
+    cfg = LlamaConfig(**{**SHAPE, "num_hidden_layers": 12})
+    model = LlamaForCausalLM(cfg)
+    report = qsparse.sparsify(model, 0.5, modules_to_not_convert=["lm_head", "layers.1"])
+    assert "model.layers.1.mlp.down_proj" in report.skipped
+    assert not isinstance(model.model.layers[1].mlp.down_proj, QSparseLinear)
+    assert isinstance(model.model.layers[11].mlp.down_proj, QSparseLinear)
+    assert "model.layers.11.mlp.down_proj" in report.converted
+
+
+def test_lm_head_converted_when_asked():
+    model = tiny()
+    report = qsparse.sparsify(model, 0.5, modules_to_not_convert=[])
+    assert isinstance(model.lm_head, QSparseLinear) and "lm_head" in report.sites
+
+
+def test_relu2_activation_swap_updates_config():
+    model = tiny()
+    qsparse.sparsify(model, 0.0, activation="relu2")
+    assert model.config.hidden_act == "relu2"
+    assert isinstance(model.model.layers[0].mlp.act_fn, qsparse.ReLUSquared)
+    assert model.config.qsparse["activation"] == "relu2"
+
+
+def test_bitnet_ternary_weights_in_forward():
+    model = tiny()
+    qsparse.sparsify(model, 0.0, quant=QuantConfig(weights="ternary"))
+    w = model.model.layers[0].mlp.up_proj.quantized_weight()
+    assert len(torch.unique(w)) == 3
+
+
+def test_unsupported_model_class():
+    with pytest.raises(ValueError, match="does not support .*Sequential"):
+        qsparse.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), 0.5)
+
+
+def test_bad_settings_leave_model_untouched():
+    model = tiny()
+    with pytest.raises(ValueError, match="block_size=48"):
+        qsparse.sparsify(model, SparsityConfig(ratio=0.5, pattern="block_topk", block_size=48))
+    assert not isinstance(model.model.layers[0].self_attn.q_proj, QSparseLinear)
+    with pytest.raises(ValueError, match=r"sparsity\.ratio"):
+        qsparse.sparsify(model, 1.2)
+
+
+def test_measured_sparsity_and_activated_parameters():
+    model = tiny()
+    report = qsparse.sparsify(model, SparsityConfig(ratio=0.5, down=0.75))
+    stats = qsparse.measure(model, torch.randint(0, 97, (2, 16)))
+    assert stats["layers.0.self_attn.qkv"] == pytest.approx(0.5)
+    assert stats["layers.1.mlp.down_proj"] == pytest.approx(0.75, abs=1e-6)
+    # hand count: linear weights times input density, everything else dense
+    layer = 64 * (64 + 32 + 32) * 0.5 + 64 * 64 * 0.5 + 2 * 64 * 96 * 0.5 + 96 * 64 * 0.25
+    rest = report.total_parameters - 2 * (64 * 128 + 64 * 64 + 2 * 64 * 96 + 96 * 64)
+    assert report.activated_parameters == int(2 * layer + rest)
+    assert qsparse.activated_parameters(model) == report.activated_parameters
+    assert stats["overall"] == pytest.approx(
+        1 - report.activated_parameters / report.total_parameters
+    )
+
+
+def test_set_sparsity_ratio_fraction_for_warmup():
+    model = tiny()
+    qsparse.sparsify(model, SparsityConfig(ratio=0.5, down=0.8))
+    qsparse.set_sparsity_ratio(model, fraction=0.5)
+    sps = qsparse.sparsifiers(model)
+    assert sps["layers.0.mlp.down_proj"].ratio == pytest.approx(0.4)
+    assert sps["layers.0.self_attn.qkv"].ratio == pytest.approx(0.25)
+    qsparse.set_sparsity_ratio(model, fraction=0.0)
+    ids = torch.randint(0, 97, (1, 6))
+    dense = tiny()
+    assert torch.allclose(model(ids).logits, dense(ids).logits, atol=1e-5)
+    with pytest.raises(ValueError):
+        qsparse.set_sparsity_ratio(model, 1.0)
