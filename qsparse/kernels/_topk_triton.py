@@ -1,0 +1,197 @@
+"""Triton kernels for per-token and per-block top-k selection fused with absmax quantization.
+
+Imported only when a kernel is about to run (CUDA tensor, or CPU under ``TRITON_INTERPRET=1``),
+so CPU users never need Triton's GPU backend.
+
+Selection (same rule as :mod:`qsparse.nn.topk`): keep the ``k`` largest ``|x|`` of a row,
+compared in fp32; among equal magnitudes the lower index wins; exactly ``k`` kept. The fp32 bit
+pattern of ``|x|`` read as an int32 ``key`` is monotonic in ``|x|`` (NaN above +inf, as in
+``torch.topk``), so the threshold ``T`` = the k-th largest key is found by bisection on the
+bits: starting from ``T = 0``, for each bit ``b`` from 30 down, set it if
+``count(key >= T | 2^b) >= k``. bf16/fp16 inputs widen to fp32 with their low 16/13 mantissa
+bits zero, so only the top 15 (bf16) or 18 (fp16) bits need a pass. Then
+``keep = key > T  or  (key == T and rank_among_equals <= k - count(key > T))``.
+
+Quantization (Eq. 4-7): ``q = clamp(rint(x * s), -Q-1, Q) / s`` with ``s = Q * (1 / max(gamma, eps))``,
+gamma = max|x| of the token (the whole row, also for block top-k), ``Q = 2^(b-1) - 1``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import round_half_even
+
+
+@triton.jit
+def _quantize(xf, gamma, eps, QMAX: tl.constexpr):
+    """Fake-quantize fp32 ``xf`` [R, ...] with per-row ``gamma`` already broadcast.
+
+    ``s`` is formed as ``(1 / gamma) * Q`` because that is how PyTorch evaluates the
+    reference's ``Q / gamma`` (scalar over tensor = reciprocal times scalar), bit for bit.
+    """
+    s = tl.div_rn(tl.full(gamma.shape, 1.0, tl.float32), tl.maximum(gamma, eps)) * QMAX
+    q = round_half_even(xf * s)
+    q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
+    return tl.div_rn(q, s)
+
+
+@triton.jit
+def _token_topk_kernel(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    n_rows,
+    d,
+    k,
+    eps,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    QMAX: tl.constexpr,
+    SELECT: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+):
+    """x, out: [n_rows, d] contiguous; mask: [n_rows, d] bool (written if WRITE_MASK).
+
+    One program handles ROWS rows held in registers as a [ROWS, BLOCK_D] tile.
+    """
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    valid = (rows < n_rows)[:, None] & (cols < d)[None, :]
+    offs = rows.to(tl.int64)[:, None] * d + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0)
+    xf = x.to(tl.float32)
+    if QMAX > 0:
+        gamma = tl.max(tl.abs(xf), axis=1)
+        val = _quantize(xf, gamma[:, None], eps, QMAX)
+    else:
+        val = xf
+    if SELECT:
+        key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        key = tl.where(valid, key, -1)
+        thr = tl.zeros([ROWS], dtype=tl.int32)
+        for i in tl.static_range(KEY_BITS):
+            cand = thr | (1 << (30 - i))
+            cnt = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+            thr = tl.where(cnt >= k, cand, thr)
+        gt = key > thr[:, None]
+        eq = key == thr[:, None]
+        need = k - tl.sum(gt.to(tl.int32), axis=1)
+        rank = tl.cumsum(eq.to(tl.int32), axis=1)
+        keep = gt | (eq & (rank <= need[:, None]))
+        val = tl.where(keep, val, 0.0)
+        if WRITE_MASK:
+            tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)
+    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _block_topk_kernel(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    n_rows,
+    d,
+    k,
+    eps,
+    ROWS: tl.constexpr,
+    NBLK: tl.constexpr,
+    BS: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    QMAX: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+):
+    """x, out: [n_rows, d] contiguous with d = nblocks * BS; a [ROWS, NBLK, BS] tile per
+    program; k largest |x| kept inside each block of BS; gamma is per row (token)."""
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    blk = tl.arange(0, NBLK)
+    lane = tl.arange(0, BS)
+    col = blk[:, None] * BS + lane[None, :]  # [NBLK, BS]
+    valid = (rows < n_rows)[:, None, None] & (col < d)[None, :, :]
+    offs = rows.to(tl.int64)[:, None, None] * d + col[None, :, :]
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0)
+    xf = x.to(tl.float32)
+    if QMAX > 0:
+        gamma = tl.max(tl.max(tl.abs(xf), axis=2), axis=1)
+        val = _quantize(xf, gamma[:, None, None], eps, QMAX)
+    else:
+        val = xf
+    key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    key = tl.where(valid, key, -1)
+    thr = tl.zeros([ROWS, NBLK], dtype=tl.int32)
+    for i in tl.static_range(KEY_BITS):
+        cand = thr | (1 << (30 - i))
+        cnt = tl.sum((key >= cand[:, :, None]).to(tl.int32), axis=2)
+        thr = tl.where(cnt >= k, cand, thr)
+    gt = key > thr[:, :, None]
+    eq = key == thr[:, :, None]
+    need = k - tl.sum(gt.to(tl.int32), axis=2)
+    rank = tl.cumsum(eq.to(tl.int32), axis=2)
+    keep = gt | (eq & (rank <= need[:, :, None]))
+    val = tl.where(keep, val, 0.0)
+    if WRITE_MASK:
+        tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)
+    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _key_bits(dtype_bits: int, mantissa: int) -> int:
+    """Bits of the fp32 key that can be non-zero for an input of this float format."""
+    return 31 - (23 - mantissa) if dtype_bits < 32 else 31
+
+
+KEY_BITS = {"bfloat16": _key_bits(16, 7), "float16": _key_bits(16, 10), "float32": 31}
+
+
+def launch_token_topk(x, out, mask, k: int, qmax: int, eps: float, select: bool) -> None:
+    """Run the token kernel on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None)."""
+    n_rows, d = x.shape
+    block_d = triton.next_power_of_2(d)
+    # keep about 4K values per program: several rows for narrow layers, one row otherwise
+    rows = max(1, min(16, 4096 // block_d))
+    num_warps = 4 if block_d * rows <= 4096 else (8 if block_d <= 8192 else 16)
+    grid = (triton.cdiv(n_rows, rows),)
+    _token_topk_kernel[grid](
+        x,
+        out,
+        mask if mask is not None else out,
+        n_rows,
+        d,
+        k,
+        eps,
+        ROWS=rows,
+        BLOCK_D=block_d,
+        KEY_BITS=KEY_BITS[str(x.dtype).removeprefix("torch.")],
+        QMAX=qmax,
+        SELECT=select,
+        WRITE_MASK=mask is not None,
+        num_warps=num_warps,
+    )
+
+
+def launch_block_topk(x, out, mask, k: int, block_size: int, qmax: int, eps: float) -> None:
+    """Run the block kernel on 2-D contiguous ``x`` (d divisible by ``block_size``)."""
+    n_rows, d = x.shape
+    nblk = triton.next_power_of_2(d // block_size)
+    rows = max(1, min(16, 4096 // (nblk * block_size)))
+    num_warps = 4 if nblk * block_size * rows <= 4096 else 8
+    grid = (triton.cdiv(n_rows, rows),)
+    _block_topk_kernel[grid](
+        x,
+        out,
+        mask if mask is not None else out,
+        n_rows,
+        d,
+        k,
+        eps,
+        ROWS=rows,
+        NBLK=nblk,
+        BS=block_size,
+        KEY_BITS=KEY_BITS[str(x.dtype).removeprefix("torch.")],
+        QMAX=qmax,
+        WRITE_MASK=mask is not None,
+        num_warps=num_warps,
+    )
