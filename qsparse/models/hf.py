@@ -1,0 +1,423 @@
+"""Hugging Face checkpoint interop: validate, load, export and re-load sparsified models.
+
+Folder layout written by :func:`export` (a plain ``transformers`` checkpoint plus two extras)::
+
+    config.json                    transformers config + a "qsparse" entry (settings, see below)
+    model.safetensors[.index.json] the model's weights under HF Llama/Mistral/Qwen2 names
+    qsparse_extra.safetensors      tensors the conversion added (e.g. SubLN RMSNorm weights of
+                                   the sparsifiers); only when there are any
+    tokenizer files                when a tokenizer was given
+
+The ``"qsparse"`` entry of ``config.json``::
+
+    {"sparsity": asdict(SparsityConfig), "quant": asdict(QuantConfig), "activation": str,
+     "modules_to_not_convert": [...], "extra_weights": "qsparse_extra.safetensors" | null,
+     "model_class": "qsparse" | "transformers", "qsparse_version": str}
+
+``AutoModelForCausalLM.from_pretrained(folder)`` loads the dense weights (ignoring the extras);
+:func:`load` additionally re-applies :func:`qsparse.sparsify` with the stored settings and loads
+the extra tensors, reproducing the exported model bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "EXTRA_WEIGHTS_NAME",
+    "QSPARSE_CONFIG_KEY",
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_MODEL_TYPES",
+    "CheckpointError",
+    "check_hf_checkpoint",
+    "clean_state_dict",
+    "export",
+    "load",
+    "load_hf_checkpoint",
+    "load_hf_model",
+]
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+)
+QSPARSE_CONFIG_KEY = "qsparse"
+EXTRA_WEIGHTS_NAME = "qsparse_extra.safetensors"
+
+#: prefixes that wrappers insert into parameter names (torch.compile, activation
+#: checkpointing, FSDP1); stripped before export
+WRAPPER_PREFIXES: tuple[str, ...] = (
+    "_orig_mod.",
+    "_checkpoint_wrapped_module.",
+    "_fsdp_wrapped_module.",
+)
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing something or holds an unsupported model."""
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and plain loading
+# --------------------------------------------------------------------------------------------
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (
+        (folder / "tokenizer.json").is_file()
+        or (folder / "tokenizer.model").is_file()
+        or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+    )
+
+
+def check_hf_checkpoint(path: str | os.PathLike, require_tokenizer: bool = False) -> dict:
+    """Validate a local transformers checkpoint folder and return its parsed ``config.json``.
+
+    Checks, in order: the folder exists; ``config.json`` exists and parses; ``model_type`` is
+    one of :data:`SUPPORTED_MODEL_TYPES` and ``architectures`` (when present) names a
+    supported causal LM; weights exist (``model.safetensors``, or an index whose every shard is
+    present; ``pytorch_model.bin[.index.json]`` also accepted); the qsparse extra-weights file
+    named in ``config.json`` exists; and, with ``require_tokenizer``, tokenizer files exist.
+
+    Raises:
+        CheckpointError (a ``ValueError``) naming what is missing or unsupported.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint path {folder} does not exist")
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"checkpoint path {folder} is not a folder; pass the directory written by "
+            "save_pretrained() or qsparse.export()"
+        )
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"no config.json in {folder}: not a transformers checkpoint folder "
+            "(write one with save_pretrained() or qsparse.export())"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object")
+
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"model_type={model_type!r} in {config_file} is not supported; supported model "
+            f"types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    architectures = config.get("architectures") or []
+    if architectures and not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        raise CheckpointError(
+            f"architectures={architectures} in {config_file} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+    index = next((folder / n for n in _INDEX_FILES if (folder / n).is_file()), None)
+    if index is not None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is not a valid weight index ({err!r})") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{index.name} in {folder} lists shard(s) that are missing: {missing}"
+            )
+    elif not any((folder / n).is_file() for n in _WEIGHT_FILES):
+        raise CheckpointError(
+            f"no weights in {folder}: expected model.safetensors or "
+            "model.safetensors.index.json with its shards (or pytorch_model.bin[.index.json])"
+        )
+
+    settings = config.get(QSPARSE_CONFIG_KEY)
+    if settings is not None:
+        if not isinstance(settings, dict):
+            raise CheckpointError(f"{config_file}: '{QSPARSE_CONFIG_KEY}' must be an object")
+        extra = settings.get("extra_weights")
+        if extra and not (folder / extra).is_file():
+            raise CheckpointError(
+                f"{config_file} names qsparse extra weights {extra!r} but {folder / extra} is "
+                "missing; re-export the model with qsparse.export()"
+            )
+
+    if require_tokenizer and not _has_tokenizer(folder):
+        raise CheckpointError(
+            f"no tokenizer in {folder}: expected tokenizer.json, tokenizer.model or "
+            "vocab.json + merges.txt (export with tokenizer=... or save the tokenizer there)"
+        )
+    return config
+
+
+def load_hf_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype | Literal["auto"] = torch.float32,
+    require_tokenizer: bool = False,
+) -> nn.Module:
+    """Validate ``path`` (:func:`check_hf_checkpoint`) and load it with
+    ``AutoModelForCausalLM.from_pretrained`` from local files only, in ``dtype`` ("auto" keeps
+    the checkpoint's dtype), in eval mode. No qsparse settings are applied (see :func:`load`)."""
+    from transformers import AutoModelForCausalLM
+
+    check_hf_checkpoint(path, require_tokenizer=require_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    return model.eval()
+
+
+#: the name the shared contract uses for the validating loader
+load_hf_checkpoint = load_hf_model
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (``_orig_mod.`` from torch.compile, ...) from every key.
+
+    Raises ``ValueError`` if two keys collide after stripping.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        clean = key
+        for prefix in WRAPPER_PREFIXES:
+            clean = clean.replace(prefix, "")
+        if clean in out:
+            raise ValueError(f"state dict keys collide after stripping wrapper prefixes: {clean}")
+        out[clean] = value
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+        model = model._orig_mod  # torch.compile's OptimizedModule
+    return model
+
+
+def _hf_skeleton(model: nn.Module) -> tuple[nn.Module, str]:
+    """A dense transformers model of ``model``'s architecture on the meta device and the
+    model class tag ("qsparse" for our Llama, "transformers" otherwise)."""
+    from .llama import LlamaForCausalLM
+
+    if isinstance(model, LlamaForCausalLM):
+        import transformers
+
+        dtype = model.lm_head.weight.dtype
+        hf_config = model.config.to_hf_config()
+        hf_config.dtype = dtype
+        cls, tag = transformers.LlamaForCausalLM, "qsparse"
+    else:
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        name = type(model).__name__
+        if model_type not in SUPPORTED_MODEL_TYPES or name not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"export supports qsparse.models.llama.LlamaForCausalLM and transformers "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}; got {type(model).__module__}.{name}"
+            )
+        hf_config = copy.deepcopy(config)
+        cls, tag = type(model), "transformers"
+    if hasattr(hf_config, QSPARSE_CONFIG_KEY):
+        delattr(hf_config, QSPARSE_CONFIG_KEY)
+    with torch.device("meta"):
+        skeleton = cls(hf_config)
+    return skeleton, tag
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """Run ``write(tmp_dir)`` in a sibling temporary folder, then swap it into ``path``."""
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"export path {path} exists and is not a folder")
+        if any(path.iterdir()) and not (path / "config.json").is_file():
+            raise ValueError(
+                f"export path {path} is a non-empty folder that is not a checkpoint; refusing "
+                "to overwrite it (choose an empty or new folder)"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{token}"
+    old = path.parent / f".{path.name}.old-{token}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    qsparse_settings: dict[str, Any] | None = None,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Write ``model`` as a transformers checkpoint folder at ``path`` (atomically).
+
+    Args:
+        model: a qsparse :class:`~qsparse.models.llama.LlamaForCausalLM` (saved as a
+            transformers ``LlamaForCausalLM`` with the same state dict) or a transformers
+            Llama/Mistral/Qwen2 causal LM, sparsified or not, optionally ``torch.compile``-d.
+        path: destination folder; an existing checkpoint folder there is replaced.
+        tokenizer: a tokenizer object (saved with ``save_pretrained``) or a folder to load one
+            from; ``None`` writes no tokenizer.
+        qsparse_settings: the settings to record under ``config.json["qsparse"]``; default:
+            those the last :func:`qsparse.sparsify` stored on the model (none if never
+            sparsified).
+        max_shard_size: passed to ``save_pretrained``.
+
+    Returns:
+        the folder path. Call it on one process only (rank 0) in distributed runs.
+    """
+    from safetensors.torch import save_file
+
+    from ..convert import get_settings
+
+    model = _unwrap(model)
+    skeleton, tag = _hf_skeleton(model)
+    state = clean_state_dict(model.state_dict())
+    base_keys = list(skeleton.state_dict().keys())
+    tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
+    if tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # restore the tied head
+    missing = [k for k in base_keys if k not in state]
+    if missing:
+        raise ValueError(f"export: the model's state dict lacks {missing[:8]} (of {len(missing)})")
+    base = {k: state[k] for k in base_keys}
+    extra = {k: v for k, v in state.items() if k not in base}
+    skeleton.load_state_dict(base, strict=True, assign=True)
+    if tied:
+        skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
+
+    settings = qsparse_settings if qsparse_settings is not None else get_settings(model)
+    if settings is not None or extra or tag == "qsparse":
+        from .. import __version__
+
+        entry = copy.deepcopy(dict(settings or {}))
+        entry["extra_weights"] = EXTRA_WEIGHTS_NAME if extra else None
+        entry["model_class"] = tag
+        entry["qsparse_version"] = __version__
+        setattr(skeleton.config, QSPARSE_CONFIG_KEY, entry)
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+
+    def write(folder: Path) -> None:
+        skeleton.save_pretrained(folder, max_shard_size=max_shard_size)
+        if extra:
+            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in extra.items()}
+            save_file(tensors, str(folder / EXTRA_WEIGHTS_NAME), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    out = Path(path)
+    _write_atomically(out, write)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Load (re-applying the swap)
+# --------------------------------------------------------------------------------------------
+
+
+def _to_qsparse_model(hf_model: nn.Module) -> nn.Module:
+    """Move a transformers Llama's weights into qsparse's own ``LlamaForCausalLM``."""
+    from .llama import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_hf_config(hf_model.config)
+    state = hf_model.state_dict()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def load(
+    path: str | os.PathLike,
+    dtype: torch.dtype | Literal["auto"] = "auto",
+    model_class: Literal["auto", "transformers", "qsparse"] = "auto",
+) -> nn.Module:
+    """Load a checkpoint folder and restore its qsparse conversion.
+
+    Loads with ``AutoModelForCausalLM.from_pretrained`` (local files only), then, when
+    ``config.json`` has a "qsparse" entry, re-applies :func:`qsparse.sparsify` with the stored
+    sparsity/quant/activation settings and loads the extra tensors. A model exported by
+    :func:`export` comes back bit-exactly (same logits, ``torch.equal``).
+
+    Args:
+        path: checkpoint folder (validated with :func:`check_hf_checkpoint`).
+        dtype: parameter dtype; ``"auto"`` keeps the stored one.
+        model_class: ``"transformers"`` returns the transformers model; ``"qsparse"`` our
+            :class:`~qsparse.models.llama.LlamaForCausalLM` (Llama checkpoints only);
+            ``"auto"`` the class the checkpoint was exported from (transformers for plain HF
+            folders).
+
+    Returns:
+        the model in eval mode.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    if model_class not in ("auto", "transformers", "qsparse"):
+        raise ValueError(f"model_class={model_class!r} must be 'auto', 'transformers' or 'qsparse'")
+    folder = Path(path)
+    config = check_hf_checkpoint(folder)
+    entry = config.get(QSPARSE_CONFIG_KEY) or {}
+    if model_class == "auto":
+        model_class = "qsparse" if entry.get("model_class") == "qsparse" else "transformers"
+    if model_class == "qsparse" and config.get("model_type") not in ("llama", "mistral"):
+        raise ValueError(
+            f"model_class='qsparse' needs a llama checkpoint, {folder} holds "
+            f"model_type={config.get('model_type')!r}; use model_class='transformers'"
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    if model_class == "qsparse":
+        model = _to_qsparse_model(model)
+
+    if "sparsity" in entry or "quant" in entry:
+        from ..convert import sparsify
+        from ..nn import QuantConfig, SparsityConfig
+
+        sparsify(
+            model,
+            sparsity=SparsityConfig.from_dict(entry.get("sparsity") or {}),
+            quant=QuantConfig.from_dict(entry.get("quant") or {}),
+            activation=entry.get("activation", "keep"),
+            modules_to_not_convert=tuple(entry.get("modules_to_not_convert", ("lm_head",))),
+        )
+    extra_name = entry.get("extra_weights")
+    if extra_name:
+        extra = load_file(str(folder / extra_name))
+        result = model.load_state_dict(extra, strict=False)
+        if result.unexpected_keys:
+            raise CheckpointError(
+                f"{folder / extra_name} holds tensors the re-sparsified model does not have: "
+                f"{result.unexpected_keys[:8]}; the stored qsparse settings do not match them"
+            )
+    return model.eval()

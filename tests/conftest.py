@@ -1,0 +1,121 @@
+"""Shared pytest fixtures.
+
+``tiny_hf_checkpoint(family, **overrides)`` builds a tiny, randomly initialised Hugging Face
+Llama / Mistral / Qwen2 causal LM from ``transformers`` config classes (nothing is downloaded),
+saves it with a small byte-level BPE tokenizer into a fresh folder under ``tmp_path`` and returns
+that folder. Qwen2 gets q/k/v biases (as the real family has); Mistral a sliding window of None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+HF_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+
+#: vocabulary of every tiny checkpoint (the tokenizer below has fewer entries)
+TINY_VOCAB = 384
+
+_TOKENIZER_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Sparse activations make large language models cheaper to run.",
+    "Top-k keeps the largest magnitudes of every token and zeroes the rest.",
+    "Ternary weights take the values minus one, zero and plus one.",
+] * 4
+
+
+def build_tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained in memory on a few sentences.
+
+    Special tokens: ``<unk>`` (0), ``<s>`` (1), ``</s>`` (2), ``<pad>`` (3); total size
+    <= ``vocab_size`` (<= ``TINY_VOCAB``).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TOKENIZER_TEXT, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+
+
+def build_tiny_hf_model(family: str, seed: int = 0, **overrides: Any):
+    """A tiny random ``{Llama,Mistral,Qwen2}ForCausalLM`` in fp32, eval mode.
+
+    Defaults: hidden 64, 2 layers, 4 heads / 2 KV heads (GQA), GLU width 128, vocab
+    ``TINY_VOCAB``, untied head; ``overrides`` replace any config field.
+    """
+    import transformers
+
+    common: dict[str, Any] = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    if family == "llama":
+        cfg_cls, model_cls = transformers.LlamaConfig, transformers.LlamaForCausalLM
+    elif family == "mistral":
+        cfg_cls, model_cls = transformers.MistralConfig, transformers.MistralForCausalLM
+        common["sliding_window"] = None
+    elif family == "qwen2":
+        cfg_cls, model_cls = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
+        common["use_sliding_window"] = False
+    else:
+        raise ValueError(f"family must be one of {HF_FAMILIES}, got {family!r}")
+    common.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**common)).eval()
+    if family == "qwen2":
+        # q/k/v biases are zero after init: make them non-trivial so conversion must keep them
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
+                    proj.bias.normal_(0.0, 0.02)
+    return model
+
+
+@pytest.fixture
+def tiny_hf_checkpoint(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``tiny_hf_checkpoint(family="llama", seed=0, tokenizer=True, **overrides)``
+    saves a tiny HF model (+ tokenizer) under ``tmp_path/<family>-<n>`` and returns the path."""
+    counter = {"n": 0}
+
+    def make(family: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides) -> Path:
+        counter["n"] += 1
+        path = tmp_path / f"{family}-{counter['n']}"
+        model = build_tiny_hf_model(family, seed=seed, **overrides)
+        model.save_pretrained(path)
+        if tokenizer:
+            build_tiny_tokenizer().save_pretrained(path)
+        return path
+
+    return make
