@@ -241,3 +241,38 @@ def test_load_bad_model_class(tiny_hf_checkpoint) -> None:
         load(path, model_class="jax")
     with pytest.raises(ValueError, match="needs a llama checkpoint"):
         load(path, model_class="qsparse")
+
+
+def test_bf16_export_and_lightning_style_wrapper(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.from_preset("tiny")).to(torch.bfloat16).eval()
+    qsparse.sparsify(model, sparsity=0.5)
+
+    class Wrapper(torch.nn.Module):  # what a LightningModule looks like to export()
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = inner
+
+    ids = torch.randint(0, 256, (2, 10))
+    expected = _logits(model, ids)
+    out = export(Wrapper(torch.compile(model)), tmp_path / "bf16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    restored = load(out)
+    assert restored.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(_logits(restored, ids), expected)
+    assert load(out, dtype=torch.float32).lm_head.weight.dtype == torch.float32
+
+
+def test_sparsified_own_model_generation_cache_equals_no_cache() -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.from_preset("tiny")).eval()
+    prompt = torch.randint(0, 256, (2, 6))
+    dense = model.generate(prompt, 10)
+    qsparse.sparsify(model, sparsity=0.7, quant=QuantConfig(act_bits=8))
+    cached = model.generate(prompt, 10)
+    assert torch.equal(cached, model.generate(prompt, 10, use_cache=False))
+    # the sparsifier hooks are active on our attention/MLP calling convention
+    sparse_logits = _logits(model, prompt)
+    qsparse.set_sparsity_ratio(model, 0.0)
+    assert not torch.equal(sparse_logits, _logits(model, prompt))
+    assert dense.shape == cached.shape

@@ -208,8 +208,23 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-        model = model._orig_mod  # torch.compile's OptimizedModule
+    """Strip a ``torch.compile`` wrapper and a training wrapper (e.g. qsparse's Lightning
+    ``LMModule``, whose causal LM sits at ``.model``)."""
+    from .llama import LlamaForCausalLM
+
+    for _ in range(3):
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):  # torch.compile's OptimizedModule
+            model = inner
+            continue
+        supported = isinstance(model, LlamaForCausalLM) or (
+            type(model).__name__ in SUPPORTED_ARCHITECTURES
+        )
+        inner = getattr(model, "model", None)
+        if not supported and isinstance(inner, nn.Module):
+            model = inner
+            continue
+        break
     return model
 
 
