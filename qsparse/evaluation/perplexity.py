@@ -1,0 +1,216 @@
+"""Perplexity of a causal LM on local text.
+
+Documents are tokenized without special tokens, each followed by the EOS token (preceded by
+BOS when the tokenizer has one and ``add_bos`` is set), and concatenated into one stream of
+``N`` tokens. The stream is cut into non-overlapping windows of ``seq_len`` tokens (the
+tail shorter than 2 tokens is dropped); within a window of length ``t`` the model predicts
+tokens 2..t from their prefixes, so each window contributes ``t - 1`` predictions::
+
+    loss = sum_w sum_{i=2..t_w} -log p(x_i | x_<i) / sum_w (t_w - 1)
+    ppl  = exp(loss)
+
+The first token of each window is not predicted (no context), so longer windows give
+slightly lower perplexity; report ``seq_len`` with the figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PerplexityResult:
+    """``loss``: mean next-token cross-entropy (nats); ``ppl = exp(loss)``; ``tokens``:
+    predicted tokens; ``windows``: windows of at most ``seq_len`` tokens evaluated."""
+
+    loss: float
+    ppl: float
+    tokens: int
+    windows: int
+    seq_len: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_documents(
+    source: str | os.PathLike, text_field: str = "text", max_documents: int | None = None
+) -> list[str]:
+    """Documents of a local file or a bundled corpus name.
+
+    ``source``: a ``.txt`` file (documents separated by blank lines), a ``.jsonl``/``.json``
+    file (one object per line, text in ``text_field``), a ``.parquet`` file, or a corpus name
+    of :func:`qsparse.data.corpora.available_corpora` (e.g. ``"wiki_en"``).
+
+    Raises:
+        FileNotFoundError: the file does not exist (and is no corpus name).
+        ValueError: unknown extension, or a jsonl row without ``text_field``.
+    """
+    path = Path(source).expanduser()
+    if not path.is_file():
+        from ..data.corpora import available_corpora, resolve_corpus
+
+        if str(source) in available_corpora():
+            spec = resolve_corpus(str(source))
+            docs: list[str] = []
+            for f in spec.data_files:
+                docs.extend(read_documents(f, spec.text_field, None))
+                if max_documents is not None and len(docs) >= max_documents:
+                    break
+            return docs[:max_documents] if max_documents is not None else docs
+        raise FileNotFoundError(
+            f"--text {str(source)!r}: no such file and not a bundled corpus "
+            f"({', '.join(available_corpora())})"
+        )
+    suffix = path.suffix.lower()
+    docs = []
+    if suffix in (".txt", ".text", ".md"):
+        raw = path.read_text(encoding="utf-8")
+        docs = [d.strip() for d in raw.split("\n\n") if d.strip()]
+    elif suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if text_field not in row:
+                    raise ValueError(
+                        f"{path}:{n} has no field {text_field!r} (fields: {sorted(row)}); "
+                        "pass the right text_field"
+                    )
+                docs.append(str(row[text_field]))
+                if max_documents is not None and len(docs) >= max_documents:
+                    break
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=[text_field])
+        docs = [str(t) for t in table.column(text_field).to_pylist()]
+    else:
+        raise ValueError(
+            f"{path}: unsupported extension {suffix!r}; use .txt (blank-line separated "
+            "documents), .jsonl with a text field, or .parquet"
+        )
+    docs = [d for d in docs if d.strip()]
+    return docs[:max_documents] if max_documents is not None else docs
+
+
+def token_stream(
+    tokenizer: Any,
+    documents: Iterable[str],
+    max_tokens: int | None = None,
+    add_bos: bool = False,
+) -> torch.Tensor:
+    """LongTensor[N] of the documents' tokens, each document followed by EOS (see module doc).
+
+    Stops after ``max_tokens`` tokens when given.
+    """
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if add_bos else None
+    ids: list[int] = []
+    for doc in documents:
+        if bos is not None:
+            ids.append(bos)
+        ids.extend(tokenizer.encode(doc, add_special_tokens=False))
+        if eos is not None:
+            ids.append(eos)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("the text has fewer than 2 tokens: nothing to evaluate")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(stream: torch.Tensor, seq_len: int) -> Iterator[torch.Tensor]:
+    """Non-overlapping windows ``[t]`` (t <= seq_len) of ``stream`` [N]; tails < 2 dropped."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} must be >= 2")
+    for start in range(0, stream.numel(), seq_len):
+        w = stream[start : start + seq_len]
+        if w.numel() >= 2:
+            yield w
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out["logits"]
+
+
+@torch.no_grad()
+def perplexity_of_tokens(
+    model: nn.Module, stream: torch.Tensor, seq_len: int = 512, batch_size: int = 4
+) -> PerplexityResult:
+    """Perplexity of ``model`` on a token stream [N] in windows of ``seq_len`` (module doc).
+
+    Windows of equal length are batched ``batch_size`` at a time; the model runs in eval
+    mode and fp32 log-softmax.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    total_nll = 0.0
+    total_tokens = 0
+    n_windows = 0
+    pending: list[torch.Tensor] = []
+
+    def flush(batch: Sequence[torch.Tensor]) -> None:
+        nonlocal total_nll, total_tokens, n_windows
+        ids = torch.stack(list(batch)).to(device)
+        logits = _logits(model, ids).float()
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += ids[:, 1:].numel()
+        n_windows += ids.shape[0]
+
+    try:
+        for w in windows(stream, seq_len):
+            if pending and w.numel() != pending[0].numel():
+                flush(pending)
+                pending = []
+            pending.append(w)
+            if len(pending) == batch_size:
+                flush(pending)
+                pending = []
+        if pending:
+            flush(pending)
+    finally:
+        model.train(was_training)
+    loss = total_nll / max(total_tokens, 1)
+    return PerplexityResult(
+        loss=loss, ppl=math.exp(loss), tokens=total_tokens, windows=n_windows, seq_len=seq_len
+    )
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    documents: Iterable[str],
+    seq_len: int = 512,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    add_bos: bool = False,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``documents`` (see the module docstring for the formula)."""
+    stream = token_stream(tokenizer, documents, max_tokens=max_tokens, add_bos=add_bos)
+    return perplexity_of_tokens(model, stream, seq_len=seq_len, batch_size=batch_size)
