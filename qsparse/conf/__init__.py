@@ -1,0 +1,1 @@
+"""Hydra configuration groups and recipes of qsparse (package data, on Hydra's search path)."""

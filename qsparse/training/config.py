@@ -1,0 +1,250 @@
+"""Structured-config schemas (Hydra ConfigStore) and range validation of a training config.
+
+``conf/train.yaml`` starts from the ``train_schema`` node registered here, so Hydra checks
+types and rejects unknown keys while composing (struct mode). Groups whose content belongs to
+a pluggable component (``model``, ``data``, ``optim``, ``scheduler``, ``trainer``,
+``callbacks``) are open ``Any`` nodes: their keys are checked by the component itself when
+it is built, which :func:`qsparse.training.run.train` does before any training step.
+:func:`validate_config` adds the range checks (ratios in [0, 1), lr > 0, ...) and raises
+``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from qsparse.nn import QuantConfig, SparsityConfig
+
+ACTIVATIONS = ("keep", "relu2", "silu")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+@dataclass
+class SparsitySchema:
+    """Mirror of :class:`qsparse.nn.SparsityConfig` (see there for the meaning)."""
+
+    ratio: float = 0.0
+    pattern: str = "token_topk"
+    block_size: int = 32
+    ste: bool = True
+    rescale: bool = False
+    qkv: float | None = None
+    o: float | None = None
+    gate_up: float | None = None
+    down: float | None = None
+
+
+@dataclass
+class QuantSchema:
+    """Mirror of :class:`qsparse.nn.QuantConfig`."""
+
+    weights: str = "none"
+    act_bits: int | None = None
+    subln: bool = False
+    eps: float = 1e-5
+
+
+@dataclass
+class WandbSchema:
+    """Weights & Biases settings. ``mode``: ``null`` = offline unless ``WANDB_API_KEY`` is
+    set, else ``online`` / ``offline`` / ``disabled``. ``group``: ``null`` = the sweep name
+    for multirun jobs, no group otherwise."""
+
+    project: str = "qsparse"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class LoggerSchema:
+    wandb: WandbSchema | None = None
+    csv: bool = True
+
+
+@dataclass
+class TrainSchema:
+    """Top level of ``conf/train.yaml``."""
+
+    run_name: str = "default"
+    sweep_name: str = "sweep"
+    run_dir: str | None = None
+    seed: int = 1234
+    resume: bool = False
+    activation: str = "keep"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    export: bool = True
+    float32_matmul_precision: str = "high"
+    modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
+    model: Any = None
+    data: Any = None
+    sparsity: SparsitySchema = field(default_factory=SparsitySchema)
+    quant: QuantSchema = field(default_factory=QuantSchema)
+    optim: Any = None
+    scheduler: Any = None
+    trainer: Any = None
+    callbacks: Any = None
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainSchema)
+
+
+register_configs()
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _require(cond: bool, key: str, value: Any, rule: str) -> None:
+    if not cond:
+        raise ValueError(f"config error: {key}={value!r} {rule}")
+
+
+def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Range-check a composed training config; raise ``ValueError`` naming the key.
+
+    Checks: ``sparsity.*`` and ``quant.*`` (via the dataclasses), ``activation``,
+    ``optim.lr > 0``, ``optim.weight_decay >= 0``, ``optim.betas`` in [0, 1),
+    ``scheduler.warmup_steps >= 0``, ``0 <= scheduler.min_lr <= optim.lr``,
+    ``scheduler.total_steps`` null or >= 1, ``trainer.max_steps >= 1`` (or ``max_epochs``),
+    ``trainer.gradient_clip_val`` null or >= 0, ``trainer.accumulate_grad_batches >= 1``,
+    ``trainer.val_check_interval > 0``, ``trainer.log_every_n_steps >= 1``, ``data.batch_size``
+    and ``data.seq_len >= 1`` where present, ``run_name`` a plain non-empty name.
+    """
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = dict(cfg)
+    run_name = cfg.get("run_name")
+    _require(
+        isinstance(run_name, str) and run_name.strip() != "" and ".." not in run_name,
+        "run_name",
+        run_name,
+        "must be a non-empty name without '..' (it names outputs/<run_name>)",
+    )
+    _require(
+        cfg.get("activation", "keep") in ACTIVATIONS,
+        "activation",
+        cfg.get("activation"),
+        f"must be one of {ACTIVATIONS}",
+    )
+    _require(
+        cfg.get("float32_matmul_precision", "high") in MATMUL_PRECISIONS,
+        "float32_matmul_precision",
+        cfg.get("float32_matmul_precision"),
+        f"must be one of {MATMUL_PRECISIONS}",
+    )
+    SparsityConfig.from_dict(dict(cfg.get("sparsity") or {}))
+    QuantConfig.from_dict(dict(cfg.get("quant") or {}))
+
+    optim = cfg.get("optim") or {}
+    lr = optim.get("lr")
+    if lr is not None:
+        _require(_num(lr) and lr > 0, "optim.lr", lr, "must be a number > 0")
+    wd = optim.get("weight_decay")
+    if wd is not None:
+        _require(_num(wd) and wd >= 0, "optim.weight_decay", wd, "must be >= 0")
+    betas = optim.get("betas")
+    if betas is not None:
+        _require(
+            isinstance(betas, (list, tuple))
+            and len(betas) == 2
+            and all(_num(b) and 0 <= b < 1 for b in betas),
+            "optim.betas",
+            betas,
+            "must be two numbers in [0, 1), e.g. [0.9, 0.95]",
+        )
+    eps = optim.get("eps")
+    if eps is not None:
+        _require(_num(eps) and eps > 0, "optim.eps", eps, "must be > 0")
+
+    sched = cfg.get("scheduler") or {}
+    for key in ("warmup_steps",):
+        if sched.get(key) is not None:
+            v = sched[key]
+            _require(isinstance(v, int) and v >= 0, f"scheduler.{key}", v, "must be an int >= 0")
+    if sched.get("total_steps") is not None:
+        v = sched["total_steps"]
+        _require(
+            isinstance(v, int) and v >= 1,
+            "scheduler.total_steps",
+            v,
+            "must be an int >= 1 (null = trainer.max_steps)",
+        )
+    if sched.get("min_lr") is not None:
+        v = sched["min_lr"]
+        _require(_num(v) and v >= 0, "scheduler.min_lr", v, "must be >= 0")
+        if lr is not None:
+            _require(v <= lr, "scheduler.min_lr", v, f"must not exceed optim.lr={lr}")
+    if sched.get("stage2_lr") is not None:
+        v = sched["stage2_lr"]
+        _require(_num(v) and v > 0, "scheduler.stage2_lr", v, "must be > 0")
+
+    trainer = cfg.get("trainer") or {}
+    max_steps = trainer.get("max_steps", -1)
+    if max_steps is None or max_steps == -1:
+        _require(
+            trainer.get("max_epochs") not in (None, -1),
+            "trainer.max_steps",
+            max_steps,
+            "must be >= 1 unless trainer.max_epochs is set",
+        )
+    else:
+        _require(
+            isinstance(max_steps, int) and max_steps >= 1,
+            "trainer.max_steps",
+            max_steps,
+            "must be an int >= 1",
+        )
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None:
+        _require(
+            _num(clip) and clip >= 0, "trainer.gradient_clip_val", clip, "must be >= 0 or null"
+        )
+    acc = trainer.get("accumulate_grad_batches")
+    if acc is not None:
+        _require(
+            isinstance(acc, int) and acc >= 1,
+            "trainer.accumulate_grad_batches",
+            acc,
+            "must be an int >= 1",
+        )
+    vci = trainer.get("val_check_interval")
+    if vci is not None:
+        _require(_num(vci) and vci > 0, "trainer.val_check_interval", vci, "must be > 0")
+    les = trainer.get("log_every_n_steps")
+    if les is not None:
+        _require(
+            isinstance(les, int) and les >= 1,
+            "trainer.log_every_n_steps",
+            les,
+            "must be an int >= 1",
+        )
+
+    data = cfg.get("data") or {}
+    for key in ("batch_size", "seq_len"):
+        if data.get(key) is not None:
+            v = data[key]
+            _require(isinstance(v, int) and v >= 1, f"data.{key}", v, "must be an int >= 1")
+
+    wandb = (cfg.get("logger") or {}).get("wandb")
+    if wandb and wandb.get("mode") is not None:
+        _require(
+            wandb["mode"] in ("online", "offline", "disabled"),
+            "logger.wandb.mode",
+            wandb["mode"],
+            "must be online, offline, disabled or null (offline unless WANDB_API_KEY is set)",
+        )

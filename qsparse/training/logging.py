@@ -1,0 +1,123 @@
+"""Experiment loggers: Weights & Biases (offline unless ``WANDB_API_KEY``) and CSV.
+
+The wandb run id is written to ``<run_dir>/wandb_run_id`` when the run starts; a run started
+with ``resume=true`` reads it back and continues the same wandb run (``resume="allow"``).
+Multirun jobs share ``group`` = the sweep name. Call :func:`finish_wandb` in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def git_sha(path: str | os.PathLike | None = None) -> str | None:
+    """The commit of the source checkout (``-dirty`` appended when it has local changes),
+    or ``None`` outside a git checkout."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def wandb_mode(mode: str | None) -> str:
+    """``None`` -> ``"online"`` when ``WANDB_API_KEY`` is set, else ``"offline"``."""
+    if mode is not None:
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def wandb_run_id(run_dir: Path, resume: bool) -> str:
+    """The wandb id for this run: the persisted one when resuming, else a new one."""
+    path = run_dir / WANDB_ID_FILE
+    if resume and path.exists():
+        run_id = path.read_text().strip()
+        if run_id:
+            return run_id
+    import wandb
+
+    return wandb.util.generate_id()
+
+
+@rank_zero_only
+def _persist_id(run_dir: Path, run_id: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / WANDB_ID_FILE).write_text(run_id + "\n")
+
+
+def build_loggers(
+    logger_cfg: Mapping[str, Any],
+    run_dir: Path,
+    run_name: str,
+    resume: bool,
+    group: str | None = None,
+) -> list[Logger]:
+    """CSV logger (``<run_dir>/csv/metrics.csv``, appended on resume) and wandb logger."""
+    loggers: list[Logger] = []
+    if logger_cfg.get("csv", True):
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
+    wb = logger_cfg.get("wandb")
+    if wb:
+        mode = wandb_mode(wb.get("mode"))
+        if mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            run_id = wandb_run_id(run_dir, resume)
+            _persist_id(run_dir, run_id)
+            loggers.append(
+                WandbLogger(
+                    project=wb.get("project", "qsparse"),
+                    entity=wb.get("entity"),
+                    name=wb.get("name") or run_name,
+                    group=wb.get("group") or group,
+                    tags=list(wb.get("tags") or []),
+                    save_dir=str(run_dir),
+                    id=run_id,
+                    resume="allow",
+                    offline=mode == "offline",
+                    mode=mode,
+                )
+            )
+    return loggers
+
+
+def log_run_config(loggers: list[Logger], config: Mapping[str, Any], sha: str | None) -> None:
+    """Log the resolved config and the git SHA to every logger (rank zero)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            if rank_zero_only.rank == 0:
+                logger.experiment.config.update(
+                    {"cfg": dict(config), "git_sha": sha}, allow_val_change=True
+                )
+        else:
+            logger.log_hyperparams({"cfg": dict(config), "git_sha": sha})
+
+
+def finish_wandb(exit_code: int = 0) -> None:
+    """Close the current wandb run, if any (safe to call when wandb never started)."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover
+        return
+    if wandb.run is not None:
+        wandb.finish(exit_code=exit_code)

@@ -1,0 +1,386 @@
+"""LightningModule for causal-LM training of (sparsified, quantized) Llama-style models.
+
+The module is built from plain configuration (dicts or dataclasses), never from ``nn.Module``
+objects, so ``LMModule.load_from_checkpoint(path)`` rebuilds the exact model:
+
+    model spec --instantiate--> nn.Module --qsparse.sparsify--> (grad ckpt) --> (compile)
+
+all inside :meth:`LMModule.configure_model`, i.e. before the optimizer, ``torch.compile`` and
+FSDP wrapping, and only once (the hook is idempotent).
+
+Batches are dicts with ``input_ids`` LongTensor[B, T], ``labels`` LongTensor[B, T] (unshifted,
+``-100`` = no loss; the model shifts) and optionally ``attention_mask`` [B, T]. Logged:
+``train/loss`` (mean next-token cross-entropy of the step), ``train/ppl = exp(train/loss)``,
+``train/lr``, ``train/grad_norm`` (global L2 norm before clipping), ``val/loss`` (token-weighted
+mean over the whole validation set and all ranks), ``val/ppl = exp(val/loss)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qsparse.nn import QuantConfig, SparsityConfig
+
+from .optim import param_groups, total_grad_norm
+
+ACTIVATIONS = ("keep", "relu2")
+
+
+def _plain(value: Any) -> Any:
+    """Dataclass / DictConfig / mapping -> plain ``dict`` (recursively), other values as is."""
+    if value is None:
+        return None
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra, a dependency
+        pass
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def build_model(spec: Mapping[str, Any]) -> nn.Module:
+    """Instantiate a model from a spec.
+
+    ``{"_target_": "pkg.fn", **kwargs}`` calls ``pkg.fn(**kwargs)`` (Hydra semantics); a spec
+    without ``_target_`` is ``{"preset": name, **overrides}`` for :func:`llama`.
+    """
+    spec = dict(spec)
+    if "_target_" not in spec:
+        return llama(**spec)
+    from hydra.utils import instantiate
+
+    try:
+        model = instantiate(spec, _convert_="all")
+    except Exception as exc:  # hydra wraps the builder's error; surface it with the key
+        raise ValueError(f"model: could not build {spec.get('_target_')!r}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model._target_={spec['_target_']!r} returned {type(model).__name__}, "
+            "not a torch.nn.Module"
+        )
+    return model
+
+
+def llama(preset: str = "tiny", **overrides: Any) -> nn.Module:
+    """A qsparse :class:`~qsparse.models.llama.LlamaForCausalLM` from a preset plus overrides
+    (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``hidden_act``, ...)."""
+    from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        config = LlamaConfig.from_preset(preset, **overrides)
+    except TypeError as exc:
+        raise ValueError(f"model: {exc} (check the model.* keys)") from exc
+    return LlamaForCausalLM(config)
+
+
+def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
+    for path in ("model.layers", "layers", "transformer.h", "model.decoder.layers"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(
+        "gradient_checkpointing=true needs the decoder layers at model.layers or "
+        "model.model.layers (Llama-style names)"
+    )
+
+
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Recompute each decoder layer in backward instead of storing its activations.
+
+    Wraps every layer's ``forward`` (parameter names unchanged, idempotent); returns the
+    number of layers wrapped.
+    """
+    layers = _decoder_layers(model)
+    for layer in layers:
+        if not getattr(layer, "_qsparse_checkpointed", False):
+            layer.forward = functools.partial(_checkpointed, layer.forward)
+            layer._qsparse_checkpointed = True
+    return len(layers)
+
+
+class LMModule(L.LightningModule):
+    """Causal-LM training of a model built from config, optionally sparsified/quantized.
+
+    Args:
+        model: model spec: ``{"_target_": builder, **kwargs}`` returning an ``nn.Module``
+            whose ``forward(input_ids, labels=None, attention_mask=None)`` returns an object
+            with ``.loss`` (mean next-token CE, labels shifted inside, -100 ignored) and
+            ``.logits``; or ``{"preset": "tiny", **overrides}`` for the qsparse Llama. A
+            ``vocab_size: None`` entry is filled from the datamodule's ``vocab_size``.
+        sparsity: :class:`~qsparse.nn.SparsityConfig` (or its dict, or a float ratio);
+            ``None``/ratio 0 = dense.
+        quant: :class:`~qsparse.nn.QuantConfig` (or its dict); ``None`` = full precision.
+        activation: ``"keep"`` the model's FFN activation or ``"relu2"`` (squared ReLU).
+        optim: optimizer factory: a callable ``f(param_groups) -> Optimizer`` (e.g. a Hydra
+            ``_partial_``) or its spec dict with ``_target_`` (and ``_partial_: true``);
+            default AdamW(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1). ``weight_decay``
+            applies to the decay group only (matrices; not norms, biases, embeddings).
+        scheduler: LR scheduler factory ``f(optimizer, total_steps=...)`` or its spec dict;
+            ``total_steps: None`` = ``trainer.estimated_stepping_batches``. Stepped per step.
+        compile: ``torch.compile`` the model in place (state-dict names unchanged).
+        gradient_checkpointing: recompute decoder layers in backward.
+        modules_to_not_convert: module names ``sparsify`` leaves dense.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        sparsity: SparsityConfig | Mapping[str, Any] | float | None = None,
+        quant: QuantConfig | Mapping[str, Any] | None = None,
+        activation: str = "keep",
+        optim: Any = None,
+        scheduler: Any = None,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
+        modules_to_not_convert: Sequence[str] = ("lm_head",),
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS}")
+        if not isinstance(model, Mapping) and not is_dataclass(model):
+            raise ValueError("model must be a spec dict ({'_target_': ...} or {'preset': ...})")
+        if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
+            sparsity = {"ratio": float(sparsity)}
+        # validate early (ValueError naming the field), store plain dicts for the checkpoint
+        self._sparsity = SparsityConfig.from_dict(_plain(sparsity) or {"pattern": "none"})
+        self._quant = QuantConfig.from_dict(_plain(quant) or {})
+        self.save_hyperparameters(
+            {
+                "model": _plain(model),
+                "sparsity": self._sparsity.to_dict(),
+                "quant": self._quant.to_dict(),
+                "activation": activation,
+                "optim": optim if callable(optim) else _plain(optim),
+                "scheduler": scheduler if callable(scheduler) else _plain(scheduler),
+                "compile": bool(compile),
+                "gradient_checkpointing": bool(gradient_checkpointing),
+                "modules_to_not_convert": list(modules_to_not_convert),
+            }
+        )
+        self.model: nn.Module | None = None
+        self.sparsify_report: Any = None
+        self.last_val_step: int = -1
+        self.last_val_loss: float | None = None
+        self._grad_norm: torch.Tensor | None = None
+        self._val_sum: torch.Tensor | None = None
+        self._val_tokens: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ model
+    @property
+    def sparsity(self) -> SparsityConfig:
+        return self._sparsity
+
+    @property
+    def quant(self) -> QuantConfig:
+        return self._quant
+
+    def _resolve_vocab(self) -> None:
+        spec = self.hparams["model"]
+        if "vocab_size" in spec and spec["vocab_size"] is None:
+            trainer = self._trainer
+            dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+            vocab = getattr(dm, "vocab_size", None)
+            if vocab is None:
+                raise ValueError(
+                    "model.vocab_size is null (= take it from the data) but no datamodule "
+                    "with a vocab_size is attached; set model.vocab_size"
+                )
+            spec["vocab_size"] = int(vocab)
+
+    def configure_model(self) -> None:
+        """Build the model, apply ``qsparse.sparsify``, checkpointing and compile (once)."""
+        if self.model is not None:
+            return
+        import qsparse
+
+        self._resolve_vocab()
+        model = build_model(self.hparams["model"])
+        dense = self._sparsity.pattern == "none" or not self._sparsity.enabled
+        if not dense or self._quant.enabled or self.hparams["activation"] != "keep":
+            self.sparsify_report = qsparse.sparsify(
+                model,
+                sparsity=self._sparsity,
+                quant=self._quant if self._quant.enabled else None,
+                activation=self.hparams["activation"],
+                modules_to_not_convert=tuple(self.hparams["modules_to_not_convert"]),
+            )
+        if self.hparams["gradient_checkpointing"]:
+            enable_gradient_checkpointing(model)
+        if self.hparams["compile"]:
+            model.compile()
+        self.model = model
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hp = checkpoint.get("hyper_parameters", {})
+        vocab = hp.get("model", {}).get("vocab_size")
+        if vocab is not None and self.hparams["model"].get("vocab_size", vocab) is None:
+            self.hparams["model"]["vocab_size"] = vocab
+        self.configure_model()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> Any:
+        """``input_ids`` [B, T] -> the model's output (``.logits`` [B, T, V], ``.loss``)."""
+        if self.model is None:
+            self.configure_model()
+        kwargs: dict[str, Any] = {"input_ids": input_ids}
+        if labels is not None:
+            kwargs["labels"] = labels
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return self.model(**kwargs)
+
+    def _step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if "input_ids" not in batch or "labels" not in batch:
+            raise ValueError(
+                f"a batch must hold 'input_ids' and 'labels'; got keys {sorted(batch)}"
+            )
+        out = self(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+        loss = out.loss if hasattr(out, "loss") else out["loss"]
+        if loss is None:
+            raise ValueError("the model returned no loss: its forward must accept labels=")
+        return loss
+
+    # --------------------------------------------------------------- training
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch)
+        bs = batch["input_ids"].shape[0]
+        detached = loss.detach().float()
+        self.log("train/loss", detached, on_step=True, prog_bar=True, batch_size=bs)
+        self.log("train/ppl", torch.exp(detached), on_step=True, batch_size=bs)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched = sched[0] if isinstance(sched, list) else sched
+            self.log("train/lr", float(sched.get_last_lr()[0]), on_step=True, batch_size=bs)
+        else:
+            lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+            self.log("train/lr", lr, on_step=True, batch_size=bs)
+        return loss
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by global L2 norm (FSDP-aware) and keep the pre-clip norm for logging."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        fsdp = isinstance(self.trainer.strategy, FSDPStrategy)
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            if fsdp:
+                self._grad_norm = self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            else:
+                self._grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.parameters(), gradient_clip_val, foreach=True
+                )
+            return
+        if fsdp:
+            self._grad_norm = self.trainer.strategy.model.clip_grad_norm_(math.inf)
+        else:
+            self._grad_norm = total_grad_norm(self.parameters())
+        if gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._grad_norm is not None:
+            bs = batch["input_ids"].shape[0]
+            self.log("train/grad_norm", self._grad_norm.float(), on_step=True, batch_size=bs)
+            self._grad_norm = None
+
+    # ------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_tokens = torch.zeros((), device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self._step(batch)
+        n = (batch["labels"][:, 1:] != -100).sum()
+        self._val_sum += loss.detach().double() * n
+        self._val_tokens += n
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        mean = (total / tokens.clamp_min(1)).float()
+        self.log("val/loss", mean, sync_dist=False, prog_bar=True)
+        self.log("val/ppl", torch.exp(mean), sync_dist=False)
+        self.last_val_step = self.global_step
+        self.last_val_loss = float(mean)
+
+    # -------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        from hydra.utils import instantiate
+
+        if self.model is None:
+            self.configure_model()
+        spec = self.hparams["optim"]
+        if spec is None:
+            spec = {
+                "_target_": "torch.optim.AdamW",
+                "_partial_": True,
+                "lr": 3e-4,
+                "betas": [0.9, 0.95],
+                "weight_decay": 0.1,
+            }
+        if callable(spec):
+            factory, wd = spec, getattr(spec, "keywords", {}).get("weight_decay", 0.0)
+        else:
+            spec = dict(spec)
+            wd = float(spec.get("weight_decay", 0.0))
+            if spec.get("fused") is None and "fused" in spec:
+                # fused AdamW is the fast path on CUDA; it needs every param on CUDA
+                spec["fused"] = self.device.type == "cuda" or None
+            if spec.get("betas") is not None:
+                spec["betas"] = tuple(spec["betas"])
+            spec["_partial_"] = True
+            factory = instantiate(spec, _convert_="all")
+        optimizer = factory(param_groups(self.model, wd))
+        sched_spec = self.hparams["scheduler"]
+        if sched_spec is None:
+            return {"optimizer": optimizer}
+        if callable(sched_spec):
+            sched_factory, total = sched_spec, None
+        else:
+            sched_spec = dict(sched_spec)
+            total = sched_spec.pop("total_steps", None)
+            sched_spec["_partial_"] = True
+            sched_factory = instantiate(sched_spec, _convert_="all")
+        if total is None:
+            total = int(self.trainer.estimated_stepping_batches)
+        scheduler = sched_factory(optimizer, total_steps=int(total))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }

@@ -1,0 +1,197 @@
+"""Optimizer parameter groups and per-step learning-rate schedules.
+
+Weight decay applies to matrices only: norms, biases and embeddings (including a tied
+lm_head, which *is* the embedding) go to a no-decay group.
+
+Schedules (``step`` = optimizer steps done, ``W`` = warm-up steps, ``T`` = total steps,
+``lr`` = peak, ``m`` = ``min_lr``):
+
+- warm-up: ``lr * (step + 1) / W`` for ``step < W``;
+- ``cosine``: ``m + (lr - m) * 0.5 * (1 + cos(pi * p))``, ``p = (step - W) / (T - W)``;
+- ``linear`` / ``polynomial``: ``m + (lr - m) * (1 - p) ** power`` (``power = 1`` is linear);
+- ``constant``: ``lr``.
+
+:class:`TwoStageSchedule` is BitNet b1.58's two-stage recipe: the first ``split`` of training
+follows the cosine schedule above from ``lr``; the rest restarts a cosine from the lower
+``stage2_lr``, and weight decay (of the decay group) switches to ``stage2_weight_decay``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+DECAYS = ("cosine", "linear", "polynomial", "constant")
+
+
+def _is_no_decay(name: str, param: nn.Parameter, module: nn.Module | None) -> bool:
+    if param.ndim < 2:  # norms, biases, scalars
+        return True
+    if isinstance(module, nn.Embedding):
+        return True
+    module_name = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+    return "embed" in module_name  # embed_tokens, wte-style names, position embeddings
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split trainable parameters into ``[{decay}, {no decay}]`` AdamW groups.
+
+    No decay for parameters with ``ndim < 2`` (RMSNorm weights, biases) and for embeddings
+    (``nn.Embedding`` weights; a tied lm_head shares that Parameter and is counted once).
+    Each Parameter appears in exactly one group, in ``named_parameters`` order.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"optim.weight_decay={weight_decay} must be >= 0")
+    owner: dict[int, nn.Module] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owner.setdefault(id(p), module)
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if _is_no_decay(name, p, owner.get(id(p))) else decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay, "name": "decay"})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return groups
+
+
+def lr_factor(
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    min_ratio: float,
+    decay: str = "cosine",
+    power: float = 1.0,
+) -> float:
+    """Multiplier of the peak LR after ``step`` optimizer steps (see the module docstring)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / span))
+    if decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif decay in ("linear", "polynomial"):
+        shape = (1.0 - progress) ** (1.0 if decay == "linear" else power)
+    else:
+        raise ValueError(f"scheduler.decay={decay!r} is not supported; use one of {DECAYS}")
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def _check(warmup_steps: int, total_steps: int, min_lr: float, decay: str, power: float) -> None:
+    if decay not in DECAYS:
+        raise ValueError(f"scheduler.decay={decay!r} is not supported; use one of {DECAYS}")
+    if warmup_steps < 0:
+        raise ValueError(f"scheduler.warmup_steps={warmup_steps} must be >= 0")
+    if total_steps < 1:
+        raise ValueError(
+            f"scheduler.total_steps={total_steps} must be >= 1 (null = trainer.max_steps)"
+        )
+    if min_lr < 0:
+        raise ValueError(f"scheduler.min_lr={min_lr} must be >= 0")
+    if power <= 0:
+        raise ValueError(f"scheduler.power={power} must be > 0")
+
+
+def warmup_decay(
+    optimizer: Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_lr: float = 0.0,
+    decay: str = "cosine",
+    power: float = 1.0,
+) -> LambdaLR:
+    """Linear warm-up then ``decay`` to the absolute ``min_lr``, stepped once per optimizer step.
+
+    ``min_lr`` must not exceed any group's peak LR (``optimizer.param_groups[i]["lr"]``).
+    """
+    _check(warmup_steps, total_steps, min_lr, decay, power)
+    lambdas: list[Callable[[int], float]] = []
+    for group in optimizer.param_groups:
+        peak = group.get("initial_lr", group["lr"])
+        if min_lr > peak:
+            raise ValueError(f"scheduler.min_lr={min_lr} exceeds the peak optim.lr={peak}")
+        ratio = min_lr / peak if peak > 0 else 0.0
+        lambdas.append(lambda s, r=ratio: lr_factor(s, warmup_steps, total_steps, r, decay, power))
+    return LambdaLR(optimizer, lambdas)
+
+
+class TwoStageSchedule(LRScheduler):
+    """BitNet b1.58 two-stage schedule for LR and weight decay (see the module docstring).
+
+    Stage 1 (``step < split * total_steps``): warm-up then cosine from the peak LR to
+    ``stage2_lr``; stage 2: cosine from ``stage2_lr`` to ``min_lr`` and the weight decay of
+    every group that had decay set to ``stage2_weight_decay``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        stage2_lr: float,
+        warmup_steps: int = 0,
+        min_lr: float = 0.0,
+        split: float = 0.5,
+        stage2_weight_decay: float = 0.0,
+    ) -> None:
+        _check(warmup_steps, total_steps, min_lr, "cosine", 1.0)
+        if not 0.0 < split < 1.0:
+            raise ValueError(f"scheduler.split={split} must be in (0, 1)")
+        if stage2_lr <= 0:
+            raise ValueError(f"scheduler.stage2_lr={stage2_lr} must be > 0")
+        if stage2_weight_decay < 0:
+            raise ValueError(f"scheduler.stage2_weight_decay={stage2_weight_decay} must be >= 0")
+        self.total_steps = total_steps
+        self.stage2_lr = stage2_lr
+        self.warmup_steps = warmup_steps
+        self.min_lr = min_lr
+        self.boundary = max(1, int(round(split * total_steps)))
+        self.stage2_weight_decay = stage2_weight_decay
+        for group in optimizer.param_groups:
+            group.setdefault("initial_weight_decay", group.get("weight_decay", 0.0))
+        super().__init__(optimizer)
+
+    def _value(self, peak: float, step: int) -> float:
+        if step < self.boundary:
+            low = min(self.stage2_lr, peak)
+            return peak * lr_factor(step, self.warmup_steps, self.boundary, low / peak)
+        low = min(self.min_lr, self.stage2_lr)
+        f = lr_factor(
+            step - self.boundary, 0, self.total_steps - self.boundary, low / self.stage2_lr
+        )
+        return self.stage2_lr * f
+
+    def get_lr(self) -> list[float]:  # noqa: D102 - LRScheduler API
+        step = self.last_epoch
+        for group in self.optimizer.param_groups:
+            wd0 = group["initial_weight_decay"]
+            group["weight_decay"] = (
+                wd0 if step < self.boundary or wd0 == 0 else self.stage2_weight_decay
+            )
+        return [self._value(g["initial_lr"], step) for g in self.optimizer.param_groups]
+
+
+def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters that require gradients."""
+    return [p for p in params if p.requires_grad]
+
+
+def total_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all gradients (no host sync); 0 when no parameter has a gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)

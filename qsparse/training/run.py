@@ -1,0 +1,255 @@
+"""The training driver behind ``qsparse-train``: composed config in, trained run out.
+
+:func:`train` validates the config (before anything is built), builds the datamodule, the
+:class:`~qsparse.training.LMModule`, loggers, callbacks and the Trainer, fits (resuming from
+``<run_dir>/checkpoints/last.ckpt`` when ``resume=true``), runs a final validation when the
+last step had none, prints the run summary, writes ``loss_curve.png`` / ``summary.json`` and
+exports a transformers folder to ``<run_dir>/hf``. Layout of a run directory::
+
+    outputs/<run_name>/
+      .hydra/                 composed config (written by Hydra)
+      config.yaml             resolved config as trained
+      wandb_run_id            wandb id (resume continues the same wandb run)
+      checkpoints/last.ckpt   atomic, every N steps and at the end
+      csv/metrics.csv         every logged metric
+      wandb/                  offline wandb files (sync with `wandb sync`)
+      loss_curve.png, summary.json, hf/
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from .callbacks import RunSummary
+from .checkpoint import AtomicCheckpointIO
+from .config import validate_config
+from .logging import build_loggers, finish_wandb, git_sha, log_run_config
+from .module import LMModule
+
+_TRAINER_BUILT_IN = ("callbacks", "logger", "plugins", "default_root_dir")
+
+
+def _hydra_runtime() -> tuple[str | None, bool, str | None]:
+    """(output dir, is multirun, job override string) of the current Hydra job, if any."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None, False, None
+        hc = HydraConfig.get()
+        return hc.runtime.output_dir, hc.mode == RunMode.MULTIRUN, hc.job.override_dirname
+    except (ImportError, ValueError):
+        return None, False, None
+
+
+def resolve_run_dir(cfg: Mapping[str, Any]) -> Path:
+    """``run_dir`` if set, else the Hydra job's output dir, else ``outputs/<run_name>``."""
+    if cfg.get("run_dir"):
+        return Path(cfg["run_dir"]).absolute()
+    out, _, _ = _hydra_runtime()
+    if out:
+        return Path(out).absolute()
+    return Path("outputs", cfg["run_name"]).absolute()
+
+
+def _is_launcher_process() -> bool:
+    """True in the process the user started (not a DDP child Lightning spawned / torchrun)."""
+    return all(os.environ.get(k) in (None, "0") for k in ("LOCAL_RANK", "RANK", "NODE_RANK")) and (
+        "LOCAL_RANK" not in os.environ
+    )
+
+
+def build_callbacks(spec: Mapping[str, Any] | None, run_dir: Path) -> list[Callback]:
+    """Instantiate every ``callbacks.<name>`` entry (``null`` entries are skipped). A
+    ``ModelCheckpoint`` without ``dirpath`` writes to ``<run_dir>/checkpoints``."""
+    out: list[Callback] = []
+    for name, entry in (spec or {}).items():
+        if entry is None:
+            continue
+        if not isinstance(entry, Mapping) or "_target_" not in entry:
+            raise ValueError(f"callbacks.{name} must be a mapping with a _target_ (or null)")
+        try:
+            cb = instantiate(dict(entry), _convert_="all")
+        except Exception as exc:
+            raise ValueError(
+                f"callbacks.{name}: could not build {entry['_target_']}: {exc}"
+            ) from exc
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+            cb.dirpath = str(run_dir / "checkpoints")
+        if isinstance(cb, RunSummary) and cb.run_dir is None:
+            cb.run_dir = str(run_dir)
+        out.append(cb)
+    return out
+
+
+def build_trainer(
+    trainer_cfg: Mapping[str, Any],
+    run_dir: Path,
+    callbacks: list[Callback],
+    loggers: list,
+) -> L.Trainer:
+    """``L.Trainer(**trainer_cfg)`` with our callbacks, loggers and atomic checkpoint IO; a
+    ``strategy`` given as a ``_target_`` mapping is instantiated first."""
+    kwargs = dict(trainer_cfg)
+    for key in _TRAINER_BUILT_IN:
+        if key in kwargs:
+            raise ValueError(f"trainer.{key} is set by qsparse; remove it from the trainer config")
+    strategy = kwargs.get("strategy")
+    if isinstance(strategy, Mapping):
+        try:
+            kwargs["strategy"] = instantiate(dict(strategy), _convert_="all")
+        except Exception as exc:
+            raise ValueError(f"trainer.strategy: could not build it: {exc}") from exc
+    if kwargs.get("enable_progress_bar", True) and _interactive():
+        callbacks = [*callbacks, RichProgressBar()]
+    try:
+        return L.Trainer(
+            default_root_dir=str(run_dir),
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=[AtomicCheckpointIO()],
+            **kwargs,
+        )
+    except TypeError as exc:
+        raise ValueError(f"trainer: {exc} (check the trainer.* keys)") from exc
+
+
+def _interactive() -> bool:
+    try:
+        import sys
+
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Run one training job described by a composed ``conf/train.yaml``; returns the summary
+    dict (also written to ``<run_dir>/summary.json``)."""
+    if isinstance(cfg, DictConfig):
+        container = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        container = dict(cfg)
+    validate_config(container)  # before anything heavy: a bad value fails here
+    run_dir = resolve_run_dir(container)
+    _, multirun, overrides = _hydra_runtime()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    ckpt_path = None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if container.get("resume"):
+        if not last.exists():
+            raise ValueError(
+                f"resume=true but {last} does not exist; start without resume or set "
+                "run_name/run_dir to the run to continue"
+            )
+        ckpt_path = str(last)
+
+    L.seed_everything(int(container["seed"]), workers=True, verbose=False)
+    torch.set_float32_matmul_precision(container.get("float32_matmul_precision", "high"))
+
+    datamodule = _build_datamodule(container.get("data"))
+    model_spec = dict(container["model"])
+    if "vocab_size" in model_spec and model_spec["vocab_size"] is None and _is_launcher_process():
+        if hasattr(datamodule, "prepare_data"):
+            datamodule.prepare_data()
+        model_spec["vocab_size"] = int(datamodule.vocab_size)
+
+    module = LMModule(
+        model=model_spec,
+        sparsity=container.get("sparsity"),
+        quant=container.get("quant"),
+        activation=container.get("activation", "keep"),
+        optim=container.get("optim"),
+        scheduler=container.get("scheduler"),
+        compile=bool(container.get("compile", False)),
+        gradient_checkpointing=bool(container.get("gradient_checkpointing", False)),
+        modules_to_not_convert=tuple(container.get("modules_to_not_convert", ("lm_head",))),
+    )
+
+    callbacks = build_callbacks(container.get("callbacks"), run_dir)
+    for cb in callbacks:
+        if isinstance(cb, RunSummary) and cb.unigram_entropy is None:
+            fn = getattr(datamodule, "unigram_entropy", None)
+            if callable(fn) and _is_launcher_process():
+                try:
+                    cb.unigram_entropy = float(fn())
+                except Exception as exc:  # a summary extra must never stop training
+                    rank_zero_info(f"unigram entropy unavailable: {exc}")
+    sweep = container.get("sweep_name") if multirun else None
+    run_name = container["run_name"]
+    if multirun:
+        run_name = f"{container['sweep_name']}/{overrides or run_dir.name}"
+    exit_code = 1
+    try:
+        loggers = build_loggers(
+            container.get("logger") or {}, run_dir, run_name, bool(ckpt_path), group=sweep
+        )
+        trainer = build_trainer(container.get("trainer") or {}, run_dir, callbacks, loggers)
+        _write_config(run_dir, container)
+        log_run_config(loggers, container, git_sha())
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if module.last_val_step != trainer.global_step and trainer.limit_val_batches != 0:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        summary = next((c.summary for c in callbacks if isinstance(c, RunSummary)), {})
+        if container.get("export", True):
+            summary["export_dir"] = _export(trainer, module, datamodule, container, run_dir)
+        exit_code = 0
+        return summary
+    finally:
+        finish_wandb(exit_code)
+
+
+def _build_datamodule(spec: Any) -> L.LightningDataModule:
+    if not isinstance(spec, Mapping) or "_target_" not in spec:
+        raise ValueError("data must be a mapping with a _target_ (e.g. data=wiki_tiny)")
+    try:
+        dm = instantiate(dict(spec), _convert_="all")
+    except Exception as exc:
+        raise ValueError(f"data: could not build {spec['_target_']}: {exc}") from exc
+    if not isinstance(dm, L.LightningDataModule):
+        raise ValueError(f"data._target_={spec['_target_']!r} is not a LightningDataModule")
+    return dm
+
+
+@rank_zero_only
+def _write_config(run_dir: Path, container: Mapping[str, Any]) -> None:
+    OmegaConf.save(OmegaConf.create(dict(container)), run_dir / "config.yaml")
+
+
+def _export(
+    trainer: L.Trainer,
+    module: LMModule,
+    datamodule: L.LightningDataModule,
+    container: Mapping[str, Any],
+    run_dir: Path,
+) -> str | None:
+    """Write ``<run_dir>/hf`` (transformers folder) from rank zero; sharded (FSDP) weights are
+    re-read from the final full checkpoint."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer.strategy.barrier("qsparse-export")
+    if not trainer.is_global_zero:
+        return None
+    from qsparse.models.hf import export
+
+    model = module.model
+    if isinstance(trainer.strategy, FSDPStrategy):
+        last = run_dir / "checkpoints" / "last.ckpt"
+        model = LMModule.load_from_checkpoint(str(last), map_location="cpu").model
+    out = run_dir / "hf"
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    export(model, out, tokenizer=tokenizer)  # settings: those sparsify() stored on the model
+    rank_zero_info(f"exported transformers folder: {out}")
+    return str(out)
