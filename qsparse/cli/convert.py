@@ -1,0 +1,169 @@
+"""``qsparse-convert SRC DST``: dense -> sparse conversion of a checkpoint, without training.
+
+    qsparse-convert ./Mistral-7B ./mistral-qsparse-50 --sparsity 0.5
+    qsparse-convert ./tiny-llama ./tiny-bitnet --sparsity 0.6 --quant bitnet --activation relu2
+    qsparse-convert ./tiny-llama ./tiny-block --sparsity 0.5 --pattern block_topk --block-size 32
+
+Loads SRC (a local transformers Llama / Mistral / Qwen2 folder, or a folder exported by
+qsparse), applies :func:`qsparse.sparsify` with the given settings and writes DST with
+:func:`qsparse.models.hf.export`: the weights (unchanged by the conversion: top-k acts on
+activations, ternary weights are computed from the latent weights on the fly), the qsparse
+settings in ``config.json`` and SRC's tokenizer. ``qsparse.load(DST)`` brings back the
+sparse model; ``transformers`` loads DST as the dense model.
+
+Quantization presets (``--quant``, as ``conf/quant``): ``none``; ``int8`` (per-token absmax
+8-bit activations, Eq. 4-7); ``ternary`` (absmean 1.58-bit weights only); ``bitnet``
+(ternary weights + int8 activations + SubLN, Eq. 8-10). A training-free conversion to
+ternary weights destroys a dense model's quality; it is meant as the start of continued
+training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+QUANT_PRESETS: dict[str, dict] = {
+    "none": {"weights": "none", "act_bits": None, "subln": False},
+    "int8": {"weights": "none", "act_bits": 8, "subln": False},
+    "ternary": {"weights": "ternary", "act_bits": None, "subln": False},
+    "bitnet": {"weights": "ternary", "act_bits": 8, "subln": True},
+}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")) or (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qsparse-convert",
+        description="Convert a dense HF checkpoint to a Q-Sparse one (no training).",
+    )
+    p.add_argument("src", help="local checkpoint folder (Llama, Mistral or Qwen2)")
+    p.add_argument("dst", help="output folder (created; an existing checkpoint is replaced)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="S, fraction zeroed (0.5)")
+    p.add_argument("--pattern", default="token_topk", choices=("token_topk", "block_topk", "none"))
+    p.add_argument("--block-size", type=int, default=32, help="block for block_topk (32)")
+    p.add_argument(
+        "--quant", default="none", choices=tuple(QUANT_PRESETS), help="quantization preset"
+    )
+    p.add_argument(
+        "--activation",
+        default="keep",
+        choices=("keep", "relu2", "silu"),
+        help="keep the FFN activation (default) or swap it",
+    )
+    p.add_argument("--rescale", action="store_true", help="L2 rescale after top-k")
+    p.add_argument(
+        "--keep-dense",
+        nargs="*",
+        default=["lm_head"],
+        metavar="NAME",
+        help="module names left dense (default: lm_head)",
+    )
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto=as SRC)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the report as json")
+    return p
+
+
+def convert(
+    src: str,
+    dst: str,
+    sparsity: float = 0.5,
+    pattern: str = "token_topk",
+    block_size: int = 32,
+    quant: str = "none",
+    activation: str = "keep",
+    rescale: bool = False,
+    keep_dense: tuple[str, ...] = ("lm_head",),
+    dtype: str = "auto",
+) -> dict:
+    """Load ``src``, sparsify, export to ``dst``; return a summary dict (report + paths).
+
+    Raises:
+        CheckpointError (``ValueError``): ``src`` is not a complete supported checkpoint.
+        ValueError: a setting is out of range (the message names it).
+    """
+    import torch
+
+    from qsparse.convert import sparsify
+    from qsparse.models.hf import check_hf_checkpoint, export, load
+    from qsparse.nn import QuantConfig, SparsityConfig
+
+    if quant not in QUANT_PRESETS:
+        raise ValueError(f"--quant {quant!r} must be one of {sorted(QUANT_PRESETS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} must be one of {DTYPES}")
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ValueError("DST must differ from SRC (the source checkpoint is not overwritten)")
+    sp = SparsityConfig(
+        ratio=float(sparsity), pattern=pattern, block_size=int(block_size), rescale=rescale
+    )
+    qc = QuantConfig(**QUANT_PRESETS[quant])
+    check_hf_checkpoint(src)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = load(src, dtype=torch_dtype)
+    report = sparsify(
+        model,
+        sparsity=sp,
+        quant=qc if qc.enabled else None,
+        activation=activation,
+        modules_to_not_convert=tuple(keep_dense),
+    )
+    tokenizer = src if _has_tokenizer_files(Path(src)) else None
+    out = export(model, dst, tokenizer=tokenizer)
+    return {
+        "src": str(src),
+        "dst": str(out),
+        "converted": len(report.converted),
+        "skipped": report.skipped,
+        "total_parameters": report.total_parameters,
+        "activated_parameters": report.activated_parameters,
+        "activated_fraction": report.activated_fraction,
+        "settings": report.settings,
+        "tokenizer": tokenizer is not None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry (``qsparse-convert``); exit status 0 on success, 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = convert(
+            args.src,
+            args.dst,
+            sparsity=args.sparsity,
+            pattern=args.pattern,
+            block_size=args.block_size,
+            quant=args.quant,
+            activation=args.activation,
+            rescale=args.rescale,
+            keep_dense=tuple(args.keep_dense),
+            dtype=args.dtype,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"qsparse-convert: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"converted {summary['converted']} projections; {summary['activated_parameters']:,} of "
+        f"{summary['total_parameters']:,} parameters activated per token "
+        f"({100 * summary['activated_fraction']:.1f}%, configured ratios)"
+    )
+    for name, reason in summary["skipped"].items():
+        print(f"  kept dense: {name} ({reason})")
+    if not summary["tokenizer"]:
+        print("  note: SRC has no tokenizer files; DST has none either")
+    print(f"wrote {summary['dst']}  (load with qsparse.load)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
