@@ -35,6 +35,7 @@ class GemvConfig:
     split: int = 4
     num_warps: int = 4
     num_stages: int = 3
+    use_dot: bool | None = None  # tensor-core dot with the batch padded to 16; None: batch > 1
 
 
 def _check_x(x: torch.Tensor, k_in: int) -> None:
@@ -100,9 +101,11 @@ def sparse_gemv(
     k: int | None = None,
     cfg: GemvConfig | None = None,
     out_dtype: torch.dtype | None = None,
+    meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``y[B, N] = (x * M) @ wt`` for ``x[B, K]`` and ``wt[K, N]`` (``M``: top-``k`` of |x| per
-    row; ``k=None`` = dense, the same kernel reading every row)."""
+    row; ``k=None`` = dense, the same kernel reading every row). ``meta``: the output of
+    :func:`select_rows` for ``(x, k)`` when already computed (the selection is then skipped)."""
     import triton
 
     from ._gemv_triton import _sparse_gemv_kernel
@@ -115,11 +118,11 @@ def sparse_gemv(
     bsz = x.shape[0]
     sparse = k is not None and k < k_in
     if sparse:
-        thr, cut, _ = select_rows(x, k)
+        thr, cut, _ = meta if meta is not None else select_rows(x, k)
     else:
         thr = cut = torch.empty(1, dtype=torch.int32, device=x.device)
     split, per = _launch_split(k_in, cfg)
-    use_dot = bsz > 1
+    use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
     bb = max(16, triton.next_power_of_2(bsz)) if use_dot else 1
     part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), split)
@@ -148,30 +151,36 @@ def sparse_gemv(
 
 
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
-    """Ternary ``codes`` [N, K] (``nn.Linear`` layout, values in {-1, 0, 1}) -> int32 [K, N/16].
+    """Ternary ``codes`` [N, K] (``nn.Linear`` layout, values in {-1, 0, 1}) -> int32
+    [K, ceil(N/16)].
 
     Column ``16 q + j`` of input row ``i`` sits in bits ``2j..2j+1`` of ``P[i, q]`` as
-    ``code + 1``. ``N`` must be a multiple of 16.
+    ``code + 1``; columns past ``N`` (padding to a multiple of 16) hold code 0 (weight 0).
     """
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be [out_features, in_features], got {tuple(codes.shape)}")
     n, k_in = codes.shape
-    if n % 16:
-        raise ValueError(f"ternary packing needs out_features % 16 == 0, got {n}")
     c = codes.t().to(torch.int64) + 1  # [K, N] in {0, 1, 2}
     if bool(((c < 0) | (c > 2)).any()):
         raise ValueError("ternary codes must be in {-1, 0, 1}")
-    c = c.reshape(k_in, n // 16, 16)
+    pad = -n % 16
+    if pad:
+        c = torch.cat([c, torch.ones(k_in, pad, dtype=c.dtype, device=c.device)], dim=1)
+    c = c.reshape(k_in, (n + pad) // 16, 16)
     shifts = 2 * torch.arange(16, device=codes.device, dtype=torch.int64)
     packed = (c << shifts).sum(-1)  # < 2^32, fits int64
     packed = torch.where(packed >= 2**31, packed - 2**32, packed)
     return packed.to(torch.int32).contiguous()
 
 
-def unpack_ternary(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_ternary`: int32 [K, N/16] -> int8 codes [N, K]."""
+def unpack_ternary(packed: torch.Tensor, n_out: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_ternary`: int32 [K, NQ] -> int8 codes [n_out, K]
+    (``n_out`` default ``16 * NQ``)."""
     k_in, nq = packed.shape
     shifts = 2 * torch.arange(16, device=packed.device, dtype=torch.int64)
     c = (packed.to(torch.int64)[:, :, None] >> shifts) & 3
-    return (c.reshape(k_in, nq * 16) - 1).t().to(torch.int8).contiguous()
+    c = c.reshape(k_in, nq * 16)[:, : (n_out or nq * 16)]
+    return (c - 1).t().to(torch.int8).contiguous()
 
 
 def ternarize(weight: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, float]:
@@ -184,16 +193,20 @@ def ternarize(weight: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, fl
 def ternary_gemv(
     x: torch.Tensor,
     packed: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     k: int | None = None,
     act_bits: int | None = 8,
     cfg: GemvConfig | None = None,
     out_dtype: torch.dtype | None = None,
+    n_out: int | None = None,
+    meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``y[B, N] = alpha * (Q(x) * M) @ T`` with ``T = unpack_ternary(packed).T`` ([K, N]).
+    """``y[B, N] = alpha * (Q(x) * M) @ T`` with ``T = unpack_ternary(packed, N).T`` ([K, N]).
 
     ``Q``: per-row absmax quantization to ``act_bits`` (``None``: none), ``M``: top-``k`` of
-    |x| (``None``: dense). Only weight rows kept by some batch row are read.
+    |x| (``None``: dense). ``alpha``: a float or an fp32 [N] tensor (one scale per output
+    column, for fused projections such as q|k|v). Only weight rows kept by some batch row are
+    read. ``meta``: precomputed :func:`select_rows` ``(x, k)``.
     """
     import triton
 
@@ -210,9 +223,9 @@ def ternary_gemv(
     x = x.contiguous()
     bsz = x.shape[0]
     sparse = k is not None and k < k_in
-    thr, cut, gamma = select_rows(x, k if sparse else None)
+    thr, cut, gamma = meta if meta is not None else select_rows(x, k if sparse else None)
     split, per = _launch_split(k_in, cfg)
-    use_dot = bsz > 1
+    use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
     bb = max(16, triton.next_power_of_2(bsz)) if use_dot else 1
     bq = max(1, cfg.block_n // 16)
     part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device)
@@ -239,30 +252,33 @@ def ternary_gemv(
         num_stages=cfg.num_stages,
     )
     y = part[0] if split == 1 else part.sum(0)
+    if n_out is not None and n_out != n:
+        y = y[:, :n_out]
     if qmax:
-        scale = gamma.clamp_min(1e-5) / qmax * alpha  # 1/s = gamma/Q, times alpha
-        y = y * scale[:, None]
-    else:
-        y = y * alpha
+        y = y * (gamma.clamp_min(1e-5) / qmax)[:, None]  # 1/s = gamma / Q
+    y = y * alpha
     return y.to(out_dtype or x.dtype)
 
 
 def sparse_gemv_reference(x: torch.Tensor, wt: torch.Tensor, k: int | None = None) -> torch.Tensor:
     """fp32 reference of :func:`sparse_gemv`: ``(x * topk_mask(x, k)) @ wt``, cast to x.dtype."""
     xs = x * topk_mask(x, k) if k is not None and k < x.shape[-1] else x
-    return (xs.float() @ wt.float()).to(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return (xs.to(acc) @ wt.to(acc)).to(x.dtype)
 
 
 def ternary_gemv_reference(
     x: torch.Tensor,
     packed: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     k: int | None = None,
     act_bits: int | None = 8,
+    n_out: int | None = None,
 ) -> torch.Tensor:
     """fp32 reference of :func:`ternary_gemv` (dequantized activations times alpha * T)."""
-    xq = absmax_quantize(x.float(), act_bits, ste=False) if act_bits else x.float()
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xq = absmax_quantize(x.to(acc), act_bits, ste=False) if act_bits else x.to(acc)
     if k is not None and k < x.shape[-1]:
         xq = xq * topk_mask(x, k)
-    t = unpack_ternary(packed).float()  # [N, K]
+    t = unpack_ternary(packed, n_out).to(acc)  # [N, K]
     return (xq @ t.t() * alpha).to(x.dtype)

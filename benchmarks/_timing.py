@@ -1,0 +1,50 @@
+"""Timing helpers shared by the kernel benchmarks (CUDA events, medians, CUDA-graph replays)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+    """Median wall time of ``fn()`` in milliseconds, each call bracketed by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_graph(calls: list[Callable[[], object]], reps: int = 4, replays: int = 20) -> float:
+    """Microseconds per call: capture ``calls`` (typically one per rotated weight buffer, so
+    L2 cannot serve them) ``reps`` times into one CUDA graph, replay it, return the median
+    replay time divided by the number of calls in the graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls:  # warm up: compile and autotune outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for fn in calls:
+                fn()
+    ms = time_cuda(graph.replay, warmup=2, iters=replays)
+    return ms * 1000.0 / (reps * len(calls))
+
+
+def row(*cols: object) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(str(c) for c in cols) + " |"

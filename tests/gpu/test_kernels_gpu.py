@@ -1,0 +1,154 @@
+"""GPU tier: every Triton kernel against its PyTorch reference on fresh random inputs.
+
+Run with ``pytest -m gpu tests/gpu``. Masks must match exactly (ties to the lower index), every
+row keeps exactly k, values agree to rel. error <= 1e-2 in bf16 (they are bit-exact in practice).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qsparse.kernels as K
+from qsparse.kernels import gemv as G
+from qsparse.nn.quant import absmax_quantize, absmean_ternarize
+from qsparse.nn.topk import block_topk_mask, topk_mask
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def fresh(shape, dtype, ties: bool = False) -> torch.Tensor:
+    """Random normal data; with ``ties`` a coarse grid so many |x| are equal."""
+    x = torch.randn(shape, device="cuda", dtype=torch.float32)
+    if ties:
+        x = (x * 4).round() / 4
+    return x.to(dtype)
+
+
+def reference(x, mask, act_bits):
+    vals = absmax_quantize(x, act_bits, ste=False) if act_bits else x
+    return vals * mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(8192, 2048), (37, 5460), (3, 5, 1000), (4, 11008)])
+@pytest.mark.parametrize("act_bits", [None, 8])
+@pytest.mark.parametrize("ties", [False, True])
+def test_token_topk_matches_reference(dtype, shape, act_bits, ties):
+    x = fresh(shape, dtype, ties)
+    d = shape[-1]
+    for k in (1, int(0.4 * d), d - 1):
+        out = K.fused_token_topk(x, k, True, act_bits)
+        assert out is not None and out.dtype == dtype and out.shape == x.shape
+        mask = topk_mask(x, k)
+        ref = reference(x, mask, act_bits)
+        assert torch.equal(out != 0, ref != 0), "selection differs from the reference"
+        assert rel_err(out, ref) <= 1e-2
+        if act_bits is None:
+            assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [8, 32, 64])
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_block_topk_matches_reference(dtype, block_size, act_bits):
+    x = fresh((1000, 2048), dtype, ties=True)
+    for k in (1, block_size // 2, block_size - 1):
+        out = K.fused_block_topk(x, k, block_size, True, act_bits)
+        mask = block_topk_mask(x, k, block_size)
+        ref = reference(x, mask, act_bits)
+        assert torch.equal(out != 0, ref != 0)
+        assert rel_err(out, ref) <= 1e-2
+
+
+def test_exactly_k_per_row_from_the_no_ste_mask():
+    x = fresh((513, 2048), torch.bfloat16, ties=True)
+    k = 819
+    out, mask = torch.ops.qsparse.token_topk(x, k, 0, True)
+    assert (mask.sum(-1) == k).all()
+    assert torch.equal(mask, topk_mask(x, k))
+    _, bmask = torch.ops.qsparse.block_topk(x, 16, 32, 0, True)
+    assert (bmask.view(513, -1, 32).sum(-1) == 16).all()
+
+
+@pytest.mark.parametrize("ste", [True, False])
+def test_backward(ste):
+    x = fresh((64, 1024), torch.bfloat16).requires_grad_()
+    g = fresh((64, 1024), torch.bfloat16)
+    K.fused_token_topk(x, 300, ste, 8).backward(g)
+    expected = g if ste else g * topk_mask(x, 300)
+    assert torch.equal(x.grad, expected)
+
+
+def test_compiles_without_graph_break():
+    def f(x):
+        return (
+            K.fused_token_topk(x * 2, 100, True, 8).sum()
+            + K.fused_block_topk(x, 16, 32, False, None).sum()
+        )
+
+    x = fresh((128, 512), torch.bfloat16).requires_grad_()
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(x)
+    out.backward()
+    torch.testing.assert_close(out, f(x.detach()), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ternary_weight(dtype):
+    w = fresh((5632, 2048), dtype).requires_grad_()
+    q = K.fused_ternary_weight(w)
+    ref = absmean_ternarize(w.detach(), ste=False)
+    assert (q != ref).float().mean().item() < 1e-5  # only a/2 rounding boundaries may differ
+    assert rel_err(q, ref) <= 1e-2
+    q.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 8])
+@pytest.mark.parametrize("k_frac", [None, 0.4, 0.1])
+def test_sparse_gemv(batch, k_frac):
+    w = fresh((11008, 4096), torch.bfloat16) * 0.02
+    wt = G.prepare_dense(w)
+    x = fresh((batch, 4096), torch.bfloat16, ties=True)
+    k = None if k_frac is None else int(k_frac * 4096)
+    y = G.sparse_gemv(x, wt, k)
+    assert rel_err(y, G.sparse_gemv_reference(x, wt, k)) <= 1e-2
+
+
+def test_select_rows_matches_mask():
+    x = fresh((8, 5460), torch.bfloat16, ties=True)
+    k = 2184
+    thr, cut, gamma = G.select_rows(x, k)
+    key = x.float().abs().view(torch.int32)
+    idx = torch.arange(5460, device="cuda")
+    keep = (key > thr[:, None]) | ((key == thr[:, None]) & (idx <= cut[:, None]))
+    assert torch.equal(keep, topk_mask(x, k))
+    torch.testing.assert_close(gamma, x.float().abs().amax(-1))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("k_frac", [None, 0.4])
+@pytest.mark.parametrize("act_bits", [8, None])
+def test_ternary_gemv(batch, k_frac, act_bits):
+    n, kin = 5460, 2048  # N not a multiple of 16: padded columns
+    codes, alpha = G.ternarize(fresh((n, kin), torch.bfloat16))
+    packed = G.pack_ternary(codes)
+    assert torch.equal(G.unpack_ternary(packed, n), codes)
+    x = fresh((batch, kin), torch.bfloat16)
+    k = None if k_frac is None else int(k_frac * kin)
+    alpha_cols = torch.full((n,), alpha, device="cuda") * torch.linspace(0.5, 1.5, n, device="cuda")
+    for a in (alpha, alpha_cols):
+        y = G.ternary_gemv(x, packed, a, k, act_bits, n_out=n)
+        ref = G.ternary_gemv_reference(x, packed, a, k, act_bits, n_out=n)
+        assert y.shape == (batch, n)
+        assert rel_err(y, ref) <= 1e-2

@@ -1,0 +1,170 @@
+"""CPU tier for qsparse.kernels: dispatch falls back to the references without a GPU, argument
+errors name the field, the GEMV references and the 2-bit packing are right, and (when Triton is
+installed) the kernels themselves match the references under Triton's CPU interpreter."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import qsparse.kernels as K
+from qsparse.kernels import gemv as G
+from qsparse.nn.quant import absmax_quantize, absmean_ternarize
+from qsparse.nn.topk import topk_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(K.INTERPRET, reason="the interpreter routes CPU tensors to the kernels")
+def test_cpu_tensors_fall_back_to_the_reference():
+    x = torch.randn(4, 64)
+    assert K.fused_token_topk(x, 10, True, None) is None
+    assert K.fused_block_topk(x, 4, 32, True, 8) is None
+    assert K.fused_ternary_weight(x) is None
+    assert not K.kernels_available(x)
+
+
+def test_unsupported_cases_return_none_even_when_available(monkeypatch):
+    monkeypatch.setattr(K, "kernels_available", lambda x: True)
+    x = torch.randn(4, 64)
+    assert K.fused_token_topk(x.to(torch.int32), 10, True, None) is None  # dtype
+    assert K.fused_token_topk(x, 0, True, None) is None  # k out of range
+    assert K.fused_token_topk(x, 65, True, None) is None
+    assert K.fused_block_topk(x, 4, 24, True, None) is None  # block not a power of two
+    assert K.fused_block_topk(torch.randn(4, 48), 4, 32, True, None) is None  # 32 ∤ 48
+    assert K.fused_token_topk(torch.randn(2, K.MAX_ROW + 1), 3, True, None) is None
+
+
+@pytest.mark.parametrize("bad", [1, 17, 8.0, True, "8"])
+def test_act_bits_errors_name_the_field(bad):
+    with pytest.raises(ValueError, match="act_bits"):
+        K.fused_token_topk(torch.randn(2, 8), 3, True, bad)
+
+
+def test_disabled_flag_turns_kernels_off(monkeypatch):
+    monkeypatch.setattr(K, "ENABLED", False)
+    monkeypatch.setattr(K, "INTERPRET", True)
+    assert not K.kernels_available(torch.randn(3))
+
+
+def test_pack_unpack_roundtrip_and_padding():
+    codes = torch.randint(-1, 2, (37, 20), dtype=torch.int8)
+    packed = G.pack_ternary(codes)
+    assert packed.shape == (20, 3) and packed.dtype == torch.int32
+    assert torch.equal(G.unpack_ternary(packed, 37), codes)
+    # padding columns decode to weight 0
+    assert (G.unpack_ternary(packed)[37:] == 0).all()
+    # bit layout: column 16q+j of row i in bits 2j..2j+1 of P[i, q], stored as code + 1
+    one = torch.zeros(16, 1, dtype=torch.int8)
+    one[5, 0] = 1
+    assert G.pack_ternary(one)[0, 0].item() == sum(1 << (2 * j) for j in range(16)) + (1 << 10)
+
+
+def test_pack_rejects_bad_codes():
+    with pytest.raises(ValueError, match="codes"):
+        G.pack_ternary(torch.full((16, 4), 2, dtype=torch.int8))
+    with pytest.raises(ValueError, match="codes"):
+        G.pack_ternary(torch.zeros(16, dtype=torch.int8))
+
+
+def test_ternarize_matches_absmean_reference():
+    w = torch.randn(48, 32)
+    codes, alpha = G.ternarize(w)
+    assert set(codes.unique().tolist()) <= {-1, 0, 1}
+    torch.testing.assert_close(codes.float() * alpha, absmean_ternarize(w, ste=False))
+
+
+def test_gemv_references_against_hand_computation():
+    torch.manual_seed(0)
+    w = torch.randn(24, 40, dtype=torch.float64)
+    x = torch.randn(3, 40, dtype=torch.float64)
+    k = 10
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    for b in range(3):  # hand top-k: sort by |x| descending, first k
+        mask[b, x[b].abs().argsort(descending=True)[:k]] = True
+    y = G.sparse_gemv_reference(x, G.prepare_dense(w), k)
+    torch.testing.assert_close(y, (x * mask) @ w.t())
+    codes, alpha = G.ternarize(w)
+    packed = G.pack_ternary(codes)
+    yt = G.ternary_gemv_reference(x, packed, alpha, k, 8, n_out=24)
+    xq = absmax_quantize(x, 8, ste=False) * topk_mask(x, k)
+    torch.testing.assert_close(yt, xq @ (codes.double() * alpha).t())
+
+
+def test_gemv_argument_errors():
+    wt = torch.randn(16, 8)
+    with pytest.raises(ValueError, match="x must be"):
+        G.sparse_gemv(torch.randn(16), wt)
+    with pytest.raises(ValueError, match="features"):
+        G.sparse_gemv(torch.randn(1, 15), wt)
+    with pytest.raises(ValueError, match="k must be"):
+        G.sparse_gemv(torch.randn(1, 16), wt, k=17)
+    with pytest.raises(ValueError, match="int32"):
+        G.ternary_gemv(torch.randn(1, 16), torch.zeros(16, 1, dtype=torch.int64), 1.0)
+
+
+INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import qsparse.kernels as K
+    from qsparse.kernels import gemv as G
+    from qsparse.nn.quant import absmax_quantize, absmean_ternarize
+    from qsparse.nn.topk import block_topk_mask, topk_mask
+
+    torch.manual_seed(0)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        x = (torch.randn(3, 5, 96) * 3).round().to(dt)  # many ties
+        for k in (1, 38, 95):
+            for ab in (None, 8):
+                out = K.fused_token_topk(x, k, True, ab)
+                vals = absmax_quantize(x, ab, ste=False) if ab else x
+                torch.testing.assert_close(out, vals * topk_mask(x, k), rtol=1e-6, atol=0)
+        for k in (1, 16, 31):
+            out = K.fused_block_topk(x, k, 32, True, 8)
+            ref = absmax_quantize(x, 8, ste=False) * block_topk_mask(x, k, 32)
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
+    x = torch.randn(4, 64, requires_grad=True)
+    g = torch.randn(4, 64)
+    K.fused_token_topk(x, 9, False, None).backward(g)
+    assert torch.equal(x.grad, g * topk_mask(x, 9))
+    out, mask = torch.ops.qsparse.token_topk(x.detach(), 9, 0, True)
+    assert (mask.sum(-1) == 9).all()
+    w = torch.randn(300, 70, dtype=torch.bfloat16)
+    assert torch.equal(K.fused_ternary_weight(w), absmean_ternarize(w, ste=False))
+    wd = torch.randn(72, 80, dtype=torch.bfloat16)
+    codes, alpha = G.ternarize(wd)
+    packed = G.pack_ternary(codes)
+    cfg = G.GemvConfig(block_k=16, block_n=32, split=3)
+    for b in (1, 3):
+        x = torch.randn(b, 80, dtype=torch.bfloat16)
+        for k in (None, 30):
+            y = G.sparse_gemv(x, G.prepare_dense(wd), k, cfg)
+            r = G.sparse_gemv_reference(x, G.prepare_dense(wd), k)
+            torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
+            y = G.ternary_gemv(x, packed, alpha, k, 8, cfg, n_out=72)
+            r = G.ternary_gemv_reference(x, packed, alpha, k, 8, n_out=72)
+            torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
+    print("INTERPRETER OK")
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_kernels_match_references_in_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "INTERPRETER OK" in proc.stdout
