@@ -1,0 +1,36 @@
+"""Data pipeline: corpora, tokenizers, pretraining and SFT LightningDataModules.
+
+Public API::
+
+    PretrainDataModule(corpus="wiki_en" | data_files=..., tokenizer=None | path, seq_len, ...)
+    SFTDataModule(corpus="wiki_qa" | data_files=..., tokenizer=None | path, packing, ...)
+    resolve_corpus(...), available_corpora(), sft_corpus_file(name)
+    train_bpe_tokenizer(texts, vocab_size), load_tokenizer(path)
+
+Both DataModules are stateful (``state_dict`` = position in the training stream) for exact
+resume; see :mod:`qsparse.data.resumable`.
+"""
+
+from .corpora import CorpusSpec, available_corpora, register_corpus, resolve_corpus
+from .pretrain import PretrainDataModule
+from .resumable import DataPosition, ResumableSampler
+from .sft import IGNORE_INDEX, SFTDataModule
+from .sft_synth import sft_corpus_file
+from .tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, train_bpe_tokenizer
+
+__all__ = [
+    "EOS_TOKEN",
+    "IGNORE_INDEX",
+    "PAD_TOKEN",
+    "CorpusSpec",
+    "DataPosition",
+    "PretrainDataModule",
+    "ResumableSampler",
+    "SFTDataModule",
+    "available_corpora",
+    "load_tokenizer",
+    "register_corpus",
+    "resolve_corpus",
+    "sft_corpus_file",
+    "train_bpe_tokenizer",
+]

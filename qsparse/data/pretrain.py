@@ -4,7 +4,8 @@ Pipeline (map-style, the default):
 
 1. Documents come from a named corpus or local files (:mod:`qsparse.data.corpora`), read with
    ``datasets.load_dataset`` (its arrow cache under ``<cache>/hf_datasets``); empty documents
-   are dropped and ``max_documents`` keeps the first N (file order).
+   are dropped, documents of plain ``.txt`` files are stripped of surrounding whitespace, and
+   ``max_documents`` keeps the first N (file order).
 2. Train/validation split by document hash: document ``d`` goes to validation when
    ``u(d) = blake2b(f"{seed}\\0{text}") / 2**64 < val_fraction``. It depends on the text only
    (not on order or ``max_documents``); identical documents land on the same side. If no
@@ -215,6 +216,8 @@ class StreamingPackedDataset(IterableDataset):
             text = row[self.spec.text_field]
             if not text or not text.strip():
                 continue
+            if self.spec.builder == "text":
+                text = text.strip()
             if (split_fraction(text, self.seed) < self.val_fraction) == want_val:
                 yield text
 
@@ -380,6 +383,15 @@ class PretrainDataModule(ResumableDataModule):
         if field != "text":
             ds = ds.rename_column(field, "text")
         fp = stable_hash("docs", self._split_key())
+        if self.spec.builder == "text":
+            # paragraphs of plain text files keep stray newlines at their edges
+            ds = ds.map(
+                lambda t: {"text": [x.strip() for x in t]},
+                input_columns="text",
+                batched=True,
+                keep_in_memory=True,
+                new_fingerprint=fp + "-strip",
+            )
         ds = ds.filter(
             lambda t: [bool(x and x.strip()) for x in t],
             input_columns="text",
