@@ -119,3 +119,9 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None, dtype: str = 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return str(folder)
+
+
+if __name__ == "__main__":  # python -m qsparse.models.smollm2 [CACHE_DIR]: prepare, print path
+    import sys
+
+    print(smollm2_checkpoint(sys.argv[1] if len(sys.argv) > 1 else None))
