@@ -105,14 +105,23 @@ def hf_model(
     if hf_config is not None and hasattr(hf_config, "use_cache"):
         hf_config.use_cache = False
     if gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise ValueError(
-                "model.gradient_checkpointing=true needs a transformers model; with "
-                "model.model_class=qsparse use the run-level gradient_checkpointing=true"
-            )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_hf_checkpointing(model)
     return model.train()
+
+
+def _enable_hf_checkpointing(model: nn.Module) -> None:
+    """transformers' per-layer checkpointing, non-reentrant (new name from transformers 5.2x:
+    ``activation_checkpointing_enable``; older 5.x: ``gradient_checkpointing_enable``)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(
+            "model.gradient_checkpointing=true needs a transformers model; with "
+            "model.model_class=qsparse use the run-level gradient_checkpointing=true"
+        )
 
 
 def _check_tokenizer_fits(path: str | os.PathLike, config: dict[str, Any]) -> None:
