@@ -245,9 +245,15 @@ def read_metrics(csv_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v.items()) for k, v in series.items()}
 
 
-def plot_loss_curve(csv_dir: str | Path, out_path: str | Path, title: str = "") -> Path | None:
+def plot_loss_curve(
+    csv_dir: str | Path,
+    out_path: str | Path,
+    title: str = "",
+    reference: float | None = None,
+) -> Path | None:
     """Write a PNG of ``train/loss`` and ``val/loss`` against the step (log-scale loss) from
-    the CSV logs; returns the path, or ``None`` when there is nothing to plot."""
+    the CSV logs, with an optional horizontal ``reference`` line (e.g. the corpus unigram
+    entropy); returns the path, or ``None`` when there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -262,6 +268,8 @@ def plot_loss_curve(csv_dir: str | Path, out_path: str | Path, title: str = "") 
         if points:
             steps, values = zip(*points, strict=True)
             ax.plot(steps, values, style, label=key, markersize=3, linewidth=1.2)
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="unigram entropy")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_yscale("log")
@@ -360,7 +368,12 @@ class RunSummary(L.Callback):
         for logger in trainer.loggers:
             logger.save()  # flush CSV rows before plotting them
         if self.plot:
-            png = plot_loss_curve(run_dir, run_dir / "loss_curve.png", title=run_dir.name)
+            png = plot_loss_curve(
+                run_dir,
+                run_dir / "loss_curve.png",
+                title=run_dir.name,
+                reference=self.unigram_entropy,
+            )
             if png is not None:
                 summary["loss_curve"] = str(png)
         self.summary = summary

@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -59,3 +61,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         atomic_torch_save(checkpoint, path)
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is also refreshed when training ends.
+
+    Lightning 2.6 writes ``last.ckpt`` at the end of training only if it never wrote one, so
+    a run of 250 steps checkpointing every 200 would end with a step-200 ``last.ckpt``. Here
+    the final step is always saved (unless it was just saved), so ``resume=true`` after a
+    finished run continues from its true end.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            self.save_last
+            and not trainer.fast_dev_run
+            and self._last_global_step_saved != trainer.global_step
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_train_end(trainer, pl_module)

@@ -96,10 +96,45 @@ class TrainSchema:
     logger: LoggerSchema = field(default_factory=LoggerSchema)
 
 
+# Peak learning rates of the paper's from-scratch runs by model size (DESIGN.md §1).
+PAPER_LR: dict[str, float] = {"300M": 6e-4, "700M": 2.5e-4, "1.3B": 2e-4, "7B": 1.5e-4}
+# BitNet b1.58 two-stage LRs (stage-1 peak, stage-2 peak). 700M and 1.3B are the published
+# BitNet b1.58 values; 300M reuses 700M's and 7B the 3B model's (no published value).
+BITNET_LR: dict[str, tuple[float, float]] = {
+    "300M": (1.5e-3, 1e-3),
+    "700M": (1.5e-3, 1e-3),
+    "1.3B": (1.2e-3, 8e-4),
+    "7B": (1.2e-3, 6.4e-4),
+}
+
+
+def paper_lr(preset: str, kind: str = "fp") -> float:
+    """Resolver ``${qsparse.paper_lr:<preset>,<kind>}``: the paper's LR for a model size.
+
+    ``kind``: ``fp`` (full precision peak), ``bitnet`` (stage-1 peak) or ``bitnet2``
+    (stage-2 peak). Raises ``ValueError`` for other presets: set ``optim.lr`` explicitly.
+    """
+    table = PAPER_LR if kind == "fp" else BITNET_LR
+    if kind not in ("fp", "bitnet", "bitnet2"):
+        raise ValueError(f"qsparse.paper_lr kind={kind!r} must be fp, bitnet or bitnet2")
+    if preset not in table:
+        raise ValueError(
+            f"model.preset={preset!r} has no paper learning rate (known: {sorted(table)}); "
+            "set optim.lr (and scheduler.stage2_lr) explicitly"
+        )
+    value = table[preset]
+    if kind == "fp":
+        return float(value)  # type: ignore[arg-type]
+    return float(value[0] if kind == "bitnet" else value[1])  # type: ignore[index]
+
+
 def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore (idempotent)."""
+    """Register the schemas in Hydra's ConfigStore and the ``qsparse.paper_lr`` resolver
+    (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainSchema)
+    if not OmegaConf.has_resolver("qsparse.paper_lr"):
+        OmegaConf.register_new_resolver("qsparse.paper_lr", paper_lr)
 
 
 register_configs()

@@ -155,6 +155,11 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                 "run_name/run_dir to the run to continue"
             )
         ckpt_path = str(last)
+    elif last.exists():
+        rank_zero_info(
+            f"{last} exists and resume=false: starting a fresh run that overwrites it "
+            "(pass resume=true to continue it)"
+        )
 
     L.seed_everything(int(container["seed"]), workers=True, verbose=False)
     torch.set_float32_matmul_precision(container.get("float32_matmul_precision", "high"))
