@@ -18,11 +18,11 @@ from qsparse.data import PretrainDataModule, ResumableSampler, SFTDataModule, re
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A 4-document jsonl of real wiki text and a cache dir (12-14 blocks of 32 tokens)."""
+    """A 6-document jsonl of real wiki text and a cache dir (about 20 blocks of 32 tokens)."""
     root = tmp_path_factory.mktemp("resume")
     spec = resolve_corpus("wiki_en", cache_dir=root / "cache")
     with open(spec.data_files[0], encoding="utf-8") as f:
-        rows = [json.loads(next(f)) for _ in range(4)]
+        rows = [json.loads(next(f)) for _ in range(6)]
     path = root / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
     return path, root / "cache"
@@ -176,22 +176,67 @@ def _assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_lightning_resume_is_exact(corpus_file, tmp_path: Path) -> None:
-    dm = _dm(corpus_file)
+@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streaming"])
+def test_lightning_resume_is_exact(corpus_file, tmp_path: Path, streaming: bool) -> None:
+    dm = _dm(corpus_file, streaming=streaming)
     dm.setup("fit")
-    n = len(dm.train_dataloader())
+    n = sum(1 for _ in dm.train_dataloader())
     total = 2 * n + 3  # crosses two epoch boundaries
-    reference = _fit(_dm(corpus_file), tmp_path / "ref", total).seen
+    reference = _fit(_dm(corpus_file, streaming=streaming), tmp_path / "ref", total).seen
     assert len(reference) == total
+    assert not all(
+        torch.equal(a, b) for a, b in zip(reference[:n], reference[n : 2 * n], strict=True)
+    )
 
-    first = _fit(_dm(corpus_file), tmp_path / "run", n + 1, ckpt=True)
+    first = _fit(_dm(corpus_file, streaming=streaming), tmp_path / "run", n + 1, ckpt=True)
     _assert_same(first.seen, reference[: n + 1])
     for step in (3, n, n + 1):  # mid-epoch, at the end of epoch 0, just after it
         ckpt = tmp_path / "run" / f"step={step}.ckpt"
         state = torch.load(ckpt, weights_only=False)["PretrainDataModule"]
-        assert state["batches_consumed"] == (step if step <= n else step - n)
-        resumed = _fit(_dm(corpus_file), tmp_path / f"res{step}", total, ckpt_path=ckpt)
+        # (0, n) and (1, 0) both mean "epoch 0 done" (streaming moves on at the last batch)
+        assert state["epoch"] * n + state["batches_consumed"] == step
+        dm = _dm(corpus_file, streaming=streaming)
+        resumed = _fit(dm, tmp_path / f"res{step}", total, ckpt_path=ckpt)
         _assert_same(resumed.seen, reference[step:])
+
+
+def test_ranks_get_disjoint_equal_shards(corpus_file) -> None:
+    from types import SimpleNamespace
+
+    def rank_batches(rank: int, state=None) -> list[torch.Tensor]:
+        dm = _dm(corpus_file)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        if state is not None:
+            dm.load_state_dict(state)
+        return [b["input_ids"] for b in dm.train_dataloader()]
+
+    r0, r1 = rank_batches(0), rank_batches(1)
+    single = _dm(corpus_file, batch_size=4)
+    blocks = {tuple(x.tolist()) for b in single.train_dataloader() for x in b["input_ids"]}
+    assert len(r0) == len(r1) == len(blocks) // 4
+    for a, b in zip(r0, r1, strict=True):
+        rows_a = {tuple(x.tolist()) for x in a}
+        rows_b = {tuple(x.tolist()) for x in b}
+        assert not rows_a & rows_b and rows_a | rows_b <= blocks
+    state = {"epoch": 0, "batches_consumed": 1, "samples_consumed": 4, "global_batch_size": 4}
+    _assert_same(rank_batches(0, state), r0[1:])
+    _assert_same(rank_batches(1, state), r1[1:])
+
+
+def test_streaming_manual_resume(corpus_file) -> None:
+    ref = _dm(corpus_file, streaming=True)
+    e0 = [b["input_ids"] for b in ref.train_dataloader()]
+    dm = _dm(corpus_file, streaming=True)
+    it = iter(dm.train_dataloader())
+    next(it)
+    next(it)
+    dm.advance(2)
+    fresh = _dm(corpus_file, streaming=True)
+    fresh.load_state_dict(dm.state_dict())
+    _assert_same([b["input_ids"] for b in fresh.train_dataloader()], e0[2:])
+    fresh.set_epoch(1)
+    e1 = [b["input_ids"] for b in fresh.train_dataloader()]
+    assert len(e1) == len(e0) and not all(torch.equal(a, b) for a, b in zip(e0, e1, strict=True))
 
 
 def test_lightning_resume_sft_padding(tmp_path: Path, corpus_file) -> None:

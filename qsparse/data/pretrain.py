@@ -50,7 +50,7 @@ from .cache import (
     stable_hash,
 )
 from .corpora import CorpusSpec, resolve_corpus
-from .resumable import ResumableDataModule, world_info
+from .resumable import ResumableDataLoader, ResumableDataModule, world_info
 from .tokenizer import resolve_tokenizer, tokenizer_fingerprint
 
 __all__ = [
@@ -350,6 +350,7 @@ class PretrainDataModule(ResumableDataModule):
         self._train_dataset: PackedTokenBlocks | None = None
         self._val_dataset: PackedTokenBlocks | None = None
         self._meta: dict[str, Any] = {}
+        self._epoch_from_last_batch = streaming
 
     # ----------------------------------------------------------------- build
     @property
@@ -605,22 +606,38 @@ class PretrainDataModule(ResumableDataModule):
         assert self._val_dataset is not None
         return self._loader(self._val_dataset, False, self.val_batch_size)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Streaming mode without Lightning: start ``epoch`` on the next iteration.
+
+        Under a Trainer the streaming epoch advances by itself after the last batch of an
+        epoch; map-style loaders use their sampler's ``set_epoch`` (called by Lightning).
+        """
+        pos = self.position
+        if pos.epoch != int(epoch):
+            pos.epoch, pos.batches_consumed, pos.samples_consumed = int(epoch), 0, 0
+
+    def _position_stream(self, ds: StreamingPackedDataset) -> None:
+        """Point the streaming dataset at the current epoch and skip the consumed batches."""
+        pos = self.position
+        pos.global_batch_size = self._global_batch_size
+        ds.epoch = pos.epoch
+        ds.skip_batches = pos.batches_consumed
+
     def _streaming_loader(self, train: bool) -> DataLoader:
         self.prepare_data()
         world, rank = world_info(self.trainer)
         if train:
-            pos = self.position
-            trainer = self.trainer
-            epoch = int(trainer.current_epoch) if trainer is not None else pos.epoch
-            if pos.epoch != epoch:
-                pos.epoch, pos.batches_consumed, pos.samples_consumed = epoch, 0, 0
             self._global_batch_size = self.batch_size * world
-            ds = self._streaming_dataset("train", world, rank, epoch, pos.batches_consumed)
+            ds = self._streaming_dataset("train", world, rank, 0, 0)
             bs = self.batch_size
         else:
             ds = self._streaming_dataset("val", world, rank, 0, 0)
             bs = self.val_batch_size
-        return DataLoader(ds, batch_size=bs, num_workers=self.num_workers)
+        loader = ResumableDataLoader(ds, batch_size=bs, num_workers=self.num_workers)
+        if train:
+            loader._position = self.position
+            loader._before_iter = lambda: self._position_stream(ds)
+        return loader
 
 
 def tokenize_and_concatenate(

@@ -18,8 +18,14 @@ samples, whichever process order or restart produced it. It subclasses
 ``DistributedSampler`` so Lightning's automatic sampler replacement (``use_distributed_sampler``)
 leaves it alone; ``use_distributed_sampler=False`` is not required but is harmless.
 
+Streaming (iterable) loaders have no sampler: the dataset is positioned when the loader's
+``__iter__`` starts an epoch (:class:`ResumableDataLoader`), and the position moves to
+``(epoch + 1, 0)`` when Lightning flags the last batch of an epoch, so a checkpoint taken on
+that batch resumes at the start of the next epoch.
+
 Outside Lightning (a hand-written loop), call :meth:`ResumableDataModule.advance` after each
-training batch instead.
+training batch instead (and the sampler's ``set_epoch``, or ``PretrainDataModule.set_epoch``
+when streaming, at each new epoch).
 
 Constraint for the training stack: the LightningModule must not override
 ``on_before_batch_transfer`` (Lightning would call the module's hook instead of the
@@ -39,7 +45,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["DataPosition", "ResumableDataModule", "ResumableSampler", "world_info"]
+__all__ = [
+    "DataPosition",
+    "ResumableDataLoader",
+    "ResumableDataModule",
+    "ResumableSampler",
+    "world_info",
+]
 
 
 @dataclass
@@ -154,6 +166,39 @@ class ResumableSampler(DistributedSampler):
         return iter(order[self.rank :: self.num_replicas].tolist())
 
 
+class ResumableDataLoader(DataLoader):
+    """DataLoader that reports the DataModule's training position as its own state.
+
+    Lightning treats loaders with ``state_dict``/``load_state_dict`` as resumable (and then
+    does not warn about mid-epoch checkpoints). The authoritative state is the DataModule's
+    (restored before ``train_dataloader()`` builds this loader and its sampler), so
+    ``load_state_dict`` has nothing left to do.
+    """
+
+    _position: DataPosition | None = None
+    _before_iter: Callable[[], None] | None = None
+
+    def __iter__(self) -> Any:
+        # Lightning calls iter() at the start of every epoch (and once more on resume), before
+        # worker processes copy the dataset: the place to position an iterable dataset.
+        if self._before_iter is not None:
+            self._before_iter()
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of the DataModule position (``{}`` for evaluation loaders)."""
+        return asdict(self._position) if self._position is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """No-op: the DataModule's ``load_state_dict`` already positioned the sampler."""
+
+
+def _is_last_batch(trainer: pl.Trainer) -> bool:
+    """Lightning's flag (set before ``on_before_batch_transfer``) that this batch ends the epoch."""
+    progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", False))
+
+
 def world_info(trainer: pl.Trainer | None) -> tuple[int, int]:
     """``(world_size, global_rank)`` from the attached trainer, else torch.distributed, else (1, 0)."""
     if trainer is not None:
@@ -196,11 +241,16 @@ class ResumableDataModule(pl.LightningDataModule):
                 f"{type(self).__name__}.load_state_dict: missing keys {missing}; expected the "
                 "dict returned by state_dict()"
             )
-        epoch = int(state_dict["epoch"])
-        batches = int(state_dict["batches_consumed"])
-        gbs = int(state_dict.get("global_batch_size", 0))
-        samples = int(state_dict.get("samples_consumed", batches * (gbs or self.batch_size)))
-        self.position = DataPosition(epoch, batches, samples, gbs)
+        pos = self.position  # updated in place: loaders already built keep seeing it
+        pos.epoch = int(state_dict["epoch"])
+        pos.batches_consumed = int(state_dict["batches_consumed"])
+        pos.global_batch_size = int(state_dict.get("global_batch_size", 0))
+        pos.samples_consumed = int(
+            state_dict.get(
+                "samples_consumed",
+                pos.batches_consumed * (pos.global_batch_size or self.batch_size),
+            )
+        )
 
     def advance(self, num_batches: int = 1) -> None:
         """Record ``num_batches`` processed training batches (for loops without Lightning)."""
@@ -208,11 +258,18 @@ class ResumableDataModule(pl.LightningDataModule):
         self.position.samples_consumed += num_batches * self._global_batch_size
         self.position.global_batch_size = self._global_batch_size
 
+    # Iterable (streaming) loaders have no sampler for Lightning to call set_epoch on; their
+    # epoch is the position's, moved on when Lightning flags the last batch of an epoch.
+    _epoch_from_last_batch = False
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count training batches as Lightning hands them to the training step."""
         trainer = self.trainer
         if trainer is not None and trainer.training and not trainer.sanity_checking:
             self.advance(1)
+            if self._epoch_from_last_batch and _is_last_batch(trainer):
+                pos = self.position
+                pos.epoch, pos.batches_consumed, pos.samples_consumed = pos.epoch + 1, 0, 0
         return batch
 
     # ---------------------------------------------------------------- loaders
@@ -256,7 +313,7 @@ class ResumableDataModule(pl.LightningDataModule):
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> DataLoader:
         sampler = self._make_sampler(len(dataset), train, batch_size)  # type: ignore[arg-type]
-        return DataLoader(
+        loader = ResumableDataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -266,3 +323,6 @@ class ResumableDataModule(pl.LightningDataModule):
             collate_fn=collate_fn,
             pin_memory=torch.cuda.is_available(),
         )
+        if train:
+            loader._position = self.position
+        return loader
