@@ -57,7 +57,7 @@ def main() -> None:
     if not args.quick:
         results = []
         for bk, bn, split, nw in itertools.product(
-            (32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (4, 8)
+            (32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (4,)
         ):
             cfg = G.GemvConfig(block_k=bk, block_n=bn, split=split, num_warps=nw)
             try:

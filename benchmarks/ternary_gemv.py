@@ -64,7 +64,7 @@ def main() -> None:
         for k in (None, k60):
             results = []
             for bk, bn, split, nw, dot in itertools.product(
-                (16, 32, 64), (256, 512, 1024), (1, 2, 4, 8), (4, 8), (False, True)
+                (16, 32), (256, 512, 1024), (2, 4, 8), (4,), (False, True)
             ):
                 if not dot and bk * bn > 16384:
                     continue  # the FMA path keeps a [bk, bn] fp32 accumulator in registers
