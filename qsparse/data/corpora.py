@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .cache import atomic_write_jsonl, file_fingerprint, resolve_cache_dir, stable_hash
 
@@ -37,6 +38,7 @@ __all__ = [
     "CORPUS_REGISTRY",
     "available_corpora",
     "builder_for_files",
+    "load_local_dataset",
     "package_data_file",
     "register_corpus",
     "resolve_corpus",
@@ -209,6 +211,26 @@ def builder_for_files(paths: Sequence[str | os.PathLike[str]]) -> str:
             f"data_files: all files must have the same format, got builders {sorted(builders)}"
         )
     return builders.pop()
+
+
+def load_local_dataset(
+    builder: str, data_files: Sequence[str], cache_dir: Path, **kwargs: Any
+) -> Any:
+    """``datasets.load_dataset(builder, data_files=..., split="train")`` with no network use.
+
+    ``datasets`` pings the Hub to count downloads of its packaged builders (``json``, ``text``,
+    ...) even for local files; that ping is switched off (``HF_UPDATE_DOWNLOAD_COUNTS``).
+    """
+    import datasets
+
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    return datasets.load_dataset(
+        builder,
+        data_files=list(data_files),
+        split="train",
+        cache_dir=str(cache_dir / "hf_datasets"),
+        **kwargs,
+    )
 
 
 def resolve_corpus(

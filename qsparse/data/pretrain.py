@@ -49,7 +49,7 @@ from .cache import (
     resolve_cache_dir,
     stable_hash,
 )
-from .corpora import CorpusSpec, resolve_corpus
+from .corpora import CorpusSpec, load_local_dataset, resolve_corpus
 from .resumable import ResumableDataLoader, ResumableDataModule, world_info
 from .tokenizer import resolve_tokenizer, tokenizer_fingerprint
 
@@ -89,8 +89,6 @@ def load_documents(
     Raises:
         ValueError: ``spec.text_field`` is not a column of the files.
     """
-    import datasets
-
     kwargs: dict[str, Any] = {}
     if spec.builder == "text":
         if text_sample_by not in ("line", "paragraph", "document"):
@@ -98,14 +96,7 @@ def load_documents(
                 f"text_sample_by must be 'line', 'paragraph' or 'document', got {text_sample_by!r}"
             )
         kwargs["sample_by"] = text_sample_by
-    ds = datasets.load_dataset(
-        spec.builder,
-        data_files=list(spec.data_files),
-        split="train",
-        streaming=streaming,
-        cache_dir=str(cache_dir / "hf_datasets"),
-        **kwargs,
-    )
+    ds = load_local_dataset(spec.builder, spec.data_files, cache_dir, streaming=streaming, **kwargs)
     columns = ds.column_names
     if columns is None and streaming:
         columns = list(next(iter(ds)).keys())

@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from .cache import CACHE_FORMAT_VERSION, file_fingerprint, resolve_cache_dir, stable_hash
-from .corpora import builder_for_files
+from .corpora import builder_for_files, load_local_dataset
 from .pretrain import split_fraction
 from .resumable import ResumableDataModule
 from .sft_synth import SFT_CORPORA, sft_corpus_file
@@ -488,20 +488,13 @@ class SFTDataModule(ResumableDataModule):
 
     def _rows(self) -> tuple[list[list[dict[str, str]]], str]:
         """All rows as message lists (after ``max_examples``) and the detected format."""
-        import datasets
-
         files = self._resolve_files()
         builder = builder_for_files(files)
         if builder not in ("json", "parquet"):
             raise ValueError(
                 f"data_files: SFT data must be .jsonl/.json/.parquet, got {builder!r} files"
             )
-        ds = datasets.load_dataset(
-            builder,
-            data_files=files,
-            split="train",
-            cache_dir=str(self.cache_dir / "hf_datasets"),
-        )
+        ds = load_local_dataset(builder, files, self.cache_dir)
         cols = set(ds.column_names)
         f = self.fields
         fmt = self.format
