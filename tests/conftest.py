@@ -8,12 +8,20 @@ that folder. Qwen2 gets q/k/v biases (as the real family has); Mistral a sliding
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+# The suite never talks to a hub: make transformers/datasets fail fast instead of timing out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
 
 HF_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 
