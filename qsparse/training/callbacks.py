@@ -324,7 +324,10 @@ class RunSummary(L.Callback):
         from qsparse.stats import activated_parameters, total_parameters
 
         model = _inner_model(pl_module)
-        out: dict[str, Any] = {"step": int(trainer.global_step)}
+        out: dict[str, Any] = {
+            "step": int(trainer.global_step),
+            "world_size": int(trainer.world_size),
+        }
         val = getattr(pl_module, "last_val_loss", None)
         if val is not None:
             out["val_loss"] = float(val)

@@ -18,6 +18,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from qsparse.nn import QuantConfig, SparsityConfig
 
@@ -163,6 +164,15 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = dict(cfg)
+    cfg.pop("hydra", None)
+    # unknown keys / wrong types against the schema (catches `+key=...` additions too,
+    # which Hydra lets through the composition)
+    try:
+        OmegaConf.merge(OmegaConf.structured(TrainSchema), cfg)
+    except (ConfigKeyError, ValidationError) as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        first = str(exc).splitlines()[0]
+        raise ValueError(f"config error: {key}: {first}") from exc
     run_name = cfg.get("run_name")
     _require(
         isinstance(run_name, str) and run_name.strip() != "" and ".." not in run_name,

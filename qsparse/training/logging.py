@@ -8,6 +8,8 @@ Multirun jobs share ``group`` = the sweep name. Call :func:`finish_wandb` in a `
 from __future__ import annotations
 
 import os
+import secrets
+import string
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,9 +57,8 @@ def wandb_run_id(run_dir: Path, resume: bool) -> str:
         run_id = path.read_text().strip()
         if run_id:
             return run_id
-    import wandb
-
-    return wandb.util.generate_id()
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 @rank_zero_only
@@ -73,10 +74,17 @@ def build_loggers(
     resume: bool,
     group: str | None = None,
 ) -> list[Logger]:
-    """CSV logger (``<run_dir>/csv/metrics.csv``, appended on resume) and wandb logger."""
+    """CSV logger (``<run_dir>/csv/metrics.csv``; ``csv/resume-NN/`` for each resumed
+    segment) and wandb logger."""
     loggers: list[Logger] = []
     if logger_cfg.get("csv", True):
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
+        if resume and (run_dir / "csv" / "metrics.csv").exists():
+            # Lightning's CSV writer replaces an existing metrics.csv: each resumed segment
+            # gets csv/resume-NN/ (read_metrics merges them in order)
+            n = len(list((run_dir / "csv").glob("resume-*"))) + 1
+            loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=f"resume-{n:02d}"))
+        else:
+            loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
     wb = logger_cfg.get("wandb")
     if wb:
         mode = wandb_mode(wb.get("mode"))

@@ -84,7 +84,7 @@ def llama(preset: str = "tiny", **overrides: Any) -> nn.Module:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         config = LlamaConfig.from_preset(preset, **overrides)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"model: {exc} (check the model.* keys)") from exc
     return LlamaForCausalLM(config)
 
