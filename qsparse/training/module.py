@@ -333,7 +333,12 @@ class LMModule(L.LightningModule):
             return
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
-        mean = (total / tokens.clamp_min(1)).float()
+        if float(tokens) == 0:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn("validation saw no target tokens: val/loss not logged")
+            return
+        mean = (total / tokens).float()
         self.log("val/loss", mean, sync_dist=False, prog_bar=True)
         self.log("val/ppl", torch.exp(mean), sync_dist=False)
         self.last_val_step = self.global_step
