@@ -157,6 +157,8 @@ def _ternary_gemv_kernel(
     thr_ptr,
     cut_ptr,
     gamma_ptr,
+    alpha_ptr,
+    alpha,
     B,
     K,
     NQ,
@@ -164,37 +166,48 @@ def _ternary_gemv_kernel(
     BB: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BQ: tl.constexpr,
+    ALPHA_VEC: tl.constexpr,
     SPARSE: tl.constexpr,
     QMAX: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """part[split, b, 16 q + j] = sum_i xs[b, i] * (c[i, 16 q + j] - 1), c from packed P[K, NQ]
-    (xs: integer codes when QMAX > 0, the caller rescales by gamma / QMAX * alpha)."""
+    """part[split, b, n] = r_b * alpha_n * sum_i xs[b, i] * (c[i, n] - 1), c from packed
+    P[K, NQ] (n = 16 q + j); xs are integer codes and r_b = max(gamma_b, eps) / QMAX when
+    QMAX > 0 (else r_b = 1); alpha_n from alpha_ptr (ALPHA_VEC) or the scalar ``alpha``.
+
+    USE_DOT: unpack a [BLOCK_K, BQ, 16] code tile and use a tensor-core dot (batch padded to
+    BB >= 16). Otherwise (batch 1) each of the 16 lanes of a column group loads the shared
+    word (one DRAM transaction) and extracts its 2 bits; ``(c | 0x4B000000)`` read as fp32 is
+    ``2^23 + c``, so one subtraction converts the code to float without an int->float op.
+    """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     q = pid_n * BQ + tl.arange(0, BQ)
     qmask = q < NQ
     shifts = 2 * tl.arange(0, 16)
+    cols = pid_n * BQ * 16 + tl.arange(0, BQ * 16)
+    cq = cols // 16
+    csh = 2 * (cols % 16)
     k_lo = pid_s * k_per_split
     xsum = tl.zeros([BB], dtype=tl.float32)
     if USE_DOT:
         acc = tl.zeros([BB, BQ * 16], dtype=tl.float32)
     else:
-        acc3 = tl.zeros([BLOCK_K, BQ, 16], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_K, BQ * 16], dtype=tl.float32)
     for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         xv, row_any = _load_x_tile(
             x_ptr, thr_ptr, cut_ptr, gamma_ptr, B, K, kk, BB, BLOCK_K, SPARSE, QMAX
         )
         xsum += tl.sum(xv, axis=1)
-        p = tl.load(
-            p_ptr + kk.to(tl.int64)[:, None] * NQ + q[None, :],
-            mask=row_any[:, None] & qmask[None, :],
-            other=0,
-        )
-        c = (p[:, :, None] >> shifts[None, None, :]) & 3  # [BLOCK_K, BQ, 16]
         if USE_DOT:
+            p = tl.load(
+                p_ptr + kk.to(tl.int64)[:, None] * NQ + q[None, :],
+                mask=row_any[:, None] & qmask[None, :],
+                other=0,
+            )
+            c = (p[:, :, None] >> shifts[None, None, :]) & 3  # [BLOCK_K, BQ, 16]
             if DOT_F32:
                 cw = tl.reshape(c.to(tl.float32), [BLOCK_K, BQ * 16])
                 acc = tl.dot(xv, cw, acc)
@@ -202,11 +215,25 @@ def _ternary_gemv_kernel(
                 cw = tl.reshape(c.to(tl.bfloat16), [BLOCK_K, BQ * 16])
                 acc = tl.dot(xv.to(tl.bfloat16), cw, acc)
         else:
-            acc3 += tl.sum(xv, axis=0)[:, None, None] * c.to(tl.float32)
+            p = tl.load(
+                p_ptr + kk.to(tl.int64)[:, None] * NQ + cq[None, :],
+                mask=row_any[:, None] & (cq < NQ)[None, :],
+                other=0,
+            )
+            c = ((p >> csh[None, :]) & 3) | 0x4B000000
+            cf = c.to(tl.float32, bitcast=True) - 8388608.0
+            acc2 += tl.sum(xv, axis=0)[:, None] * cf
     if not USE_DOT:
-        acc = tl.reshape(tl.sum(acc3, axis=0), [1, BQ * 16])
+        acc = tl.sum(acc2, axis=0)[None, :]
     acc = acc - xsum[:, None]
     rb = tl.arange(0, BB)
-    cols = pid_n * BQ * 16 + tl.arange(0, BQ * 16)
+    if QMAX > 0:
+        gamma = tl.load(gamma_ptr + rb, mask=rb < B, other=1.0)
+        acc = acc * (tl.maximum(gamma, 1e-5) / QMAX)[:, None]
+    if ALPHA_VEC:
+        a = tl.load(alpha_ptr + cols, mask=cols < NQ * 16, other=0.0)
+        acc = acc * a[None, :]
+    else:
+        acc = acc * alpha
     out = part_ptr + (pid_s * B + rb[:, None]) * (NQ * 16) + cols[None, :]
     tl.store(out, acc, mask=(rb < B)[:, None] & (cols < NQ * 16)[None, :])

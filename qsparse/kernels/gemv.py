@@ -31,7 +31,7 @@ class GemvConfig:
     """Launch shape: split the K loop over ``split`` programs per column block."""
 
     block_k: int = 64
-    block_n: int = 128
+    block_n: int = 64
     split: int = 4
     num_warps: int = 4
     num_stages: int = 3
@@ -212,7 +212,7 @@ def ternary_gemv(
 
     from ._gemv_triton import _ternary_gemv_kernel
 
-    cfg = cfg or GemvConfig(block_k=32, block_n=512, split=4)
+    cfg = cfg or GemvConfig(block_k=32, block_n=256, split=8)
     k_in, nq = packed.shape
     n = nq * 16
     _check_x(x, k_in)
@@ -230,6 +230,15 @@ def ternary_gemv(
     bq = max(1, cfg.block_n // 16)
     part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(nq, bq), split)
+    alpha_vec = isinstance(alpha, torch.Tensor)
+    if alpha_vec:
+        alpha = alpha.to(device=x.device, dtype=torch.float32).contiguous()
+        if alpha.numel() not in (n, n_out or n) or alpha.numel() == 0:
+            raise ValueError(
+                f"alpha must be a float or an [{n_out or n}] tensor, got {tuple(alpha.shape)}"
+            )
+        if alpha.numel() < n:  # padded columns: scale 0
+            alpha = torch.cat([alpha, alpha.new_zeros(n - alpha.numel())])
     _ternary_gemv_kernel[grid](
         x,
         packed,
@@ -237,6 +246,8 @@ def ternary_gemv(
         thr,
         cut,
         gamma,
+        alpha if alpha_vec else gamma,
+        0.0 if alpha_vec else float(alpha),
         bsz,
         k_in,
         nq,
@@ -244,6 +255,7 @@ def ternary_gemv(
         BB=bb,
         BLOCK_K=cfg.block_k,
         BQ=bq,
+        ALPHA_VEC=alpha_vec,
         SPARSE=sparse,
         QMAX=qmax,
         USE_DOT=use_dot,
@@ -254,10 +266,7 @@ def ternary_gemv(
     y = part[0] if split == 1 else part.sum(0)
     if n_out is not None and n_out != n:
         y = y[:, :n_out]
-    if qmax:
-        y = y * (gamma.clamp_min(1e-5) / qmax)[:, None]  # 1/s = gamma / Q
-    y = y * alpha
-    return y.to(out_dtype or x.dtype)
+    return y.to(out_dtype or x.dtype)  # scales by gamma / Q and alpha applied in the kernel
 
 
 def sparse_gemv_reference(x: torch.Tensor, wt: torch.Tensor, k: int | None = None) -> torch.Tensor:
