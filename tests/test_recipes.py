@@ -100,6 +100,11 @@ def test_recipe_composes_and_trains_two_steps(
     assert (tmp_path / "run" / "loss_curve.png").exists()
     if cfg.export:
         assert (tmp_path / "run" / "hf" / "config.json").exists()
+        if recipe.startswith("from_scratch/"):  # plain transformers loads the export
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+            assert hf.config.num_hidden_layers == cfg.model.num_hidden_layers
     if cfg.sparsity.pattern != "none" and cfg.sparsity.ratio > 0:
         assert summary["sparsity_overall"] > 0
 

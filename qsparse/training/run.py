@@ -64,10 +64,9 @@ def resolve_run_dir(cfg: Mapping[str, Any]) -> Path:
 
 
 def _is_launcher_process() -> bool:
-    """True in the process the user started (not a DDP child Lightning spawned / torchrun)."""
-    return all(os.environ.get(k) in (None, "0") for k in ("LOCAL_RANK", "RANK", "NODE_RANK")) and (
-        "LOCAL_RANK" not in os.environ
-    )
+    """True in the process the user started: not a DDP child Lightning launched (those get
+    ``LOCAL_RANK``) nor a non-zero torchrun rank."""
+    return "LOCAL_RANK" not in os.environ and os.environ.get("RANK", "0") == "0"
 
 
 def build_callbacks(spec: Mapping[str, Any] | None, run_dir: Path) -> list[Callback]:
