@@ -80,8 +80,11 @@ class ActivationSparsifier(nn.Module):
             x = self.norm(x)
         k = self.keep()
         out = None
-        if k is not None and x.is_cuda and not self.rescale:
-            if self.pattern == "token_topk":
+        if x.is_cuda and not self.rescale:
+            if k is None:
+                if self.act_bits is not None:  # quantize only: top-k with k = d
+                    out = kernels.fused_token_topk(x, self.dim, True, self.act_bits)
+            elif self.pattern == "token_topk":
                 out = kernels.fused_token_topk(x, k, self.ste, self.act_bits)
             else:
                 out = kernels.fused_block_topk(x, k, self.block_size, self.ste, self.act_bits)
@@ -177,7 +180,12 @@ class QSparseLinear(nn.Linear):
     def quantized_weight(self) -> torch.Tensor:
         """The weight used in the forward: ``W`` or its ternary form ``{-a, 0, +a}``."""
         if self.weight_quant == "ternary":
-            return absmean_ternarize(self.weight, self.eps, ste=True)
+            fused = (
+                kernels.fused_ternary_weight(self.weight, self.eps) if self.weight.is_cuda else None
+            )
+            return (
+                fused if fused is not None else absmean_ternarize(self.weight, self.eps, ste=True)
+            )
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
