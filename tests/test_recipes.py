@@ -82,8 +82,9 @@ def test_recipe_composes_and_trains_two_steps(
         overrides += ["optim=adamw"]  # bitsandbytes' 8-bit AdamW needs CUDA
     data = OmegaConf.to_container(raw.data, resolve=False)  # model.path may still be ???
     overrides += [f"data.cache_dir={data_cache}", "data.batch_size=2"]
-    if OmegaConf.is_missing(raw.data, "data_files"):  # a recipe for the user's own corpus
-        overrides += ["data.corpus=wiki_en", "data.data_files=null"]
+    if "qsparse.required" in str(data.get("data_files")):  # a recipe for the user's own corpus
+        corpus = "wiki_qa" if data["_target_"].endswith("SFTDataModule") else "wiki_en"
+        overrides += [f"data.corpus={corpus}", "data.data_files=null"]
     if data.get("streaming"):  # streaming is for corpora too big to cache; 200 docs are not
         overrides += ["data.streaming=false", "data.val_fraction=0.05"]
     if "max_examples" in data:  # instruction data: whole examples need ~300 tokens
@@ -128,3 +129,16 @@ def test_tiny_from_scratch_recipes_beat_unigram_entropy(tmp_path: Path) -> None:
     assert len(results) == 4
     for name, s in results.items():
         assert s["val_loss"] < s["unigram_entropy"] - 1.0, (name, s["val_loss"])
+
+
+@pytest.mark.parametrize("recipe", ["continue/mistral7b", "finetune/mistral7b", "finetune/qwen7b"])
+def test_paper_recipes_demand_local_data_files(recipe):
+    """A recipe that needs the user's own data fails at validation, naming the key, instead of
+    silently falling back to the bundled corpus."""
+    from qsparse.training.config import validate_config
+
+    cfg = _compose([f"recipe={recipe}", "model.path=/models/x"])
+    with pytest.raises(Exception, match=r"data\.data_files is required"):
+        validate_config(cfg)
+    cfg = _compose([f"recipe={recipe}", "model.path=/models/x", "data.data_files=/data/a.parquet"])
+    assert cfg.data.data_files == "/data/a.parquet" and cfg.data.corpus is None

@@ -129,13 +129,26 @@ def paper_lr(preset: str, kind: str = "fp") -> float:
     return float(value[0] if kind == "bitnet" else value[1])  # type: ignore[index]
 
 
+def required(key: str, hint: str = "") -> Any:
+    """Resolver ``${qsparse.required:<key>,<hint>}``: a value the user must give.
+
+    Unlike ``???`` it also replaces a ``null`` set by an earlier config in the merge (OmegaConf
+    never lets ``???`` override a value), so a recipe can demand e.g. ``data.data_files``.
+    """
+    raise ValueError(
+        f"config error: {key} is required by this recipe: set {key}=...{f' ({hint})' if hint else ''}"
+    )
+
+
 def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore and the ``qsparse.paper_lr`` resolver
-    (idempotent)."""
+    """Register the schemas in Hydra's ConfigStore and the ``qsparse.paper_lr`` and
+    ``qsparse.required`` resolvers (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainSchema)
     if not OmegaConf.has_resolver("qsparse.paper_lr"):
         OmegaConf.register_new_resolver("qsparse.paper_lr", paper_lr)
+    if not OmegaConf.has_resolver("qsparse.required"):
+        OmegaConf.register_new_resolver("qsparse.required", required)
 
 
 register_configs()
