@@ -27,31 +27,6 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 @dataclass
-class SparsitySchema:
-    """Mirror of :class:`qsparse.nn.SparsityConfig` (see there for the meaning)."""
-
-    ratio: float = 0.0
-    pattern: str = "token_topk"
-    block_size: int = 32
-    ste: bool = True
-    rescale: bool = False
-    qkv: float | None = None
-    o: float | None = None
-    gate_up: float | None = None
-    down: float | None = None
-
-
-@dataclass
-class QuantSchema:
-    """Mirror of :class:`qsparse.nn.QuantConfig`."""
-
-    weights: str = "none"
-    act_bits: int | None = None
-    subln: bool = False
-    eps: float = 1e-5
-
-
-@dataclass
 class WandbSchema:
     """Weights & Biases settings. ``mode``: ``null`` = offline unless ``WANDB_API_KEY`` is
     set, else ``online`` / ``offline`` / ``disabled``. ``group``: ``null`` = the sweep name
@@ -88,8 +63,9 @@ class TrainSchema:
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
     model: Any = None
     data: Any = None
-    sparsity: SparsitySchema = field(default_factory=SparsitySchema)
-    quant: QuantSchema = field(default_factory=QuantSchema)
+    # the library dataclasses themselves are the schemas of these two groups
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     optim: Any = None
     scheduler: Any = None
     trainer: Any = None
