@@ -50,7 +50,7 @@ from .cache import (
     stable_hash,
 )
 from .corpora import CorpusSpec, load_local_dataset, resolve_corpus
-from .resumable import ResumableDataLoader, ResumableDataModule, world_info
+from .resumable import ResumableDataLoader, ResumableDataModule, check_source, world_info
 from .tokenizer import resolve_tokenizer, tokenizer_fingerprint
 
 __all__ = [
@@ -305,17 +305,7 @@ class PretrainDataModule(ResumableDataModule):
         val_batch_size: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, shuffle=shuffle)
-        if corpus is not None and data_files is not None:
-            raise ValueError(
-                f"give either corpus ({corpus!r}) or data_files, not both; set corpus=null "
-                "to train on your own files"
-            )
-        if corpus is None and data_files is None:
-            corpus = "wiki_en"
-        if not isinstance(seq_len, int) or seq_len < 2:
-            raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-        if not 0.0 <= float(val_fraction) < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        corpus = check_source(corpus, data_files, "wiki_en", seq_len, val_fraction, "train")
         if max_documents is not None and max_documents < 1:
             raise ValueError(f"max_documents must be >= 1 or null, got {max_documents!r}")
         if val_batch_size is not None and val_batch_size < 1:

@@ -208,6 +208,33 @@ def world_info(trainer: pl.Trainer | None) -> tuple[int, int]:
     return 1, 0
 
 
+def check_source(
+    corpus: str | None,
+    data_files: object,
+    default_corpus: str,
+    seq_len: object,
+    val_fraction: float,
+    purpose: str,
+) -> str | None:
+    """Validate the arguments every DataModule shares; return the corpus to use.
+
+    Exactly one of ``corpus`` / ``data_files`` (neither: ``default_corpus``); ``seq_len`` an
+    int >= 2; ``val_fraction`` in [0, 1). Errors name the argument and the fix.
+    """
+    if corpus is not None and data_files is not None:
+        raise ValueError(
+            f"give either corpus ({corpus!r}) or data_files, not both; set corpus=null "
+            f"to {purpose} on your own files"
+        )
+    if corpus is None and data_files is None:
+        corpus = default_corpus
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    return corpus
+
+
 class ResumableDataModule(pl.LightningDataModule):
     """Base class: exact-resume state, counting hook and loader construction.
 

@@ -60,7 +60,7 @@ from transformers import PreTrainedTokenizerBase
 from .cache import CACHE_FORMAT_VERSION, file_fingerprint, resolve_cache_dir, stable_hash
 from .corpora import builder_for_files, load_local_dataset
 from .pretrain import split_fraction
-from .resumable import ResumableDataModule
+from .resumable import ResumableDataModule, check_source
 from .sft_synth import SFT_CORPORA, sft_corpus_file
 from .tokenizer import resolve_tokenizer, tokenizer_fingerprint
 
@@ -397,17 +397,7 @@ class SFTDataModule(ResumableDataModule):
         val_batch_size: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, shuffle=shuffle)
-        if corpus is not None and data_files is not None:
-            raise ValueError(
-                f"give either corpus ({corpus!r}) or data_files, not both; set corpus=null "
-                "to fine-tune on your own files"
-            )
-        if corpus is None and data_files is None:
-            corpus = "wiki_qa"
-        if not isinstance(seq_len, int) or seq_len < 2:
-            raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-        if not 0.0 <= float(val_fraction) < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        corpus = check_source(corpus, data_files, "wiki_qa", seq_len, val_fraction, "fine-tune")
         if format not in ("auto", "openorca", "messages"):
             raise ValueError(f"format must be 'auto', 'openorca' or 'messages', got {format!r}")
         if template not in ("auto", "chat", "plain"):
