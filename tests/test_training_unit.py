@@ -202,3 +202,9 @@ def test_read_metrics_keeps_latest_value_per_step_and_plots(tmp_path: Path) -> N
     assert png is not None and png.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_loss_curve(tmp_path / "nothing", tmp_path / "none.png") is None
+
+
+def test_peak_memory_is_reported_only_on_cuda() -> None:
+    from qsparse.training.callbacks import peak_memory_gib
+
+    assert peak_memory_gib(torch.device("cpu")) is None

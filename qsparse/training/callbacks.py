@@ -4,7 +4,8 @@ Metric keys: ``perf/tokens_per_s`` (all ranks together), ``perf/step_time_s``, `
 (``tokens_per_s * flops_per_token / (peak * world_size)``; omitted where the peak is unknown,
 e.g. on CPU), ``sparsity/<site>`` and ``sparsity/overall`` (fraction of zeros measured on the
 training batches of one step; overall = ``1 - activated / total`` parameters),
-``params/activated`` and ``params/total``, and ``val/sparsity`` over a validation epoch.
+``params/activated`` and ``params/total``, ``val/sparsity`` over a validation epoch, and
+``perf/peak_memory_gib`` (peak GPU memory allocated, CUDA only; also in the run summary).
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from .flops import model_flops_per_token, peak_flops, precision_dtype
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak GPU memory allocated by tensors on ``device`` since the start (GiB); ``None`` off
+    CUDA. (``torch.cuda.max_memory_allocated``: what activations, weights and optimizer state
+    need, without the allocator's cache.)"""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def _inner_model(pl_module: L.LightningModule) -> torch.nn.Module:
@@ -94,6 +104,9 @@ class ThroughputMonitor(L.Callback):
         if self._peak and self._flops_per_token:
             achieved = metrics["perf/tokens_per_s"] * self._flops_per_token
             metrics["perf/mfu"] = achieved / (self._peak * trainer.world_size)
+        memory = peak_memory_gib(pl_module.device)
+        if memory is not None:
+            metrics["perf/peak_memory_gib"] = memory
         self.last = metrics
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=True, on_epoch=False, batch_size=ids.shape[0])
@@ -355,6 +368,9 @@ class RunSummary(L.Callback):
             out["tokens_per_s"] = tp.last.get("perf/tokens_per_s")
             if "perf/mfu" in tp.last:
                 out["mfu"] = tp.last["perf/mfu"]
+        memory = peak_memory_gib(pl_module.device)
+        if memory is not None:
+            out["peak_memory_gib"] = memory
         if self._t_start is not None and self._t_end is not None:
             out["train_time_s"] = self._t_end - self._t_start
         return out
@@ -405,6 +421,8 @@ def _print_summary(summary: Mapping[str, Any], run_dir: Path) -> None:
         rows.append(("tokens/s", f"{summary['tokens_per_s']:,.0f}"))
     if summary.get("mfu") is not None:
         rows.append(("MFU", f"{100 * summary['mfu']:.1f}%"))
+    if summary.get("peak_memory_gib") is not None:
+        rows.append(("peak GPU memory", f"{summary['peak_memory_gib']:.2f} GiB"))
     if summary.get("train_time_s") is not None:
         rows.append(("training time", f"{summary['train_time_s']:.1f} s"))
     if "loss_curve" in summary:
