@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections.abc import Callable
 
@@ -48,3 +49,23 @@ def time_graph(calls: list[Callable[[], object]], reps: int = 4, replays: int = 
 def row(*cols: object) -> str:
     """One Markdown table row."""
     return "| " + " | ".join(str(c) for c in cols) + " |"
+
+
+def gemv_setup(description: str | None) -> tuple[argparse.Namespace, list[torch.Tensor]]:
+    """Arguments shared by the GEMV benchmarks and the rotated bf16 weight buffers they time.
+
+    Returns the parsed args and ``--buffers`` random [out, in] bf16 CUDA weights (scale 0.02):
+    cycling through several copies keeps L2 from serving the weights.
+    """
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--in-features", type=int, default=4096)
+    ap.add_argument("--out-features", type=int, default=11008)
+    ap.add_argument("--buffers", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="no config sweep")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    shape = (args.out_features, args.in_features)
+    ws = [
+        torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(args.buffers)
+    ]
+    return args, ws

@@ -14,28 +14,18 @@ Goal (issue 5): >= 2.0x cuBLAS at S=0.6, batch 1 (ideal 2.5x).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks._timing import row, time_graph
+from benchmarks._timing import gemv_setup, row, time_graph
 from qsparse.kernels import gemv as G
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--in-features", type=int, default=4096)
-    ap.add_argument("--out-features", type=int, default=11008)
-    ap.add_argument("--buffers", type=int, default=8)
-    ap.add_argument("--quick", action="store_true", help="no config sweep")
-    args = ap.parse_args()
-    kin, n = args.in_features, args.out_features
-    torch.manual_seed(0)
-    ws = [
-        torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(args.buffers)
-    ]
+    args, ws = gemv_setup(__doc__)
+    kin = args.in_features
     wts = [G.prepare_dense(w) for w in ws]
 
     def dense_calls(x):
