@@ -156,8 +156,9 @@ def test_cli_reports_bad_key_and_value_without_training(tmp_path: Path) -> None:
     assert bad_key.returncode != 0
     assert "ratoi" in bad_key.stderr
     bad_value = _cli([*FAST, "sparsity.ratio=1.2", f"run_dir={tmp_path / 'b'}"], tmp_path)
-    assert bad_value.returncode != 0
-    assert "sparsity.ratio" in bad_value.stderr
+    assert bad_value.returncode == 2
+    assert "qsparse-train: sparsity.ratio=1.2 is outside [0, 1)" in bad_value.stderr
+    assert "Traceback" not in bad_value.stderr
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 

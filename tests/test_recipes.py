@@ -142,3 +142,12 @@ def test_paper_recipes_demand_local_data_files(recipe):
         validate_config(cfg)
     cfg = _compose([f"recipe={recipe}", "model.path=/models/x", "data.data_files=/data/a.parquet"])
     assert cfg.data.data_files == "/data/a.parquet" and cfg.data.corpus is None
+
+
+def test_missing_checkpoint_path_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    from qsparse.training.config import ConfigError
+
+    cfg = _compose(["recipe=continue/tiny", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"model\.path is required"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()

@@ -11,22 +11,29 @@ same groups and recipes (``--info defaults`` lists what a command composes).
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from qsparse.training import config as _schemas  # noqa: F401  (registers train_schema)
+from qsparse.training.config import ConfigError  # also registers train_schema
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     from qsparse.training.run import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as exc:  # a user's mistake: the message, not a traceback
+        print(f"qsparse-train: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main() -> None:
-    """Console-script entry (``qsparse-train``). Hydra reports a failing job (a config error
-    names the key) on stderr and exits with status 1."""
+    """Console-script entry (``qsparse-train``). A config error (bad value, missing required
+    key) prints one line naming the key and exits with status 2; a misspelled key is reported by
+    Hydra while composing (status 1); other failures keep their traceback."""
     _main()
 
 

@@ -23,6 +23,12 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from qsparse.nn import QuantConfig, SparsityConfig
 
 ACTIVATIONS = ("keep", "relu2", "silu")
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run: the message names the key and the fix."""
+
+
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 

@@ -29,10 +29,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    InterpolationToMissingValueError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
 
 from .callbacks import RunSummary
 from .checkpoint import AtomicCheckpointIO
-from .config import validate_config
+from .config import ConfigError, validate_config
 from .logging import build_loggers, finish_wandb, git_sha, log_run_config
 from .module import LMModule
 
@@ -136,11 +141,20 @@ def _interactive() -> bool:
 def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Run one training job described by a composed ``conf/train.yaml``; returns the summary
     dict (also written to ``<run_dir>/summary.json``)."""
-    if isinstance(cfg, DictConfig):
-        container = OmegaConf.to_container(cfg, resolve=True)
-    else:
-        container = dict(cfg)
-    validate_config(container)  # before anything heavy: a bad value fails here
+    try:  # before anything heavy: a bad value fails here, as a ConfigError naming the key
+        if isinstance(cfg, DictConfig):
+            container = OmegaConf.to_container(cfg, resolve=True)
+        else:
+            container = dict(cfg)
+        validate_config(container)
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as exc:
+        # "Missing mandatory value: model.path" (possibly reached through another key)
+        key = str(exc).splitlines()[0].rsplit("Missing mandatory value: ", 1)[-1].strip()
+        raise ConfigError(f"config error: {key} is required (???): set {key}=...") from exc
+    except (ValueError, OmegaConfBaseException) as exc:
+        # OmegaConf wraps resolver errors ("... raised while resolving interpolation: <ours>")
+        message = str(exc).splitlines()[0].split("resolving interpolation: ")[-1]
+        raise ConfigError(message) from exc
     run_dir = resolve_run_dir(container)
     _, multirun, overrides = _hydra_runtime()
     run_dir.mkdir(parents=True, exist_ok=True)
