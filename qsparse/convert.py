@@ -27,7 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .nn import ActivationSparsifier, QSparseLinear, QuantConfig, SparsityConfig, make_activation
+from .nn import (
+    ActivationSparsifier,
+    QSparseLinear,
+    QuantConfig,
+    SparsityConfig,
+    keep_count,
+    make_activation,
+)
 from .nn.ffn import ACTIVATIONS
 
 SUPPORTED_CLASSES = (
@@ -46,6 +53,8 @@ _SUPPORTED_MODULES = (
 )
 SETTINGS_ATTR = "qsparse_settings"
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: values of sparsify's ``activation`` (and of the training config's ``activation`` key)
+ACTIVATION_CHOICES = ("keep", *ACTIVATIONS)
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -143,8 +152,9 @@ def _make_sparsifier(
     device: torch.device,
     dtype: torch.dtype,
 ) -> ActivationSparsifier:
-    """A new sparsifier, or ``old`` updated in place when only the ratio differs (keeps its
-    SubLN weights)."""
+    """A new sparsifier at ``ratio``, or ``old`` when only the ratio differs (it keeps its
+    SubLN weights; the caller sets its ratio once every site is validated, so a bad setting
+    changes nothing). Raises ``ValueError`` prefixed with ``where``."""
     spec = dict(
         dim=dim,
         pattern=sparsity.pattern,
@@ -155,18 +165,24 @@ def _make_sparsifier(
         subln=quant.subln,
         eps=quant.eps,
     )
-    try:
-        new = ActivationSparsifier(ratio=ratio, **spec)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-    if (
+    reusable = (
         old is not None
         and (old.norm is not None) == quant.subln
         and all(getattr(old, k) == v for k, v in spec.items() if k != "subln")
-    ):
-        old.target_ratio = old.ratio = float(ratio)
-        return old
-    return new.to(device=device, dtype=dtype)
+    )
+    try:
+        if reusable:
+            width = old.block_size if old.pattern == "block_topk" else old.dim
+            if old.pattern != "none" and ratio > 0:
+                keep_count(width, ratio)
+            return old
+        return ActivationSparsifier(ratio=ratio, **spec).to(device=device, dtype=dtype)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _set_ratio(sp: ActivationSparsifier, ratio: float) -> None:
+    sp.target_ratio = sp.ratio = float(ratio)
 
 
 def _to_qsparse_linear(
@@ -210,8 +226,8 @@ def sparsify(
     sparsity.validate()
     quant = quant if quant is not None else QuantConfig()
     quant.validate()
-    if activation != "keep" and activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} must be 'keep' or one of {ACTIVATIONS}")
+    if activation not in ACTIVATION_CHOICES:
+        raise ValueError(f"activation={activation!r} must be one of {ACTIVATION_CHOICES}")
     excluded = tuple(modules_to_not_convert)
 
     layers = _decoder_layers(model)
@@ -260,6 +276,7 @@ def sparsify(
             plans.append((site, parent, parent_name, names, full, sp))
 
     for site, parent, parent_name, names, full, sp in plans:
+        _set_ratio(sp, sparsity.ratio_for(site))
         shared = site in ("qkv", "gate_up")
         if shared:
             _install_shared_input(parent, sp)
@@ -296,6 +313,7 @@ def sparsify(
                 child.weight.device,
                 child.weight.dtype,
             )
+            _set_ratio(sp, sparsity.ratio)
             setattr(module, child_name, _to_qsparse_linear(child, sp, quant))
             report.converted.append(full)
             report.sites[_metric_name(full)] = {

@@ -187,3 +187,12 @@ def test_set_sparsity_ratio_fraction_for_warmup():
     assert torch.allclose(model(ids).logits, dense(ids).logits, atol=1e-5)
     with pytest.raises(ValueError):
         qsparse.set_sparsity_ratio(model, 1.0)
+
+
+def test_failed_reconfiguration_leaves_ratios_untouched():
+    model = tiny()
+    qsparse.sparsify(model, 0.5)
+    # only the down_proj override is invalid (k=0): every other site validates first
+    with pytest.raises(ValueError, match="k=0"):
+        qsparse.sparsify(model, SparsityConfig(ratio=0.25, down=0.995))
+    assert all(sp.ratio == 0.5 for sp in qsparse.sparsifiers(model).values())
