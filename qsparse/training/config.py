@@ -20,9 +20,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from qsparse.convert import ACTIVATION_CHOICES
 from qsparse.nn import QuantConfig, SparsityConfig
-
-ACTIVATIONS = ("keep", "relu2", "silu")
 
 
 class ConfigError(ValueError):
@@ -187,10 +186,10 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
         "must be a non-empty name without '..' (it names outputs/<run_name>)",
     )
     _require(
-        cfg.get("activation", "keep") in ACTIVATIONS,
+        cfg.get("activation", "keep") in ACTIVATION_CHOICES,
         "activation",
         cfg.get("activation"),
-        f"must be one of {ACTIVATIONS}",
+        f"must be one of {ACTIVATION_CHOICES}",
     )
     _require(
         cfg.get("float32_matmul_precision", "high") in MATMUL_PRECISIONS,

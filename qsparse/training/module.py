@@ -28,11 +28,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qsparse.convert import ACTIVATION_CHOICES
 from qsparse.nn import QuantConfig, SparsityConfig
 
 from .optim import param_groups, total_grad_norm
-
-ACTIVATIONS = ("keep", "relu2")
 
 
 def _plain(value: Any) -> Any:
@@ -161,8 +160,8 @@ class LMModule(L.LightningModule):
         modules_to_not_convert: Sequence[str] = ("lm_head",),
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS}")
+        if activation not in ACTIVATION_CHOICES:
+            raise ValueError(f"activation={activation!r} must be one of {ACTIVATION_CHOICES}")
         if not isinstance(model, Mapping) and not is_dataclass(model):
             raise ValueError("model must be a spec dict ({'_target_': ...} or {'preset': ...})")
         if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
