@@ -2,10 +2,11 @@
 
 Dense baseline: ``F.linear(x, W)`` (cuBLAS) with ``W`` [11008, 4096]. Sparse:
 :func:`qsparse.kernels.gemv.sparse_gemv` on ``Wt`` [4096, 11008], keeping the top
-``k = int((1 - S) * 4096)`` inputs per token and reading only their weight rows. Both cycle
-through ``--buffers`` weight copies (90 MB each, L2 is 50-60 MB) inside one CUDA graph; times
-are per call. "incl. top-k" runs the selection kernel in every call; "excl." passes a
-precomputed selection. A small launch-config sweep at batch 1 picks the kernel shape.
+``k = int((1 - S) * 4096)`` inputs per token: one small kernel lists the kept inputs, a second
+streams exactly their weight rows. Both cycle through ``--buffers`` weight copies (90 MB each,
+L2 is 50 MB) inside one CUDA graph; times are per call. "incl. top-k" runs the selection in
+every call; "excl." passes a precomputed list. A launch-config sweep at batch 1 picks the
+kernel shape.
 
     PYTHONPATH=$PWD python3 benchmarks/sparse_gemv.py
 
@@ -14,42 +15,86 @@ Goal (issue 5): >= 2.0x cuBLAS at S=0.6, batch 1 (ideal 2.5x).
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 
 from benchmarks._timing import gemv_setup, row, time_graph
 from qsparse.kernels import gemv as G
 
+SWEEP = [  # block_k, block_n (column panel width), split, num_warps, num_stages, prefetch
+    (128, 64, 1, 8, 3, True),
+    (128, 32, 1, 4, 3, True),
+    (64, 64, 1, 4, 3, True),
+    (128, 16, 1, 4, 3, True),
+    (256, 16, 1, 8, 3, True),
+    (256, 32, 1, 8, 3, True),
+    (64, 128, 1, 8, 3, True),
+    (32, 128, 1, 4, 3, True),
+    (128, 128, 1, 8, 3, True),
+    (64, 256, 2, 8, 3, True),
+    (128, 64, 2, 8, 3, True),
+]
+
 
 def main() -> None:
     args, ws = gemv_setup(__doc__)
     kin = args.in_features
-    wts = [G.prepare_dense(w) for w in ws]
+    panels: dict[int | None, list[torch.Tensor]] = {}
+
+    def weights(bn: int | None) -> list[torch.Tensor]:
+        if bn not in panels:
+            panels.clear()  # one layout at a time (8 x 90 MB each)
+            panels[bn] = [G.prepare_dense(w, bn) for w in ws]
+        return panels[bn]
 
     def dense_calls(x):
         return [lambda w=w: F.linear(x, w) for w in ws]
 
-    def sparse_calls(x, k, cfg, meta=None):
-        return [lambda wt=wt: G.sparse_gemv(x, wt, k, cfg, meta=meta) for wt in wts]
+    def sparse_calls(x, k, cfg, rows=None):
+        return [
+            lambda wt=wt: G.sparse_gemv(x, wt, k, cfg, rows=rows) for wt in weights(cfg.block_n)
+        ]
 
     x1 = torch.randn(1, kin, device="cuda", dtype=torch.bfloat16)
     k60 = int(0.4 * kin)
-    # correctness of what we time
-    ref = G.sparse_gemv_reference(x1, wts[0], k60)
-    got = G.sparse_gemv(x1, wts[0], k60)
+    wt0 = weights(64)[0]
+    ref = G.sparse_gemv_reference(x1, wt0, k60)
+    got = G.sparse_gemv(x1, wt0, k60)
     err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
     print(f"# rel err vs reference at S=0.6: {err:.2e}")
     assert err < 1e-2
 
     best = G.GemvConfig()
     if not args.quick:
+        sel = []
+        for radix, sw, bpp in [
+            (True, 8, 1),
+            (True, 16, 1),
+            (False, 8, 1),
+            (False, 4, 2),
+            (False, 8, 2),
+            (False, 16, 2),
+            (False, 32, 2),
+        ]:
+            fn = [lambda sw=sw, radix=radix, bpp=bpp: G.compact_rows(x1, k60, sw, radix, bpp)]
+            t = time_graph(fn, reps=16, replays=10)
+            name = "radix" if radix else f"bisection {bpp} bit(s)/pass"
+            print(f"# selection + list ({name}, one program, {sw} warps): {t:.2f} us")
+            sel.append((t, radix, sw, bpp))
+        _, radix, sw, bpp = min(sel)
         results = []
-        for bk, bn, split, nw in itertools.product(
-            (32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (4,)
-        ):
-            cfg = G.GemvConfig(block_k=bk, block_n=bn, split=split, num_warps=nw)
+        for bk, bn, split, nw, ns, pf in SWEEP:
+            cfg = G.GemvConfig(
+                block_k=bk,
+                block_n=bn,
+                split=split,
+                num_warps=nw,
+                num_stages=ns,
+                prefetch=pf,
+                radix=radix,
+                select_warps=sw,
+                bits_per_pass=bpp,
+            )
             try:
                 t = time_graph(sparse_calls(x1, k60, cfg), reps=2, replays=10)
             except Exception as e:  # noqa: BLE001  (a shape the compiler rejects)
@@ -57,7 +102,7 @@ def main() -> None:
                 continue
             results.append((t, cfg))
         results.sort(key=lambda r: r[0])
-        for t, cfg in results[:5]:
+        for t, cfg in results[:6]:
             print(f"# sweep {t:.2f} us {cfg}")
         best = results[0][1]
     print(f"# config: {best}")
@@ -76,11 +121,15 @@ def main() -> None:
     for batch, s in [(1, 0.6), (1, 0.5), (1, 0.7), (1, 0.8), (2, 0.6), (4, 0.6), (8, 0.6)]:
         x = torch.randn(batch, kin, device="cuda", dtype=torch.bfloat16)
         k = int(round((1 - s) * kin))
-        cfg = best if batch == 1 else G.GemvConfig(block_k=64, block_n=128, split=best.split)
+        cfg = (
+            best
+            if batch == 1
+            else G.GemvConfig(block_k=32, block_n=64, num_warps=4, radix=best.radix)
+        )
         t_dense = time_graph(dense_calls(x))
         t_sp = time_graph(sparse_calls(x, k, cfg))
-        meta = G.select_rows(x, k)
-        t_ex = time_graph(sparse_calls(x, k, cfg, meta))
+        rows = G.compact_rows(x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass)
+        t_ex = time_graph(sparse_calls(x, k, cfg, rows))
         print(
             row(
                 batch,
@@ -96,9 +145,6 @@ def main() -> None:
         print(
             f"RATIO sparse_gemv_b{batch}_S{s} incl_topk {t_dense / t_sp:.2f} excl {t_dense / t_ex:.2f}"
         )
-    t_dense = time_graph(dense_calls(x1))
-    t_ours = time_graph(sparse_calls(x1, None, best))
-    print(f"# our kernel with every row kept (k=None): {t_ours:.1f} us vs cuBLAS {t_dense:.1f} us")
 
 
 if __name__ == "__main__":

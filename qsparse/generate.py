@@ -97,7 +97,7 @@ class _Projection(nn.Module):
         rescale = bool(getattr(site, "rescale", False)) if site is not None else False
         self.mode = "reference"
         if use_kernels and pattern == "token_topk" and not rescale:
-            if self.ternary and self.act_bits in (None, 8):
+            if self.ternary and self.act_bits is not None and 2 <= self.act_bits <= 8:
                 self._prepare_ternary(linears)
                 self.mode = "ternary"
             elif not self.ternary and self.act_bits is None and self.k is not None:
@@ -121,21 +121,21 @@ class _Projection(nn.Module):
         self.weight = None  # the packed codes replace the dequantized copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = sum(self.sizes)
         kernel_ok = x.is_cuda and x.shape[0] <= 16
         if self.mode == "dense" or (self.mode == "reference" and self.site is None):
             return F.linear(x, self.weight)
         if self.mode == "reference" or not kernel_ok:
             if self.mode == "ternary" and self.weight is None:
-                w = G.unpack_ternary(self.packed, n).to(x.dtype) * self.alpha[:, None].to(x.dtype)
+                w = G.unpack_ternary(self.packed, x.shape[-1]).to(x.dtype)
+                w = w * self.alpha[:, None].to(x.dtype)
             else:
                 w = self.weight
             return F.linear(self.site(x) if self.site is not None else x, w)
         if self.site is not None and self.site.norm is not None:
             x = self.site.norm(x)
         if self.mode == "sparse":
-            return G.sparse_gemv(x, self.wt, self.k)
-        return G.ternary_gemv(x, self.packed, self.alpha, self.k, self.act_bits, n_out=n)
+            return G.sparse_gemv(x, self.wt, self.k, n_out=sum(self.sizes))
+        return G.ternary_gemv(x, self.packed, self.alpha, self.k, self.act_bits)
 
 
 @dataclass

@@ -55,21 +55,22 @@ def test_disabled_flag_turns_kernels_off(monkeypatch):
 
 
 def test_pack_unpack_roundtrip_and_padding():
-    codes = torch.randint(-1, 2, (37, 20), dtype=torch.int8)
+    codes = torch.randint(-1, 2, (20, 37), dtype=torch.int8)  # [N, K], K not a multiple of 16
     packed = G.pack_ternary(codes)
-    assert packed.shape == (20, 3) and packed.dtype == torch.int32
+    assert packed.shape == (3, 20) and packed.dtype == torch.int32
     assert torch.equal(G.unpack_ternary(packed, 37), codes)
-    # padding columns decode to weight 0
-    assert (G.unpack_ternary(packed)[37:] == 0).all()
-    # bit layout: column 16q+j of row i in bits 2j..2j+1 of P[i, q], stored as code + 1
-    one = torch.zeros(16, 1, dtype=torch.int8)
-    one[5, 0] = 1
-    assert G.pack_ternary(one)[0, 0].item() == sum(1 << (2 * j) for j in range(16)) + (1 << 10)
+    # padding inputs decode to weight 0
+    assert (G.unpack_ternary(packed)[:, 37:] == 0).all()
+    # bit layout: input 16g + 4j + s of output n in bits 8j+2s..8j+2s+1 of P[g, n], as code + 1
+    one = torch.zeros(1, 16, dtype=torch.int8)
+    one[0, 9] = 1  # j = 2, s = 1
+    zeros = sum(1 << (8 * j + 2 * s) for j in range(4) for s in range(4))
+    assert G.pack_ternary(one)[0, 0].item() == zeros + (1 << 18)
 
 
 def test_pack_rejects_bad_codes():
     with pytest.raises(ValueError, match="codes"):
-        G.pack_ternary(torch.full((16, 4), 2, dtype=torch.int8))
+        G.pack_ternary(torch.full((4, 16), 2, dtype=torch.int8))
     with pytest.raises(ValueError, match="codes"):
         G.pack_ternary(torch.zeros(16, dtype=torch.int8))
 
@@ -89,11 +90,11 @@ def test_gemv_references_against_hand_computation():
     mask = torch.zeros_like(x, dtype=torch.bool)
     for b in range(3):  # hand top-k: sort by |x| descending, first k
         mask[b, x[b].abs().argsort(descending=True)[:k]] = True
-    y = G.sparse_gemv_reference(x, G.prepare_dense(w), k)
+    y = G.sparse_gemv_reference(x, G.prepare_dense(w, None), k)
     torch.testing.assert_close(y, (x * mask) @ w.t())
     codes, alpha = G.ternarize(w)
     packed = G.pack_ternary(codes)
-    yt = G.ternary_gemv_reference(x, packed, alpha, k, 8, n_out=24)
+    yt = G.ternary_gemv_reference(x, packed, alpha, k, 8)
     xq = absmax_quantize(x, 8, ste=False) * topk_mask(x, k)
     torch.testing.assert_close(yt, xq @ (codes.double() * alpha).t())
 
@@ -107,7 +108,13 @@ def test_gemv_argument_errors():
     with pytest.raises(ValueError, match="k must be"):
         G.sparse_gemv(torch.randn(1, 16), wt, k=17)
     with pytest.raises(ValueError, match="int32"):
-        G.ternary_gemv(torch.randn(1, 16), torch.zeros(16, 1, dtype=torch.int64), 1.0)
+        G.ternary_gemv(torch.randn(1, 16), torch.zeros(1, 16, dtype=torch.int64), 1.0)
+    with pytest.raises(ValueError, match="features"):
+        G.ternary_gemv(torch.randn(1, 40), torch.zeros(2, 16, dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="act_bits"):
+        G.ternary_gemv(torch.randn(1, 32), torch.zeros(2, 16, dtype=torch.int32), 1.0, act_bits=9)
+    with pytest.raises(ValueError, match="alpha"):
+        G.ternary_gemv(torch.randn(1, 32), torch.zeros(2, 16, dtype=torch.int32), torch.ones(3))
 
 
 INTERPRETER_SCRIPT = textwrap.dedent(
@@ -141,16 +148,33 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     wd = torch.randn(72, 80, dtype=torch.bfloat16)
     codes, alpha = G.ternarize(wd)
     packed = G.pack_ternary(codes)
-    cfg = G.GemvConfig(block_k=16, block_n=32, split=3)
     for b in (1, 3):
-        x = torch.randn(b, 80, dtype=torch.bfloat16)
-        for k in (None, 30):
-            y = G.sparse_gemv(x, G.prepare_dense(wd), k, cfg)
-            r = G.sparse_gemv_reference(x, G.prepare_dense(wd), k)
-            torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
-            y = G.ternary_gemv(x, packed, alpha, k, 8, cfg, n_out=72)
-            r = G.ternary_gemv_reference(x, packed, alpha, k, 8, n_out=72)
-            torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
+        x = ((torch.randn(b, 80) * 3).round() / 2).to(torch.bfloat16)  # many ties
+        for k in (None, 30, 1):
+            r = G.sparse_gemv_reference(x, G.prepare_dense(wd, None), k)
+            for split, layout in ((1, 32), (3, 32), (1, None)):  # 3: fp32 atomics across programs
+                wt = G.prepare_dense(wd, layout)  # panels of 32 columns (72 -> 96) or row-major
+                cfg = G.GemvConfig(block_k=16, block_n=32, split=split)
+                y = G.sparse_gemv(x, wt, k, cfg, n_out=72)
+                torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
+            for bits in (8, 4):
+                for a in (alpha, torch.linspace(0.5, 1.5, 72)):
+                    cfg = G.GemvConfig(block_k=2, block_n=32)
+                    y = G.ternary_gemv(x, packed, a, k, bits, cfg)
+                    r = G.ternary_gemv_reference(x, packed, a, k, bits)
+                    torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
+        if b > 1:
+            idx, val, cnt = G.compact_rows(x, 30)
+            mask = topk_mask(x, 30)
+            n = int(cnt)
+            assert torch.equal(idx[:n].long(), mask.any(0).nonzero().flatten())
+            assert torch.equal(val[:, :n], (x.float() * mask)[:, idx[:n].long()])
+    w2 = torch.randn(40, 37)  # K not a multiple of 16: padded group
+    c2, a2 = G.ternarize(w2)
+    p2 = G.pack_ternary(c2)
+    x2 = torch.randn(2, 37)
+    y2 = G.ternary_gemv(x2, p2, a2, 10, 8, G.GemvConfig(block_k=2, block_n=16))
+    torch.testing.assert_close(y2, G.ternary_gemv_reference(x2, p2, a2, 10, 8), rtol=1e-4, atol=1e-4)
     print("INTERPRETER OK")
     """
 )

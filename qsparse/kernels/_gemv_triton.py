@@ -1,18 +1,25 @@
 """Triton kernels for decode-time (batch 1-16) sparse-input and ternary GEMV.
 
-``y[b, n] = sum_i xs[b, i] * W[i, n]`` with the weight stored input-major (``Wt``: [K, N], i.e.
-``nn.Linear.weight`` transposed) so each kept input reads one contiguous weight row. Weight
-tiles are loaded with a row mask = "some batch row keeps input i": a masked-off row issues no
-memory transaction, so only the kept rows are read (the union over the batch).
+Sparse input, float weights (``y[b, n] = sum_i xs[b, i] * Wt[i, n]``, ``Wt`` = [K, N], i.e.
+``nn.Linear.weight`` transposed, so a kept input reads one contiguous weight row):
 
-The selection is computed once per row by :func:`_select_kernel` into three numbers
-(``thr``, ``cut``, ``gamma``): entry i is kept iff ``key_i > thr`` or (``key_i == thr`` and
-``i <= cut``), key = fp32 bits of |x| (same rule as the training kernels and
-:func:`qsparse.nn.topk.topk_mask`: k largest, lower index on ties).
+1. :func:`_compact_kernel` (one program) selects the top-k of every row and writes the *union*
+   of kept inputs as a compact list: ``idx[p]`` (input index, ascending), ``val[b, p]`` (row b's
+   value there, 0 where row b dropped it) and the list length ``cnt``. Batch 1: ``cnt = k``.
+2. :func:`_compact_gemv_kernel` streams only the listed weight rows: full tiles of ``BK`` kept
+   rows x ``BN`` columns, no masked-off lanes, so the read is ``cnt * N`` weights.
 
-Ternary weights are 2-bit codes ``c = w + 1`` in {0, 1, 2}, 16 output columns per int32
-(column ``16 q + j`` of input row i in bits ``2j..2j+1`` of ``P[i, q]``); since
-``sum x (c - 1) = sum x c - sum x`` the kernels accumulate ``x * c`` and subtract the row sum.
+Selection rule (same as the training kernels and :func:`qsparse.nn.topk.topk_mask`): key =
+fp32 bits of |x| as int32; ``thr`` = k-th largest key by bisection on the bits; entry i kept iff
+``key_i > thr`` or (``key_i == thr`` and ``i <= cut``), ``cut`` = index of the last tie kept.
+
+Ternary weights (BitNet b1.58 inference, int8 activations): codes ``c = w + 1`` in {0, 1, 2}
+packed 16 inputs per int32 word ``P[g, n]`` (input group g = inputs 16g..16g+15, output n):
+byte ``j`` of the word holds inputs ``16g + 4j + s`` at bits ``8j + 2s`` (s = 0..3), so
+``(P >> 2s) & 0x03030303`` is four int8 codes and one ``dp4a`` (4-way int8 dot product) with
+the matching four int8 activations accumulates them exactly in int32. Since
+``sum q (c - 1) = sum q c - sum q``, the row sum of the quantized activations is subtracted at
+the end, then the scale ``gamma / Q * alpha_n`` is applied.
 """
 
 from __future__ import annotations
@@ -21,6 +28,59 @@ import triton
 import triton.language as tl
 
 from ._common import round_half_even
+
+
+@triton.jit
+def _threshold(key, idx, k, KEY_BITS: tl.constexpr, BPP: tl.constexpr = 1):
+    """(thr, cut) of the top-k rule for one row of int32 keys (invalid entries: key = -1).
+
+    Bisection from bit 30 down, ``BPP`` bits per pass: each pass counts ``key >= cand`` for
+    the 2^BPP candidates at once (one vector reduction), so 15 bf16 bits take 8 passes at
+    BPP = 2. Needs ``BPP * ceil(KEY_BITS / BPP) <= 31``.
+    """
+    thr = tl.zeros([], dtype=tl.int32)
+    j = tl.arange(0, 1 << BPP)
+    for t in tl.static_range((KEY_BITS + BPP - 1) // BPP):
+        sh = 31 - BPP * (t + 1)
+        cand = thr | (j << sh)
+        cnt = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), axis=0)
+        thr = thr | (tl.max(tl.where(cnt >= k, j, 0), axis=0) << sh)
+    need = k - tl.sum((key > thr).to(tl.int32), axis=0)
+    eq = key == thr
+    rank = tl.cumsum(eq.to(tl.int32), axis=0)
+    cut = tl.max(tl.where(eq & (rank <= need), idx, -1), axis=0)
+    return thr, cut
+
+
+@triton.jit
+def _threshold_radix(key, valid, k, BLOCK: tl.constexpr, LOW: tl.constexpr, NDIG: tl.constexpr):
+    """(thr, need) of the top-k rule by radix select: 8-bit digits of ``key >> LOW`` from the
+    top, one 256-bin histogram per digit over the entries that still match the prefix.
+
+    thr = the k-th largest key; need = how many entries equal to thr are kept (>= 1).
+    """
+    kp = key >> LOW
+    bins = tl.arange(0, 256)
+    match = valid
+    n_out = BLOCK - tl.sum(valid.to(tl.int32), axis=0)  # entries not matching the prefix
+    pref = tl.zeros([], dtype=tl.int32)
+    need = k + tl.zeros([], dtype=tl.int32)
+    for d in tl.static_range(NDIG):
+        dig = (kp >> (8 * (NDIG - 1 - d))) & 255
+        h = tl.histogram(tl.where(match, dig, 0), 256)
+        h = h - tl.where(bins == 0, n_out, 0)  # non-matching entries were counted in bin 0
+        suf = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # entries with digit >= j
+        best = tl.max(tl.where(suf >= need, bins, 0), axis=0)
+        need = need - tl.sum(tl.where(bins > best, h, 0), axis=0)
+        n_out = n_out + tl.sum(tl.where(bins != best, h, 0), axis=0)
+        pref = (pref << 8) | best
+        match = match & (dig == best)
+    return pref << LOW, need
+
+
+@triton.jit
+def _abs_key(xf):
+    return xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
 
 @triton.jit
@@ -35,196 +95,307 @@ def _select_kernel(
     KEY_BITS: tl.constexpr,
     SELECT: tl.constexpr,
 ):
-    """Per row b of x[B, K]: thr = k-th largest key, cut = index of the last tie kept,
-    gamma = max|x| (for absmax quantization)."""
+    """Per row b of x[B, K]: thr, cut of the top-k rule and gamma = max|x|."""
     b = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     valid = i < K
     xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
     tl.store(gamma_ptr + b, tl.max(tl.abs(xf), axis=0))
     if SELECT:
-        key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        key = tl.where(valid, key, -1)
-        thr = tl.zeros([], dtype=tl.int32)
-        for t in tl.static_range(KEY_BITS):
-            cand = thr | (1 << (30 - t))
-            cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
-            thr = tl.where(cnt >= k, cand, thr)
-        need = k - tl.sum((key > thr).to(tl.int32), axis=0)
-        eq = key == thr
-        rank = tl.cumsum(eq.to(tl.int32), axis=0)
-        cut = tl.max(tl.where(eq & (rank <= need), i, -1), axis=0)
+        thr, cut = _threshold(tl.where(valid, _abs_key(xf), -1), i, k, KEY_BITS)
         tl.store(thr_ptr + b, thr)
         tl.store(cut_ptr + b, cut)
 
 
 @triton.jit
-def _load_x_tile(
+def _compact_kernel(
     x_ptr,
-    thr_ptr,
-    cut_ptr,
-    gamma_ptr,
+    idx_ptr,
+    val_ptr,
+    cnt_ptr,
     B,
     K,
-    kk,
+    k,
     BB: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPARSE: tl.constexpr,
-    QMAX: tl.constexpr,
+    BLOCK: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    RADIX: tl.constexpr,
+    LOW: tl.constexpr,
+    NDIG: tl.constexpr,
+    BPP: tl.constexpr,
 ):
-    """x[BB, BLOCK_K] at columns kk (fp32, zero where not kept; integer codes when QMAX),
-    and the per-input 'kept by some row' flag [BLOCK_K]."""
-    rb = tl.arange(0, BB)
-    rvalid = rb < B
-    valid = rvalid[:, None] & (kk < K)[None, :]
-    xf = tl.load(x_ptr + rb[:, None] * K + kk[None, :], mask=valid, other=0.0).to(tl.float32)
-    if SPARSE:
-        thr = tl.load(thr_ptr + rb, mask=rvalid, other=0x7FFFFFFF)
-        cut = tl.load(cut_ptr + rb, mask=rvalid, other=-1)
-        key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        keep = (key > thr[:, None]) | ((key == thr[:, None]) & (kk[None, :] <= cut[:, None]))
-        keep = keep & valid
+    """x[B, K] -> idx[K] (first cnt entries used), val[B, K] (fp32), cnt[1]; one program."""
+    i = tl.arange(0, BLOCK)
+    valid = i < K
+    slot = tl.arange(0, BB)
+    thrs = tl.zeros([BB], dtype=tl.int32)
+    cuts = tl.zeros([BB], dtype=tl.int32)
+    union = tl.zeros([BLOCK], dtype=tl.int32)
+    if RADIX and BB == 1:  # one packed scan gives both the tie rank and the list position
+        xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
+        key = tl.where(valid, _abs_key(xf), -1)
+        thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG)
+        gt = key > thr
+        eq = key == thr
+        cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
+        keep = gt | (eq & ((cs & 65535) <= need))
+        pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
+        tl.store(idx_ptr + pos, i, mask=keep)
+        tl.store(val_ptr + pos, xf, mask=keep)
+        tl.store(cnt_ptr, k)
     else:
-        keep = valid
-    if QMAX > 0:
-        gamma = tl.load(gamma_ptr + rb, mask=rvalid, other=1.0)
-        s = tl.div_rn(tl.full([BB], 1.0, tl.float32), tl.maximum(gamma, 1e-5)) * QMAX
-        q = round_half_even(xf * s[:, None])
-        xf = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
-    xv = tl.where(keep, xf, 0.0)
-    row_any = tl.max(keep.to(tl.int32), axis=0) > 0
-    return xv, row_any
+        for b in range(B):
+            xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
+            key = tl.where(valid, _abs_key(xf), -1)
+            if RADIX:
+                thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG)
+                eq = key == thr
+                cut = tl.max(
+                    tl.where(eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need), i, -1), axis=0
+                )
+            else:
+                thr, cut = _threshold(key, i, k, KEY_BITS, BPP)
+            keep = (key > thr) | ((key == thr) & (i <= cut))
+            union = union | keep.to(tl.int32)
+            thrs = tl.where(slot == b, thr, thrs)
+            cuts = tl.where(slot == b, cut, cuts)
+        pos = tl.cumsum(union, axis=0) - 1
+        listed = union > 0
+        tl.store(idx_ptr + pos, i, mask=listed)
+        tl.store(cnt_ptr, tl.sum(union, axis=0))
+        for b in range(B):
+            thr = tl.sum(tl.where(slot == b, thrs, 0), axis=0)
+            cut = tl.sum(tl.where(slot == b, cuts, 0), axis=0)
+            xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
+            key = _abs_key(xf)
+            keep = (key > thr) | ((key == thr) & (i <= cut))
+            tl.store(val_ptr + b * K + pos, tl.where(keep, xf, 0.0), mask=listed)
 
 
 @triton.jit
-def _sparse_gemv_kernel(
-    x_ptr,
+def _compact_gemv_kernel(
+    idx_ptr,
+    val_ptr,
+    cnt_ptr,
     w_ptr,
-    part_ptr,
-    thr_ptr,
-    cut_ptr,
-    gamma_ptr,
+    y_ptr,
     B,
     K,
     N,
-    k_per_split,
+    row_stride,
+    block_stride,
     BB: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SPARSE: tl.constexpr,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+    SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    """part[split, b, n] = sum over the split's inputs i of xs[b, i] * Wt[i, n] (fp32)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    k_lo = pid_s * k_per_split
-    if USE_DOT:
-        acc = tl.zeros([BB, BLOCK_N], dtype=tl.float32)
-    else:
-        acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        xv, row_any = _load_x_tile(
-            x_ptr, thr_ptr, cut_ptr, gamma_ptr, B, K, kk, BB, BLOCK_K, SPARSE, 0
-        )
-        w = tl.load(
-            w_ptr + kk.to(tl.int64)[:, None] * N + cols[None, :],
-            mask=row_any[:, None] & cmask[None, :],
-            other=0.0,
-        )
-        if USE_DOT:
-            if DOT_F32:  # Triton's CPU interpreter mis-evaluates bf16 dots
-                acc = tl.dot(xv, w.to(tl.float32), acc)
-            else:
-                acc = tl.dot(xv.to(w.dtype), w, acc)
-        else:
-            acc2 += tl.sum(xv, axis=0)[:, None] * w.to(tl.float32)
-    if not USE_DOT:
-        acc = tl.sum(acc2, axis=0)[None, :]
-    rb = tl.arange(0, BB)
-    out = part_ptr + (pid_s * B + rb[:, None]) * N + cols[None, :]
-    tl.store(out, acc, mask=(rb < B)[:, None] & cmask[None, :])
+    """y[b, n] = sum_p val[b, p] * Wt[idx[p], n] over the listed inputs p < cnt.
 
-
-@triton.jit
-def _ternary_gemv_kernel(
-    x_ptr,
-    p_ptr,
-    part_ptr,
-    thr_ptr,
-    cut_ptr,
-    gamma_ptr,
-    alpha_ptr,
-    alpha,
-    B,
-    K,
-    NQ,
-    k_per_split,
-    BB: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BQ: tl.constexpr,
-    ALPHA_VEC: tl.constexpr,
-    SPARSE: tl.constexpr,
-    QMAX: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):
-    """part[split, b, n] = r_b * alpha_n * sum_i xs[b, i] * (c[i, n] - 1), c from packed
-    P[K, NQ] (n = 16 q + j); xs are integer codes and r_b = max(gamma_b, eps) / QMAX when
-    QMAX > 0 (else r_b = 1); alpha_n from alpha_ptr (ALPHA_VEC) or the scalar ``alpha``.
-
-    Both paths unpack a [BLOCK_K, BQ, 16] code tile; USE_DOT feeds it to a tensor-core dot
-    (batch padded to BB >= 16), otherwise (batch 1) it is accumulated elementwise and reduced
-    once at the end. (A variant loading each shared word once per lane and converting codes
-    with the 2^23 magic number measured slower on H100: 37 vs 32 us at 4096x11008.)
+    Weight element (i, n = j * BN + c) sits at ``j * block_stride + i * row_stride + c``:
+    row-major [K, N] (block_stride = BN, row_stride = N) or column panels [N/BN, K, BN]
+    (block_stride = K * BN, row_stride = BN; a program's rows are then close together).
+    Grid (cdiv(N, BN), SPLIT): program (j, s) owns columns j*BN.. and the s-th slice of the
+    list. SPLIT == 1 writes y (x's dtype); SPLIT > 1 atomically adds into a zeroed fp32 y.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    q = pid_n * BQ + tl.arange(0, BQ)
-    qmask = q < NQ
-    shifts = 2 * tl.arange(0, 16)
-    cols = pid_n * BQ * 16 + tl.arange(0, BQ * 16)
-    k_lo = pid_s * k_per_split
-    xsum = tl.zeros([BB], dtype=tl.float32)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    w_ptr = w_ptr + pid_n.to(tl.int64) * block_stride
+    wc = tl.arange(0, BN)
+    n_kept = tl.load(cnt_ptr)
+    per = tl.cdiv(tl.cdiv(n_kept, SPLIT), BK) * BK
+    lo = pid_s * per
+    hi = tl.minimum(lo + per, n_kept)
+    rb = tl.arange(0, BB)
     if USE_DOT:
-        acc = tl.zeros([BB, BQ * 16], dtype=tl.float32)
+        acc = tl.zeros([BB, BN], dtype=tl.float32)
     else:
-        acc3 = tl.zeros([BLOCK_K, BQ, 16], dtype=tl.float32)
-    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        xv, row_any = _load_x_tile(
-            x_ptr, thr_ptr, cut_ptr, gamma_ptr, B, K, kk, BB, BLOCK_K, SPARSE, QMAX
+        acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+    if PREFETCH:  # batch 1: issue tile t+1's loads before tile t's FMAs (loads do not block)
+        p = lo + tl.arange(0, BK)
+        pm = p < hi
+        r = tl.load(idx_ptr + p, mask=pm, other=0)
+        v = tl.load(val_ptr + p, mask=pm, other=0.0)
+        w = tl.load(
+            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :],
+            mask=pm[:, None] & cmask[None, :],
+            other=0.0,
         )
-        xsum += tl.sum(xv, axis=1)
-        p = tl.load(
-            p_ptr + kk.to(tl.int64)[:, None] * NQ + q[None, :],
-            mask=row_any[:, None] & qmask[None, :],
+        pn = p + BK
+        rn = tl.load(idx_ptr + pn, mask=pn < hi, other=0)
+        for _p0 in range(lo + BK, hi + BK, BK):
+            pm = pn < hi
+            vn = tl.load(val_ptr + pn, mask=pm, other=0.0)
+            wn = tl.load(
+                w_ptr + rn.to(tl.int64)[:, None] * row_stride + wc[None, :],
+                mask=pm[:, None] & cmask[None, :],
+                other=0.0,
+            )
+            pn2 = pn + BK
+            rn2 = tl.load(idx_ptr + pn2, mask=pn2 < hi, other=0)
+            acc2 += v[:, None] * w.to(tl.float32)
+            v = vn
+            w = wn
+            rn = rn2
+            pn = pn2
+        hi = lo  # the generic loop below does nothing
+    for p0 in range(lo, hi, BK):
+        p = p0 + tl.arange(0, BK)
+        pm = p < hi
+        r = tl.load(idx_ptr + p, mask=pm, other=0)
+        w = tl.load(
+            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :],
+            mask=pm[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        if USE_DOT:
+            v = tl.load(
+                val_ptr + rb[:, None] * K + p[None, :],
+                mask=(rb < B)[:, None] & pm[None, :],
+                other=0.0,
+            )
+            if DOT_F32:  # Triton's CPU interpreter mis-evaluates bf16 dots
+                acc = tl.dot(v, w.to(tl.float32), acc)
+            else:
+                acc = tl.dot(v.to(w.dtype), w, acc)
+        else:
+            v = tl.load(val_ptr + p, mask=pm, other=0.0)
+            acc2 += v[:, None] * w.to(tl.float32)
+    if not USE_DOT:
+        acc = tl.sum(acc2, axis=0)[None, :]
+    out = y_ptr + rb[:, None] * N + cols[None, :]
+    omask = (rb < B)[:, None] & cmask[None, :]
+    if SPLIT == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.atomic_add(out, acc, mask=omask, sem="relaxed")
+
+
+@triton.jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + sum_j a.byte_j * b.byte_j (signed bytes) elementwise on int32 tensors."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;",
+            "=r,r,r,r",
+            [a, b, c],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:  # the interpreter cannot run PTX: the same sum in plain integer ops
+        out = c
+        for j in tl.static_range(4):
+            out += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
+        return out
+
+
+@triton.jit
+def _ternary_prep_kernel(
+    x_ptr,
+    xw_ptr,
+    qsum_ptr,
+    scale_ptr,
+    K,
+    G,
+    k,
+    BLOCK: tl.constexpr,
+    SPARSE: tl.constexpr,
+    QMAX: tl.constexpr,
+    LOW: tl.constexpr,
+    NDIG: tl.constexpr,
+):
+    """Row b of x[B, K] -> int8 activation codes packed for dp4a: xw[b, s, g] holds codes of
+    inputs 16g + 4j + s in byte j; qsum[b] = sum of the codes; scale[b] = max(gamma, eps) / Q.
+    With SPARSE, codes outside the row's top-k are 0. BLOCK = 16 * next_pow2(G)."""
+    b = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    valid = i < K
+    xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
+    gamma = tl.maximum(tl.max(tl.abs(xf), axis=0), 1e-5)
+    s = tl.div_rn(1.0, gamma) * QMAX
+    q = tl.minimum(tl.maximum(round_half_even(xf * s), -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
+    if SPARSE:
+        key = tl.where(valid, _abs_key(xf), -1)
+        thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG)
+        eq = key == thr
+        keep = (key > thr) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
+        q = tl.where(keep, q, 0)
+    tl.store(qsum_ptr + b, tl.sum(q, axis=0))
+    tl.store(scale_ptr + b, gamma / QMAX)
+    q3 = tl.reshape(q & 255, [BLOCK // 16, 4, 4])  # [g, j, s]
+    jb = tl.arange(0, 4)
+    words = tl.sum(q3 << (8 * jb)[None, :, None], axis=1)  # [g, s]
+    g = tl.arange(0, BLOCK // 16)
+    sl = tl.arange(0, 4)
+    tl.store(xw_ptr + b * 4 * G + sl[None, :] * G + g[:, None], words, mask=(g < G)[:, None])
+
+
+@triton.jit
+def _ternary_dp4a_kernel(
+    xw_ptr,
+    qsum_ptr,
+    scale_ptr,
+    p_ptr,
+    y_ptr,
+    alpha_ptr,
+    alpha,
+    B,
+    G,
+    N,
+    BB: tl.constexpr,
+    BG: tl.constexpr,
+    BN: tl.constexpr,
+    ALPHA_VEC: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """y[b, n] = scale_b * alpha_n * (sum_g sum_s dp4a(xw[b, s, g], (P[g, n] >> 2s) & 0x03030303)
+    - qsum_b). Grid: cdiv(N, BN) programs over the columns."""
+    pid = tl.program_id(0)
+    cols = pid * BN + tl.arange(0, BN)
+    cmask = cols < N
+    rb = tl.arange(0, BB)
+    rvalid = rb < B
+    acc = tl.zeros([BB, BG, BN], dtype=tl.int32)
+    g = tl.arange(0, BG)
+    w = tl.load(
+        p_ptr + g.to(tl.int64)[:, None] * N + cols[None, :],
+        mask=(g < G)[:, None] & cmask[None, :],
+        other=0,
+    )
+    for g0 in range(0, G, BG):
+        g = g0 + tl.arange(0, BG)
+        gm = g < G
+        gn = g + BG
+        wn = tl.load(  # next tile, in flight while this one is multiplied
+            p_ptr + gn.to(tl.int64)[:, None] * N + cols[None, :],
+            mask=(gn < G)[:, None] & cmask[None, :],
             other=0,
         )
-        c = (p[:, :, None] >> shifts[None, None, :]) & 3  # [BLOCK_K, BQ, 16]
-        if USE_DOT:
-            if DOT_F32:
-                cw = tl.reshape(c.to(tl.float32), [BLOCK_K, BQ * 16])
-                acc = tl.dot(xv, cw, acc)
-            else:  # codes and int8 activations are exact in bf16
-                cw = tl.reshape(c.to(tl.bfloat16), [BLOCK_K, BQ * 16])
-                acc = tl.dot(xv.to(tl.bfloat16), cw, acc)
-        else:
-            acc3 += tl.sum(xv, axis=0)[:, None, None] * c.to(tl.float32)
-    if not USE_DOT:
-        acc = tl.reshape(tl.sum(acc3, axis=0), [1, BQ * 16])
-    acc = acc - xsum[:, None]
-    rb = tl.arange(0, BB)
-    if QMAX > 0:
-        gamma = tl.load(gamma_ptr + rb, mask=rb < B, other=1.0)
-        acc = acc * (tl.maximum(gamma, 1e-5) / QMAX)[:, None]
+        for sl in tl.static_range(4):
+            a = tl.load(
+                xw_ptr + rb[:, None] * 4 * G + sl * G + g[None, :],
+                mask=rvalid[:, None] & gm[None, :],
+                other=0,
+            )
+            c = (w >> (2 * sl)) & 0x03030303
+            acc = _dp4a(
+                tl.broadcast_to(a[:, :, None], [BB, BG, BN]),
+                tl.broadcast_to(c[None, :, :], [BB, BG, BN]),
+                acc,
+                ASM,
+            )
+        w = wn
+    qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
+    scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
+    out = (tl.sum(acc, axis=1) - qsum[:, None]).to(tl.float32) * scale[:, None]
     if ALPHA_VEC:
-        a = tl.load(alpha_ptr + cols, mask=cols < NQ * 16, other=0.0)
-        acc = acc * a[None, :]
+        out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)[None, :]
     else:
-        acc = acc * alpha
-    out = part_ptr + (pid_s * B + rb[:, None]) * (NQ * 16) + cols[None, :]
-    tl.store(out, acc, mask=(rb < B)[:, None] & (cols < NQ * 16)[None, :])
+        out = out * alpha
+    omask = rvalid[:, None] & cmask[None, :]
+    tl.store(y_ptr + rb[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=omask)

@@ -1,17 +1,19 @@
 """Decode-time GEMV kernels: sparse-input bf16 and 2-bit ternary, with their references.
 
 Weights are prepared once (:func:`prepare_dense`, :func:`pack_ternary`) in the layout the
-kernels read: input-major so that a kept input reads one contiguous row of weights.
+kernels read.
 
 - :func:`sparse_gemv`: ``y = (x * M) @ Wt`` with ``M`` the per-row top-k of |x|, ``Wt``: [K, N]
-  bf16. Reads only weight rows kept by some batch row (batch 1: ``k * N`` weights).
+  (input-major, a kept input reads one contiguous row). A one-program kernel lists the kept
+  inputs (the union over the batch), a second streams exactly those weight rows in full tiles:
+  batch 1 reads ``k * N`` weights.
 - :func:`ternary_gemv`: ``y = Q8(x) * M @ (alpha * T)`` with ``T`` in {-1, 0, 1} packed 16 per
-  int32 along N ([K, N/16]: 1/8 of the bf16 bytes), activations absmax-quantized per row (BitNet
-  b1.58 inference); with ``k`` set, also top-k sparse (BitNet + Q-Sparse).
+  int32 along K ([ceil(K/16), N]: 1/8 of the bf16 bytes) and int8 activations (per-row absmax,
+  BitNet b1.58 inference) multiplied with ``dp4a`` in int32; with ``k`` set, also top-k sparse
+  (BitNet + Q-Sparse). ``act_bits=None`` (float activations) has no kernel: it dequantizes.
 
-Top-k selection (one small kernel, one program per row) is part of every call that sparsifies;
-:func:`select_rows` exposes it for timing. References: :func:`sparse_gemv_reference`,
-:func:`ternary_gemv_reference` (pure PyTorch, any device).
+References: :func:`sparse_gemv_reference`, :func:`ternary_gemv_reference` (pure PyTorch, any
+device). The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..nn.quant import absmax_quantize
 from ..nn.topk import topk_mask
@@ -26,16 +29,37 @@ from ..nn.topk import topk_mask
 KEY_BITS = {torch.bfloat16: 15, torch.float16: 18, torch.float32: 31}
 
 
+def _radix_digits(dtype: torch.dtype) -> tuple[int, int]:
+    """(LOW, NDIG): the key bits that can be non-zero for ``dtype`` start at bit LOW and
+    span NDIG 8-bit digits."""
+    bits = KEY_BITS[dtype]
+    return 31 - bits, -(-bits // 8)
+
+
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch shape: split the K loop over ``split`` programs per column block."""
+    """Launch shape of the GEMV kernels.
 
-    block_k: int = 64
+    ``block_k``: kept rows per tile (sparse) or 16-input groups per tile (ternary);
+    ``block_n``: output columns per program; ``split``: programs sharing one column block
+    (sparse only; > 1 accumulates with fp32 atomics); ``select_warps``: warps of the
+    one-program selection kernel; ``use_dot``: tensor-core dot with the batch padded to 16
+    (sparse; None: when batch > 1).
+    """
+
+    block_k: int = 32
     block_n: int = 64
-    split: int = 4
+    split: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    use_dot: bool | None = None  # tensor-core dot with the batch padded to 16; None: batch > 1
+    select_warps: int = 8
+    use_dot: bool | None = None
+    radix: bool = False
+    bits_per_pass: int = 2  # bisection selection (radix=False): bits decided per pass
+    prefetch: bool = True
+
+
+TERNARY_CONFIG = GemvConfig(block_k=64, block_n=32, num_warps=4, num_stages=3)
 
 
 def _check_x(x: torch.Tensor, k_in: int) -> None:
@@ -52,7 +76,13 @@ def _check_k(k: int | None, width: int) -> None:
         raise ValueError(f"k must be in [1, {width}] (inputs kept per row), got {k}")
 
 
-def select_rows(x: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _interpreted(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu"
+
+
+def select_rows(
+    x: torch.Tensor, k: int | None, num_warps: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of ``x[B, K]``: (thr int32 [B], cut int32 [B], gamma fp32 [B]).
 
     Entry i of row b is kept iff ``bits|x_bi| > thr_b`` or (``== thr_b`` and ``i <= cut_b``);
@@ -66,7 +96,6 @@ def select_rows(x: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Ten
     thr = torch.empty(bsz, dtype=torch.int32, device=x.device)
     cut = torch.empty(bsz, dtype=torch.int32, device=x.device)
     gamma = torch.empty(bsz, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(width)
     _select_kernel[(bsz,)](
         x,
         thr,
@@ -74,25 +103,74 @@ def select_rows(x: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Ten
         gamma,
         width,
         k if k is not None else width,
-        BLOCK=block,
+        BLOCK=triton.next_power_of_2(width),
         KEY_BITS=KEY_BITS[x.dtype],
         SELECT=k is not None and k < width,
-        num_warps=8 if block <= 8192 else 16,
+        num_warps=num_warps,
     )
     return thr, cut, gamma
 
 
-def prepare_dense(weight: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.weight`` [N, K] -> the kernel layout ``Wt`` [K, N] (contiguous copy)."""
-    return weight.t().contiguous()
+def compact_rows(
+    x: torch.Tensor, k: int, num_warps: int = 8, radix: bool = False, bits_per_pass: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept inputs of ``x[B, K]`` as a list: (idx int32 [K], val fp32 [B, K], cnt int32 [1]).
+
+    ``idx[:cnt]``: ascending indices kept by at least one row (batch 1: ``cnt = k``);
+    ``val[b, p] = x[b, idx[p]]`` where row b keeps it, else 0.
+    """
+    import triton
+
+    from ._gemv_triton import _compact_kernel
+
+    bsz, width = x.shape
+    idx = torch.empty(width, dtype=torch.int32, device=x.device)
+    val = torch.empty(bsz, width, dtype=torch.float32, device=x.device)
+    cnt = torch.empty(1, dtype=torch.int32, device=x.device)
+    _compact_kernel[(1,)](
+        x,
+        idx,
+        val,
+        cnt,
+        bsz,
+        width,
+        k,
+        BB=triton.next_power_of_2(bsz),
+        BLOCK=triton.next_power_of_2(width),
+        KEY_BITS=KEY_BITS[x.dtype],
+        RADIX=radix,
+        LOW=_radix_digits(x.dtype)[0],
+        NDIG=_radix_digits(x.dtype)[1],
+        BPP=1 if x.dtype == torch.float32 else bits_per_pass,
+        num_warps=num_warps,
+    )
+    return idx, val, cnt
 
 
-def _launch_split(k_in: int, cfg: GemvConfig) -> tuple[int, int]:
-    split = max(1, min(cfg.split, -(-k_in // cfg.block_k)))
-    per = -(-k_in // split)
-    per = -(-per // cfg.block_k) * cfg.block_k
-    split = -(-k_in // per)
-    return split, per
+def prepare_dense(weight: torch.Tensor, block_n: int | None = 64) -> torch.Tensor:
+    """``nn.Linear.weight`` [N, K] -> the layout :func:`sparse_gemv` reads.
+
+    ``block_n`` set: column panels ``[ceil(N / block_n), K, block_n]`` (zero-padded), so the
+    kept rows one program reads lie in one contiguous panel; ``None``: row-major ``Wt`` [K, N].
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out_features, in_features], got {tuple(weight.shape)}")
+    wt = weight.t()
+    if block_n is None:
+        return wt.contiguous()
+    n = wt.shape[1]
+    pad = -n % block_n
+    if pad:
+        wt = torch.cat([wt, wt.new_zeros(wt.shape[0], pad)], dim=1)
+    return wt.reshape(wt.shape[0], -1, block_n).permute(1, 0, 2).contiguous()
+
+
+def dense_layout(wt: torch.Tensor) -> torch.Tensor:
+    """Row-major ``Wt`` [K, N'] of a :func:`prepare_dense` result (``N'``: padded N)."""
+    if wt.dim() == 2:
+        return wt
+    nblk, k_in, bn = wt.shape
+    return wt.permute(1, 0, 2).reshape(k_in, nblk * bn)
 
 
 def sparse_gemv(
@@ -101,86 +179,112 @@ def sparse_gemv(
     k: int | None = None,
     cfg: GemvConfig | None = None,
     out_dtype: torch.dtype | None = None,
-    meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    n_out: int | None = None,
 ) -> torch.Tensor:
-    """``y[B, N] = (x * M) @ wt`` for ``x[B, K]`` and ``wt[K, N]`` (``M``: top-``k`` of |x| per
-    row; ``k=None`` = dense, the same kernel reading every row). ``meta``: the output of
-    :func:`select_rows` for ``(x, k)`` when already computed (the selection is then skipped)."""
+    """``y[B, N] = (x * M) @ W^T`` for ``x[B, K]`` and ``wt = prepare_dense(W)`` (``M``: top-``k``
+    of |x| per row). Column panels set the kernel's block_n (``cfg.block_n`` is used for a
+    row-major ``wt``). ``k=None`` (or ``k = K``) is a plain dense product (cuBLAS). ``rows``:
+    :func:`compact_rows` of ``(x, k)`` when already computed (the selection is then skipped).
+    ``n_out``: keep the first ``n_out`` columns (drops the panel padding)."""
     import triton
 
-    from ._gemv_triton import _sparse_gemv_kernel
+    from ._gemv_triton import _compact_gemv_kernel
 
     cfg = cfg or GemvConfig()
-    k_in, n = wt.shape
+    if wt.dim() == 3:
+        nblk, k_in, block_n = wt.shape
+        n = nblk * block_n
+        row_stride, block_stride = block_n, k_in * block_n
+    elif wt.dim() == 2:
+        (k_in, n), block_n = wt.shape, cfg.block_n
+        row_stride, block_stride = n, block_n
+    else:
+        raise ValueError(f"wt must come from prepare_dense, got shape {tuple(wt.shape)}")
     _check_x(x, k_in)
     _check_k(k, k_in)
+    out_dtype = out_dtype or x.dtype
+    if k is None or k == k_in:
+        y = (x.to(wt.dtype) @ dense_layout(wt)).to(out_dtype)
+        return y[:, :n_out] if n_out is not None else y
     x = x.contiguous()
     bsz = x.shape[0]
-    sparse = k is not None and k < k_in
-    if sparse:
-        thr, cut, _ = meta if meta is not None else select_rows(x, k)
-    else:
-        thr = cut = torch.empty(1, dtype=torch.int32, device=x.device)
-    split, per = _launch_split(k_in, cfg)
+    idx, val, cnt = (
+        rows
+        if rows is not None
+        else compact_rows(x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass)
+    )
     use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
     bb = max(16, triton.next_power_of_2(bsz)) if use_dot else 1
-    part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n), split)
-    _sparse_gemv_kernel[grid](
-        x,
+    if not use_dot and bsz > 1:
+        raise ValueError("cfg.use_dot=False supports batch 1 only")
+    split = max(1, cfg.split)
+    interp = _interpreted(x)
+    if split == 1 and not interp:
+        y = torch.empty(bsz, n, dtype=out_dtype, device=x.device)
+    else:  # atomics, and the interpreter (which casts to bf16/fp16 by truncation), go via fp32
+        y = (torch.zeros if split > 1 else torch.empty)(
+            bsz, n, dtype=torch.float32, device=x.device
+        )
+    _compact_gemv_kernel[(triton.cdiv(n, block_n), split)](
+        idx,
+        val,
+        cnt,
         wt,
-        part,
-        thr,
-        cut,
-        thr,
+        y,
         bsz,
         k_in,
         n,
-        per,
+        row_stride,
+        block_stride,
         BB=bb,
-        BLOCK_K=cfg.block_k,
-        BLOCK_N=cfg.block_n,
-        SPARSE=sparse,
+        BK=cfg.block_k,
+        BN=block_n,
+        SPLIT=split,
         USE_DOT=use_dot,
-        DOT_F32=x.device.type == "cpu",
+        DOT_F32=interp,
+        PREFETCH=cfg.prefetch and not use_dot,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    y = part[0] if split == 1 else part.sum(0)
-    return y.to(out_dtype or x.dtype)
+    y = y.to(out_dtype)
+    return y[:, :n_out] if n_out is not None else y
 
 
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     """Ternary ``codes`` [N, K] (``nn.Linear`` layout, values in {-1, 0, 1}) -> int32
-    [K, ceil(N/16)].
+    [ceil(K/16), N].
 
-    Column ``16 q + j`` of input row ``i`` sits in bits ``2j..2j+1`` of ``P[i, q]`` as
-    ``code + 1``; columns past ``N`` (padding to a multiple of 16) hold code 0 (weight 0).
+    Word ``P[g, n]`` holds inputs ``16g..16g+15`` of output ``n`` as ``code + 1``: input
+    ``16g + 4j + s`` in bits ``8j + 2s .. 8j + 2s + 1``. Inputs past ``K`` (padding to a
+    multiple of 16) hold code 0 (weight 0).
     """
     if codes.dim() != 2:
         raise ValueError(f"codes must be [out_features, in_features], got {tuple(codes.shape)}")
     n, k_in = codes.shape
-    c = codes.t().to(torch.int64) + 1  # [K, N] in {0, 1, 2}
+    c = codes.to(torch.int64) + 1  # [N, K] in {0, 1, 2}
     if bool(((c < 0) | (c > 2)).any()):
         raise ValueError("ternary codes must be in {-1, 0, 1}")
-    pad = -n % 16
+    pad = -k_in % 16
     if pad:
-        c = torch.cat([c, torch.ones(k_in, pad, dtype=c.dtype, device=c.device)], dim=1)
-    c = c.reshape(k_in, (n + pad) // 16, 16)
-    shifts = 2 * torch.arange(16, device=codes.device, dtype=torch.int64)
-    packed = (c << shifts).sum(-1)  # < 2^32, fits int64
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
-    return packed.to(torch.int32).contiguous()
+        c = torch.cat([c, torch.ones(n, pad, dtype=c.dtype, device=c.device)], dim=1)
+    c = c.reshape(n, (k_in + pad) // 16, 4, 4)  # [N, g, j, s]
+    j = torch.arange(4, device=c.device, dtype=torch.int64)
+    shifts = 8 * j[:, None] + 2 * j[None, :]
+    words = (c << shifts).sum((-1, -2))  # < 2^32, fits int64
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).t().contiguous()
 
 
-def unpack_ternary(packed: torch.Tensor, n_out: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack_ternary`: int32 [K, NQ] -> int8 codes [n_out, K]
-    (``n_out`` default ``16 * NQ``)."""
-    k_in, nq = packed.shape
-    shifts = 2 * torch.arange(16, device=packed.device, dtype=torch.int64)
-    c = (packed.to(torch.int64)[:, :, None] >> shifts) & 3
-    c = c.reshape(k_in, nq * 16)[:, : (n_out or nq * 16)]
-    return (c - 1).t().to(torch.int8).contiguous()
+def unpack_ternary(packed: torch.Tensor, in_features: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_ternary`: int32 [G, N] -> int8 codes [N, in_features]
+    (``in_features`` default ``16 * G``)."""
+    g, n = packed.shape
+    j = torch.arange(4, device=packed.device, dtype=torch.int64)
+    shifts = 8 * j[:, None] + 2 * j[None, :]  # [j, s]
+    c = (packed.t().to(torch.int64)[:, :, None, None] >> shifts) & 3  # [N, G, j, s]
+    c = c.reshape(n, g * 16)[:, : (in_features or g * 16)]
+    return (c - 1).to(torch.int8).contiguous()
 
 
 def ternarize(weight: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, float]:
@@ -188,6 +292,14 @@ def ternarize(weight: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, fl
     alpha = weight.detach().float().abs().mean().clamp_min(eps)
     codes = (weight.detach().float() / alpha).round().clamp(-1, 1).to(torch.int8)
     return codes, float(alpha)
+
+
+def _alpha_arg(alpha: float | torch.Tensor, n: int, device: torch.device):
+    if not isinstance(alpha, torch.Tensor):
+        return None, float(alpha)
+    if alpha.numel() != n:
+        raise ValueError(f"alpha must be a float or an [{n}] tensor, got {tuple(alpha.shape)}")
+    return alpha.to(device=device, dtype=torch.float32).reshape(n).contiguous(), 0.0
 
 
 def ternary_gemv(
@@ -198,82 +310,89 @@ def ternary_gemv(
     act_bits: int | None = 8,
     cfg: GemvConfig | None = None,
     out_dtype: torch.dtype | None = None,
-    n_out: int | None = None,
-    meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``y[B, N] = alpha * (Q(x) * M) @ T`` with ``T = unpack_ternary(packed, N).T`` ([K, N]).
+    """``y[B, N] = alpha * (Q(x) * M) @ T`` with ``T = unpack_ternary(packed, K).T`` ([K, N]).
 
-    ``Q``: per-row absmax quantization to ``act_bits`` (``None``: none), ``M``: top-``k`` of
-    |x| (``None``: dense). ``alpha``: a float or an fp32 [N] tensor (one scale per output
-    column, for fused projections such as q|k|v). Only weight rows kept by some batch row are
-    read. ``meta``: precomputed :func:`select_rows` ``(x, k)``.
+    ``Q``: per-row absmax quantization to ``act_bits`` (2..8 bits; ``None``: float
+    activations, served by a dequantized cuBLAS product, no kernel), ``M``: top-``k`` of |x|
+    (``None``: dense). ``alpha``: a float or an fp32 [N] tensor (one scale per output
+    column, for fused projections such as q|k|v). Two kernels: one program per row
+    quantizes (and selects) and packs the int8 codes for ``dp4a``; the GEMV streams the
+    packed weights once for the whole batch.
     """
     import triton
 
-    from ._gemv_triton import _ternary_gemv_kernel
+    from ._gemv_triton import _ternary_dp4a_kernel, _ternary_prep_kernel
 
-    cfg = cfg or GemvConfig(block_k=32, block_n=256, split=8)
-    k_in, nq = packed.shape
-    n = nq * 16
+    cfg = cfg or TERNARY_CONFIG
+    if packed.dtype != torch.int32 or packed.dim() != 2:
+        raise ValueError(f"packed must be a 2-D int32 tensor (pack_ternary), got {packed.dtype}")
+    g, n = packed.shape
+    if x.dim() == 2 and -(-x.shape[1] // 16) != g:
+        raise ValueError(f"x has {x.shape[1]} features, the packed weight expects {16 * g}")
+    k_in = x.shape[-1] if x.dim() == 2 else 16 * g
     _check_x(x, k_in)
     _check_k(k, k_in)
-    if packed.dtype != torch.int32:
-        raise ValueError(f"packed must be int32 (pack_ternary), got {packed.dtype}")
-    qmax = 0 if act_bits is None else 2 ** (act_bits - 1) - 1
+    out_dtype = out_dtype or x.dtype
+    if act_bits is not None and not 2 <= act_bits <= 8:
+        raise ValueError(
+            f"act_bits must be in [2, 8] or None for the ternary kernel, got {act_bits}"
+        )
+    if act_bits is None:
+        return ternary_gemv_reference(x, packed, alpha, k, None).to(out_dtype)
     x = x.contiguous()
     bsz = x.shape[0]
+    alpha_vec, alpha_f = _alpha_arg(alpha, n, x.device)
+    interp = _interpreted(x)
     sparse = k is not None and k < k_in
-    thr, cut, gamma = meta if meta is not None else select_rows(x, k if sparse else None)
-    split, per = _launch_split(k_in, cfg)
-    use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
-    bb = max(16, triton.next_power_of_2(bsz)) if use_dot else 1
-    bq = max(1, cfg.block_n // 16)
-    part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(nq, bq), split)
-    alpha_vec = isinstance(alpha, torch.Tensor)
-    if alpha_vec:
-        alpha = alpha.to(device=x.device, dtype=torch.float32).contiguous()
-        if alpha.numel() not in (n, n_out or n) or alpha.numel() == 0:
-            raise ValueError(
-                f"alpha must be a float or an [{n_out or n}] tensor, got {tuple(alpha.shape)}"
-            )
-        if alpha.numel() < n:  # padded columns: scale 0
-            alpha = torch.cat([alpha, alpha.new_zeros(n - alpha.numel())])
-    _ternary_gemv_kernel[grid](
+    xw = torch.empty(bsz, 4, g, dtype=torch.int32, device=x.device)
+    qsum = torch.empty(bsz, dtype=torch.int32, device=x.device)
+    scale = torch.empty(bsz, dtype=torch.float32, device=x.device)
+    low, ndig = _radix_digits(x.dtype)
+    _ternary_prep_kernel[(bsz,)](
         x,
-        packed,
-        part,
-        thr,
-        cut,
-        gamma,
-        alpha if alpha_vec else gamma,
-        0.0 if alpha_vec else float(alpha),
-        bsz,
+        xw,
+        qsum,
+        scale,
         k_in,
-        nq,
-        per,
-        BB=bb,
-        BLOCK_K=cfg.block_k,
-        BQ=bq,
-        ALPHA_VEC=alpha_vec,
+        g,
+        k if k is not None else k_in,
+        BLOCK=16 * triton.next_power_of_2(g),
         SPARSE=sparse,
-        QMAX=qmax,
-        USE_DOT=use_dot,
-        DOT_F32=x.device.type == "cpu",
+        QMAX=2 ** (act_bits - 1) - 1,
+        LOW=low,
+        NDIG=ndig,
+        num_warps=cfg.select_warps,
+    )
+    y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
+    _ternary_dp4a_kernel[(triton.cdiv(n, cfg.block_n),)](
+        xw,
+        qsum,
+        scale,
+        packed,
+        y,
+        alpha_vec if alpha_vec is not None else scale,
+        alpha_f,
+        bsz,
+        g,
+        n,
+        BB=triton.next_power_of_2(bsz),
+        BG=cfg.block_k,
+        BN=cfg.block_n,
+        ALPHA_VEC=alpha_vec is not None,
+        ASM=not interp,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    y = part[0] if split == 1 else part.sum(0)
-    if n_out is not None and n_out != n:
-        y = y[:, :n_out]
-    return y.to(out_dtype or x.dtype)  # scales by gamma / Q and alpha applied in the kernel
+    return y.to(out_dtype)
 
 
 def sparse_gemv_reference(x: torch.Tensor, wt: torch.Tensor, k: int | None = None) -> torch.Tensor:
-    """fp32 reference of :func:`sparse_gemv`: ``(x * topk_mask(x, k)) @ wt``, cast to x.dtype."""
+    """fp32 reference of :func:`sparse_gemv`: ``(x * topk_mask(x, k)) @ Wt``, cast to x.dtype
+    (``wt``: row-major [K, N] or panels; the output keeps the panel padding)."""
     xs = x * topk_mask(x, k) if k is not None and k < x.shape[-1] else x
     acc = torch.promote_types(x.dtype, torch.float32)
-    return (xs.to(acc) @ wt.to(acc)).to(x.dtype)
+    return (xs.to(acc) @ dense_layout(wt).to(acc)).to(x.dtype)
 
 
 def ternary_gemv_reference(
@@ -282,12 +401,12 @@ def ternary_gemv_reference(
     alpha: float | torch.Tensor,
     k: int | None = None,
     act_bits: int | None = 8,
-    n_out: int | None = None,
 ) -> torch.Tensor:
     """fp32 reference of :func:`ternary_gemv` (dequantized activations times alpha * T)."""
     acc = torch.promote_types(x.dtype, torch.float32)
     xq = absmax_quantize(x.to(acc), act_bits, ste=False) if act_bits else x.to(acc)
     if k is not None and k < x.shape[-1]:
         xq = xq * topk_mask(x, k)
-    t = unpack_ternary(packed, n_out).to(acc)  # [N, K]
-    return (xq @ t.t() * alpha).to(x.dtype)
+    t = unpack_ternary(packed, x.shape[-1]).to(acc)  # [N, K]
+    a = alpha.to(device=x.device, dtype=acc) if isinstance(alpha, torch.Tensor) else alpha
+    return (F.linear(xq, t) * a).to(x.dtype)

@@ -1,0 +1,64 @@
+"""Diagnostic: per-kernel GPU times (torch.profiler) of the decode GEMV pieces at batch 1,
+4096 -> 11008, S=0.6, to see where a call's time goes (selection, list, GEMV, launch gaps).
+
+    PYTHONPATH=$PWD python3 benchmarks/gemv_profile.py
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from qsparse.kernels import gemv as G
+
+
+def kernel_times(fn, reps: int = 20) -> dict[str, float]:
+    """Mean device microseconds per call of every kernel ``fn`` launches."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    tot: dict[str, float] = collections.defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            tot[ev.name[:60]] += ev.device_time / reps
+    return dict(tot)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    kin, n = 4096, 11008
+    w = torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02
+    wt = G.prepare_dense(w)
+    codes, alpha = G.ternarize(w)
+    packed = G.pack_ternary(codes)
+    x = torch.randn(1, kin, device="cuda", dtype=torch.bfloat16)
+    k = int(0.4 * kin)
+    rows = G.compact_rows(x, k)
+    cases = {
+        "cuBLAS dense": lambda: F.linear(x, w),
+        "list radix 8w": lambda: G.compact_rows(x, k, 8, True),
+        "list bisection 1 bit/pass 8w": lambda: G.compact_rows(x, k, 8, False, 1),
+        "list bisection 2 bits/pass 8w": lambda: G.compact_rows(x, k, 8, False, 2),
+        "list bisection 2 bits/pass 16w": lambda: G.compact_rows(x, k, 16, False, 2),
+        "select_rows 8w": lambda: G.select_rows(x, k, 8),
+        "sparse gemv excl": lambda: G.sparse_gemv(
+            x, wt, k, G.GemvConfig(block_k=128, block_n=64, num_warps=8), rows=rows
+        ),
+        "ternary": lambda: G.ternary_gemv(x, packed, alpha, None, 8),
+        "ternary sparse": lambda: G.ternary_gemv(x, packed, alpha, k, 8),
+    }
+    for name, fn in cases.items():
+        times = kernel_times(fn)
+        parts = ", ".join(f"{kname}: {t:.2f}" for kname, t in times.items())
+        print(f"{name}: total {sum(times.values()):.2f} us [{parts}]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
