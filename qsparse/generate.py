@@ -17,7 +17,7 @@ one GEMV) is, per layer settings:
 - ternary weights (BitNet b1.58, int8 absmax activations), optionally top-k sparse:
   :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit packed weights, one ``alpha`` per column.
 
-The kernels run on CUDA for batches of at most 16 tokens; elsewhere (CPU, or settings the
+The kernels run on CUDA (sparse input at batch 1, ternary up to 16 tokens); elsewhere (CPU, or settings the
 kernels do not cover: block top-k, quantized top-k on float weights, rescaling) the model's own
 sparsifier modules and quantized weights compute the same function. On CUDA the whole step
 (embedding to argmax) is captured once in a CUDA graph and replayed per token.
@@ -121,7 +121,8 @@ class _Projection(nn.Module):
         self.weight = None  # the packed codes replace the dequantized copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel_ok = x.is_cuda and x.shape[0] <= 16
+        # the sparse-input kernel only pays off at batch 1 (rows kept by any token are read)
+        kernel_ok = x.is_cuda and x.shape[0] <= (1 if self.mode == "sparse" else 16)
         if self.mode == "dense" or (self.mode == "reference" and self.site is None):
             return F.linear(x, self.weight)
         if self.mode == "reference" or not kernel_ok:

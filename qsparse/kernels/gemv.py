@@ -47,18 +47,19 @@ class GemvConfig:
     (sparse; None: when batch > 1).
     """
 
-    block_k: int = 32
+    block_k: int = 128
     block_n: int = 64
     split: int = 1
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 3
     select_warps: int = 8
     use_dot: bool | None = None
-    radix: bool = False
+    radix: bool = True  # selection by 8-bit radix histograms (False: bisection)
     bits_per_pass: int = 2  # bisection selection (radix=False): bits decided per pass
     prefetch: bool = True
 
 
+#: tuned on an H100 at 4096 -> 11008 (benchmarks/README.md)
 TERNARY_CONFIG = GemvConfig(block_k=64, block_n=32, num_warps=4, num_stages=3)
 
 
