@@ -360,7 +360,10 @@ def _ternary_dp4a_kernel(
     cmask = cols < N
     rb = tl.arange(0, BB)
     rvalid = rb < B
-    acc = tl.zeros([BB, BG, BN], dtype=tl.int32)
+    if BB == 1:  # batch 1: 2-D tiles, no batch axis to broadcast over
+        acc1 = tl.zeros([BG, BN], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BB, BG, BN], dtype=tl.int32)
     g = tl.arange(0, BG)
     w = tl.load(
         p_ptr + g.to(tl.int64)[:, None] * N + cols[None, :],
@@ -377,22 +380,30 @@ def _ternary_dp4a_kernel(
             other=0,
         )
         for sl in tl.static_range(4):
-            a = tl.load(
-                xw_ptr + rb[:, None] * 4 * G + sl * G + g[None, :],
-                mask=rvalid[:, None] & gm[None, :],
-                other=0,
-            )
             c = (w >> (2 * sl)) & 0x03030303
-            acc = _dp4a(
-                tl.broadcast_to(a[:, :, None], [BB, BG, BN]),
-                tl.broadcast_to(c[None, :, :], [BB, BG, BN]),
-                acc,
-                ASM,
-            )
+            if BB == 1:
+                a1 = tl.load(xw_ptr + sl * G + g, mask=gm, other=0)
+                acc1 = _dp4a(tl.broadcast_to(a1[:, None], [BG, BN]), c, acc1, ASM)
+            else:
+                a = tl.load(
+                    xw_ptr + rb[:, None] * 4 * G + sl * G + g[None, :],
+                    mask=rvalid[:, None] & gm[None, :],
+                    other=0,
+                )
+                acc = _dp4a(
+                    tl.broadcast_to(a[:, :, None], [BB, BG, BN]),
+                    tl.broadcast_to(c[None, :, :], [BB, BG, BN]),
+                    acc,
+                    ASM,
+                )
         w = wn
+    if BB == 1:
+        dot = tl.sum(acc1, axis=0)[None, :]
+    else:
+        dot = tl.sum(acc, axis=1)
     qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
     scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
-    out = (tl.sum(acc, axis=1) - qsum[:, None]).to(tl.float32) * scale[:, None]
+    out = (dot - qsum[:, None]).to(tl.float32) * scale[:, None]
     if ALPHA_VEC:
         out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)[None, :]
     else:

@@ -60,7 +60,7 @@ class GemvConfig:
 
 
 #: tuned on an H100 at 4096 -> 11008 (benchmarks/README.md)
-TERNARY_CONFIG = GemvConfig(block_k=64, block_n=32, num_warps=4, num_stages=3)
+TERNARY_CONFIG = GemvConfig(block_k=128, block_n=32, num_warps=8, num_stages=3)
 
 
 def _check_x(x: torch.Tensor, k_in: int) -> None:
