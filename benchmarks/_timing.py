@@ -46,6 +46,23 @@ def time_graph(calls: list[Callable[[], object]], reps: int = 4, replays: int = 
     return ms * 1000.0 / (reps * len(calls))
 
 
+def sweep(configs, calls_for: Callable, label: str, top: int = 5):
+    """Time ``calls_for(cfg)`` (a list of calls, as for :func:`time_graph`) for every config,
+    skipping shapes the compiler rejects; print the ``top`` fastest and return the best."""
+    results = []
+    for cfg in configs:
+        try:
+            t = time_graph(calls_for(cfg), reps=2, replays=10)
+        except Exception as e:  # noqa: BLE001  (a launch shape the compiler rejects)
+            print(f"# skip {cfg}: {type(e).__name__}")
+            continue
+        results.append((t, cfg))
+    results.sort(key=lambda r: r[0])
+    for t, cfg in results[:top]:
+        print(f"# sweep {label}: {t:.2f} us {cfg}")
+    return results[0][1]
+
+
 def row(*cols: object) -> str:
     """One Markdown table row."""
     return "| " + " | ".join(str(c) for c in cols) + " |"

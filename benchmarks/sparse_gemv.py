@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks._timing import gemv_setup, row, time_graph
+from benchmarks._timing import gemv_setup, row, sweep, time_graph
 from qsparse.kernels import gemv as G
 
 SWEEP = [  # block_k, block_n (column panel width), split, num_warps, num_stages, prefetch
@@ -82,9 +82,8 @@ def main() -> None:
             print(f"# selection + list ({name}, one program, {sw} warps): {t:.2f} us")
             sel.append((t, radix, sw, bpp))
         _, radix, sw, bpp = min(sel)
-        results = []
-        for bk, bn, split, nw, ns, pf in SWEEP:
-            cfg = G.GemvConfig(
+        configs = [
+            G.GemvConfig(
                 block_k=bk,
                 block_n=bn,
                 split=split,
@@ -95,16 +94,9 @@ def main() -> None:
                 select_warps=sw,
                 bits_per_pass=bpp,
             )
-            try:
-                t = time_graph(sparse_calls(x1, k60, cfg), reps=2, replays=10)
-            except Exception as e:  # noqa: BLE001  (a shape the compiler rejects)
-                print(f"# skip {cfg}: {type(e).__name__}")
-                continue
-            results.append((t, cfg))
-        results.sort(key=lambda r: r[0])
-        for t, cfg in results[:6]:
-            print(f"# sweep {t:.2f} us {cfg}")
-        best = results[0][1]
+            for bk, bn, split, nw, ns, pf in SWEEP
+        ]
+        best = sweep(configs, lambda cfg: sparse_calls(x1, k60, cfg), "S=0.6", top=6)
     print(f"# config: {best}")
     print(
         row(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks._timing import gemv_setup, row, time_graph
+from benchmarks._timing import gemv_setup, row, sweep, time_graph
 from qsparse.kernels import gemv as G
 
 SWEEP = [  # block_k (16-input groups per tile), block_n, num_warps, num_stages
@@ -64,22 +64,12 @@ def main() -> None:
     best = {None: G.TERNARY_CONFIG, k60: G.TERNARY_CONFIG}
     if not args.quick:
         for k in (None, k60):
-            results = []
-            for bg, bn, nw, ns in SWEEP:
-                for sw in (4, 8, 16) if (bg, bn) == (128, 16) else (8,):
-                    cfg = G.GemvConfig(
-                        block_k=bg, block_n=bn, num_warps=nw, num_stages=ns, select_warps=sw
-                    )
-                    try:
-                        t = time_graph(tern_calls(x1, k, cfg), reps=2, replays=10)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"# skip {cfg}: {type(e).__name__}")
-                        continue
-                    results.append((t, cfg))
-            results.sort(key=lambda r: r[0])
-            for t, cfg in results[:4]:
-                print(f"# sweep k={k}: {t:.2f} us {cfg}")
-            best[k] = results[0][1]
+            configs = [
+                G.GemvConfig(block_k=bg, block_n=bn, num_warps=nw, num_stages=ns, select_warps=sw)
+                for bg, bn, nw, ns in SWEEP
+                for sw in ((4, 8, 16) if (bg, bn) == (128, 16) else (8,))
+            ]
+            best[k] = sweep(configs, lambda cfg, k=k: tern_calls(x1, k, cfg), f"k={k}", top=4)
     print(f"# configs: dense {best[None]}, sparse {best[k60]}")
     print(
         row(

@@ -45,11 +45,20 @@ def _threshold(key, idx, k, KEY_BITS: tl.constexpr, BPP: tl.constexpr = 1):
         cand = thr | (j << sh)
         cnt = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), axis=0)
         thr = thr | (tl.max(tl.where(cnt >= k, j, 0), axis=0) << sh)
-    need = k - tl.sum((key > thr).to(tl.int32), axis=0)
+    return thr, _tie_cut(key, idx, thr, k - tl.sum((key > thr).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _tie_cut(key, idx, thr, need):
+    """Index of the last entry equal to ``thr`` that is kept (the first ``need`` ties)."""
     eq = key == thr
-    rank = tl.cumsum(eq.to(tl.int32), axis=0)
-    cut = tl.max(tl.where(eq & (rank <= need), idx, -1), axis=0)
-    return thr, cut
+    return tl.max(tl.where(eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need), idx, -1), axis=0)
+
+
+@triton.jit
+def _kept(key, idx, thr, cut):
+    """The top-k rule from (thr, cut): key above thr, or equal to it at an index <= cut."""
+    return (key > thr) | ((key == thr) & (idx <= cut))
 
 
 @triton.jit
@@ -149,13 +158,10 @@ def _compact_kernel(
             key = tl.where(valid, _abs_key(xf), -1)
             if RADIX:
                 thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG)
-                eq = key == thr
-                cut = tl.max(
-                    tl.where(eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need), i, -1), axis=0
-                )
+                cut = _tie_cut(key, i, thr, need)
             else:
                 thr, cut = _threshold(key, i, k, KEY_BITS, BPP)
-            keep = (key > thr) | ((key == thr) & (i <= cut))
+            keep = _kept(key, i, thr, cut)
             union = union | keep.to(tl.int32)
             thrs = tl.where(slot == b, thr, thrs)
             cuts = tl.where(slot == b, cut, cuts)
@@ -168,7 +174,7 @@ def _compact_kernel(
             cut = tl.sum(tl.where(slot == b, cuts, 0), axis=0)
             xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
             key = _abs_key(xf)
-            keep = (key > thr) | ((key == thr) & (i <= cut))
+            keep = _kept(key, i, thr, cut)
             tl.store(val_ptr + b * K + pos, tl.where(keep, xf, 0.0), mask=listed)
 
 
