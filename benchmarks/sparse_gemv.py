@@ -67,21 +67,25 @@ def main() -> None:
     best = G.GemvConfig()
     if not args.quick:
         sel = []
-        for radix, sw, bpp in [
-            (True, 8, 1),
-            (True, 16, 1),
-            (False, 8, 1),
-            (False, 4, 2),
-            (False, 8, 2),
-            (False, 16, 2),
-            (False, 32, 2),
+        for radix, sw, bpp, db in [
+            (True, 8, 1, 8),
+            (True, 8, 1, 5),
+            (True, 4, 1, 5),
+            (True, 2, 1, 5),
+            (True, 8, 1, 4),
+            (True, 4, 1, 4),
+            (False, 8, 2, 5),
         ]:
-            fn = [lambda sw=sw, radix=radix, bpp=bpp: G.compact_rows(x1, k60, sw, radix, bpp)]
+            fn = [
+                lambda sw=sw, radix=radix, bpp=bpp, db=db: G.compact_rows(
+                    x1, k60, sw, radix, bpp, db
+                )
+            ]
             t = time_graph(fn, reps=16, replays=10)
-            name = "radix" if radix else f"bisection {bpp} bit(s)/pass"
+            name = f"radix {db}-bit digits" if radix else f"bisection {bpp} bit(s)/pass"
             print(f"# selection + list ({name}, one program, {sw} warps): {t:.2f} us")
-            sel.append((t, radix, sw, bpp))
-        _, radix, sw, bpp = min(sel)
+            sel.append((t, radix, sw, bpp, db))
+        _, radix, sw, bpp, db = min(sel)
         configs = [
             G.GemvConfig(
                 block_k=bk,
@@ -93,10 +97,15 @@ def main() -> None:
                 radix=radix,
                 select_warps=sw,
                 bits_per_pass=bpp,
+                digit_bits=db,
+                pdl=pdl,
+                fused=fused,
             )
             for bk, bn, split, nw, ns, pf in SWEEP
+            for pdl, fused in ((True, False), (False, False), (False, True))
+            if not (fused and split > 1)
         ]
-        best = sweep(configs, lambda cfg: sparse_calls(x1, k60, cfg), "S=0.6", top=6)
+        best = sweep(configs, lambda cfg: sparse_calls(x1, k60, cfg), "S=0.6", top=8)
     print(f"# config: {best}")
     print(
         row(
@@ -116,11 +125,13 @@ def main() -> None:
         cfg = (
             best
             if batch == 1
-            else G.GemvConfig(block_k=32, block_n=64, num_warps=4, radix=best.radix)
+            else G.GemvConfig(
+                block_k=32, block_n=64, num_warps=4, radix=best.radix, digit_bits=best.digit_bits
+            )
         )
         t_dense = time_graph(dense_calls(x))
         t_sp = time_graph(sparse_calls(x, k, cfg))
-        rows = G.compact_rows(x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass)
+        rows = G.compact_rows(x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass, cfg.digit_bits)
         t_ex = time_graph(sparse_calls(x, k, cfg, rows))
         print(
             row(

@@ -65,9 +65,20 @@ def main() -> None:
     if not args.quick:
         for k in (None, k60):
             configs = [
-                G.GemvConfig(block_k=bg, block_n=bn, num_warps=nw, num_stages=ns, select_warps=sw)
+                G.GemvConfig(
+                    block_k=bg,
+                    block_n=bn,
+                    num_warps=nw,
+                    num_stages=ns,
+                    select_warps=sw,
+                    pdl=pdl,
+                    digit_bits=db,
+                )
                 for bg, bn, nw, ns in SWEEP
-                for sw in ((4, 8, 16) if (bg, bn) == (128, 16) else (8,))
+                for pdl in (True, False)
+                for sw, db in (
+                    ((8, 5), (4, 5), (8, 8), (4, 4)) if (bg, bn) == (128, 32) and k else ((8, 5),)
+                )
             ]
             best[k] = sweep(configs, lambda cfg, k=k: tern_calls(x1, k, cfg), f"k={k}", top=4)
     print(f"# configs: dense {best[None]}, sparse {best[k60]}")

@@ -61,11 +61,11 @@ def test_pack_unpack_roundtrip_and_padding():
     assert torch.equal(G.unpack_ternary(packed, 37), codes)
     # padding inputs decode to weight 0
     assert (G.unpack_ternary(packed)[:, 37:] == 0).all()
-    # bit layout: input 16g + 4j + s of output n in bits 8j+2s..8j+2s+1 of P[g, n], as code + 1
+    # bit layout: input 16g + 4s + j of output n in bits 8j+2s..8j+2s+1 of P[g, n], as code + 1
     one = torch.zeros(1, 16, dtype=torch.int8)
-    one[0, 9] = 1  # j = 2, s = 1
+    one[0, 9] = 1  # s = 2, j = 1
     zeros = sum(1 << (8 * j + 2 * s) for j in range(4) for s in range(4))
-    assert G.pack_ternary(one)[0, 0].item() == zeros + (1 << 18)
+    assert G.pack_ternary(one)[0, 0].item() == zeros + (1 << 12)
 
 
 def test_pack_rejects_bad_codes():
@@ -157,14 +157,18 @@ INTERPRETER_SCRIPT = textwrap.dedent(
                 cfg = G.GemvConfig(block_k=16, block_n=32, split=split)
                 y = G.sparse_gemv(x, wt, k, cfg, n_out=72)
                 torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
+            if b == 1 and k is not None:  # one kernel: every program selects for itself
+                cfg = G.GemvConfig(block_k=16, block_n=32, fused=True, digit_bits=4)
+                y = G.sparse_gemv(x, G.prepare_dense(wd, 32), k, cfg, n_out=72)
+                torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
             for bits in (8, 4):
                 for a in (alpha, torch.linspace(0.5, 1.5, 72)):
                     cfg = G.GemvConfig(block_k=2, block_n=32)
                     y = G.ternary_gemv(x, packed, a, k, bits, cfg)
                     r = G.ternary_gemv_reference(x, packed, a, k, bits)
                     torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
-        if b > 1:
-            idx, val, cnt = G.compact_rows(x, 30)
+        for digit_bits in (4, 5, 8):  # radix digit widths: 16, 32 or 256 bins per pass
+            idx, val, cnt = G.compact_rows(x, 30, digit_bits=digit_bits)
             mask = topk_mask(x, 30)
             n = int(cnt)
             assert torch.equal(idx[:n].long(), mask.any(0).nonzero().flatten())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._common import round_half_even
 
@@ -62,27 +63,43 @@ def _kept(key, idx, thr, cut):
 
 
 @triton.jit
-def _threshold_radix(key, valid, k, BLOCK: tl.constexpr, LOW: tl.constexpr, NDIG: tl.constexpr):
-    """(thr, need) of the top-k rule by radix select: 8-bit digits of ``key >> LOW`` from the
-    top, one 256-bin histogram per digit over the entries that still match the prefix.
+def _threshold_radix(
+    key,
+    valid,
+    k,
+    BLOCK: tl.constexpr,
+    LOW: tl.constexpr,
+    NDIG: tl.constexpr,
+    DBITS: tl.constexpr = 8,
+):
+    """(thr, need) of the top-k rule by radix select: ``DBITS``-bit digits of ``key >> LOW``
+    from the top, one 2^DBITS-bin histogram per digit over the entries that still match the
+    prefix (5-bit digits: 32 bins, one per lane, so the per-digit scans stay inside a warp).
 
     thr = the k-th largest key; need = how many entries equal to thr are kept (>= 1).
     """
+    NB: tl.constexpr = 1 << DBITS
     kp = key >> LOW
-    bins = tl.arange(0, 256)
+    bins = tl.arange(0, NB)
     match = valid
-    n_out = BLOCK - tl.sum(valid.to(tl.int32), axis=0)  # entries not matching the prefix
+    n_match = tl.sum(valid.to(tl.int32), axis=0)  # entries matching the prefix so far
     pref = tl.zeros([], dtype=tl.int32)
     need = k + tl.zeros([], dtype=tl.int32)
     for d in tl.static_range(NDIG):
-        dig = (kp >> (8 * (NDIG - 1 - d))) & 255
-        h = tl.histogram(tl.where(match, dig, 0), 256)
-        h = h - tl.where(bins == 0, n_out, 0)  # non-matching entries were counted in bin 0
-        suf = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # entries with digit >= j
+        dig = (kp >> (DBITS * (NDIG - 1 - d))) & (NB - 1)
+        h = tl.histogram(tl.where(match, dig, 0), NB)
+        h = h - tl.where(bins == 0, BLOCK - n_match, 0)  # non-matching entries sat in bin 0
+        suf = n_match - tl.cumsum(h, axis=0) + h  # matching entries with digit >= j
         best = tl.max(tl.where(suf >= need, bins, 0), axis=0)
-        need = need - tl.sum(tl.where(bins > best, h, 0), axis=0)
-        n_out = n_out + tl.sum(tl.where(bins != best, h, 0), axis=0)
-        pref = (pref << 8) | best
+        # one reduction gives both: entries above the chosen bin (<< 16) and in it
+        if BLOCK <= 32768:
+            both = tl.sum(tl.where(bins == best, (suf - h) * 65536 + h, 0), axis=0)
+            need = need - (both >> 16)
+            n_match = both & 65535
+        else:
+            need = need - tl.sum(tl.where(bins == best, suf - h, 0), axis=0)
+            n_match = tl.sum(tl.where(bins == best, h, 0), axis=0)
+        pref = (pref << DBITS) | best
         match = match & (dig == best)
     return pref << LOW, need
 
@@ -117,6 +134,34 @@ def _select_kernel(
 
 
 @triton.jit
+def _list_one_row(
+    x_ptr,
+    idx_ptr,
+    val_ptr,
+    K,
+    k,
+    BLOCK: tl.constexpr,
+    LOW: tl.constexpr,
+    NDIG: tl.constexpr,
+    DBITS: tl.constexpr,
+):
+    """Batch 1: radix top-k of x[K], then idx[p] / val[p] for the k kept inputs (ascending).
+    One packed scan gives both the tie rank and the list position."""
+    i = tl.arange(0, BLOCK)
+    valid = i < K
+    xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    key = tl.where(valid, _abs_key(xf), -1)
+    thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG, DBITS)
+    gt = key > thr
+    eq = key == thr
+    cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
+    keep = gt | (eq & ((cs & 65535) <= need))
+    pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
+    tl.store(idx_ptr + pos, i, mask=keep)
+    tl.store(val_ptr + pos, xf, mask=keep)
+
+
+@triton.jit
 def _compact_kernel(
     x_ptr,
     idx_ptr,
@@ -132,32 +177,28 @@ def _compact_kernel(
     LOW: tl.constexpr,
     NDIG: tl.constexpr,
     BPP: tl.constexpr,
+    DBITS: tl.constexpr = 8,
+    PDL: tl.constexpr = False,
 ):
-    """x[B, K] -> idx[K] (first cnt entries used), val[B, K] (fp32), cnt[1]; one program."""
+    """x[B, K] -> idx[K] (first cnt entries used), val[B, K] (fp32), cnt[1]; one program.
+    PDL: let the GEMV launched after it start (it waits for this kernel's writes)."""
+    if PDL:
+        gdc_launch_dependents()
     i = tl.arange(0, BLOCK)
     valid = i < K
     slot = tl.arange(0, BB)
     thrs = tl.zeros([BB], dtype=tl.int32)
     cuts = tl.zeros([BB], dtype=tl.int32)
     union = tl.zeros([BLOCK], dtype=tl.int32)
-    if RADIX and BB == 1:  # one packed scan gives both the tie rank and the list position
-        xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
-        key = tl.where(valid, _abs_key(xf), -1)
-        thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG)
-        gt = key > thr
-        eq = key == thr
-        cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
-        keep = gt | (eq & ((cs & 65535) <= need))
-        pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
-        tl.store(idx_ptr + pos, i, mask=keep)
-        tl.store(val_ptr + pos, xf, mask=keep)
+    if RADIX and BB == 1:
+        _list_one_row(x_ptr, idx_ptr, val_ptr, K, k, BLOCK, LOW, NDIG, DBITS)
         tl.store(cnt_ptr, k)
     else:
         for b in range(B):
             xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
             key = tl.where(valid, _abs_key(xf), -1)
             if RADIX:
-                thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG)
+                thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG, DBITS)
                 cut = _tie_cut(key, i, thr, need)
             else:
                 thr, cut = _threshold(key, i, k, KEY_BITS, BPP)
@@ -179,6 +220,43 @@ def _compact_kernel(
 
 
 @triton.jit
+def _stream_rows(
+    idx_ptr, val_ptr, w_ptr, lo, hi, row_stride, cmask, BK: tl.constexpr, BN: tl.constexpr
+):
+    """Batch 1: sum_p val[p] * W[idx[p], :BN] over lo <= p < hi -> fp32 [BN], in tiles of BK
+    listed rows; tile t+1's loads are issued before tile t's FMAs (loads do not block)."""
+    wc = tl.arange(0, BN)
+    acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+    p = lo + tl.arange(0, BK)
+    pm = p < hi
+    r = tl.load(idx_ptr + p, mask=pm, other=0)
+    v = tl.load(val_ptr + p, mask=pm, other=0.0)
+    w = tl.load(
+        w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :],
+        mask=pm[:, None] & cmask[None, :],
+        other=0.0,
+    )
+    pn = p + BK
+    rn = tl.load(idx_ptr + pn, mask=pn < hi, other=0)
+    for _p0 in range(lo + BK, hi + BK, BK):
+        pm = pn < hi
+        vn = tl.load(val_ptr + pn, mask=pm, other=0.0)
+        wn = tl.load(
+            w_ptr + rn.to(tl.int64)[:, None] * row_stride + wc[None, :],
+            mask=pm[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        pn2 = pn + BK
+        rn2 = tl.load(idx_ptr + pn2, mask=pn2 < hi, other=0)
+        acc2 += v[:, None] * w.to(tl.float32)
+        v = vn
+        w = wn
+        rn = rn2
+        pn = pn2
+    return tl.sum(acc2, axis=0)
+
+
+@triton.jit
 def _compact_gemv_kernel(
     idx_ptr,
     val_ptr,
@@ -197,6 +275,7 @@ def _compact_gemv_kernel(
     USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """y[b, n] = sum_p val[b, p] * Wt[idx[p], n] over the listed inputs p < cnt.
 
@@ -205,6 +284,7 @@ def _compact_gemv_kernel(
     (block_stride = K * BN, row_stride = BN; a program's rows are then close together).
     Grid (cdiv(N, BN), SPLIT): program (j, s) owns columns j*BN.. and the s-th slice of the
     list. SPLIT == 1 writes y (x's dtype); SPLIT > 1 atomically adds into a zeroed fp32 y.
+    PDL: launched as a programmatic dependent of the list kernel; waits for it here.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -212,73 +292,82 @@ def _compact_gemv_kernel(
     cmask = cols < N
     w_ptr = w_ptr + pid_n.to(tl.int64) * block_stride
     wc = tl.arange(0, BN)
+    rb = tl.arange(0, BB)
+    if PDL:
+        gdc_wait()
     n_kept = tl.load(cnt_ptr)
     per = tl.cdiv(tl.cdiv(n_kept, SPLIT), BK) * BK
     lo = pid_s * per
     hi = tl.minimum(lo + per, n_kept)
-    rb = tl.arange(0, BB)
-    if USE_DOT:
-        acc = tl.zeros([BB, BN], dtype=tl.float32)
+    if PREFETCH:
+        acc = _stream_rows(idx_ptr, val_ptr, w_ptr, lo, hi, row_stride, cmask, BK, BN)[None, :]
     else:
-        acc2 = tl.zeros([BK, BN], dtype=tl.float32)
-    if PREFETCH:  # batch 1: issue tile t+1's loads before tile t's FMAs (loads do not block)
-        p = lo + tl.arange(0, BK)
-        pm = p < hi
-        r = tl.load(idx_ptr + p, mask=pm, other=0)
-        v = tl.load(val_ptr + p, mask=pm, other=0.0)
-        w = tl.load(
-            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :],
-            mask=pm[:, None] & cmask[None, :],
-            other=0.0,
-        )
-        pn = p + BK
-        rn = tl.load(idx_ptr + pn, mask=pn < hi, other=0)
-        for _p0 in range(lo + BK, hi + BK, BK):
-            pm = pn < hi
-            vn = tl.load(val_ptr + pn, mask=pm, other=0.0)
-            wn = tl.load(
-                w_ptr + rn.to(tl.int64)[:, None] * row_stride + wc[None, :],
+        if USE_DOT:
+            acc = tl.zeros([BB, BN], dtype=tl.float32)
+        else:
+            acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+        for p0 in range(lo, hi, BK):
+            p = p0 + tl.arange(0, BK)
+            pm = p < hi
+            r = tl.load(idx_ptr + p, mask=pm, other=0)
+            w = tl.load(
+                w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :],
                 mask=pm[:, None] & cmask[None, :],
                 other=0.0,
             )
-            pn2 = pn + BK
-            rn2 = tl.load(idx_ptr + pn2, mask=pn2 < hi, other=0)
-            acc2 += v[:, None] * w.to(tl.float32)
-            v = vn
-            w = wn
-            rn = rn2
-            pn = pn2
-        hi = lo  # the generic loop below does nothing
-    for p0 in range(lo, hi, BK):
-        p = p0 + tl.arange(0, BK)
-        pm = p < hi
-        r = tl.load(idx_ptr + p, mask=pm, other=0)
-        w = tl.load(
-            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :],
-            mask=pm[:, None] & cmask[None, :],
-            other=0.0,
-        )
-        if USE_DOT:
-            v = tl.load(
-                val_ptr + rb[:, None] * K + p[None, :],
-                mask=(rb < B)[:, None] & pm[None, :],
-                other=0.0,
-            )
-            if DOT_F32:  # Triton's CPU interpreter mis-evaluates bf16 dots
-                acc = tl.dot(v, w.to(tl.float32), acc)
+            if USE_DOT:
+                v = tl.load(
+                    val_ptr + rb[:, None] * K + p[None, :],
+                    mask=(rb < B)[:, None] & pm[None, :],
+                    other=0.0,
+                )
+                if DOT_F32:  # Triton's CPU interpreter mis-evaluates bf16 dots
+                    acc = tl.dot(v, w.to(tl.float32), acc)
+                else:
+                    acc = tl.dot(v.to(w.dtype), w, acc)
             else:
-                acc = tl.dot(v.to(w.dtype), w, acc)
-        else:
-            v = tl.load(val_ptr + p, mask=pm, other=0.0)
-            acc2 += v[:, None] * w.to(tl.float32)
-    if not USE_DOT:
-        acc = tl.sum(acc2, axis=0)[None, :]
+                v = tl.load(val_ptr + p, mask=pm, other=0.0)
+                acc2 += v[:, None] * w.to(tl.float32)
+        if not USE_DOT:
+            acc = tl.sum(acc2, axis=0)[None, :]
     out = y_ptr + rb[:, None] * N + cols[None, :]
     omask = (rb < B)[:, None] & cmask[None, :]
     if SPLIT == 1:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
     else:
         tl.atomic_add(out, acc, mask=omask, sem="relaxed")
+
+
+@triton.jit
+def _select_gemv_kernel(
+    x_ptr,
+    idx_ptr,
+    val_ptr,
+    w_ptr,
+    y_ptr,
+    K,
+    N,
+    k,
+    row_stride,
+    block_stride,
+    BLOCK: tl.constexpr,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+    LOW: tl.constexpr,
+    NDIG: tl.constexpr,
+    DBITS: tl.constexpr,
+):
+    """Batch 1, one kernel: every program selects the top-k of x[K] itself (the same result in
+    all of them, so no program waits for another), writes the kept-input list (identical
+    values from every program) and streams its column block's listed weight rows."""
+    pid_n = tl.program_id(0)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    _list_one_row(x_ptr, idx_ptr, val_ptr, K, k, BLOCK, LOW, NDIG, DBITS)
+    tl.debug_barrier()  # this program's list writes are visible to all its threads
+    w_ptr = w_ptr + pid_n.to(tl.int64) * block_stride
+    acc = _stream_rows(idx_ptr, val_ptr, w_ptr, 0, k, row_stride, cmask, BK, BN)
+    tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -303,21 +392,26 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 @triton.jit
 def _ternary_prep_kernel(
     x_ptr,
-    xw_ptr,
+    xq_ptr,
     qsum_ptr,
     scale_ptr,
     K,
-    G,
+    KP,
     k,
     BLOCK: tl.constexpr,
     SPARSE: tl.constexpr,
     QMAX: tl.constexpr,
     LOW: tl.constexpr,
     NDIG: tl.constexpr,
+    DBITS: tl.constexpr = 8,
+    PDL: tl.constexpr = False,
 ):
-    """Row b of x[B, K] -> int8 activation codes packed for dp4a: xw[b, s, g] holds codes of
-    inputs 16g + 4j + s in byte j; qsum[b] = sum of the codes; scale[b] = max(gamma, eps) / Q.
-    With SPARSE, codes outside the row's top-k are 0. BLOCK = 16 * next_pow2(G)."""
+    """Row b of x[B, K] -> int8 activation codes xq[b, :KP] (KP = K padded to 16, zeros past
+    K; read as int32 words, word 4g + s holds inputs 16g + 4s .. 16g + 4s + 3), qsum[b] = sum
+    of the codes, scale[b] = max(gamma, eps) / Q. With SPARSE, codes outside the row's top-k
+    are 0. PDL: let the GEMV launched after it start loading weights meanwhile."""
+    if PDL:
+        gdc_launch_dependents()
     b = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     valid = i < K
@@ -327,18 +421,13 @@ def _ternary_prep_kernel(
     q = tl.minimum(tl.maximum(round_half_even(xf * s), -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
     if SPARSE:
         key = tl.where(valid, _abs_key(xf), -1)
-        thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG)
+        thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG, DBITS)
         eq = key == thr
         keep = (key > thr) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
         q = tl.where(keep, q, 0)
     tl.store(qsum_ptr + b, tl.sum(q, axis=0))
     tl.store(scale_ptr + b, gamma / QMAX)
-    q3 = tl.reshape(q & 255, [BLOCK // 16, 4, 4])  # [g, j, s]
-    jb = tl.arange(0, 4)
-    words = tl.sum(q3 << (8 * jb)[None, :, None], axis=1)  # [g, s]
-    g = tl.arange(0, BLOCK // 16)
-    sl = tl.arange(0, 4)
-    tl.store(xw_ptr + b * 4 * G + sl[None, :] * G + g[:, None], words, mask=(g < G)[:, None])
+    tl.store(xq_ptr + b * KP + i, q.to(tl.int8), mask=i < KP)
 
 
 @triton.jit
@@ -358,9 +447,12 @@ def _ternary_dp4a_kernel(
     BN: tl.constexpr,
     ALPHA_VEC: tl.constexpr,
     ASM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
-    """y[b, n] = scale_b * alpha_n * (sum_g sum_s dp4a(xw[b, s, g], (P[g, n] >> 2s) & 0x03030303)
-    - qsum_b). Grid: cdiv(N, BN) programs over the columns."""
+    """y[b, n] = scale_b * alpha_n * (sum_g sum_s dp4a(xw[b, 4g + s], (P[g, n] >> 2s) &
+    0x03030303) - qsum_b), xw = the int8 codes read as int32 words. Grid: cdiv(N, BN)
+    programs over the columns. PDL: the first two weight tiles are requested before waiting
+    for the activation kernel (weights do not depend on it)."""
     pid = tl.program_id(0)
     cols = pid * BN + tl.arange(0, BN)
     cmask = cols < N
@@ -376,23 +468,31 @@ def _ternary_dp4a_kernel(
         mask=(g < G)[:, None] & cmask[None, :],
         other=0,
     )
+    gn = g + BG
+    wn = tl.load(
+        p_ptr + gn.to(tl.int64)[:, None] * N + cols[None, :],
+        mask=(gn < G)[:, None] & cmask[None, :],
+        other=0,
+    )
+    if PDL:
+        gdc_wait()
     for g0 in range(0, G, BG):
         g = g0 + tl.arange(0, BG)
         gm = g < G
-        gn = g + BG
-        wn = tl.load(  # next tile, in flight while this one is multiplied
-            p_ptr + gn.to(tl.int64)[:, None] * N + cols[None, :],
-            mask=(gn < G)[:, None] & cmask[None, :],
+        gn2 = g + 2 * BG
+        wn2 = tl.load(  # two tiles ahead, in flight while this one is multiplied
+            p_ptr + gn2.to(tl.int64)[:, None] * N + cols[None, :],
+            mask=(gn2 < G)[:, None] & cmask[None, :],
             other=0,
         )
         for sl in tl.static_range(4):
             c = (w >> (2 * sl)) & 0x03030303
             if BB == 1:
-                a1 = tl.load(xw_ptr + sl * G + g, mask=gm, other=0)
+                a1 = tl.load(xw_ptr + 4 * g + sl, mask=gm, other=0)
                 acc1 = _dp4a(tl.broadcast_to(a1[:, None], [BG, BN]), c, acc1, ASM)
             else:
                 a = tl.load(
-                    xw_ptr + rb[:, None] * 4 * G + sl * G + g[None, :],
+                    xw_ptr + rb[:, None] * 4 * G + 4 * g[None, :] + sl,
                     mask=rvalid[:, None] & gm[None, :],
                     other=0,
                 )
@@ -403,6 +503,7 @@ def _ternary_dp4a_kernel(
                     ASM,
                 )
         w = wn
+        wn = wn2
     if BB == 1:
         dot = tl.sum(acc1, axis=0)[None, :]
     else:

@@ -29,11 +29,22 @@ from ..nn.topk import topk_mask
 KEY_BITS = {torch.bfloat16: 15, torch.float16: 18, torch.float32: 31}
 
 
-def _radix_digits(dtype: torch.dtype) -> tuple[int, int]:
+def _radix_digits(dtype: torch.dtype, digit_bits: int = 8) -> tuple[int, int]:
     """(LOW, NDIG): the key bits that can be non-zero for ``dtype`` start at bit LOW and
-    span NDIG 8-bit digits."""
+    span NDIG ``digit_bits``-bit digits."""
     bits = KEY_BITS[dtype]
-    return 31 - bits, -(-bits // 8)
+    return 31 - bits, -(-bits // digit_bits)
+
+
+def _pdl_ok(x: torch.Tensor) -> bool:
+    """Programmatic dependent launch: Hopper or newer, and a Triton that can launch it."""
+    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - Triton without the NVIDIA backend
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 @dataclass(frozen=True)
@@ -54,9 +65,12 @@ class GemvConfig:
     num_stages: int = 3
     select_warps: int = 8
     use_dot: bool | None = None
-    radix: bool = True  # selection by 8-bit radix histograms (False: bisection)
+    radix: bool = True  # selection by radix histograms (False: bisection)
     bits_per_pass: int = 2  # bisection selection (radix=False): bits decided per pass
     prefetch: bool = True
+    digit_bits: int = 5  # radix digit width: 2^digit_bits histogram bins per pass
+    pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
+    fused: bool = False  # sparse, batch 1: every GEMV program selects itself (one kernel)
 
 
 #: tuned on an H100 at 4096 -> 11008 (benchmarks/README.md)
@@ -113,12 +127,19 @@ def select_rows(
 
 
 def compact_rows(
-    x: torch.Tensor, k: int, num_warps: int = 8, radix: bool = False, bits_per_pass: int = 2
+    x: torch.Tensor,
+    k: int,
+    num_warps: int = 8,
+    radix: bool = True,
+    bits_per_pass: int = 2,
+    digit_bits: int = 5,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kept inputs of ``x[B, K]`` as a list: (idx int32 [K], val fp32 [B, K], cnt int32 [1]).
 
     ``idx[:cnt]``: ascending indices kept by at least one row (batch 1: ``cnt = k``);
-    ``val[b, p] = x[b, idx[p]]`` where row b keeps it, else 0.
+    ``val[b, p] = x[b, idx[p]]`` where row b keeps it, else 0. ``pdl``: let a kernel launched
+    next as a programmatic dependent start early (it must wait for these outputs).
     """
     import triton
 
@@ -128,6 +149,7 @@ def compact_rows(
     idx = torch.empty(width, dtype=torch.int32, device=x.device)
     val = torch.empty(bsz, width, dtype=torch.float32, device=x.device)
     cnt = torch.empty(1, dtype=torch.int32, device=x.device)
+    low, ndig = _radix_digits(x.dtype, digit_bits)
     _compact_kernel[(1,)](
         x,
         idx,
@@ -140,9 +162,11 @@ def compact_rows(
         BLOCK=triton.next_power_of_2(width),
         KEY_BITS=KEY_BITS[x.dtype],
         RADIX=radix,
-        LOW=_radix_digits(x.dtype)[0],
-        NDIG=_radix_digits(x.dtype)[1],
+        LOW=low,
+        NDIG=ndig,
         BPP=1 if x.dtype == torch.float32 else bits_per_pass,
+        DBITS=digit_bits,
+        PDL=pdl and _pdl_ok(x),
         num_warps=num_warps,
     )
     return idx, val, cnt
@@ -172,6 +196,50 @@ def dense_layout(wt: torch.Tensor) -> torch.Tensor:
         return wt
     nblk, k_in, bn = wt.shape
     return wt.permute(1, 0, 2).reshape(k_in, nblk * bn)
+
+
+def _select_gemv(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    k: int,
+    cfg: GemvConfig,
+    out_dtype: torch.dtype,
+    n: int,
+    block_n: int,
+    row_stride: int,
+    block_stride: int,
+) -> torch.Tensor:
+    """Batch 1 in one kernel: each GEMV program selects the top-k itself (``cfg.fused``)."""
+    import triton
+
+    from ._gemv_triton import _select_gemv_kernel
+
+    k_in = x.shape[1]
+    idx = torch.empty(k_in, dtype=torch.int32, device=x.device)
+    val = torch.empty(k_in, dtype=torch.float32, device=x.device)
+    y = torch.empty(1, n, dtype=torch.float32 if _interpreted(x) else out_dtype, device=x.device)
+    low, ndig = _radix_digits(x.dtype, cfg.digit_bits)
+    _select_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x,
+        idx,
+        val,
+        wt,
+        y,
+        k_in,
+        n,
+        k,
+        row_stride,
+        block_stride,
+        BLOCK=triton.next_power_of_2(k_in),
+        BK=cfg.block_k,
+        BN=block_n,
+        LOW=low,
+        NDIG=ndig,
+        DBITS=cfg.digit_bits,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return y.to(out_dtype)
 
 
 def sparse_gemv(
@@ -210,23 +278,30 @@ def sparse_gemv(
         return y[:, :n_out] if n_out is not None else y
     x = x.contiguous()
     bsz = x.shape[0]
+    interp = _interpreted(x)
+    pdl = cfg.pdl and rows is None and _pdl_ok(x)
+    if cfg.fused and bsz == 1 and rows is None and cfg.radix:
+        return _select_gemv(x, wt, k, cfg, out_dtype, n, block_n, row_stride, block_stride)[
+            :, :n_out
+        ]
     idx, val, cnt = (
         rows
         if rows is not None
-        else compact_rows(x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass)
+        else compact_rows(x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass, cfg.digit_bits, pdl)
     )
     use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
     bb = max(16, triton.next_power_of_2(bsz)) if use_dot else 1
     if not use_dot and bsz > 1:
         raise ValueError("cfg.use_dot=False supports batch 1 only")
     split = max(1, cfg.split)
-    interp = _interpreted(x)
     if split == 1 and not interp:
         y = torch.empty(bsz, n, dtype=out_dtype, device=x.device)
     else:  # atomics, and the interpreter (which casts to bf16/fp16 by truncation), go via fp32
         y = (torch.zeros if split > 1 else torch.empty)(
             bsz, n, dtype=torch.float32, device=x.device
         )
+        pdl = False  # the zero-fill sits between the two kernels
+    extra = {"launch_pdl": True} if pdl else {}
     _compact_gemv_kernel[(triton.cdiv(n, block_n), split)](
         idx,
         val,
@@ -245,8 +320,10 @@ def sparse_gemv(
         USE_DOT=use_dot,
         DOT_F32=interp,
         PREFETCH=cfg.prefetch and not use_dot,
+        PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **extra,
     )
     y = y.to(out_dtype)
     return y[:, :n_out] if n_out is not None else y
@@ -257,8 +334,10 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     [ceil(K/16), N].
 
     Word ``P[g, n]`` holds inputs ``16g..16g+15`` of output ``n`` as ``code + 1``: input
-    ``16g + 4j + s`` in bits ``8j + 2s .. 8j + 2s + 1``. Inputs past ``K`` (padding to a
-    multiple of 16) hold code 0 (weight 0).
+    ``16g + 4s + j`` in bits ``8j + 2s .. 8j + 2s + 1``, so ``(P >> 2s) & 0x03030303`` holds
+    inputs ``16g + 4s .. 16g + 4s + 3`` in its four bytes, in the order of four consecutive
+    int8 activations read as one int32. Inputs past ``K`` (padding to a multiple of 16) hold
+    code 0 (weight 0).
     """
     if codes.dim() != 2:
         raise ValueError(f"codes must be [out_features, in_features], got {tuple(codes.shape)}")
@@ -269,9 +348,9 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     pad = -k_in % 16
     if pad:
         c = torch.cat([c, torch.ones(n, pad, dtype=c.dtype, device=c.device)], dim=1)
-    c = c.reshape(n, (k_in + pad) // 16, 4, 4)  # [N, g, j, s]
+    c = c.reshape(n, (k_in + pad) // 16, 4, 4)  # [N, g, s, j]
     j = torch.arange(4, device=c.device, dtype=torch.int64)
-    shifts = 8 * j[:, None] + 2 * j[None, :]
+    shifts = 2 * j[:, None] + 8 * j[None, :]  # [s, j]
     words = (c << shifts).sum((-1, -2))  # < 2^32, fits int64
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32).t().contiguous()
@@ -282,8 +361,8 @@ def unpack_ternary(packed: torch.Tensor, in_features: int | None = None) -> torc
     (``in_features`` default ``16 * G``)."""
     g, n = packed.shape
     j = torch.arange(4, device=packed.device, dtype=torch.int64)
-    shifts = 8 * j[:, None] + 2 * j[None, :]  # [j, s]
-    c = (packed.t().to(torch.int64)[:, :, None, None] >> shifts) & 3  # [N, G, j, s]
+    shifts = 2 * j[:, None] + 8 * j[None, :]  # [s, j]
+    c = (packed.t().to(torch.int64)[:, :, None, None] >> shifts) & 3  # [N, G, s, j]
     c = c.reshape(n, g * 16)[:, : (in_features or g * 16)]
     return (c - 1).to(torch.int8).contiguous()
 
@@ -345,29 +424,33 @@ def ternary_gemv(
     bsz = x.shape[0]
     alpha_vec, alpha_f = _alpha_arg(alpha, n, x.device)
     interp = _interpreted(x)
+    pdl = cfg.pdl and _pdl_ok(x)
     sparse = k is not None and k < k_in
-    xw = torch.empty(bsz, 4, g, dtype=torch.int32, device=x.device)
+    xq = torch.empty(bsz, 16 * g, dtype=torch.int8, device=x.device)
     qsum = torch.empty(bsz, dtype=torch.int32, device=x.device)
     scale = torch.empty(bsz, dtype=torch.float32, device=x.device)
-    low, ndig = _radix_digits(x.dtype)
+    low, ndig = _radix_digits(x.dtype, cfg.digit_bits)
     _ternary_prep_kernel[(bsz,)](
         x,
-        xw,
+        xq,
         qsum,
         scale,
         k_in,
-        g,
+        16 * g,
         k if k is not None else k_in,
-        BLOCK=16 * triton.next_power_of_2(g),
+        BLOCK=triton.next_power_of_2(16 * g),
         SPARSE=sparse,
         QMAX=2 ** (act_bits - 1) - 1,
         LOW=low,
         NDIG=ndig,
+        DBITS=cfg.digit_bits,
+        PDL=pdl,
         num_warps=cfg.select_warps,
     )
     y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
+    extra = {"launch_pdl": True} if pdl else {}
     _ternary_dp4a_kernel[(triton.cdiv(n, cfg.block_n),)](
-        xw,
+        xq.view(torch.int32),
         qsum,
         scale,
         packed,
@@ -382,8 +465,10 @@ def ternary_gemv(
         BN=cfg.block_n,
         ALPHA_VEC=alpha_vec is not None,
         ASM=not interp,
+        PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **extra,
     )
     return y.to(out_dtype)
 

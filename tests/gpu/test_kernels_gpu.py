@@ -120,13 +120,15 @@ def test_ternary_weight(dtype):
 
 @pytest.mark.parametrize("batch", [1, 2, 5, 8])
 @pytest.mark.parametrize("k_frac", [None, 0.4, 0.1])
-@pytest.mark.parametrize("split", [1, 3])
-def test_sparse_gemv(batch, k_frac, split):
+@pytest.mark.parametrize(
+    "split,pdl,fused", [(1, True, False), (3, False, False), (1, False, False), (1, False, True)]
+)
+def test_sparse_gemv(batch, k_frac, split, pdl, fused):
     w = fresh((11008, 4096), torch.bfloat16) * 0.02
     wt = G.prepare_dense(w)
     x = fresh((batch, 4096), torch.bfloat16, ties=True)
     k = None if k_frac is None else int(k_frac * 4096)
-    cfg = G.GemvConfig(split=split)
+    cfg = G.GemvConfig(split=split, pdl=pdl, fused=fused)
     for _ in range(3):  # fresh inputs each time: the atomics path must not depend on order
         y = G.sparse_gemv(x, wt, k, cfg)
         assert rel_err(y, G.sparse_gemv_reference(x, wt, k)) <= 1e-2
@@ -146,10 +148,11 @@ def test_select_rows_matches_mask():
 
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_compact_rows_lists_exactly_the_kept_inputs(batch, dtype):
+@pytest.mark.parametrize("digit_bits", [4, 5, 8])
+def test_compact_rows_lists_exactly_the_kept_inputs(batch, dtype, digit_bits):
     x = fresh((batch, 5460), dtype, ties=True)
     k = 2184
-    idx, val, cnt = G.compact_rows(x, k)
+    idx, val, cnt = G.compact_rows(x, k, digit_bits=digit_bits)
     mask = topk_mask(x, k)
     union = mask.any(0)
     n = int(cnt.item())
@@ -162,7 +165,8 @@ def test_compact_rows_lists_exactly_the_kept_inputs(batch, dtype):
 @pytest.mark.parametrize("k_frac", [None, 0.4])
 @pytest.mark.parametrize("act_bits", [8, 4, None])
 @pytest.mark.parametrize("kin", [2048, 2040])
-def test_ternary_gemv(batch, k_frac, act_bits, kin):
+@pytest.mark.parametrize("pdl", [True, False])
+def test_ternary_gemv(batch, k_frac, act_bits, kin, pdl):
     n = 5460
     codes, alpha = G.ternarize(fresh((n, kin), torch.bfloat16))
     packed = G.pack_ternary(codes)
@@ -171,7 +175,44 @@ def test_ternary_gemv(batch, k_frac, act_bits, kin):
     k = None if k_frac is None else int(k_frac * kin)
     alpha_cols = torch.full((n,), alpha, device="cuda") * torch.linspace(0.5, 1.5, n, device="cuda")
     for a in (alpha, alpha_cols):
-        y = G.ternary_gemv(x, packed, a, k, act_bits)
+        y = G.ternary_gemv(
+            x, packed, a, k, act_bits, G.GemvConfig(block_k=128, block_n=32, pdl=pdl)
+        )
         ref = G.ternary_gemv_reference(x, packed, a, k, act_bits)
         assert y.shape == (batch, n)
         assert rel_err(y, ref) <= 1e-2
+
+
+def test_decode_gemvs_replay_in_a_cuda_graph():
+    """Programmatic dependent launches (selection -> GEMV) captured into a CUDA graph give the
+    reference result for inputs written after capture."""
+    w = fresh((3000, 2048), torch.bfloat16) * 0.02
+    wt = G.prepare_dense(w)
+    codes, alpha = G.ternarize(w)
+    packed = G.pack_ternary(codes)
+    x = fresh((1, 2048), torch.bfloat16)
+    k = 819
+    calls = [
+        lambda: G.sparse_gemv(x, wt, k, G.GemvConfig(pdl=True)),
+        lambda: G.sparse_gemv(x, wt, k, G.GemvConfig(fused=True)),
+        lambda: G.ternary_gemv(x, packed, alpha, None, 8, G.GemvConfig(pdl=True)),
+        lambda: G.ternary_gemv(x, packed, alpha, k, 8, G.GemvConfig(pdl=True)),
+    ]
+    for fn in calls:
+        fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [fn() for fn in calls]
+    for _ in range(3):
+        x.copy_(fresh((1, 2048), torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        refs = [
+            G.sparse_gemv_reference(x, wt, k),
+            G.sparse_gemv_reference(x, wt, k),
+            G.ternary_gemv_reference(x, packed, alpha, None, 8),
+            G.ternary_gemv_reference(x, packed, alpha, k, 8),
+        ]
+        for out, ref in zip(outs, refs, strict=True):
+            assert rel_err(out, ref[:, : out.shape[1]]) <= 1e-2
