@@ -36,6 +36,7 @@ def main() -> None:
     kin, n = 4096, 11008
     w = torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02
     wt = G.prepare_dense(w)
+    wt128 = G.prepare_dense(w, 128)
     codes, alpha = G.ternarize(w)
     packed = G.pack_ternary(codes)
     x = torch.randn(1, kin, device="cuda", dtype=torch.bfloat16)
@@ -43,14 +44,20 @@ def main() -> None:
     rows = G.compact_rows(x, k)
     cases = {
         "cuBLAS dense": lambda: F.linear(x, w),
-        "list radix 8w": lambda: G.compact_rows(x, k, 8, True),
+        "copy of x (one-program floor)": lambda: x.clone(),
+        "list radix 8-bit digits 8w": lambda: G.compact_rows(x, k, 8, True, digit_bits=8),
+        "list radix 5-bit digits 8w": lambda: G.compact_rows(x, k, 8, True, digit_bits=5),
+        "list radix 5-bit digits 16w": lambda: G.compact_rows(x, k, 16, True, digit_bits=5),
         "list bisection 1 bit/pass 8w": lambda: G.compact_rows(x, k, 8, False, 1),
         "list bisection 2 bits/pass 8w": lambda: G.compact_rows(x, k, 8, False, 2),
-        "list bisection 2 bits/pass 16w": lambda: G.compact_rows(x, k, 16, False, 2),
         "select_rows 8w": lambda: G.select_rows(x, k, 8),
         "sparse gemv excl": lambda: G.sparse_gemv(
             x, wt, k, G.GemvConfig(block_k=128, block_n=64, num_warps=8), rows=rows
         ),
+        "sparse gemv excl, 128-wide panels": lambda: G.sparse_gemv(
+            x, wt128, k, G.GemvConfig(block_k=128, block_n=64, num_warps=8), rows=rows
+        ),
+        "sparse fused": lambda: G.sparse_gemv(x, wt, k, G.GemvConfig(fused=True)),
         "ternary": lambda: G.ternary_gemv(x, packed, alpha, None, 8),
         "ternary sparse": lambda: G.ternary_gemv(x, packed, alpha, k, 8),
     }

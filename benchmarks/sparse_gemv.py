@@ -21,18 +21,18 @@ import torch.nn.functional as F
 from benchmarks._timing import gemv_setup, row, sweep, time_graph
 from qsparse.kernels import gemv as G
 
-SWEEP = [  # block_k, block_n (column panel width), split, num_warps, num_stages, prefetch
-    (128, 64, 1, 8, 3, True),
-    (128, 32, 1, 4, 3, True),
-    (64, 64, 1, 4, 3, True),
-    (128, 16, 1, 4, 3, True),
-    (256, 16, 1, 8, 3, True),
-    (256, 32, 1, 8, 3, True),
-    (64, 128, 1, 8, 3, True),
-    (32, 128, 1, 4, 3, True),
-    (128, 128, 1, 8, 3, True),
-    (64, 256, 2, 8, 3, True),
-    (128, 64, 2, 8, 3, True),
+SWEEP = [  # block_k, block_n (columns per program), panel width, split, num_warps, num_stages
+    (128, 64, 64, 1, 8, 3),
+    (128, 64, 128, 1, 8, 3),
+    (128, 64, 256, 1, 8, 3),
+    (128, 32, 128, 1, 4, 3),
+    (128, 32, 256, 1, 4, 3),
+    (64, 64, 128, 1, 4, 3),
+    (256, 64, 256, 1, 8, 3),
+    (128, 128, 128, 1, 8, 3),
+    (128, 128, 256, 1, 8, 3),
+    (64, 32, 128, 1, 4, 3),
+    (128, 64, 64, 2, 8, 3),
 ]
 
 
@@ -50,9 +50,10 @@ def main() -> None:
     def dense_calls(x):
         return [lambda w=w: F.linear(x, w) for w in ws]
 
-    def sparse_calls(x, k, cfg, rows=None):
+    def sparse_calls(x, k, cfg, rows=None, panel=None):
         return [
-            lambda wt=wt: G.sparse_gemv(x, wt, k, cfg, rows=rows) for wt in weights(cfg.block_n)
+            lambda wt=wt: G.sparse_gemv(x, wt, k, cfg, rows=rows)
+            for wt in weights(panel or cfg.block_n)
         ]
 
     x1 = torch.randn(1, kin, device="cuda", dtype=torch.bfloat16)
@@ -64,12 +65,13 @@ def main() -> None:
     print(f"# rel err vs reference at S=0.6: {err:.2e}")
     assert err < 1e-2
 
-    best = G.GemvConfig()
+    best, best_panel = G.GemvConfig(), 64
     if not args.quick:
         sel = []
         for radix, sw, bpp, db in [
             (True, 8, 1, 8),
             (True, 8, 1, 5),
+            (True, 16, 1, 5),
             (True, 4, 1, 5),
             (True, 2, 1, 5),
             (True, 8, 1, 4),
@@ -87,26 +89,30 @@ def main() -> None:
             sel.append((t, radix, sw, bpp, db))
         _, radix, sw, bpp, db = min(sel)
         configs = [
-            G.GemvConfig(
-                block_k=bk,
-                block_n=bn,
-                split=split,
-                num_warps=nw,
-                num_stages=ns,
-                prefetch=pf,
-                radix=radix,
-                select_warps=sw,
-                bits_per_pass=bpp,
-                digit_bits=db,
-                pdl=pdl,
-                fused=fused,
+            (
+                G.GemvConfig(
+                    block_k=bk,
+                    block_n=bn,
+                    split=split,
+                    num_warps=nw,
+                    num_stages=ns,
+                    radix=radix,
+                    select_warps=sw,
+                    bits_per_pass=bpp,
+                    digit_bits=db,
+                    pdl=pdl,
+                    fused=fused,
+                ),
+                panel,
             )
-            for bk, bn, split, nw, ns, pf in SWEEP
-            for pdl, fused in ((True, False), (False, False), (False, True))
+            for bk, bn, panel, split, nw, ns in SWEEP
+            for pdl, fused in ((True, False), (False, True))
             if not (fused and split > 1)
         ]
-        best = sweep(configs, lambda cfg: sparse_calls(x1, k60, cfg), "S=0.6", top=8)
-    print(f"# config: {best}")
+        best, best_panel = sweep(
+            configs, lambda c: sparse_calls(x1, k60, c[0], panel=c[1]), "S=0.6", top=8
+        )
+    print(f"# config: {best}, panel width {best_panel}")
     print(
         row(
             "batch",
@@ -130,9 +136,10 @@ def main() -> None:
             )
         )
         t_dense = time_graph(dense_calls(x))
-        t_sp = time_graph(sparse_calls(x, k, cfg))
+        panel = best_panel if batch == 1 else 64
+        t_sp = time_graph(sparse_calls(x, k, cfg, panel=panel))
         rows = G.compact_rows(x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass, cfg.digit_bits)
-        t_ex = time_graph(sparse_calls(x, k, cfg, rows))
+        t_ex = time_graph(sparse_calls(x, k, cfg, rows, panel))
         print(
             row(
                 batch,

@@ -152,8 +152,9 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         x = ((torch.randn(b, 80) * 3).round() / 2).to(torch.bfloat16)  # many ties
         for k in (None, 30, 1):
             r = G.sparse_gemv_reference(x, G.prepare_dense(wd, None), k)
-            for split, layout in ((1, 32), (3, 32), (1, None)):  # 3: fp32 atomics across programs
-                wt = G.prepare_dense(wd, layout)  # panels of 32 columns (72 -> 96) or row-major
+            # 3: fp32 atomics across programs; 64: two programs share each 64-wide panel
+            for split, layout in ((1, 32), (3, 32), (1, None), (1, 64)):
+                wt = G.prepare_dense(wd, layout)  # panels (72 -> 96 or 128 columns) or row-major
                 cfg = G.GemvConfig(block_k=16, block_n=32, split=split)
                 y = G.sparse_gemv(x, wt, k, cfg, n_out=72)
                 torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)

@@ -66,6 +66,7 @@ def _kept(key, idx, thr, cut):
 def _threshold_radix(
     key,
     valid,
+    n_valid,
     k,
     BLOCK: tl.constexpr,
     LOW: tl.constexpr,
@@ -75,6 +76,7 @@ def _threshold_radix(
     """(thr, need) of the top-k rule by radix select: ``DBITS``-bit digits of ``key >> LOW``
     from the top, one 2^DBITS-bin histogram per digit over the entries that still match the
     prefix (5-bit digits: 32 bins, one per lane, so the per-digit scans stay inside a warp).
+    ``n_valid``: the number of valid entries (those with ``valid`` set).
 
     thr = the k-th largest key; need = how many entries equal to thr are kept (>= 1).
     """
@@ -82,7 +84,7 @@ def _threshold_radix(
     kp = key >> LOW
     bins = tl.arange(0, NB)
     match = valid
-    n_match = tl.sum(valid.to(tl.int32), axis=0)  # entries matching the prefix so far
+    n_match = n_valid + tl.zeros([], dtype=tl.int32)  # entries matching the prefix so far
     pref = tl.zeros([], dtype=tl.int32)
     need = k + tl.zeros([], dtype=tl.int32)
     for d in tl.static_range(NDIG):
@@ -151,7 +153,7 @@ def _list_one_row(
     valid = i < K
     xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
     key = tl.where(valid, _abs_key(xf), -1)
-    thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG, DBITS)
+    thr, need = _threshold_radix(key, valid, K, k, BLOCK, LOW, NDIG, DBITS)
     gt = key > thr
     eq = key == thr
     cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
@@ -198,7 +200,7 @@ def _compact_kernel(
             xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
             key = tl.where(valid, _abs_key(xf), -1)
             if RADIX:
-                thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG, DBITS)
+                thr, need = _threshold_radix(key, valid, K, k, BLOCK, LOW, NDIG, DBITS)
                 cut = _tie_cut(key, i, thr, need)
             else:
                 thr, cut = _threshold(key, i, k, KEY_BITS, BPP)
@@ -266,22 +268,27 @@ def _compact_gemv_kernel(
     B,
     K,
     N,
+    n_fixed,
     row_stride,
     block_stride,
     BB: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
+    PPP: tl.constexpr,
     SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREFETCH: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """y[b, n] = sum_p val[b, p] * Wt[idx[p], n] over the listed inputs p < cnt.
+    """y[b, n] = sum_p val[b, p] * Wt[idx[p], n] over the listed inputs p < cnt (``n_fixed``
+    instead of cnt when >= 0).
 
-    Weight element (i, n = j * BN + c) sits at ``j * block_stride + i * row_stride + c``:
-    row-major [K, N] (block_stride = BN, row_stride = N) or column panels [N/BN, K, BN]
-    (block_stride = K * BN, row_stride = BN; a program's rows are then close together).
+    Program j's weight element (i, j * BN + c) sits at ``(j // PPP) * block_stride +
+    (j % PPP) * BN + i * row_stride + c``: row-major [K, N] (PPP = 1, block_stride = BN,
+    row_stride = N) or column panels [N/PW, K, PW] (PPP = PW / BN programs per panel,
+    block_stride = K * PW, row_stride = PW: a program's rows are close together, and the
+    programs sharing a panel read adjacent pieces of each kept row).
     Grid (cdiv(N, BN), SPLIT): program (j, s) owns columns j*BN.. and the s-th slice of the
     list. SPLIT == 1 writes y (x's dtype); SPLIT > 1 atomically adds into a zeroed fp32 y.
     PDL: launched as a programmatic dependent of the list kernel; waits for it here.
@@ -290,12 +297,15 @@ def _compact_gemv_kernel(
     pid_s = tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < N
-    w_ptr = w_ptr + pid_n.to(tl.int64) * block_stride
+    w_ptr = w_ptr + (pid_n // PPP).to(tl.int64) * block_stride + (pid_n % PPP) * BN
     wc = tl.arange(0, BN)
     rb = tl.arange(0, BB)
     if PDL:
         gdc_wait()
-    n_kept = tl.load(cnt_ptr)
+    if n_fixed >= 0:  # batch 1: the list holds exactly k entries, no need to read cnt
+        n_kept = n_fixed
+    else:
+        n_kept = tl.load(cnt_ptr)
     per = tl.cdiv(tl.cdiv(n_kept, SPLIT), BK) * BK
     lo = pid_s * per
     hi = tl.minimum(lo + per, n_kept)
@@ -353,6 +363,7 @@ def _select_gemv_kernel(
     BLOCK: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
+    PPP: tl.constexpr,
     LOW: tl.constexpr,
     NDIG: tl.constexpr,
     DBITS: tl.constexpr,
@@ -365,7 +376,7 @@ def _select_gemv_kernel(
     cmask = cols < N
     _list_one_row(x_ptr, idx_ptr, val_ptr, K, k, BLOCK, LOW, NDIG, DBITS)
     tl.debug_barrier()  # this program's list writes are visible to all its threads
-    w_ptr = w_ptr + pid_n.to(tl.int64) * block_stride
+    w_ptr = w_ptr + (pid_n // PPP).to(tl.int64) * block_stride + (pid_n % PPP) * BN
     acc = _stream_rows(idx_ptr, val_ptr, w_ptr, 0, k, row_stride, cmask, BK, BN)
     tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
@@ -421,7 +432,7 @@ def _ternary_prep_kernel(
     q = tl.minimum(tl.maximum(round_half_even(xf * s), -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
     if SPARSE:
         key = tl.where(valid, _abs_key(xf), -1)
-        thr, need = _threshold_radix(key, valid, k, BLOCK, LOW, NDIG, DBITS)
+        thr, need = _threshold_radix(key, valid, K, k, BLOCK, LOW, NDIG, DBITS)
         eq = key == thr
         keep = (key > thr) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
         q = tl.where(keep, q, 0)

@@ -206,6 +206,7 @@ def _select_gemv(
     out_dtype: torch.dtype,
     n: int,
     block_n: int,
+    ppp: int,
     row_stride: int,
     block_stride: int,
 ) -> torch.Tensor:
@@ -233,6 +234,7 @@ def _select_gemv(
         BLOCK=triton.next_power_of_2(k_in),
         BK=cfg.block_k,
         BN=block_n,
+        PPP=ppp,
         LOW=low,
         NDIG=ndig,
         DBITS=cfg.digit_bits,
@@ -252,8 +254,8 @@ def sparse_gemv(
     n_out: int | None = None,
 ) -> torch.Tensor:
     """``y[B, N] = (x * M) @ W^T`` for ``x[B, K]`` and ``wt = prepare_dense(W)`` (``M``: top-``k``
-    of |x| per row). Column panels set the kernel's block_n (``cfg.block_n`` is used for a
-    row-major ``wt``). ``k=None`` (or ``k = K``) is a plain dense product (cuBLAS). ``rows``:
+    of |x| per row). Each program owns ``min(cfg.block_n, panel width)`` columns (which must
+    divide the panel width; a row-major ``wt`` counts as one panel). ``k=None`` (or ``k = K``) is a plain dense product (cuBLAS). ``rows``:
     :func:`compact_rows` of ``(x, k)`` when already computed (the selection is then skipped).
     ``n_out``: keep the first ``n_out`` columns (drops the panel padding)."""
     import triton
@@ -262,12 +264,15 @@ def sparse_gemv(
 
     cfg = cfg or GemvConfig()
     if wt.dim() == 3:
-        nblk, k_in, block_n = wt.shape
-        n = nblk * block_n
-        row_stride, block_stride = block_n, k_in * block_n
+        nblk, k_in, panel = wt.shape
+        n = nblk * panel
+        block_n = min(cfg.block_n, panel)
+        if panel % block_n:
+            raise ValueError(f"cfg.block_n={cfg.block_n} must divide the panel width {panel} of wt")
+        row_stride, block_stride, ppp = panel, k_in * panel, panel // block_n
     elif wt.dim() == 2:
         (k_in, n), block_n = wt.shape, cfg.block_n
-        row_stride, block_stride = n, block_n
+        row_stride, block_stride, ppp = n, block_n, 1
     else:
         raise ValueError(f"wt must come from prepare_dense, got shape {tuple(wt.shape)}")
     _check_x(x, k_in)
@@ -281,7 +286,7 @@ def sparse_gemv(
     interp = _interpreted(x)
     pdl = cfg.pdl and rows is None and _pdl_ok(x)
     if cfg.fused and bsz == 1 and rows is None and cfg.radix:
-        return _select_gemv(x, wt, k, cfg, out_dtype, n, block_n, row_stride, block_stride)[
+        return _select_gemv(x, wt, k, cfg, out_dtype, n, block_n, ppp, row_stride, block_stride)[
             :, :n_out
         ]
     idx, val, cnt = (
@@ -311,11 +316,13 @@ def sparse_gemv(
         bsz,
         k_in,
         n,
+        k if bsz == 1 else -1,
         row_stride,
         block_stride,
         BB=bb,
         BK=cfg.block_k,
         BN=block_n,
+        PPP=ppp,
         SPLIT=split,
         USE_DOT=use_dot,
         DOT_F32=interp,
