@@ -24,15 +24,17 @@ from qsparse.kernels import gemv as G
 SWEEP = [  # block_k, block_n (columns per program), panel width, split, num_warps, num_stages
     (128, 64, 64, 1, 8, 3),
     (128, 64, 128, 1, 8, 3),
-    (128, 64, 256, 1, 8, 3),
-    (128, 32, 128, 1, 4, 3),
-    (128, 32, 256, 1, 4, 3),
-    (64, 64, 128, 1, 4, 3),
-    (256, 64, 256, 1, 8, 3),
-    (128, 128, 128, 1, 8, 3),
-    (128, 128, 256, 1, 8, 3),
-    (64, 32, 128, 1, 4, 3),
+    (64, 64, 64, 2, 4, 3),
+    (64, 64, 64, 4, 4, 3),
     (128, 64, 64, 2, 8, 3),
+    (128, 64, 64, 4, 8, 3),
+    (64, 32, 64, 2, 4, 3),
+    (64, 32, 64, 4, 4, 3),
+    (32, 64, 64, 4, 4, 3),
+    (64, 64, 128, 4, 4, 3),
+    (128, 128, 128, 2, 8, 3),
+    (64, 128, 128, 4, 8, 3),
+    (32, 64, 64, 8, 4, 3),
 ]
 
 
@@ -107,7 +109,7 @@ def main() -> None:
             )
             for bk, bn, panel, split, nw, ns in SWEEP
             for pdl, fused in ((True, False), (False, True))
-            if not (fused and split > 1)
+            if not (fused and (split > 1 or bn != 64))
         ]
         best, best_panel = sweep(
             configs, lambda c: sparse_calls(x1, k60, c[0], panel=c[1]), "S=0.6", top=8

@@ -259,12 +259,29 @@ def _stream_rows(
 
 
 @triton.jit
+def _fence(t, ASM: tl.constexpr):
+    """A GPU-scope memory fence in every thread (``__threadfence``); ``t``: any int32 tensor
+    the thread holds. The interpreter runs programs one after another and needs none."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "fence.acq_rel.gpu;\n mov.b32 $0, $1;",
+            "=r,r",
+            [t],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
+@triton.jit
 def _compact_gemv_kernel(
     idx_ptr,
     val_ptr,
     cnt_ptr,
     w_ptr,
     y_ptr,
+    part_ptr,
+    sem_ptr,
     B,
     K,
     N,
@@ -280,6 +297,7 @@ def _compact_gemv_kernel(
     DOT_F32: tl.constexpr,
     PREFETCH: tl.constexpr,
     PDL: tl.constexpr = False,
+    ASM: tl.constexpr = True,
 ):
     """y[b, n] = sum_p val[b, p] * Wt[idx[p], n] over the listed inputs p < cnt (``n_fixed``
     instead of cnt when >= 0).
@@ -290,7 +308,9 @@ def _compact_gemv_kernel(
     block_stride = K * PW, row_stride = PW: a program's rows are close together, and the
     programs sharing a panel read adjacent pieces of each kept row).
     Grid (cdiv(N, BN), SPLIT): program (j, s) owns columns j*BN.. and the s-th slice of the
-    list. SPLIT == 1 writes y (x's dtype); SPLIT > 1 atomically adds into a zeroed fp32 y.
+    list. SPLIT > 1: each program writes its fp32 partial sums to ``part[s]`` and counts itself
+    in ``sem[j]`` (zero between calls); the last to arrive sums the SPLIT partials in order
+    (deterministic), writes y and resets ``sem[j]``.
     PDL: launched as a programmatic dependent of the list kernel; waits for it here.
     """
     pid_n = tl.program_id(0)
@@ -344,8 +364,21 @@ def _compact_gemv_kernel(
     omask = (rb < B)[:, None] & cmask[None, :]
     if SPLIT == 1:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(out, acc, mask=omask, sem="relaxed")
+    else:  # partial sums to part[s]; the last of the SPLIT programs adds them up in order
+        offs = rb[:, None] * N + cols[None, :]
+        tl.store(part_ptr + pid_s * B * N + offs, acc, mask=omask)
+        _fence(cols, ASM)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(sem_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            _fence(cols, ASM)
+            tot = tl.zeros([BB, BN], dtype=tl.float32)
+            for sp in tl.static_range(SPLIT):
+                tot += tl.load(
+                    part_ptr + sp * B * N + offs, mask=omask, other=0.0, cache_modifier=".cg"
+                )
+            tl.store(out, tot.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(sem_ptr + pid_n, 0)  # ready for the next call on this stream
 
 
 @triton.jit

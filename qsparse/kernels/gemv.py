@@ -53,7 +53,7 @@ class GemvConfig:
 
     ``block_k``: kept rows per tile (sparse) or 16-input groups per tile (ternary);
     ``block_n``: output columns per program; ``split``: programs sharing one column block
-    (sparse only; > 1 accumulates with fp32 atomics); ``select_warps``: warps of the
+    (sparse only; > 1: the last one to finish sums their fp32 partials); ``select_warps``: warps of the
     one-program selection kernel; ``use_dot``: tensor-core dot with the batch padded to 16
     (sparse; None: when batch > 1).
     """
@@ -198,6 +198,22 @@ def dense_layout(wt: torch.Tensor) -> torch.Tensor:
     return wt.permute(1, 0, 2).reshape(k_in, nblk * bn)
 
 
+_SEMAPHORES: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _semaphores(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 counters for split GEMVs, one set per (device, stream): each call leaves
+    them at zero again, so calls on one stream can share them (calls run one after another
+    there); another stream gets its own set."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    sem = _SEMAPHORES.get(key)
+    if sem is None or sem.numel() < count:
+        sem = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _SEMAPHORES[key] = sem
+    return sem
+
+
 def _select_gemv(
     x: torch.Tensor,
     wt: torch.Tensor,
@@ -299,20 +315,20 @@ def sparse_gemv(
     if not use_dot and bsz > 1:
         raise ValueError("cfg.use_dot=False supports batch 1 only")
     split = max(1, cfg.split)
-    if split == 1 and not interp:
-        y = torch.empty(bsz, n, dtype=out_dtype, device=x.device)
-    else:  # atomics, and the interpreter (which casts to bf16/fp16 by truncation), go via fp32
-        y = (torch.zeros if split > 1 else torch.empty)(
-            bsz, n, dtype=torch.float32, device=x.device
-        )
-        pdl = False  # the zero-fill sits between the two kernels
+    # the interpreter casts to bf16/fp16 by truncation: it writes fp32
+    y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), split)
+    part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    sem = _semaphores(x.device, grid[0]) if split > 1 else cnt
     extra = {"launch_pdl": True} if pdl else {}
-    _compact_gemv_kernel[(triton.cdiv(n, block_n), split)](
+    _compact_gemv_kernel[grid](
         idx,
         val,
         cnt,
         wt,
         y,
+        part,
+        sem,
         bsz,
         k_in,
         n,
@@ -328,6 +344,7 @@ def sparse_gemv(
         DOT_F32=interp,
         PREFETCH=cfg.prefetch and not use_dot,
         PDL=pdl,
+        ASM=not interp,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **extra,

@@ -121,7 +121,8 @@ def test_ternary_weight(dtype):
 @pytest.mark.parametrize("batch", [1, 2, 5, 8])
 @pytest.mark.parametrize("k_frac", [None, 0.4, 0.1])
 @pytest.mark.parametrize(
-    "split,pdl,fused", [(1, True, False), (3, False, False), (1, False, False), (1, False, True)]
+    "split,pdl,fused",
+    [(1, True, False), (3, False, False), (2, True, False), (1, False, False), (1, False, True)],
 )
 def test_sparse_gemv(batch, k_frac, split, pdl, fused):
     w = fresh((11008, 4096), torch.bfloat16) * 0.02
