@@ -57,7 +57,6 @@ def main() -> None:
         "sparse gemv excl, 128-wide panels": lambda: G.sparse_gemv(
             x, wt128, k, G.GemvConfig(block_k=128, block_n=64, num_warps=8), rows=rows
         ),
-        "sparse fused": lambda: G.sparse_gemv(x, wt, k, G.GemvConfig(fused=True)),
         "ternary": lambda: G.ternary_gemv(x, packed, alpha, None, 8),
         "ternary sparse": lambda: G.ternary_gemv(x, packed, alpha, k, 8),
     }

@@ -102,14 +102,11 @@ def main() -> None:
                     select_warps=sw,
                     bits_per_pass=bpp,
                     digit_bits=db,
-                    pdl=pdl,
-                    fused=fused,
+                    pdl=True,
                 ),
                 panel,
             )
             for bk, bn, panel, split, nw, ns in SWEEP
-            for pdl, fused in ((True, False), (False, True))
-            if not (fused and (split > 1 or bn != 64))
         ]
         best, best_panel = sweep(
             configs, lambda c: sparse_calls(x1, k60, c[0], panel=c[1]), "S=0.6", top=8

@@ -61,7 +61,7 @@ def main() -> None:
         print(f"# rel err vs reference (k={k}): {err:.2e}")
         assert err < 1e-2
 
-    best = {None: G.TERNARY_CONFIG, k60: G.TERNARY_CONFIG}
+    best = {None: G.TERNARY_CONFIG, k60: G.TERNARY_SPARSE_CONFIG}
     if not args.quick:
         for k in (None, k60):
             configs = [

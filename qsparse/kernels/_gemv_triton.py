@@ -7,19 +7,24 @@ Sparse input, float weights (``y[b, n] = sum_i xs[b, i] * Wt[i, n]``, ``Wt`` = [
    of kept inputs as a compact list: ``idx[p]`` (input index, ascending), ``val[b, p]`` (row b's
    value there, 0 where row b dropped it) and the list length ``cnt``. Batch 1: ``cnt = k``.
 2. :func:`_compact_gemv_kernel` streams only the listed weight rows: full tiles of ``BK`` kept
-   rows x ``BN`` columns, no masked-off lanes, so the read is ``cnt * N`` weights.
+   rows x ``BN`` columns, no masked-off lanes, so the read is ``cnt * N`` weights. On Hopper it
+   is launched as a programmatic dependent of (1) (PDL): its programs are already resident
+   when the list is written and only then wait (``gdc_wait``).
 
 Selection rule (same as the training kernels and :func:`qsparse.nn.topk.topk_mask`): key =
-fp32 bits of |x| as int32; ``thr`` = k-th largest key by bisection on the bits; entry i kept iff
-``key_i > thr`` or (``key_i == thr`` and ``i <= cut``), ``cut`` = index of the last tie kept.
+fp32 bits of |x| as int32; ``thr`` = k-th largest key (radix select on ``DBITS``-bit digits, or
+bisection on the bits); entry i kept iff ``key_i > thr`` or (``key_i == thr`` and ``i <= cut``),
+``cut`` = index of the last tie kept.
 
 Ternary weights (BitNet b1.58 inference, int8 activations): codes ``c = w + 1`` in {0, 1, 2}
 packed 16 inputs per int32 word ``P[g, n]`` (input group g = inputs 16g..16g+15, output n):
-byte ``j`` of the word holds inputs ``16g + 4j + s`` at bits ``8j + 2s`` (s = 0..3), so
-``(P >> 2s) & 0x03030303`` is four int8 codes and one ``dp4a`` (4-way int8 dot product) with
-the matching four int8 activations accumulates them exactly in int32. Since
-``sum q (c - 1) = sum q c - sum q``, the row sum of the quantized activations is subtracted at
-the end, then the scale ``gamma / Q * alpha_n`` is applied.
+byte ``j`` of the word holds inputs ``16g + 4s + j`` at bits ``8j + 2s`` (s = 0..3), so
+``(P >> 2s) & 0x03030303`` is four int8 codes of consecutive inputs, and one ``dp4a`` (4-way
+int8 dot product) with the int32 word holding the four matching int8 activations (stored
+contiguously) accumulates them exactly in int32. Since ``sum q (c - 1) = sum q c - sum q``,
+the row sum of the quantized activations is subtracted at the end, then the scale
+``gamma / Q * alpha_n`` is applied. The activation kernel lets the GEMV start (PDL), which
+requests its first weight tiles before waiting for the activations.
 """
 
 from __future__ import annotations
@@ -379,39 +384,6 @@ def _compact_gemv_kernel(
                 )
             tl.store(out, tot.to(y_ptr.dtype.element_ty), mask=omask)
             tl.atomic_xchg(sem_ptr + pid_n, 0)  # ready for the next call on this stream
-
-
-@triton.jit
-def _select_gemv_kernel(
-    x_ptr,
-    idx_ptr,
-    val_ptr,
-    w_ptr,
-    y_ptr,
-    K,
-    N,
-    k,
-    row_stride,
-    block_stride,
-    BLOCK: tl.constexpr,
-    BK: tl.constexpr,
-    BN: tl.constexpr,
-    PPP: tl.constexpr,
-    LOW: tl.constexpr,
-    NDIG: tl.constexpr,
-    DBITS: tl.constexpr,
-):
-    """Batch 1, one kernel: every program selects the top-k of x[K] itself (the same result in
-    all of them, so no program waits for another), writes the kept-input list (identical
-    values from every program) and streams its column block's listed weight rows."""
-    pid_n = tl.program_id(0)
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < N
-    _list_one_row(x_ptr, idx_ptr, val_ptr, K, k, BLOCK, LOW, NDIG, DBITS)
-    tl.debug_barrier()  # this program's list writes are visible to all its threads
-    w_ptr = w_ptr + (pid_n // PPP).to(tl.int64) * block_stride + (pid_n % PPP) * BN
-    acc = _stream_rows(idx_ptr, val_ptr, w_ptr, 0, k, row_stride, cmask, BK, BN)
-    tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit

@@ -70,11 +70,12 @@ class GemvConfig:
     prefetch: bool = True
     digit_bits: int = 5  # radix digit width: 2^digit_bits histogram bins per pass
     pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
-    fused: bool = False  # sparse, batch 1: every GEMV program selects itself (one kernel)
 
 
-#: tuned on an H100 at 4096 -> 11008 (benchmarks/README.md)
-TERNARY_CONFIG = GemvConfig(block_k=128, block_n=32, num_warps=8, num_stages=3)
+#: tuned on an H100 at 4096 -> 11008, batch 1 (benchmarks/README.md): dense activations ...
+TERNARY_CONFIG = GemvConfig(block_k=64, block_n=16, num_warps=2, num_stages=3)
+#: ... and with top-k (the longer activation kernel hides more weight loads behind it)
+TERNARY_SPARSE_CONFIG = GemvConfig(block_k=128, block_n=32, num_warps=4, num_stages=3)
 
 
 def _check_x(x: torch.Tensor, k_in: int) -> None:
@@ -214,52 +215,6 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     return sem
 
 
-def _select_gemv(
-    x: torch.Tensor,
-    wt: torch.Tensor,
-    k: int,
-    cfg: GemvConfig,
-    out_dtype: torch.dtype,
-    n: int,
-    block_n: int,
-    ppp: int,
-    row_stride: int,
-    block_stride: int,
-) -> torch.Tensor:
-    """Batch 1 in one kernel: each GEMV program selects the top-k itself (``cfg.fused``)."""
-    import triton
-
-    from ._gemv_triton import _select_gemv_kernel
-
-    k_in = x.shape[1]
-    idx = torch.empty(k_in, dtype=torch.int32, device=x.device)
-    val = torch.empty(k_in, dtype=torch.float32, device=x.device)
-    y = torch.empty(1, n, dtype=torch.float32 if _interpreted(x) else out_dtype, device=x.device)
-    low, ndig = _radix_digits(x.dtype, cfg.digit_bits)
-    _select_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x,
-        idx,
-        val,
-        wt,
-        y,
-        k_in,
-        n,
-        k,
-        row_stride,
-        block_stride,
-        BLOCK=triton.next_power_of_2(k_in),
-        BK=cfg.block_k,
-        BN=block_n,
-        PPP=ppp,
-        LOW=low,
-        NDIG=ndig,
-        DBITS=cfg.digit_bits,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return y.to(out_dtype)
-
-
 def sparse_gemv(
     x: torch.Tensor,
     wt: torch.Tensor,
@@ -301,10 +256,6 @@ def sparse_gemv(
     bsz = x.shape[0]
     interp = _interpreted(x)
     pdl = cfg.pdl and rows is None and _pdl_ok(x)
-    if cfg.fused and bsz == 1 and rows is None and cfg.radix:
-        return _select_gemv(x, wt, k, cfg, out_dtype, n, block_n, ppp, row_stride, block_stride)[
-            :, :n_out
-        ]
     idx, val, cnt = (
         rows
         if rows is not None
@@ -421,14 +372,16 @@ def ternary_gemv(
     activations, served by a dequantized cuBLAS product, no kernel), ``M``: top-``k`` of |x|
     (``None``: dense). ``alpha``: a float or an fp32 [N] tensor (one scale per output
     column, for fused projections such as q|k|v). Two kernels: one program per row
-    quantizes (and selects) and packs the int8 codes for ``dp4a``; the GEMV streams the
-    packed weights once for the whole batch.
+    quantizes (and selects) and writes the int8 codes; the GEMV streams the packed weights
+    once for the whole batch (on Hopper it starts during the first kernel, ``cfg.pdl``).
+    ``cfg`` default: :data:`TERNARY_CONFIG`, or :data:`TERNARY_SPARSE_CONFIG` with top-k.
     """
     import triton
 
     from ._gemv_triton import _ternary_dp4a_kernel, _ternary_prep_kernel
 
-    cfg = cfg or TERNARY_CONFIG
+    sparse_in = k is not None and x.dim() == 2 and k < x.shape[-1]
+    cfg = cfg or (TERNARY_SPARSE_CONFIG if sparse_in else TERNARY_CONFIG)
     if packed.dtype != torch.int32 or packed.dim() != 2:
         raise ValueError(f"packed must be a 2-D int32 tensor (pack_ternary), got {packed.dtype}")
     g, n = packed.shape
