@@ -21,15 +21,13 @@ import torch.nn.functional as F
 from benchmarks._timing import gemv_setup, row, sweep, time_graph
 from qsparse.kernels import gemv as G
 
-SWEEP = [  # block_k, block_n (columns per program), panel width, split, num_warps, depth
-    (128, 64, 64, 1, 8, 1),
-    (128, 64, 64, 1, 8, 2),
-    (64, 64, 64, 1, 4, 2),
-    (64, 64, 64, 1, 8, 2),
-    (128, 32, 128, 1, 4, 2),
-    (64, 32, 64, 1, 4, 2),
-    (128, 64, 128, 1, 8, 2),
-    (64, 128, 128, 1, 8, 2),
+SWEEP = [  # block_k, block_n (columns per program), panel width, split, num_warps, num_stages
+    (128, 64, 64, 1, 8, 3),
+    (128, 64, 128, 1, 8, 3),
+    (128, 32, 128, 1, 4, 3),
+    (128, 128, 128, 1, 8, 3),
+    (64, 64, 64, 2, 4, 3),
+    (32, 64, 64, 4, 4, 3),
 ]
 
 
@@ -70,7 +68,9 @@ def main() -> None:
             (True, 8, 1, 5),
             (True, 16, 1, 5),
             (True, 4, 1, 5),
+            (True, 2, 1, 5),
             (True, 8, 1, 4),
+            (True, 4, 1, 4),
             (False, 8, 2, 5),
         ]:
             fn = [
@@ -90,7 +90,7 @@ def main() -> None:
                     block_n=bn,
                     split=split,
                     num_warps=nw,
-                    depth=depth,
+                    num_stages=ns,
                     radix=radix,
                     select_warps=sw,
                     bits_per_pass=bpp,
@@ -99,7 +99,7 @@ def main() -> None:
                 ),
                 panel,
             )
-            for bk, bn, panel, split, nw, depth in SWEEP
+            for bk, bn, panel, split, nw, ns in SWEEP
         ]
         best, best_panel = sweep(
             configs, lambda c: sparse_calls(x1, k60, c[0], panel=c[1]), "S=0.6", top=8

@@ -107,8 +107,6 @@ def test_gemv_argument_errors():
         G.sparse_gemv(torch.randn(1, 15), wt)
     with pytest.raises(ValueError, match="k must be"):
         G.sparse_gemv(torch.randn(1, 16), wt, k=17)
-    with pytest.raises(ValueError, match="depth"):
-        G.sparse_gemv(torch.randn(1, 16), wt, k=8, cfg=G.GemvConfig(depth=3))
     with pytest.raises(ValueError, match="int32"):
         G.ternary_gemv(torch.randn(1, 16), torch.zeros(1, 16, dtype=torch.int64), 1.0)
     with pytest.raises(ValueError, match="features"):
@@ -155,10 +153,9 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         for k in (None, 30, 1):
             r = G.sparse_gemv_reference(x, G.prepare_dense(wd, None), k)
             # 3: fp32 atomics across programs; 64: two programs share each 64-wide panel
-            # depth 2: two weight tiles in flight ahead (batch 1)
-            for split, layout, depth in ((1, 32, 1), (3, 32, 1), (1, None, 1), (1, 64, 2), (2, 32, 2)):
+            for split, layout in ((1, 32), (3, 32), (1, None), (1, 64)):
                 wt = G.prepare_dense(wd, layout)  # panels (72 -> 96 or 128 columns) or row-major
-                cfg = G.GemvConfig(block_k=16, block_n=32, split=split, depth=depth)
+                cfg = G.GemvConfig(block_k=16, block_n=32, split=split)
                 y = G.sparse_gemv(x, wt, k, cfg, n_out=72)
                 torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
             for bits in (8, 4):

@@ -227,57 +227,39 @@ def _compact_kernel(
 
 
 @triton.jit
-def _load_tile(idx_ptr, val_ptr, w_ptr, p, hi, row_stride, cmask, BN: tl.constexpr):
-    """Listed positions ``p`` (masked at hi): their values [BK] and weight rows [BK, BN]."""
+def _stream_rows(
+    idx_ptr, val_ptr, w_ptr, lo, hi, row_stride, cmask, BK: tl.constexpr, BN: tl.constexpr
+):
+    """Batch 1: sum_p val[p] * W[idx[p], :BN] over lo <= p < hi -> fp32 [BN], in tiles of BK
+    listed rows; tile t+1's loads are issued before tile t's FMAs (loads do not block)."""
+    wc = tl.arange(0, BN)
+    acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+    p = lo + tl.arange(0, BK)
     pm = p < hi
     r = tl.load(idx_ptr + p, mask=pm, other=0)
     v = tl.load(val_ptr + p, mask=pm, other=0.0)
     w = tl.load(
-        w_ptr + r.to(tl.int64)[:, None] * row_stride + tl.arange(0, BN)[None, :],
+        w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :],
         mask=pm[:, None] & cmask[None, :],
         other=0.0,
     )
-    return v, w
-
-
-@triton.jit
-def _stream_rows(
-    idx_ptr,
-    val_ptr,
-    w_ptr,
-    lo,
-    hi,
-    row_stride,
-    cmask,
-    BK: tl.constexpr,
-    BN: tl.constexpr,
-    DEPTH: tl.constexpr = 1,
-):
-    """Batch 1: sum_p val[p] * W[idx[p], :BN] over lo <= p < hi -> fp32 [BN], in tiles of BK
-    listed rows. The loads of tiles t+1 .. t+DEPTH (1 or 2) are in flight while tile t is
-    multiplied (loads do not block; only the FMAs wait for their tile)."""
-    acc2 = tl.zeros([BK, BN], dtype=tl.float32)
-    p = lo + tl.arange(0, BK)
-    v, w = _load_tile(idx_ptr, val_ptr, w_ptr, p, hi, row_stride, cmask, BN)
-    if DEPTH == 1:
-        pn = p + BK
-        for _p0 in range(lo + BK, hi + BK, BK):
-            vn, wn = _load_tile(idx_ptr, val_ptr, w_ptr, pn, hi, row_stride, cmask, BN)
-            acc2 += v[:, None] * w.to(tl.float32)
-            v = vn
-            w = wn
-            pn = pn + BK
-    else:
-        v1, w1 = _load_tile(idx_ptr, val_ptr, w_ptr, p + BK, hi, row_stride, cmask, BN)
-        pn = p + 2 * BK
-        for _p0 in range(lo + BK, hi + BK, BK):  # one tile consumed per iteration
-            vn, wn = _load_tile(idx_ptr, val_ptr, w_ptr, pn, hi, row_stride, cmask, BN)
-            acc2 += v[:, None] * w.to(tl.float32)
-            v = v1
-            w = w1
-            v1 = vn
-            w1 = wn
-            pn = pn + BK
+    pn = p + BK
+    rn = tl.load(idx_ptr + pn, mask=pn < hi, other=0)
+    for _p0 in range(lo + BK, hi + BK, BK):
+        pm = pn < hi
+        vn = tl.load(val_ptr + pn, mask=pm, other=0.0)
+        wn = tl.load(
+            w_ptr + rn.to(tl.int64)[:, None] * row_stride + wc[None, :],
+            mask=pm[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        pn2 = pn + BK
+        rn2 = tl.load(idx_ptr + pn2, mask=pn2 < hi, other=0)
+        acc2 += v[:, None] * w.to(tl.float32)
+        v = vn
+        w = wn
+        rn = rn2
+        pn = pn2
     return tl.sum(acc2, axis=0)
 
 
@@ -321,7 +303,6 @@ def _compact_gemv_kernel(
     PREFETCH: tl.constexpr,
     PDL: tl.constexpr = False,
     ASM: tl.constexpr = True,
-    DEPTH: tl.constexpr = 1,
 ):
     """y[b, n] = sum_p val[b, p] * Wt[idx[p], n] over the listed inputs p < cnt (``n_fixed``
     instead of cnt when >= 0).
@@ -354,9 +335,7 @@ def _compact_gemv_kernel(
     lo = pid_s * per
     hi = tl.minimum(lo + per, n_kept)
     if PREFETCH:
-        acc = _stream_rows(idx_ptr, val_ptr, w_ptr, lo, hi, row_stride, cmask, BK, BN, DEPTH)[
-            None, :
-        ]
+        acc = _stream_rows(idx_ptr, val_ptr, w_ptr, lo, hi, row_stride, cmask, BK, BN)[None, :]
     else:
         if USE_DOT:
             acc = tl.zeros([BB, BN], dtype=tl.float32)

@@ -68,7 +68,6 @@ class GemvConfig:
     radix: bool = True  # selection by radix histograms (False: bisection)
     bits_per_pass: int = 2  # bisection selection (radix=False): bits decided per pass
     prefetch: bool = True
-    depth: int = 2  # sparse, batch 1: weight tiles in flight ahead of the one multiplied (1-2)
     digit_bits: int = 5  # radix digit width: 2^digit_bits histogram bins per pass
     pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
 
@@ -235,8 +234,6 @@ def sparse_gemv(
     from ._gemv_triton import _compact_gemv_kernel
 
     cfg = cfg or GemvConfig()
-    if cfg.depth not in (1, 2):
-        raise ValueError(f"cfg.depth must be 1 or 2 (weight tiles in flight), got {cfg.depth}")
     if wt.dim() == 3:
         nblk, k_in, panel = wt.shape
         n = nblk * panel
@@ -299,7 +296,6 @@ def sparse_gemv(
         PREFETCH=cfg.prefetch and not use_dot,
         PDL=pdl,
         ASM=not interp,
-        DEPTH=cfg.depth,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **extra,
