@@ -107,6 +107,8 @@ def test_gemv_argument_errors():
         G.sparse_gemv(torch.randn(1, 15), wt)
     with pytest.raises(ValueError, match="k must be"):
         G.sparse_gemv(torch.randn(1, 16), wt, k=17)
+    with pytest.raises(ValueError, match="digit_bits"):
+        G.compact_rows(torch.randn(1, 16), 8, digit_bits=9)
     with pytest.raises(ValueError, match="int32"):
         G.ternary_gemv(torch.randn(1, 16), torch.zeros(1, 16, dtype=torch.int64), 1.0)
     with pytest.raises(ValueError, match="features"):

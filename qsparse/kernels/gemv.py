@@ -32,6 +32,11 @@ KEY_BITS = {torch.bfloat16: 15, torch.float16: 18, torch.float32: 31}
 def _radix_digits(dtype: torch.dtype, digit_bits: int = 8) -> tuple[int, int]:
     """(LOW, NDIG): the key bits that can be non-zero for ``dtype`` start at bit LOW and
     span NDIG ``digit_bits``-bit digits."""
+    if not 1 <= digit_bits <= 8:
+        raise ValueError(
+            f"digit_bits must be in [1, 8] (2^digit_bits histogram bins per radix pass), "
+            f"got {digit_bits}; 5 is the tuned default"
+        )
     bits = KEY_BITS[dtype]
     return 31 - bits, -(-bits // digit_bits)
 
