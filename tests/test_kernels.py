@@ -178,6 +178,17 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     x2 = torch.randn(2, 37)
     y2 = G.ternary_gemv(x2, p2, a2, 10, 8, G.GemvConfig(block_k=2, block_n=16))
     torch.testing.assert_close(y2, G.ternary_gemv_reference(x2, p2, a2, 10, 8), rtol=1e-4, atol=1e-4)
+    # the decode GEMVs run inside custom ops: dynamo traces a call whole (fullgraph=True)
+    xs = torch.randn(1, 80, dtype=torch.bfloat16)
+    wt32 = G.prepare_dense(wd, 32)
+
+    def decode_step(x):
+        cfg = G.GemvConfig(block_k=16, block_n=32)
+        y = G.sparse_gemv(x, wt32, 30, cfg, n_out=72)
+        return y + G.ternary_gemv(x, packed, alpha, 30, 8, G.GemvConfig(block_k=2, block_n=32))
+
+    got = torch.compile(decode_step, fullgraph=True, backend="eager")(xs)
+    torch.testing.assert_close(got, decode_step(xs))
     print("INTERPRETER OK")
     """
 )

@@ -220,6 +220,20 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     return sem
 
 
+def _panels(wt: torch.Tensor, cfg: GemvConfig) -> tuple[int, int, int, int, int, int]:
+    """(K, N (padded), block_n, row_stride, block_stride, programs per panel) of ``wt``."""
+    if wt.dim() == 3:
+        nblk, k_in, panel = wt.shape
+        block_n = min(cfg.block_n, panel)
+        if panel % block_n:
+            raise ValueError(f"cfg.block_n={cfg.block_n} must divide the panel width {panel} of wt")
+        return k_in, nblk * panel, block_n, panel, k_in * panel, panel // block_n
+    if wt.dim() == 2:
+        k_in, n = wt.shape
+        return k_in, n, cfg.block_n, n, cfg.block_n, 1
+    raise ValueError(f"wt must come from prepare_dense, got shape {tuple(wt.shape)}")
+
+
 def sparse_gemv(
     x: torch.Tensor,
     wt: torch.Tensor,
@@ -231,33 +245,105 @@ def sparse_gemv(
 ) -> torch.Tensor:
     """``y[B, N] = (x * M) @ W^T`` for ``x[B, K]`` and ``wt = prepare_dense(W)`` (``M``: top-``k``
     of |x| per row). Each program owns ``min(cfg.block_n, panel width)`` columns (which must
-    divide the panel width; a row-major ``wt`` counts as one panel). ``k=None`` (or ``k = K``) is a plain dense product (cuBLAS). ``rows``:
-    :func:`compact_rows` of ``(x, k)`` when already computed (the selection is then skipped).
-    ``n_out``: keep the first ``n_out`` columns (drops the panel padding)."""
-    import triton
-
-    from ._gemv_triton import _compact_gemv_kernel
-
+    divide the panel width; a row-major ``wt`` counts as one panel). ``k=None`` (or
+    ``k = K``) is a plain dense product (cuBLAS). ``rows``: :func:`compact_rows` of ``(x, k)``
+    when already computed (the selection is then skipped). ``n_out``: keep the first ``n_out``
+    columns (drops the panel padding). The kernels run inside the custom op
+    ``qsparse::sparse_gemv``, so ``torch.compile`` traces a call without a graph break."""
     cfg = cfg or GemvConfig()
-    if wt.dim() == 3:
-        nblk, k_in, panel = wt.shape
-        n = nblk * panel
-        block_n = min(cfg.block_n, panel)
-        if panel % block_n:
-            raise ValueError(f"cfg.block_n={cfg.block_n} must divide the panel width {panel} of wt")
-        row_stride, block_stride, ppp = panel, k_in * panel, panel // block_n
-    elif wt.dim() == 2:
-        (k_in, n), block_n = wt.shape, cfg.block_n
-        row_stride, block_stride, ppp = n, block_n, 1
-    else:
-        raise ValueError(f"wt must come from prepare_dense, got shape {tuple(wt.shape)}")
+    k_in, _, _, _, _, _ = _panels(wt, cfg)
     _check_x(x, k_in)
     _check_k(k, k_in)
     out_dtype = out_dtype or x.dtype
     if k is None or k == k_in:
         y = (x.to(wt.dtype) @ dense_layout(wt)).to(out_dtype)
         return y[:, :n_out] if n_out is not None else y
-    x = x.contiguous()
+    if cfg.use_dot is False and x.shape[0] > 1:
+        raise ValueError("cfg.use_dot=False supports batch 1 only")
+    idx, val, cnt = rows if rows is not None else (None, None, None)
+    y = sparse_gemv_op(x.contiguous(), wt, k, idx, val, cnt, out_dtype, *_sparse_cfg_args(cfg))
+    return y[:, :n_out] if n_out is not None else y
+
+
+def _sparse_cfg_args(cfg: GemvConfig) -> tuple:
+    use_dot = -1 if cfg.use_dot is None else int(cfg.use_dot)
+    return (
+        cfg.block_k,
+        cfg.block_n,
+        cfg.split,
+        cfg.num_warps,
+        cfg.num_stages,
+        cfg.select_warps,
+        use_dot,
+        cfg.radix,
+        cfg.bits_per_pass,
+        cfg.prefetch,
+        cfg.digit_bits,
+        cfg.pdl,
+    )
+
+
+@torch.library.custom_op("qsparse::sparse_gemv", mutates_args=())
+def sparse_gemv_op(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    k: int,
+    idx: torch.Tensor | None,
+    val: torch.Tensor | None,
+    cnt: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    block_k: int,
+    block_n: int,
+    split: int,
+    num_warps: int,
+    num_stages: int,
+    select_warps: int,
+    use_dot: int,
+    radix: bool,
+    bits_per_pass: int,
+    prefetch: bool,
+    digit_bits: int,
+    pdl: bool,
+) -> torch.Tensor:
+    """Sparse GEMV launch behind :func:`sparse_gemv` (validated arguments; ``use_dot`` -1:
+    auto). Returns [B, N (padded)] in ``out_dtype``."""
+    cfg = GemvConfig(
+        block_k=block_k,
+        block_n=block_n,
+        split=split,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        select_warps=select_warps,
+        use_dot=None if use_dot < 0 else bool(use_dot),
+        radix=radix,
+        bits_per_pass=bits_per_pass,
+        prefetch=prefetch,
+        digit_bits=digit_bits,
+        pdl=pdl,
+    )
+    rows = (idx, val, cnt) if idx is not None else None
+    return _sparse_gemv_launch(x, wt, k, cfg, out_dtype, rows)
+
+
+@sparse_gemv_op.register_fake
+def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, *cfg_args) -> torch.Tensor:
+    n = wt.shape[0] * wt.shape[2] if wt.dim() == 3 else wt.shape[1]
+    return x.new_empty((x.shape[0], n), dtype=out_dtype)
+
+
+def _sparse_gemv_launch(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    k: int,
+    cfg: GemvConfig,
+    out_dtype: torch.dtype,
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    import triton
+
+    from ._gemv_triton import _compact_gemv_kernel
+
+    k_in, n, block_n, row_stride, block_stride, ppp = _panels(wt, cfg)
     bsz = x.shape[0]
     interp = _interpreted(x)
     pdl = cfg.pdl and rows is None and _pdl_ok(x)
@@ -268,8 +354,6 @@ def sparse_gemv(
     )
     use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
     bb = max(16, triton.next_power_of_2(bsz)) if use_dot else 1
-    if not use_dot and bsz > 1:
-        raise ValueError("cfg.use_dot=False supports batch 1 only")
     split = max(1, cfg.split)
     # the interpreter casts to bf16/fp16 by truncation: it writes fp32
     y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
@@ -305,8 +389,7 @@ def sparse_gemv(
         num_stages=cfg.num_stages,
         **extra,
     )
-    y = y.to(out_dtype)
-    return y[:, :n_out] if n_out is not None else y
+    return y.to(out_dtype)
 
 
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
@@ -379,12 +462,10 @@ def ternary_gemv(
     column, for fused projections such as q|k|v). Two kernels: one program per row
     quantizes (and selects) and writes the int8 codes; the GEMV streams the packed weights
     once for the whole batch (on Hopper it starts during the first kernel, ``cfg.pdl``).
-    ``cfg`` default: :data:`TERNARY_CONFIG`, or :data:`TERNARY_SPARSE_CONFIG` with top-k.
+    ``cfg`` default: :data:`TERNARY_CONFIG`, or :data:`TERNARY_SPARSE_CONFIG` with top-k. The
+    kernels run inside the custom op ``qsparse::ternary_gemv`` (no ``torch.compile`` graph
+    break).
     """
-    import triton
-
-    from ._gemv_triton import _ternary_dp4a_kernel, _ternary_prep_kernel
-
     sparse_in = k is not None and x.dim() == 2 and k < x.shape[-1]
     cfg = cfg or (TERNARY_SPARSE_CONFIG if sparse_in else TERNARY_CONFIG)
     if packed.dtype != torch.int32 or packed.dim() != 2:
@@ -402,9 +483,62 @@ def ternary_gemv(
         )
     if act_bits is None:
         return ternary_gemv_reference(x, packed, alpha, k, None).to(out_dtype)
-    x = x.contiguous()
+    alpha_vec, alpha_f = _alpha_arg(alpha, packed.shape[1], x.device)
+    _radix_digits(x.dtype, cfg.digit_bits)  # validates digit_bits
+    return ternary_gemv_op(
+        x.contiguous(),
+        packed,
+        alpha_vec,
+        alpha_f,
+        -1 if k is None else k,
+        act_bits,
+        out_dtype,
+        cfg.block_k,
+        cfg.block_n,
+        cfg.num_warps,
+        cfg.num_stages,
+        cfg.select_warps,
+        cfg.digit_bits,
+        cfg.pdl,
+    )
+
+
+@torch.library.custom_op("qsparse::ternary_gemv", mutates_args=())
+def ternary_gemv_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    alpha_vec: torch.Tensor | None,
+    alpha_f: float,
+    k: int,
+    act_bits: int,
+    out_dtype: torch.dtype,
+    block_k: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    select_warps: int,
+    digit_bits: int,
+    pdl: bool,
+) -> torch.Tensor:
+    """Ternary GEMV launch behind :func:`ternary_gemv` (validated arguments; ``k`` -1: dense;
+    ``alpha_vec`` None: the scalar ``alpha_f``). Returns [B, N] in ``out_dtype``."""
+    import triton
+
+    from ._gemv_triton import _ternary_dp4a_kernel, _ternary_prep_kernel
+
+    cfg = GemvConfig(
+        block_k=block_k,
+        block_n=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        select_warps=select_warps,
+        digit_bits=digit_bits,
+        pdl=pdl,
+    )
+    g, n = packed.shape
+    k_in = x.shape[1]
+    k = None if k < 0 else k
     bsz = x.shape[0]
-    alpha_vec, alpha_f = _alpha_arg(alpha, n, x.device)
     interp = _interpreted(x)
     pdl = cfg.pdl and _pdl_ok(x)
     sparse = k is not None and k < k_in
@@ -453,6 +587,11 @@ def ternary_gemv(
         **extra,
     )
     return y.to(out_dtype)
+
+
+@ternary_gemv_op.register_fake
+def _ternary_gemv_fake(x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, *cfg_args):
+    return x.new_empty((x.shape[0], packed.shape[1]), dtype=out_dtype)
 
 
 def sparse_gemv_reference(x: torch.Tensor, wt: torch.Tensor, k: int | None = None) -> torch.Tensor:

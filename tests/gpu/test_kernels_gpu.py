@@ -214,3 +214,22 @@ def test_decode_gemvs_replay_in_a_cuda_graph():
         ]
         for out, ref in zip(outs, refs, strict=True):
             assert rel_err(out, ref[:, : out.shape[1]]) <= 1e-2
+
+
+def test_decode_gemvs_compile_without_graph_break():
+    w = fresh((3000, 2048), torch.bfloat16) * 0.02
+    wt = G.prepare_dense(w)
+    codes, alpha = G.ternarize(w)
+    packed = G.pack_ternary(codes)
+    k = 819
+
+    def step(x):
+        y = G.sparse_gemv(x, wt, k, n_out=3000)
+        return y + G.ternary_gemv(x, packed, alpha, k, 8)
+
+    x = fresh((1, 2048), torch.bfloat16)
+    got = torch.compile(step, fullgraph=True)(x)
+    ref = G.sparse_gemv_reference(x, wt, k)[:, :3000] + G.ternary_gemv_reference(
+        x, packed, alpha, k, 8
+    )
+    assert rel_err(got, ref) <= 1e-2
