@@ -109,6 +109,8 @@ def test_gemv_argument_errors():
         G.sparse_gemv(torch.randn(1, 16), wt, k=17)
     with pytest.raises(ValueError, match="digit_bits"):
         G.compact_rows(torch.randn(1, 16), 8, digit_bits=9)
+    with pytest.raises(ValueError, match="digit_bits"):
+        G.sparse_gemv(torch.randn(1, 16), wt, 8, G.GemvConfig(digit_bits=0))
     with pytest.raises(ValueError, match="int32"):
         G.ternary_gemv(torch.randn(1, 16), torch.zeros(1, 16, dtype=torch.int64), 1.0)
     with pytest.raises(ValueError, match="features"):

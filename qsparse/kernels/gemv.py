@@ -260,6 +260,7 @@ def sparse_gemv(
         return y[:, :n_out] if n_out is not None else y
     if cfg.use_dot is False and x.shape[0] > 1:
         raise ValueError("cfg.use_dot=False supports batch 1 only")
+    _radix_digits(x.dtype, cfg.digit_bits)  # validates digit_bits
     idx, val, cnt = rows if rows is not None else (None, None, None)
     y = sparse_gemv_op(x.contiguous(), wt, k, idx, val, cnt, out_dtype, *_sparse_cfg_args(cfg))
     return y[:, :n_out] if n_out is not None else y
