@@ -18,6 +18,7 @@ device). The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,12 @@ def _radix_digits(dtype: torch.dtype, digit_bits: int = 8) -> tuple[int, int]:
 
 def _pdl_ok(x: torch.Tensor) -> bool:
     """Programmatic dependent launch: Hopper or newer, and a Triton that can launch it."""
-    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9:
+    return x.device.type == "cuda" and _pdl_device_ok(x.device.index or 0)
+
+
+@functools.cache
+def _pdl_device_ok(index: int) -> bool:
+    if torch.cuda.get_device_capability(index)[0] < 9:
         return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
