@@ -208,3 +208,12 @@ def test_kernels_match_references_in_the_triton_interpreter():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "INTERPRETER OK" in proc.stdout
+
+
+def test_gemv_config_round_trips_through_the_custom_op_encoding():
+    for cfg in (
+        G.GemvConfig(),
+        G.GemvConfig(use_dot=True, radix=False, pdl=False),
+        G.TERNARY_CONFIG,
+    ):
+        assert G._cfg_from_ints(G._cfg_ints(cfg)) == cfg

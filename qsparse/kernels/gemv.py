@@ -19,7 +19,7 @@ device). The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,22 @@ class GemvConfig:
 TERNARY_CONFIG = GemvConfig(block_k=64, block_n=16, num_warps=2, num_stages=3)
 #: ... and with top-k (the longer activation kernel hides more weight loads behind it)
 TERNARY_SPARSE_CONFIG = GemvConfig(block_k=128, block_n=32, num_warps=4, num_stages=3)
+
+
+def _cfg_ints(cfg: GemvConfig) -> list[int]:
+    """``cfg`` as the int list the custom ops take (field order; None -> -1, bools -> 0/1)."""
+    return [-1 if v is None else int(v) for v in (getattr(cfg, f.name) for f in fields(cfg))]
+
+
+def _cfg_from_ints(vals: list[int]) -> GemvConfig:
+    """Inverse of :func:`_cfg_ints` (a field whose default is None or a bool reads back so)."""
+    out = {}
+    for f, v in zip(fields(GemvConfig), vals, strict=True):
+        if f.default is None:
+            out[f.name] = None if v < 0 else bool(v)
+        else:
+            out[f.name] = bool(v) if isinstance(f.default, bool) else v
+    return GemvConfig(**out)
 
 
 def _check_x(x: torch.Tensor, k_in: int) -> None:
@@ -268,26 +284,8 @@ def sparse_gemv(
         raise ValueError("cfg.use_dot=False supports batch 1 only")
     _radix_digits(x.dtype, cfg.digit_bits)  # validates digit_bits
     idx, val, cnt = rows if rows is not None else (None, None, None)
-    y = sparse_gemv_op(x.contiguous(), wt, k, idx, val, cnt, out_dtype, *_sparse_cfg_args(cfg))
+    y = sparse_gemv_op(x.contiguous(), wt, k, idx, val, cnt, out_dtype, _cfg_ints(cfg))
     return y[:, :n_out] if n_out is not None else y
-
-
-def _sparse_cfg_args(cfg: GemvConfig) -> tuple:
-    use_dot = -1 if cfg.use_dot is None else int(cfg.use_dot)
-    return (
-        cfg.block_k,
-        cfg.block_n,
-        cfg.split,
-        cfg.num_warps,
-        cfg.num_stages,
-        cfg.select_warps,
-        use_dot,
-        cfg.radix,
-        cfg.bits_per_pass,
-        cfg.prefetch,
-        cfg.digit_bits,
-        cfg.pdl,
-    )
 
 
 @torch.library.custom_op("qsparse::sparse_gemv", mutates_args=())
@@ -299,41 +297,16 @@ def sparse_gemv_op(
     val: torch.Tensor | None,
     cnt: torch.Tensor | None,
     out_dtype: torch.dtype,
-    block_k: int,
-    block_n: int,
-    split: int,
-    num_warps: int,
-    num_stages: int,
-    select_warps: int,
-    use_dot: int,
-    radix: bool,
-    bits_per_pass: int,
-    prefetch: bool,
-    digit_bits: int,
-    pdl: bool,
+    cfg: list[int],
 ) -> torch.Tensor:
-    """Sparse GEMV launch behind :func:`sparse_gemv` (validated arguments; ``use_dot`` -1:
-    auto). Returns [B, N (padded)] in ``out_dtype``."""
-    cfg = GemvConfig(
-        block_k=block_k,
-        block_n=block_n,
-        split=split,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        select_warps=select_warps,
-        use_dot=None if use_dot < 0 else bool(use_dot),
-        radix=radix,
-        bits_per_pass=bits_per_pass,
-        prefetch=prefetch,
-        digit_bits=digit_bits,
-        pdl=pdl,
-    )
+    """Sparse GEMV launch behind :func:`sparse_gemv` (validated arguments; ``cfg``:
+    :func:`_cfg_ints`). Returns [B, N (padded)] in ``out_dtype``."""
     rows = (idx, val, cnt) if idx is not None else None
-    return _sparse_gemv_launch(x, wt, k, cfg, out_dtype, rows)
+    return _sparse_gemv_launch(x, wt, k, _cfg_from_ints(cfg), out_dtype, rows)
 
 
 @sparse_gemv_op.register_fake
-def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, *cfg_args) -> torch.Tensor:
+def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, cfg) -> torch.Tensor:
     n = wt.shape[0] * wt.shape[2] if wt.dim() == 3 else wt.shape[1]
     return x.new_empty((x.shape[0], n), dtype=out_dtype)
 
@@ -500,13 +473,7 @@ def ternary_gemv(
         -1 if k is None else k,
         act_bits,
         out_dtype,
-        cfg.block_k,
-        cfg.block_n,
-        cfg.num_warps,
-        cfg.num_stages,
-        cfg.select_warps,
-        cfg.digit_bits,
-        cfg.pdl,
+        _cfg_ints(cfg),
     )
 
 
@@ -519,29 +486,16 @@ def ternary_gemv_op(
     k: int,
     act_bits: int,
     out_dtype: torch.dtype,
-    block_k: int,
-    block_n: int,
-    num_warps: int,
-    num_stages: int,
-    select_warps: int,
-    digit_bits: int,
-    pdl: bool,
+    cfg: list[int],
 ) -> torch.Tensor:
     """Ternary GEMV launch behind :func:`ternary_gemv` (validated arguments; ``k`` -1: dense;
-    ``alpha_vec`` None: the scalar ``alpha_f``). Returns [B, N] in ``out_dtype``."""
+    ``alpha_vec`` None: the scalar ``alpha_f``; ``cfg``: :func:`_cfg_ints`). Returns [B, N]
+    in ``out_dtype``."""
     import triton
 
     from ._gemv_triton import _ternary_dp4a_kernel, _ternary_prep_kernel
 
-    cfg = GemvConfig(
-        block_k=block_k,
-        block_n=block_n,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        select_warps=select_warps,
-        digit_bits=digit_bits,
-        pdl=pdl,
-    )
+    cfg = _cfg_from_ints(cfg)
     g, n = packed.shape
     k_in = x.shape[1]
     k = None if k < 0 else k
@@ -597,7 +551,7 @@ def ternary_gemv_op(
 
 
 @ternary_gemv_op.register_fake
-def _ternary_gemv_fake(x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, *cfg_args):
+def _ternary_gemv_fake(x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, cfg):
     return x.new_empty((x.shape[0], packed.shape[1]), dtype=out_dtype)
 
 
