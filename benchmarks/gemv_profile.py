@@ -36,7 +36,7 @@ def main() -> None:
     kin, n = 4096, 11008
     w = torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02
     wt = G.prepare_dense(w)
-    wt128 = G.prepare_dense(w, 128)
+    wt64 = G.prepare_dense(w, 64)
     codes, alpha = G.ternarize(w)
     packed = G.pack_ternary(codes)
     x = torch.randn(1, kin, device="cuda", dtype=torch.bfloat16)
@@ -51,15 +51,17 @@ def main() -> None:
         "list bisection 1 bit/pass 8w": lambda: G.compact_rows(x, k, 8, False, 1),
         "list bisection 2 bits/pass 8w": lambda: G.compact_rows(x, k, 8, False, 2),
         "select_rows 8w": lambda: G.select_rows(x, k, 8),
-        "sparse gemv excl": lambda: G.sparse_gemv(
-            x, wt, k, G.GemvConfig(block_k=128, block_n=64, num_warps=8), rows=rows
-        ),
-        "sparse gemv excl, 128-wide panels": lambda: G.sparse_gemv(
-            x, wt128, k, G.GemvConfig(block_k=128, block_n=64, num_warps=8), rows=rows
-        ),
+        "sparse gemv excl (row-major)": lambda: G.sparse_gemv(x, wt, k, rows=rows),
+        "sparse gemv excl, 64-wide panels": lambda: G.sparse_gemv(x, wt64, k, rows=rows),
         "ternary": lambda: G.ternary_gemv(x, packed, alpha, None, 8),
         "ternary sparse": lambda: G.ternary_gemv(x, packed, alpha, k, 8),
     }
+    for width in (2048, 4096, 5632, 8192, 11008):  # selection warps by row width
+        xw = torch.randn(1, width, device="cuda", dtype=torch.bfloat16)
+        for warps in (4, 8, 16, 32):
+            cases[f"list K={width} {warps}w"] = lambda xw=xw, w_=warps: G.compact_rows(
+                xw, int(0.4 * xw.shape[1]), w_
+            )
     for name, fn in cases.items():
         times = kernel_times(fn)
         parts = ", ".join(f"{kname}: {t:.2f}" for kname, t in times.items())

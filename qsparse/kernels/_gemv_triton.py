@@ -227,43 +227,6 @@ def _compact_kernel(
 
 
 @triton.jit
-def _stream_rows(
-    idx_ptr, val_ptr, w_ptr, lo, hi, row_stride, cmask, BK: tl.constexpr, BN: tl.constexpr
-):
-    """Batch 1: sum_p val[p] * W[idx[p], :BN] over lo <= p < hi -> fp32 [BN], in tiles of BK
-    listed rows; tile t+1's loads are issued before tile t's FMAs (loads do not block)."""
-    wc = tl.arange(0, BN)
-    acc2 = tl.zeros([BK, BN], dtype=tl.float32)
-    p = lo + tl.arange(0, BK)
-    pm = p < hi
-    r = tl.load(idx_ptr + p, mask=pm, other=0)
-    v = tl.load(val_ptr + p, mask=pm, other=0.0)
-    w = tl.load(
-        w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :],
-        mask=pm[:, None] & cmask[None, :],
-        other=0.0,
-    )
-    pn = p + BK
-    rn = tl.load(idx_ptr + pn, mask=pn < hi, other=0)
-    for _p0 in range(lo + BK, hi + BK, BK):
-        pm = pn < hi
-        vn = tl.load(val_ptr + pn, mask=pm, other=0.0)
-        wn = tl.load(
-            w_ptr + rn.to(tl.int64)[:, None] * row_stride + wc[None, :],
-            mask=pm[:, None] & cmask[None, :],
-            other=0.0,
-        )
-        pn2 = pn + BK
-        rn2 = tl.load(idx_ptr + pn2, mask=pn2 < hi, other=0)
-        acc2 += v[:, None] * w.to(tl.float32)
-        v = vn
-        w = wn
-        rn = rn2
-        pn = pn2
-    return tl.sum(acc2, axis=0)
-
-
-@triton.jit
 def _fence(t, ASM: tl.constexpr):
     """A GPU-scope memory fence in every thread (``__threadfence``); ``t``: any int32 tensor
     the thread holds. The interpreter runs programs one after another and needs none."""
@@ -300,7 +263,8 @@ def _compact_gemv_kernel(
     SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    STAGES: tl.constexpr,
+    CMASK: tl.constexpr = True,
     PDL: tl.constexpr = False,
     ASM: tl.constexpr = True,
 ):
@@ -334,37 +298,38 @@ def _compact_gemv_kernel(
     per = tl.cdiv(tl.cdiv(n_kept, SPLIT), BK) * BK
     lo = pid_s * per
     hi = tl.minimum(lo + per, n_kept)
-    if PREFETCH:
-        acc = _stream_rows(idx_ptr, val_ptr, w_ptr, lo, hi, row_stride, cmask, BK, BN)[None, :]
+    if USE_DOT:
+        acc = tl.zeros([BB, BN], dtype=tl.float32)
     else:
+        acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+    # software-pipelined (cp.async, STAGES tiles in flight; the idx load of a tile is issued a
+    # stage before its weight load, which depends on it)
+    for p0 in tl.range(lo, hi, BK, num_stages=STAGES):
+        p = p0 + tl.arange(0, BK)
+        pm = p < hi
+        r = tl.load(idx_ptr + p, mask=pm, other=0)
+        if CMASK:
+            wmask = pm[:, None] & cmask[None, :]
+        else:  # N is a multiple of BN: row masks only (keeps the loads vectorized)
+            wmask = pm[:, None]
+        w = tl.load(
+            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
+        )
         if USE_DOT:
-            acc = tl.zeros([BB, BN], dtype=tl.float32)
-        else:
-            acc2 = tl.zeros([BK, BN], dtype=tl.float32)
-        for p0 in range(lo, hi, BK):
-            p = p0 + tl.arange(0, BK)
-            pm = p < hi
-            r = tl.load(idx_ptr + p, mask=pm, other=0)
-            w = tl.load(
-                w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :],
-                mask=pm[:, None] & cmask[None, :],
+            v = tl.load(
+                val_ptr + rb[:, None] * K + p[None, :],
+                mask=(rb < B)[:, None] & pm[None, :],
                 other=0.0,
             )
-            if USE_DOT:
-                v = tl.load(
-                    val_ptr + rb[:, None] * K + p[None, :],
-                    mask=(rb < B)[:, None] & pm[None, :],
-                    other=0.0,
-                )
-                if DOT_F32:  # Triton's CPU interpreter mis-evaluates bf16 dots
-                    acc = tl.dot(v, w.to(tl.float32), acc)
-                else:
-                    acc = tl.dot(v.to(w.dtype), w, acc)
+            if DOT_F32:  # Triton's CPU interpreter mis-evaluates bf16 dots
+                acc = tl.dot(v, w.to(tl.float32), acc)
             else:
-                v = tl.load(val_ptr + p, mask=pm, other=0.0)
-                acc2 += v[:, None] * w.to(tl.float32)
-        if not USE_DOT:
-            acc = tl.sum(acc2, axis=0)[None, :]
+                acc = tl.dot(v.to(w.dtype), w, acc)
+        else:
+            v = tl.load(val_ptr + p, mask=pm, other=0.0)
+            acc2 += v[:, None] * w.to(tl.float32)
+    if not USE_DOT:
+        acc = tl.sum(acc2, axis=0)[None, :]
     out = y_ptr + rb[:, None] * N + cols[None, :]
     omask = (rb < B)[:, None] & cmask[None, :]
     if SPLIT == 1:

@@ -72,13 +72,12 @@ class GemvConfig:
     block_k: int = 128
     block_n: int = 64
     split: int = 1
-    num_warps: int = 8
-    num_stages: int = 3
-    select_warps: int = 8
+    num_warps: int = 4
+    num_stages: int = 3  # sparse: tiles in flight in the software-pipelined (cp.async) loop
+    select_warps: int = 0  # 0: by the padded row width (:func:`select_warps_for`)
     use_dot: bool | None = None
     radix: bool = True  # selection by radix histograms (False: bisection)
     bits_per_pass: int = 2  # bisection selection (radix=False): bits decided per pass
-    prefetch: bool = True
     digit_bits: int = 5  # radix digit width: 2^digit_bits histogram bins per pass
     pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
 
@@ -87,6 +86,16 @@ class GemvConfig:
 TERNARY_CONFIG = GemvConfig(block_k=64, block_n=16, num_warps=2, num_stages=3)
 #: ... and with top-k (the longer activation kernel hides more weight loads behind it)
 TERNARY_SPARSE_CONFIG = GemvConfig(block_k=128, block_n=32, num_warps=4, num_stages=3)
+
+
+def select_warps_for(width: int, warps: int = 0) -> int:
+    """Warps of the one-program selection kernels for rows of ``width`` inputs: ``warps`` if
+    set, else one per 512 padded inputs, 8 to 16 (measured on an H100, benchmarks/README.md)."""
+    if warps:
+        return warps
+    import triton
+
+    return max(8, min(16, triton.next_power_of_2(width) // 512))
 
 
 def _cfg_ints(cfg: GemvConfig) -> list[int]:
@@ -157,7 +166,7 @@ def select_rows(
 def compact_rows(
     x: torch.Tensor,
     k: int,
-    num_warps: int = 8,
+    num_warps: int = 0,
     radix: bool = True,
     bits_per_pass: int = 2,
     digit_bits: int = 5,
@@ -195,16 +204,18 @@ def compact_rows(
         BPP=1 if x.dtype == torch.float32 else bits_per_pass,
         DBITS=digit_bits,
         PDL=pdl and _pdl_ok(x),
-        num_warps=num_warps,
+        num_warps=select_warps_for(width, num_warps),
     )
     return idx, val, cnt
 
 
-def prepare_dense(weight: torch.Tensor, block_n: int | None = 64) -> torch.Tensor:
+def prepare_dense(weight: torch.Tensor, block_n: int | None = None) -> torch.Tensor:
     """``nn.Linear.weight`` [N, K] -> the layout :func:`sparse_gemv` reads.
 
-    ``block_n`` set: column panels ``[ceil(N / block_n), K, block_n]`` (zero-padded), so the
-    kept rows one program reads lie in one contiguous panel; ``None``: row-major ``Wt`` [K, N].
+    ``None`` (default, fastest on an H100): row-major ``Wt`` [K, N], so a kept input's weights
+    are one contiguous row and the programs reading it together cover it whole; ``block_n``
+    set: column panels ``[ceil(N / block_n), K, block_n]`` (zero-padded), so the kept rows one
+    program reads lie in one contiguous panel.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be [out_features, in_features], got {tuple(weight.shape)}")
@@ -362,7 +373,8 @@ def _sparse_gemv_launch(
         SPLIT=split,
         USE_DOT=use_dot,
         DOT_F32=interp,
-        PREFETCH=cfg.prefetch and not use_dot,
+        STAGES=cfg.num_stages,
+        CMASK=n % block_n != 0,
         PDL=pdl,
         ASM=not interp,
         num_warps=cfg.num_warps,
@@ -522,7 +534,7 @@ def ternary_gemv_op(
         NDIG=ndig,
         DBITS=cfg.digit_bits,
         PDL=pdl,
-        num_warps=cfg.select_warps,
+        num_warps=select_warps_for(k_in, cfg.select_warps),
     )
     y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
     extra = {"launch_pdl": True} if pdl else {}

@@ -133,6 +133,23 @@ def test_sparse_gemv(batch, k_frac, split, pdl):
         x = fresh((batch, 4096), torch.bfloat16, ties=True)
 
 
+@pytest.mark.parametrize("n", [5460, 3000])
+@pytest.mark.parametrize("layout", [None, 64])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("stages", [1, 3])
+def test_sparse_gemv_ragged_columns_and_layouts(n, layout, batch, stages):
+    """Column counts that are not a multiple of block_n (masked columns), both weight layouts,
+    with and without the software-pipelined loop."""
+    w = fresh((n, 2048), torch.bfloat16) * 0.02
+    wt = G.prepare_dense(w, layout)
+    x = fresh((batch, 2048), torch.bfloat16, ties=True)
+    cfg = G.GemvConfig(num_stages=stages)
+    y = G.sparse_gemv(x, wt, 819, cfg, n_out=n)
+    ref = G.sparse_gemv_reference(x, G.prepare_dense(w, None), 819)
+    assert y.shape == (batch, n)
+    assert rel_err(y, ref) <= 1e-2
+
+
 def test_select_rows_matches_mask():
     x = fresh((8, 5460), torch.bfloat16, ties=True)
     k = 2184
