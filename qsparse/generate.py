@@ -21,12 +21,20 @@ The kernels run on CUDA (sparse input at batch 1, ternary up to 16 tokens); else
 kernels do not cover: block top-k, quantized top-k on float weights, rescaling) the model's own
 sparsifier modules and quantized weights compute the same function. On CUDA the whole step
 (embedding to argmax) is captured once in a CUDA graph and replayed per token.
+
+``compile=True`` (or a backend name) runs the step through ``torch.compile(fullgraph=True,
+dynamic=False)`` first, so inductor fuses the small element-wise kernels around the GEMVs (norms,
+RoPE, residual adds, ``act(g) * u``) before the capture; the GEMV kernels are custom ops
+(``qsparse::sparse_gemv``, ``qsparse::ternary_gemv``) and trace without a graph break. The
+compiled step is specialised to one (batch, prompt + new tokens) shape: a new shape compiles again.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +45,22 @@ from .kernels import HAS_TRITON
 from .kernels import gemv as G
 
 MODES = ("dense", "qsparse", "bitnet", "bitnet_qsparse")
+
+
+def compile_backend(compile: bool | str | None) -> str | None:
+    """Resolve the ``compile`` argument of :class:`DecodeEngine`: ``False``/``None`` -> None
+    (eager step), ``True`` -> ``"inductor"``, a ``torch.compile`` backend name -> itself."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return "inductor"
+    if isinstance(compile, str) and compile in torch._dynamo.list_backends(exclude_tags=()):
+        return compile
+    raise ValueError(
+        f"compile={compile!r} must be False/None (off), True (= 'inductor') or a torch.compile "
+        "backend name: 'inductor', 'aot_eager', 'eager', ... "
+        "(torch._dynamo.list_backends(exclude_tags=()))"
+    )
 
 
 def convert(model: nn.Module, mode: str, sparsity: float = 0.6) -> nn.Module:
@@ -63,7 +87,8 @@ def _rope_theta(config) -> float:
         if params.get("rope_type", "default") != "default":
             raise ValueError(f"rope_parameters.rope_type={params['rope_type']!r} is not supported")
         theta = params.get("rope_theta")
-    if getattr(config, "rope_scaling", None):
+    scaling = getattr(config, "rope_scaling", None)  # transformers 5: an alias of rope_parameters
+    if scaling and not (isinstance(scaling, dict) and scaling.get("rope_type") == "default"):
         raise ValueError("config.rope_scaling is not supported by qsparse.generate")
     return float(theta if theta is not None else 10000.0)
 
@@ -139,6 +164,22 @@ class _Projection(nn.Module):
         return G.ternary_gemv(x, self.packed, self.alpha, self.k, self.act_bits)
 
 
+def _decode_step(engine: DecodeEngine) -> torch.Tensor:
+    return engine.step()
+
+
+def _compile_step(backend: str):
+    """``torch.compile`` of a private copy of :func:`_decode_step`, called with the engine.
+
+    Dynamo keeps compiled graphs, and counts recompiles against ``recompile_limit`` (default
+    8; ``fullgraph=True`` fails past it), per code object: compiling ``engine.step`` itself
+    would share one budget among every engine and buffer shape in the process. A fresh code
+    object per engine and shape gets its own cache, freed with it."""
+    code = _decode_step.__code__.replace(co_name=_decode_step.__name__)  # a new code object
+    fn = types.FunctionType(code, _decode_step.__globals__, _decode_step.__name__)
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+
+
 @dataclass
 class DecodeResult:
     """``tokens`` [B, T + n] (prompt then generated); ``decode_s``: seconds spent generating
@@ -156,10 +197,21 @@ class DecodeEngine(nn.Module):
         model: HF or qsparse ``LlamaForCausalLM`` (after :func:`qsparse.sparsify` or not).
         use_kernels: use the Triton GEMV kernels where they apply (CUDA + Triton).
         cuda_graph: capture the one-token step in a CUDA graph (CUDA only).
+        compile: ``False``/``None`` (eager step), ``True`` (= ``"inductor"``) or a
+            ``torch.compile`` backend name (``"inductor"``, ``"aot_eager"``, ``"eager"``, ...):
+            :meth:`step` runs through ``torch.compile(fullgraph=True, dynamic=False)``, also
+            inside the CUDA graph (compiled in the warm-up steps before the capture).
     """
 
-    def __init__(self, model: nn.Module, use_kernels: bool = True, cuda_graph: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        use_kernels: bool = True,
+        cuda_graph: bool = True,
+        compile: bool | str | None = False,
+    ):
         super().__init__()
+        self.compile_backend = compile_backend(compile)
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
             raise ValueError(
@@ -195,7 +247,10 @@ class DecodeEngine(nn.Module):
             self.layers.append(block)
         self.head_dim = self.layers[0].qkv.sizes[0] // self.num_heads
         self.cuda_graph = bool(cuda_graph and self.device.type == "cuda")
+        if self.cuda_graph and self.compile_backend == "cudagraphs":
+            raise ValueError("compile='cudagraphs' captures its own graphs: use cuda_graph=False")
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._compiled = None  # compiled step (see _compile_step), built per buffer shape
         self._shape: tuple[int, int] | None = None
 
     # -- one step -----------------------------------------------------------------------------
@@ -216,6 +271,7 @@ class DecodeEngine(nn.Module):
         self.history = torch.zeros(batch, max_len, dtype=torch.long, device=dev)
         self._shape = (batch, max_len)
         self._graph = None
+        self._compiled = None  # new shapes: compile again, with a recompile budget of its own
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -256,25 +312,34 @@ class DecodeEngine(nn.Module):
         self.pos.add_(1)
         return logits
 
+    def _step_fn(self):
+        """The one-token step to run: :meth:`step`, or its compiled version (built lazily)."""
+        if self.compile_backend is None:
+            return self.step
+        if self._compiled is None:
+            self._compiled = _compile_step(self.compile_backend)
+        return functools.partial(self._compiled, self)
+
     def _run_step(self) -> None:
+        step = self._step_fn()
         if not self.cuda_graph:
-            self.step()
+            step()
             return
         if self._graph is None:
             saved = (self.pos.clone(), self.tok.clone())
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # compile kernels, warm cuBLAS outside the capture
+                for _ in range(2):  # compile kernels (and the step), warm cuBLAS before capture
                     self.pos.copy_(saved[0])
                     self.tok.copy_(saved[1])
-                    self.step()
+                    step()
             torch.cuda.current_stream().wait_stream(stream)
             self.pos.copy_(saved[0])
             self.tok.copy_(saved[1])
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.step()
+                step()
             self._graph = graph
             self.pos.copy_(saved[0])
             self.tok.copy_(saved[1])
@@ -318,7 +383,8 @@ def generate(
     max_new_tokens: int,
     use_kernels: bool = True,
     cuda_graph: bool = True,
+    compile: bool | str | None = False,
 ) -> DecodeResult:
     """Greedy decoding of ``input_ids`` [B, T] with :class:`DecodeEngine` (see module doc)."""
-    engine = DecodeEngine(model, use_kernels=use_kernels, cuda_graph=cuda_graph)
+    engine = DecodeEngine(model, use_kernels=use_kernels, cuda_graph=cuda_graph, compile=compile)
     return engine.generate(input_ids, max_new_tokens)

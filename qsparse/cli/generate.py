@@ -6,6 +6,8 @@ Examples::
     qsparse-generate --preset 1.3B --mode all --batch 1 --new-tokens 128
     # continue a prompt with an exported checkpoint folder (its own qsparse settings)
     qsparse-generate --checkpoint out/export --prompt "The capital of France is"
+    # the same with the step compiled by torch.compile (inductor) before the CUDA-graph capture
+    qsparse-generate --preset 1.3B --mode all --compile
 
 For each mode the same random weights (same seed) are converted with :func:`qsparse.sparsify`
 and decoded by :class:`qsparse.generate.DecodeEngine`; the table reports tokens/s and the ratio
@@ -20,7 +22,7 @@ import sys
 
 import torch
 
-from ..generate import MODES, DecodeEngine, convert
+from ..generate import MODES, DecodeEngine, compile_backend, convert
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -44,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-kernels", action="store_true", help="PyTorch reference projections")
     ap.add_argument("--no-graph", action="store_true", help="do not capture CUDA graphs")
+    ap.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the decode step (fullgraph, static shapes); BACKEND defaults to "
+        "inductor (aot_eager, eager: debugging)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     return ap
 
@@ -59,6 +70,10 @@ def _validate(args: argparse.Namespace) -> list[str]:
         raise SystemExit(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.prompt and not args.checkpoint:
         raise SystemExit("--prompt needs --checkpoint (a folder with a tokenizer)")
+    try:
+        compile_backend(args.compile)
+    except ValueError as err:
+        raise SystemExit(f"--compile: {err}") from None
     if args.mode == "all":
         return ["checkpoint"] if args.checkpoint else list(MODES)
     modes = args.mode.split(",")
@@ -104,8 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             gen = torch.Generator().manual_seed(args.seed)
             ids = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=gen)
-        engine = DecodeEngine(model, use_kernels=not args.no_kernels, cuda_graph=not args.no_graph)
-        engine.generate(ids, 4)  # warm-up: kernel compilation and graph capture
+        engine = DecodeEngine(
+            model,
+            use_kernels=not args.no_kernels,
+            cuda_graph=not args.no_graph,
+            compile=args.compile,
+        )
+        # warm-up: kernel compilation and graph capture; the compiled step is specialised to
+        # the (batch, length) shape, so with --compile warm up at the timed shape (compile once)
+        engine.generate(ids, args.new_tokens if args.compile else 4)
         res = engine.generate(ids, args.new_tokens)
         if mode == "dense":
             dense_tps = res.tokens_per_s
@@ -121,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     src = args.checkpoint or f"preset {args.preset} (random weights)"
     print(
         f"\n{src}, {args.dtype}, batch {args.batch}, {args.new_tokens} new tokens, "
-        f"kernels={'off' if args.no_kernels else 'on'}, cuda_graph={not args.no_graph}"
+        f"kernels={'off' if args.no_kernels else 'on'}, cuda_graph={not args.no_graph}, "
+        f"compile={args.compile or 'off'}"
     )
     print("| mode | tokens/s | vs dense |\n| --- | --- | --- |")
     for mode, tps, ratio in rows:
