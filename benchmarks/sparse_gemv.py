@@ -120,13 +120,7 @@ def main() -> None:
     for batch, s in [(1, 0.6), (1, 0.5), (1, 0.7), (1, 0.8), (2, 0.6), (4, 0.6), (8, 0.6)]:
         x = torch.randn(batch, kin, device="cuda", dtype=torch.bfloat16)
         k = int(round((1 - s) * kin))
-        cfg = (
-            best
-            if batch == 1
-            else G.GemvConfig(
-                block_k=32, block_n=64, num_warps=4, radix=best.radix, digit_bits=best.digit_bits
-            )
-        )
+        cfg = best if batch == 1 else G.sparse_config_for(kin, args.out_features, k, batch)
         t_dense = time_graph(dense_calls(x))
         panel = best_panel if batch == 1 else None
         t_sp = time_graph(sparse_calls(x, k, cfg, panel=panel))
@@ -149,5 +143,38 @@ def main() -> None:
         )
 
 
+def _shape_row(name: str, kin: int, n: int) -> None:
+    """One projection shape at S=0.6, batch 1, with the launch shape sparse_config_for picks."""
+    copies = max(8, int(120e6 // (kin * n * 2)))  # > 2x the 50 MB L2 in all
+    ws = [torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    wts = [G.prepare_dense(w) for w in ws]
+    x = torch.randn(1, kin, device="cuda", dtype=torch.bfloat16)
+    k = int(round(0.4 * kin))
+    rows = G.compact_rows(x, k)
+    t_dense = time_graph([lambda w=w: F.linear(x, w) for w in ws])
+    t_in = time_graph([lambda wt=wt: G.sparse_gemv(x, wt, k, n_out=n) for wt in wts])
+    t_ex = time_graph([lambda wt=wt: G.sparse_gemv(x, wt, k, rows=rows, n_out=n) for wt in wts])
+    cells = [f"{t_dense:.1f}", f"{t_in:.1f}", f"{t_ex:.1f}"]
+    ratios = [f"{t_dense / t_in:.2f}x", f"{t_dense / t_ex:.2f}x"]
+    print(row(name, f"{kin} -> {n}", *cells, *ratios), flush=True)
+    print(f"RATIO sparse_gemv_1.3B_{name} incl_topk {t_dense / t_in:.2f} excl {t_dense / t_ex:.2f}")
+
+
+def decode_shapes() -> None:
+    """The four projection shapes of the 1.3B preset (hidden 2048, FFN 5460)."""
+    head = ["projection", "K -> N", "cuBLAS dense us", "sparse incl. us", "sparse excl. us"]
+    print(row(*head, "speed-up incl.", "speed-up excl."))
+    print(row(*["---"] * 7))
+    for name, kin, n in [
+        ("qkv", 2048, 6144),
+        ("o", 2048, 2048),
+        ("gate_up", 2048, 10920),
+        ("down", 5460, 2048),
+    ]:
+        _shape_row(name, kin, n)
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     main()
+    decode_shapes()

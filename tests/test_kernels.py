@@ -82,6 +82,20 @@ def test_ternarize_matches_absmean_reference():
     torch.testing.assert_close(codes.float() * alpha, absmean_ternarize(w, ste=False))
 
 
+def test_sparse_config_follows_the_measured_shape_rule():
+    cfg = G.sparse_config_for(4096, 11008, 1638)  # 172 programs of 64 columns
+    assert (cfg.block_n, cfg.split) == (64, 1)
+    cfg = G.sparse_config_for(2048, 6144, 819)  # 96 programs of 64: use 32 columns
+    assert (cfg.block_n, cfg.split) == (32, 1)
+    cfg = G.sparse_config_for(5460, 2048, 2184)  # 64 programs, long list: split it in 4
+    assert (cfg.block_n, cfg.split) == (32, 4)
+    assert G.sparse_config_for(4096, 11008, 1638, batch=4).block_k == 32
+    assert G.select_warps_for(4096) == 8 and G.select_warps_for(5460) == 16
+    assert G.select_warps_for(5460, 4) == 4
+    with pytest.raises(ValueError, match="align"):
+        G.prepare_dense(torch.zeros(4, 4), align=0)
+
+
 def test_gemv_references_against_hand_computation():
     torch.manual_seed(0)
     w = torch.randn(24, 40, dtype=torch.float64)
@@ -90,8 +104,11 @@ def test_gemv_references_against_hand_computation():
     mask = torch.zeros_like(x, dtype=torch.bool)
     for b in range(3):  # hand top-k: sort by |x| descending, first k
         mask[b, x[b].abs().argsort(descending=True)[:k]] = True
-    y = G.sparse_gemv_reference(x, G.prepare_dense(w, None), k)
+    y = G.sparse_gemv_reference(x, G.prepare_dense(w, None, align=1), k)
     torch.testing.assert_close(y, (x * mask) @ w.t())
+    yp = G.sparse_gemv_reference(x, G.prepare_dense(w), k)  # 24 columns padded to 64 (zeros)
+    assert yp.shape == (3, 64) and torch.equal(yp[:, 24:], torch.zeros(3, 40, dtype=yp.dtype))
+    torch.testing.assert_close(yp[:, :24], y)
     codes, alpha = G.ternarize(w)
     packed = G.pack_ternary(codes)
     yt = G.ternary_gemv_reference(x, packed, alpha, k, 8)
@@ -155,10 +172,11 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     for b in (1, 3):
         x = ((torch.randn(b, 80) * 3).round() / 2).to(torch.bfloat16)  # many ties
         for k in (None, 30, 1):
-            r = G.sparse_gemv_reference(x, G.prepare_dense(wd, None), k)
-            # 3: fp32 atomics across programs; 64: two programs share each 64-wide panel
-            for split, layout in ((1, 32), (3, 32), (1, None), (1, 64)):
-                wt = G.prepare_dense(wd, layout)  # panels (72 -> 96 or 128 columns) or row-major
+            r = G.sparse_gemv_reference(x, G.prepare_dense(wd, None, align=1), k)
+            # 3: split list summed by the last program; 64: two programs share each 64-wide
+            # panel; None: row-major padded to 128 columns, or (align 1) with masked columns
+            for split, layout, align in ((1, 32, 64), (3, 32, 64), (1, None, 64), (1, None, 1), (1, 64, 64)):
+                wt = G.prepare_dense(wd, layout, align)
                 cfg = G.GemvConfig(block_k=16, block_n=32, split=split)
                 y = G.sparse_gemv(x, wt, k, cfg, n_out=72)
                 torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
@@ -180,6 +198,10 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     x2 = torch.randn(2, 37)
     y2 = G.ternary_gemv(x2, p2, a2, 10, 8, G.GemvConfig(block_k=2, block_n=16))
     torch.testing.assert_close(y2, G.ternary_gemv_reference(x2, p2, a2, 10, 8), rtol=1e-4, atol=1e-4)
+    for wt in (G.prepare_dense(wd), G.prepare_dense(wd, 96)):  # cfg=None: shape-chosen
+        y = G.sparse_gemv(x[:1], wt, 30, n_out=72)
+        r = G.sparse_gemv_reference(x[:1], G.prepare_dense(wd, None, align=1), 30)
+        torch.testing.assert_close(y, r, rtol=1e-2, atol=1e-2)
     # the decode GEMVs run inside custom ops: dynamo traces a call whole (fullgraph=True)
     xs = torch.randn(1, 80, dtype=torch.bfloat16)
     wt32 = G.prepare_dense(wd, 32)
@@ -217,3 +239,18 @@ def test_gemv_config_round_trips_through_the_custom_op_encoding():
         G.TERNARY_CONFIG,
     ):
         assert G._cfg_from_ints(G._cfg_ints(cfg)) == cfg
+
+
+def test_sparse_gemv_default_config_fits_the_panel_width(monkeypatch):
+    """cfg=None picks the launch shape from the weight: a program width dividing the panel."""
+    seen = []
+
+    def fake_op(*args):
+        seen.append(G._cfg_from_ints(args[-1]))
+        return torch.zeros(1, 128)
+
+    monkeypatch.setattr(G, "sparse_gemv_op", fake_op)
+    x = torch.randn(1, 80)
+    for layout, width in ((96, 32), (64, 32), (16, 16), (None, 32)):
+        G.sparse_gemv(x, G.prepare_dense(torch.randn(72, 80), layout), 30, n_out=72)
+        assert seen[-1].block_n == width

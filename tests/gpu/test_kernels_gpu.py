@@ -134,18 +134,18 @@ def test_sparse_gemv(batch, k_frac, split, pdl):
 
 
 @pytest.mark.parametrize("n", [5460, 3000])
-@pytest.mark.parametrize("layout", [None, 64])
+@pytest.mark.parametrize("layout,align", [(None, 64), (None, 1), (64, 64)])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("stages", [1, 3])
-def test_sparse_gemv_ragged_columns_and_layouts(n, layout, batch, stages):
-    """Column counts that are not a multiple of block_n (masked columns), both weight layouts,
-    with and without the software-pipelined loop."""
+def test_sparse_gemv_ragged_columns_and_layouts(n, layout, align, batch, stages):
+    """Column counts that are not a multiple of 64: padded row-major, unpadded row-major
+    (masked columns) and panels, with and without the software-pipelined loop."""
     w = fresh((n, 2048), torch.bfloat16) * 0.02
-    wt = G.prepare_dense(w, layout)
+    wt = G.prepare_dense(w, layout, align)
     x = fresh((batch, 2048), torch.bfloat16, ties=True)
     cfg = G.GemvConfig(num_stages=stages)
     y = G.sparse_gemv(x, wt, 819, cfg, n_out=n)
-    ref = G.sparse_gemv_reference(x, G.prepare_dense(w, None), 819)
+    ref = G.sparse_gemv_reference(x, G.prepare_dense(w, None, align=1), 819)
     assert y.shape == (batch, n)
     assert rel_err(y, ref) <= 1e-2
 
