@@ -141,6 +141,11 @@ class _Projection(nn.Module):
             a = ternary_scale(lin.weight, lin.eps)
             codes.append((lin.weight.detach().float() / a).round().clamp(-1, 1).to(torch.int8))
             alphas.append(torch.full((lin.out_features,), float(a), device=lin.weight.device))
+        # outputs padded with zero weights to a multiple of 64: an aligned row stride keeps the
+        # kernel's loads vectorized (sliced off again in forward)
+        pad = -sum(self.sizes) % 64
+        codes.append(codes[0].new_zeros(pad, codes[0].shape[1]))
+        alphas.append(alphas[0].new_zeros(pad))
         self.register_buffer("packed", G.pack_ternary(torch.cat(codes, 0)), persistent=False)
         self.register_buffer("alpha", torch.cat(alphas).float(), persistent=False)
         self.weight = None  # the packed codes replace the dequantized copy
@@ -152,8 +157,9 @@ class _Projection(nn.Module):
             return F.linear(x, self.weight)
         if self.mode == "reference" or not kernel_ok:
             if self.mode == "ternary" and self.weight is None:
-                w = G.unpack_ternary(self.packed, x.shape[-1]).to(x.dtype)
-                w = w * self.alpha[:, None].to(x.dtype)
+                n = sum(self.sizes)  # drop the padding outputs
+                w = G.unpack_ternary(self.packed, x.shape[-1])[:n].to(x.dtype)
+                w = w * self.alpha[:n, None].to(x.dtype)
             else:
                 w = self.weight
             return F.linear(self.site(x) if self.site is not None else x, w)
@@ -161,7 +167,8 @@ class _Projection(nn.Module):
             x = self.site.norm(x)
         if self.mode == "sparse":
             return G.sparse_gemv(x, self.wt, self.k, n_out=sum(self.sizes))
-        return G.ternary_gemv(x, self.packed, self.alpha, self.k, self.act_bits)
+        y = G.ternary_gemv(x, self.packed, self.alpha, self.k, self.act_bits)
+        return y[:, : sum(self.sizes)]
 
 
 def _decode_step(engine: DecodeEngine) -> torch.Tensor:

@@ -48,13 +48,19 @@ def test_engine_gqa_and_rerun_same_shape():
 
 def test_packed_ternary_projection_fallback_equals_dequantized():
     model = convert(tiny(), "bitnet_qsparse", sparsity=0.5)
-    attn = model.model.layers[0].self_attn
-    lins = [attn.q_proj, attn.k_proj, attn.v_proj]
-    ref = _Projection(attn.qsparse_input, lins, use_kernels=False)
-    packed = _Projection(attn.qsparse_input, lins, use_kernels=True)
-    assert packed.mode == "ternary" and ref.mode == "reference"
-    x = torch.randn(3, 64)
-    torch.testing.assert_close(packed(x), ref(x), rtol=1e-5, atol=1e-5)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    sites = [
+        (attn.qsparse_input, [attn.q_proj, attn.k_proj, attn.v_proj], 128),
+        (mlp.qsparse_input, [mlp.gate_proj, mlp.up_proj], 352),  # packed padded to 384 outputs
+    ]
+    for site, lins, n in sites:
+        ref = _Projection(site, lins, use_kernels=False)
+        packed = _Projection(site, lins, use_kernels=True)
+        assert packed.mode == "ternary" and ref.mode == "reference"
+        assert packed.packed.shape[1] % 64 == 0
+        x = torch.randn(3, 64)
+        assert packed(x).shape == (3, n)
+        torch.testing.assert_close(packed(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_engine_rejects_bad_arguments():
