@@ -94,8 +94,9 @@ def _threshold_radix(
     need = k + tl.zeros([], dtype=tl.int32)
     for d in tl.static_range(NDIG):
         dig = (kp >> (DBITS * (NDIG - 1 - d))) & (NB - 1)
-        h = tl.histogram(tl.where(match, dig, 0), NB)
-        h = h - tl.where(bins == 0, BLOCK - n_match, 0)  # non-matching entries sat in bin 0
+        # masked: entries off the prefix are left out (not piled into one bin, which newer
+        # Triton lowers to same-address shared-memory atomics)
+        h = tl.histogram(dig, NB, mask=match)
         suf = n_match - tl.cumsum(h, axis=0) + h  # matching entries with digit >= j
         best = tl.max(tl.where(suf >= need, bins, 0), axis=0)
         # one reduction gives both: entries above the chosen bin (<< 16) and in it
