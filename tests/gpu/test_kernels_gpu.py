@@ -150,6 +150,18 @@ def test_sparse_gemv_ragged_columns_and_layouts(n, layout, align, batch, stages)
     assert rel_err(y, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("kin,n", [(2048, 6144), (2048, 2048), (2048, 10920), (5460, 2048)])
+def test_sparse_gemv_default_config_on_decode_shapes(kin, n):
+    """cfg=None (sparse_config_for): 32/64-column programs and the 4-way split list on the
+    1.3B projection shapes, padded row-major weights."""
+    w = fresh((n, kin), torch.bfloat16) * 0.02
+    x = fresh((1, kin), torch.bfloat16, ties=True)
+    k = int(0.4 * kin)
+    y = G.sparse_gemv(x, G.prepare_dense(w), k, n_out=n)
+    ref = G.sparse_gemv_reference(x, G.prepare_dense(w, None, align=1), k)
+    assert rel_err(y, ref) <= 1e-2
+
+
 def test_select_rows_matches_mask():
     x = fresh((8, 5460), torch.bfloat16, ties=True)
     k = 2184
