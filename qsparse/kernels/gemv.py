@@ -91,11 +91,13 @@ TERNARY_SPARSE_CONFIG = GemvConfig(block_k=128, block_n=32, num_warps=4, num_sta
 
 def sparse_config_for(k_in: int, n: int, k: int, batch: int = 1) -> GemvConfig:
     """Launch shape :func:`sparse_gemv` uses when given no ``cfg``, from the problem size
-    (``k_in`` inputs, ``n`` padded output columns, ``k`` kept inputs per row). Measured on an H100
-    at the 1.3B/7B decode shapes (benchmarks/README.md): 64 columns per program when that
-    still gives at least one program per SM (132), else 32; below 132 programs with at least
-    2048 kept rows, the list is split over 4 programs per column block (5460 -> 2048: 8.7
-    instead of 11.3 us). Batch > 1: tensor-core tiles of 32 kept rows."""
+    (``k_in`` inputs, ``n`` padded output columns, ``k`` kept inputs per row).
+
+    Measured on an H100 at batch 1 on the 1.3B preset's four projection shapes and on
+    4096 -> 11008 (benchmarks/README.md): 64 columns per program when that still gives at
+    least one program per SM (132), else 32; below 132 programs with at least 2048 kept rows,
+    the list is split over 4 programs per column block (5460 -> 2048: 8.7 instead of 11.3 us).
+    Batch > 1: tensor-core tiles of 32 kept rows."""
     if batch > 1:
         return GemvConfig(block_k=32, block_n=64, num_warps=4)
     block_n = 64 if n // 64 >= 132 else 32
