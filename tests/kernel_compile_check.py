@@ -1,0 +1,130 @@
+"""Compile every Triton kernel launch qsparse makes to sm_90 machine code, without a GPU.
+
+Run as a script (``tests/test_kernels.py`` does, in a subprocess): the public kernel entry
+points are called on CPU tensors with ``JITFunction.__getitem__`` replaced by a recorder, so
+each launch (arguments, constexprs, ``num_warps``/``num_stages``/``launch_pdl``) is captured
+instead of run; each distinct launch is then compiled by the installed Triton for
+``GPUTarget("cuda", 90, 32)`` (TTIR -> TTGIR -> LLVM -> PTX -> cubin with Triton's ptxas).
+This is what a Hopper user with the pinned torch/Triton would compile, so a kernel that the
+installed Triton cannot build fails here, on a CPU machine. Exit codes: 0 all compiled,
+1 a kernel failed, 3 this Triton has no NVIDIA backend or ptxas (nothing checked).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    get_ptxas(90).path  # noqa: B018  (raises when no ptxas ships with this Triton)
+except Exception as err:  # noqa: BLE001
+    print(f"no NVIDIA backend / ptxas in this Triton: {err}")
+    sys.exit(3)
+
+import qsparse.kernels.gemv as G  # noqa: E402
+from qsparse.kernels import _topk_triton as T  # noqa: E402
+from qsparse.kernels import quant as Q  # noqa: E402
+
+DTYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.int64: "i64",
+    torch.bool: "i1",
+}
+
+
+def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
+    """Every kernel launch of the decode GEMVs, the training top-k and the ternary weight."""
+    launches = []
+
+    def recorder(self, grid):
+        return lambda *args, **kw: launches.append((self, args, kw))
+
+    JITFunction.__getitem__ = recorder
+    G._pdl_ok = lambda x: True  # the Hopper launch path (programmatic dependent launch)
+    G._interpreted = lambda x: False  # inline PTX (dp4a, fence), bf16 dots
+    bf16 = torch.bfloat16
+    x1, x4 = torch.randn(1, 4096, dtype=bf16), torch.randn(4, 2048, dtype=bf16)
+    x5460 = torch.randn(1, 5460, dtype=bf16)
+    w = torch.randn(3000, 2048, dtype=bf16)
+    for wt, x, k, cfg in [
+        (G.prepare_dense(torch.randn(11008, 4096, dtype=bf16)), x1, 1638, None),  # 64 columns
+        (G.prepare_dense(torch.randn(2048, 5460, dtype=bf16)), x5460, 2184, None),  # split 4
+        (G.prepare_dense(w, None, 1), x4, 819, None),  # batch 4: dot, masked columns
+        (G.prepare_dense(w, 64), x4[:1], 819, G.GemvConfig(split=3)),  # panels, split list
+    ]:
+        G.sparse_gemv(x, wt, k, cfg)
+    codes, alpha = G.ternarize(torch.randn(5460, 2048))
+    packed = G.pack_ternary(codes)
+    for x, k in [(x4[:1], None), (x4[:1], 819), (x4, None), (x4, 819)]:
+        G.ternary_gemv(x, packed, alpha, k, 8)
+    G.select_rows(x4, 819)
+    for dtype in (bf16, torch.float32):
+        xt = torch.randn(64, 2048, dtype=dtype)
+        mask = torch.empty(64, 2048, dtype=torch.bool)
+        T.launch_token_topk(xt, torch.empty_like(xt), mask, 819, 127, 1e-5, True)
+        T.launch_token_topk(xt, torch.empty_like(xt), None, 819, 0, 1e-5, True)
+        T.launch_block_topk(xt, torch.empty_like(xt), mask, 16, 32, 0, 1e-5)
+    Q._launch(torch.randn(300, 70, dtype=bf16), 1e-5)
+    return launches
+
+
+def source_of(fn: JITFunction, args: tuple, kw: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, compile options) of one recorded launch."""
+    values = dict(zip(fn.arg_names, args, strict=False))
+    values.update({k: v for k, v in kw.items() if k in fn.arg_names})
+    signature, constexprs = {}, {}
+    for p in fn.params:
+        if p.name not in values:
+            continue  # a constexpr left at its default
+        v = values[p.name]
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[p.name] = "*" + DTYPES[v.dtype]
+        elif isinstance(v, bool):
+            signature[p.name] = "i1"
+        elif isinstance(v, int):
+            signature[p.name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+        elif isinstance(v, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(v).__name__}")
+    options = {k: v for k, v in kw.items() if k not in fn.arg_names}
+    return signature, constexprs, options
+
+
+def main() -> int:
+    seen, failed = set(), 0
+    for fn, args, kw in capture_launches():
+        signature, constexprs, options = source_of(fn, args, kw)
+        key = (fn.__name__, repr(signature), repr(constexprs), repr(options))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+            print(f"ok   {fn.__name__} {options}")
+        except Exception as err:  # noqa: BLE001
+            failed += 1
+            print(f"FAIL {fn.__name__} {constexprs} {options}: {type(err).__name__}: {err}")
+    print(f"{len(seen)} distinct launches, {failed} failed (Triton {triton.__version__}, sm_90)")
+    return 1 if failed or not seen else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
