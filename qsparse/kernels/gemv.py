@@ -276,18 +276,25 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     return sem
 
 
-def _panels(wt: torch.Tensor, cfg: GemvConfig) -> tuple[int, int, int, int, int, int]:
-    """(K, N (padded), block_n, row_stride, block_stride, programs per panel) of ``wt``."""
+def _wt_dims(wt: torch.Tensor) -> tuple[int, int, int | None]:
+    """(K, N (padded), panel width; None for row-major) of a :func:`prepare_dense` result."""
     if wt.dim() == 3:
         nblk, k_in, panel = wt.shape
-        block_n = min(cfg.block_n, panel)
-        if panel % block_n:
-            raise ValueError(f"cfg.block_n={cfg.block_n} must divide the panel width {panel} of wt")
-        return k_in, nblk * panel, block_n, panel, k_in * panel, panel // block_n
+        return k_in, nblk * panel, panel
     if wt.dim() == 2:
-        k_in, n = wt.shape
-        return k_in, n, cfg.block_n, n, cfg.block_n, 1
+        return wt.shape[0], wt.shape[1], None
     raise ValueError(f"wt must come from prepare_dense, got shape {tuple(wt.shape)}")
+
+
+def _panels(wt: torch.Tensor, cfg: GemvConfig) -> tuple[int, int, int, int, int, int]:
+    """(K, N (padded), block_n, row_stride, block_stride, programs per panel) of ``wt``."""
+    k_in, n, panel = _wt_dims(wt)
+    if panel is None:
+        return k_in, n, cfg.block_n, n, cfg.block_n, 1
+    block_n = min(cfg.block_n, panel)
+    if panel % block_n:
+        raise ValueError(f"cfg.block_n={cfg.block_n} must divide the panel width {panel} of wt")
+    return k_in, n, block_n, panel, k_in * panel, panel // block_n
 
 
 def sparse_gemv(
@@ -308,9 +315,9 @@ def sparse_gemv(
     columns (drops the panel padding). The kernels run inside the custom op
     ``qsparse::sparse_gemv``, so ``torch.compile`` traces a call without a graph break."""
     if cfg is None:
-        k_in, n_pad, _, panel, _, _ = _panels(wt, GemvConfig(block_n=1))  # panel: row stride
+        k_in, n_pad, panel = _wt_dims(wt)
         cfg = sparse_config_for(k_in, n_pad, k if k is not None else k_in, x.shape[0])
-        if wt.dim() == 3:  # panels: the program width must divide the panel width
+        if panel is not None:  # the program width must divide the panel width
             cfg = replace(cfg, block_n=math.gcd(cfg.block_n, panel))
     k_in, _, _, _, _, _ = _panels(wt, cfg)
     _check_x(x, k_in)
@@ -346,8 +353,7 @@ def sparse_gemv_op(
 
 @sparse_gemv_op.register_fake
 def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, cfg) -> torch.Tensor:
-    n = wt.shape[0] * wt.shape[2] if wt.dim() == 3 else wt.shape[1]
-    return x.new_empty((x.shape[0], n), dtype=out_dtype)
+    return x.new_empty((x.shape[0], _wt_dims(wt)[1]), dtype=out_dtype)
 
 
 def _sparse_gemv_launch(
