@@ -84,24 +84,51 @@ def compare_models(
     plan: list[tuple[str, str, float | None]] = [("dense", str(base), None)]
     plan += [(f"training-free S={s:g}", str(base), float(s)) for s in sparsities]
     plan += [(lab, str(c), None) for lab, c in zip(labels, checkpoints, strict=True)]
-    rows = []
-    for label, path, ratio in plan:
-        sparsity = {"ratio": ratio, "pattern": "token_topk"} if ratio is not None else None
-        model, tokenizer = load_for_eval(path, dtype, sparsity=sparsity, device=device)
-        row = CompareRow(label, path, ratio if ratio is not None else _configured_ratio(model))
-        for i, (name, texts_i) in enumerate(docs.items()):
-            stream = token_stream(tokenizer, texts_i, max_tokens=max_tokens)
-            result = perplexity_of_tokens(model, stream, seq_len, batch_size)
-            row.ppl[name], row.loss[name] = result.ppl, result.loss
-            if i == 0:
-                head = stream[: max(2, min(sparsity_tokens, stream.numel()))]
-                report = sparsity_report(model, [w[None] for w in head.split(seq_len)])
-                row.measured_sparsity = report.overall
-                row.activated_parameters = report.activated_parameters
-                row.total_parameters = report.total_parameters
-        rows.append(row)
-        del model
-    return rows
+    return [
+        measure_model(
+            label,
+            path,
+            docs,
+            ratio,
+            seq_len,
+            max_tokens,
+            batch_size,
+            dtype,
+            device,
+            sparsity_tokens,
+        )
+        for label, path, ratio in plan
+    ]
+
+
+def measure_model(
+    label: str,
+    path: str | os.PathLike,
+    docs: dict[str, list[str]],
+    ratio: float | None = None,
+    seq_len: int = 512,
+    max_tokens: int | None = 65536,
+    batch_size: int = 4,
+    dtype: str = "float32",
+    device: str = "cpu",
+    sparsity_tokens: int = 8192,
+) -> CompareRow:
+    """One row: the checkpoint at ``path`` (with training-free top-k at ``ratio`` when
+    given) measured on every ``docs[name]`` (documents of :func:`read_documents`)."""
+    sparsity = {"ratio": ratio, "pattern": "token_topk"} if ratio is not None else None
+    model, tokenizer = load_for_eval(path, dtype, sparsity=sparsity, device=device)
+    row = CompareRow(label, str(path), ratio if ratio is not None else _configured_ratio(model))
+    for i, (name, texts) in enumerate(docs.items()):
+        stream = token_stream(tokenizer, texts, max_tokens=max_tokens)
+        result = perplexity_of_tokens(model, stream, seq_len, batch_size)
+        row.ppl[name], row.loss[name] = result.ppl, result.loss
+        if i == 0:
+            head = stream[: max(2, min(sparsity_tokens, stream.numel()))]
+            report = sparsity_report(model, [w[None] for w in head.split(seq_len)])
+            row.measured_sparsity = report.overall
+            row.activated_parameters = report.activated_parameters
+            row.total_parameters = report.total_parameters
+    return row
 
 
 def render_comparison(rows: Sequence[CompareRow]) -> None:
