@@ -220,16 +220,9 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
 def test_kernels_match_references_in_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "INTERPRETER OK" in proc.stdout
+    from conftest import run_interpreted
+
+    assert "INTERPRETER OK" in run_interpreted(INTERPRETER_SCRIPT, timeout=300)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")

@@ -25,12 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-QUANT_PRESETS: dict[str, dict] = {
-    "none": {"weights": "none", "act_bits": None, "subln": False},
-    "int8": {"weights": "none", "act_bits": 8, "subln": False},
-    "ternary": {"weights": "ternary", "act_bits": None, "subln": False},
-    "bitnet": {"weights": "ternary", "act_bits": 8, "subln": True},
-}
+from ..nn.config import QUANT_PRESETS
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

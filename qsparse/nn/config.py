@@ -139,6 +139,16 @@ class QuantConfig:
         return cls(**_known(cls, data, "quant"))
 
 
+#: Named :class:`QuantConfig` settings, the one meaning of each name across the CLIs and the
+#: decode modes: ``bitnet`` is BitNet b1.58 (ternary weights, int8 absmax activations, SubLN).
+QUANT_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"weights": "none", "act_bits": None, "subln": False},
+    "int8": {"weights": "none", "act_bits": 8, "subln": False},
+    "ternary": {"weights": "ternary", "act_bits": None, "subln": False},
+    "bitnet": {"weights": "ternary", "act_bits": 8, "subln": True},
+}
+
+
 def _known(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
