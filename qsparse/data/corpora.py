@@ -181,10 +181,16 @@ def distribution_data_file(distribution: str, relative_path: str) -> Path:
         ) from None
     wanted = "/" + relative_path.strip("/")
     for rec in dist.files or ():
-        if ("/" + str(rec).replace("\\", "/")).endswith(wanted):
+        name = str(rec).replace("\\", "/")
+        if ("/" + name).endswith(wanted):
             path = Path(dist.locate_file(rec)).resolve()
             if path.is_file():
                 return path
+            # `pip install --target DIR` records data files as ../../share/... (relative to a
+            # lib/pythonX.Y/site-packages layout) but writes them to DIR/share/...
+            flat = Path(dist.locate_file("")) / name.lstrip("./")
+            if flat.is_file():
+                return flat.resolve()
     raise FileNotFoundError(
         f"distribution {distribution!r} has no installed file {relative_path!r}; reinstall it "
         f"with `pip install --no-deps --force-reinstall {pip_name}`"
