@@ -19,6 +19,7 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
 - top-k sparse input, float weights: :func:`qsparse.kernels.gemv.sparse_gemv` (reads only the
   kept weight rows; the top-k selection runs inside, starting from the threshold the site
   found at the previous step: one radix pass instead of three when it moved little) at batch 1;
+  at batch 2-16 the site's top-k kernel, then one GEMM on the fused weight;
 - ternary weights (BitNet b1.58, int8 absmax activations), optionally top-k sparse:
   :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit packed weights, up to 16 tokens.
 
@@ -52,6 +53,10 @@ from .models.llama import (
 )
 
 MODES = ("dense", "qsparse", "bitnet", "bitnet_qsparse")
+#: most tokens per call for the sparse-input GEMV (beyond: top-k, then a dense GEMM; the
+#: union of kept rows of 2+ tokens is most of W) and for the ternary GEMV
+SPARSE_MAX_ROWS = 1
+TERNARY_MAX_ROWS = 16
 
 
 def compile_backend(compile: bool | str | None) -> str | None:
@@ -189,13 +194,16 @@ class _Projection(nn.Module):
         if self.mode == "dense":
             return F.linear(x, self.weight)
         rows = x.numel() // x.shape[-1]
-        limit = 1 if self.mode == "sparse" else 16  # sparse input pays off at batch 1 only
-        if self.mode == "reference" or rows > limit or not kernels_available(x):
+        if self.mode == "reference" or rows > TERNARY_MAX_ROWS or not kernels_available(x):
             return self.reference(x)
-        lead, x2 = x.shape[:-1], x.reshape(rows, x.shape[-1])
+        lead, x2, n = x.shape[:-1], x.reshape(rows, x.shape[-1]), sum(self.sizes)
+        if self.mode == "sparse" and rows > SPARSE_MAX_ROWS:
+            # the kept rows of several tokens cover most of W: top-k (one program per row),
+            # then one dense GEMM on the fused weight
+            y = (self.site(x2) @ self.wt)[:, :n]
+            return y.reshape(*lead, n)
         if self.site.norm is not None:
             x2 = self.site.norm(x2)
-        n = sum(self.sizes)
         if self.mode == "sparse":
             y = G.sparse_gemv(x2, self.wt, self.k, n_out=n, hint=self.hint)
         else:

@@ -93,9 +93,9 @@ def _preset_model(args, dtype):
     return model.to(dtype=dtype).eval()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    modes = _validate(args)
+def measure(args: argparse.Namespace, modes: list[str]) -> list[tuple[str, float, float | None]]:
+    """Decode ``args.new_tokens`` tokens in each mode; rows (mode, tokens/s, ratio to the dense
+    run of this call or None). Prints a line per mode (and the text with ``--prompt``)."""
     dtype = DTYPES[args.dtype]
     tokenizer = None
     rows = []
@@ -131,15 +131,23 @@ def main(argv: list[str] | None = None) -> int:
         res = engine.generate(ids, args.new_tokens)
         if mode == "dense":
             dense_tps = res.tokens_per_s
-        ratio = f"{res.tokens_per_s / dense_tps:.2f}x" if dense_tps else "-"
+        ratio = res.tokens_per_s / dense_tps if dense_tps else None
         rows.append((mode, res.tokens_per_s, ratio))
-        print(f"{mode}: {res.tokens_per_s:.1f} tokens/s (batch {args.batch}), vs dense {ratio}")
+        shown = f"{ratio:.2f}x" if ratio else "-"
+        print(f"{mode}: {res.tokens_per_s:.1f} tokens/s (batch {args.batch}), vs dense {shown}")
         if tokenizer is not None:
             print(tokenizer.decode(res.tokens[0].tolist(), skip_special_tokens=True))
         del engine, model
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    modes = _validate(args)
+    rows = measure(args, modes)
     src = args.checkpoint or f"preset {args.preset} (random weights)"
     print(
         f"\n{src}, {args.dtype}, batch {args.batch}, {args.new_tokens} new tokens, "
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| mode | tokens/s | vs dense |\n| --- | --- | --- |")
     for mode, tps, ratio in rows:
-        print(f"| {mode} | {tps:.1f} | {ratio} |")
+        print(f"| {mode} | {tps:.1f} | {f'{ratio:.2f}x' if ratio else '-'} |")
     return 0
 
 
