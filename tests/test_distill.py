@@ -236,3 +236,30 @@ def test_distillation_under_ddp_on_two_cpu_processes(tiny_hf_checkpoint, tmp_pat
     assert summary["val_ood_loss"] > 0 and summary["selected_by"] == "val_ood/loss"
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "train/kl" in header
+
+
+def test_finetune_recipe_with_distillation(tiny_hf_checkpoint, tmp_path: Path) -> None:
+    """distill= plugs into the SFT recipes: KL on response tokens beside the LM loss."""
+    ckpt = tiny_hf_checkpoint("qwen2", max_position_embeddings=512)
+    run_dir = tmp_path / "run"
+    with initialize_config_module("qsparse.conf", version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "recipe=finetune/tiny",
+                f"model.path={ckpt}",
+                "distill=lm_logits",
+                "sparsity.ratio=0.4",
+                f"run_dir={run_dir}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "logger=csv",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+                "trainer.log_every_n_steps=1",
+                "trainer.enable_progress_bar=false",
+            ],
+        )
+    summary = train(cfg)
+    assert summary["step"] == 2 and summary["val_loss"] > 0
+    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/kl", "train/lm_loss"} <= set(header)
