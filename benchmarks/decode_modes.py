@@ -40,7 +40,12 @@ def transformers_baseline(preset: str, batch: int, new_tokens: int) -> dict[str,
     torch.manual_seed(0)
     with torch.device("cuda"):
         ours = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        hf = HFLlama(cfg.to_hf_config()).to(torch.bfloat16).eval()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            hf = HFLlama(cfg.to_hf_config()).eval()
+        finally:
+            torch.set_default_dtype(default)
     hf.load_state_dict(ours.state_dict())
     del ours
     gen = torch.Generator().manual_seed(0)

@@ -362,28 +362,33 @@ class DecodeEngine(nn.Module):
             self._compiled = _compile_step(self.compile_backend)
         return functools.partial(self._compiled, self)
 
-    def _run_step(self) -> torch.Tensor:
+    def _capture(self) -> None:
+        """Capture the step in a CUDA graph (after two warm-up steps on a side stream, which
+        also compile the kernels and the step); the state it consumed is restored."""
         step = self._step_fn()
+        saved = (self.cache.pos.clone(), self.tok.clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.cache.pos.copy_(saved[0])
+                self.tok.copy_(saved[1])
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.cache.pos.copy_(saved[0])
+        self.tok.copy_(saved[1])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._logits = step()
+        self._graph = graph
+        self.cache.pos.copy_(saved[0])
+        self.tok.copy_(saved[1])
+
+    def _run_step(self) -> torch.Tensor:
         if not self.cuda_graph:
-            return step()
+            return self._step_fn()()
         if self._graph is None:
-            saved = (self.cache.pos.clone(), self.tok.clone())
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile kernels (and the step), warm cuBLAS before capture
-                    self.cache.pos.copy_(saved[0])
-                    self.tok.copy_(saved[1])
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.cache.pos.copy_(saved[0])
-            self.tok.copy_(saved[1])
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._logits = step()
-            self._graph = graph
-            self.cache.pos.copy_(saved[0])
-            self.tok.copy_(saved[1])
+            self._capture()
         self._graph.replay()
         return self._logits
 
@@ -427,6 +432,8 @@ class DecodeEngine(nn.Module):
         self.tok.copy_(self.history[:, t - 1])
         if not greedy:
             pick(logits, t - 1)
+        if self.cuda_graph and self._graph is None and total - 1 > t:
+            self._capture()  # outside the timed steps
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()

@@ -125,9 +125,9 @@ def measure(args: argparse.Namespace, modes: list[str]) -> list[tuple[str, float
             cuda_graph=not args.no_graph,
             compile=args.compile,
         )
-        # warm-up: kernel compilation and graph capture; the compiled step is specialised to
-        # the (batch, length) shape, so with --compile warm up at the timed shape (compile once)
-        engine.generate(ids, args.new_tokens if args.compile else 4)
+        # warm-up at the timed shape: kernel compilation, the compiled step (specialised to
+        # the (batch, length) shape) and the CUDA graph are built once, before the timed run
+        engine.generate(ids, args.new_tokens)
         res = engine.generate(ids, args.new_tokens)
         if mode == "dense":
             dense_tps = res.tokens_per_s
