@@ -87,6 +87,17 @@ class GemvConfig:
 TERNARY_CONFIG = GemvConfig(block_k=64, block_n=16, num_warps=2, num_stages=3)
 #: ... and with top-k (the longer activation kernel hides more weight loads behind it)
 TERNARY_SPARSE_CONFIG = GemvConfig(block_k=128, block_n=32, num_warps=4, num_stages=3)
+#: batch 2-16: the config benchmarks/ternary_gemv.py measured at batch 2/4/8 (H100: 2.22x /
+#: 1.82x / 1.51x cuBLAS); the batch-1 configs hold [B, block_k, block_n] int32 accumulators in
+#: 64 threads and spill (H200, 7B decode at batch 8: 0.8 ms per ternary GEMV)
+TERNARY_BATCH_CONFIG = GemvConfig(block_k=16, block_n=32, num_warps=4)
+
+
+def ternary_config_for(batch: int, sparse: bool) -> GemvConfig:
+    """Launch shape :func:`ternary_gemv` uses when given no ``cfg``."""
+    if batch > 1:
+        return TERNARY_BATCH_CONFIG
+    return TERNARY_SPARSE_CONFIG if sparse else TERNARY_CONFIG
 
 
 def sparse_config_for(k_in: int, n: int, k: int, batch: int = 1) -> GemvConfig:
@@ -522,13 +533,14 @@ def ternary_gemv(
     column, for fused projections such as q|k|v). Two kernels: one program per row
     quantizes (and selects) and writes the int8 codes; the GEMV streams the packed weights
     once for the whole batch (on Hopper it starts during the first kernel, ``cfg.pdl``).
-    ``cfg`` default: :data:`TERNARY_CONFIG`, or :data:`TERNARY_SPARSE_CONFIG` with top-k. The
+    ``cfg`` default: :func:`ternary_config_for` (batch 1: :data:`TERNARY_CONFIG`, or
+    :data:`TERNARY_SPARSE_CONFIG` with top-k; batch > 1: :data:`TERNARY_BATCH_CONFIG`). The
     kernels run inside the custom op ``qsparse::ternary_gemv`` (no ``torch.compile`` graph
     break). ``hint``: the site's threshold carry with top-k (:func:`new_hint`, see
     :func:`compact_rows`).
     """
     sparse_in = k is not None and x.dim() == 2 and k < x.shape[-1]
-    cfg = cfg or (TERNARY_SPARSE_CONFIG if sparse_in else TERNARY_CONFIG)
+    cfg = cfg or ternary_config_for(x.shape[0] if x.dim() == 2 else 1, sparse_in)
     if packed.dtype != torch.int32 or packed.dim() != 2:
         raise ValueError(f"packed must be a 2-D int32 tensor (pack_ternary), got {packed.dtype}")
     g, n = packed.shape
