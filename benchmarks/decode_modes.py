@@ -58,6 +58,7 @@ def transformers_baseline(preset: str, batch: int, new_tokens: int) -> dict[str,
             do_sample=False,
             cache_implementation=cache,
             pad_token_id=0,
+            disable_compile=True,  # transformers would compile the static-cache step itself
         )
         with torch.no_grad():
             hf.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
