@@ -32,6 +32,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 __all__ = [
     "EXTRA_WEIGHTS_NAME",
     "QSPARSE_CONFIG_KEY",
@@ -67,7 +69,7 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder is missing something or holds an unsupported model."""
 
 
