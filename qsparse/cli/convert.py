@@ -25,12 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-QUANT_PRESETS: dict[str, dict] = {
-    "none": {"weights": "none", "act_bits": None, "subln": False},
-    "int8": {"weights": "none", "act_bits": 8, "subln": False},
-    "ternary": {"weights": "ternary", "act_bits": None, "subln": False},
-    "bitnet": {"weights": "ternary", "act_bits": 8, "subln": True},
-}
+from qsparse.nn.config import QUANT_PRESETS
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -105,7 +101,7 @@ def convert(
     sp = SparsityConfig(
         ratio=float(sparsity), pattern=pattern, block_size=int(block_size), rescale=rescale
     )
-    qc = QuantConfig(**QUANT_PRESETS[quant])
+    qc = QuantConfig.preset(quant)
     check_hf_checkpoint(src)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = load(src, dtype=torch_dtype)

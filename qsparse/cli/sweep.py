@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from qsparse.errors import UserError
 
@@ -46,6 +46,8 @@ class SweepCheck(Callback):
     results: ClassVar[list[tuple[int, str, JobStatus]]] = []
     #: set when a multirun started in this process
     multirun: ClassVar[bool] = False
+    #: job number -> the overrides that tell it from the other jobs (``sparsity.ratio=0.3``)
+    labels: ClassVar[dict[int, str]] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.global_hydra import GlobalHydra
@@ -57,7 +59,13 @@ class SweepCheck(Callback):
         if config.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1] != "BasicSweeper":
             return  # another sweeper chooses its jobs as it goes
         loader = GlobalHydra.instance().config_loader()
-        for num, job in enumerate(sweep_jobs(config)):
+        jobs = sweep_jobs(config)
+        common = set.intersection(*(set(job) for job in jobs)) if len(jobs) > 1 else set()
+        SweepCheck.labels = {
+            num: ",".join(o for o in job if o not in common) or "no overrides"
+            for num, job in enumerate(jobs)
+        }
+        for num, job in enumerate(jobs):
             job_cfg = loader.load_sweep_config(config, job)
             with open_dict(job_cfg):
                 del job_cfg["hydra"]
@@ -66,15 +74,18 @@ class SweepCheck(Callback):
             except UserError as exc:
                 message = " ".join(str(exc).split())
                 print(
-                    f"qsparse-train: job #{num} ({','.join(job)}) will fail: {message}",
+                    f"qsparse-train: job #{num} ({SweepCheck.labels[num]}) will fail: {message}",
                     file=sys.stderr,
                 )
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        hydra_job = config.hydra.job
-        overrides = ",".join(OmegaConf.to_container(config.hydra.overrides.task))
-        num = int(hydra_job.get("num", len(SweepCheck.results)) or 0)
-        SweepCheck.results.append((num, overrides, job_return.status))
+        num = int(config.hydra.job.get("num") or 0)
+        SweepCheck.results.append((num, self.label(num), job_return.status))
+
+    @classmethod
+    def label(cls, num: int) -> str:
+        """The overrides of job ``num`` that tell it from the other jobs of the sweep."""
+        return cls.labels.get(num, "")
 
     @classmethod
     def failed(cls) -> list[tuple[int, str]]:

@@ -31,14 +31,14 @@ from qsparse.training.config import ConfigError  # noqa: F401  (registers train_
 
 
 def _job_label() -> str:
-    job = HydraConfig.get().job
-    return f"job #{job.get('num', 0)} ({job.override_dirname or 'no overrides'})"
+    num = int(HydraConfig.get().job.get("num") or 0)
+    return f"job #{num} ({SweepCheck.label(num)})"
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    from qsparse.training.rundir import remove_if_empty
     from qsparse.training.run import train
+    from qsparse.training.rundir import remove_if_empty
 
     try:
         train(cfg)

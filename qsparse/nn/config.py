@@ -138,6 +138,28 @@ class QuantConfig:
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         return cls(**_known(cls, data, "quant"))
 
+    @classmethod
+    def preset(cls, name: str) -> QuantConfig:
+        """The config of a named preset (:data:`QUANT_PRESETS`: ``none``, ``int8``,
+        ``ternary``, ``bitnet``); ``ValueError`` listing them for another name."""
+        if name not in QUANT_PRESETS:
+            raise ValueError(
+                f"quant={name!r} is not a quantization preset; use one of "
+                f"{sorted(QUANT_PRESETS)} or a QuantConfig(...)"
+            )
+        return cls(**QUANT_PRESETS[name])
+
+
+#: named quantization presets (as ``conf/quant`` and ``qsparse-convert --quant``): int8 is
+#: per-token absmax 8-bit activations (Eq. 4-7), ternary absmean 1.58-bit weights only, bitnet
+#: both plus SubLN (Eq. 8-10)
+QUANT_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"weights": "none", "act_bits": None, "subln": False},
+    "int8": {"weights": "none", "act_bits": 8, "subln": False},
+    "ternary": {"weights": "ternary", "act_bits": None, "subln": False},
+    "bitnet": {"weights": "ternary", "act_bits": 8, "subln": True},
+}
+
 
 def _known(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}

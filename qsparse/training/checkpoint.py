@@ -23,7 +23,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-
 _TMP_SUFFIX = re.compile(r"\.tmp-(\d+)$")
 
 
