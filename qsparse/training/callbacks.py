@@ -22,6 +22,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from qsparse.data.cache import atomic_write_text
+
 from .flops import model_flops_per_token, peak_flops, precision_dtype
 
 
@@ -396,7 +398,7 @@ class RunSummary(L.Callback):
             if png is not None:
                 summary["loss_curve"] = str(png)
         self.summary = summary
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         _print_summary(summary, run_dir)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
@@ -40,8 +40,9 @@ from qsparse.errors import UserError
 from .callbacks import RunSummary
 from .checkpoint import AtomicCheckpointIO
 from .config import ConfigError, check_accelerator, validate_config
-from .logging import build_loggers, finish_wandb, git_sha, log_run_config
+from .logging import TrimResumedMetrics, build_loggers, finish_wandb, git_sha, log_run_config
 from .module import LMModule
+from .progress import StepProgressBar
 from .rundir import check_run_dir, prepare_run_dir
 
 _TRAINER_BUILT_IN = ("callbacks", "logger", "plugins", "default_root_dir")
@@ -131,8 +132,8 @@ def build_trainer(
             raise ConfigError(
                 f"config error: trainer.strategy: could not build it: {_cause(exc)}"
             ) from exc
-    if kwargs.get("enable_progress_bar", True) and _interactive():
-        callbacks = [*callbacks, RichProgressBar()]
+    if kwargs.get("enable_progress_bar", True):
+        callbacks = [*callbacks, StepProgressBar()]
     try:
         return L.Trainer(
             default_root_dir=str(run_dir),
@@ -143,15 +144,6 @@ def build_trainer(
         )
     except TypeError as exc:
         raise ConfigError(f"config error: trainer: {exc} (check the trainer.* keys)") from exc
-
-
-def _interactive() -> bool:
-    try:
-        import sys
-
-        return sys.stdout.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def check_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -258,6 +250,8 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         if "vocab_size" in model_spec and model_spec["vocab_size"] is None:
             model_spec["vocab_size"] = int(datamodule.vocab_size)
     callbacks = build_callbacks(container.get("callbacks"), run_dir)
+    if ckpt_path and (container.get("logger") or {}).get("csv", True):
+        callbacks.append(TrimResumedMetrics(run_dir / "csv"))
     if launcher:
         prepare_run_dir(run_dir, overwrite, cfg if isinstance(cfg, DictConfig) else None)
 
