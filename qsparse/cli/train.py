@@ -58,6 +58,7 @@ def main() -> None:
     """Console-script entry (``qsparse-train``). A user error prints one line and exits with
     status 2; a misspelled key is reported by Hydra while composing (status 1); a sweep exits
     with the number of its failed jobs; other failures keep their traceback."""
+    SweepCheck.multirun = False
     try:
         _main()
     except SystemExit as exit_:
