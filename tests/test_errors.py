@@ -250,6 +250,8 @@ def test_bad_qsparse_entry_names_config_json(exported: Path, capsys) -> None:
     lines = [ln for ln in err.splitlines() if ln.startswith("qsparse-eval: error")]
     assert len(lines) == 1 and "config.json: bad 'qsparse' entry" in lines[0], err
     assert "Traceback" not in err
+    with pytest.raises(CheckpointError):  # --debug: the exception, with its traceback
+        eval_main([str(exported), "--debug"])
 
 
 # --- re-running a finished run; leftovers ------------------------------------------------------

@@ -25,6 +25,7 @@ import json
 import sys
 from pathlib import Path
 
+from qsparse.errors import full_traceback_requested, report
 from qsparse.nn.config import QUANT_PRESETS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="module names left dense (default: lm_head)",
     )
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto=as SRC)")
+    p.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (HYDRA_FULL_ERROR=1)"
+    )
     p.add_argument("--json", dest="json_out", default=None, help="write the report as json")
     return p
 
@@ -144,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
         )
     except (ValueError, FileNotFoundError) as err:
-        print(f"qsparse-convert: error: {err}", file=sys.stderr)
-        return 2
+        if full_traceback_requested(args.debug):
+            raise
+        return report("qsparse-convert: error", err)
     print(
         f"converted {summary['converted']} projections; {summary['activated_parameters']:,} of "
         f"{summary['total_parameters']:,} parameters activated per token "

@@ -1,13 +1,14 @@
 """The training driver behind ``qsparse-train``: composed config in, trained run out.
 
-:func:`train` validates the config (before anything is built), builds the datamodule, the
+:func:`train` checks the config, the run directory and the data before anything is written
+(:func:`check_config`, :mod:`qsparse.training.rundir`), builds the datamodule, the
 :class:`~qsparse.training.LMModule`, loggers, callbacks and the Trainer, fits (resuming from
 ``<run_dir>/checkpoints/last.ckpt`` when ``resume=true``), runs a final validation when the
 last step had none, prints the run summary, writes ``loss_curve.png`` / ``summary.json`` and
 exports a transformers folder to ``<run_dir>/hf``. Layout of a run directory::
 
     outputs/<run_name>/
-      .hydra/                 composed config (written by Hydra)
+      .hydra/                 composed config (Hydra's record, written once the checks pass)
       config.yaml             resolved config as trained
       wandb_run_id            wandb id (resume continues the same wandb run)
       checkpoints/last.ckpt   atomic, every N steps and at the end
