@@ -9,6 +9,7 @@ finished run, leftovers, paths in a checkpoint, what ran)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -37,14 +38,24 @@ def _qsparse_train(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["qsparse-train", *args])
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     capsys.readouterr()
     try:
         main()
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)
-    finally:
+    finally:  # Hydra configured logging for its job: give pytest its own back
         GlobalHydra.instance().clear()
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
     return code, capsys.readouterr().err
 
 

@@ -17,6 +17,7 @@ that can run and exits with the number of jobs that failed.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,16 @@ def _job_label() -> str:
     return f"job #{num} ({SweepCheck.label(num)})"
 
 
+def _close_log_files(folder: Path) -> None:
+    """Detach the job's log file handlers in ``folder`` (Hydra's ``<job>.log``, opened lazily):
+    the folder is about to be removed, so a later record must not recreate it."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:
+            root.removeHandler(handler)
+            handler.close()
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     from qsparse.training.run import train
@@ -45,6 +56,7 @@ def _main(cfg: DictConfig) -> None:
     except UserError as exc:  # a user's mistake: the message, not a traceback
         # the run failed its checks before writing anything: drop the folders Hydra made
         hc = HydraConfig.get()
+        _close_log_files(Path(hc.runtime.output_dir))
         made = hc.runtime.output_dir if SweepCheck.multirun else hc.run.dir  # as written
         remove_if_empty(Path(made), Path(os.getcwd()))
         if full_traceback_requested():
