@@ -28,16 +28,22 @@ from qsparse.training.rundir import RunDirError
 RECIPES = Path(__file__).resolve().parents[1] / "qsparse" / "conf" / "recipe"
 
 
-def _qsparse_train(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+def _qsparse_train(
+    args: list[str], cwd: Path, monkeypatch, capsys, full_error: bool = False
+) -> tuple[int, str]:
     """``qsparse-train ARGS`` run in this process (as the console script: Hydra parses
-    ``sys.argv``) from ``cwd``; returns (exit status, stderr)."""
+    ``sys.argv``) from ``cwd``, with ``HYDRA_FULL_ERROR=1`` if ``full_error``; returns (exit
+    status, stderr)."""
     from hydra.core.global_hydra import GlobalHydra
 
     from qsparse.cli.train import main
 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["qsparse-train", *args])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    if full_error:
+        monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    else:
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     capsys.readouterr()
@@ -300,6 +306,9 @@ def test_failed_run_leaves_nothing_outside_outputs(tmp_path: Path, monkeypatch, 
     code, stderr = _qsparse_train([*FAST, "run_name=../escape"], tmp_path, monkeypatch, capsys)
     _one_line_error(code, stderr, "run_name='../escape'")
     assert sorted(os.listdir(tmp_path)) == []  # neither escape/ nor outputs/ (nor .hydra)
+    with pytest.raises(ConfigError, match="run_name='../escape'"):  # Hydra's switch: traceback
+        _qsparse_train([*FAST, "run_name=../escape"], tmp_path, monkeypatch, capsys, True)
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 # --- paths in a checkpoint ---------------------------------------------------------------------
