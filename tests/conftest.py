@@ -127,3 +127,18 @@ def tiny_hf_checkpoint(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+def run_interpreted(script: str, timeout: int = 600) -> str:
+    """Run ``script`` in a fresh Python with ``TRITON_INTERPRET=1`` (Triton kernels on CPU
+    tensors; the flag is read at import) and return its stdout; fail with its stderr tail."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout

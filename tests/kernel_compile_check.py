@@ -67,10 +67,12 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
         (G.prepare_dense(w, 64), x4[:1], 819, G.GemvConfig(split=3)),  # panels, split list
     ]:
         G.sparse_gemv(x, wt, k, cfg)
+        G.sparse_gemv(x, wt, k, cfg, hint=G.new_hint(4))  # threshold carried over
     codes, alpha = G.ternarize(torch.randn(5460, 2048))
     packed = G.pack_ternary(codes)
     for x, k in [(x4[:1], None), (x4[:1], 819), (x4, None), (x4, 819)]:
         G.ternary_gemv(x, packed, alpha, k, 8)
+    G.ternary_gemv(x4, packed, alpha, 819, 8, hint=G.new_hint(4))
     G.select_rows(x4, 819)
     for dtype in (bf16, torch.float32):
         xt = torch.randn(64, 2048, dtype=dtype)

@@ -218,18 +218,65 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 )
 
 
+HINT_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from qsparse.kernels import gemv as G
+    from qsparse.nn.topk import topk_mask
+
+    def check(x, k, hint):
+        idx, val, cnt = G.compact_rows(x, k, hint=hint)
+        m = topk_mask(x, k).bool()
+        union, n = m.any(0), int(cnt)
+        assert n == int(union.sum()) and torch.equal(idx[:n].long(), union.nonzero().flatten())
+        assert torch.equal(val[:, :n], torch.where(m, x.float(), 0)[:, idx[:n].long()])
+        packed = G.pack_ternary(torch.randint(-1, 2, (64, x.shape[1])).to(torch.int8))
+        y = G.ternary_gemv(x, packed, 0.5, k, 8, hint=hint)
+        r = G.ternary_gemv_reference(x, packed, 0.5, k, 8)
+        torch.testing.assert_close(y.float(), r.float(), rtol=2e-2, atol=2e-2)
+
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for width, k, bsz in ((300, 120, 1), (300, 120, 3)):
+            x = torch.randn(bsz, width)
+            x[:, :40] = x[:, 5:6]  # ties at the threshold
+            x = x.to(dtype)
+            # carried hints: none yet (0), the exact threshold moved inside the band (one
+            # pass), and off the band either way (the full radix select)
+            kth = x.float().abs().topk(k, dim=1).values[:, -1].view(torch.int32)
+            low = 31 - G.KEY_BITS[dtype]
+            for shift in (None, 0, 3, -14, 14, -15, 15, 400, -(2**20)):
+                hint = G.new_hint(4)
+                if shift is not None:
+                    hint[:bsz] = (kth >> low) + shift
+                check(x, k, hint)
+            hint = G.new_hint(4)
+            for step in range(3):  # the hint carried from call to call
+                check((x.float() * (1 + 0.01 * step)).to(dtype), k, hint)
+    x = torch.randn(1, 300, dtype=torch.bfloat16)
+    wd = torch.randn(72, 300, dtype=torch.bfloat16)
+    hint = G.new_hint(1)
+    for _ in range(2):
+        y = G.sparse_gemv(x, G.prepare_dense(wd), 120, n_out=72, hint=hint)
+        r = G.sparse_gemv_reference(x, G.prepare_dense(wd, None, align=1), 120)
+        torch.testing.assert_close(y.float(), r.float(), rtol=2e-2, atol=2e-2)
+    print("HINT OK")
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_threshold_carry_matches_reference_in_the_triton_interpreter():
+    from conftest import run_interpreted
+
+    assert "HINT OK" in run_interpreted(HINT_SCRIPT, timeout=300)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
 def test_kernels_match_references_in_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "INTERPRETER OK" in proc.stdout
+    from conftest import run_interpreted
+
+    assert "INTERPRETER OK" in run_interpreted(INTERPRETER_SCRIPT, timeout=300)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")

@@ -25,8 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from qsparse.errors import full_traceback_requested, report
-from qsparse.nn.config import QUANT_PRESETS
+from ..errors import full_traceback_requested, report
+from ..nn.config import QUANT_PRESETS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

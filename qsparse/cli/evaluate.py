@@ -4,6 +4,13 @@ multiple-choice accuracy of a checkpoint folder.
     qsparse-eval outputs/run/hf --text wiki_en --tasks qsparse_local --limit 200
     qsparse-eval ./tiny-llama --text notes.txt --sparsity 0.5        # training-free top-k
     qsparse-eval ./model --text data.jsonl --json results.json
+    qsparse-eval ./dense --text wiki_en held_out.txt --sparsity 0.4 0.5 \
+        --compare outputs/run/hf --labels distilled       # one table: dense / free / trained
+
+With several ``--text`` values, several ``--sparsity`` values or ``--compare``, the base
+checkpoint ``PATH`` is measured dense, training-free at every ``--sparsity`` ratio, and every
+``--compare`` checkpoint is measured as saved, on every text, in one table
+(:mod:`qsparse.evaluation.compare`).
 
 ``--text``: a local ``.txt`` (blank-line separated documents), ``.jsonl`` (``text`` field),
 ``.parquet`` file, or a bundled corpus name (``wiki_en``, ``kjv``). ``--tasks``: lm-eval task
@@ -26,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a (sparsified) checkpoint: ppl, sparsity, activated params, lm-eval.",
     )
     p.add_argument("path", help="checkpoint folder (exported by qsparse or plain transformers)")
-    p.add_argument("--text", default=None, help="local text file or corpus name for perplexity")
+    p.add_argument(
+        "--text",
+        nargs="+",
+        default=None,
+        help="local text file(s) or corpus name(s) for perplexity",
+    )
     p.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks (e.g. qsparse_local)")
     p.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window (512)")
@@ -37,9 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sparsity",
         type=float,
+        nargs="+",
         default=None,
-        help="apply top-k with this ratio on top of the checkpoint (training-free)",
+        help="apply top-k with this ratio on top of the checkpoint (training-free); several "
+        "ratios give one comparison row each",
     )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        help="trained checkpoint folders measured beside PATH (comparison table)",
+    )
+    p.add_argument("--labels", nargs="+", default=None, help="row labels of --compare")
     p.add_argument(
         "--activation", default=None, choices=("keep", "relu2", "silu"), help="with --sparsity"
     )
@@ -104,19 +125,22 @@ def main(argv: list[str] | None = None) -> int:
             "probe sentence only",
             file=sys.stderr,
         )
+    texts = args.text or []
+    if len(texts) > 1 or len(args.sparsity or []) > 1 or args.compare:
+        return _compare(args)
     from qsparse.evaluation import evaluate_checkpoint
 
     try:
         result = evaluate_checkpoint(
             args.path,
-            text=args.text,
+            text=texts[0] if texts else None,
             tasks=list(args.tasks),
             seq_len=args.seq_len,
             max_tokens=args.max_tokens,
             batch_size=args.batch_size,
             limit=args.limit,
             dtype=args.dtype,
-            sparsity=args.sparsity,
+            sparsity=args.sparsity[0] if args.sparsity else None,
             activation=args.activation,
             device=args.device,
         )
@@ -130,6 +154,35 @@ def main(argv: list[str] | None = None) -> int:
     render(out)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """The comparison table (several texts, ratios or checkpoints)."""
+    from qsparse.evaluation.compare import compare_models, render_comparison
+
+    if args.tasks:
+        print("qsparse-eval: error: --tasks cannot be combined with a comparison", file=sys.stderr)
+        return 2
+    try:
+        rows = compare_models(
+            args.path,
+            texts=args.text or [],
+            sparsities=args.sparsity or [],
+            checkpoints=args.compare,
+            labels=args.labels,
+            seq_len=args.seq_len,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            device=args.device,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"qsparse-eval: error: {err}", file=sys.stderr)
+        return 2
+    render_comparison(rows)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
     return 0
 
 

@@ -93,14 +93,13 @@ def _preset_model(args, dtype):
     return model.to(dtype=dtype).eval()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    modes = _validate(args)
+def measure(args: argparse.Namespace, modes: list[str]) -> list[tuple[str, float, float | None]]:
+    """Decode ``args.new_tokens`` tokens in each mode; rows (mode, tokens/s, ratio to the dense
+    run of this call or None). Prints a line per mode (and the text with ``--prompt``)."""
     dtype = DTYPES[args.dtype]
     tokenizer = None
     rows = []
     dense_tps = None
-    graph_ran = False  # what ran, not what was asked: no CUDA graph (nor kernels) off CUDA
     for mode in modes:
         if args.checkpoint:
             from ..models.hf import load
@@ -128,30 +127,38 @@ def main(argv: list[str] | None = None) -> int:
         )
         # warm-up: kernel compilation and graph capture; the compiled step is specialised to
         # the (batch, length) shape, so with --compile warm up at the timed shape (compile once)
-        graph_ran = graph_ran or engine.cuda_graph
         engine.generate(ids, args.new_tokens if args.compile else 4)
         res = engine.generate(ids, args.new_tokens)
         if mode == "dense":
             dense_tps = res.tokens_per_s
-        ratio = f"{res.tokens_per_s / dense_tps:.2f}x" if dense_tps else "-"
+        ratio = res.tokens_per_s / dense_tps if dense_tps else None
         rows.append((mode, res.tokens_per_s, ratio))
-        print(f"{mode}: {res.tokens_per_s:.1f} tokens/s (batch {args.batch}), vs dense {ratio}")
+        shown = f"{ratio:.2f}x" if ratio else "-"
+        print(f"{mode}: {res.tokens_per_s:.1f} tokens/s (batch {args.batch}), vs dense {shown}")
         if tokenizer is not None:
             print(tokenizer.decode(res.tokens[0].tolist(), skip_special_tokens=True))
         del engine, model
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    modes = _validate(args)
+    rows = measure(args, modes)
     src = args.checkpoint or f"preset {args.preset} (random weights)"
-    kernels_ran = not args.no_kernels and args.device.startswith("cuda")
+    on_cuda = args.device.startswith("cuda")  # what ran: DecodeEngine has neither off CUDA
     print(
         f"\n{src}, {args.dtype}, batch {args.batch}, {args.new_tokens} new tokens, "
-        f"kernels={'on' if kernels_ran else 'off'}, cuda_graph={graph_ran}, "
+        f"kernels={'on' if on_cuda and not args.no_kernels else 'off'}, "
+        f"cuda_graph={on_cuda and not args.no_graph}, "
         f"compile={args.compile or 'off'}"
     )
     print("| mode | tokens/s | vs dense |\n| --- | --- | --- |")
     for mode, tps, ratio in rows:
-        print(f"| {mode} | {tps:.1f} | {ratio} |")
+        print(f"| {mode} | {tps:.1f} | {f'{ratio:.2f}x' if ratio else '-'} |")
     return 0
 
 

@@ -113,6 +113,50 @@ def _threshold_radix(
 
 
 @triton.jit
+def _threshold_hinted(
+    key,
+    valid,
+    n_valid,
+    k,
+    hint_ptr,
+    BLOCK: tl.constexpr,
+    LOW: tl.constexpr,
+    NDIG: tl.constexpr,
+    DBITS: tl.constexpr,
+    HINT: tl.constexpr,
+):
+    """:func:`_threshold_radix`, first trying the threshold carried over from the previous
+    call at this site (``HINT``: ``hint_ptr`` holds it as ``thr >> LOW``, and receives the
+    new one).
+
+    One ``2^DBITS``-bin histogram around the hint h: bins 1..NB-2 hold the single key values
+    ``h - NB/2 + 1 .. h + NB/2 - 2`` (bf16: about +-8% of |x| around the old threshold), bin 0
+    everything below, bin NB-1 everything above. When the k-th largest key falls in an inner
+    bin it is that bin's value, exact after one pass instead of NDIG; otherwise (the first
+    call, a moved distribution) the full radix select runs. Same (thr, need) either way.
+    """
+    if HINT:
+        NB: tl.constexpr = 1 << DBITS
+        hint = tl.load(hint_ptr)
+        base = hint - (NB // 2 - 1)  # key value of bin 1
+        kp = key >> LOW
+        dig = tl.minimum(tl.maximum(kp - base + 1, 0), NB - 1)
+        bins = tl.arange(0, NB)
+        h = tl.histogram(dig, NB, mask=valid)
+        suf = n_valid - tl.cumsum(h, axis=0) + h  # entries with bin >= j
+        best = tl.max(tl.where(suf >= k, bins, 0), axis=0)
+        if (best > 0) & (best < NB - 1):
+            thr = (base + best - 1) << LOW
+            need = k - tl.sum(tl.where(bins == best, suf - h, 0), axis=0)
+        else:
+            thr, need = _threshold_radix(key, valid, n_valid, k, BLOCK, LOW, NDIG, DBITS)
+        tl.store(hint_ptr, thr >> LOW)
+    else:
+        thr, need = _threshold_radix(key, valid, n_valid, k, BLOCK, LOW, NDIG, DBITS)
+    return thr, need
+
+
+@triton.jit
 def _abs_key(xf):
     return xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
@@ -146,12 +190,14 @@ def _list_one_row(
     x_ptr,
     idx_ptr,
     val_ptr,
+    hint_ptr,
     K,
     k,
     BLOCK: tl.constexpr,
     LOW: tl.constexpr,
     NDIG: tl.constexpr,
     DBITS: tl.constexpr,
+    HINT: tl.constexpr,
 ):
     """Batch 1: radix top-k of x[K], then idx[p] / val[p] for the k kept inputs (ascending).
     One packed scan gives both the tie rank and the list position."""
@@ -159,7 +205,7 @@ def _list_one_row(
     valid = i < K
     xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
     key = tl.where(valid, _abs_key(xf), -1)
-    thr, need = _threshold_radix(key, valid, K, k, BLOCK, LOW, NDIG, DBITS)
+    thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, HINT)
     gt = key > thr
     eq = key == thr
     cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
@@ -175,6 +221,7 @@ def _compact_kernel(
     idx_ptr,
     val_ptr,
     cnt_ptr,
+    hint_ptr,
     B,
     K,
     k,
@@ -187,9 +234,11 @@ def _compact_kernel(
     BPP: tl.constexpr,
     DBITS: tl.constexpr = 8,
     PDL: tl.constexpr = False,
+    HINT: tl.constexpr = False,
 ):
     """x[B, K] -> idx[K] (first cnt entries used), val[B, K] (fp32), cnt[1]; one program.
-    PDL: let the GEMV launched after it start (it waits for this kernel's writes)."""
+    PDL: let the GEMV launched after it start (it waits for this kernel's writes). HINT (radix
+    only): ``hint[b]`` carries row b's threshold from call to call (:func:`_threshold_hinted`)."""
     if PDL:
         gdc_launch_dependents()
     i = tl.arange(0, BLOCK)
@@ -199,14 +248,16 @@ def _compact_kernel(
     cuts = tl.zeros([BB], dtype=tl.int32)
     union = tl.zeros([BLOCK], dtype=tl.int32)
     if RADIX and BB == 1:
-        _list_one_row(x_ptr, idx_ptr, val_ptr, K, k, BLOCK, LOW, NDIG, DBITS)
+        _list_one_row(x_ptr, idx_ptr, val_ptr, hint_ptr, K, k, BLOCK, LOW, NDIG, DBITS, HINT)
         tl.store(cnt_ptr, k)
     else:
         for b in range(B):
             xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
             key = tl.where(valid, _abs_key(xf), -1)
             if RADIX:
-                thr, need = _threshold_radix(key, valid, K, k, BLOCK, LOW, NDIG, DBITS)
+                thr, need = _threshold_hinted(
+                    key, valid, K, k, hint_ptr + b, BLOCK, LOW, NDIG, DBITS, HINT
+                )
                 cut = _tie_cut(key, i, thr, need)
             else:
                 thr, cut = _threshold(key, i, k, KEY_BITS, BPP)
@@ -377,6 +428,7 @@ def _ternary_prep_kernel(
     xq_ptr,
     qsum_ptr,
     scale_ptr,
+    hint_ptr,
     K,
     KP,
     k,
@@ -387,11 +439,13 @@ def _ternary_prep_kernel(
     NDIG: tl.constexpr,
     DBITS: tl.constexpr = 8,
     PDL: tl.constexpr = False,
+    HINT: tl.constexpr = False,
 ):
     """Row b of x[B, K] -> int8 activation codes xq[b, :KP] (KP = K padded to 16, zeros past
-    K; read as int32 words, word 4g + s holds inputs 16g + 4s .. 16g + 4s + 3), qsum[b] = sum
-    of the codes, scale[b] = max(gamma, eps) / Q. With SPARSE, codes outside the row's top-k
-    are 0. PDL: let the GEMV launched after it start loading weights meanwhile."""
+        K; read as int32 words, word 4g + s holds inputs 16g + 4s .. 16g + 4s + 3), qsum[b] = sum
+        of the codes, scale[b] = max(gamma, eps) / Q. With SPARSE, codes outside the row's top-k
+        are 0. PDL: let the GEMV launched after it start loading weights meanwhile. HINT: ``hint[b]``
+    carries row b's threshold from call to call (:func:`_threshold_hinted`)."""
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
@@ -403,7 +457,7 @@ def _ternary_prep_kernel(
     q = tl.minimum(tl.maximum(round_half_even(xf * s), -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
     if SPARSE:
         key = tl.where(valid, _abs_key(xf), -1)
-        thr, need = _threshold_radix(key, valid, K, k, BLOCK, LOW, NDIG, DBITS)
+        thr, need = _threshold_hinted(key, valid, K, k, hint_ptr + b, BLOCK, LOW, NDIG, DBITS, HINT)
         eq = key == thr
         keep = (key > thr) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
         q = tl.where(keep, q, 0)

@@ -188,12 +188,16 @@ def compact_rows(
     bits_per_pass: int = 2,
     digit_bits: int = 5,
     pdl: bool = False,
+    hint: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kept inputs of ``x[B, K]`` as a list: (idx int32 [K], val fp32 [B, K], cnt int32 [1]).
 
     ``idx[:cnt]``: ascending indices kept by at least one row (batch 1: ``cnt = k``);
     ``val[b, p] = x[b, idx[p]]`` where row b keeps it, else 0. ``pdl``: let a kernel launched
-    next as a programmatic dependent start early (it must wait for these outputs).
+    next as a programmatic dependent start early (it must wait for these outputs). ``hint``:
+    int32 [>= B] (:func:`new_hint`), the threshold carried over from the previous call at this
+    site and updated in place (radix only; one pass instead of several when the row's
+    distribution moved little, the same selection either way).
     """
     import triton
 
@@ -204,11 +208,13 @@ def compact_rows(
     val = torch.empty(bsz, width, dtype=torch.float32, device=x.device)
     cnt = torch.empty(1, dtype=torch.int32, device=x.device)
     low, ndig = _radix_digits(x.dtype, digit_bits)
+    use_hint = hint is not None and radix
     _compact_kernel[(1,)](
         x,
         idx,
         val,
         cnt,
+        hint if use_hint else cnt,
         bsz,
         width,
         k,
@@ -221,9 +227,22 @@ def compact_rows(
         BPP=1 if x.dtype == torch.float32 else bits_per_pass,
         DBITS=digit_bits,
         PDL=pdl and _pdl_ok(x),
+        HINT=use_hint,
         num_warps=select_warps_for(width, num_warps),
     )
     return idx, val, cnt
+
+
+def new_hint(batch: int = 16, device: torch.device | str | None = None) -> torch.Tensor:
+    """A threshold-carry buffer for ``hint=`` of :func:`sparse_gemv` / :func:`ternary_gemv`
+    (one per input site, for up to ``batch`` rows; zeros: the first call runs the full
+    radix select)."""
+    return torch.zeros(batch, dtype=torch.int32, device=device)
+
+
+def _check_hint(hint: torch.Tensor | None, bsz: int) -> None:
+    if hint is not None and (hint.dtype != torch.int32 or hint.numel() < bsz):
+        raise ValueError(f"hint must be an int32 tensor of >= {bsz} entries (new_hint)")
 
 
 def prepare_dense(
@@ -305,6 +324,7 @@ def sparse_gemv(
     out_dtype: torch.dtype | None = None,
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     n_out: int | None = None,
+    hint: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y[B, N] = (x * M) @ W^T`` for ``x[B, K]`` and ``wt = prepare_dense(W)`` (``M``: top-``k``
     of |x| per row). Each program owns ``min(cfg.block_n, panel width)`` columns (which must
@@ -312,8 +332,9 @@ def sparse_gemv(
     :func:`sparse_config_for` the shape. ``k=None`` (or
     ``k = K``) is a plain dense product (cuBLAS). ``rows``: :func:`compact_rows` of ``(x, k)``
     when already computed (the selection is then skipped). ``n_out``: keep the first ``n_out``
-    columns (drops the panel padding). The kernels run inside the custom op
-    ``qsparse::sparse_gemv``, so ``torch.compile`` traces a call without a graph break."""
+    columns (drops the panel padding). ``hint``: the site's threshold carry (:func:`new_hint`,
+    see :func:`compact_rows`). The kernels run inside the custom op ``qsparse::sparse_gemv``,
+    so ``torch.compile`` traces a call without a graph break."""
     if cfg is None:
         k_in, n_pad, panel = _wt_dims(wt)
         cfg = sparse_config_for(k_in, n_pad, k if k is not None else k_in, x.shape[0])
@@ -329,12 +350,13 @@ def sparse_gemv(
     if cfg.use_dot is False and x.shape[0] > 1:
         raise ValueError("cfg.use_dot=False supports batch 1 only")
     _radix_digits(x.dtype, cfg.digit_bits)  # validates digit_bits
+    _check_hint(hint, x.shape[0])
     idx, val, cnt = rows if rows is not None else (None, None, None)
-    y = sparse_gemv_op(x.contiguous(), wt, k, idx, val, cnt, out_dtype, _cfg_ints(cfg))
+    y = sparse_gemv_op(x.contiguous(), wt, k, idx, val, cnt, out_dtype, _cfg_ints(cfg), hint)
     return y[:, :n_out] if n_out is not None else y
 
 
-@torch.library.custom_op("qsparse::sparse_gemv", mutates_args=())
+@torch.library.custom_op("qsparse::sparse_gemv", mutates_args=("hint",))
 def sparse_gemv_op(
     x: torch.Tensor,
     wt: torch.Tensor,
@@ -344,15 +366,16 @@ def sparse_gemv_op(
     cnt: torch.Tensor | None,
     out_dtype: torch.dtype,
     cfg: list[int],
+    hint: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparse GEMV launch behind :func:`sparse_gemv` (validated arguments; ``cfg``:
-    :func:`_cfg_ints`). Returns [B, N (padded)] in ``out_dtype``."""
+    :func:`_cfg_ints`; ``hint`` updated in place). Returns [B, N (padded)] in ``out_dtype``."""
     rows = (idx, val, cnt) if idx is not None else None
-    return _sparse_gemv_launch(x, wt, k, _cfg_from_ints(cfg), out_dtype, rows)
+    return _sparse_gemv_launch(x, wt, k, _cfg_from_ints(cfg), out_dtype, rows, hint)
 
 
 @sparse_gemv_op.register_fake
-def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, cfg) -> torch.Tensor:
+def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, cfg, hint=None) -> torch.Tensor:
     return x.new_empty((x.shape[0], _wt_dims(wt)[1]), dtype=out_dtype)
 
 
@@ -363,6 +386,7 @@ def _sparse_gemv_launch(
     cfg: GemvConfig,
     out_dtype: torch.dtype,
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    hint: torch.Tensor | None = None,
 ) -> torch.Tensor:
     import triton
 
@@ -375,7 +399,9 @@ def _sparse_gemv_launch(
     idx, val, cnt = (
         rows
         if rows is not None
-        else compact_rows(x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass, cfg.digit_bits, pdl)
+        else compact_rows(
+            x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass, cfg.digit_bits, pdl, hint
+        )
     )
     use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
     bb = max(16, triton.next_power_of_2(bsz)) if use_dot else 1
@@ -479,6 +505,7 @@ def ternary_gemv(
     act_bits: int | None = 8,
     cfg: GemvConfig | None = None,
     out_dtype: torch.dtype | None = None,
+    hint: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y[B, N] = alpha * (Q(x) * M) @ T`` with ``T = unpack_ternary(packed, K).T`` ([K, N]).
 
@@ -490,7 +517,8 @@ def ternary_gemv(
     once for the whole batch (on Hopper it starts during the first kernel, ``cfg.pdl``).
     ``cfg`` default: :data:`TERNARY_CONFIG`, or :data:`TERNARY_SPARSE_CONFIG` with top-k. The
     kernels run inside the custom op ``qsparse::ternary_gemv`` (no ``torch.compile`` graph
-    break).
+    break). ``hint``: the site's threshold carry with top-k (:func:`new_hint`, see
+    :func:`compact_rows`).
     """
     sparse_in = k is not None and x.dim() == 2 and k < x.shape[-1]
     cfg = cfg or (TERNARY_SPARSE_CONFIG if sparse_in else TERNARY_CONFIG)
@@ -511,6 +539,7 @@ def ternary_gemv(
         return ternary_gemv_reference(x, packed, alpha, k, None).to(out_dtype)
     alpha_vec, alpha_f = _alpha_arg(alpha, packed.shape[1], x.device)
     _radix_digits(x.dtype, cfg.digit_bits)  # validates digit_bits
+    _check_hint(hint, x.shape[0])
     return ternary_gemv_op(
         x.contiguous(),
         packed,
@@ -520,10 +549,11 @@ def ternary_gemv(
         act_bits,
         out_dtype,
         _cfg_ints(cfg),
+        hint,
     )
 
 
-@torch.library.custom_op("qsparse::ternary_gemv", mutates_args=())
+@torch.library.custom_op("qsparse::ternary_gemv", mutates_args=("hint",))
 def ternary_gemv_op(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -533,10 +563,11 @@ def ternary_gemv_op(
     act_bits: int,
     out_dtype: torch.dtype,
     cfg: list[int],
+    hint: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ternary GEMV launch behind :func:`ternary_gemv` (validated arguments; ``k`` -1: dense;
-    ``alpha_vec`` None: the scalar ``alpha_f``; ``cfg``: :func:`_cfg_ints`). Returns [B, N]
-    in ``out_dtype``."""
+    ``alpha_vec`` None: the scalar ``alpha_f``; ``cfg``: :func:`_cfg_ints`; ``hint`` updated
+    in place). Returns [B, N] in ``out_dtype``."""
     import triton
 
     from ._gemv_triton import _ternary_dp4a_kernel, _ternary_prep_kernel
@@ -553,11 +584,13 @@ def ternary_gemv_op(
     qsum = torch.empty(bsz, dtype=torch.int32, device=x.device)
     scale = torch.empty(bsz, dtype=torch.float32, device=x.device)
     low, ndig = _radix_digits(x.dtype, cfg.digit_bits)
+    use_hint = hint is not None and sparse
     _ternary_prep_kernel[(bsz,)](
         x,
         xq,
         qsum,
         scale,
+        hint if use_hint else qsum,
         k_in,
         16 * g,
         k if k is not None else k_in,
@@ -568,6 +601,7 @@ def ternary_gemv_op(
         NDIG=ndig,
         DBITS=cfg.digit_bits,
         PDL=pdl,
+        HINT=use_hint,
         num_warps=select_warps_for(k_in, cfg.select_warps),
     )
     y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
@@ -597,7 +631,7 @@ def ternary_gemv_op(
 
 
 @ternary_gemv_op.register_fake
-def _ternary_gemv_fake(x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, cfg):
+def _ternary_gemv_fake(x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, cfg, hint=None):
     return x.new_empty((x.shape[0], packed.shape[1]), dtype=out_dtype)
 
 

@@ -441,10 +441,20 @@ class RotaryEmbedding(nn.Module):
 
 
 class KVCache:
-    """Preallocated key/value cache for generation.
+    """Preallocated key/value cache for generation, the one cache of every decode path.
 
-    Per layer it holds ``k``/``v`` tensors [B, H_kv, max_len, D]; ``length`` is the number of
-    positions already written (shared by all layers, advanced by ``LlamaModel.forward``).
+    Per layer it holds ``k``/``v`` tensors [B, H_kv, max_len, D]. Two ways to track the
+    write position:
+
+    - ``static=False``: ``length`` (a Python int) positions are written; :meth:`update`
+      returns the written prefix [B, H_kv, length + T, D] (shapes grow step by step).
+    - ``static=True``: the position is the device tensor ``pos`` [1] and :meth:`update`
+      returns the whole buffers [B, H_kv, max_len, D] (the caller masks keys past the
+      query). Every step then has the same shapes and no host sync, so one captured CUDA
+      graph (or one ``torch.compile`` graph) serves every position.
+
+    :meth:`positions` gives the positions of the next T tokens, :meth:`advance` moves past
+    them (``LlamaModel.forward`` calls both).
     """
 
     def __init__(
@@ -454,6 +464,7 @@ class KVCache:
         max_len: int,
         device: torch.device,
         dtype: torch.dtype,
+        static: bool = False,
     ) -> None:
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.keys = [
@@ -464,12 +475,41 @@ class KVCache:
         ]
         self.max_len = max_len
         self.length = 0
+        self.static = static
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self._slots: torch.Tensor | None = None  # static: positions the current forward writes
+
+    def reset(self) -> None:
+        """Start over at position 0 (the buffers are kept; old entries are masked/overwritten)."""
+        self.length = 0
+        self.pos.zero_()
+
+    def positions(self, t: int) -> torch.Tensor:
+        """Positions [T] of the next ``t`` tokens (``pos + arange(t)`` when static)."""
+        if self.static:
+            self._slots = self.pos + torch.arange(t, device=self.pos.device)
+            return self._slots
+        return torch.arange(self.length, self.length + t, device=self.pos.device)
+
+    def advance(self, t: int) -> None:
+        """Mark ``t`` more positions as written."""
+        if self.static:
+            self.pos.add_(t)
+        else:
+            self.length += t
 
     def update(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``/``v`` [B, H_kv, T, D] at positions [length, length+T) of layer
-        ``layer_idx`` and return all cached keys/values [B, H_kv, length+T, D]."""
+        """Write ``k``/``v`` [B, H_kv, T, D] at the next T positions of layer ``layer_idx`` and
+        return the cached keys/values: [B, H_kv, length+T, D], or the whole [B, H_kv, max_len,
+        D] buffers when static (after :meth:`positions`)."""
+        if self.static:
+            if self._slots is None or self._slots.numel() != k.shape[2]:
+                raise ValueError("KVCache(static=True): call positions(T) before update")
+            self.keys[layer_idx].index_copy_(2, self._slots, k)
+            self.values[layer_idx].index_copy_(2, self._slots, v)
+            return self.keys[layer_idx], self.values[layer_idx]
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(
@@ -535,10 +575,31 @@ class LlamaAttention(nn.Module):
         ``attention_mask`` is a boolean [B or 1, 1, T, S] mask from ``_attention_mask`` (None =
         causal with no past); ``kv_cache`` appends this step's keys/values before attending.
         """
-        b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(hidden_states)
+        out = self.attend(q, k, v, position_embeddings, attention_mask, kv_cache)
+        return self.o_proj(out)
+
+    def project_qkv(
+        self, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, d] -> q [B, T, H·D], k and v [B, T, H_kv·D] (the decode engine fuses them)."""
+        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """RoPE, cache write and SDPA: q [B, T, H·D], k/v [B, T, H_kv·D] -> [B, T, H·D]
+        (before ``o_proj``)."""
+        b, t, _ = q.shape
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if kv_cache is not None:
@@ -559,8 +620,7 @@ class LlamaAttention(nn.Module):
             is_causal=attention_mask is None and t > 1,
             enable_gqa=gqa,
         )
-        out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        return out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
 
 
 class LlamaMLP(GLUFeedForward):
@@ -621,6 +681,8 @@ class LlamaModel(nn.Module):
         """``input_ids`` [B, T]; ``attention_mask`` [B, S] with 1 = real token, 0 = padding
         (S = cached + T); ``position_ids`` [B or 1, T] default ``past + arange(T)``."""
         b, t = input_ids.shape
+        if kv_cache is not None and kv_cache.static:
+            return self._forward_static(input_ids, attention_mask, position_ids, kv_cache)
         past = kv_cache.length if kv_cache is not None else 0
         x = self.embed_tokens(input_ids)
         if position_ids is None:
@@ -636,10 +698,38 @@ class LlamaModel(nn.Module):
                 key_padding = attention_mask
         mask = _attention_mask(t, past, key_padding, input_ids.device)
         position_embeddings = self.rotary_emb(position_ids, x.dtype)
+        return self._layers(x, position_embeddings, mask, kv_cache)
+
+    def _forward_static(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        """Forward over a ``static`` cache: positions and mask from the device position
+        ``kv_cache.pos`` (no host sync), keys over the whole buffer [B, H_kv, max_len, D]."""
+        if attention_mask is not None or position_ids is not None:
+            raise ValueError("a static KVCache takes no attention_mask or position_ids")
+        positions = kv_cache.positions(input_ids.shape[1])  # [T]
+        keys = torch.arange(kv_cache.max_len, device=input_ids.device)
+        mask = (keys[None, :] <= positions[:, None])[None, None]  # [1, 1, T, max_len]
+        x = self.embed_tokens(input_ids)
+        position_embeddings = self.rotary_emb(positions[None], x.dtype)
+        return self._layers(x, position_embeddings, mask, kv_cache)
+
+    def _layers(
+        self,
+        x: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        """Decoder stack and final norm: [B, T, d] -> [B, T, d]; advances ``kv_cache``."""
         for layer in self.layers:
             x = layer(x, position_embeddings, attention_mask=mask, kv_cache=kv_cache)
         if kv_cache is not None:
-            kv_cache.length = past + t
+            kv_cache.advance(x.shape[1])
         return self.norm(x)
 
 
@@ -778,41 +868,27 @@ class LlamaForCausalLM(nn.Module):
                 f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds "
                 f"max_position_embeddings={self.config.max_position_embeddings}."
             )
+        if max_new_tokens == 0:
+            return input_ids
+        from qsparse.generate import DecodeEngine, pick_next, stop_at_eos
+
         was_training = self.training
         self.eval()
         try:
-            param = self.lm_head.weight
-            cache = KVCache(self.config, b, total, param.device, param.dtype) if use_cache else None
+            if use_cache:  # the project's one decode path, over this model's own modules
+                engine = DecodeEngine(self, use_kernels=False, cuda_graph=False)
+                res = engine.generate(
+                    input_ids, max_new_tokens, temperature, top_k, eos_token_id, generator
+                )
+                return res.tokens
             out = input_ids
-            step_input = input_ids
             finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
             for _ in range(max_new_tokens):
-                logits = self(step_input if use_cache else out, kv_cache=cache).logits[:, -1]
-                nxt = self._pick(logits.float(), temperature, top_k, generator)
-                if eos_token_id is not None:
-                    nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
-                    finished = finished | (nxt == eos_token_id)
+                nxt = pick_next(self(out).logits[:, -1].float(), temperature, top_k, generator)
+                nxt, finished = stop_at_eos(nxt, finished, eos_token_id)
                 out = torch.cat([out, nxt[:, None]], dim=1)
-                step_input = nxt[:, None]
                 if eos_token_id is not None and bool(finished.all()):
                     break
             return out
         finally:
             self.train(was_training)
-
-    @staticmethod
-    def _pick(
-        logits: torch.Tensor,
-        temperature: float,
-        top_k: int | None,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        """Next token per row from ``logits`` [B, V] -> [B]."""
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-        logits = logits / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

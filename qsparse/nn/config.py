@@ -150,9 +150,8 @@ class QuantConfig:
         return cls(**QUANT_PRESETS[name])
 
 
-#: named quantization presets (as ``conf/quant`` and ``qsparse-convert --quant``): int8 is
-#: per-token absmax 8-bit activations (Eq. 4-7), ternary absmean 1.58-bit weights only, bitnet
-#: both plus SubLN (Eq. 8-10)
+#: Named :class:`QuantConfig` settings, the one meaning of each name across the CLIs and the
+#: decode modes: ``bitnet`` is BitNet b1.58 (ternary weights, int8 absmax activations, SubLN).
 QUANT_PRESETS: dict[str, dict[str, Any]] = {
     "none": {"weights": "none", "act_bits": None, "subln": False},
     "int8": {"weights": "none", "act_bits": 8, "subln": False},

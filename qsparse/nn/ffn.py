@@ -39,4 +39,9 @@ class GLUFeedForward(nn.Module):
         self.act_fn = make_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.project_gate_up(x)
+        return self.down_proj(self.act_fn(gate) * up)
+
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., hidden] -> (gate, up), each [..., intermediate] (the decode engine fuses them)."""
+        return self.gate_proj(x), self.up_proj(x)

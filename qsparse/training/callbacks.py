@@ -14,12 +14,13 @@ import csv
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from qsparse.data.cache import atomic_write_text
@@ -278,7 +279,7 @@ def plot_loss_curve(
     if not series.get("train/loss") and not series.get("val/loss"):
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+    for key, style in (("train/loss", "-"), ("val/loss", "o-"), ("val_ood/loss", "s-")):
         points = series.get(key)
         if points:
             steps, values = zip(*points, strict=True)
@@ -325,7 +326,8 @@ class RunSummary(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t_end = time.perf_counter()
-        if getattr(pl_module, "last_val_step", -1) == trainer.global_step:
+        best = best_checkpoint(trainer.callbacks)
+        if getattr(pl_module, "last_val_step", -1) == trainer.global_step and best is None:
             self.report(trainer, pl_module)
         else:
             self._pending = True
@@ -347,6 +349,10 @@ class RunSummary(L.Callback):
         if val is not None:
             out["val_loss"] = float(val)
             out["val_ppl"] = math.exp(min(float(val), 80.0))
+        ood = getattr(pl_module, "last_val_losses", {}).get("val_ood")
+        if ood is not None:
+            out["val_ood_loss"] = float(ood)
+            out["val_ood_ppl"] = math.exp(min(float(ood), 80.0))
         if self.unigram_entropy is not None:
             out["unigram_entropy"] = float(self.unigram_entropy)
         sp = next((c for c in trainer.callbacks if isinstance(c, SparsityMonitor)), None)
@@ -402,11 +408,23 @@ class RunSummary(L.Callback):
         _print_summary(summary, run_dir)
 
 
+def best_checkpoint(callbacks: Sequence[Callback]) -> tuple[str, str] | None:
+    """``(path, monitor)`` of the first ``ModelCheckpoint`` with a ``monitor`` that saved a
+    best checkpoint (e.g. ``callbacks.best`` on ``val_ood/loss``), else ``None``."""
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
+            return cb.best_model_path, cb.monitor
+    return None
+
+
 def _print_summary(summary: Mapping[str, Any], run_dir: Path) -> None:
     rows: list[tuple[str, str]] = [("run dir", str(run_dir)), ("steps", str(summary["step"]))]
     if "val_loss" in summary:
         rows.append(("val loss (nats/token)", f"{summary['val_loss']:.4f}"))
         rows.append(("val perplexity", f"{summary['val_ppl']:.2f}"))
+    if "val_ood_loss" in summary:
+        rows.append(("out-of-domain val loss", f"{summary['val_ood_loss']:.4f}"))
+        rows.append(("out-of-domain val perplexity", f"{summary['val_ood_ppl']:.2f}"))
     if "unigram_entropy" in summary:
         rows.append(("corpus unigram entropy", f"{summary['unigram_entropy']:.4f}"))
     if summary.get("sparsity_overall") is not None:

@@ -24,6 +24,8 @@ from qsparse.convert import ACTIVATION_CHOICES
 from qsparse.errors import UserError
 from qsparse.nn import QuantConfig, SparsityConfig
 
+from .distill import DistillConfig
+
 
 class ConfigError(UserError):
     """A training config that cannot run: the message names the key and the fix."""
@@ -73,6 +75,7 @@ class TrainSchema:
     # the library dataclasses themselves are the schemas of these two groups
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     optim: Any = None
     scheduler: Any = None
     trainer: Any = None
@@ -223,6 +226,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     )
     SparsityConfig.from_dict(dict(cfg.get("sparsity") or {}))
     QuantConfig.from_dict(dict(cfg.get("quant") or {}))
+    DistillConfig.from_dict(dict(cfg.get("distill") or {}))
 
     optim = cfg.get("optim") or {}
     lr = optim.get("lr")

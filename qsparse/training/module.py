@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from qsparse.convert import ACTIVATION_CHOICES
 from qsparse.nn import QuantConfig, SparsityConfig
 
+from .distill import DistillConfig, LayerOutputs, hidden_distill_loss, kl_distill_loss
 from .optim import param_groups, total_grad_norm
 
 
@@ -145,6 +146,9 @@ class LMModule(L.LightningModule):
         compile: ``torch.compile`` the model in place (state-dict names unchanged).
         gradient_checkpointing: recompute decoder layers in backward.
         modules_to_not_convert: module names ``sparsify`` leaves dense.
+        distill: :class:`~qsparse.training.distill.DistillConfig` (or its dict): train
+            against the frozen dense model built from the same ``model`` spec (the teacher,
+            built at fit start, never checkpointed); ``None`` = LM loss only.
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class LMModule(L.LightningModule):
         compile: bool = False,
         gradient_checkpointing: bool = False,
         modules_to_not_convert: Sequence[str] = ("lm_head",),
+        distill: DistillConfig | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATION_CHOICES:
@@ -169,6 +174,7 @@ class LMModule(L.LightningModule):
         # validate early (ValueError naming the field), store plain dicts for the checkpoint
         self._sparsity = SparsityConfig.from_dict(_plain(sparsity) or {"pattern": "none"})
         self._quant = QuantConfig.from_dict(_plain(quant) or {})
+        self._distill = DistillConfig.from_dict(_plain(distill))
         self.save_hyperparameters(
             {
                 "model": _plain(model),
@@ -180,6 +186,7 @@ class LMModule(L.LightningModule):
                 "compile": bool(compile),
                 "gradient_checkpointing": bool(gradient_checkpointing),
                 "modules_to_not_convert": list(modules_to_not_convert),
+                "distill": self._distill.to_dict(),
             }
         )
         self.model: nn.Module | None = None
@@ -187,8 +194,13 @@ class LMModule(L.LightningModule):
         self.last_val_step: int = -1
         self.last_val_loss: float | None = None
         self._grad_norm: torch.Tensor | None = None
-        self._val_sum: torch.Tensor | None = None
-        self._val_tokens: torch.Tensor | None = None
+        self.last_val_losses: dict[str, float] = {}
+        self._val_sum: dict[int, torch.Tensor] = {}
+        self._val_tokens: dict[int, torch.Tensor] = {}
+        # the teacher is a plain attribute, not a submodule: it stays out of the state dict,
+        # the optimizer, FSDP wrapping and checkpoints (see distill.py)
+        self._teacher: list[nn.Module] = []
+        self._hooks: tuple[LayerOutputs, LayerOutputs] | None = None
 
     # ------------------------------------------------------------------ model
     @property
@@ -198,6 +210,39 @@ class LMModule(L.LightningModule):
     @property
     def quant(self) -> QuantConfig:
         return self._quant
+
+    @property
+    def distill(self) -> DistillConfig:
+        return self._distill
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen dense teacher (built by :meth:`on_fit_start` when distilling)."""
+        return self._teacher[0] if self._teacher else None
+
+    def build_teacher(self) -> nn.Module:
+        """The dense model of the ``model`` spec, frozen, in eval mode, on this device, in
+        ``distill.teacher_dtype`` (idempotent)."""
+        if self._teacher:
+            return self._teacher[0]
+        teacher = build_model(self.hparams["model"])
+        dtype = self._distill.teacher_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        teacher.to(device=self.device, dtype=getattr(torch, dtype))
+        teacher.eval().requires_grad_(False)
+        self._teacher.append(teacher)
+        if self._distill.hidden:
+            assert self.model is not None
+            self._hooks = (
+                LayerOutputs(_decoder_layers(self.model)),
+                LayerOutputs(_decoder_layers(teacher)),
+            )
+        return teacher
+
+    def on_fit_start(self) -> None:
+        if self._distill.enabled:
+            self.build_teacher()
 
     def _resolve_vocab(self) -> None:
         spec = self.hparams["model"]
@@ -270,9 +315,36 @@ class LMModule(L.LightningModule):
         return loss
 
     # --------------------------------------------------------------- training
+    def _distill_step(self, batch: Mapping[str, torch.Tensor], bs: int) -> torch.Tensor:
+        """Student forward + frozen teacher forward; the weighted loss of distill.py."""
+        cfg = self._distill
+        teacher = self.build_teacher()
+        if self._hooks is not None:
+            for h in self._hooks:
+                h.take()  # drop outputs of recomputed (checkpointed) layers
+        out = self(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+        with torch.no_grad():
+            kwargs = {"input_ids": batch["input_ids"]}
+            if batch.get("attention_mask") is not None:
+                kwargs["attention_mask"] = batch["attention_mask"]
+            t_logits = teacher(**kwargs).logits
+        lm = out.loss
+        kl = kl_distill_loss(out.logits, t_logits, batch["labels"], cfg.temperature)
+        loss = cfg.lm_weight * lm + cfg.kl_weight * kl
+        self.log("train/lm_loss", lm.detach().float(), on_step=True, batch_size=bs)
+        self.log("train/kl", kl.detach(), on_step=True, batch_size=bs)
+        if self._hooks is not None:
+            hidden = hidden_distill_loss(self._hooks[0].take(), self._hooks[1].take())
+            loss = loss + cfg.hidden_weight * hidden
+            self.log("train/hidden_loss", hidden.detach(), on_step=True, batch_size=bs)
+        return loss
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch)
         bs = batch["input_ids"].shape[0]
+        if self._distill.enabled:
+            loss = self._distill_step(batch, bs)
+        else:
+            loss = self._step(batch)
         detached = loss.detach().float()
         self.log("train/loss", detached, on_step=True, prog_bar=True, batch_size=bs)
         self.log("train/ppl", torch.exp(detached), on_step=True, batch_size=bs)
@@ -317,31 +389,53 @@ class LMModule(L.LightningModule):
             self._grad_norm = None
 
     # ------------------------------------------------------------- validation
-    def on_validation_epoch_start(self) -> None:
-        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._val_tokens = torch.zeros((), device=self.device, dtype=torch.float64)
+    def _val_set_names(self) -> list[str]:
+        """Metric prefix of each validation loader: the datamodule's ``val_set_names``
+        (e.g. ``["val", "val_ood"]``), else ``val`` for the first and ``val_<i>`` after."""
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return list(getattr(dm, "val_set_names", None) or ["val"])
 
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = {}
+        self._val_tokens = {}
+
+    def validation_step(
+        self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         loss = self._step(batch)
         n = (batch["labels"][:, 1:] != -100).sum()
-        self._val_sum += loss.detach().double() * n
-        self._val_tokens += n
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_sum[dataloader_idx] = self._val_sum.get(dataloader_idx, zero) + (
+            loss.detach().double() * n
+        )
+        self._val_tokens[dataloader_idx] = self._val_tokens.get(dataloader_idx, zero) + n
 
     def on_validation_epoch_end(self) -> None:
+        """Log ``<prefix>/loss`` (token-weighted mean over the set and all ranks) and
+        ``<prefix>/ppl`` per validation loader; the first is ``val``."""
         if self.trainer.sanity_checking:
             return
-        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
-        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
-        if float(tokens) == 0:
-            from lightning.pytorch.utilities import rank_zero_warn
+        names = self._val_set_names()
+        n_loaders = max([len(names), *(i + 1 for i in self._val_tokens)])
+        for idx in range(n_loaders):
+            prefix = names[idx] if idx < len(names) else f"val_{idx}"
+            zero = torch.zeros((), device=self.device, dtype=torch.float64)
+            # every rank reduces every loader, also one that saw no batch on this rank
+            total = self.trainer.strategy.reduce(self._val_sum.get(idx, zero), reduce_op="sum")
+            tokens = self.trainer.strategy.reduce(self._val_tokens.get(idx, zero), reduce_op="sum")
+            if float(tokens) == 0:
+                from lightning.pytorch.utilities import rank_zero_warn
 
-            rank_zero_warn("validation saw no target tokens: val/loss not logged")
-            return
-        mean = (total / tokens).float()
-        self.log("val/loss", mean, sync_dist=False, prog_bar=True)
-        self.log("val/ppl", torch.exp(mean), sync_dist=False)
-        self.last_val_step = self.global_step
-        self.last_val_loss = float(mean)
+                rank_zero_warn(f"validation set {prefix!r} saw no target tokens: not logged")
+                continue
+            mean = (total / tokens).float()
+            self.log(f"{prefix}/loss", mean, sync_dist=False, prog_bar=idx == 0)
+            self.log(f"{prefix}/ppl", torch.exp(mean), sync_dist=False)
+            self.last_val_losses[prefix] = float(mean)
+            if idx == 0:
+                self.last_val_step = self.global_step
+                self.last_val_loss = float(mean)
 
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:

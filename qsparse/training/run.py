@@ -38,7 +38,7 @@ from omegaconf.errors import (
 
 from qsparse.errors import UserError
 
-from .callbacks import RunSummary
+from .callbacks import RunSummary, best_checkpoint
 from .checkpoint import AtomicCheckpointIO
 from .config import ConfigError, check_accelerator, validate_config
 from .logging import TrimResumedMetrics, build_loggers, finish_wandb, git_sha, log_run_config
@@ -184,6 +184,7 @@ def _module(container: Mapping[str, Any], model_spec: Mapping[str, Any]) -> LMMo
         compile=bool(container.get("compile", False)),
         gradient_checkpointing=bool(container.get("gradient_checkpointing", False)),
         modules_to_not_convert=tuple(container.get("modules_to_not_convert", ("lm_head",))),
+        distill=container.get("distill"),
     )
 
 
@@ -278,9 +279,17 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         _write_config(run_dir, container)
         log_run_config(loggers, container, git_sha())
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        if module.last_val_step != trainer.global_step and trainer.limit_val_batches != 0:
+        best = best_checkpoint(callbacks)
+        if best is not None:
+            # checkpoint choice: the monitored best weights are validated and exported
+            rank_zero_info(f"restoring the best checkpoint by {best[1]}: {best[0]}")
+            trainer.validate(module, datamodule=datamodule, ckpt_path=best[0], verbose=False)
+        elif module.last_val_step != trainer.global_step and trainer.limit_val_batches != 0:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         summary = next((c.summary for c in callbacks if isinstance(c, RunSummary)), {})
+        if best is not None:
+            summary["selected_checkpoint"] = best[0]
+            summary["selected_by"] = best[1]
         if container.get("export", True):
             summary["export_dir"] = _export(trainer, module, datamodule, container, run_dir)
         exit_code = 0

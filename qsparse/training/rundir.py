@@ -57,6 +57,7 @@ class RunState:
 
     @property
     def empty(self) -> bool:
+        """No previous run: neither a checkpoint nor a summary."""
         return self.checkpoint is None and self.finished_step is None
 
 

@@ -39,7 +39,8 @@ def test_compiled_cuda_graph_step_matches_eager(mode, path):
         0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1)
     )
     eager = DecodeEngine(model, use_kernels=True, cuda_graph=True)
-    assert {blk.qkv.mode for blk in eager.layers} == {path}  # cuBLAS or a Triton GEMV
+    modes = {layer.self_attn.qkv.mode for layer in eager.decoder.model.layers}
+    assert modes == {path}  # cuBLAS or a Triton GEMV
     expected = eager.generate(ids, 12).tokens
     torch._dynamo.utils.counters.clear()
     compiled = DecodeEngine(model, use_kernels=True, cuda_graph=True, compile=True)

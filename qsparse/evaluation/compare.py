@@ -1,0 +1,162 @@
+"""One table for a recovery study: dense, training-free top-k at S, continued-trained at S.
+
+Every row is a model; every model is measured on every text with the same tokenizer stream,
+``seq_len`` windows and token budget, so the columns compare:
+
+    row                       source
+    dense                     the base checkpoint as it is
+    training-free S=<s>       the base checkpoint + ``qsparse.sparsify`` (top-k, ratio s)
+    <label>                   another checkpoint (e.g. ``outputs/run/hf``) with its own settings
+
+Columns: perplexity per text (and its ratio to the dense row), the measured overall sparsity
+and the activated parameters (both on the first text's first ``sparsity_tokens`` tokens; see
+:func:`qsparse.evaluation.sparsity_report`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .perplexity import perplexity_of_tokens, read_documents, token_stream
+from .runner import load_for_eval
+from .sparsity import sparsity_report
+
+
+@dataclass
+class CompareRow:
+    """One model of the comparison: ``ppl[text]``, measured sparsity, activated params."""
+
+    label: str
+    path: str
+    sparsity_setting: float | None
+    ppl: dict[str, float] = field(default_factory=dict)
+    loss: dict[str, float] = field(default_factory=dict)
+    measured_sparsity: float | None = None
+    activated_parameters: int | None = None
+    total_parameters: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _configured_ratio(model: torch.nn.Module) -> float | None:
+    from ..convert import get_settings
+
+    settings = get_settings(model) or {}
+    sp = settings.get("sparsity") or {}
+    if sp.get("pattern", "none") == "none":
+        return 0.0
+    return sp.get("ratio")
+
+
+def compare_models(
+    base: str | os.PathLike,
+    texts: Sequence[str | os.PathLike],
+    sparsities: Sequence[float] = (),
+    checkpoints: Sequence[str | os.PathLike] = (),
+    labels: Sequence[str] | None = None,
+    seq_len: int = 512,
+    max_tokens: int | None = 65536,
+    batch_size: int = 4,
+    dtype: str = "float32",
+    device: str = "cpu",
+    sparsity_tokens: int = 8192,
+) -> list[CompareRow]:
+    """Measure the dense ``base``, ``base`` at each training-free ``sparsities`` ratio, and
+    each of ``checkpoints`` (labelled by ``labels`` or their paths) on every text.
+
+    Raises:
+        ValueError: no text, or ``labels`` of the wrong length.
+    """
+    if not texts:
+        raise ValueError("compare: give at least one --text (file or bundled corpus name)")
+    labels = list(labels) if labels else [str(c) for c in checkpoints]
+    if len(labels) != len(checkpoints):
+        raise ValueError(
+            f"compare: {len(labels)} labels for {len(checkpoints)} checkpoints; give one each"
+        )
+    docs = {str(t): read_documents(t) for t in texts}
+    plan: list[tuple[str, str, float | None]] = [("dense", str(base), None)]
+    plan += [(f"training-free S={s:g}", str(base), float(s)) for s in sparsities]
+    plan += [(lab, str(c), None) for lab, c in zip(labels, checkpoints, strict=True)]
+    return [
+        measure_model(
+            label,
+            path,
+            docs,
+            ratio,
+            seq_len,
+            max_tokens,
+            batch_size,
+            dtype,
+            device,
+            sparsity_tokens,
+        )
+        for label, path, ratio in plan
+    ]
+
+
+def measure_model(
+    label: str,
+    path: str | os.PathLike,
+    docs: dict[str, list[str]],
+    ratio: float | None = None,
+    seq_len: int = 512,
+    max_tokens: int | None = 65536,
+    batch_size: int = 4,
+    dtype: str = "float32",
+    device: str = "cpu",
+    sparsity_tokens: int = 8192,
+) -> CompareRow:
+    """One row: the checkpoint at ``path`` (with training-free top-k at ``ratio`` when
+    given) measured on every ``docs[name]`` (documents of :func:`read_documents`)."""
+    sparsity = {"ratio": ratio, "pattern": "token_topk"} if ratio is not None else None
+    model, tokenizer = load_for_eval(path, dtype, sparsity=sparsity, device=device)
+    row = CompareRow(label, str(path), ratio if ratio is not None else _configured_ratio(model))
+    for i, (name, texts) in enumerate(docs.items()):
+        stream = token_stream(tokenizer, texts, max_tokens=max_tokens)
+        result = perplexity_of_tokens(model, stream, seq_len, batch_size)
+        row.ppl[name], row.loss[name] = result.ppl, result.loss
+        if i == 0:
+            head = stream[: max(2, min(sparsity_tokens, stream.numel()))]
+            report = sparsity_report(model, [w[None] for w in head.split(seq_len)])
+            row.measured_sparsity = report.overall
+            row.activated_parameters = report.activated_parameters
+            row.total_parameters = report.total_parameters
+    return row
+
+
+def render_comparison(rows: Sequence[CompareRow]) -> None:
+    """Print the rows as one rich table; perplexities with their ratio to the dense row."""
+    from rich.console import Console
+    from rich.table import Table
+
+    texts = list(rows[0].ppl)
+    dense = rows[0].ppl
+    table = Table(title="qsparse-eval: dense vs training-free vs trained", show_header=True)
+    table.add_column("model")
+    table.add_column("S (set)", justify="right")
+    for t in texts:
+        table.add_column(f"ppl {os.path.basename(t)}", justify="right")
+    table.add_column("measured sparsity", justify="right")
+    table.add_column("activated params", justify="right")
+    for r in rows:
+        cells = [r.label, "-" if r.sparsity_setting is None else f"{r.sparsity_setting:g}"]
+        for t in texts:
+            ratio = r.ppl[t] / dense[t] - 1.0
+            cells.append(
+                f"{r.ppl[t]:.3f} ({ratio:+.1%})" if r is not rows[0] else f"{r.ppl[t]:.3f}"
+            )
+        cells.append("-" if r.measured_sparsity is None else f"{r.measured_sparsity:.3f}")
+        cells.append(
+            "-"
+            if r.activated_parameters is None
+            else f"{r.activated_parameters:,} ({r.activated_parameters / r.total_parameters:.1%})"
+        )
+        table.add_row(*cells)
+    Console().print(table)
