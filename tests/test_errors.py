@@ -293,10 +293,13 @@ def test_finished_run_is_never_overwritten_without_overwrite(tmp_path: Path) -> 
     # of writers killed mid-write (their process is gone), not those of live processes
     orphan = last.with_name(f"last.ckpt.tmp-{_dead_pid()}")
     orphan.write_bytes(b"partial")
+    export_orphan = run_dir / f".hf.tmp-{_dead_pid()}"  # a killed export's folder
+    (export_orphan / "model.safetensors").parent.mkdir()
+    (export_orphan / "model.safetensors").write_bytes(b"partial")
     live = last.with_name(f"last.ckpt.tmp-{os.getppid()}")
     live.write_bytes(b"being written")
     assert train(_compose([*common, "resume=true", "trainer.max_steps=6"]))["step"] == 6
-    assert not orphan.exists() and live.exists()
+    assert not orphan.exists() and not export_orphan.exists() and live.exists()
 
     summary = train(_compose([*common, "trainer.max_steps=2", "overwrite=true"]))
     assert summary["step"] == 2

@@ -349,9 +349,11 @@ def _write_atomically(path: Path, write: Any) -> None:
                 "to overwrite it (choose an empty or new folder)"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = path.parent / f".{path.name}.tmp-{token}"
-    old = path.parent / f".{path.name}.old-{token}"
+    # named by the writer's pid, as checkpoint temporaries: a killed export's folder is
+    # removed by qsparse.training.checkpoint.remove_orphaned_temporaries on the next start
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this pid
     try:
         tmp.mkdir()
         write(tmp)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,11 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_orphaned_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the ``<name>.tmp-<pid>`` files :func:`atomic_torch_save` left in ``folder``
-    when its process was killed mid-write (a file of another live process is kept); return
-    them. Call it before this process writes there: its own pid counts as dead (a killed
-    run's pid is often reused in containers)."""
+    """Delete the ``<name>.tmp-<pid>`` files :func:`atomic_torch_save` (and folders
+    :func:`qsparse.models.hf.export`) left in ``folder`` when their process was killed
+    mid-write (those of another live process are kept); return them. Call it before this
+    process writes there: its own pid counts as dead (a killed run's pid is often reused in
+    containers)."""
     removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
@@ -52,9 +54,13 @@ def remove_orphaned_temporaries(folder: str | os.PathLike) -> list[Path]:
     for path in folder.iterdir():
         match = _TMP_SUFFIX.search(path.name)
         pid = int(match.group(1)) if match else -1
-        if path.is_file() and pid >= 0 and (pid == os.getpid() or not _process_alive(pid)):
+        if pid < 0 or (pid != os.getpid() and _process_alive(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink(missing_ok=True)
-            removed.append(path)
+        removed.append(path)
     return removed
 
 

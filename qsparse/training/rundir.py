@@ -4,10 +4,11 @@ be replaced.
 :func:`check_run_dir` reads (never writes) ``<run_dir>`` and decides how the new run may use
 it: a finished run (``summary.json``) or an unfinished one (``checkpoints/last.ckpt``) is
 never overwritten unless ``overwrite=true``; ``resume=true`` needs a complete ``last.ckpt``
-and a run that is not finished yet. :func:`prepare_run_dir` then makes the directory ready
-(clears the previous run's files on ``overwrite=true``, removes temporaries orphaned by killed
-writers, writes Hydra's ``.hydra`` record), and :func:`remove_if_empty` undoes the directory
-Hydra created for a run that failed before writing anything.
+and a run that is not finished yet. :func:`prepare_run_dir` then makes the directory ready:
+it clears the previous run's files on ``overwrite=true``, removes temporaries orphaned by
+killed writers (``last.ckpt.tmp-<pid>``, ``.hf.tmp-<pid>/``) and writes Hydra's ``.hydra``
+record. :func:`remove_if_empty` undoes the directory Hydra created for a run that failed
+before writing anything.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ def check_run_dir(
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, task_config: DictConfig | None = None) -> None:
     """Create ``run_dir`` for a run that passed every check: on ``overwrite`` remove the
-    previous run's files (:data:`RUN_ARTIFACTS`), remove checkpoint temporaries of killed
-    writers, and write Hydra's ``.hydra`` record of the composed config when run by Hydra."""
+    previous run's files (:data:`RUN_ARTIFACTS`), remove checkpoint and export temporaries of
+    killed writers, and write Hydra's ``.hydra`` record of the composed config when run by Hydra."""
     if overwrite:
         for name in RUN_ARTIFACTS:
             path = run_dir / name
@@ -142,6 +143,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, task_config: DictConfig | No
                 path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_orphaned_temporaries(run_dir / "checkpoints")
+    remove_orphaned_temporaries(run_dir)  # a killed export's .hf.tmp-<pid>/
     _write_hydra_record(run_dir, task_config)
 
 
