@@ -66,13 +66,15 @@ def _plot(results: list[dict[str, Any]], text: str, path: Path) -> None:
     for kind, style, name in (
         ("free", "o--", "training-free top-k"),
         ("lm", "s-", "continued training, LM loss (paper)"),
-        ("distill", "^-", "continued training, self-distillation"),
+        ("distill_kl", "v-", "continued training, KL to the dense model only"),
+        ("distill", "^-", "continued training, LM + KL (recovery recipe)"),
     ):
         pts = sorted((r["S"], r["ppl"][text]) for r in results if r["kind"] == kind)
         if pts:
             ax.plot(*zip(*pts, strict=True), style, label=name)
     ax.axhline(dense, color="gray", linewidth=1, label="dense")
     ax.axhline(dense * 1.05, color="gray", linewidth=0.8, linestyle=":", label="dense +5%")
+    ax.set_yscale("log")
     ax.set_xlabel("sparsity S (fraction of each projection input zeroed)")
     ax.set_ylabel(f"perplexity on {Path(text).name} (held out)")
     ax.grid(alpha=0.3)
@@ -95,8 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--max-tokens", type=int, default=65536)
     p.add_argument("--out", default="outputs/recovery")
+    p.add_argument(
+        "--plot-only",
+        default=None,
+        help="re-plot and print a recovery.json (no measuring); kinds: dense, free, lm, "
+        "distill_kl, distill",
+    )
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = p.parse_args(argv)
+    if args.plot_only:
+        results = json.loads(Path(args.plot_only).read_text())["results"]
+        texts = list(results[0]["ppl"])
+        for text in texts:
+            _plot(results, text, Path(args.plot_only).with_name(f"recovery-{Path(text).stem}.png"))
+        _print_table(results, texts, args.plot_only)
+        return 0
 
     from qsparse.evaluation.compare import CompareRow, measure_model
     from qsparse.evaluation.perplexity import read_documents
@@ -170,15 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         add(kind, s, row, {k: summary.get(k) for k in keep})
     for text in docs:
         _plot(results, text, out / f"recovery-{Path(text).stem}.png")
+    _print_table(results, list(docs), args.base)
+    return 0
+
+
+def _print_table(results: list[dict[str, Any]], texts: list[str], base: str) -> None:
     dense = next(r["ppl"] for r in results if r["kind"] == "dense")
-    print(f"\nheld-out perplexity, ratio to dense ({args.base})")
-    for r in results:
+    print(f"\nheld-out perplexity, ratio to dense ({base})")
+    for r in sorted(results, key=lambda r: (r["S"], r["kind"])):
         cells = "  ".join(
-            f"{Path(t).stem}={r['ppl'][t]:.3f} ({r['ppl'][t] / dense[t]:.3f}x)" for t in docs
+            f"{Path(t).stem}={r['ppl'][t]:.3f} ({r['ppl'][t] / dense[t]:.3f}x)" for t in texts
         )
         wall = f"  train {r['wall_s']:.0f}s" if r.get("wall_s") else ""
-        print(f"{r['kind']:8s} S={r['S']:.2f}  {cells}  act={r['activated_parameters']:,}{wall}")
-    return 0
+        print(f"{r['kind']:10s} S={r['S']:.2f}  {cells}  act={r['activated_parameters']:,}{wall}")
 
 
 if __name__ == "__main__":

@@ -167,3 +167,32 @@ def test_recovery_recipe_two_steps(tiny_hf_checkpoint, tmp_path: Path) -> None:
     assert {"train/kl", "train/lm_loss", "val_ood/loss", "val/loss"} <= set(header)
     config = json.loads((Path(summary["export_dir"]) / "config.json").read_text())
     assert config["qsparse"]["sparsity"]["ratio"] == pytest.approx(0.4)
+
+
+def test_early_stopping_on_the_out_of_domain_set(tiny_hf_checkpoint, tmp_path: Path) -> None:
+    """Lightning's EarlyStopping on val_ood/loss, added from the command line, ends the run
+    at the first validation that does not improve by min_delta (here: any)."""
+    ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
+    with initialize_config_module("qsparse.conf", version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "recipe=continue/recovery_tiny",
+                f"model.path={ckpt}",
+                f"run_dir={tmp_path / 'run'}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "data.max_documents=200",
+                "logger=csv",
+                "trainer.max_steps=8",
+                "trainer.val_check_interval=2",
+                "trainer.enable_progress_bar=false",
+                "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
+                "+callbacks.early_stopping.monitor=val_ood/loss",
+                "+callbacks.early_stopping.patience=1",
+                "+callbacks.early_stopping.min_delta=100.0",
+            ],
+        )
+    summary = train(cfg)
+    assert summary["step"] == 4  # validations at 2 (best) and 4 (no 100-nat gain): stop
+    name = Path(summary["selected_checkpoint"]).name
+    assert name in ("best-0000002.ckpt", "best-0000004.ckpt")

@@ -312,7 +312,7 @@ def test_sparse_gemv_default_config_fits_the_panel_width(monkeypatch):
     seen = []
 
     def fake_op(*args):
-        seen.append(G._cfg_from_ints(args[-1]))
+        seen.append(G._cfg_from_ints(args[7]))
         return torch.zeros(1, 128)
 
     monkeypatch.setattr(G, "sparse_gemv_op", fake_op)

@@ -240,9 +240,14 @@ def new_hint(batch: int = 16, device: torch.device | str | None = None) -> torch
     return torch.zeros(batch, dtype=torch.int32, device=device)
 
 
-def _check_hint(hint: torch.Tensor | None, bsz: int) -> None:
-    if hint is not None and (hint.dtype != torch.int32 or hint.numel() < bsz):
+def _hint_arg(hint: torch.Tensor | None, bsz: int, device: torch.device) -> torch.Tensor:
+    """The ``hint`` the custom ops take: the caller's (validated) or an empty int32 tensor
+    (no carry). Always a tensor: torch 2.11 mis-indexes a mutated argument left at None."""
+    if hint is None:
+        return torch.empty(0, dtype=torch.int32, device=device)
+    if hint.dtype != torch.int32 or hint.numel() < bsz:
         raise ValueError(f"hint must be an int32 tensor of >= {bsz} entries (new_hint)")
+    return hint
 
 
 def prepare_dense(
@@ -350,7 +355,7 @@ def sparse_gemv(
     if cfg.use_dot is False and x.shape[0] > 1:
         raise ValueError("cfg.use_dot=False supports batch 1 only")
     _radix_digits(x.dtype, cfg.digit_bits)  # validates digit_bits
-    _check_hint(hint, x.shape[0])
+    hint = _hint_arg(hint, x.shape[0], x.device)
     idx, val, cnt = rows if rows is not None else (None, None, None)
     y = sparse_gemv_op(x.contiguous(), wt, k, idx, val, cnt, out_dtype, _cfg_ints(cfg), hint)
     return y[:, :n_out] if n_out is not None else y
@@ -366,16 +371,18 @@ def sparse_gemv_op(
     cnt: torch.Tensor | None,
     out_dtype: torch.dtype,
     cfg: list[int],
-    hint: torch.Tensor | None = None,
+    hint: torch.Tensor,
 ) -> torch.Tensor:
     """Sparse GEMV launch behind :func:`sparse_gemv` (validated arguments; ``cfg``:
-    :func:`_cfg_ints`; ``hint`` updated in place). Returns [B, N (padded)] in ``out_dtype``."""
+    :func:`_cfg_ints`; ``hint`` updated in place, empty: none). Returns [B, N (padded)] in
+    ``out_dtype``."""
     rows = (idx, val, cnt) if idx is not None else None
-    return _sparse_gemv_launch(x, wt, k, _cfg_from_ints(cfg), out_dtype, rows, hint)
+    carry = hint if hint.numel() else None
+    return _sparse_gemv_launch(x, wt, k, _cfg_from_ints(cfg), out_dtype, rows, carry)
 
 
 @sparse_gemv_op.register_fake
-def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, cfg, hint=None) -> torch.Tensor:
+def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, cfg, hint) -> torch.Tensor:
     return x.new_empty((x.shape[0], _wt_dims(wt)[1]), dtype=out_dtype)
 
 
@@ -539,7 +546,7 @@ def ternary_gemv(
         return ternary_gemv_reference(x, packed, alpha, k, None).to(out_dtype)
     alpha_vec, alpha_f = _alpha_arg(alpha, packed.shape[1], x.device)
     _radix_digits(x.dtype, cfg.digit_bits)  # validates digit_bits
-    _check_hint(hint, x.shape[0])
+    hint = _hint_arg(hint, x.shape[0], x.device)
     return ternary_gemv_op(
         x.contiguous(),
         packed,
@@ -563,11 +570,11 @@ def ternary_gemv_op(
     act_bits: int,
     out_dtype: torch.dtype,
     cfg: list[int],
-    hint: torch.Tensor | None = None,
+    hint: torch.Tensor,
 ) -> torch.Tensor:
     """Ternary GEMV launch behind :func:`ternary_gemv` (validated arguments; ``k`` -1: dense;
     ``alpha_vec`` None: the scalar ``alpha_f``; ``cfg``: :func:`_cfg_ints`; ``hint`` updated
-    in place). Returns [B, N] in ``out_dtype``."""
+    in place, empty: none). Returns [B, N] in ``out_dtype``."""
     import triton
 
     from ._gemv_triton import _ternary_dp4a_kernel, _ternary_prep_kernel
@@ -584,7 +591,7 @@ def ternary_gemv_op(
     qsum = torch.empty(bsz, dtype=torch.int32, device=x.device)
     scale = torch.empty(bsz, dtype=torch.float32, device=x.device)
     low, ndig = _radix_digits(x.dtype, cfg.digit_bits)
-    use_hint = hint is not None and sparse
+    use_hint = hint.numel() > 0 and sparse
     _ternary_prep_kernel[(bsz,)](
         x,
         xq,
@@ -631,7 +638,7 @@ def ternary_gemv_op(
 
 
 @ternary_gemv_op.register_fake
-def _ternary_gemv_fake(x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, cfg, hint=None):
+def _ternary_gemv_fake(x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, cfg, hint):
     return x.new_empty((x.shape[0], packed.shape[1]), dtype=out_dtype)
 
 

@@ -19,6 +19,7 @@ exports a transformers folder to ``<run_dir>/hf``. Layout of a run directory::
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -290,6 +291,10 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         if best is not None:
             summary["selected_checkpoint"] = best[0]
             summary["selected_by"] = best[1]
+            if trainer.is_global_zero and (run_dir / "summary.json").is_file():
+                (run_dir / "summary.json").write_text(
+                    json.dumps(summary, indent=2, sort_keys=True, default=str)
+                )
         if container.get("export", True):
             summary["export_dir"] = _export(trainer, module, datamodule, container, run_dir)
         exit_code = 0
