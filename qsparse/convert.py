@@ -197,7 +197,7 @@ def _to_qsparse_linear(
 def sparsify(
     model: nn.Module,
     sparsity: SparsityConfig | float | None = None,
-    quant: QuantConfig | None = None,
+    quant: QuantConfig | str | None = None,
     activation: str = "keep",
     modules_to_not_convert: tuple[str, ...] | list[str] = ("lm_head",),
 ) -> SparsifyReport:
@@ -206,7 +206,8 @@ def sparsify(
     Args:
         model: an HF Llama/Mistral/Qwen2 model or a qsparse Llama.
         sparsity: a :class:`SparsityConfig` or just the ratio S (fraction zeroed).
-        quant: a :class:`QuantConfig` (``None``: no quantization).
+        quant: a :class:`QuantConfig`, or a preset name (``"int8"``, ``"ternary"``,
+            ``"bitnet"``: :data:`~qsparse.nn.config.QUANT_PRESETS`); ``None``: no quantization.
         activation: ``"keep"`` the model's FFN activation or swap it to ``"relu2"``/``"silu"``.
         modules_to_not_convert: module names or name parts (matched at ``.`` boundaries:
             ``layers.1`` does not match ``layers.11``) left dense. The lm head stays dense by
@@ -224,7 +225,15 @@ def sparsify(
     elif not isinstance(sparsity, SparsityConfig):
         raise ValueError(f"sparsity must be a SparsityConfig or a float, got {type(sparsity)}")
     sparsity.validate()
-    quant = quant if quant is not None else QuantConfig()
+    if quant is None:
+        quant = QuantConfig()
+    elif isinstance(quant, str):
+        quant = QuantConfig.preset(quant)
+    elif not isinstance(quant, QuantConfig):
+        raise ValueError(
+            f"quant must be a QuantConfig or a preset name ('int8', 'ternary', 'bitnet'), "
+            f"got {type(quant).__name__}"
+        )
     quant.validate()
     if activation not in ACTIVATION_CHOICES:
         raise ValueError(f"activation={activation!r} must be one of {ACTIVATION_CHOICES}")

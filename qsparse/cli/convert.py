@@ -25,6 +25,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import full_traceback_requested, report
 from ..nn.config import QUANT_PRESETS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="module names left dense (default: lm_head)",
     )
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto=as SRC)")
+    p.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (HYDRA_FULL_ERROR=1)"
+    )
     p.add_argument("--json", dest="json_out", default=None, help="write the report as json")
     return p
 
@@ -101,7 +105,7 @@ def convert(
     sp = SparsityConfig(
         ratio=float(sparsity), pattern=pattern, block_size=int(block_size), rescale=rescale
     )
-    qc = QuantConfig(**QUANT_PRESETS[quant])
+    qc = QuantConfig.preset(quant)
     check_hf_checkpoint(src)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = load(src, dtype=torch_dtype)
@@ -144,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
         )
     except (ValueError, FileNotFoundError) as err:
-        print(f"qsparse-convert: error: {err}", file=sys.stderr)
-        return 2
+        if full_traceback_requested(args.debug):
+            raise
+        return report("qsparse-convert: error", err)
     print(
         f"converted {summary['converted']} projections; {summary['activated_parameters']:,} of "
         f"{summary['total_parameters']:,} parameters activated per token "

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--activation", default=None, choices=("keep", "relu2", "silu"), help="with --sparsity"
     )
+    p.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (HYDRA_FULL_ERROR=1)"
+    )
     p.add_argument("--json", dest="json_out", default=None, help="write the results as json")
     return p
 
@@ -142,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
         )
     except (ValueError, FileNotFoundError) as err:
-        print(f"qsparse-eval: error: {err}", file=sys.stderr)
-        return 2
+        from qsparse.errors import full_traceback_requested, report
+
+        if full_traceback_requested(args.debug):
+            raise
+        return report("qsparse-eval: error", err)
     out = result.to_dict()
     render(out)
     if args.json_out:

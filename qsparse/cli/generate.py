@@ -149,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     modes = _validate(args)
     rows = measure(args, modes)
     src = args.checkpoint or f"preset {args.preset} (random weights)"
+    on_cuda = args.device.startswith("cuda")  # what ran: DecodeEngine has neither off CUDA
     print(
         f"\n{src}, {args.dtype}, batch {args.batch}, {args.new_tokens} new tokens, "
-        f"kernels={'off' if args.no_kernels else 'on'}, cuda_graph={not args.no_graph}, "
+        f"kernels={'on' if on_cuda and not args.no_kernels else 'off'}, "
+        f"cuda_graph={on_cuda and not args.no_graph}, "
         f"compile={args.compile or 'off'}"
     )
     print("| mode | tokens/s | vs dense |\n| --- | --- | --- |")

@@ -7,34 +7,80 @@
 
 The config directory ``qsparse/conf`` ships inside the package, so installed users get the
 same groups and recipes (``--info defaults`` lists what a command composes).
+
+A user's mistake (a bad config value, an unusable data file or checkpoint, a run directory
+that holds a run) prints one line ``qsparse-train: <what is wrong and how to fix it>`` and
+exits with status 2, before anything is written; ``HYDRA_FULL_ERROR=1`` shows the traceback.
+A sweep (``-m``) checks every job's config first (:mod:`qsparse.cli.sweep`), runs the jobs
+that can run and exits with the number of jobs that failed.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from qsparse.training.config import ConfigError  # also registers train_schema
+from qsparse.cli.sweep import SweepCheck, SweepJobError
+from qsparse.errors import UserError, full_traceback_requested, report
+from qsparse.training.config import ConfigError  # noqa: F401  (registers train_schema)
+
+
+def _job_label() -> str:
+    num = int(HydraConfig.get().job.get("num") or 0)
+    return f"job #{num} ({SweepCheck.label(num)})"
+
+
+def _close_log_files(folder: Path) -> None:
+    """Detach the job's log file handlers in ``folder`` (Hydra's ``<job>.log``, opened lazily):
+    the folder is about to be removed, so a later record must not recreate it."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:
+            root.removeHandler(handler)
+            handler.close()
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     from qsparse.training.run import train
+    from qsparse.training.rundir import remove_if_empty
 
     try:
         train(cfg)
-    except ConfigError as exc:  # a user's mistake: the message, not a traceback
-        print(f"qsparse-train: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except UserError as exc:  # a user's mistake: the message, not a traceback
+        # the run failed its checks before writing anything: drop the folders Hydra made
+        hc = HydraConfig.get()
+        _close_log_files(Path(hc.runtime.output_dir))
+        made = hc.runtime.output_dir if SweepCheck.multirun else hc.run.dir  # as written
+        remove_if_empty(Path(made), Path(os.getcwd()))
+        if full_traceback_requested():
+            raise
+        if SweepCheck.multirun:  # let Hydra record the failure and run the other jobs
+            raise SweepJobError(f"{_job_label()}: {' '.join(str(exc).split())}") from exc
+        raise SystemExit(report("qsparse-train", exc)) from None
 
 
 def main() -> None:
-    """Console-script entry (``qsparse-train``). A config error (bad value, missing required
-    key) prints one line naming the key and exits with status 2; a misspelled key is reported by
-    Hydra while composing (status 1); other failures keep their traceback."""
-    _main()
+    """Console-script entry (``qsparse-train``). A user error prints one line and exits with
+    status 2; a misspelled key is reported by Hydra while composing (status 1); a sweep exits
+    with the number of its failed jobs; other failures keep their traceback."""
+    SweepCheck.multirun = False
+    try:
+        _main()
+    except SystemExit as exit_:
+        failed = SweepCheck.failed() if SweepCheck.multirun else []
+        if not failed:
+            raise
+        total = len(SweepCheck.results)
+        jobs = ", ".join(f"#{n} ({o})" for n, o in failed)
+        print(f"qsparse-train: {len(failed)} of {total} sweep jobs failed: {jobs}", file=sys.stderr)
+        raise SystemExit(min(len(failed), 125)) from exit_
 
 
 if __name__ == "__main__":

@@ -69,9 +69,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .cache import atomic_write_jsonl, file_fingerprint, resolve_cache_dir, stable_hash
 
 __all__ = [
+    "DataFileError",
     "CorpusSpec",
     "CORPUS_REGISTRY",
     "available_corpora",
@@ -532,6 +534,78 @@ def builder_for_files(paths: Sequence[str | os.PathLike[str]]) -> str:
     return builders.pop()
 
 
+class DataFileError(UserError):
+    """A data file that cannot be read; the message names the file, the problem and the fix."""
+
+
+class MissingDataFileError(DataFileError, FileNotFoundError):
+    """A data file that does not exist."""
+
+
+def _is_compressed(path: str) -> bool:
+    return path.lower().endswith(_COMPRESSION_EXTS)
+
+
+def _utf8_problem(path: str, chunk: int = 1 << 20) -> str | None:
+    """Why ``path`` is not UTF-8 text (its first invalid byte, or a NUL byte), else None."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            nul = block.find(b"\0")
+            if nul >= 0:
+                return f"has a NUL byte at byte {offset + nul}: a binary file, not text"
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                bad = block[exc.start : exc.start + 1].hex()
+                return f"is not UTF-8 text (invalid byte 0x{bad} at byte {offset + exc.start})"
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return f"is not UTF-8 text (it ends inside a multi-byte character at byte {offset})"
+    return None
+
+
+def _json_problem(path: str) -> str | None:
+    """Why a ``.json``/``.jsonl`` file cannot be read as JSON lines or one JSON document."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return None  # one JSON document
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {number} is not valid JSON ({exc.msg}, column {exc.colno})"
+        if not isinstance(row, dict):
+            return f"line {number} is a JSON {type(row).__name__}, not an object"
+    return None
+
+
+def check_data_file(path: str, builder: str) -> None:
+    """Raise :class:`DataFileError` naming ``path`` if it is empty, not UTF-8 text (``text``,
+    ``json``, ``csv`` builders) or not valid JSON lines (``json``). Compressed files are only
+    checked for emptiness."""
+    fix = "fix it or remove it from data.data_files"
+    if os.path.getsize(path) == 0:
+        raise DataFileError(f"data_files: {path} is empty; {fix}")
+    if _is_compressed(path) or builder not in ("text", "json", "csv"):
+        return
+    problem = _utf8_problem(path)
+    if problem is None and builder == "json":
+        problem = _json_problem(path)
+    if problem is not None:
+        raise DataFileError(f"data_files: {path} {problem}; {fix}")
+
+
 def load_local_dataset(
     builder: str, data_files: Sequence[str], cache_dir: Path, **kwargs: Any
 ) -> Any:
@@ -539,17 +613,36 @@ def load_local_dataset(
 
     ``datasets`` pings the Hub to count downloads of its packaged builders (``json``, ``text``,
     ...) even for local files; that ping is switched off (``HF_UPDATE_DOWNLOAD_COUNTS``).
+
+    Raises:
+        DataFileError: a file is empty, or ``datasets`` cannot read one (the file and the
+            reason are found by :func:`check_data_file` after the failure, so good files are
+            read once).
     """
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
+    for path in data_files:
+        if os.path.getsize(path) == 0:
+            check_data_file(path, builder)
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
-    return datasets.load_dataset(
-        builder,
-        data_files=list(data_files),
-        split="train",
-        cache_dir=str(cache_dir / "hf_datasets"),
-        **kwargs,
-    )
+    try:
+        return datasets.load_dataset(
+            builder,
+            data_files=list(data_files),
+            split="train",
+            cache_dir=str(cache_dir / "hf_datasets"),
+            **kwargs,
+        )
+    except (DatasetGenerationError, ValueError, UnicodeDecodeError) as exc:
+        for path in data_files:
+            check_data_file(path, builder)
+        cause = exc.__cause__ or exc.__context__ or exc
+        files = ", ".join(str(p) for p in data_files)
+        raise DataFileError(
+            f"data_files: cannot read {files} with the {builder!r} builder: "
+            f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+        ) from exc
 
 
 def resolve_corpus(
@@ -597,7 +690,9 @@ def resolve_corpus(
     for f in files:
         p = Path(f).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"data_files: file not found: {str(f)!r}")
+            raise MissingDataFileError(
+                f"data_files: file not found: {str(f)!r}; check the path in data.data_files"
+            )
         paths.append(str(p.resolve()))
     builder = builder_for_files(paths)
     field = "text" if builder == "text" else (text_field or "text")

@@ -32,6 +32,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 __all__ = [
     "EXTRA_WEIGHTS_NAME",
     "QSPARSE_CONFIG_KEY",
@@ -67,7 +69,7 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder is missing something or holds an unsupported model."""
 
 
@@ -84,14 +86,83 @@ def _has_tokenizer(folder: Path) -> bool:
     )
 
 
+def _inside(folder: Path, name: Any, what: str = "weight index") -> Path:
+    """``folder / name`` for a file name read from the checkpoint itself; a name that is not
+    a plain relative path inside ``folder`` (absolute, ``..``) is refused."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{what}={name!r} must be a file name inside {folder}")
+    path = folder / name
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(
+            f"{what}={name!r} points outside the checkpoint folder {folder}; a checkpoint may "
+            "only name files inside its own folder (re-export it with qsparse.export())"
+        )
+    return path
+
+
+def _check_settings(settings: Any, config_file: Path) -> None:
+    """The ``"qsparse"`` entry of ``config.json`` must hold valid settings."""
+    from ..nn import QuantConfig, SparsityConfig
+
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{config_file}: '{QSPARSE_CONFIG_KEY}' must be an object")
+    try:
+        SparsityConfig.from_dict(dict(settings.get("sparsity") or {}))
+        QuantConfig.from_dict(dict(settings.get("quant") or {}))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{config_file}: bad '{QSPARSE_CONFIG_KEY}' entry: {err}; fix it or re-export the "
+            "model with qsparse.export()"
+        ) from None
+    activation = settings.get("activation", "keep")
+    from ..convert import ACTIVATION_CHOICES
+
+    if activation not in ACTIVATION_CHOICES:
+        raise CheckpointError(
+            f"{config_file}: bad '{QSPARSE_CONFIG_KEY}' entry: activation={activation!r} must be "
+            f"one of {ACTIVATION_CHOICES}"
+        )
+
+
+def _check_safetensors_complete(path: Path) -> None:
+    """A ``.safetensors`` file must be as long as its header says (a cut copy or download is
+    otherwise only found deep inside the loader)."""
+    size = path.stat().st_size
+    fix = "copy or export it again"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 0 or 8 + n > size:
+                raise CheckpointError(
+                    f"{path} is truncated ({size} bytes, no complete header); {fix}"
+                )
+            header = json.loads(fh.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(
+            f"{path} is not a safetensors file (unreadable header); {fix}"
+        ) from None
+    ends = [
+        int(v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    ]
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        raise CheckpointError(f"{path} is truncated ({size} of {expected} bytes); {fix}")
+
+
 def check_hf_checkpoint(path: str | os.PathLike, require_tokenizer: bool = False) -> dict:
     """Validate a local transformers checkpoint folder and return its parsed ``config.json``.
 
     Checks, in order: the folder exists; ``config.json`` exists and parses; ``model_type`` is
     one of :data:`SUPPORTED_MODEL_TYPES` and ``architectures`` (when present) names a
     supported causal LM; weights exist (``model.safetensors``, or an index whose every shard is
-    present; ``pytorch_model.bin[.index.json]`` also accepted); the qsparse extra-weights file
-    named in ``config.json`` exists; and, with ``require_tokenizer``, tokenizer files exist.
+    present; ``pytorch_model.bin[.index.json]`` also accepted); the ``"qsparse"`` entry of
+    ``config.json`` holds valid settings and its extra-weights file exists inside the folder
+    (file names read from the checkpoint never reach outside it); every ``.safetensors`` file
+    is as long as its header says (not truncated); and, with ``require_tokenizer``, tokenizer
+    files exist.
 
     Raises:
         CheckpointError (a ``ValueError``) naming what is missing or unsupported.
@@ -131,33 +202,42 @@ def check_hf_checkpoint(path: str | os.PathLike, require_tokenizer: bool = False
         )
 
     index = next((folder / n for n in _INDEX_FILES if (folder / n).is_file()), None)
+    weight_files: list[Path] = []
     if index is not None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index} is not a valid weight index ({err!r})") from None
         shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
+        missing = [s for s in shards if not _inside(folder, s).is_file()]
         if missing:
             raise CheckpointError(
                 f"{index.name} in {folder} lists shard(s) that are missing: {missing}"
             )
+        weight_files = [_inside(folder, s) for s in shards]
     elif not any((folder / n).is_file() for n in _WEIGHT_FILES):
         raise CheckpointError(
             f"no weights in {folder}: expected model.safetensors or "
             "model.safetensors.index.json with its shards (or pytorch_model.bin[.index.json])"
         )
+    else:
+        weight_files = [folder / n for n in _WEIGHT_FILES if (folder / n).is_file()]
 
     settings = config.get(QSPARSE_CONFIG_KEY)
     if settings is not None:
-        if not isinstance(settings, dict):
-            raise CheckpointError(f"{config_file}: '{QSPARSE_CONFIG_KEY}' must be an object")
+        _check_settings(settings, config_file)
         extra = settings.get("extra_weights")
-        if extra and not (folder / extra).is_file():
-            raise CheckpointError(
-                f"{config_file} names qsparse extra weights {extra!r} but {folder / extra} is "
-                "missing; re-export the model with qsparse.export()"
-            )
+        if extra is not None:
+            extra_file = _inside(folder, extra, f"{config_file}: qsparse.extra_weights")
+            if not extra_file.is_file():
+                raise CheckpointError(
+                    f"{config_file} names qsparse extra weights {extra!r} but {extra_file} is "
+                    "missing; re-export the model with qsparse.export()"
+                )
+            weight_files.append(extra_file)
+    for weights in weight_files:
+        if weights.suffix == ".safetensors":
+            _check_safetensors_complete(weights)
 
     if require_tokenizer and not _has_tokenizer(folder):
         raise CheckpointError(
@@ -269,9 +349,11 @@ def _write_atomically(path: Path, write: Any) -> None:
                 "to overwrite it (choose an empty or new folder)"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = path.parent / f".{path.name}.tmp-{token}"
-    old = path.parent / f".{path.name}.old-{token}"
+    # named by the writer's pid, as checkpoint temporaries: a killed export's folder is
+    # removed by qsparse.training.checkpoint.remove_orphaned_temporaries on the next start
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this pid
     try:
         tmp.mkdir()
         write(tmp)
@@ -428,7 +510,7 @@ def load(
         )
     extra_name = entry.get("extra_weights")
     if extra_name:
-        extra = load_file(str(folder / extra_name))
+        extra = load_file(str(_inside(folder, extra_name, "qsparse.extra_weights")))
         result = model.load_state_dict(extra, strict=False)
         if result.unexpected_keys:
             raise CheckpointError(

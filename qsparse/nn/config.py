@@ -138,6 +138,17 @@ class QuantConfig:
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         return cls(**_known(cls, data, "quant"))
 
+    @classmethod
+    def preset(cls, name: str) -> QuantConfig:
+        """The config of a named preset (:data:`QUANT_PRESETS`: ``none``, ``int8``,
+        ``ternary``, ``bitnet``); ``ValueError`` listing them for another name."""
+        if name not in QUANT_PRESETS:
+            raise ValueError(
+                f"quant={name!r} is not a quantization preset; use one of "
+                f"{sorted(QUANT_PRESETS)} or a QuantConfig(...)"
+            )
+        return cls(**QUANT_PRESETS[name])
+
 
 #: Named :class:`QuantConfig` settings, the one meaning of each name across the CLIs and the
 #: decode modes: ``bitnet`` is BitNet b1.58 (ternary weights, int8 absmax activations, SubLN).

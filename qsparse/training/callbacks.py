@@ -23,6 +23,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
+from qsparse.data.cache import atomic_write_text
+
 from .flops import model_flops_per_token, peak_flops, precision_dtype
 
 
@@ -402,7 +404,7 @@ class RunSummary(L.Callback):
             if png is not None:
                 summary["loss_curve"] = str(png)
         self.summary = summary
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         _print_summary(summary, run_dir)
 
 

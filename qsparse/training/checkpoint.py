@@ -6,11 +6,16 @@ when the temp directory and the run directory are different filesystems. A job k
 that copy leaves a truncated ``last.ckpt`` that cannot be resumed. :class:`AtomicCheckpointIO`
 writes ``<name>.tmp-<pid>`` next to the target, fsyncs it and ``os.replace``-s it over the
 target (atomic on POSIX within one filesystem), so ``last.ckpt`` is always a complete file.
+A writer killed before the rename leaves its ``.tmp-<pid>`` file behind;
+:func:`remove_orphaned_temporaries` removes those of processes that no longer run (each run
+calls it on its checkpoint folder when it starts).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +24,51 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+_TMP_SUFFIX = re.compile(r"\.tmp-(\d+)$")
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_orphaned_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``<name>.tmp-<pid>`` files :func:`atomic_torch_save` (and folders
+    :func:`qsparse.models.hf.export`) left in ``folder`` when their process was killed
+    mid-write (those of another live process are kept); return them. Call it before this
+    process writes there: its own pid counts as dead (a killed run's pid is often reused in
+    containers)."""
+    removed: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TMP_SUFFIX.search(path.name)
+        pid = int(match.group(1)) if match else -1
+        if pid < 0 or (pid != os.getpid() and _process_alive(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_path(path)
     try:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)

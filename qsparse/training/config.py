@@ -21,12 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from qsparse.convert import ACTIVATION_CHOICES
+from qsparse.errors import UserError
 from qsparse.nn import QuantConfig, SparsityConfig
 
 from .distill import DistillConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A training config that cannot run: the message names the key and the fix."""
 
 
@@ -62,6 +63,7 @@ class TrainSchema:
     run_dir: str | None = None
     seed: int = 1234
     resume: bool = False
+    overwrite: bool = False
     activation: str = "keep"
     compile: bool = False
     gradient_checkpointing: bool = False
@@ -147,6 +149,28 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+def check_accelerator(trainer: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` when ``trainer.accelerator``/``trainer.devices`` ask for
+    more CUDA GPUs than this machine has (before Lightning fails deep inside its setup)."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator not in ("gpu", "cuda"):
+        return
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available == 0:
+        raise ConfigError(
+            f"config error: trainer.accelerator={accelerator!r} (e.g. trainer=gpu) needs a CUDA "
+            "GPU and this machine has none: use trainer=cpu (or trainer.accelerator=cpu)"
+        )
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > available:
+        raise ConfigError(
+            f"config error: trainer.devices={devices} but this machine has {available} CUDA "
+            f"GPU(s): set trainer.devices={available} (or fewer)"
+        )
 
 
 def _num(value: Any) -> bool:

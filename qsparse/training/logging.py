@@ -7,6 +7,8 @@ Multirun jobs share ``group`` = the sweep name. Call :func:`finish_wandb` in a `
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import secrets
 import string
@@ -15,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -129,3 +132,48 @@ def finish_wandb(exit_code: int = 0) -> None:
         return
     if wandb.run is not None:
         wandb.finish(exit_code=exit_code)
+
+
+def drop_rows_from_step(path: Path, step: int) -> int:
+    """Rewrite the CSV metrics file ``path`` (atomically) without its rows logged at
+    ``step`` or later; return how many were dropped."""
+    from qsparse.data.cache import atomic_write_text
+
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+
+    def before(row: dict[str, str]) -> bool:
+        try:
+            return int(float(row.get("step") or "nan")) < step
+        except ValueError:  # no step: keep it
+            return True
+
+    kept = [row for row in rows if before(row)]
+    if len(kept) != len(rows):
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(path, out.getvalue())
+    return len(rows) - len(kept)
+
+
+class TrimResumedMetrics(L.Callback):
+    """On a resumed run, drop from the earlier segments' ``metrics.csv`` the rows logged at
+    or after the step the run resumes from: the killed segment trained them, the resumed one
+    trains (and logs) them again, so ``csv/`` holds each step once."""
+
+    def __init__(self, csv_dir: str | os.PathLike) -> None:
+        self.csv_dir = Path(csv_dir)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        current = {
+            Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, CSVLogger)
+        }
+        for path in sorted(self.csv_dir.rglob("metrics.csv")):
+            if path not in current:
+                drop_rows_from_step(path, trainer.global_step)

@@ -1,13 +1,14 @@
 """The training driver behind ``qsparse-train``: composed config in, trained run out.
 
-:func:`train` validates the config (before anything is built), builds the datamodule, the
+:func:`train` checks the config, the run directory and the data before anything is written
+(:func:`check_config`, :mod:`qsparse.training.rundir`), builds the datamodule, the
 :class:`~qsparse.training.LMModule`, loggers, callbacks and the Trainer, fits (resuming from
 ``<run_dir>/checkpoints/last.ckpt`` when ``resume=true``), runs a final validation when the
 last step had none, prints the run summary, writes ``loss_curve.png`` / ``summary.json`` and
 exports a transformers folder to ``<run_dir>/hf``. Layout of a run directory::
 
     outputs/<run_name>/
-      .hydra/                 composed config (written by Hydra)
+      .hydra/                 composed config (Hydra's record, written once the checks pass)
       config.yaml             resolved config as trained
       wandb_run_id            wandb id (resume continues the same wandb run)
       checkpoints/last.ckpt   atomic, every N steps and at the end
@@ -27,7 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
@@ -36,11 +37,15 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
+from qsparse.errors import UserError
+
 from .callbacks import RunSummary, best_checkpoint
 from .checkpoint import AtomicCheckpointIO
-from .config import ConfigError, validate_config
-from .logging import build_loggers, finish_wandb, git_sha, log_run_config
+from .config import ConfigError, check_accelerator, validate_config
+from .logging import TrimResumedMetrics, build_loggers, finish_wandb, git_sha, log_run_config
 from .module import LMModule
+from .progress import StepProgressBar
+from .rundir import check_run_dir, prepare_run_dir
 
 _TRAINER_BUILT_IN = ("callbacks", "logger", "plugins", "default_root_dir")
 
@@ -69,6 +74,12 @@ def resolve_run_dir(cfg: Mapping[str, Any]) -> Path:
     return Path("outputs", cfg["run_name"]).absolute()
 
 
+def _cause(exc: BaseException) -> str:
+    """The message of the error Hydra's ``instantiate`` wrapped (its cause), on one line."""
+    inner = exc.__cause__ or exc
+    return " ".join(str(inner).split())
+
+
 def _is_launcher_process() -> bool:
     """True in the process the user started: not a DDP child Lightning launched (those get
     ``LOCAL_RANK``) nor a non-zero torchrun rank."""
@@ -83,12 +94,15 @@ def build_callbacks(spec: Mapping[str, Any] | None, run_dir: Path) -> list[Callb
         if entry is None:
             continue
         if not isinstance(entry, Mapping) or "_target_" not in entry:
-            raise ValueError(f"callbacks.{name} must be a mapping with a _target_ (or null)")
+            raise ConfigError(
+                f"config error: callbacks.{name} must be a mapping with a _target_ (or null)"
+            )
         try:
             cb = instantiate(dict(entry), _convert_="all")
         except Exception as exc:
-            raise ValueError(
-                f"callbacks.{name}: could not build {entry['_target_']}: {exc}"
+            raise ConfigError(
+                f"config error: callbacks.{name}: could not build {entry['_target_']}: "
+                f"{_cause(exc)}"
             ) from exc
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
             cb.dirpath = str(run_dir / "checkpoints")
@@ -109,15 +123,19 @@ def build_trainer(
     kwargs = dict(trainer_cfg)
     for key in _TRAINER_BUILT_IN:
         if key in kwargs:
-            raise ValueError(f"trainer.{key} is set by qsparse; remove it from the trainer config")
+            raise ConfigError(
+                f"config error: trainer.{key} is set by qsparse; remove it from the trainer config"
+            )
     strategy = kwargs.get("strategy")
     if isinstance(strategy, Mapping):
         try:
             kwargs["strategy"] = instantiate(dict(strategy), _convert_="all")
         except Exception as exc:
-            raise ValueError(f"trainer.strategy: could not build it: {exc}") from exc
-    if kwargs.get("enable_progress_bar", True) and _interactive():
-        callbacks = [*callbacks, RichProgressBar()]
+            raise ConfigError(
+                f"config error: trainer.strategy: could not build it: {_cause(exc)}"
+            ) from exc
+    if kwargs.get("enable_progress_bar", True):
+        callbacks = [*callbacks, StepProgressBar()]
     try:
         return L.Trainer(
             default_root_dir=str(run_dir),
@@ -127,22 +145,17 @@ def build_trainer(
             **kwargs,
         )
     except TypeError as exc:
-        raise ValueError(f"trainer: {exc} (check the trainer.* keys)") from exc
+        raise ConfigError(f"config error: trainer: {exc} (check the trainer.* keys)") from exc
 
 
-def _interactive() -> bool:
+def check_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Every check of a composed training config that needs neither data nor the run
+    directory; return the resolved config as a plain dict. Raises :class:`ConfigError` naming
+    the key: missing or out-of-range values (:func:`validate_config`), a GPU trainer on a
+    machine without one, and a model the run's sparsity/quant settings cannot convert (the
+    model is built on the meta device, so this is cheap at any size). ``qsparse-train -m``
+    runs it on every job before the first one starts."""
     try:
-        import sys
-
-        return sys.stdout.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Run one training job described by a composed ``conf/train.yaml``; returns the summary
-    dict (also written to ``<run_dir>/summary.json``)."""
-    try:  # before anything heavy: a bad value fails here, as a ConfigError naming the key
         if isinstance(cfg, DictConfig):
             container = OmegaConf.to_container(cfg, resolve=True)
         else:
@@ -156,37 +169,14 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         # OmegaConf wraps resolver errors ("... raised while resolving interpolation: <ours>")
         message = str(exc).splitlines()[0].split("resolving interpolation: ")[-1]
         raise ConfigError(message) from exc
-    run_dir = resolve_run_dir(container)
-    _, multirun, overrides = _hydra_runtime()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_accelerator(container.get("trainer") or {})
+    _check_conversion(container)
+    return container
 
-    ckpt_path = None
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if container.get("resume"):
-        if not last.exists():
-            raise ValueError(
-                f"resume=true but {last} does not exist; start without resume or set "
-                "run_name/run_dir to the run to continue"
-            )
-        ckpt_path = str(last)
-    elif last.exists():
-        rank_zero_info(
-            f"{last} exists and resume=false: starting a fresh run that overwrites it "
-            "(pass resume=true to continue it)"
-        )
 
-    L.seed_everything(int(container["seed"]), workers=True, verbose=False)
-    torch.set_float32_matmul_precision(container.get("float32_matmul_precision", "high"))
-
-    datamodule = _build_datamodule(container.get("data"))
-    model_spec = dict(container["model"])
-    if "vocab_size" in model_spec and model_spec["vocab_size"] is None and _is_launcher_process():
-        if hasattr(datamodule, "prepare_data"):
-            datamodule.prepare_data()
-        model_spec["vocab_size"] = int(datamodule.vocab_size)
-
-    module = LMModule(
-        model=model_spec,
+def _module(container: Mapping[str, Any], model_spec: Mapping[str, Any]) -> LMModule:
+    return LMModule(
+        model=dict(model_spec),
         sparsity=container.get("sparsity"),
         quant=container.get("quant"),
         activation=container.get("activation", "keep"),
@@ -198,7 +188,77 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         distill=container.get("distill"),
     )
 
+
+def meta_checkpoint_model(path: str, **_: Any) -> torch.nn.Module:
+    """The model of a checkpoint folder built from its ``config.json`` alone (on the current
+    default device: meta in :func:`check_config`), after validating the folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qsparse.models.hf import check_hf_checkpoint
+
+    check_hf_checkpoint(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _check_conversion(container: Mapping[str, Any]) -> None:
+    """Build the model and apply the run's conversion on the meta device (no memory, no
+    weights read): a block size that does not divide a projection, a layer the settings
+    cannot convert, ... fail here as a :class:`ConfigError` instead of inside ``fit``."""
+    spec = dict(container.get("model") or {})
+    if "vocab_size" in spec and spec["vocab_size"] is None:
+        spec["vocab_size"] = 256  # the data's size is not known yet; the checks do not use it
+    if spec.get("path") is not None:  # a checkpoint folder: its config, not its weights
+        spec = {"_target_": f"{__name__}.meta_checkpoint_model", "path": spec["path"]}
+    try:
+        module = _module(container, spec)
+        with torch.device("meta"):
+            module.configure_model()
+    except UserError:
+        raise
+    except (ValueError, TypeError) as exc:
+        message = " ".join(str(exc).split())
+        raise ConfigError(
+            message if message.startswith("config error") else f"config error: {message}"
+        ) from exc
+
+
+def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Run one training job described by a composed ``conf/train.yaml``; returns the summary
+    dict (also written to ``<run_dir>/summary.json``).
+
+    Every check that can fail on a user's mistake runs before anything is written to the run
+    directory: the config (:func:`check_config`), the run directory's previous run
+    (:func:`~qsparse.training.rundir.check_run_dir`), and the data (the datamodule's
+    ``prepare_data``, whose files are read here)."""
+    container = check_config(cfg)
+    run_dir = resolve_run_dir(container)
+    _, multirun, overrides = _hydra_runtime()
+    launcher = _is_launcher_process()
+    resume, overwrite = bool(container.get("resume")), bool(container.get("overwrite"))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if launcher:
+        max_steps = (container.get("trainer") or {}).get("max_steps")
+        ckpt_path = check_run_dir(run_dir, resume, overwrite, max_steps)
+    else:  # a DDP child: rank zero checked and prepared the run directory
+        ckpt_path = str(last) if resume else None
+
+    L.seed_everything(int(container["seed"]), workers=True, verbose=False)
+    torch.set_float32_matmul_precision(container.get("float32_matmul_precision", "high"))
+
+    datamodule = _build_datamodule(container.get("data"))
+    model_spec = dict(container["model"])
+    if launcher and hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()  # unreadable data files fail here, before any write
+        if "vocab_size" in model_spec and model_spec["vocab_size"] is None:
+            model_spec["vocab_size"] = int(datamodule.vocab_size)
     callbacks = build_callbacks(container.get("callbacks"), run_dir)
+    if ckpt_path and (container.get("logger") or {}).get("csv", True):
+        callbacks.append(TrimResumedMetrics(run_dir / "csv"))
+    if launcher:
+        prepare_run_dir(run_dir, overwrite, cfg if isinstance(cfg, DictConfig) else None)
+
+    module = _module(container, model_spec)
     for cb in callbacks:
         if isinstance(cb, RunSummary) and cb.unigram_entropy is None:
             fn = getattr(datamodule, "unigram_entropy", None)
@@ -245,13 +305,17 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 def _build_datamodule(spec: Any) -> L.LightningDataModule:
     if not isinstance(spec, Mapping) or "_target_" not in spec:
-        raise ValueError("data must be a mapping with a _target_ (e.g. data=wiki_tiny)")
+        raise ConfigError("config error: data must be a mapping with a _target_ (e.g. data=wiki)")
     try:
         dm = instantiate(dict(spec), _convert_="all")
     except Exception as exc:
-        raise ValueError(f"data: could not build {spec['_target_']}: {exc}") from exc
+        raise ConfigError(
+            f"config error: data: could not build {spec['_target_']}: {_cause(exc)}"
+        ) from exc
     if not isinstance(dm, L.LightningDataModule):
-        raise ValueError(f"data._target_={spec['_target_']!r} is not a LightningDataModule")
+        raise ConfigError(
+            f"config error: data._target_={spec['_target_']!r} is not a LightningDataModule"
+        )
     return dm
 
 
