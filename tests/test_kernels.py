@@ -236,7 +236,7 @@ HINT_SCRIPT = textwrap.dedent(
         torch.testing.assert_close(y.float(), r.float(), rtol=2e-2, atol=2e-2)
 
     torch.manual_seed(0)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32):
         for width, k, bsz in ((300, 120, 1), (300, 120, 3)):
             x = torch.randn(bsz, width)
             x[:, :40] = x[:, 5:6]  # ties at the threshold
@@ -245,7 +245,7 @@ HINT_SCRIPT = textwrap.dedent(
             # pass), and off the band either way (the full radix select)
             kth = x.float().abs().topk(k, dim=1).values[:, -1].view(torch.int32)
             low = 31 - G.KEY_BITS[dtype]
-            for shift in (None, 0, 3, -14, 14, -15, 15, 400, -(2**20)):
+            for shift in (None, 0, -14, 14, 15, -(2**20)):
                 hint = G.new_hint(4)
                 if shift is not None:
                     hint[:bsz] = (kth >> low) + shift
