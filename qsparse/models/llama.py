@@ -849,7 +849,10 @@ class LlamaForCausalLM(nn.Module):
         ``temperature == 0`` is greedy (argmax); otherwise sample from
         ``softmax(logits / temperature)`` restricted to the ``top_k`` largest logits when given.
         Rows that produced ``eos_token_id`` keep emitting it; generation stops early once every
-        row has. ``use_cache=False`` recomputes the whole prefix at each step (reference path).
+        row has. With the cache this is the project's one decoder,
+        :class:`qsparse.generate.DecodeEngine`, over this model's own modules (no kernels, no
+        CUDA graph; ``qsparse.generate.generate`` is the fast path). ``use_cache=False``
+        recomputes the whole prefix at each step (reference path).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [B, T], got {tuple(input_ids.shape)}.")
