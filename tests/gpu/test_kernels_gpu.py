@@ -210,6 +210,44 @@ def test_ternary_gemv(batch, k_frac, act_bits, kin, pdl):
         assert rel_err(y, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kin", [4096, 11008])
+def test_carried_threshold_keeps_the_exact_selection(dtype, batch, kin):
+    """``hint=``: the threshold carried over calls (hits when the rows move little, misses
+    when they jump, ties at the threshold) selects exactly what the reference selects."""
+    k = int(0.4 * kin)
+    wt = G.prepare_dense(fresh((1000, kin), dtype))
+    packed = G.pack_ternary(G.ternarize(fresh((1000, kin), torch.bfloat16))[0])
+    hint = G.new_hint(16, "cuda")
+    base = fresh((batch, kin), dtype)
+    for scale, ties in ((1.0, False), (1.01, False), (1.02, True), (7.0, False), (1.0, False)):
+        x = (base.float() * scale).to(dtype)
+        if ties:
+            x = fresh((batch, kin), dtype, ties=True)
+        idx, val, cnt = G.compact_rows(x, k, hint=hint)
+        m = topk_mask(x, k).bool()
+        union, n = m.any(0), int(cnt)
+        assert n == int(union.sum())
+        assert torch.equal(idx[:n].long(), union.nonzero().flatten())
+        if batch == 1:
+            y = G.sparse_gemv(x, wt, k, n_out=1000, hint=hint)
+            assert rel_err(y, G.sparse_gemv_reference(x, wt, k)[:, :1000]) <= 1e-2
+        y = G.ternary_gemv(x, packed, 0.5, k, 8, hint=hint)
+        assert rel_err(y, G.ternary_gemv_reference(x, packed, 0.5, k, 8)) <= 1e-2
+
+
+@pytest.mark.parametrize("batch", [2, 8, 16])
+@pytest.mark.parametrize("k_frac", [None, 0.4])
+def test_ternary_gemv_default_batch_config(batch, k_frac):
+    kin, n = 4096, 12288
+    packed = G.pack_ternary(G.ternarize(fresh((n, kin), torch.bfloat16))[0])
+    x = fresh((batch, kin), torch.bfloat16)
+    k = None if k_frac is None else int(k_frac * kin)
+    y = G.ternary_gemv(x, packed, 0.5, k, 8)  # cfg=None: TERNARY_BATCH_CONFIG
+    assert rel_err(y, G.ternary_gemv_reference(x, packed, 0.5, k, 8)) <= 1e-2
+
+
 def test_decode_gemvs_replay_in_a_cuda_graph():
     """Programmatic dependent launches (selection -> GEMV) captured into a CUDA graph give the
     reference result for inputs written after capture."""
