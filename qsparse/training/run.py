@@ -37,6 +37,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
+from qsparse.data.cache import atomic_write_text
 from qsparse.errors import UserError
 
 from .callbacks import RunSummary, best_checkpoint
@@ -292,8 +293,8 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             summary["selected_checkpoint"] = best[0]
             summary["selected_by"] = best[1]
             if trainer.is_global_zero and (run_dir / "summary.json").is_file():
-                (run_dir / "summary.json").write_text(
-                    json.dumps(summary, indent=2, sort_keys=True, default=str)
+                atomic_write_text(
+                    run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True)
                 )
         if container.get("export", True):
             summary["export_dir"] = _export(trainer, module, datamodule, container, run_dir)
