@@ -81,14 +81,14 @@ def convert(model: nn.Module, mode: str, sparsity: float = 0.6) -> nn.Module:
     everywhere in qsparse (``QUANT_PRESETS["bitnet"]``: ternary weights, int8 activations,
     SubLN), ``bitnet_qsparse`` = both, ``dense`` = unchanged."""
     from .convert import sparsify
-    from .nn.config import QUANT_PRESETS, QuantConfig, SparsityConfig
+    from .nn.config import QuantConfig, SparsityConfig
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     if mode == "dense":
         return model
     sp = SparsityConfig(ratio=sparsity) if mode in ("qsparse", "bitnet_qsparse") else None
-    quant = QuantConfig(**QUANT_PRESETS["bitnet"]) if mode.startswith("bitnet") else None
+    quant = QuantConfig.preset("bitnet") if mode.startswith("bitnet") else None
     sparsify(model, sparsity=sp, quant=quant)
     return model
 
