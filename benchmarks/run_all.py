@@ -544,8 +544,10 @@ def verdict(goal: Goal, figures: dict[str, dict]) -> str:
     return text + f" (margin {100 * margin:.1f}%, spread {100 * max(spreads):.1f}% over {n} runs)"
 
 
-def render(table: str, results: dict[str, dict], registry: Sequence[Bench] = REGISTRY) -> str:
-    """The Markdown table ``table`` from ``results`` (see :func:`load_results`)."""
+def render(table: str, results: dict[str, dict], registry: Sequence[Bench] | None = None) -> str:
+    """The Markdown table ``table`` from ``results`` (see :func:`load_results`) for the rows of
+    ``registry`` (default :data:`REGISTRY`)."""
+    registry = REGISTRY if registry is None else registry
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     for bench in registry:
         rows = [r for r in bench.rows if r.table == table]
@@ -554,7 +556,16 @@ def render(table: str, results: dict[str, dict], registry: Sequence[Bench] = REG
         record = results.get(bench.id)
         for row in rows:
             if record is None:
-                cells = [row.figure, "not measured yet", "-", "-", "-", "-", f"`{bench.command()}`"]
+                goal = verdict(row.goal, {}) if row.goal else "-"
+                cells = [
+                    row.figure,
+                    "not measured yet",
+                    goal,
+                    "-",
+                    "-",
+                    "-",
+                    f"`{bench.command()}`",
+                ]
             else:
                 figures = record["figures"]
                 if row.value:
@@ -584,7 +595,7 @@ def tables_in(text: str) -> list[str]:
     return re.findall(r"<!-- run_all:(\S+) begin -->", text)
 
 
-def regenerate(text: str, results: dict[str, dict], registry: Sequence[Bench] = REGISTRY) -> str:
+def regenerate(text: str, results: dict[str, dict], registry: Sequence[Bench] | None = None) -> str:
     """``text`` with every ``run_all`` block replaced by its freshly rendered table."""
     for name in tables_in(text):
         begin, end = f"<!-- run_all:{name} begin -->", f"<!-- run_all:{name} end -->"
