@@ -144,9 +144,10 @@ def test_relu2_activation_swap_updates_config():
 
 
 def test_qkv_share_one_sparsifier_call_and_its_subln_weights():
-    """One mask for q/k/v (DESIGN.md §1): one sparsifier runs once per attention forward,
-    so q, k and v see the same input even when the site's SubLN weight is trained; three
-    sparsifiers (one per projection) fail both checks, whatever their names."""
+    """One mask for the three q/k/v inputs (README, 'What the layers compute'): one sparsifier
+    runs once per attention forward, so q, k and v see the same input even when the site's
+    SubLN weight is trained; three sparsifiers (one per projection) fail both checks, whatever
+    their names."""
     model = tiny()
     qsparse.sparsify(model, SparsityConfig(ratio=0.5), quant=QuantConfig(subln=True))
     ids = torch.randint(0, 97, (2, 9))
