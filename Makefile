@@ -33,7 +33,8 @@ test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
 # every benchmark behind a README figure, on the CUDA machine's own Python (no .venv: the GPU
-# image brings torch and Triton); ONLY=id1,id2 runs a subset (python3 benchmarks/run_all.py list)
+# image brings torch and Triton); ONLY=id1,id2 runs a subset (python3 benchmarks/run_all.py list).
+# A copy of the tree without .git records QSPARSE_COMMIT=<sha> as the commit measured.
 bench-gpu:
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/run_all.py run $(if $(ONLY),--only $(ONLY))
 

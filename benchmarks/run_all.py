@@ -395,23 +395,38 @@ REGISTRY: list[Bench] = [
 # running
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
+def _git(*args: str) -> str | None:
+    """``git <args>`` in the repository, or ``None`` where there is no git or no ``.git``."""
+    try:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    except FileNotFoundError:
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def commit_state() -> tuple[str, bool | None]:
+    """``(commit, dirty)``: from git when this is a checkout (dirty: tracked files other than
+    the results and the tables differ from the commit); else from ``QSPARSE_COMMIT`` (a copy
+    of the tree shipped to a GPU machine without ``.git``), tree state unknown (``None``)."""
+    head = _git("rev-parse", "HEAD")
+    if head is None:
+        return os.environ.get("QSPARSE_COMMIT") or "unknown", None
+    status = _git("status", "--porcelain", "--untracked-files=no") or ""
+    dirty = [
+        line
+        for line in status.splitlines()
+        if "benchmarks/results/" not in line and not line.endswith("benchmarks/README.md")
+    ]
+    return head, bool(dirty)
 
 
 def provenance() -> dict[str, object]:
-    """Commit (and whether tracked files differ from it, results aside), device, UTC date and
-    versions, recorded with every result."""
-    dirty = [
-        line
-        for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()
-        if "benchmarks/results/" not in line and not line.endswith("benchmarks/README.md")
-    ]
+    """Commit and tree state (:func:`commit_state`), device, UTC date and versions, recorded
+    with every result."""
+    commit, dirty = commit_state()
     info: dict[str, object] = {
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(dirty),
+        "commit": commit,
+        "dirty": dirty,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": "cpu",
         "versions": {"python": sys.version.split()[0]},
@@ -576,7 +591,8 @@ def render(table: str, results: dict[str, dict], registry: Sequence[Bench] | Non
                     value = "failed" if record.get("errors") else "not reported"
                 elif record.get("errors"):
                     value += f" ({len(record['errors'])} failed run(s))"
-                commit = str(record["commit"])[:10] + ("+dirty" if record.get("dirty") else "")
+                state = {True: "+dirty", False: "", None: " (tree state unknown)"}
+                commit = str(record["commit"])[:10] + state[record.get("dirty")]
                 cells = [
                     row.figure,
                     value,

@@ -228,3 +228,24 @@ def test_registry_is_consistent_with_the_repository() -> None:
     assert not run_all.update_readme(run_all.README, run_all.RESULTS, check=True), (
         "benchmarks/README.md tables are stale: run `python3 benchmarks/run_all.py tables`"
     )
+
+
+def test_commit_of_a_tree_copied_without_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU machine that receives the tree without .git, the commit comes from
+    QSPARSE_COMMIT and the table says the tree state is unknown."""
+    monkeypatch.setattr(run_all, "_git", lambda *args: None)
+    monkeypatch.delenv("QSPARSE_COMMIT", raising=False)
+    assert run_all.commit_state() == ("unknown", None)
+    monkeypatch.setenv("QSPARSE_COMMIT", "77bb3b8c0ffee")
+    assert run_all.commit_state() == ("77bb3b8c0ffee", None)
+    record = {
+        "bench": "gemv",
+        "command": "python3 benchmarks/gemv.py",
+        "errors": [],
+        "figures": {"gemv.b1": _fig(2.2, 2.2, 2.2, 1)},
+        "device": "NVIDIA H200",
+        "date": "2026-12-01T10:00:00Z",
+        **dict(zip(("commit", "dirty"), run_all.commit_state(), strict=True)),
+    }
+    table = run_all.render("speed", {"gemv": record}, REGISTRY)
+    assert "| `77bb3b8c0f (tree state unknown)` |" in table
