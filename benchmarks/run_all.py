@@ -498,7 +498,10 @@ def run_bench(bench: Bench, results_dir: Path, repeat: int | None = None) -> dic
         if proc.returncode != 0:
             errors.append(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
             continue
-        runs.append(parse(proc.stdout))
+        try:
+            runs.append(parse(proc.stdout))
+        except ValueError as err:  # a malformed or repeated FIGURE line: the script's bug
+            errors.append(f"unreadable figures: {err}")
     record.update(runs=runs, figures=summarize(runs), errors=errors)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{bench.id}.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -190,11 +190,12 @@ def test_run_records_provenance_and_median_of_repeats(tmp_path: Path) -> None:
         f"p = pathlib.Path({str(counter)!r})\n"
         "n = int(p.read_text()) if p.exists() else 0\n"
         "p.write_text(str(n + 1))\n"
-        "emit('fake.ratio', [1.0, 3.0, 2.0][n])\n"
+        "emit('fake.ratio', [1.0, 3.0, 2.0, 9.0, 9.0][n])\n"
         "emit('fake.us', 10 + n, 'us')\n"
+        "if n == 4: emit('fake.us', 0.0, 'us')\n"
         "sys.exit(1 if n == 3 else 0)\n"
     )
-    bench = Bench("fake", str(script), ("--flag",), repeat=4)
+    bench = Bench("fake", str(script), ("--flag",), repeat=5)
     record = run_all.run_bench(bench, tmp_path / "results")
     saved = json.loads((tmp_path / "results" / "fake.json").read_text())
     assert saved == record
@@ -206,7 +207,8 @@ def test_run_records_provenance_and_median_of_repeats(tmp_path: Path) -> None:
         "unit": "x",
     }
     assert saved["figures"]["fake.us"]["value"] == 11.0
-    assert len(saved["runs"]) == 3 and len(saved["errors"]) == 1  # the 4th run exited 1
+    assert len(saved["runs"]) == 3  # the 4th run exited 1, the 5th reported fake.us twice
+    assert saved["errors"][0].startswith("exit 1") and "twice" in saved["errors"][1]
     assert saved["command"].endswith("fake_bench.py --flag")
     assert len(saved["commit"]) == 40 and isinstance(saved["dirty"], bool)
     assert saved["device"] == "cpu" and saved["date"].endswith("Z")
