@@ -251,3 +251,22 @@ def test_commit_of_a_tree_copied_without_git(monkeypatch: pytest.MonkeyPatch) ->
     }
     table = run_all.render("speed", {"gemv": record}, REGISTRY)
     assert "| `77bb3b8c0f (tree state unknown)` |" in table
+
+
+@pytest.mark.parametrize("bench_id", ["train_step_overhead", "train_step_overhead_compiled"])
+def test_train_step_overhead_emits_every_key_its_rows_read(
+    bench_id: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The script's FIGURE keys cover its registry rows (timing stubbed: it needs CUDA)."""
+    from benchmarks import train_step_overhead as tso
+
+    bench = next(b for b in run_all.REGISTRY if b.id == bench_id)
+    times = iter(range(100, 200))
+    monkeypatch.setattr(tso, "step_time", lambda *args, **kwargs: float(next(times)))
+    monkeypatch.setattr(sys, "argv", ["train_step_overhead.py", *bench.args])
+    tso.main()
+    figures = _figures.parse(capsys.readouterr().out)
+    for row in bench.rows:
+        assert run_all.fill(row.value, figures) is not None, row.value
+        if row.goal:
+            assert {row.goal.key, row.goal.baseline} <= set(figures)
