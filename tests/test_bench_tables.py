@@ -270,3 +270,17 @@ def test_train_step_overhead_emits_every_key_its_rows_read(
         assert run_all.fill(row.value, figures) is not None, row.value
         if row.goal:
             assert {row.goal.key, row.goal.baseline} <= set(figures)
+
+
+def test_decode_emits_every_key_its_rows_read(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/decode.py reads qsparse-generate's per-mode lines into FIGURE lines: run on
+    the tiny preset on CPU, they cover the decode_eager rows."""
+    from benchmarks import decode
+
+    bench = next(b for b in run_all.REGISTRY if b.id == "decode_eager")
+    cpu = ["--preset", "tiny", "--device", "cpu", "--no-kernels", "--no-graph", "--dtype", "fp32"]
+    assert decode.run([*bench.args, *cpu, "--new-tokens", "2", "--prompt-len", "4"]) == 0
+    figures = _figures.parse(capsys.readouterr().out)
+    assert figures["decode.eager.dense.ratio"]["value"] == 1.0
+    for row in bench.rows:
+        assert run_all.fill(row.value, figures) is not None, row.value
