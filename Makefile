@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-gpu lint demo clean
+.PHONY: install test test-slow test-gpu bench-gpu bench-tables lint demo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,16 @@ test-slow: install-smollm2
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
+
+# every benchmark behind a README figure, on the CUDA machine's own Python (no .venv: the GPU
+# image brings torch and Triton); ONLY=id1,id2 runs a subset (python3 benchmarks/run_all.py list).
+# A copy of the tree without .git records QSPARSE_COMMIT=<sha> as the commit measured.
+bench-gpu:
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/run_all.py run $(if $(ONLY),--only $(ONLY))
+
+# regenerate the benchmarks/README.md tables from benchmarks/results/*.json (any machine)
+bench-tables:
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/run_all.py tables
 
 lint: $(STAMP)
 	$(BIN)/ruff check qsparse tests benchmarks

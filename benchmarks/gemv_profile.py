@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks._figures import emit, slug
 from qsparse.kernels import gemv as G
 
 
@@ -66,6 +67,7 @@ def main() -> None:
         times = kernel_times(fn)
         parts = ", ".join(f"{kname}: {t:.2f}" for kname, t in times.items())
         print(f"{name}: total {sum(times.values()):.2f} us [{parts}]", flush=True)
+        emit(f"profile.{slug(name)}.total_us", sum(times.values()), "us")
 
 
 if __name__ == "__main__":

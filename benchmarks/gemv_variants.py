@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks._figures import emit, slug
 from benchmarks._timing import time_graph
 from qsparse.kernels import gemv as G
 from qsparse.kernels._gemv_triton import _abs_key, _threshold_radix
@@ -233,6 +234,7 @@ def _selection_rows(kin: int) -> None:
         for npass, lst in [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1)]:
             t = kernel_us(lambda n=npass, li=lst, w=warps: probe(n, li, w))
             print(f"K={kin} {warps} warps: {npass} passes, list {bool(lst)}: {t:.2f} us")
+            emit(f"variants.sel.K{kin}.w{warps}.passes{npass}{'.list' if lst else ''}", t, "us")
         for dbits, ndig, low in [(7, 1, 16), (4, 2, 15)]:
             t = kernel_us(lambda d=dbits, nd=ndig, lo=low, w=warps: exponent_first(d, nd, lo, w))
             exact = torch.equal(idx[:k], ref_idx)  # idx as the last timed call left it
@@ -240,8 +242,13 @@ def _selection_rows(kin: int) -> None:
                 f"K={kin} {warps} warps: exponent first, mantissa {ndig}x{dbits} bits: "
                 f"{t:.2f} us, list exact: {exact}"
             )
-    print(f"K={kin} compact_rows: {kernel_us(lambda: G.compact_rows(x, k)):.2f} us")
-    print(f"K={kin} torch.topk: {kernel_us(lambda: torch.topk(x.float().abs(), k)):.2f} us")
+            emit(f"variants.sel.K{kin}.w{warps}.exponent_first_{ndig}x{dbits}", t, "us")
+    t_list = kernel_us(lambda: G.compact_rows(x, k))
+    t_topk = kernel_us(lambda: torch.topk(x.float().abs(), k))
+    print(f"K={kin} compact_rows: {t_list:.2f} us")
+    print(f"K={kin} torch.topk: {t_topk:.2f} us")
+    emit(f"variants.sel.K{kin}.compact_rows", t_list, "us")
+    emit(f"variants.sel.K{kin}.torch_topk", t_topk, "us")
 
 
 def selection_breakdown() -> None:
@@ -288,6 +295,8 @@ def _loop_rows(ws, panel, x, k, t_dense) -> list[tuple[float, str]]:
                 layout = "row-major" if panel is None else f"panels {panel}"
                 name = f"{tag} {opts} {layout} {bk}x64 {warps} warps evict_first={bool(evict)}"
                 print(f"{name}: {t:.2f} us {t_dense / t:.2f}x (rel err {err:.1e})", flush=True)
+                emit(f"variants.gemv.{slug(name)}.us", t, "us")
+                emit(f"variants.gemv.{slug(name)}", t_dense / t)
                 results.append((t, name))
     return results
 
@@ -300,6 +309,7 @@ def loop_variants() -> None:
     k = int(0.4 * kin)
     t_dense = time_graph([lambda w=w: F.linear(x, w) for w in ws])
     print(f"cuBLAS dense: {t_dense:.2f} us")
+    emit("variants.gemv.cublas_dense.us", t_dense, "us")
     results = []
     for panel in (None, 64):
         results += _loop_rows(ws, panel, x, k, t_dense)

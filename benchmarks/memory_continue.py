@@ -25,6 +25,8 @@ import os
 import time
 from pathlib import Path
 
+from benchmarks._figures import emit
+
 
 def make_checkpoint(path: str, preset: str = "1.3B") -> None:
     """Random-init transformers Llama of ``preset`` saved (bf16, safetensors) at ``path``."""
@@ -122,6 +124,11 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
     print(json.dumps(result))
+    key = f"memory.{args.optim}.{'gc' if args.gc else 'nogc'}"
+    if result["peak_gib"] is not None:
+        emit(f"{key}.peak_gib", result["peak_gib"], "GiB")
+    if result["tokens_per_s"] is not None:
+        emit(f"{key}.tokens_per_s", result["tokens_per_s"], "tokens/s")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")

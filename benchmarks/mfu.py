@@ -24,6 +24,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from benchmarks._figures import emit
 from qsparse.training.callbacks import ThroughputMonitor
 from qsparse.training.module import LMModule
 from qsparse.training.synthetic import RandomTokenDataModule
@@ -134,6 +135,11 @@ def main() -> None:
     if args.out:
         with Path(args.out).open("a") as fh:
             fh.write(line + "\n")
+    tag = "compile" if args.compile else "eager"
+    emit(f"mfu.{tag}.tokens_per_s", result["tokens_per_s"], "tokens/s")
+    emit(f"mfu.{tag}.ms_per_step", result["step_time_ms"], "ms")
+    if mfu is not None:
+        emit(f"mfu.{tag}.mfu", 100 * mfu, "%")
 
 
 if __name__ == "__main__":

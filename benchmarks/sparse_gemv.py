@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from benchmarks._figures import emit
 from benchmarks._timing import gemv_setup, row, sweep, time_graph
 from qsparse.kernels import gemv as G
 
@@ -141,6 +142,10 @@ def main() -> None:
         print(
             f"RATIO sparse_gemv_b{batch}_S{s} incl_topk {t_dense / t_sp:.2f} excl {t_dense / t_ex:.2f}"
         )
+        for what, t in (("dense_us", t_dense), ("incl_us", t_sp), ("excl_us", t_ex)):
+            emit(f"sparse_gemv.b{batch}_S{s}.{what}", t, "us")
+        emit(f"sparse_gemv.b{batch}_S{s}.incl", t_dense / t_sp)
+        emit(f"sparse_gemv.b{batch}_S{s}.excl", t_dense / t_ex)
 
 
 def _shape_row(name: str, kin: int, n: int) -> None:
@@ -158,6 +163,9 @@ def _shape_row(name: str, kin: int, n: int) -> None:
     ratios = [f"{t_dense / t_in:.2f}x", f"{t_dense / t_ex:.2f}x"]
     print(row(name, f"{kin} -> {n}", *cells, *ratios), flush=True)
     print(f"RATIO sparse_gemv_1.3B_{name} incl_topk {t_dense / t_in:.2f} excl {t_dense / t_ex:.2f}")
+    emit(f"sparse_gemv.1.3B_{name}.incl", t_dense / t_in)
+    emit(f"sparse_gemv.1.3B_{name}.excl", t_dense / t_ex)
+    emit(f"sparse_gemv.1.3B_{name}.excl_us", t_ex, "us")
 
 
 def decode_shapes() -> None:

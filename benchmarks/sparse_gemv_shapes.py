@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from benchmarks._figures import emit, slug
 from benchmarks._timing import time_graph
 from qsparse.kernels import gemv as G
 
@@ -49,6 +50,8 @@ def _time_shape(name: str, kin: int, n: int) -> None:
     print(
         f"{name} K={kin} N={n} ({copies} copies): dense {t_dense:.2f} us, selection {t_sel:.2f} us"
     )
+    emit(f"shapes.{name}.dense_us", t_dense, "us")
+    emit(f"shapes.{name}.selection_us", t_sel, "us")
     ref = G.sparse_gemv_reference(x, G.prepare_dense(ws[0], None, 1), k).float()
 
     def row(label: str, wts: list[torch.Tensor], cfg: G.GemvConfig | None) -> None:
@@ -61,6 +64,8 @@ def _time_shape(name: str, kin: int, n: int) -> None:
             f"incl {t_in:6.2f} ({t_dense / t_in:.2f}x) rel err {err:.1e}",
             flush=True,
         )
+        emit(f"shapes.{name}.{slug(label)}.excl_us", t_ex, "us")
+        emit(f"shapes.{name}.{slug(label)}.incl_us", t_in, "us")
 
     unpadded = [G.prepare_dense(w, None, 1) for w in ws]
     for label, cfg in CONFIGS.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from benchmarks._figures import emit
 from benchmarks._timing import gemv_setup, row, sweep, time_graph
 from qsparse.kernels import gemv as G
 
@@ -116,6 +117,10 @@ def main() -> None:
         print(
             f"RATIO ternary_gemv_b{batch} {t_dense / t_t:.2f} ternary_sparse {t_dense / t_ts:.2f}"
         )
+        for what, t in (("dense_us", t_dense), ("ternary_us", t_t), ("ternary_sparse_us", t_ts)):
+            emit(f"ternary_gemv.b{batch}.{what}", t, "us")
+        emit(f"ternary_gemv.b{batch}.ternary", t_dense / t_t)
+        emit(f"ternary_gemv.b{batch}.ternary_sparse", t_dense / t_ts)
 
 
 if __name__ == "__main__":

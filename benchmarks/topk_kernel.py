@@ -15,6 +15,7 @@ import argparse
 import torch
 
 import qsparse.kernels as K
+from benchmarks._figures import emit
 from benchmarks._timing import row, time_cuda
 from qsparse.nn.linear import ActivationSparsifier
 
@@ -63,6 +64,7 @@ def main() -> None:
                 )
             )
             print(f"RATIO topk_{name.replace(' ', '_')}_{dim} {t_ref / t_k:.2f}", flush=True)
+            emit(f"topk.{name.replace(' ', '_')}.{dim}", t_ref / t_k)
             del out
         w = torch.randn(5632 if dim == 2048 else 2048, dim, device="cuda", dtype=torch.bfloat16)
         xs = x.detach()
@@ -75,6 +77,9 @@ def main() -> None:
             f"# [{args.tokens}, {dim}] forward only: matmul it feeds {t_mm:.3f} ms, "
             f"torch.topk {t_topk:.3f} ms, fused kernel {t_kern:.3f} ms"
         )
+        emit(f"topk.forward.{dim}.matmul_ms", t_mm, "ms")
+        emit(f"topk.forward.{dim}.torch_topk_ms", t_topk, "ms")
+        emit(f"topk.forward.{dim}.kernel_ms", t_kern, "ms")
 
 
 if __name__ == "__main__":

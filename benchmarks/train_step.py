@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mfu import run  # noqa: E402
 
+from benchmarks._figures import emit  # noqa: E402
+
 VARIANTS = {
     "dense": {"sparsity": 0.0, "bitnet": False},
     "qsparse": {"sparsity": 0.5, "bitnet": False},
@@ -71,6 +73,12 @@ def main() -> None:
             f"{r['variant']:<16}{r['tokens_per_s']:>12,.0f}{r['step_time_ms']:>10.1f}"
             f"{mfu:>8}{ratio:>9.2f}"
         )
+        key = f"stack_step.{'compile' if args.compile else 'eager'}.{r['variant']}"
+        emit(f"{key}.tokens_per_s", r["tokens_per_s"], "tokens/s")
+        emit(f"{key}.ms_per_step", r["step_time_ms"], "ms")
+        emit(f"{key}.ratio", ratio)
+        if r["mfu"] is not None:
+            emit(f"{key}.mfu", 100 * r["mfu"], "%")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ SiLU kept so only the sparsifiers differ), bf16 weights, batch 8 x 2048, fused A
 full step (forward, backward, optimizer). Each variant is a fresh model converted with
 ``qsparse.sparsify`` and timed (median of CUDA-event steps) against the dense step measured in
 the same process. ``kernels=off`` sets ``qsparse.kernels.ENABLED = False`` (the PyTorch
-reference). ``+ternary kernel`` additionally routes BitLinear's weight ternarization and the
-dense-int8 activation path through :mod:`qsparse.kernels` (a proposed change to qsparse.nn).
+reference). Since commit d7fa29e, qsparse.nn itself routes BitLinear's weight ternarization
+and the dense-int8 activation path through :mod:`qsparse.kernels` on CUDA (the variants named
+``+ternary kernel`` patched that in before then and were dropped).
 
     PYTHONPATH=$PWD python3 benchmarks/train_step_overhead.py [--compile]
 
@@ -23,9 +24,9 @@ import torch
 
 import qsparse
 import qsparse.kernels as K
+from benchmarks._figures import emit
 from benchmarks._timing import row, time_cuda
 from qsparse.nn.config import QuantConfig, SparsityConfig
-from qsparse.nn.linear import ActivationSparsifier, QSparseLinear
 
 
 def build(args):
@@ -47,40 +48,17 @@ def build(args):
 
 
 @contextlib.contextmanager
-def kernel_routing(enabled: bool, ternary_kernel: bool):
-    """Switch the kernels on/off; optionally patch qsparse.nn to use the ternary kernel and the
-    quantize-only kernel path (k = d) where it currently calls the reference."""
+def kernel_routing(enabled: bool):
+    """Switch the kernels on (``qsparse.nn``'s default on CUDA) or off (PyTorch reference)."""
     old_enabled = K.ENABLED
-    old_qw = QSparseLinear.quantized_weight
-    old_ref = ActivationSparsifier._reference
     K.ENABLED = enabled
-    if ternary_kernel:
-
-        def quantized_weight(self):
-            if self.weight_quant == "ternary":
-                q = K.fused_ternary_weight(self.weight, self.eps)
-                if q is not None:
-                    return q
-            return old_qw(self)
-
-        def _reference(self, x, k):
-            if k is None and self.act_bits is not None:
-                out = K.fused_token_topk(x, x.shape[-1], True, self.act_bits)
-                if out is not None:
-                    return out
-            return old_ref(self, x, k)
-
-        QSparseLinear.quantized_weight = quantized_weight
-        ActivationSparsifier._reference = _reference
     try:
         yield
     finally:
         K.ENABLED = old_enabled
-        QSparseLinear.quantized_weight = old_qw
-        ActivationSparsifier._reference = old_ref
 
 
-def step_time(args, sparsity, quant, enabled=True, ternary_kernel=False) -> float:
+def step_time(args, sparsity, quant, enabled=True) -> float:
     model = build(args)
     if sparsity is not None or quant is not None:
         qsparse.sparsify(model, sparsity=sparsity, quant=quant)
@@ -94,7 +72,7 @@ def step_time(args, sparsity, quant, enabled=True, ternary_kernel=False) -> floa
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    with kernel_routing(enabled, ternary_kernel):
+    with kernel_routing(enabled):
         ms = time_cuda(step, warmup=args.warmup, iters=args.iters)
     model = opt = step_model = None  # free before the next variant
     gc.collect()
@@ -116,13 +94,12 @@ def main() -> None:
     sp = SparsityConfig(ratio=args.ratio)
     bitnet = QuantConfig(weights="ternary", act_bits=8)
     variants = {
-        "qsparse": (sp, None, True, False, 1.10),
-        "qsparse kernels=off": (sp, None, False, False, None),
-        "bitnet": (None, bitnet, True, False, None),
-        "bitnet +ternary kernel": (None, bitnet, True, True, None),
-        "bitnet+qsparse": (sp, bitnet, True, False, 1.25),
-        "bitnet+qsparse +ternary kernel": (sp, bitnet, True, True, 1.25),
-        "bitnet+qsparse kernels=off": (sp, bitnet, False, False, None),
+        "qsparse": (sp, None, True, 1.10),
+        "qsparse kernels=off": (sp, None, False, None),
+        "bitnet": (None, bitnet, True, None),
+        "bitnet kernels=off": (None, bitnet, False, None),
+        "bitnet+qsparse": (sp, bitnet, True, 1.25),
+        "bitnet+qsparse kernels=off": (sp, bitnet, False, None),
     }
     only = [v for v in args.only.split(",") if v]
     dense = step_time(args, None, None)
@@ -131,14 +108,17 @@ def main() -> None:
     print(row("variant", "step ms", "ratio vs dense", "goal"))
     print(row("---", "---", "---", "---"))
     print(row("dense", f"{dense:.1f}", "1.00x", ""))
-    for name, (s, q, enabled, tk, goal) in variants.items():
+    emit(f"train_step.{mode}.dense.ms", dense, "ms")
+    for name, (s, q, enabled, goal) in variants.items():
         if only and name not in only:
             continue
-        ms = step_time(args, s, q, enabled, tk)
+        ms = step_time(args, s, q, enabled)
         ratio = ms / dense
         verdict = "" if goal is None else (f"<= {goal}x " + ("met" if ratio <= goal else "MISSED"))
         print(row(name, f"{ms:.1f}", f"{ratio:.2f}x", verdict), flush=True)
         print(f"RATIO train_step[{mode}] {name.replace(' ', '_')} {ratio:.3f}", flush=True)
+        emit(f"train_step.{mode}.{name.replace(' ', '_')}", ratio)
+        emit(f"train_step.{mode}.{name.replace(' ', '_')}.ms", ms, "ms")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,11 @@ def _compose(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
-def _cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+def _cli(
+    args: list[str], cwd: Path, timeout: int = 240, pythonpath: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess:
+    path = os.pathsep.join(str(p) for p in (ROOT, *pythonpath))
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": path, "HYDRA_FULL_ERROR": "0"}
     env.pop("WANDB_API_KEY", None)
     return subprocess.run(
         [sys.executable, "-m", "qsparse.train", *args],
@@ -227,9 +230,17 @@ def _yaml_value(path: Path, key: str) -> str:
 
 
 def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
-    run_dir = tmp_path / "ddp"
+    """Two gloo ranks: each reads its own shard of the data, and after every step their
+    parameters are bitwise equal (gradients all-reduced) and differ from the start."""
+    run_dir, probe_dir = tmp_path / "ddp", tmp_path / "probe"
+    probe = [
+        "+callbacks.probe._target_=train_probe.RankProbe",
+        f"+callbacks.probe.out_dir={probe_dir}",
+    ]
     res = _cli(
-        [*FAST, "trainer=ddp_cpu", "logger=csv", f"run_dir={run_dir}", "sparsity=topk"], tmp_path
+        [*FAST, "trainer=ddp_cpu", "logger=csv", f"run_dir={run_dir}", "sparsity=topk", *probe],
+        tmp_path,
+        pythonpath=(ROOT / "tests",),
     )
     assert res.returncode == 0, res.stderr[-3000:]
     import json
@@ -240,3 +251,10 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     assert any(r.get("val/loss") for r in rows)
+    r0, r1 = (json.loads((probe_dir / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(r0["batches"]) == len(r1["batches"]) == 4
+    samples = [{tuple(s) for b in r["batches"] for s in b} for r in (r0, r1)]
+    assert not samples[0] & samples[1], "the two ranks trained on overlapping samples"
+    assert r0["initial"] == r1["initial"], "ranks started from different weights"
+    assert r0["final"] == r1["final"], "parameters diverged: gradients were not synchronised"
+    assert all(r0["final"][n] != h for n, h in r0["initial"].items() if "weight" in n)

@@ -20,6 +20,12 @@ from qsparse.nn.quant import absmax_quantize, absmean_ternarize
 from qsparse.nn.topk import topk_mask
 
 ROOT = Path(__file__).resolve().parents[1]
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="Triton is not installed (the optional 'kernels' extra: pip install -e '.[kernels]')",
+)
+#: streaming multiprocessors of the H100 SXM the launch rule was measured on
+H100_SMS = 132
 
 
 @pytest.mark.skipif(K.INTERPRET, reason="the interpreter routes CPU tensors to the kernels")
@@ -82,16 +88,43 @@ def test_ternarize_matches_absmean_reference():
     torch.testing.assert_close(codes.float() * alpha, absmean_ternarize(w, ste=False))
 
 
-def test_sparse_config_follows_the_measured_shape_rule():
-    cfg = G.sparse_config_for(4096, 11008, 1638)  # 172 programs of 64 columns
-    assert (cfg.block_n, cfg.split) == (64, 1)
-    cfg = G.sparse_config_for(2048, 6144, 819)  # 96 programs of 64: use 32 columns
-    assert (cfg.block_n, cfg.split) == (32, 1)
-    cfg = G.sparse_config_for(5460, 2048, 2184)  # 64 programs, long list: split it in 4
-    assert (cfg.block_n, cfg.split) == (32, 4)
-    assert G.sparse_config_for(4096, 11008, 1638, batch=4).block_k == 32
-    assert G.select_warps_for(4096) == 8 and G.select_warps_for(5460) == 16
+def _programs(cfg: G.GemvConfig, n: int) -> int:
+    """Programs a batch-1 sparse GEMV launches for ``n`` padded output columns."""
+    return -(-n // cfg.block_n) * cfg.split
+
+
+@pytest.mark.parametrize("n", [2048, 4096, 6144, 8192, 10944, 11008, 14336, 32000])
+@pytest.mark.parametrize("k", [256, 819, 1638, 2184, 4096])
+def test_sparse_launch_shape_keeps_every_sm_busy(n: int, k: int):
+    """What the shape rule is for (benchmarks/README.md): a batch-1 launch gives every SM a
+    program whenever some allowed shape can (32- or 64-column programs, the kept-input list
+    split in 4 only when each part keeps >= 512 rows); among shapes that do, it takes 64-column
+    programs without a split (fewest programs reading each kept input); the program width
+    divides the 64-aligned padded width."""
+    cfg = G.sparse_config_for(4096, n, k)
+    splits = (1, 4) if k // 4 >= 512 else (1,)
+    shapes = [G.GemvConfig(block_n=b, split=s) for b in (32, 64) for s in splits]
+    best = max(_programs(c, n) for c in shapes)
+    assert cfg.split in splits and n % cfg.block_n == 0
+    assert _programs(cfg, n) >= min(H100_SMS, best), (cfg, _programs(cfg, n), best)
+    if _programs(G.GemvConfig(block_n=64), n) >= H100_SMS:
+        assert (cfg.block_n, cfg.split) == (64, 1)
+    batched = G.sparse_config_for(4096, n, k, batch=4)
+    assert batched.block_k >= 16 and batched.split == 1  # tensor-core tiles: K of 16 or more
+
+
+@needs_triton
+def test_selection_warps_grow_with_the_row_width():
+    """Warps of the one-program selection: a power of two in [8, 16], never fewer for a wider
+    row; an explicit count wins."""
+    widths = [256, 1024, 2048, 4096, 5460, 8192, 11008, 32768]
+    warps = [G.select_warps_for(w) for w in widths]
+    assert all(8 <= w <= 16 and w & (w - 1) == 0 for w in warps)
+    assert warps == sorted(warps) and warps[0] < warps[-1]
     assert G.select_warps_for(5460, 4) == 4
+
+
+def test_prepare_dense_rejects_bad_alignment():
     with pytest.raises(ValueError, match="align"):
         G.prepare_dense(torch.zeros(4, 4), align=0)
 
@@ -124,8 +157,6 @@ def test_gemv_argument_errors():
         G.sparse_gemv(torch.randn(1, 15), wt)
     with pytest.raises(ValueError, match="k must be"):
         G.sparse_gemv(torch.randn(1, 16), wt, k=17)
-    with pytest.raises(ValueError, match="digit_bits"):
-        G.compact_rows(torch.randn(1, 16), 8, digit_bits=9)
     with pytest.raises(ValueError, match="digit_bits"):
         G.sparse_gemv(torch.randn(1, 16), wt, 8, G.GemvConfig(digit_bits=0))
     with pytest.raises(ValueError, match="int32"):
@@ -166,6 +197,10 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     assert (mask.sum(-1) == 9).all()
     w = torch.randn(300, 70, dtype=torch.bfloat16)
     assert torch.equal(K.fused_ternary_weight(w), absmean_ternarize(w, ste=False))
+    w = torch.randn(300, 70, requires_grad=True)  # straight-through: zero codes get grad too
+    g = torch.randn(300, 70)
+    K.fused_ternary_weight(w).backward(g)
+    assert torch.equal(w.grad, g)
     wd = torch.randn(72, 80, dtype=torch.bfloat16)
     codes, alpha = G.ternarize(wd)
     packed = G.pack_ternary(codes)
@@ -265,21 +300,21 @@ HINT_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+@needs_triton
 def test_threshold_carry_matches_reference_in_the_triton_interpreter():
     from conftest import run_interpreted
 
     assert "HINT OK" in run_interpreted(HINT_SCRIPT, timeout=300)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+@needs_triton
 def test_kernels_match_references_in_the_triton_interpreter():
     from conftest import run_interpreted
 
     assert "INTERPRETER OK" in run_interpreted(INTERPRETER_SCRIPT, timeout=300)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+@needs_triton
 def test_every_kernel_launch_compiles_for_hopper_without_a_gpu():
     """The installed Triton (the one the pinned torch brings) builds every launch qsparse makes
     down to sm_90 cubin: decode GEMVs (incl. PDL, inline dp4a/fence PTX, the pipelined loop),
@@ -296,6 +331,12 @@ def test_every_kernel_launch_compiles_for_hopper_without_a_gpu():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     distinct = int(proc.stdout.strip().splitlines()[-1].split()[0])
     assert distinct >= 20, proc.stdout
+
+
+@needs_triton
+def test_compact_rows_rejects_bad_digit_bits():
+    with pytest.raises(ValueError, match="digit_bits"):
+        G.compact_rows(torch.randn(1, 16), 8, digit_bits=9)
 
 
 def test_gemv_config_round_trips_through_the_custom_op_encoding():

@@ -145,8 +145,25 @@ def test_qsparse_linear_bitlinear_forward_and_latent_grad():
     xa = absmax_quantize(x, 8) * hand_topk_mask(x, 12)
     wq = absmean_ternarize(lin.weight.detach())
     assert torch.allclose(y, xa @ wq.T + lin.bias.detach(), atol=1e-6)
-    y.sum().backward()
-    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    g = torch.randn_like(y)
+    y.backward(g)
+    # straight-through: every latent weight gets the gradient of the ternary weight it
+    # produced, the zero codes included (not masked to the non-zero codes)
+    full = g.reshape(-1, 8).T @ xa.reshape(-1, 16)
+    assert torch.allclose(lin.weight.grad, full, atol=1e-5)
+    assert (wq == 0).any() and (lin.weight.grad[wq == 0] != 0).all()
+
+
+def test_ternary_straight_through_reaches_every_latent_weight():
+    """d(loss)/dW equals d(loss)/dQ_w(W) exactly, also where Q_w(W) is 0 or clipped."""
+    torch.manual_seed(10)
+    w = torch.randn(12, 20, dtype=torch.float64, requires_grad=True)
+    q = absmean_ternarize(w)
+    g = torch.randn_like(q)
+    q.backward(g)
+    codes = (q.detach() / w.detach().abs().mean()).round()
+    assert (codes == 0).any() and (w.detach().abs() > 1.5 * w.detach().abs().mean()).any()
+    assert torch.equal(w.grad, g)
 
 
 def test_rescale_restores_token_norm():

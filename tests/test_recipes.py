@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import qsparse.training.config  # noqa: F401  (registers the schema and resolver)
+from qsparse.nn import SparsityConfig
 from qsparse.training.run import train
 
 RECIPE_ROOT = Path(__file__).resolve().parents[1] / "qsparse" / "conf" / "recipe"
@@ -93,10 +94,30 @@ def test_recipe_composes_and_trains_two_steps(
         overrides += ["data.max_documents=200", "data.seq_len=32"]
     if data.get("tokenizer") is None:
         overrides += ["data.vocab_size=384"]
+    probe_dir = tmp_path / "probe"
+    overrides += ["+callbacks.probe._target_=train_probe.RankProbe"]
+    overrides += [f"+callbacks.probe.out_dir={probe_dir}"]
     cfg = _compose(overrides)
     summary = train(cfg)
     assert summary["step"] == 2
     assert summary["val_loss"] > 0
+    probe = json.loads((probe_dir / "rank0.json").read_text())
+    # (norm weights at 1.0 may not move in fp32 under a fine-tuning LR in its first warm-up
+    # steps; the projection weights, of order 0.02, must)
+    trained = [n for n in probe["initial"] if n.endswith("proj.weight")]
+    unchanged = [n for n in trained if probe["final"][n] == probe["initial"][n]]
+    assert trained and not unchanged, f"two optimizer steps left {unchanged} unchanged"
+    # every site zeroes at least the fraction it ran at (k = int((1 - S) d) kept per token);
+    # its ratio is the configured one, or a fraction of it during a sparsity warm-up
+    sparsity = SparsityConfig.from_dict(OmegaConf.to_container(cfg.sparsity))
+    warmup = (cfg.callbacks or {}).get("sparsity_warmup") is not None
+    measured = summary.get("sparsity_per_site", {})
+    assert set(measured) == set(probe["ratios"])
+    for site, (ratio, target) in probe["ratios"].items():
+        kind = site.rsplit(".", 1)[-1].removesuffix("_proj")
+        assert target == pytest.approx(sparsity.ratio_for(kind)), site
+        assert ratio <= target + 1e-9 and (warmup or ratio == target), site
+        assert measured[site] >= ratio - 1e-6, (site, measured[site], ratio)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "run" / "loss_curve.png").exists()
     if cfg.export:

@@ -12,7 +12,13 @@ from transformers import (
 )
 
 import qsparse
-from qsparse.nn import QSparseLinear, QuantConfig, SparsityConfig
+from qsparse.nn import (
+    ActivationSparsifier,
+    QSparseLinear,
+    QuantConfig,
+    SparsityConfig,
+    absmean_ternarize,
+)
 
 SHAPE = dict(
     vocab_size=97,
@@ -137,9 +143,49 @@ def test_relu2_activation_swap_updates_config():
     assert model.config.qsparse["activation"] == "relu2"
 
 
-def test_bitnet_ternary_weights_in_forward():
+def test_qkv_share_one_sparsifier_call_and_its_subln_weights():
+    """One mask for the three q/k/v inputs (README, 'What the layers compute'): one sparsifier
+    runs once per attention forward, so q, k and v see the same input even when the site's
+    SubLN weight is trained; three sparsifiers (one per projection) fail both checks, whatever
+    their names."""
     model = tiny()
+    qsparse.sparsify(model, SparsityConfig(ratio=0.5), quant=QuantConfig(subln=True))
+    ids = torch.randint(0, 97, (2, 9))
+    calls: list[ActivationSparsifier] = []
+    handles = []
+    torch.manual_seed(1)
+    for mod in model.modules():
+        if isinstance(mod, ActivationSparsifier):
+            handles.append(mod.register_forward_hook(lambda m, args, out: calls.append(m)))
+            with torch.no_grad():  # as after training: every site's norm weight differs
+                mod.norm.weight.uniform_(0.2, 2.0)
+    model(ids)
+    for h in handles:
+        h.remove()
+    assert len(calls) == len(set(map(id, calls))) == 4 * 2, "qkv, o, gate_up, down per layer"
+    seen, handles = capture_inputs(model)
+    model(ids)
+    for h in handles:
+        h.remove()
+    for i in range(2):
+        q, k, v = (seen[f"model.layers.{i}.self_attn.{n}_proj"] for n in "qkv")
+        assert torch.equal(q, k) and torch.equal(q, v)
+
+
+def test_bitnet_ternary_weights_in_forward():
+    """The forward of a ternary model equals the dense model with every projection weight
+    replaced by absmean_ternarize(W) (per tensor); the lm head stays dense."""
+    ids = torch.randint(0, 97, (2, 10))
+    model, ref = tiny(), tiny()
+    dense = model(ids).logits
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.endswith("_proj"):
+                mod.weight.copy_(absmean_ternarize(mod.weight, ste=False))
     qsparse.sparsify(model, 0.0, quant=QuantConfig(weights="ternary"))
+    out = model(ids).logits
+    assert torch.allclose(out, ref(ids).logits, atol=1e-5)
+    assert not torch.allclose(out, dense, atol=1e-2)
     w = model.model.layers[0].mlp.up_proj.quantized_weight()
     assert len(torch.unique(w)) == 3
 

@@ -1,0 +1,286 @@
+"""benchmarks/run_all.py on CPU: FIGURE lines, results JSON with provenance, tables regenerated
+from fixture results (values, commit column, goal verdicts against the run-to-run spread), and
+the committed benchmarks/README.md tables in step with the committed results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import _figures, run_all  # noqa: E402
+from benchmarks.run_all import Bench, Goal, Row  # noqa: E402
+
+FIXTURE_README = """# Benchmarks
+
+intro text kept as is
+
+<!-- run_all:speed begin -->
+| stale | table |
+<!-- run_all:speed end -->
+
+middle text
+
+<!-- run_all:exploration begin -->
+<!-- run_all:exploration end -->
+tail
+"""
+
+REGISTRY = [
+    Bench(
+        "step",
+        "step.py",
+        ("--compile",),
+        repeat=3,
+        rows=(
+            Row(
+                "speed",
+                "Q-Sparse step vs dense",
+                "{step.qsparse|.2f}x ({step.qsparse.ms|.1f} ms)",
+                Goal("step.qsparse", "<=", 1.10, "step.dense.ms"),
+            ),
+            Row("speed", "BitNet step", "{step.bitnet|.2f}x", Goal("step.bitnet", "<=", 1.25)),
+            Row("speed", "never reported", "{step.nothing|.2f}x"),
+        ),
+    ),
+    Bench("gemv", "gemv.py", rows=(Row("speed", "GEMV", "{gemv.b1|.2f}x", Goal("gemv.b1", ">=", 2.0)),)),
+    Bench("unmeasured", "later.py", rows=(Row("speed", "a figure not run yet", "{x.y|.1f}"),)),
+    Bench("explore", "explore.py"),
+]  # fmt: skip
+
+
+def _fig(value: float, lo: float, hi: float, n: int, unit: str = "x") -> dict:
+    return {"value": value, "min": lo, "max": hi, "n": n, "unit": unit}
+
+
+def _write_results(path: Path) -> None:
+    common = {"device": "NVIDIA H200", "date": "2026-12-01T10:00:00Z", "dirty": False}
+    records = [
+        {
+            "bench": "step",
+            "command": "python3 benchmarks/step.py --compile",
+            "commit": "0123456789abcdef0123456789abcdef01234567",
+            "errors": [],
+            "figures": {
+                "step.qsparse": _fig(1.06, 1.05, 1.07, 3),  # margin 3.6% < dense spread 5%
+                "step.qsparse.ms": _fig(91.8, 91.0, 92.5, 3, "ms"),
+                "step.dense.ms": _fig(86.6, 84.0, 88.3, 3, "ms"),
+                "step.bitnet": _fig(1.04, 1.03, 1.05, 3),  # margin 17%, spread 2%
+            },
+            **common,
+        },
+        {
+            "bench": "gemv",
+            "command": "python3 benchmarks/gemv.py",
+            "commit": "fedcba9876543210fedcba9876543210fedcba98",
+            "errors": ["exit 1: CUDA error"],
+            "figures": {"gemv.b1": _fig(1.9, 1.9, 1.9, 1)},
+            **{**common, "dirty": True},
+        },
+        {
+            "bench": "explore",
+            "command": "python3 benchmarks/explore.py",
+            "commit": "aaaaaaaaaabbbbbbbbbbcccccccccc0000000000",
+            "errors": [],
+            "figures": {"e.a": _fig(1.0, 1.0, 1.0, 1, "us"), "e.b": _fig(2.0, 2.0, 2.0, 1, "us")},
+            **common,
+        },
+    ]
+    path.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        (path / f"{r['bench']}.json").write_text(json.dumps(r))
+
+
+def _rows(text: str, table: str) -> list[list[str]]:
+    block = text.split(f"<!-- run_all:{table} begin -->")[1].split(f"<!-- run_all:{table} end")[0]
+    lines = [line for line in block.strip().splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[2:]]
+
+
+def test_figure_lines_round_trip_and_reject_bad_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    _figures.emit("a.b+c=d", 1.23456789)
+    _figures.emit(f"t.{_figures.slug('bn32 w4  st3')}", 15.9, "us")
+    out = capsys.readouterr().out
+    assert _figures.parse("noise\n" + out + "RATIO x 1.0\n") == {
+        "a.b+c=d": {"value": pytest.approx(1.23457), "unit": "x"},
+        "t.bn32_w4_st3": {"value": 15.9, "unit": "us"},
+    }
+    with pytest.raises(ValueError, match="twice"):
+        _figures.parse(out + out)
+    with pytest.raises(ValueError, match="expected"):
+        _figures.parse("FIGURE a 1")
+    with pytest.raises(ValueError, match="spaces"):
+        _figures.emit("a b", 1.0)
+
+
+def test_tables_regenerated_from_results(tmp_path: Path) -> None:
+    _write_results(tmp_path / "results")
+    results = run_all.load_results(tmp_path / "results")
+    text = run_all.regenerate(FIXTURE_README, results, REGISTRY)
+    assert text.startswith("# Benchmarks\n\nintro text kept as is\n\n")
+    assert "middle text" in text and text.endswith("tail\n") and "| stale |" not in text
+    speed = _rows(text, "speed")
+    assert [r[0] for r in speed] == [
+        "Q-Sparse step vs dense",
+        "BitNet step",
+        "never reported",
+        "GEMV",
+        "a figure not run yet",
+    ]
+    qs, bitnet, never, gemv, later = speed
+    assert qs[1] == "1.06x (91.8 ms)"
+    assert qs[2].startswith("<= 1.1: met (margin 3.6% is inside the run-to-run spread, 5.0%")
+    assert qs[3:] == [
+        "NVIDIA H200",
+        "`0123456789`",
+        "2026-12-01",
+        "`python3 benchmarks/step.py --compile`",
+    ]
+    assert (
+        bitnet[1] == "1.04x" and bitnet[2] == "<= 1.25: met (margin 16.8%, spread 1.9% over 3 runs)"
+    )
+    assert never[1] == "not reported"
+    assert (
+        gemv[1] == "1.90x (1 failed run(s))" and gemv[2] == ">= 2: MISSED (1 run: spread unknown)"
+    )
+    assert gemv[4] == "`fedcba9876+dirty`"
+    assert later[1:6] == ["not measured yet", "-", "-", "-", "-"]
+    explore = _rows(text, "exploration")
+    assert explore == [
+        [
+            "every figure of `explore.py`",
+            "2 figures in `benchmarks/results/explore.json`",
+            "-",
+            "NVIDIA H200",
+            "`aaaaaaaaaa`",
+            "2026-12-01",
+            "`python3 benchmarks/explore.py`",
+        ]
+    ]
+    assert run_all.regenerate(text, results, REGISTRY) == text  # idempotent
+
+
+def test_check_reports_stale_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_results(tmp_path / "results")
+    readme = tmp_path / "README.md"
+    readme.write_text(FIXTURE_README)
+    monkeypatch.setattr(run_all, "REGISTRY", REGISTRY)
+    argv = ["--results", str(tmp_path / "results"), "--readme", str(readme)]
+    assert run_all.main(["tables", "--check", *argv]) == 1
+    assert readme.read_text() == FIXTURE_README  # --check writes nothing
+    assert run_all.main(["tables", *argv]) == 0
+    assert run_all.main(["tables", "--check", *argv]) == 0
+    assert "1.06x (91.8 ms)" in readme.read_text()
+
+
+def test_run_records_provenance_and_median_of_repeats(tmp_path: Path) -> None:
+    """A CPU stand-in for a GPU benchmark: each run prints a different figure; the record
+    keeps every run, their median/min/max, and where and when they ran."""
+    script = tmp_path / "fake_bench.py"
+    counter = tmp_path / "count"
+    script.write_text(
+        "import pathlib, sys\n"
+        "from benchmarks._figures import emit\n"
+        f"p = pathlib.Path({str(counter)!r})\n"
+        "n = int(p.read_text()) if p.exists() else 0\n"
+        "p.write_text(str(n + 1))\n"
+        "emit('fake.ratio', [1.0, 3.0, 2.0, 9.0, 9.0][n])\n"
+        "emit('fake.us', 10 + n, 'us')\n"
+        "if n == 4: emit('fake.us', 0.0, 'us')\n"
+        "sys.exit(1 if n == 3 else 0)\n"
+    )
+    bench = Bench("fake", str(script), ("--flag",), repeat=5)
+    record = run_all.run_bench(bench, tmp_path / "results")
+    saved = json.loads((tmp_path / "results" / "fake.json").read_text())
+    assert saved == record
+    assert saved["figures"]["fake.ratio"] == {
+        "value": 2.0,
+        "min": 1.0,
+        "max": 3.0,
+        "n": 3,
+        "unit": "x",
+    }
+    assert saved["figures"]["fake.us"]["value"] == 11.0
+    assert len(saved["runs"]) == 3  # the 4th run exited 1, the 5th reported fake.us twice
+    assert saved["errors"][0].startswith("exit 1") and "twice" in saved["errors"][1]
+    assert saved["command"].endswith("fake_bench.py --flag")
+    assert len(saved["commit"]) == 40 and isinstance(saved["dirty"], bool)
+    assert saved["device"] == "cpu" and saved["date"].endswith("Z")
+    assert saved["versions"]["python"] == sys.version.split()[0]
+
+
+def test_registry_is_consistent_with_the_repository() -> None:
+    """Every registered script exists, ids are unique, every table a row feeds has its marker
+    block in benchmarks/README.md, and those blocks match the committed results."""
+    ids = [b.id for b in run_all.REGISTRY]
+    assert len(ids) == len(set(ids))
+    for bench in run_all.REGISTRY:
+        assert (run_all.ROOT / "benchmarks" / bench.script).is_file(), bench.script
+        source = (run_all.ROOT / "benchmarks" / bench.script).read_text()
+        assert "emit" in source, f"{bench.script} prints no FIGURE lines"
+    readme = run_all.README.read_text()
+    tables = set(run_all.tables_in(readme))
+    assert {r.table for b in run_all.REGISTRY for r in b.rows} | {"exploration"} <= tables
+    assert not run_all.update_readme(run_all.README, run_all.RESULTS, check=True), (
+        "benchmarks/README.md tables are stale: run `python3 benchmarks/run_all.py tables`"
+    )
+
+
+def test_commit_of_a_tree_copied_without_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU machine that receives the tree without .git, the commit comes from
+    QSPARSE_COMMIT and the table says the tree state is unknown."""
+    monkeypatch.setattr(run_all, "_git", lambda *args: None)
+    monkeypatch.delenv("QSPARSE_COMMIT", raising=False)
+    assert run_all.commit_state() == ("unknown", None)
+    monkeypatch.setenv("QSPARSE_COMMIT", "77bb3b8c0ffee")
+    assert run_all.commit_state() == ("77bb3b8c0ffee", None)
+    record = {
+        "bench": "gemv",
+        "command": "python3 benchmarks/gemv.py",
+        "errors": [],
+        "figures": {"gemv.b1": _fig(2.2, 2.2, 2.2, 1)},
+        "device": "NVIDIA H200",
+        "date": "2026-12-01T10:00:00Z",
+        **dict(zip(("commit", "dirty"), run_all.commit_state(), strict=True)),
+    }
+    table = run_all.render("speed", {"gemv": record}, REGISTRY)
+    assert "| `77bb3b8c0f (tree state unknown)` |" in table
+
+
+@pytest.mark.parametrize("bench_id", ["train_step_overhead", "train_step_overhead_compiled"])
+def test_train_step_overhead_emits_every_key_its_rows_read(
+    bench_id: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The script's FIGURE keys cover its registry rows (timing stubbed: it needs CUDA)."""
+    from benchmarks import train_step_overhead as tso
+
+    bench = next(b for b in run_all.REGISTRY if b.id == bench_id)
+    times = iter(range(100, 200))
+    monkeypatch.setattr(tso, "step_time", lambda *args, **kwargs: float(next(times)))
+    monkeypatch.setattr(sys, "argv", ["train_step_overhead.py", *bench.args])
+    tso.main()
+    figures = _figures.parse(capsys.readouterr().out)
+    for row in bench.rows:
+        assert run_all.fill(row.value, figures) is not None, row.value
+        if row.goal:
+            assert {row.goal.key, row.goal.baseline} <= set(figures)
+
+
+def test_decode_emits_every_key_its_rows_read(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/decode.py reads qsparse-generate's per-mode lines into FIGURE lines: run on
+    the tiny preset on CPU, they cover the decode_eager rows."""
+    from benchmarks import decode
+
+    bench = next(b for b in run_all.REGISTRY if b.id == "decode_eager")
+    cpu = ["--preset", "tiny", "--device", "cpu", "--no-kernels", "--no-graph", "--dtype", "fp32"]
+    assert decode.run([*bench.args, *cpu, "--new-tokens", "2", "--prompt-len", "4"]) == 0
+    figures = _figures.parse(capsys.readouterr().out)
+    assert figures["decode.eager.dense.ratio"]["value"] == 1.0
+    for row in bench.rows:
+        assert run_all.fill(row.value, figures) is not None, row.value
