@@ -8,9 +8,20 @@ reported).
 
     PYTHONPATH=$PWD python3 benchmarks/decode_modes.py --json decode.json
     python3 benchmarks/decode_modes.py --plot decode.json docs/decode_modes.png   # no GPU
+    PYTHONPATH=$PWD python3 benchmarks/decode_modes.py --presets tiny --batches 1 \\
+        --new-tokens 2 --compile-backend eager -- --device cpu --no-kernels --no-graph
 
-Rows are appended to the JSON file after every measurement, so a run cut short keeps what
-it measured.
+Arguments after ``--`` go to every ``qsparse-generate`` run (the last line: a CPU check).
+Rows are appended to the JSON file after every measurement, so a run cut short keeps what it
+measured.
+
+For ``benchmarks/run_all.py`` it prints ``FIGURE`` lines per preset, batch and step (``tag``:
+``eager`` or ``compile``, as in ``benchmarks/decode.py``), under
+``decode_modes.<preset>.b<batch>.<tag>``: ``<mode>.tokens_per_s`` and ``<mode>.ratio`` (to
+dense), ``min.ratio`` (the slowest mode other than dense, vs dense) and
+``bitnet_qsparse.vs_bitnet`` (BitNet + Q-Sparse vs BitNet alone); and under
+``decode_modes.<preset>.b<batch>``: ``transformers_<cache>.tokens_per_s`` and ``.ratio`` (to
+qsparse's dense run), ``transformers.*`` for the best cache.
 """
 
 from __future__ import annotations
@@ -18,27 +29,33 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from benchmarks._figures import emit
 from qsparse.cli.generate import _parser, measure
 from qsparse.generate import MODES
 
 NEW_TOKENS = {"1.3B": 128, "7B": 64}
 
 
-def transformers_baseline(preset: str, batch: int, new_tokens: int) -> dict[str, float]:
+def transformers_baseline(
+    preset: str, batch: int, new_tokens: int, device: str = "cuda"
+) -> dict[str, float]:
     """tokens/s of ``transformers.LlamaForCausalLM.generate`` (greedy, bf16, eager) on the
     preset's dense weights (seed 0, as the qsparse runs), per cache implementation."""
+    cuda = device.startswith("cuda")
     from transformers import LlamaForCausalLM as HFLlama
 
     from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig.from_preset(preset)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         ours = LlamaForCausalLM(cfg).to(torch.bfloat16)
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
@@ -49,7 +66,7 @@ def transformers_baseline(preset: str, batch: int, new_tokens: int) -> dict[str,
     hf.load_state_dict(ours.state_dict())
     del ours
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (batch, 16), generator=gen).cuda()
+    ids = torch.randint(0, cfg.vocab_size, (batch, 16), generator=gen).to(device)
     out = {}
     for cache in ("static", "dynamic"):
         kw = dict(
@@ -62,14 +79,17 @@ def transformers_baseline(preset: str, batch: int, new_tokens: int) -> dict[str,
         )
         with torch.no_grad():
             hf.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             hf.generate(ids, **kw)
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
         out[cache] = batch * new_tokens / (time.perf_counter() - start)
     del hf
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return out
 
 
@@ -78,35 +98,73 @@ def _save(path: str | None, rows: list[dict]) -> None:
         Path(path).write_text(json.dumps(rows, indent=1))
 
 
-def run(args: argparse.Namespace) -> None:
+def emit_modes(key: str, measured: Sequence[tuple[str, float, float | None]]) -> None:
+    """``FIGURE`` lines of one preset/batch/step: per mode tokens/s and ratio to dense, the
+    slowest non-dense mode's ratio (``min``) and BitNet + Q-Sparse vs BitNet alone."""
+    tps = {mode: t for mode, t, _ in measured}
+    for mode, t, ratio in measured:
+        emit(f"{key}.{mode}.tokens_per_s", t, "tokens/s")
+        if ratio is not None:
+            emit(f"{key}.{mode}.ratio", ratio)
+    others = [r for mode, _, r in measured if mode != "dense" and r is not None]
+    if others:
+        emit(f"{key}.min.ratio", min(others))
+    if tps.get("bitnet") and "bitnet_qsparse" in tps:
+        emit(f"{key}.bitnet_qsparse.vs_bitnet", tps["bitnet_qsparse"] / tps["bitnet"])
+
+
+def emit_transformers(key: str, rates: dict[str, float], dense: float | None) -> None:
+    """``FIGURE`` lines of the transformers rows: per cache and the best cache, tokens/s and
+    the ratio to qsparse's dense run of the same preset and batch (when there is one)."""
+    best = max(rates, key=rates.__getitem__)
+    for name, t in [
+        *((f"transformers_{c}", t) for c, t in rates.items()),
+        ("transformers", rates[best]),
+    ]:
+        emit(f"{key}.{name}.tokens_per_s", t, "tokens/s")
+        if dense:
+            emit(f"{key}.{name}.ratio", t / dense)
+
+
+def run(args: argparse.Namespace, generate_args: Sequence[str] = ()) -> None:
     rows: list[dict] = []
+    modes = list(MODES) if args.modes == "all" else args.modes.split(",")
     for preset in args.presets.split(","):
-        n = NEW_TOKENS.get(preset, 64)
+        n = args.new_tokens or NEW_TOKENS.get(preset, 64)
         for batch in [int(b) for b in args.batches.split(",")]:
             argv = ["--preset", preset, "--batch", str(batch), "--new-tokens", str(n)]
             compiled = str(batch) in args.compile_batches.split(",")
             if compiled:
-                argv.append("--compile")
+                argv += ["--compile", args.compile_backend]
+            gen_args = _parser().parse_args([*argv, *generate_args])
             start = time.perf_counter()
-            for mode, tps, ratio in measure(_parser().parse_args(argv), list(MODES)):
+            measured = measure(gen_args, modes)
+            for mode, tps, ratio in measured:
                 rows.append(
                     dict(preset=preset, batch=batch, mode=mode, tokens_per_s=tps, ratio=ratio)
                     | dict(compiled=compiled, new_tokens=n)
                 )
-                print(f"RATIO decode {preset} batch {batch} {mode}: {ratio:.2f}x ({tps:.1f} tok/s)")
+                shown = f"{ratio:.2f}x" if ratio is not None else "-"
+                print(f"RATIO decode {preset} batch {batch} {mode}: {shown} ({tps:.1f} tok/s)")
+            key = f"decode_modes.{preset}.b{batch}"
+            emit_modes(f"{key}.{'compile' if compiled else 'eager'}", measured)
             _save(args.json, rows)
             print(f"# {preset} batch {batch}: {time.perf_counter() - start:.0f} s", flush=True)
             if batch in [int(b) for b in args.hf_batches.split(",") if b]:
-                dense = next(r for r in rows[::-1] if r["mode"] == "dense")["tokens_per_s"]
-                for cache, tps in transformers_baseline(preset, batch, n).items():
+                dense = next((t for m, t, _ in measured if m == "dense"), None)
+                rates = transformers_baseline(preset, batch, n, gen_args.device)
+                for cache, tps in rates.items():
+                    ratio = tps / dense if dense else None
                     rows.append(
                         dict(preset=preset, batch=batch, mode=f"transformers_{cache}")
-                        | dict(tokens_per_s=tps, ratio=tps / dense, compiled=False, new_tokens=n)
+                        | dict(tokens_per_s=tps, ratio=ratio, compiled=False, new_tokens=n)
                     )
+                    shown = f"{ratio:.2f}x" if ratio is not None else "-"
                     print(
                         f"RATIO decode {preset} batch {batch} transformers generate ({cache} "
-                        f"cache, eager): {tps / dense:.2f}x of qsparse dense ({tps:.1f} tok/s)"
+                        f"cache, eager): {shown} of qsparse dense ({tps:.1f} tok/s)"
                     )
+                emit_transformers(key, rates, dense)
                 _save(args.json, rows)
 
 
@@ -146,19 +204,26 @@ def plot(src: str, dst: str) -> None:
     fig.savefig(dst, dpi=120)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog="arguments after -- go to qsparse-generate"
+    )
     ap.add_argument("--presets", default="1.3B,7B")
     ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--modes", default="all", help=f"comma list of {MODES} or 'all'")
+    ap.add_argument("--new-tokens", type=int, default=None, help=f"default {NEW_TOKENS}, else 64")
     ap.add_argument("--compile-batches", default="1", help="batch sizes run with --compile")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     ap.add_argument("--hf-batches", default="1", help="batch sizes with the transformers row")
     ap.add_argument("--json", help="write the rows here (after each measurement)")
     ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only plot a JSON file")
-    args = ap.parse_args()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
     if args.plot:
         plot(*args.plot)
     else:
-        run(args)
+        run(args, argv[cut + 1 :])
 
 
 if __name__ == "__main__":

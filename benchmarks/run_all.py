@@ -103,6 +103,20 @@ def _ratio_row(table: str, figure: str, key: str, unit_key: str, goal: Goal | No
 _TS = "train_step"
 _SG = "sparse_gemv"
 _TG = "ternary_gemv"
+_S7 = "sparse_gemv_7b"
+_SHAPES_7B = {
+    "qkv": (4096, 12288),
+    "o": (4096, 4096),
+    "gate_up": (4096, 22016),
+    "down": (11008, 4096),
+}
+_DM = "decode_modes"
+_NEW_TOKENS = {"1.3B": 128, "7B": 64}  # decode_modes.NEW_TOKENS
+_DECODE_MODES = (
+    ("qsparse", "Q-Sparse S=0.6"),
+    ("bitnet", "BitNet b1.58"),
+    ("bitnet_qsparse", "BitNet+Q-Sparse S=0.6"),
+)
 _CKPT = "/tmp/qsparse-llama1b"
 _MEM = ("memory_continue.py", "run", _CKPT)
 
@@ -383,6 +397,139 @@ REGISTRY: list[Bench] = [
             ("eager", (), "eager step"),
             ("compile", ("--compile",), "step compiled (inductor)"),
         )
+    ),
+    # issue 11: 7B projection shapes, sparse GEMV with its selection; decode per mode/preset/batch
+    Bench(
+        "sparse_gemv_7b",
+        "sparse_gemv_7b.py",
+        repeat=3,
+        rows=tuple(
+            _ratio_row(
+                "decode",
+                f"7B {name} {kin}->{n} sparse GEMV, batch 1, S=0.6, top-k selection included, "
+                "threshold carried from the previous call (as decode runs it), vs cuBLAS",
+                f"{_S7}.{name}_b1_S0.6.carry",
+                f"{_S7}.{name}_b1_S0.6.carry_us",
+                Goal(f"{_S7}.{name}_b1_S0.6.carry", ">=", 1.5, f"{_S7}.{name}_b1_S0.6.dense_us"),
+            )
+            for name, (kin, n) in _SHAPES_7B.items()
+        )
+        + (
+            Row(
+                "decode",
+                "same without the carried threshold (full selection every call); cuBLAS time: "
+                "qkv, o, gate_up, down",
+                "; ".join(
+                    f"{{{_S7}.{p}_b1_S0.6.incl|.2f}}x ({{{_S7}.{p}_b1_S0.6.dense_us|.1f}} us)"
+                    for p in _SHAPES_7B
+                ),
+            ),
+            *(
+                Row(
+                    "decode",
+                    f"7B shapes, batch {b}, S=0.6: top-k kernel + one cuBLAS GEMM on the masked "
+                    "input (what decode runs at batch 2-16) / kept-row union kernel, vs cuBLAS: "
+                    "qkv; o; gate_up; down",
+                    "; ".join(
+                        f"{{{_S7}.{p}_b{b}_S0.6.topk_gemm|.2f}}x / {{{_S7}.{p}_b{b}_S0.6.incl|.2f}}x"
+                        for p in _SHAPES_7B
+                    ),
+                )
+                for b in (2, 4, 8)
+            ),
+        ),
+    ),
+    *(
+        Bench(
+            f"decode_modes_{preset.lower()}_b1",
+            "decode_modes.py",
+            ("--presets", preset, "--batches", "1", "--hf-batches", ""),
+            rows=(
+                Row(
+                    "decode",
+                    f"{preset} decode, batch 1, {_NEW_TOKENS[preset]} tokens, CUDA graph, step "
+                    "compiled (inductor): dense bf16",
+                    f"{{{_DM}.{preset}.b1.compile.dense.tokens_per_s|.1f}} tokens/s",
+                ),
+                *(
+                    Row(
+                        "decode",
+                        f"same: {label} vs dense",
+                        f"{{{_DM}.{preset}.b1.compile.{mode}.ratio|.2f}}x "
+                        f"({{{_DM}.{preset}.b1.compile.{mode}.tokens_per_s|.1f}} tokens/s)",
+                        Goal(
+                            f"{_DM}.{preset}.b1.compile.{mode}.ratio",
+                            ">=",
+                            goals[mode],
+                            f"{_DM}.{preset}.b1.compile.dense.tokens_per_s",
+                        )
+                        if mode in goals
+                        else None,
+                    )
+                    for mode, label in _DECODE_MODES
+                ),
+                Row(
+                    "decode",
+                    "same: BitNet+Q-Sparse S=0.6 vs BitNet b1.58 alone",
+                    f"{{{_DM}.{preset}.b1.compile.bitnet_qsparse.vs_bitnet|.2f}}x",
+                    Goal(
+                        f"{_DM}.{preset}.b1.compile.bitnet_qsparse.vs_bitnet",
+                        ">=",
+                        vs_bitnet,
+                        f"{_DM}.{preset}.b1.compile.bitnet.tokens_per_s",
+                    ),
+                ),
+            ),
+        )
+        for preset, goals, vs_bitnet in (
+            ("7B", {"qsparse": 1.8, "bitnet": 3.5, "bitnet_qsparse": 4.5}, 1.3),
+            ("1.3B", {"qsparse": 1.3}, 1.0),
+        )
+    ),
+    *(
+        Bench(
+            f"decode_modes_{preset.lower()}_b248",
+            "decode_modes.py",
+            ("--presets", preset, "--batches", "2,4,8", "--hf-batches", ""),
+            rows=tuple(
+                Row(
+                    "decode",
+                    f"{preset} decode, batch {b}, {_NEW_TOKENS[preset]} tokens, CUDA graph, eager "
+                    "step: Q-Sparse S=0.6 / BitNet b1.58 / BitNet+Q-Sparse S=0.6 vs dense (goal: "
+                    "the slowest no slower than dense)",
+                    " / ".join(
+                        f"{{{_DM}.{preset}.b{b}.eager.{m}.ratio|.2f}}x"
+                        for m in ("qsparse", "bitnet", "bitnet_qsparse")
+                    )
+                    + f" (dense {{{_DM}.{preset}.b{b}.eager.dense.tokens_per_s|.1f}} tokens/s)",
+                    Goal(
+                        f"{_DM}.{preset}.b{b}.eager.min.ratio",
+                        ">=",
+                        1.0,
+                        f"{_DM}.{preset}.b{b}.eager.dense.tokens_per_s",
+                    ),
+                )
+                for b in (2, 4, 8)
+            ),
+        )
+        for preset in ("7B", "1.3B")
+    ),
+    Bench(
+        "decode_modes_transformers",
+        "decode_modes.py",
+        ("--presets", "1.3B,7B", "--batches", "1", "--modes", "dense", "--hf-batches", "1"),
+        rows=tuple(
+            Row(
+                "decode",
+                f"transformers `generate` on the same dense {preset} weights, batch 1, "
+                f"{_NEW_TOKENS[preset]} tokens, greedy, bf16, eager, best of static / dynamic "
+                "cache: tokens/s, vs qsparse dense (compiled step) of the same run",
+                f"{{{_DM}.{preset}.b1.transformers.tokens_per_s|.1f}} tokens/s "
+                f"({{{_DM}.{preset}.b1.transformers.ratio|.2f}}x; qsparse dense "
+                f"{{{_DM}.{preset}.b1.compile.dense.tokens_per_s|.1f}} tokens/s)",
+            )
+            for preset in ("1.3B", "7B")
+        ),
     ),
     # exploration scripts behind figures quoted in prose; every figure lands in the JSON
     Bench("gemv_variants", "gemv_variants.py"),

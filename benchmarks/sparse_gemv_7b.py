@@ -16,6 +16,12 @@ copies (L2 cannot serve them), times per call:
 Before timing, every kernel is checked against its PyTorch reference on fresh inputs.
 
     PYTHONPATH=$PWD python3 benchmarks/sparse_gemv_7b.py [--json out.json]
+
+For ``benchmarks/run_all.py`` it prints ``FIGURE`` lines per shape, batch and sparsity, under
+``sparse_gemv_7b.<shape>_b<batch>_S<S>`` (as ``benchmarks/sparse_gemv.py``): ``dense_us``
+(cuBLAS), ``incl`` / ``incl_us`` (selection included), ``carry`` / ``carry_us`` (selection
+included, threshold carried) and at batch > 1 ``topk_gemm`` / ``topk_gemm_us``; a ratio is
+cuBLAS time over the kernel's.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from benchmarks._figures import emit
 from benchmarks._timing import row, time_graph
 from qsparse import kernels as K
 from qsparse.kernels import gemv as G
@@ -36,15 +43,16 @@ SHAPES = {  # name: (in, out) of the fused 7B projections
     "gate_up": (4096, 22016),
     "down": (11008, 4096),
 }
+DEVICE = "cuda"  # tests swap in "cpu" with the timing stubbed
 
 
 def check(kin: int, n: int, k: int, batch: int) -> None:
     """Kernel vs reference on fresh random inputs (with and without a carried threshold)."""
-    w = torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02
+    w = torch.randn(n, kin, device=DEVICE, dtype=torch.bfloat16) * 0.02
     wt = G.prepare_dense(w)
-    hint = G.new_hint(16, "cuda")
+    hint = G.new_hint(16, DEVICE)
     for _ in range(3):
-        x = torch.randn(batch, kin, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(batch, kin, device=DEVICE, dtype=torch.bfloat16)
         ref = G.sparse_gemv_reference(x, wt, k)[:, :n].float()
         for h in (None, hint):
             got = G.sparse_gemv(x, wt, k, n_out=n, hint=h).float()
@@ -71,15 +79,15 @@ def main() -> None:
     for name, (kin, n) in SHAPES.items():
         k = int((1 - args.sparsity) * kin)
         ws = [
-            torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02
+            torch.randn(n, kin, device=DEVICE, dtype=torch.bfloat16) * 0.02
             for _ in range(args.buffers)
         ]
         wts = [G.prepare_dense(w) for w in ws]
         for batch in batches:
             check(kin, n, k, batch)
             # one input per weight copy: the selection sees new values each call
-            xs = [torch.randn(batch, kin, device="cuda", dtype=torch.bfloat16) for _ in ws]
-            hint = G.new_hint(16, "cuda")
+            xs = [torch.randn(batch, kin, device=DEVICE, dtype=torch.bfloat16) for _ in ws]
+            hint = G.new_hint(16, DEVICE)
 
             def timed(fn, weights, xs=xs):
                 calls = [lambda w=w, x=x: fn(x, w) for w, x in zip(weights, xs, strict=True)]
@@ -111,6 +119,12 @@ def main() -> None:
                 ),
                 flush=True,
             )
+            key = f"sparse_gemv_7b.{name}_b{batch}_S{args.sparsity:g}"
+            emit(f"{key}.dense_us", dense, "us")
+            for what, t in (("incl", sparse), ("carry", carry), ("topk_gemm", masked)):
+                if t:
+                    emit(f"{key}.{what}", dense / t)
+                    emit(f"{key}.{what}_us", t, "us")
             print(
                 f"RATIO sparse_gemv_7b {name} batch {batch}: sparse {dense / sparse:.2f}x, "
                 f"carry {dense / carry:.2f}x"

@@ -284,3 +284,61 @@ def test_decode_emits_every_key_its_rows_read(capsys: pytest.CaptureFixture[str]
     assert figures["decode.eager.dense.ratio"]["value"] == 1.0
     for row in bench.rows:
         assert run_all.fill(row.value, figures) is not None, row.value
+
+
+DECODE_MODES_BENCHES = [b.id for b in run_all.REGISTRY if b.script == "decode_modes.py"]
+
+
+@pytest.mark.parametrize("bench_id", DECODE_MODES_BENCHES)
+def test_decode_modes_emits_every_key_its_rows_read(
+    bench_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/decode_modes.py with a registered bench's arguments, the presets swapped for
+    the tiny one and run on CPU (2 new tokens, the compiled step on the eager backend): its
+    FIGURE keys, renamed back to each registered preset, cover the bench's rows."""
+    from benchmarks import decode_modes
+
+    assert run_all._NEW_TOKENS == decode_modes.NEW_TOKENS  # the rows' token counts
+    bench = next(b for b in run_all.REGISTRY if b.id == bench_id)
+    args = list(bench.args)
+    at = args.index("--presets") + 1
+    presets, args[at] = args[at].split(","), "tiny"
+    cpu = ["--device", "cpu", "--no-kernels", "--no-graph", "--dtype", "fp32", "--prompt-len", "4"]
+    decode_modes.main([*args, "--new-tokens", "2", "--compile-backend", "eager", "--", *cpu])
+    tiny = _figures.parse(capsys.readouterr().out)
+    assert all(k.startswith("decode_modes.tiny.") for k in tiny)
+    figures = {
+        k.replace("decode_modes.tiny.", f"decode_modes.{p}.", 1): v
+        for p in presets
+        for k, v in tiny.items()
+    }
+    dense = [v["value"] for k, v in figures.items() if k.endswith(".dense.ratio")]
+    assert dense and all(v == 1.0 for v in dense)
+    for row in bench.rows:
+        assert run_all.fill(row.value, figures) is not None, row.value
+        if row.goal:
+            assert {row.goal.key, row.goal.baseline} <= set(figures), row.goal
+
+
+def test_sparse_gemv_7b_emits_every_key_its_rows_read(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/sparse_gemv_7b.py needs CUDA: run on CPU with the kernel check and the
+    timing stubbed and the 7B shapes shrunk (same names), its FIGURE keys cover its rows."""
+    from benchmarks import sparse_gemv_7b as sg7
+
+    assert run_all._SHAPES_7B == sg7.SHAPES  # the shapes the rows name
+    bench = next(b for b in run_all.REGISTRY if b.id == "sparse_gemv_7b")
+    times = iter(range(100, 1000))
+    monkeypatch.setattr(sg7, "DEVICE", "cpu")
+    monkeypatch.setattr(sg7, "SHAPES", {name: (64, 32) for name in sg7.SHAPES})
+    monkeypatch.setattr(sg7, "check", lambda *args: None)
+    monkeypatch.setattr(sg7, "time_graph", lambda calls: float(next(times)))
+    monkeypatch.setattr(sys, "argv", ["sparse_gemv_7b.py", *bench.args, "--buffers", "1"])
+    sg7.main()
+    figures = _figures.parse(capsys.readouterr().out)
+    assert figures["sparse_gemv_7b.qkv_b1_S0.6.incl"]["value"] == pytest.approx(100 / 101)
+    for row in bench.rows:
+        assert run_all.fill(row.value, figures) is not None, row.value
+        if row.goal:
+            assert {row.goal.key, row.goal.baseline} <= set(figures), row.goal
