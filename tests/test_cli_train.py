@@ -5,6 +5,7 @@ errors raised before any training naming the key."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -258,3 +259,15 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
     assert r0["initial"] == r1["initial"], "ranks started from different weights"
     assert r0["final"] == r1["final"], "parameters diverged: gradients were not synchronised"
     assert all(r0["final"][n] != h for n, h in r0["initial"].items() if "weight" in n)
+
+
+def test_run_without_validation_still_finishes(tmp_path: Path) -> None:
+    """No validation batches (trainer.limit_val_batches=0): the summary is still written, so
+    the run counts as finished (resume=true then says so)."""
+    from qsparse.training.run import train
+
+    run_dir = tmp_path / "noval"
+    cfg = _compose([*FAST, "logger=csv", f"run_dir={run_dir}", "trainer.limit_val_batches=0"])
+    summary = train(cfg)
+    assert summary["step"] >= 1 and "val_loss" not in summary
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == summary["step"]

@@ -334,6 +334,12 @@ class RunSummary(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending and trainer.state.fn == "validate":
+            self.flush(trainer, pl_module)
+
+    def flush(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Report now if the report still waits for a validation (e.g. an empty validation
+        set, where Lightning runs none)."""
+        if self._pending:
             self._pending = False
             self.report(trainer, pl_module)
 

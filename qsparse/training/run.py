@@ -288,6 +288,9 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             trainer.validate(module, datamodule=datamodule, ckpt_path=best[0], verbose=False)
         elif module.last_val_step != trainer.global_step and trainer.limit_val_batches != 0:
             trainer.validate(module, datamodule=datamodule, verbose=False)
+        for cb in callbacks:
+            if isinstance(cb, RunSummary):
+                cb.flush(trainer, module)  # no validation ran: report what there is
         summary = next((c.summary for c in callbacks if isinstance(c, RunSummary)), {})
         if best is not None:
             summary["selected_checkpoint"] = best[0]
