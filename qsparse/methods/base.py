@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -59,11 +58,14 @@ class SparsityMethod:
 
     name: ClassVar[str] = "base"
     training_free: ClassVar[bool] = True
+    #: methods that calibrate read ``self.calibration``: a corpus name, a file, or documents
+    needs_calibration: ClassVar[bool] = False
 
     def __init__(self, sparsity: float = 0.5) -> None:
         if not 0.0 <= float(sparsity) < 1.0:
             raise ValueError(f"{self.name}: sparsity={sparsity} must be in [0, 1)")
         self.sparsity = float(sparsity)
+        self.calibration: str | list[str] | None = None
 
     def label(self) -> str:
         return f"{self.name} S={self.sparsity:g}"
@@ -167,10 +169,3 @@ class CostMeter:
             if self._thread is not None:
                 self._thread.join()
             self.peak_mib = max(self._peak, _rss_mib()) - self._base
-
-
-def measure_cost(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """``(fn(), seconds, peak MiB)`` measured with :class:`CostMeter`."""
-    with CostMeter() as cost:
-        out = fn()
-    return out, cost.seconds, cost.peak_mib

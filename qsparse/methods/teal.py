@@ -143,6 +143,7 @@ class TEAL(SparsityMethod):
     ``greedy=False`` gives every site ``sparsity`` (TEAL's uniform baseline)."""
 
     name = "teal"
+    needs_calibration = True
 
     def __init__(
         self,
