@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_hf_model
 
 import qsparse
 from qsparse.methods import (
