@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_hf_model
 
 import qsparse
 from qsparse.methods import (
@@ -18,6 +19,7 @@ from qsparse.methods import (
     magnitude_mask,
     sine_schedule,
 )
+from qsparse.methods.attribution import mlp_selection_loss
 from qsparse.methods.prosparse import SCHEDULE_7B
 
 
@@ -73,3 +75,25 @@ def test_corrected_attribution_on_three_neurons() -> None:
     assert attribution_mask(a, g, norm, 1 / 3).tolist() == [[False, True, True]]
     assert magnitude_mask(a, 1 / 3).tolist() == [[True, True, False]]
     assert attribution_mask(a, g, norm, 0.9).sum() == 1  # at least one kept
+
+
+def test_mlp_selection_loss_attribution_vs_magnitude() -> None:
+    model = build_tiny_hf_model("llama")
+    ids = [torch.randint(4, 300, (2, 24)) for _ in range(2)]
+    with torch.no_grad():
+        logits = [model(b).logits for b in ids]
+    dense = sum(
+        float(
+            torch.nn.functional.cross_entropy(
+                lg[:, :-1].flatten(0, 1), b[:, 1:].flatten(), reduction="sum"
+            )
+        )
+        for lg, b in zip(logits, ids, strict=True)
+    ) / sum(b[:, 1:].numel() for b in ids)
+    # S = 0 keeps every neuron: the dense loss, whatever the score
+    assert mlp_selection_loss(model, ids, 0.0) == pytest.approx(dense, rel=1e-5)
+    assert mlp_selection_loss(model, ids, 0.0, "magnitude") == pytest.approx(dense, rel=1e-5)
+    attr = mlp_selection_loss(model, ids, 0.5)
+    mag = mlp_selection_loss(model, ids, 0.5, "magnitude")
+    assert math.isfinite(attr) and math.isfinite(mag) and attr != mag
+    assert all(p.grad is None for p in model.parameters())
