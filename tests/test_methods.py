@@ -104,13 +104,11 @@ def test_teal_greedy_on_a_two_layer_model(tokenizer, batches) -> None:
         weighted = sum(s[k] * weights[k] for k in s) / sum(weights.values())
         assert weighted == pytest.approx(0.5)
         assert len(set(s.values())) > 1  # the greedy did not stay uniform
-    # on the calibration text the first site (dense input) meets its target; later sites see
-    # inputs already sparsified upstream, calibrated dense (as TEAL does), so they drift
+    # thresholds set in forward order on upstream-sparsified inputs: on the calibration text
+    # every site zeroes its allocated fraction (to the histogram's resolution)
     measured = qsparse.measure(model, *batches)
-    first = "layers.0.self_attn.qkv"
-    assert measured[first] == pytest.approx(result.site_sparsity[first], abs=0.01)
     for name, target in result.site_sparsity.items():
-        assert measured[name] == pytest.approx(target, abs=0.06), name
+        assert measured[name] == pytest.approx(target, abs=0.01), name
     assert not torch.allclose(model(batches[0]).logits, dense)
     assert qsparse.get_settings(model)["method"]["name"] == "teal"
 
@@ -122,8 +120,14 @@ def test_teal_uniform_on_hf_families(family, tokenizer, batches) -> None:
     assert set(result.site_sparsity.values()) == {0.4}
     measured = qsparse.measure(model, *batches)
     sites = [v for k, v in measured.items() if k != "overall"]
-    assert len(sites) == 8 and all(v == pytest.approx(0.4, abs=0.06) for v in sites)
-    assert sum(sites) / 8 == pytest.approx(0.4, abs=0.02)
+    assert len(sites) == 8 and all(v == pytest.approx(0.4, abs=0.01) for v in sites)
+    # the reference's dense calibration: the first site meets it, later ones drift
+    TEAL(0.4, greedy=False, sequential=False).apply(model, tokenizer, batches)
+    dense_cal = qsparse.measure(model, *batches)
+    assert dense_cal["layers.0.self_attn.qkv"] == pytest.approx(0.4, abs=0.01)
+    assert sum(abs(v - 0.4) for k, v in dense_cal.items() if k != "overall") > sum(
+        abs(v - 0.4) for v in sites
+    )
 
 
 def test_cats_matches_hand_computation(tokenizer, batches) -> None:

@@ -119,6 +119,10 @@ def site_input(sp: ActivationSparsifier, x: torch.Tensor) -> torch.Tensor:
     return sp.norm(x) if sp.norm is not None else x
 
 
+class StopForward(Exception):
+    """Raised by a calibration hook to end a forward pass early (nothing after it is needed)."""
+
+
 @torch.no_grad()
 def run_with_hooks(
     model: nn.Module,
@@ -127,14 +131,18 @@ def run_with_hooks(
     with_kwargs: bool = False,
 ) -> None:
     """Run ``batches`` through ``model`` (eval mode, no cache) with forward pre-hooks
-    ``(module, hook)`` installed for the pass; hooks and train mode are restored after."""
+    ``(module, hook)`` installed for the pass; hooks and train mode are restored after. A hook
+    may raise :class:`StopForward` to cut a batch's pass short."""
     handles = [m.register_forward_pre_hook(h, with_kwargs=with_kwargs) for m, h in hooks]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         for ids in batches:
-            model_forward(model, ids.to(device))
+            try:
+                model_forward(model, ids.to(device))
+            except StopForward:
+                pass
     finally:
         for handle in handles:
             handle.remove()
@@ -167,6 +175,32 @@ def collect_histograms(
         for name, t in saved.items():
             sites[name].threshold.copy_(t)
     return hists
+
+
+@torch.no_grad()
+def sequential_thresholds(
+    model: nn.Module,
+    sites: dict[str, ActivationSparsifier],
+    batches: list[torch.Tensor],
+    sparsity: dict[str, float],
+) -> dict[str, float]:
+    """Thresholds set site by site in forward order (``sites``' order), each histogrammed on
+    inputs that every earlier site already sparsifies, so each site zeroes its ``sparsity``
+    fraction of the calibration text exactly (to bin width) rather than drifting with the
+    sparsity upstream. One pass per site, cut after that site (:class:`StopForward`)."""
+    for sp in sites.values():
+        sp.threshold.zero_()
+    out = {}
+    for name, sp in sites.items():
+        hist = MagnitudeHistogram()
+
+        def hook(module, args, _hist=hist):
+            _hist.add(site_input(module, args[0]))
+            raise StopForward
+
+        run_with_hooks(model, batches, [(sp, hook)])
+        out[name] = set_threshold(sp, hist, sparsity[name])
+    return out
 
 
 def set_threshold(sp: ActivationSparsifier, hist: MagnitudeHistogram, sparsity: float) -> float:

@@ -9,7 +9,9 @@ gate activation::
 
 ``t = icdf_|a|(s)``: the magnitude below which a fraction ``s`` (the target sparsity) of the
 layer's calibration gate activations fall (the paper takes the same percentile from its
-calibration histogram; :mod:`qsparse.methods.calibration`). A zeroed neuron ``i`` needs neither
+calibration histogram; :mod:`qsparse.methods.calibration`). By default (``sequential``) each
+layer's histogram is taken with the earlier layers already thresholded; ``sequential=False``
+calibrates every layer on the dense model, as the paper. A zeroed neuron ``i`` needs neither
 row ``i`` of ``W_up`` nor column ``i`` of ``W_down``; ``W_gate`` is always read (it decides).
 Activated parameters count that: the down site measures the zeros of its input, and
 ``up_proj.row_gate`` points at the gate threshold so its skipped rows count too
@@ -30,7 +32,7 @@ from torch import nn
 from ..convert import _decoder_layers, sparsify
 from ..nn import ActivationSparsifier, SparsityConfig
 from .base import MethodResult, register
-from .calibration import collect_histograms, set_threshold
+from .calibration import collect_histograms, sequential_thresholds, set_threshold
 from .teal import TEAL
 
 
@@ -80,6 +82,7 @@ class CATS(TEAL):
         calibration: str | None = "wiki_en",
         calibration_tokens: int = 16384,
         seq_len: int = 256,
+        sequential: bool = True,
     ) -> None:
         super().__init__(
             sparsity,
@@ -87,6 +90,7 @@ class CATS(TEAL):
             calibration=calibration,
             calibration_tokens=calibration_tokens,
             seq_len=seq_len,
+            sequential=sequential,
         )
 
     def label(self) -> str:
@@ -99,8 +103,12 @@ class CATS(TEAL):
         # dense sites at every projection input: they only measure (the down input's zeros)
         sparsify(model, sparsity=SparsityConfig(ratio=0.0))
         gates = install_gate_thresholds(model)
-        hists = collect_histograms(model, gates, batches)
-        thresholds = {n: set_threshold(sp, hists[n], self.sparsity) for n, sp in gates.items()}
+        targets = dict.fromkeys(gates, self.sparsity)
+        if self.sequential:
+            thresholds = sequential_thresholds(model, gates, batches, targets)
+        else:
+            hists = collect_histograms(model, gates, batches)
+            thresholds = {n: set_threshold(sp, hists[n], self.sparsity) for n, sp in gates.items()}
         self.record(model, {"name": self.name, "sparsity": self.sparsity})
         tokens = sum(int(b.numel()) for b in batches)
         return MethodResult(
