@@ -14,11 +14,13 @@
    steps 5k, 6k, 10k, 12k, 16k, 16.5k.
 3. FATReLU: ``f(x) = x · 1[x ≥ τ]`` with a small positive ``τ`` (0.01) instead of 0.
 
-The L1 term reaches the optimizer without touching the training loop: :class:`FATReLU` adds
-``λ · ∂mean|a|/∂a = λ · sign(a) / numel(a)`` to the gradient of its output in the backward
-(:class:`_L1Gradient`), exactly what ``loss + λ · mean|a|`` would give; :class:`ProSparseSchedule`
-(a Lightning callback) sets ``λ(t)`` every step and logs it with the penalty value. Reported:
-89% sparsity on Llama-2-7B at near-dense quality.
+The L1 term reaches the optimizer without touching the training loop:
+:class:`qsparse.nn.FATReLU` adds ``λ · ∂mean|a|/∂a = λ · sign(a) / numel(a)`` to the gradient
+of its output in the backward, exactly what ``loss + λ · mean|a|`` would give;
+:class:`ProSparseSchedule` (a Lightning callback) sets ``λ(t)`` every step and logs it with the
+penalty value. Training: ``activation: relu`` (sparsify's swap to ``FATReLU(0)``) plus the
+callback, as in ``recipe=continue/prosparse_tiny``; ``ProSparse(final=True).apply(model)``
+then sets the FATReLU threshold. Reported: 89% sparsity on Llama-2-7B at near-dense quality.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from ..convert import _decoder_layers, sparsify
-from ..nn import SparsityConfig
+from ..nn import FATReLU, SparsityConfig
 from .base import MethodResult, SparsityMethod, register
 
 SCHEDULE_7B = ((5000, 6000, 10000, 12000, 16000, 16500), (0.0, 5e-3, 5e-2, 5e-2, 0.2, 0.2))
@@ -50,48 +52,6 @@ def sine_schedule(step: float, milestones: Sequence[float], values: Sequence[flo
             return prev_v + eta * (v_i - prev_v)
         prev_t, prev_v = t_i, v_i
     return float(values[-1])
-
-
-class _L1Gradient(torch.autograd.Function):
-    """Identity forward; backward adds ``coef · sign(a) / numel(a)`` (the gradient of
-    ``coef · mean|a|``)."""
-
-    @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, coef: float) -> torch.Tensor:
-        ctx.save_for_backward(a)
-        ctx.coef = coef
-        return a.view_as(a)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (a,) = ctx.saved_tensors
-        return grad + ctx.coef * torch.sign(a) / a.numel(), None
-
-
-class FATReLU(nn.Module):
-    """``f(x) = x · 1[x ≥ threshold]`` (``threshold = 0``: ReLU); in training with
-    ``l1_coefficient > 0`` the L1 gradient is injected (module docstring) and ``last_l1``
-    holds the detached ``mean|a|`` of the last call."""
-
-    def __init__(self, threshold: float = 0.0) -> None:
-        super().__init__()
-        self.threshold = float(threshold)
-        self.l1_coefficient = 0.0
-        self.last_l1: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.threshold > 0:
-            a = torch.where(x >= self.threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        else:
-            a = torch.relu(x)
-        if self.training:
-            self.last_l1 = a.detach().abs().mean()
-            if self.l1_coefficient > 0 and a.requires_grad:
-                a = _L1Gradient.apply(a, self.l1_coefficient)
-        return a
-
-    def extra_repr(self) -> str:
-        return f"threshold={self.threshold}"
 
 
 def prosparse_activations(model: nn.Module) -> list[FATReLU]:
