@@ -86,3 +86,15 @@ def test_compare_rejects_bad_input(tiny_hf_checkpoint, tmp_path: Path, capsys) -
     assert "nope" in capsys.readouterr().err
     assert main([str(tmp_path / "missing"), "--text", "kjv"]) == 2
     assert main([str(base), "--text", "kjv", "--set", "teal.nokey=1", "--sparsity", "0.5"]) == 2
+
+
+@pytest.mark.slow
+def test_compare_adds_lm_eval_columns(tiny_hf_checkpoint, tmp_path: Path) -> None:
+    base = tiny_hf_checkpoint("llama", max_position_embeddings=256)
+    out = tmp_path / "rows.json"
+    args = [str(base), "--text", "kjv", "--methods", "qsparse", "--sparsity", "0.5"]
+    args += ["--max-tokens", "256", "--seq-len", "64", "--sparsity-tokens", "128"]
+    args += ["--tasks", "qsparse_wiki_cloze", "--limit", "8", "--json", str(out)]
+    assert main(args) == 0
+    rows = json.loads(out.read_text())
+    assert all(0.0 <= r["tasks"]["qsparse_wiki_cloze"]["acc"] <= 1.0 for r in rows)

@@ -8,7 +8,8 @@ text, at a list of target sparsities, in one table (and optionally a json and a 
 Rows: the dense model, then every method of ``--methods`` (configs ``qsparse/conf/method/
 <name>.yaml``, composed with Hydra; ``--set <method>.<key>=<value>`` overrides them) at every ``--sparsity``. Each row loads ``PATH`` afresh, applies the method (timing it
 and sampling its peak memory), then measures perplexity on every ``--text`` and the
-measured sparsity / activated parameters (:mod:`qsparse.evaluation.compare`).
+measured sparsity / activated parameters (:mod:`qsparse.evaluation.compare`), and with
+``--tasks`` the lm-eval accuracy (``qsparse_local``: the bundled multiple-choice tasks).
 
 Held-out text: calibration reads ``--calibration`` (a corpus name or file); without it, the
 documents of the first ``--text`` are split in two, perplexity is measured on the first half
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-tokens", type=int, default=None, help="overrides every method's own"
     )
     p.add_argument("--sparsity-tokens", type=int, default=8192, help="tokens for sparsity")
+    p.add_argument(
+        "--tasks", nargs="*", default=[], help="lm-eval tasks per row (qsparse_local: bundled)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu")
@@ -101,7 +106,7 @@ def compare_methods(
 ) -> list:
     """Rows of :class:`~qsparse.evaluation.compare.CompareRow`: dense, then each method at each
     sparsity (module docstring). ``measure``: seq_len, max_tokens, batch_size, dtype, device,
-    sparsity_tokens of :func:`~qsparse.evaluation.compare.measure_model`."""
+    sparsity_tokens, tasks, limit of :func:`~qsparse.evaluation.compare.measure_model`."""
     from ..evaluation.compare import measure_model
     from ..evaluation.perplexity import read_documents
 
@@ -173,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             device=args.device,
             sparsity_tokens=args.sparsity_tokens,
+            tasks=args.tasks,
+            limit=args.limit,
         )
     except (CheckpointError, FileNotFoundError, ValueError, HydraException) as err:
         print(f"qsparse-compare: {err}", file=sys.stderr)

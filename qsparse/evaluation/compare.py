@@ -52,6 +52,7 @@ class CompareRow:
     method_seconds: float | None = None
     method_peak_mib: float | None = None
     eval_seconds: float | None = None
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,10 +127,13 @@ def measure_model(
     device: str = "cpu",
     sparsity_tokens: int = 8192,
     method: SparsityMethod | None = None,
+    tasks: Sequence[str] = (),
+    limit: int | None = None,
 ) -> CompareRow:
     """One row: the checkpoint at ``path`` (with training-free top-k at ``ratio`` when
     given, or converted by ``method``, calibrating on ``method.calibration``) measured on every
-    ``docs[name]`` (documents of :func:`read_documents`)."""
+    ``docs[name]`` (documents of :func:`read_documents`) and, with ``tasks``, on those lm-eval
+    tasks (``limit`` items each; :func:`~qsparse.evaluation.runner.run_lm_eval`)."""
     sparsity = {"ratio": ratio, "pattern": "token_topk"} if ratio is not None else None
     model, tokenizer = load_for_eval(path, dtype, sparsity=sparsity, device=device)
     row = CompareRow(label, str(path), ratio if ratio is not None else _configured_ratio(model))
@@ -149,6 +153,10 @@ def measure_model(
             row.activated_parameters = report.activated_parameters
             row.total_parameters = report.total_parameters
             row.mean_site_sparsity = report.mean_site_sparsity
+    if tasks:
+        from .runner import run_lm_eval
+
+        row.tasks = run_lm_eval(model, tokenizer, list(tasks), limit, batch_size)
     row.eval_seconds = time.perf_counter() - start
     return row
 
@@ -164,11 +172,14 @@ def render_comparison(
     texts = list(rows[0].ppl)
     dense = rows[0].ppl
     costs = any(r.method is not None for r in rows)
+    task_names = list(dict.fromkeys(t for r in rows for t in r.tasks))
     table = Table(title=title, show_header=True)
     table.add_column("model")
     table.add_column("S (set)", justify="right")
     for t in texts:
         table.add_column(f"ppl {os.path.basename(t)}", justify="right")
+    for task in task_names:
+        table.add_column(f"acc {task}", justify="right")
     table.add_column("measured sparsity", justify="right")
     table.add_column("activated params", justify="right")
     if costs:
@@ -181,6 +192,7 @@ def render_comparison(
             cells.append(
                 f"{r.ppl[t]:.3f} ({ratio:+.1%})" if r is not rows[0] else f"{r.ppl[t]:.3f}"
             )
+        cells += [_fmt(r.tasks.get(task, {}).get("acc"), ".3f") for task in task_names]
         cells.append("-" if r.measured_sparsity is None else f"{r.measured_sparsity:.3f}")
         cells.append(
             "-"
