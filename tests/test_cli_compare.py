@@ -74,6 +74,9 @@ def test_compare_prints_one_table_and_writes_json(
     assert dense["measured_sparsity"] == 0.0 and dense["method"] is None
     assert qs["mean_site_sparsity"] == pytest.approx(0.5)
     assert teal["mean_site_sparsity"] == pytest.approx(0.5, abs=0.08)  # held-out text
+    assert qs["achieved_sparsity"] == pytest.approx(0.5)
+    for row in (teal, cats):  # calibrated on the other half of the documents
+        assert row["achieved_sparsity"] == pytest.approx(0.5, abs=0.08)
     # CATS: half of the down inputs -> fewer activated parameters than dense, more than top-k
     assert qs["activated_parameters"] < cats["activated_parameters"] < dense["activated_parameters"]
     assert all(r["method_seconds"] >= 0 and r["eval_seconds"] > 0 for r in rows[1:])

@@ -109,6 +109,7 @@ def test_teal_greedy_on_a_two_layer_model(tokenizer, batches) -> None:
     measured = qsparse.measure(model, *batches)
     for name, target in result.site_sparsity.items():
         assert measured[name] == pytest.approx(target, abs=0.01), name
+    assert result.achieved(measured) == pytest.approx(0.5, abs=0.01)  # weighted by w
     assert not torch.allclose(model(batches[0]).logits, dense)
     assert qsparse.get_settings(model)["method"]["name"] == "teal"
 

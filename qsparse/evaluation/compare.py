@@ -14,7 +14,9 @@ and the activated parameters (both on the first text's first ``sparsity_tokens``
 
 ``qsparse-compare`` (:mod:`qsparse.cli.compare`) fills the same rows with the methods of
 :mod:`qsparse.methods` (``measure_model(..., method=...)``): the row then also records the
-method's target, its mean site sparsity and what applying it cost (seconds, peak memory).
+method's target, the sparsity it reached in the target's units (``S reached``:
+:meth:`~qsparse.methods.MethodResult.achieved` on the measured sites), the mean site sparsity
+and what applying it cost (seconds, peak memory).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class CompareRow:
     activated_parameters: int | None = None
     total_parameters: int | None = None
     mean_site_sparsity: float | None = None
+    achieved_sparsity: float | None = None
     method: str | None = None
     method_seconds: float | None = None
     method_peak_mib: float | None = None
@@ -137,6 +140,7 @@ def measure_model(
     sparsity = {"ratio": ratio, "pattern": "token_topk"} if ratio is not None else None
     model, tokenizer = load_for_eval(path, dtype, sparsity=sparsity, device=device)
     row = CompareRow(label, str(path), ratio if ratio is not None else _configured_ratio(model))
+    applied = None
     if method is not None:
         applied = method.apply(model, tokenizer)
         row.sparsity_setting, row.method = method.sparsity, method.name
@@ -153,6 +157,8 @@ def measure_model(
             row.activated_parameters = report.activated_parameters
             row.total_parameters = report.total_parameters
             row.mean_site_sparsity = report.mean_site_sparsity
+            if applied is not None:
+                row.achieved_sparsity = applied.achieved(report.sites)
     if tasks:
         from .runner import run_lm_eval
 
@@ -183,7 +189,8 @@ def render_comparison(
     table.add_column("measured sparsity", justify="right")
     table.add_column("activated params", justify="right")
     if costs:
-        for column in ("mean site sparsity", "method s", "method peak MiB", "eval s"):
+        columns = ("S reached", "mean site sparsity", "method s", "method peak MiB", "eval s")
+        for column in columns:
             table.add_column(column, justify="right")
     for r in rows:
         cells = [r.label, "-" if r.sparsity_setting is None else f"{r.sparsity_setting:g}"]
@@ -201,6 +208,7 @@ def render_comparison(
         )
         if costs:
             cells += [
+                _fmt(r.achieved_sparsity, ".3f"),
                 _fmt(r.mean_site_sparsity, ".3f"),
                 _fmt(r.method_seconds, ".1f"),
                 _fmt(r.method_peak_mib, ".0f"),

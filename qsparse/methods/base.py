@@ -35,7 +35,9 @@ METHODS: dict[str, type[SparsityMethod]] = {}
 @dataclass
 class MethodResult:
     """What ``apply`` did: the target, per-site sparsities it set (calibration targets, not
-    measurements), thresholds where it set any, and the seconds / peak memory it cost."""
+    measurements), thresholds where it set any, and the seconds / peak memory it cost.
+    ``site_weights``: how the method weighs its sites to reach ``sparsity`` (TEAL: weight
+    parameters; default 1 each), used by :meth:`achieved`."""
 
     method: str
     sparsity: float
@@ -44,9 +46,19 @@ class MethodResult:
     seconds: float = 0.0
     peak_memory_mib: float = 0.0
     calibration_tokens: int = 0
+    site_weights: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def achieved(self, measured: dict[str, float]) -> float | None:
+        """``Σ w·s_measured / Σ w`` over the method's sites: the sparsity the method reached,
+        in the units of its target (``None`` when no site was measured)."""
+        pairs = [(self.site_weights.get(n, 1.0), measured.get(n)) for n in self.site_sparsity]
+        pairs = [(w, s) for w, s in pairs if s is not None]
+        if not pairs:
+            return None
+        return sum(w * s for w, s in pairs) / sum(w for w, _ in pairs)
 
 
 class SparsityMethod:

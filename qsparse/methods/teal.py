@@ -238,8 +238,14 @@ class TEAL(SparsityMethod):
             },
         )
         tokens = sum(int(b.numel()) for b in batches)
+        weights = {by_id[id(sp)]: lay[2][k] for lay in layers for k, sp in lay[1].items()}
         return MethodResult(
-            self.name, self.sparsity, allocation, thresholds, calibration_tokens=tokens
+            self.name,
+            self.sparsity,
+            allocation,
+            thresholds,
+            calibration_tokens=tokens,
+            site_weights=weights,
         )
 
     @classmethod
