@@ -133,7 +133,8 @@ def compare_methods(
 
 
 def plot_rows(rows: list, out: str | Path) -> Path:
-    """Perplexity (first text) against measured sparsity, one line per method, dense dashed."""
+    """Perplexity (first text) against measured sparsity, one line per method variant (the
+    row label without its ``S=``), dense dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,8 +143,9 @@ def plot_rows(rows: list, out: str | Path) -> Path:
     text = next(iter(rows[0].ppl))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.axhline(rows[0].ppl[text], color="gray", linestyle="--", label="dense")
-    for name in dict.fromkeys(r.method for r in rows if r.method):
-        pts = sorted((r.measured_sparsity, r.ppl[text]) for r in rows if r.method == name)
+    series = [(r, r.label.rsplit(" S=", 1)[0]) for r in rows if r.method]  # teal, teal-uniform
+    for name in dict.fromkeys(key for _, key in series):
+        pts = sorted((r.measured_sparsity, r.ppl[text]) for r, key in series if key == name)
         ax.plot(*zip(*pts, strict=True), marker="o", label=name)
     ax.set_xlabel("measured overall sparsity (1 - activated / total parameters)")
     ax.set_ylabel(f"perplexity ({Path(text).name})")
