@@ -6,6 +6,9 @@
   does no work for that token, so a linear contributes ``(1 - s_in) * |W|``; all other
   parameters (embeddings, norms, biases, unconverted linears such as the lm head) count in
   full. Overall sparsity = ``1 - activated / total`` (paper: 7.0B x (1 - 0.582) = 2.9B).
+- Skipped output rows: a linear with a ``row_gate`` sparsifier (CATS: ``up_proj``, whose
+  rows are not computed for the neurons the gate threshold zeroed) also saves
+  ``s(row_gate) * |W|``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def reset_sparsity_stats(model: nn.Module) -> None:
 def _site_density(sp: ActivationSparsifier, measured: bool) -> float:
     if measured and float(sp.values_seen) > 0:
         return 1.0 - float(sp.zeros_seen) / float(sp.values_seen)
+    if sp.pattern == "threshold":  # configured: the calibration target
+        return 1.0 - sp.ratio
     k = sp.keep()
     if k is None:
         return 1.0
@@ -76,7 +81,11 @@ def activated_parameters(model: nn.Module, measured: bool = True) -> int:
         if sp is None or id(linear.weight) in seen:
             continue
         seen.add(id(linear.weight))
-        saved += (1.0 - _site_density(sp, measured)) * linear.weight.numel()
+        density = _site_density(sp, measured)
+        gate = getattr(linear, "row_gate", None)
+        if gate is not None:  # rows skipped where the gate is zero, inputs as before
+            density *= _site_density(gate, measured)
+        saved += (1.0 - density) * linear.weight.numel()
     return int(round(total - saved))
 
 

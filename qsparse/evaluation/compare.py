@@ -11,20 +11,30 @@ Every row is a model; every model is measured on every text with the same tokeni
 Columns: perplexity per text (and its ratio to the dense row), the measured overall sparsity
 and the activated parameters (both on the first text's first ``sparsity_tokens`` tokens; see
 :func:`qsparse.evaluation.sparsity_report`).
+
+``qsparse-compare`` (:mod:`qsparse.cli.compare`) fills the same rows with the methods of
+:mod:`qsparse.methods` (``measure_model(..., method=...)``): the row then also records the
+method's target, the sparsity it reached in the target's units (``S reached``:
+:meth:`~qsparse.methods.MethodResult.achieved` on the measured sites), the mean site sparsity
+and what applying it cost (seconds, peak memory).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .perplexity import perplexity_of_tokens, read_documents, token_stream
 from .runner import load_for_eval
 from .sparsity import sparsity_report
+
+if TYPE_CHECKING:
+    from ..methods.base import SparsityMethod
 
 
 @dataclass
@@ -39,6 +49,13 @@ class CompareRow:
     measured_sparsity: float | None = None
     activated_parameters: int | None = None
     total_parameters: int | None = None
+    mean_site_sparsity: float | None = None
+    achieved_sparsity: float | None = None
+    method: str | None = None
+    method_seconds: float | None = None
+    method_peak_mib: float | None = None
+    eval_seconds: float | None = None
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,12 +129,23 @@ def measure_model(
     dtype: str = "float32",
     device: str = "cpu",
     sparsity_tokens: int = 8192,
+    method: SparsityMethod | None = None,
+    tasks: Sequence[str] = (),
+    limit: int | None = None,
 ) -> CompareRow:
     """One row: the checkpoint at ``path`` (with training-free top-k at ``ratio`` when
-    given) measured on every ``docs[name]`` (documents of :func:`read_documents`)."""
+    given, or converted by ``method``, calibrating on ``method.calibration``) measured on every
+    ``docs[name]`` (documents of :func:`read_documents`) and, with ``tasks``, on those lm-eval
+    tasks (``limit`` items each; :func:`~qsparse.evaluation.runner.run_lm_eval`)."""
     sparsity = {"ratio": ratio, "pattern": "token_topk"} if ratio is not None else None
     model, tokenizer = load_for_eval(path, dtype, sparsity=sparsity, device=device)
     row = CompareRow(label, str(path), ratio if ratio is not None else _configured_ratio(model))
+    applied = None
+    if method is not None:
+        applied = method.apply(model, tokenizer)
+        row.sparsity_setting, row.method = method.sparsity, method.name
+        row.method_seconds, row.method_peak_mib = applied.seconds, applied.peak_memory_mib
+    start = time.perf_counter()
     for i, (name, texts) in enumerate(docs.items()):
         stream = token_stream(tokenizer, texts, max_tokens=max_tokens)
         result = perplexity_of_tokens(model, stream, seq_len, batch_size)
@@ -128,23 +156,42 @@ def measure_model(
             row.measured_sparsity = report.overall
             row.activated_parameters = report.activated_parameters
             row.total_parameters = report.total_parameters
+            row.mean_site_sparsity = report.mean_site_sparsity
+            if applied is not None:
+                row.achieved_sparsity = applied.achieved(report.sites)
+    if tasks:
+        from .runner import run_lm_eval
+
+        row.tasks = run_lm_eval(model, tokenizer, list(tasks), limit, batch_size)
+    row.eval_seconds = time.perf_counter() - start
     return row
 
 
-def render_comparison(rows: Sequence[CompareRow]) -> None:
-    """Print the rows as one rich table; perplexities with their ratio to the dense row."""
+def render_comparison(
+    rows: Sequence[CompareRow], title: str = "qsparse-eval: dense vs training-free vs trained"
+) -> None:
+    """Print the rows as one rich table; perplexities with their ratio to the dense row. Rows
+    made by methods add the mean site sparsity and the method's cost columns."""
     from rich.console import Console
     from rich.table import Table
 
     texts = list(rows[0].ppl)
     dense = rows[0].ppl
-    table = Table(title="qsparse-eval: dense vs training-free vs trained", show_header=True)
+    costs = any(r.method is not None for r in rows)
+    task_names = list(dict.fromkeys(t for r in rows for t in r.tasks))
+    table = Table(title=title, show_header=True)
     table.add_column("model")
     table.add_column("S (set)", justify="right")
     for t in texts:
         table.add_column(f"ppl {os.path.basename(t)}", justify="right")
+    for task in task_names:
+        table.add_column(f"acc {task}", justify="right")
     table.add_column("measured sparsity", justify="right")
     table.add_column("activated params", justify="right")
+    if costs:
+        columns = ("S reached", "mean site sparsity", "method s", "method peak MiB", "eval s")
+        for column in columns:
+            table.add_column(column, justify="right")
     for r in rows:
         cells = [r.label, "-" if r.sparsity_setting is None else f"{r.sparsity_setting:g}"]
         for t in texts:
@@ -152,11 +199,25 @@ def render_comparison(rows: Sequence[CompareRow]) -> None:
             cells.append(
                 f"{r.ppl[t]:.3f} ({ratio:+.1%})" if r is not rows[0] else f"{r.ppl[t]:.3f}"
             )
+        cells += [_fmt(r.tasks.get(task, {}).get("acc"), ".3f") for task in task_names]
         cells.append("-" if r.measured_sparsity is None else f"{r.measured_sparsity:.3f}")
         cells.append(
             "-"
             if r.activated_parameters is None
             else f"{r.activated_parameters:,} ({r.activated_parameters / r.total_parameters:.1%})"
         )
+        if costs:
+            cells += [
+                _fmt(r.achieved_sparsity, ".3f"),
+                _fmt(r.mean_site_sparsity, ".3f"),
+                _fmt(r.method_seconds, ".1f"),
+                _fmt(r.method_peak_mib, ".0f"),
+                _fmt(r.eval_seconds, ".1f"),
+            ]
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    Console(width=max(console.width, 160)).print(table)  # wide tables stay readable in logs
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -1,0 +1,49 @@
+"""Activation-sparsity methods beside Q-Sparse, each on :func:`qsparse.sparsify`'s sites.
+
+=========  ===========================================  =================  =================
+name       what is sparse                               how it is chosen   cost
+=========  ===========================================  =================  =================
+qsparse    every projection input, k per token          top-k of |x|       none (or train)
+teal       every projection input                       calibrated |x| > t calibration
+cats       the MLP's SiLU(gate), so up rows / down cols calibrated |a| > t calibration
+prosparse  the MLP's ReLU(gate) (trained with L1)         ReLU / FATReLU     training
+=========  ===========================================  =================  =================
+
+:mod:`qsparse.methods.attribution` holds the attribution scores of Song et al. (2406.06562) for
+analysis (they need a backward pass).
+
+Each is a :class:`SparsityMethod` (``method.apply(model, tokenizer)``) with its Hydra config in
+``qsparse/conf/method/<name>.yaml``; ``qsparse-compare`` runs them side by side. ``docs/methods.md``
+has the formulas, the decisions and the measurements.
+"""
+
+from .attribution import attribution_mask, corrected_attribution, magnitude_mask
+from .base import METHODS, MethodResult, SparsityMethod, register, restore_method
+from .calibration import MagnitudeHistogram, calibration_batches, collect_histograms
+from .cats import CATS, GateThreshold
+from .prosparse import FATReLU, ProSparse, ProSparseSchedule, sine_schedule
+from .qsparse import QSparse
+from .teal import TEAL, greedy_allocation
+
+__all__ = [
+    "CATS",
+    "METHODS",
+    "TEAL",
+    "FATReLU",
+    "GateThreshold",
+    "MagnitudeHistogram",
+    "MethodResult",
+    "ProSparse",
+    "ProSparseSchedule",
+    "QSparse",
+    "SparsityMethod",
+    "attribution_mask",
+    "calibration_batches",
+    "collect_histograms",
+    "corrected_attribution",
+    "greedy_allocation",
+    "magnitude_mask",
+    "register",
+    "restore_method",
+    "sine_schedule",
+]

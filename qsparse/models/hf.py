@@ -508,6 +508,10 @@ def load(
             activation=entry.get("activation", "keep"),
             modules_to_not_convert=tuple(entry.get("modules_to_not_convert", ("lm_head",))),
         )
+    if entry.get("method"):  # modules a method added beyond the sites (e.g. CATS gates)
+        from ..methods import restore_method
+
+        restore_method(model, entry["method"])
     extra_name = entry.get("extra_weights")
     if extra_name:
         extra = load_file(str(_inside(folder, extra_name, "qsparse.extra_weights")))

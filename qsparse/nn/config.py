@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-PATTERNS = ("none", "token_topk", "block_topk")
+PATTERNS = ("none", "token_topk", "block_topk", "threshold")
 WEIGHT_QUANT = ("none", "ternary")
 SITES = ("qkv", "o", "gate_up", "down")
 
@@ -23,7 +23,9 @@ class SparsityConfig:
         ratio: S, fraction of each projection input zeroed, in [0, 1).
         pattern: ``"token_topk"`` (k largest |x| per token over the hidden dim),
             ``"block_topk"`` (k largest per block of ``block_size`` consecutive values,
-            N:M-friendly) or ``"none"`` (dense).
+            N:M-friendly), ``"threshold"`` (``x * 1[|x| > t]`` with a calibrated per-site
+            magnitude threshold ``t``, TEAL/CATS, :mod:`qsparse.methods`; ``ratio`` is then the
+            calibration target) or ``"none"`` (dense).
         block_size: B for ``block_topk``; must divide every sparsified input dimension.
         ste: straight-through estimator: the gradient reaches every input entry
             (``dL/dX = dL/d(X*M)``). ``False`` masks the gradient (``dL/d(X*M) * M``).

@@ -5,7 +5,50 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ACTIVATIONS = ("relu2", "silu")
+ACTIVATIONS = ("relu2", "silu", "relu")
+
+
+class _L1Gradient(torch.autograd.Function):
+    """Identity forward; backward adds ``coef · sign(a) / numel(a)``, the gradient of
+    ``coef · mean|a|`` (ProSparse's L1 penalty without touching the loss)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, coef: float) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        ctx.coef = coef
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (a,) = ctx.saved_tensors
+        return grad + ctx.coef * torch.sign(a) / a.numel(), None
+
+
+class FATReLU(nn.Module):
+    """``f(x) = x · 1[x ≥ threshold]`` (``threshold = 0``: ReLU; ProSparse's FATReLU uses a
+    small positive one). With ``l1_coefficient = λ > 0`` in training, the backward adds the
+    gradient of ``λ · mean|f(x)|`` (:mod:`qsparse.methods.prosparse`); ``last_l1`` holds the
+    detached ``mean|f(x)|`` of the last training call."""
+
+    def __init__(self, threshold: float = 0.0) -> None:
+        super().__init__()
+        self.threshold = float(threshold)
+        self.l1_coefficient = 0.0
+        self.last_l1: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.threshold > 0:
+            a = torch.where(x >= self.threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        else:
+            a = torch.relu(x)
+        if self.training:
+            self.last_l1 = a.detach().abs().mean()
+            if self.l1_coefficient > 0 and a.requires_grad:
+                a = _L1Gradient.apply(a, self.l1_coefficient)
+        return a
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}"
 
 
 class ReLUSquared(nn.Module):
@@ -16,11 +59,14 @@ class ReLUSquared(nn.Module):
 
 
 def make_activation(name: str) -> nn.Module:
-    """``"relu2"`` -> :class:`ReLUSquared`, ``"silu"`` -> ``nn.SiLU`` (SwiGLU baseline)."""
+    """``"relu2"`` -> :class:`ReLUSquared`, ``"silu"`` -> ``nn.SiLU`` (SwiGLU baseline),
+    ``"relu"`` -> :class:`FATReLU` at threshold 0 (ProSparse's swap)."""
     if name == "relu2":
         return ReLUSquared()
     if name == "silu":
         return nn.SiLU()
+    if name == "relu":
+        return FATReLU(0.0)
     raise ValueError(f"activation={name!r} is not supported; use one of {ACTIVATIONS}")
 
 

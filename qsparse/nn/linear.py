@@ -22,7 +22,9 @@ class ActivationSparsifier(nn.Module):
 
     ``x``: [..., dim] -> [..., dim]. Steps: RMSNorm (``subln``), per-token absmax
     quantization to ``act_bits`` (mask still chosen from the unquantized values), top-k
-    (``token_topk``: k per row; ``block_topk``: k per block), straight-through gradient.
+    (``token_topk``: k per row; ``block_topk``: k per block; ``threshold``: keep
+    ``|x| > threshold``, a persistent scalar buffer set by calibration, 0 = keep every non-zero),
+    straight-through gradient.
 
     ``ratio`` may change during training (:func:`qsparse.set_sparsity_ratio`); ``target_ratio``
     remembers the configured value. While ``track_stats`` is on, the number of zero outputs
@@ -60,6 +62,8 @@ class ActivationSparsifier(nn.Module):
         self.act_bits = act_bits
         self.eps = eps
         self.norm = nn.RMSNorm(dim, eps=norm_eps) if subln else None
+        if pattern == "threshold":  # saved with the model (export's extra weights)
+            self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.target_ratio = float(ratio)
         self.ratio = float(ratio)
         self.keep()  # validates ratio against dim
@@ -69,7 +73,7 @@ class ActivationSparsifier(nn.Module):
 
     def keep(self) -> int | None:
         """k per row (token_topk) or per block (block_topk); ``None`` when nothing is dropped."""
-        if self.pattern == "none" or self.ratio == 0.0:
+        if self.pattern in ("none", "threshold") or self.ratio == 0.0:
             return None
         width = self.block_size if self.pattern == "block_topk" else self.dim
         k = keep_count(width, self.ratio)
@@ -80,7 +84,9 @@ class ActivationSparsifier(nn.Module):
             x = self.norm(x)
         k = self.keep()
         out = None
-        if x.is_cuda and not self.rescale:
+        if self.pattern == "threshold":
+            out = self._thresholded(x)
+        elif x.is_cuda and not self.rescale:
             if k is None:
                 if self.act_bits is not None:  # quantize only: top-k with k = d
                     out = kernels.fused_token_topk(x, self.dim, True, self.act_bits)
@@ -110,6 +116,14 @@ class ActivationSparsifier(nn.Module):
             values = absmax_quantize(x, self.act_bits, self.eps, ste=True)
         return apply_mask(x, mask, self.ste, values=values, rescale=self.rescale)
 
+    def _thresholded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x * 1[|x| > t]`` (TEAL/CATS), quantized first when ``act_bits`` is set."""
+        mask = x.detach().abs() > self.threshold.to(x.dtype)
+        values = None
+        if self.act_bits is not None:
+            values = absmax_quantize(x, self.act_bits, self.eps, ste=True)
+        return apply_mask(x, mask, self.ste, values=values, rescale=self.rescale)
+
     def reset_stats(self) -> None:
         self.zeros_seen.zero_()
         self.values_seen.zero_()
@@ -118,6 +132,8 @@ class ActivationSparsifier(nn.Module):
         parts = [f"dim={self.dim}", f"pattern={self.pattern}", f"ratio={self.ratio}"]
         if self.pattern == "block_topk":
             parts.append(f"block_size={self.block_size}")
+        if self.pattern == "threshold":
+            parts.append(f"threshold={float(self.threshold):.4g}")
         if not self.ste:
             parts.append("ste=False")
         if self.act_bits is not None:

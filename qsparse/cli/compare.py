@@ -1,0 +1,198 @@
+"""``qsparse-compare PATH``: every training-free activation-sparsity method on one model and
+text, at a list of target sparsities, in one table (and optionally a json and a plot).
+
+    qsparse-compare ./SmolLM2-135M --text wiki_en --sparsity 0.25 0.4 0.5 0.7
+    qsparse-compare ./tiny --text kjv --methods qsparse teal cats --sparsity 0.5 \\
+        --max-tokens 4096 --calibration-tokens 4096 --set teal.greedy_tokens=512 --json r.json
+
+Rows: the dense model, then every method of ``--methods`` (configs ``qsparse/conf/method/
+<name>.yaml``, composed with Hydra; ``--set <method>.<key>=<value>`` overrides them) at every ``--sparsity``. Each row loads ``PATH`` afresh, applies the method (timing it
+and sampling its peak memory), then measures perplexity on every ``--text`` and the
+measured sparsity / activated parameters (:mod:`qsparse.evaluation.compare`), and with
+``--tasks`` the lm-eval accuracy (``qsparse_local``: the bundled multiple-choice tasks).
+
+Held-out text: calibration reads ``--calibration`` (a corpus name or file); without it, the
+documents of the first ``--text`` are split in two, perplexity is measured on the first half
+and calibration reads the second, so no calibration document is evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_METHODS = ("qsparse", "teal", "cats")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qsparse-compare",
+        description="Dense vs every training-free sparsity method: ppl, sparsity, params, cost.",
+    )
+    p.add_argument("path", help="checkpoint folder (transformers Llama/Mistral/Qwen2 or qsparse)")
+    p.add_argument("--text", nargs="+", required=True, help="corpus name(s) or text file(s)")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="calibration corpus or file (default: second half of the first --text's documents)",
+    )
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.7])
+    p.add_argument("--seq-len", type=int, default=512, help="perplexity window (512)")
+    p.add_argument("--max-tokens", type=int, default=65536, help="perplexity tokens per text")
+    p.add_argument(
+        "--calibration-tokens", type=int, default=None, help="overrides every method's own"
+    )
+    p.add_argument("--sparsity-tokens", type=int, default=8192, help="tokens for sparsity")
+    p.add_argument(
+        "--tasks", nargs="*", default=[], help="lm-eval tasks per row (qsparse_local: bundled)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", dest="json_out", default=None, help="write the rows as json")
+    p.add_argument("--plot", default=None, help="write ppl vs measured sparsity (png)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        help="method config overrides <method>.<key>=<value>, e.g. teal.step=0.1",
+    )
+    return p
+
+
+def build_method(name: str, sparsity: float, overrides: list[str] = ()) -> Any:
+    """Instantiate ``qsparse/conf/method/<name>.yaml`` at ``sparsity`` with Hydra overrides
+    ``method.<key>=<value>`` (``overrides`` given as ``<key>=<value>``)."""
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    with initialize_config_module("qsparse.conf", version_base="1.3"):
+        cfg = compose(
+            config_name="compare",
+            overrides=[f"method={name}", f"method.sparsity={sparsity}"]
+            + [f"method.{o}" for o in overrides],
+        )
+    return instantiate(cfg.method)
+
+
+def split_overrides(overrides: list[str], methods: list[str]) -> dict[str, list[str]]:
+    """``["teal.step=0.1"]`` -> ``{"teal": ["step=0.1"]}``; raises ValueError on others."""
+    out: dict[str, list[str]] = {m: [] for m in methods}
+    for item in overrides:
+        head, _, rest = item.partition(".")
+        if head not in out or "=" not in rest:
+            raise ValueError(
+                f"override {item!r} must read <method>.<key>=<value> for one of {methods}"
+            )
+        out[head].append(rest)
+    return out
+
+
+def compare_methods(
+    path: str,
+    texts: list[str],
+    methods: list[str],
+    sparsities: list[float],
+    calibration: str | None = None,
+    overrides: list[str] = (),
+    calibration_tokens: int | None = None,
+    **measure: Any,
+) -> list:
+    """Rows of :class:`~qsparse.evaluation.compare.CompareRow`: dense, then each method at each
+    sparsity (module docstring). ``measure``: seq_len, max_tokens, batch_size, dtype, device,
+    sparsity_tokens, tasks, limit of :func:`~qsparse.evaluation.compare.measure_model`."""
+    from ..evaluation.compare import measure_model
+    from ..evaluation.perplexity import read_documents
+
+    per_method = split_overrides(list(overrides), methods)
+    # every config is composed before anything is measured, so a typo fails at once
+    plan = [build_method(name, s, per_method[name]) for s in sparsities for name in methods]
+    docs = {str(t): read_documents(t) for t in texts}
+    if calibration is None:
+        first = docs[str(texts[0])]
+        if len(first) < 2:
+            raise ValueError(f"--text {texts[0]} has {len(first)} document(s); give --calibration")
+        half = len(first) // 2
+        docs[str(texts[0])], calib_docs = first[:half], first[half:]
+    else:
+        calib_docs = read_documents(calibration)
+    rows = [measure_model("dense", path, docs, **measure)]
+    for method in plan:
+        if method.needs_calibration:
+            method.calibration = calib_docs
+            if calibration_tokens is not None:
+                method.calibration_tokens = calibration_tokens
+        rows.append(measure_model(method.label(), path, docs, method=method, **measure))
+    return rows
+
+
+def plot_rows(rows: list, out: str | Path) -> Path:
+    """Perplexity (first text) against measured sparsity, one line per method variant (the
+    row label without its ``S=``), dense dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text = next(iter(rows[0].ppl))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.axhline(rows[0].ppl[text], color="gray", linestyle="--", label="dense")
+    series = [(r, r.label.rsplit(" S=", 1)[0]) for r in rows if r.method]  # teal, teal-uniform
+    for name in dict.fromkeys(key for _, key in series):
+        pts = sorted((r.measured_sparsity, r.ppl[text]) for r, key in series if key == name)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set_xlabel("measured overall sparsity (1 - activated / total parameters)")
+    ax.set_ylabel(f"perplexity ({Path(text).name})")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry (``qsparse-compare``); 0 on success, 2 on bad input."""
+    from hydra.errors import HydraException
+
+    from ..evaluation.compare import render_comparison
+    from ..models.hf import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        rows = compare_methods(
+            args.path,
+            args.text,
+            args.methods,
+            args.sparsity,
+            calibration=args.calibration,
+            overrides=args.overrides,
+            calibration_tokens=args.calibration_tokens,
+            seq_len=args.seq_len,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            device=args.device,
+            sparsity_tokens=args.sparsity_tokens,
+            tasks=args.tasks,
+            limit=args.limit,
+        )
+    except (CheckpointError, FileNotFoundError, ValueError, HydraException) as err:
+        print(f"qsparse-compare: {err}", file=sys.stderr)
+        return 2
+    render_comparison(rows, title=f"qsparse-compare {args.path}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+    if args.plot:
+        plot_rows(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""ProSparse: ReLU swap, progressive L1 on the FFN activations, FATReLU (Song et al., 2402.13516).
+
+1. Swap the GLU's SiLU for ReLU (``act(x W_gateᵀ)`` becomes exactly 0 for negative gates).
+2. Continue training with ``λ(t) · L1`` added to the loss, ``L1`` the mean ``|a|`` of each
+   MLP's intermediate activation ``a = act(x W_gateᵀ)`` summed over layers (a decision: the
+   paper writes ``λ ||a||₁``; the mean keeps ``λ`` independent of width and token count).
+   ``λ`` rises in stages along sine curves: with milestones ``T_0 < ... < T_n`` and values
+   ``λ_0 ... λ_n`` (``T_{-1} = 0``, ``λ_{-1} = 0``), inside stage ``i``::
+
+       η = ½ [sin(-π/2 + π (t - T_{i-1}) / (T_i - T_{i-1})) + 1]
+       λ(t) = λ_{i-1} + η (λ_i - λ_{i-1})
+
+   and ``λ(t) = λ_n`` after ``T_n``. The 7B schedule: ``λ`` 0, 5e-3, 5e-2, 5e-2, 0.2, 0.2 at
+   steps 5k, 6k, 10k, 12k, 16k, 16.5k.
+3. FATReLU: ``f(x) = x · 1[x ≥ τ]`` with a small positive ``τ`` (0.01) instead of 0.
+
+The L1 term reaches the optimizer without touching the training loop:
+:class:`qsparse.nn.FATReLU` adds ``λ · ∂mean|a|/∂a = λ · sign(a) / numel(a)`` to the gradient
+of its output in the backward, exactly what ``loss + λ · mean|a|`` would give;
+:class:`ProSparseSchedule` (a Lightning callback) sets ``λ(t)`` every step and logs it with the
+penalty value. Training: ``activation: relu`` (sparsify's swap to ``FATReLU(0)``) plus the
+callback, as in ``recipe=continue/prosparse_tiny``; ``ProSparse(final=True).apply(model)``
+then sets the FATReLU threshold. Reported: 89% sparsity on Llama-2-7B at near-dense quality.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..convert import _decoder_layers, sparsify
+from ..nn import FATReLU, SparsityConfig
+from .base import MethodResult, SparsityMethod, register
+
+SCHEDULE_7B = ((5000, 6000, 10000, 12000, 16000, 16500), (0.0, 5e-3, 5e-2, 5e-2, 0.2, 0.2))
+
+
+def sine_schedule(step: float, milestones: Sequence[float], values: Sequence[float]) -> float:
+    """``λ(step)`` of the staged sine schedule (module docstring)."""
+    if len(milestones) != len(values) or not milestones:
+        raise ValueError("milestones and values must be non-empty and of equal length")
+    if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)) or milestones[0] <= 0:
+        raise ValueError(f"milestones {list(milestones)} must be positive and increasing")
+    prev_t, prev_v = 0.0, 0.0
+    for t_i, v_i in zip(milestones, values, strict=True):
+        if step <= t_i:
+            eta = 0.5 * (math.sin(-math.pi / 2 + math.pi * (step - prev_t) / (t_i - prev_t)) + 1)
+            return prev_v + eta * (v_i - prev_v)
+        prev_t, prev_v = t_i, v_i
+    return float(values[-1])
+
+
+def prosparse_activations(model: nn.Module) -> list[FATReLU]:
+    return [mlp.act_fn for _, _, mlp in _decoder_layers(model) if isinstance(mlp.act_fn, FATReLU)]
+
+
+@register
+class ProSparse(SparsityMethod):
+    """Swap every decoder MLP's activation for :class:`FATReLU` (``threshold``: 0 during
+    training, ``fatrelu_threshold`` after it) and install measuring sites. ``sparsity`` is not
+    imposed (ProSparse's sparsity is what training reaches); it only labels the row."""
+
+    name = "prosparse"
+    training_free = False
+
+    def __init__(
+        self,
+        sparsity: float = 0.0,
+        milestones: Sequence[int] = SCHEDULE_7B[0],
+        lambdas: Sequence[float] = SCHEDULE_7B[1],
+        fatrelu_threshold: float = 0.01,
+        final: bool = False,
+    ) -> None:
+        super().__init__(sparsity)
+        sine_schedule(0, milestones, lambdas)  # validates
+        self.milestones, self.lambdas = list(milestones), list(lambdas)
+        self.fatrelu_threshold = float(fatrelu_threshold)
+        self.final = final
+
+    def _apply(
+        self, model: nn.Module, tokenizer: Any, batches: list[torch.Tensor] | None
+    ) -> MethodResult:
+        sparsify(model, sparsity=SparsityConfig(ratio=0.0))
+        tau = self.fatrelu_threshold if self.final else 0.0
+        self.restore(model, {"threshold": tau})
+        self.record(model, {"name": self.name, "threshold": tau})
+        return MethodResult(self.name, self.sparsity)
+
+    @classmethod
+    def restore(cls, model: nn.Module, info: dict[str, Any]) -> None:
+        for _, _, mlp in _decoder_layers(model):
+            mlp.act_fn = FATReLU(float(info.get("threshold", 0.0)))
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "hidden_act"):
+            config.hidden_act = "relu"
+
+
+try:  # the schedule is a Lightning callback where Lightning is installed (always, in qsparse)
+    from lightning.pytorch import Callback
+except ImportError:  # pragma: no cover
+    Callback = object  # type: ignore[assignment,misc]
+
+
+class ProSparseSchedule(Callback):
+    """Sets ``λ(global_step)`` on every :class:`FATReLU` before each training batch and logs
+    ``prosparse/lambda`` and ``prosparse/l1`` (the mean ``|a|`` over layers)."""
+
+    def __init__(
+        self,
+        milestones: Sequence[int] = SCHEDULE_7B[0],
+        lambdas: Sequence[float] = SCHEDULE_7B[1],
+    ) -> None:
+        sine_schedule(0, milestones, lambdas)
+        self.milestones, self.lambdas = list(milestones), list(lambdas)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+        lam = sine_schedule(trainer.global_step, self.milestones, self.lambdas)
+        acts = prosparse_activations(pl_module)
+        for act in acts:
+            act.l1_coefficient = lam
+        pl_module.log("prosparse/lambda", lam)
+        seen = [a.last_l1 for a in acts if a.last_l1 is not None]
+        if seen:
+            pl_module.log("prosparse/l1", float(torch.stack(seen).mean()))

@@ -1,0 +1,103 @@
+"""``qsparse-compare``: the method config group, and one table of dense + every method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qsparse.cli.compare import build_method, main, split_overrides
+from qsparse.methods import CATS, TEAL, QSparse
+
+
+def test_method_group_instantiates_each_config() -> None:
+    teal = build_method("teal", 0.4, ["greedy_tokens=512", "step=0.1"])
+    assert isinstance(teal, TEAL) and teal.sparsity == 0.4 and teal.greedy
+    assert (teal.greedy_tokens, teal.step, teal.calibration) == (512, 0.1, "wiki_en")
+    uniform = build_method("teal_uniform", 0.5)
+    assert (
+        isinstance(uniform, TEAL) and not uniform.greedy and uniform.label() == "teal-uniform S=0.5"
+    )
+    assert isinstance(build_method("cats", 0.3), CATS)
+    q = build_method("qsparse", 0.6, ["pattern=block_topk"])
+    assert isinstance(q, QSparse) and q.config.pattern == "block_topk" and q.config.ratio == 0.6
+    assert split_overrides(["teal.step=0.1"], ["teal", "cats"]) == {
+        "teal": ["step=0.1"],
+        "cats": [],
+    }
+    with pytest.raises(ValueError, match="<method>.<key>=<value>"):
+        split_overrides(["step=0.1"], ["teal"])
+
+
+def test_compare_prints_one_table_and_writes_json(
+    tiny_hf_checkpoint, tmp_path: Path, capsys
+) -> None:
+    base = tiny_hf_checkpoint("llama", max_position_embeddings=256)
+    out = tmp_path / "rows.json"
+    code = main(
+        [
+            str(base),
+            "--text",
+            "kjv",
+            "--methods",
+            "qsparse",
+            "teal_uniform",
+            "cats",
+            "--sparsity",
+            "0.5",
+            "--seq-len",
+            "64",
+            "--max-tokens",
+            "512",
+            "--calibration-tokens",
+            "512",
+            "--sparsity-tokens",
+            "256",
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "p.png"),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "qsparse-compare" in printed and "teal-uniform S=0.5" in printed
+    rows = json.loads(out.read_text())
+    assert [r["label"] for r in rows] == [
+        "dense",
+        "qsparse S=0.5",
+        "teal-uniform S=0.5",
+        "cats S=0.5",
+    ]
+    dense, qs, teal, cats = rows
+    assert dense["measured_sparsity"] == 0.0 and dense["method"] is None
+    assert qs["mean_site_sparsity"] == pytest.approx(0.5)
+    assert teal["mean_site_sparsity"] == pytest.approx(0.5, abs=0.08)  # held-out text
+    assert qs["achieved_sparsity"] == pytest.approx(0.5)
+    for row in (teal, cats):  # calibrated on the other half of the documents
+        assert row["achieved_sparsity"] == pytest.approx(0.5, abs=0.08)
+    # CATS: half of the down inputs -> fewer activated parameters than dense, more than top-k
+    assert qs["activated_parameters"] < cats["activated_parameters"] < dense["activated_parameters"]
+    assert all(r["method_seconds"] >= 0 and r["eval_seconds"] > 0 for r in rows[1:])
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_compare_rejects_bad_input(tiny_hf_checkpoint, tmp_path: Path, capsys) -> None:
+    base = tiny_hf_checkpoint("llama")
+    assert main([str(base), "--text", "kjv", "--methods", "nope", "--sparsity", "0.5"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing"), "--text", "kjv"]) == 2
+    assert main([str(base), "--text", "kjv", "--set", "teal.nokey=1", "--sparsity", "0.5"]) == 2
+
+
+@pytest.mark.slow
+def test_compare_adds_lm_eval_columns(tiny_hf_checkpoint, tmp_path: Path) -> None:
+    base = tiny_hf_checkpoint("llama", max_position_embeddings=256)
+    out = tmp_path / "rows.json"
+    args = [str(base), "--text", "kjv", "--methods", "qsparse", "--sparsity", "0.5"]
+    args += ["--max-tokens", "256", "--seq-len", "64", "--sparsity-tokens", "128"]
+    args += ["--tasks", "qsparse_wiki_cloze", "--limit", "8", "--json", str(out)]
+    assert main(args) == 0
+    rows = json.loads(out.read_text())
+    assert all(0.0 <= r["tasks"]["qsparse_wiki_cloze"]["acc"] <= 1.0 for r in rows)
