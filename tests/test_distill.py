@@ -23,6 +23,23 @@ from qsparse.training.module import LMModule
 from qsparse.training.run import train
 
 
+def _recipe(recipe: str, ckpt: Path, tmp_path: Path, *extra: str):
+    """The composed ``recipe`` on the tiny checkpoint, writing under ``tmp_path``."""
+    with initialize_config_module("qsparse.conf", version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                f"recipe={recipe}",
+                f"model.path={ckpt}",
+                f"run_dir={tmp_path / 'run'}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "logger=csv",
+                "trainer.enable_progress_bar=false",
+                *extra,
+            ],
+        )
+
+
 def _kl_by_hand(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, temp: float) -> float:
     """Loops in float64: T^2 * mean over predicting positions of sum_v p_t (log p_t - log p_s)."""
     total, count = 0.0, 0
@@ -141,22 +158,15 @@ def test_recovery_recipe_two_steps(tiny_hf_checkpoint, tmp_path: Path) -> None:
     best checkpoint by val_ood/loss restored and exported."""
     ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
     run_dir = tmp_path / "run"
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "recipe=continue/recovery_tiny",
-                f"model.path={ckpt}",
-                f"run_dir={run_dir}",
-                f"data.cache_dir={tmp_path / 'cache'}",
-                "data.max_documents=200",
-                "logger=csv",
-                "trainer.max_steps=2",
-                "trainer.val_check_interval=1",
-                "trainer.log_every_n_steps=1",
-                "trainer.enable_progress_bar=false",
-            ],
-        )
+    cfg = _recipe(
+        "continue/recovery_tiny",
+        ckpt,
+        tmp_path,
+        "data.max_documents=200",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=1",
+        "trainer.log_every_n_steps=1",
+    )
     summary = train(cfg)
     assert summary["step"] == 2
     assert summary["val_ood_loss"] > 0 and summary["val_loss"] > 0
@@ -173,25 +183,18 @@ def test_early_stopping_on_the_out_of_domain_set(tiny_hf_checkpoint, tmp_path: P
     """Lightning's EarlyStopping on val_ood/loss, added from the command line, ends the run
     at the first validation that does not improve by min_delta (here: any)."""
     ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "recipe=continue/recovery_tiny",
-                f"model.path={ckpt}",
-                f"run_dir={tmp_path / 'run'}",
-                f"data.cache_dir={tmp_path / 'cache'}",
-                "data.max_documents=200",
-                "logger=csv",
-                "trainer.max_steps=8",
-                "trainer.val_check_interval=2",
-                "trainer.enable_progress_bar=false",
-                "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
-                "+callbacks.early_stopping.monitor=val_ood/loss",
-                "+callbacks.early_stopping.patience=1",
-                "+callbacks.early_stopping.min_delta=100.0",
-            ],
-        )
+    cfg = _recipe(
+        "continue/recovery_tiny",
+        ckpt,
+        tmp_path,
+        "data.max_documents=200",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=2",
+        "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
+        "+callbacks.early_stopping.monitor=val_ood/loss",
+        "+callbacks.early_stopping.patience=1",
+        "+callbacks.early_stopping.min_delta=100.0",
+    )
     summary = train(cfg)
     assert summary["step"] == 4  # validations at 2 (best) and 4 (no 100-nat gain): stop
     name = Path(summary["selected_checkpoint"]).name
@@ -242,23 +245,16 @@ def test_finetune_recipe_with_distillation(tiny_hf_checkpoint, tmp_path: Path) -
     """distill= plugs into the SFT recipes: KL on response tokens beside the LM loss."""
     ckpt = tiny_hf_checkpoint("qwen2", max_position_embeddings=512)
     run_dir = tmp_path / "run"
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "recipe=finetune/tiny",
-                f"model.path={ckpt}",
-                "distill=lm_logits",
-                "sparsity.ratio=0.4",
-                f"run_dir={run_dir}",
-                f"data.cache_dir={tmp_path / 'cache'}",
-                "logger=csv",
-                "trainer.max_steps=2",
-                "trainer.val_check_interval=2",
-                "trainer.log_every_n_steps=1",
-                "trainer.enable_progress_bar=false",
-            ],
-        )
+    cfg = _recipe(
+        "finetune/tiny",
+        ckpt,
+        tmp_path,
+        "distill=lm_logits",
+        "sparsity.ratio=0.4",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+    )
     summary = train(cfg)
     assert summary["step"] == 2 and summary["val_loss"] > 0
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
