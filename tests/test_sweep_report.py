@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +110,8 @@ def _fake_sweep(root: Path, fail: int | None = 4, drop_last: bool = True) -> int
                 summary = {"val_loss": loss, "params_total": int(n),
                            "params_activated": int(round((1 - ratio) * n)), "step": 2}  # fmt: skip
                 _job(root, i, overrides, cfg, None if i == fail else summary)
+                if i == fail:
+                    (root / str(i) / "error.txt").write_text("Traceback ...\nRuntimeError: boom\n")
                 i += 1
     return total
 
@@ -128,7 +133,10 @@ def test_report_names_failed_and_missing_jobs_and_fits_both_precisions(
     out = capsys.readouterr().out
     assert status == 2  # one failed + one missing job
     assert "22 ok, 1 failed, 1 missing of 24 expected" in out
-    assert "FAILED job 4 [model.hidden_size=2000000 sparsity.ratio=0.8 quant=none]" in out
+    assert (
+        "FAILED job 4 [model.hidden_size=2000000 sparsity.ratio=0.8 quant=none]: RuntimeError: boom"
+        in out
+    )
     assert "MISSING job 23 [model.hidden_size=2000000000 sparsity.ratio=0.8 quant=bitnet]" in out
     # noiseless points of the paper's law: its S* comes back (overall S = the ratio here)
     s_star = PAPER.optimal_sparsity()
@@ -139,7 +147,7 @@ def test_report_names_failed_and_missing_jobs_and_fits_both_precisions(
     rows = list(csv.DictReader((root / "runs.csv").open()))
     assert len(rows) == 24
     assert {r["status"] for r in rows} == {"ok", "failed", "missing"}
-    assert rows[4]["status"] == "failed" and "summary.json" in rows[4]["error"]
+    assert rows[4]["status"] == "failed" and rows[4]["error"] == "RuntimeError: boom"
     md = (root / "report.md").read_text()
     assert "FAILED job 4" in md and "MISSING job 23" in md and "![loss_vs_sparsity]" in md
 
@@ -161,3 +169,27 @@ def test_report_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert parse_params("2.9B") == 2.9e9 and parse_params("350M") == 3.5e8
     with pytest.raises(ValueError):
         parse_params("-1")
+
+
+@pytest.mark.slow
+def test_real_multirun_with_a_failing_job_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """qsparse-train -m where the first job is invalid: the job records its error, the sweep
+    stops, and the report names the failed job (with the reason) and the missing one."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    train = subprocess.run(
+        [sys.executable, "-m", "qsparse.train", "-m", "sparsity=topk",
+         "sparsity.ratio=1.2,0.5", "sweep_name=bad", "logger=csv"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert train.returncode != 0
+    sweep = tmp_path / "multirun" / "bad"
+    assert (sweep / "0" / "error.txt").is_file()
+    assert report_main([str(sweep), "--wandb", "disabled"]) == 2
+    out = capsys.readouterr().out
+    assert "0 ok, 1 failed, 1 missing of 2 expected" in out
+    assert "FAILED job 0 [sparsity.ratio=1.2]" in out
+    assert "outside [0, 1)" in out
+    assert "MISSING job 1 [sparsity.ratio=0.5]" in out
+    assert (sweep / "runs.csv").is_file() and (sweep / "report.md").is_file()

@@ -224,6 +224,8 @@ def summary_lines(sweep: Sweep, fits: Sequence[PrecisionFit], budget: float) -> 
         + (f" of {sweep.expected} expected" if sweep.expected is not None else "")
     ]
     common = set.intersection(*(set(j.overrides) for j in sweep.jobs)) if sweep.jobs else set()
+    if len(sweep.jobs) < 2:
+        common = set()
     for job in sweep.not_ok:  # name each by the overrides that tell it apart
         own = " ".join(o for o in job.overrides if o not in common)
         lines.append(f"  {job.status.upper()} job {job.name} [{own}]: {job.error}")

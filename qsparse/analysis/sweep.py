@@ -117,8 +117,11 @@ def _load_config(job_dir: Path) -> dict[str, Any]:
 
 
 def _last_error(job_dir: Path) -> str:
-    """The last line of the job's Hydra log that looks like an error, if any."""
-    for log in sorted(job_dir.glob("*.log")):
+    """Why a job failed: the last line of the ``error.txt`` traceback ``qsparse-train``
+    writes, else the last error-looking line of the job's Hydra log, else ``""``."""
+    for log in [job_dir / "error.txt", *sorted(job_dir.glob("*.log"))]:
+        if not log.is_file():
+            continue
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         for ln in reversed(lines):
             if "Error" in ln or "Exception" in ln or "error" in ln:
@@ -164,7 +167,8 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         conf = OmegaConf.load(path)
-        params = OmegaConf.to_container(conf.hydra.sweeper.get("params") or {}) or {}
+        node = conf.hydra.sweeper.get("params")
+        params = OmegaConf.to_container(node) if node is not None else {}
         task = [str(x) for x in OmegaConf.to_container(conf.hydra.overrides.task) or []]
         strings = [f"{k}={v}" for k, v in params.items()] + task
         parsed = OverridesParser.create().parse_overrides(strings)

@@ -12,6 +12,7 @@ same groups and recipes (``--info defaults`` lists what a command composes).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -26,8 +27,27 @@ def _main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except ConfigError as exc:  # a user's mistake: the message, not a traceback
+        _record_error(exc)
         print(f"qsparse-train: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as exc:
+        _record_error(exc)
+        raise
+
+
+def _record_error(exc: BaseException) -> None:
+    """Write the traceback to ``<job output dir>/error.txt`` so that ``qsparse-report`` can
+    say why a sweep job failed (the multirun itself only stops at the end)."""
+    import traceback
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        out = Path(HydraConfig.get().runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    except Exception:  # never hide the original error
+        pass
 
 
 def main() -> None:

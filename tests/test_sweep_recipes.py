@@ -1,0 +1,87 @@
+"""The ``recipe=scaling/...`` grids: each is a multirun whose sweeper params span model size x
+sparsity x precision, every grid point composes to a valid run (BitNet points get their own
+LR, tags name the point), and (slow) a shrunk CPU grid trains and ``qsparse-report`` fits it.
+Two-step training of each recipe's default point is in ``test_recipes.py``."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+import qsparse.training.config  # noqa: F401  (registers the schema and resolvers)
+from qsparse.training.config import glu_size, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GRIDS = ["scaling/cpu_demo", "scaling/gpu_h200"]
+
+
+def _compose(overrides: list[str], hydra: bool = False):
+    with initialize_config_module("qsparse.conf", version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=hydra)
+
+
+@pytest.mark.parametrize("recipe", GRIDS)
+def test_grid_recipe_is_a_size_sparsity_precision_multirun(recipe: str) -> None:
+    cfg = _compose([f"recipe={recipe}"], hydra=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert list(params) == ["model.hidden_size", "sparsity.ratio", "quant"]
+    axes = {k: str(v).split(",") for k, v in params.items()}
+    assert "0.0" in axes["sparsity.ratio"] and len(axes["sparsity.ratio"]) >= 3
+    assert axes["quant"] == ["none", "bitnet"] and len(axes["model.hidden_size"]) >= 3
+    lrs = {}
+    sizes, ratios, quants = (
+        axes.values()
+    )  # every size at one point, every (S, precision) at one size
+    points = [(n, ratios[0], quants[0]) for n in sizes[1:]]
+    for size, ratio, quant in points + list(itertools.product(sizes[:1], ratios, quants)):
+        point = _compose(
+            [
+                f"recipe={recipe}",
+                f"model.hidden_size={size}",
+                f"sparsity.ratio={ratio}",
+                f"quant={quant}",
+            ]  # fmt: skip
+        )
+        resolved = OmegaConf.to_container(point, resolve=True)
+        validate_config(resolved)
+        assert resolved["model"]["intermediate_size"] == glu_size(int(size))
+        assert resolved["logger"]["wandb"]["tags"] == [
+            f"hidden={size}", f"S={ratio}", f"weights={'ternary' if quant == 'bitnet' else 'none'}"
+        ]  # fmt: skip
+        assert resolved["sweep_name"] == recipe.replace("/", "_").replace("gpu_", "")
+        lrs[quant] = resolved["optim"]["lr"]
+    assert lrs["bitnet"] > lrs["none"]  # BitNet b1.58 trains with a larger LR
+
+
+@pytest.mark.slow
+def test_cpu_grid_trains_and_report_fits(tmp_path: Path) -> None:
+    """A 3-size x 2-ratio full-precision slice of the CPU grid for 20 steps, then the report."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    args = ["recipe=scaling/cpu_demo", "quant=none", "sparsity.ratio=0.0,0.5",
+            "trainer.max_steps=20", "trainer.val_check_interval=20", "logger=csv",
+            f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    train = subprocess.run(
+        [sys.executable, "-m", "qsparse.train", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    sweep = tmp_path / "multirun" / "scaling_cpu_demo"
+    assert sorted(p.name for p in sweep.glob("[0-9]*")) == [str(i) for i in range(6)]
+    report = subprocess.run(
+        [sys.executable, "-m", "qsparse.cli.report", str(sweep), "--bootstrap", "20",
+         "--wandb", "disabled"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "6 ok, 0 failed, 0 missing of 6 expected" in report.stdout
+    assert "full: L(N,S)" in report.stdout and "S* =" in report.stdout
+    for name in ("report.md", "runs.csv", "loss_vs_activated.png", "loss_vs_sparsity.png"):
+        assert (sweep / name).is_file()
