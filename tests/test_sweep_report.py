@@ -193,3 +193,22 @@ def test_real_multirun_with_a_failing_job_is_reported(
     assert "outside [0, 1)" in out
     assert "MISSING job 1 [sparsity.ratio=0.5]" in out
     assert (sweep / "runs.csv").is_file() and (sweep / "report.md").is_file()
+
+
+@pytest.mark.slow  # wandb's service start dominates (tens of seconds on a busy machine)
+def test_report_logs_table_and_plots_to_the_sweep_group_offline(tmp_path: Path) -> None:
+    from test_cli_train import _wandb_run_record
+
+    root = tmp_path / "s"
+    _fake_sweep(root, fail=None, drop_last=False)
+    report = make_report(read_sweep(root), n_boot=0, wandb_mode="offline")
+    assert report.wandb_dir is not None
+    runs = list(Path(report.wandb_dir).glob("run-*.wandb"))
+    assert len(runs) == 1
+    assert _wandb_run_record(runs[0])[1] == "fake"  # the sweep's group
+    media = list(Path(report.wandb_dir).rglob("*.png"))
+    assert sorted("_".join(p.name.split("_")[:3]) for p in media) == [
+        "loss_vs_activated",
+        "loss_vs_sparsity",
+    ]
+    assert list(Path(report.wandb_dir).rglob("*.table.json"))  # the job table
