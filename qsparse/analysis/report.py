@@ -208,6 +208,58 @@ def plot_loss_vs_sparsity(fits: Sequence[PrecisionFit], budget: float, path: Pat
     return path
 
 
+def distinct_overrides(sweep: Sweep, job: SweepJob) -> str:
+    """The overrides of ``job`` that not every job of the sweep shares (all of them when the
+    sweep has one job): what names a grid point."""
+    if len(sweep.jobs) < 2:
+        return " ".join(job.overrides)
+    common = set.intersection(*(set(j.overrides) for j in sweep.jobs))
+    return " ".join(o for o in job.overrides if o not in common)
+
+
+def grad_norm_per_layer(sweep: Sweep) -> dict[str, list[float]]:
+    """Job label -> mean ``grad_norm/layer_<i>`` over the second half of its logged steps,
+    by layer, for the jobs that logged them (:class:`~qsparse.training.callbacks.
+    LayerGradNorm`). The label is the overrides that tell the job apart from the others."""
+    from qsparse.training.callbacks import read_metrics
+
+    out: dict[str, list[float]] = {}
+    for job in sweep.jobs:
+        csv_dir = sweep.path / job.name / "csv"
+        if job.status == "missing" or not csv_dir.is_dir():
+            continue
+        series = {k: v for k, v in read_metrics(csv_dir).items() if k.startswith("grad_norm/")}
+        if not series:
+            continue
+        out[distinct_overrides(sweep, job) or job.name] = [
+            float(np.mean([v for _, v in values[len(values) // 2 :]]))
+            for _, values in sorted(series.items())
+        ]
+    return out
+
+
+def plot_grad_norm_per_layer(norms: dict[str, list[float]], path: Path) -> Path:
+    """Gradient norm against layer index, one line per job (Q-Sparse Fig. 2: STE vs no STE)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in norms.items():
+        ax.plot(range(len(values)), values, marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("gradient L2 norm (mean, 2nd half of training)")
+    ax.set_title("gradient norm per layer")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _interval(fit: PrecisionFit, name: str) -> str:
     if fit.intervals is None:
         return ""
@@ -223,12 +275,10 @@ def summary_lines(sweep: Sweep, fits: Sequence[PrecisionFit], budget: float) -> 
         f"{sum(j.status == 'missing' for j in sweep.jobs)} missing"
         + (f" of {sweep.expected} expected" if sweep.expected is not None else "")
     ]
-    common = set.intersection(*(set(j.overrides) for j in sweep.jobs)) if sweep.jobs else set()
-    if len(sweep.jobs) < 2:
-        common = set()
     for job in sweep.not_ok:  # name each by the overrides that tell it apart
-        own = " ".join(o for o in job.overrides if o not in common)
-        lines.append(f"  {job.status.upper()} job {job.name} [{own}]: {job.error}")
+        lines.append(
+            f"  {job.status.upper()} job {job.name} [{distinct_overrides(sweep, job)}]: {job.error}"
+        )
     for fit in fits:
         if fit.law is None:
             if fit.jobs or fit.reason:
@@ -405,6 +455,9 @@ def make_report(
         images.append(plot_loss_vs_activated(fits, out / "loss_vs_activated.png"))
     if any(f.law is not None for f in fits):
         images.append(plot_loss_vs_sparsity(fits, budget, out / "loss_vs_sparsity.png"))
+    norms = grad_norm_per_layer(sweep)
+    if norms:
+        images.append(plot_grad_norm_per_layer(norms, out / "grad_norm_per_layer.png"))
     files.update({p.name: p for p in images})
     files["report.md"] = write_markdown(
         sweep, fits, budget, out / "report.md", images, sparsity_mode
