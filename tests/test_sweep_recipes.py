@@ -58,28 +58,31 @@ def test_grid_recipe_is_a_size_sparsity_precision_multirun(recipe: str) -> None:
     assert lrs["bitnet"] > lrs["none"]  # BitNet b1.58 trains with a larger LR
 
 
-@pytest.mark.slow
-def test_cpu_grid_trains_and_report_fits(tmp_path: Path) -> None:
-    """A 3-size x 2-ratio full-precision slice of the CPU grid for 20 steps, then the report."""
+def _train_sweep(args: list[str], cwd: Path) -> None:
+    """``python -m qsparse.train ARGS`` (a multirun recipe) in ``cwd``; fails on an error."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    args = ["recipe=scaling/cpu_demo", "quant=none", "sparsity.ratio=0.0,0.5",
-            "trainer.max_steps=20", "trainer.val_check_interval=20", "logger=csv",
-            f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
-    train = subprocess.run(
-        [sys.executable, "-m", "qsparse.train", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
+    res = subprocess.run(
+        [sys.executable, "-m", "qsparse.train", *args, f"data.cache_dir={cwd / 'cache'}"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
-    assert train.returncode == 0, train.stderr[-3000:]
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_cpu_grid_trains_and_report_fits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 3-size x 2-ratio full-precision slice of the CPU grid for 20 steps, then the report."""
+    _train_sweep(["recipe=scaling/cpu_demo", "quant=none", "sparsity.ratio=0.0,0.5",
+                  "trainer.max_steps=20", "trainer.val_check_interval=20", "logger=csv"], tmp_path)  # fmt: skip
     sweep = tmp_path / "multirun" / "scaling_cpu_demo"
     assert sorted(p.name for p in sweep.glob("[0-9]*")) == [str(i) for i in range(6)]
-    report = subprocess.run(
-        [sys.executable, "-m", "qsparse.cli.report", str(sweep), "--bootstrap", "20",
-         "--wandb", "disabled"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert report.returncode == 0, report.stdout + report.stderr
-    assert "6 ok, 0 failed, 0 missing of 6 expected" in report.stdout
-    assert "full: L(N,S)" in report.stdout and "S* =" in report.stdout
+    from qsparse.cli.report import main as report_main
+
+    assert report_main([str(sweep), "--bootstrap", "20", "--wandb", "disabled"]) == 0
+    out = capsys.readouterr().out
+    assert "6 ok, 0 failed, 0 missing of 6 expected" in out
+    assert "full: L(N,S)" in out and "S* =" in out
     for name in ("report.md", "runs.csv", "loss_vs_activated.png", "loss_vs_sparsity.png"):
         assert (sweep / name).is_file()
 
@@ -88,16 +91,11 @@ def test_cpu_grid_trains_and_report_fits(tmp_path: Path) -> None:
 def test_ste_figure_recipe_logs_layer_grad_norms_and_report_plots_them(tmp_path: Path) -> None:
     """recipe=figures/ste_tiny shrunk to 2 layers x 6 steps: both jobs log grad_norm/layer_i
     and qsparse-report draws grad_norm_per_layer.png (no scaling fit: one size, one S)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = ["recipe=figures/ste_tiny", "model.num_hidden_layers=2", "model.hidden_size=64",
-            "model.intermediate_size=176", "trainer.max_steps=6", "trainer.val_check_interval=6",
-            "callbacks.grad_norm.every_n_steps=1", "trainer.log_every_n_steps=1", "logger=csv", "data.max_documents=300",
-            "data.vocab_size=384", "data.seq_len=32", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
-    train = subprocess.run(
-        [sys.executable, "-m", "qsparse.train", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    assert train.returncode == 0, train.stderr[-3000:]
+    _train_sweep(["recipe=figures/ste_tiny", "model.num_hidden_layers=2", "model.hidden_size=64",
+                  "model.intermediate_size=176", "trainer.max_steps=6",
+                  "trainer.val_check_interval=6", "callbacks.grad_norm.every_n_steps=1",
+                  "trainer.log_every_n_steps=1", "logger=csv", "data.max_documents=300",
+                  "data.vocab_size=384", "data.seq_len=32"], tmp_path)  # fmt: skip
     from qsparse.analysis.report import grad_norm_per_layer
     from qsparse.analysis.sweep import read_sweep
     from qsparse.cli.report import main as report_main

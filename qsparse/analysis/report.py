@@ -135,14 +135,29 @@ def _ratio_groups(fit: PrecisionFit) -> dict[float, list[int]]:
     return dict(sorted(groups.items()))
 
 
-def plot_loss_vs_activated(fits: Sequence[PrecisionFit], path: Path) -> Path:
-    """Loss against activated parameters ``(1 - S) N``, one colour per configured top-k
-    ratio, one panel per precision; the fitted law drawn through each group's sizes at the
-    group's mean S."""
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write (120 dpi) and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_loss_vs_activated(fits: Sequence[PrecisionFit], path: Path) -> Path:
+    """Loss against activated parameters ``(1 - S) N``, one colour per configured top-k
+    ratio, one panel per precision; the fitted law drawn through each group's sizes at the
+    group's mean S."""
+    plt = _pyplot()
 
     panels = [f for f in fits if len(f.jobs)]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4))
@@ -165,19 +180,13 @@ def plot_loss_vs_activated(fits: Sequence[PrecisionFit], path: Path) -> Path:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_loss_vs_sparsity(fits: Sequence[PrecisionFit], budget: float, path: Path) -> Path:
     """Fitted loss against S at fixed activated parameters ``Na = budget`` per precision,
     S* marked (solid) beside the paper's S* (dotted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     grid = np.linspace(0.0, 0.9, 181)
@@ -202,10 +211,7 @@ def plot_loss_vs_sparsity(fits: Sequence[PrecisionFit], budget: float, path: Pat
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def distinct_overrides(sweep: Sweep, job: SweepJob) -> str:
@@ -240,10 +246,7 @@ def grad_norm_per_layer(sweep: Sweep) -> dict[str, list[float]]:
 
 def plot_grad_norm_per_layer(norms: dict[str, list[float]], path: Path) -> Path:
     """Gradient norm against layer index, one line per job (Q-Sparse Fig. 2: STE vs no STE)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, values in norms.items():
@@ -254,10 +257,7 @@ def plot_grad_norm_per_layer(norms: dict[str, list[float]], path: Path) -> Path:
     ax.set_title("gradient norm per layer")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _interval(fit: PrecisionFit, name: str) -> str:
