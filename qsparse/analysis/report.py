@@ -297,6 +297,12 @@ def summary_lines(sweep: Sweep, fits: Sequence[PrecisionFit], budget: float) -> 
             )
         s_star = law.optimal_sparsity()
         paper = PAPER_S_STAR.get(fit.precision)
+        if law.alpha < 1e-6 or law.beta < 1e-6 or not 0.01 < s_star < 0.98:
+            lines.append(
+                "  WARNING: degenerate fit (alpha or beta at its bound 0, or S* at an end of "
+                "[0, 1)): these points do not show the law's trade-off; more steps, sizes or "
+                "sparsities are needed before S* means anything"
+            )
         lines.append(
             f"  S* = {100 * s_star:.2f}%"
             + (f" (paper: {100 * paper:.2f}%)" if paper is not None else "")

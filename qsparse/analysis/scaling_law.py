@@ -71,6 +71,11 @@ def _single_blas_thread() -> Iterator[None]:
         yield
 
 
+#: Bounds of ``(log E, log B, log C, alpha, beta)``: loss falls with N (alpha >= 0) and A(S)
+#: does not fall with S (beta >= 0); E, B, C are positive through their logs.
+_BOUNDS = [(None, None)] * 3 + [(0.0, None), (0.0, None)]
+
+
 def _huber(r: np.ndarray, delta: float) -> np.ndarray:
     a = np.abs(r)
     return np.where(a <= delta, 0.5 * r**2, delta * (a - 0.5 * delta))
@@ -90,7 +95,8 @@ def fit_scaling_law(
     positive; the objective is ``sum Huber_delta(log L_pred - log L)`` with its analytic
     gradient. ``grid`` maps each of ``E, B, C, alpha, beta`` to initial values (defaults span
     the paper's magnitudes); every start runs 40 L-BFGS iterations and the ``polish`` best
-    continue to convergence.
+    continue to convergence; ``alpha`` and ``beta`` are bounded below by 0 (a law where
+    loss grows with N or falls with S is not this law).
     Raises ``ValueError`` on mismatched lengths, fewer than 5 points, or S outside [0, 1).
     """
     n = np.asarray(n_params, dtype=np.float64)
@@ -148,11 +154,13 @@ def fit_scaling_law(
     with _single_blas_thread():
         for init in itertools.product(*(grid[k] for k in ("E", "B", "C", "alpha", "beta"))):
             x0 = np.array([np.log(init[0]), np.log(init[1]), np.log(init[2]), init[3], init[4]])
-            res = minimize(objective, x0, jac=True, method="L-BFGS-B", options={"maxiter": 40})
+            res = minimize(
+                objective, x0, jac=True, method="L-BFGS-B", bounds=_BOUNDS, options={"maxiter": 40}
+            )
             screened.append(res)
         screened.sort(key=lambda r: r.fun)
         for candidate in screened[:polish]:
-            res = minimize(objective, candidate.x, jac=True, method="L-BFGS-B")
+            res = minimize(objective, candidate.x, jac=True, method="L-BFGS-B", bounds=_BOUNDS)
             if best is None or res.fun < best.fun:
                 best = res
     e, b, c = np.exp(best.x[:3])
