@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,6 +385,7 @@ def log_to_wandb(
         import wandb
     except ImportError:  # pragma: no cover
         return None
+    os.environ.setdefault("WANDB_SILENT", "true")
     run = wandb.init(
         project=sweep.project,
         group=sweep.name,
@@ -391,7 +393,7 @@ def log_to_wandb(
         name=f"{sweep.name}/report",
         dir=str(sweep.path),
         mode=mode,
-        reinit=True,
+        reinit="finish_previous",
     )
     exit_code = 1
     try:
