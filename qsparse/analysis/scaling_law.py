@@ -32,7 +32,8 @@ class ScalingLaw:
         """Predicted loss for N total parameters at sparsity S (broadcasting arrays)."""
         n = np.asarray(n_params, dtype=np.float64)
         s = np.asarray(sparsity, dtype=np.float64)
-        return self.E + (self.B + self.C * np.exp(self.beta / (1.0 - s))) / n**self.alpha
+        with np.errstate(over="ignore", invalid="ignore"):  # degenerate fits: inf, not noise
+            return self.E + (self.B + self.C * np.exp(self.beta / (1.0 - s))) / n**self.alpha
 
     def loss_at_activated(self, activated: float, sparsity: float) -> float:
         """Loss with ``Na = (1 - S) N`` activated parameters held fixed."""
