@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-gpu bench-gpu bench-tables lint demo clean
+.PHONY: install test test-slow test-gpu bench-gpu bench-tables lint demo sweep-demo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,5 +52,11 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/qsparse-train recipe=from_scratch/qsparse_tiny run_name=demo
 
+# scaling-law grid on CPU (18 tiny runs, minutes), then the report: table, fit, S*, plots in
+# multirun/scaling_cpu_demo/ (a failed job does not stop the report, which names it)
+sweep-demo: $(STAMP)
+	-$(BIN)/qsparse-train recipe=scaling/cpu_demo
+	$(BIN)/qsparse-report multirun/scaling_cpu_demo
+
 clean:
-	rm -rf $(VENV) outputs .cache
+	rm -rf $(VENV) outputs multirun .cache

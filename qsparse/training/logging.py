@@ -13,7 +13,7 @@ import os
 import secrets
 import string
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +76,11 @@ def build_loggers(
     run_name: str,
     resume: bool,
     group: str | None = None,
+    tags: Sequence[str] = (),
 ) -> list[Logger]:
     """CSV logger (``<run_dir>/csv/metrics.csv``; ``csv/resume-NN/`` for each resumed
-    segment) and wandb logger."""
+    segment) and wandb logger; ``tags`` are added to ``logger.wandb.tags`` (multirun jobs:
+    their overrides)."""
     loggers: list[Logger] = []
     if logger_cfg.get("csv", True):
         if resume and (run_dir / "csv" / "metrics.csv").exists():
@@ -101,7 +103,7 @@ def build_loggers(
                     entity=wb.get("entity"),
                     name=wb.get("name") or run_name,
                     group=wb.get("group") or group,
-                    tags=list(wb.get("tags") or []),
+                    tags=[*(wb.get("tags") or []), *tags],
                     save_dir=str(run_dir),
                     id=run_id,
                     resume="allow",

@@ -65,6 +65,18 @@ def _hydra_runtime() -> tuple[str | None, bool, str | None]:
         return None, False, None
 
 
+def _job_tags() -> list[str]:
+    """The command-line overrides of the current multirun job (``sparsity.ratio=0.5``,
+    ``quant=bitnet``, ...): its wandb tags, so the points of a sweep can be told apart and
+    filtered (wandb caps a tag at 64 characters)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return [str(t)[:64] for t in HydraConfig.get().overrides.task]
+    except (ImportError, ValueError):
+        return []
+
+
 def resolve_run_dir(cfg: Mapping[str, Any]) -> Path:
     """``run_dir`` if set, else the Hydra job's output dir, else ``outputs/<run_name>``."""
     if cfg.get("run_dir"):
@@ -275,7 +287,12 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     exit_code = 1
     try:
         loggers = build_loggers(
-            container.get("logger") or {}, run_dir, run_name, bool(ckpt_path), group=sweep
+            container.get("logger") or {},
+            run_dir,
+            run_name,
+            bool(ckpt_path),
+            group=sweep,
+            tags=_job_tags() if multirun else (),
         )
         trainer = build_trainer(container.get("trainer") or {}, run_dir, callbacks, loggers)
         _write_config(run_dir, container)
