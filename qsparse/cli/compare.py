@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qsparse.dtypes import dtype_names
+
 DEFAULT_METHODS = ("qsparse", "teal", "cats")
 
 
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=dtype_names(allow_auto=True))
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", dest="json_out", default=None, help="write the rows as json")
     p.add_argument("--plot", default=None, help="write ppl vs measured sparsity (png)")

@@ -25,10 +25,9 @@ import json
 import sys
 from pathlib import Path
 
+from ..dtypes import dtype_names, torch_dtype
 from ..errors import full_traceback_requested, report
 from ..nn.config import QUANT_PRESETS
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _has_tokenizer_files(folder: Path) -> bool:
@@ -64,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="module names left dense (default: lm_head)",
     )
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto=as SRC)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=dtype_names(allow_auto=True),
+        help="weights dtype (auto=as SRC)",
+    )
     p.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (HYDRA_FULL_ERROR=1)"
     )
@@ -90,7 +94,6 @@ def convert(
         CheckpointError (``ValueError``): ``src`` is not a complete supported checkpoint.
         ValueError: a setting is out of range (the message names it).
     """
-    import torch
 
     from qsparse.convert import sparsify
     from qsparse.models.hf import check_hf_checkpoint, export, load
@@ -98,8 +101,7 @@ def convert(
 
     if quant not in QUANT_PRESETS:
         raise ValueError(f"--quant {quant!r} must be one of {sorted(QUANT_PRESETS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} must be one of {DTYPES}")
+    load_dtype = torch_dtype(dtype, "--dtype", allow_auto=True)
     if Path(src).resolve() == Path(dst).resolve():
         raise ValueError("DST must differ from SRC (the source checkpoint is not overwritten)")
     sp = SparsityConfig(
@@ -107,8 +109,7 @@ def convert(
     )
     qc = QuantConfig.preset(quant)
     check_hf_checkpoint(src)
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = load(src, dtype=torch_dtype)
+    model = load(src, dtype=load_dtype)
     report = sparsify(
         model,
         sparsity=sp,

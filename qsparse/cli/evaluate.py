@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 
+from qsparse.dtypes import dtype_names
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window (512)")
     p.add_argument("--max-tokens", type=int, default=65536, help="perplexity tokens (65536)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=dtype_names(allow_auto=True))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--sparsity",

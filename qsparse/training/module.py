@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qsparse.convert import ACTIVATION_CHOICES
+from qsparse.dtypes import torch_dtype
 from qsparse.nn import QuantConfig, SparsityConfig
 
 from .distill import DistillConfig, LayerOutputs, hidden_distill_loss, kl_distill_loss
@@ -229,7 +230,7 @@ class LMModule(L.LightningModule):
         dtype = self._distill.teacher_dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        teacher.to(device=self.device, dtype=getattr(torch, dtype))
+        teacher.to(device=self.device, dtype=torch_dtype(dtype, "distill.teacher_dtype"))
         teacher.eval().requires_grad_(False)
         self._teacher.append(teacher)
         if self._distill.hidden:
