@@ -398,6 +398,9 @@ class RunSummary(L.Callback):
         if ood is not None:
             out["val_ood_loss"] = float(ood)
             out["val_ood_ppl"] = math.exp(min(float(ood), 80.0))
+        best = best_checkpoint(trainer.callbacks)
+        if best is not None:  # the weights validated and exported (see run.train)
+            out["selected_checkpoint"], out["selected_by"] = best
         if self.unigram_entropy is not None:
             out["unigram_entropy"] = float(self.unigram_entropy)
         sp = next((c for c in trainer.callbacks if isinstance(c, SparsityMonitor)), None)

@@ -19,7 +19,6 @@ exports a transformers folder to ``<run_dir>/hf``. Layout of a run directory::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +36,6 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from qsparse.data.cache import atomic_write_text
 from qsparse.errors import UserError
 
 from .callbacks import RunSummary, best_checkpoint
@@ -309,13 +307,6 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             if isinstance(cb, RunSummary):
                 cb.flush(trainer, module)  # no validation ran: report what there is
         summary = next((c.summary for c in callbacks if isinstance(c, RunSummary)), {})
-        if best is not None:
-            summary["selected_checkpoint"] = best[0]
-            summary["selected_by"] = best[1]
-            if trainer.is_global_zero and (run_dir / "summary.json").is_file():
-                atomic_write_text(
-                    run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True)
-                )
         if container.get("export", True):
             summary["export_dir"] = _export(trainer, module, datamodule, container, run_dir)
         exit_code = 0
