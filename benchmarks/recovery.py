@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,12 +65,15 @@ def _plot(results: list[dict[str, Any]], text: str, path: Path) -> None:
 
     dense = next(r["ppl"][text] for r in results if r["kind"] == "dense")
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for kind, style, name in (
-        ("free", "o--", "training-free top-k"),
-        ("lm", "s-", "continued training, LM loss (paper)"),
-        ("distill_kl", "v-", "continued training, KL to the dense model only"),
-        ("distill", "^-", "continued training, LM + KL (recovery recipe)"),
-    ):
+    styles = {
+        "free": ("o--", "training-free top-k"),
+        "lm": ("s-", "continued training, LM loss (paper)"),
+        "distill_kl": ("v-", "continued training, KL to the dense model only"),
+        "distill": ("^-", "continued training, LM + KL (recovery recipe)"),
+    }
+    kinds = list(styles) + sorted({r["kind"] for r in results} - set(styles) - {"dense"})
+    for kind in kinds:
+        style, name = styles.get(kind, (".-", kind))
         pts = sorted((r["S"], r["ppl"][text]) for r in results if r["kind"] == kind)
         if pts:
             ax.plot(*zip(*pts, strict=True), style, label=name)
@@ -84,16 +89,60 @@ def _plot(results: list[dict[str, Any]], text: str, path: Path) -> None:
     plt.close(fig)
 
 
+KEEP = (
+    "step",
+    "val_loss",
+    "val_ood_loss",
+    "wall_s",
+    "train_time_s",
+    "tokens_per_s",
+    "peak_memory_gib",
+    "selected_checkpoint",
+)
+
+
+def _parse_variant(text: str) -> tuple[str, tuple[list[float] | None, list[str]]]:
+    """``NAME[@S1,S2]=override override ...`` -> (NAME, (sparsities or None, overrides))."""
+    head, sep, rest = text.partition("=")
+    name, _, svals = head.partition("@")
+    try:
+        sparsities = [float(v) for v in svals.split(",")] if svals else None
+    except ValueError:
+        sparsities = None
+        name = ""
+    if not sep or not name.isidentifier():
+        raise SystemExit(
+            f"--variant {text!r}: expected NAME[@S1,S2]=OVERRIDES, e.g. 'hi@0.5=optim.lr=2e-4'"
+        )
+    return name, (sparsities, rest.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default=None, help="dense checkpoint (default: SmolLM2-135M)")
     p.add_argument("--recipe", default="continue/recovery_smollm2")
     p.add_argument("--eval-text", nargs="+", default=["convention_speeches", "python_docs"])
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--sparsities", type=float, nargs="*", default=[0.25, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--free-sparsities", type=float, nargs="*", default=None)
     p.add_argument("--lm-sparsities", type=float, nargs="*", default=[0.4, 0.5])
     p.add_argument("--lm-lr", type=float, default=5e-5, help="the paper's continued-training LR")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="an extra kind of run: the recipe with these space-separated Hydra overrides, "
+        "at the S given after @ or else every S of --variant-sparsities (repeatable)",
+    )
+    p.add_argument("--variant-sparsities", type=float, nargs="*", default=[0.5])
     p.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="train and measure this many jobs at once, each in its own process (a 135M "
+        "model leaves an H200 mostly idle; results are the same, the wall time shorter)",
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument("--max-tokens", type=int, default=65536)
     p.add_argument("--out", default="outputs/recovery")
@@ -101,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         "--plot-only",
         default=None,
         help="re-plot and print a recovery.json (no measuring); kinds: dense, free, lm, "
-        "distill_kl, distill",
+        "distill_kl, distill and the --variant names",
     )
+    p.add_argument("--job", nargs=2, metavar=("KIND", "S"), help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = p.parse_args(argv)
     if args.plot_only:
@@ -124,19 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         args.base = smollm2_checkpoint()
     docs = {t: read_documents(t) for t in args.eval_text}
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    record = out / "recovery.json"
-    # a study continued in the same --out keeps what it measured and skips it
-    results: list[dict[str, Any]] = (
-        json.loads(record.read_text())["results"] if record.is_file() else []
-    )
-    done = {(r["kind"], r["S"]) for r in results}
-
-    def add(kind: str, s: float, row: CompareRow, extra: dict[str, Any] | None = None) -> None:
-        results.append({"kind": kind, "S": s, **row.to_dict(), **(extra or {})})
-        record.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-        print(
-            f"[recovery] {kind:8s} S={s:.2f} ppl={ {k: round(v, 3) for k, v in row.ppl.items()} }"
-        )
+    variants = dict(_parse_variant(v) for v in args.variant)
 
     def measure(label: str, path: str, ratio: float | None = None) -> CompareRow:
         return measure_model(
@@ -150,43 +188,128 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
         )
 
-    if ("dense", 0.0) not in done:
-        add("dense", 0.0, measure("dense", args.base))
-    free = args.sparsities if args.free_sparsities is None else args.free_sparsities
-    for s in sorted(set(free) | set(args.sparsities) | set(args.lm_sparsities)):
-        if ("free", s) not in done:
-            add("free", s, measure(f"training-free S={s:g}", args.base, s))
     common = [f"model.path={args.base}", "logger=csv", *args.overrides]
     if args.steps is not None:
         common.append(f"trainer.max_steps={args.steps}")
-    jobs = [("distill", s, []) for s in args.sparsities]
-    jobs += [
-        ("lm", s, ["distill=none", f"optim.lr={args.lm_lr}", "scheduler.min_lr=1e-6"])
-        for s in args.lm_sparsities
-    ]
-    for kind, s, extra in jobs:
-        if (kind, s) in done:
-            continue
-        run_dir = out / "runs" / f"{kind}_S{s:g}"
-        summary = _train(
-            args.recipe, [*common, *extra, f"sparsity.ratio={s}", f"run_dir={run_dir}"]
-        )
+    lm_extra = ["distill=none", f"optim.lr={args.lm_lr}", "scheduler.min_lr=1e-6"]
+    extras = {"distill": [], "lm": lm_extra, **{k: v[1] for k, v in variants.items()}}
+
+    def job_dir(kind: str, s: float) -> Path:
+        return out / "runs" / f"{kind}_S{s:g}"
+
+    def run_job(kind: str, s: float) -> dict[str, Any]:
+        run_dir = job_dir(kind, s)
+        overrides = [*common, *extras[kind], f"sparsity.ratio={s}", f"run_dir={run_dir}"]
+        summary = _train(args.recipe, overrides)
         row = measure(f"{kind} S={s:g}", summary["export_dir"])
-        keep = (
-            "step",
-            "val_loss",
-            "val_ood_loss",
-            "wall_s",
-            "train_time_s",
-            "tokens_per_s",
-            "peak_memory_gib",
-            "selected_checkpoint",
-        )
-        add(kind, s, row, {k: summary.get(k) for k in keep})
+        info = {k: summary.get(k) for k in KEEP}
+        return {"kind": kind, "S": s, **row.to_dict(), **info, "overrides": extras[kind]}
+
+    if args.job:  # one job in its own process (--parallel): its result goes next to its run
+        kind, s = args.job[0], float(args.job[1])
+        result = run_job(kind, s)
+        (job_dir(kind, s) / "recovery_result.json").write_text(json.dumps(result, indent=1))
+        return 0
+
+    record = out / "recovery.json"
+    # a study continued in the same --out keeps what it measured and skips it
+    results: list[dict[str, Any]] = (
+        json.loads(record.read_text())["results"] if record.is_file() else []
+    )
+    done = {(r["kind"], r["S"]) for r in results}
+
+    def add(result: dict[str, Any]) -> None:
+        results.append(result)
+        record.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        ppl = {k: round(v, 3) for k, v in result["ppl"].items()}
+        print(f"[recovery] {result['kind']:8s} S={result['S']:.2f} ppl={ppl}", flush=True)
+
+    def add_row(kind: str, s: float, row: CompareRow) -> None:
+        add({"kind": kind, "S": s, **row.to_dict()})
+
+    jobs = [("distill", s) for s in args.sparsities]
+    jobs += [("lm", s) for s in args.lm_sparsities]
+    jobs += [
+        (name, s) for name, (vs, _) in variants.items() for s in (vs or args.variant_sparsities)
+    ]
+    jobs = [j for j in jobs if j not in done]
+    procs: list[tuple[str, float, subprocess.Popen[bytes]]] = []
+    if args.parallel > 1 and jobs:
+        _prepare_data(args.recipe, common)  # tokenizer caches once, not in every process
+
+    def launch_next() -> None:
+        kind, s = jobs.pop(0)
+        log = open(out / f"{kind}_S{s:g}.log", "wb")  # noqa: SIM115 (closed with the process)
+        cmd = [sys.executable, __file__, "--job", kind, str(s), *_passthrough(argv)]
+        procs.append((kind, s, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+
+    def reap(block: bool) -> None:
+        for item in list(procs):
+            kind, s, proc = item
+            if proc.poll() is None and not block:
+                continue
+            proc.wait()
+            procs.remove(item)
+            path = job_dir(kind, s) / "recovery_result.json"
+            if proc.returncode == 0 and path.is_file():
+                add(json.loads(path.read_text()))
+            else:
+                print(
+                    f"[recovery] {kind} S={s:g} FAILED (rc {proc.returncode}): "
+                    f"{out / f'{kind}_S{s:g}.log'}",
+                    flush=True,
+                )
+
+    if args.parallel > 1:
+        while jobs and len(procs) < args.parallel:
+            launch_next()
+    if ("dense", 0.0) not in done:
+        add_row("dense", 0.0, measure("dense", args.base))
+    free = args.sparsities if args.free_sparsities is None else args.free_sparsities
+    for s in sorted(set(free) | set(args.sparsities) | set(args.lm_sparsities)):
+        if ("free", s) not in done:
+            add_row("free", s, measure(f"training-free S={s:g}", args.base, s))
+    if args.parallel > 1:
+        while procs or jobs:
+            reap(block=False)
+            while jobs and len(procs) < args.parallel:
+                launch_next()
+            time.sleep(2.0)
+    for kind, s in jobs:
+        add(run_job(kind, s))
     for text in docs:
         _plot(results, text, out / f"recovery-{Path(text).stem}.png")
     _print_table(results, list(docs), args.base)
     return 0
+
+
+def _passthrough(argv: list[str] | None) -> list[str]:
+    """The parent's arguments minus the ones that make it a parent (--parallel)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    keep: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--parallel":
+            skip = True
+            continue
+        if a.startswith("--parallel="):
+            continue
+        keep.append(a)
+    return keep
+
+
+def _prepare_data(recipe: str, overrides: list[str]) -> None:
+    """Build the recipe's tokenized data caches once before the parallel jobs start."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = _compose(recipe, overrides)
+    spec = OmegaConf.to_container(cfg.data, resolve=True)
+    dm = instantiate(dict(spec), _convert_="all")  # type: ignore[arg-type]
+    dm.prepare_data()
 
 
 def _print_table(results: list[dict[str, Any]], texts: list[str], base: str) -> None:
