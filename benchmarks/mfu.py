@@ -25,9 +25,9 @@ import lightning as L
 import torch
 
 from benchmarks._figures import emit
-from qsparse.training.callbacks import ThroughputMonitor
+from qsparse.data.random_tokens import RandomTokenDataModule
+from qsparse.training.callbacks import TokenThroughputMonitor
 from qsparse.training.module import LMModule
-from qsparse.training.synthetic import RandomTokenDataModule
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
         },
         compile=args.compile,
     )
-    monitor = ThroughputMonitor(every_n_steps=args.steps, warmup_steps=args.warmup)
+    monitor = TokenThroughputMonitor(every_n_steps=args.steps, warmup_steps=args.warmup)
     gpu = args.device == "cuda"
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu",

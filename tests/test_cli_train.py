@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
 import qsparse.training.config  # noqa: F401  (registers the schema)
-from qsparse.training.callbacks import SimulatedCrash, read_metrics
+from qsparse.training.callbacks import SimulatedCrash
+from qsparse.training.metrics_csv import read_metrics
 from qsparse.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def _cli(
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": path, "HYDRA_FULL_ERROR": "0"}
     env.pop("WANDB_API_KEY", None)
     return subprocess.run(
-        [sys.executable, "-m", "qsparse.train", *args],
+        [sys.executable, "-m", "qsparse.cli.train", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -226,7 +226,7 @@ def test_distillation_under_ddp_on_two_cpu_processes(tiny_hf_checkpoint, tmp_pat
         "trainer.enable_progress_bar=false",
     ]
     res = subprocess.run(
-        [sys.executable, "-m", "qsparse.train", *args],
+        [sys.executable, "-m", "qsparse.cli.train", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -346,10 +346,11 @@ def test_generate_on_cpu_reports_no_cuda_graph(capsys) -> None:
 
 
 def test_resume_progress_and_metrics_say_what_ran(tmp_path: Path, capfd) -> None:
-    """After a crash at step 6 and a resume from the step-4 checkpoint: the progress bar
-    counts steps of the run (4/8 on, not 'Epoch 0/-2' nor batches of the epoch), and
+    """A fresh run's progress bar is ``train steps n/8`` from its first line (never Lightning's
+    'Training' / 'Epoch 0' titles); after a crash at step 6 and a resume from the step-4
+    checkpoint it counts steps of the run (4/8 on, not batches of the epoch), and
     ``csv/`` holds every step once (the crashed segment's steps after 4 are dropped)."""
-    from qsparse.training.callbacks import read_metrics
+    from qsparse.training.metrics_csv import read_metrics
 
     common = [*FAST, "logger=csv", f"run_dir={tmp_path / 'r'}", "trainer.max_steps=8"]
     common += ["trainer.val_check_interval=4", "trainer.log_every_n_steps=1"]
@@ -358,7 +359,9 @@ def test_resume_progress_and_metrics_say_what_ran(tmp_path: Path, capfd) -> None
     crash += ["+callbacks.crash.step=6", "+callbacks.crash.mode=crash"]
     with pytest.raises(SimulatedCrash):
         train(_compose([*common, *crash]))
-    capfd.readouterr()
+    first = capfd.readouterr().out.replace("\r", "\n")
+    assert "train steps:   0%|          | 0/8" in first  # one bar, titled by steps from the start
+    assert "Epoch" not in first and "Training" not in first and "/-2" not in first
     train(_compose([*common, "resume=true"]))
     bar = capfd.readouterr().out.replace("\r", "\n")  # Lightning draws its bars on stdout
     assert "train steps:  50%|█████     | 4/8" in bar

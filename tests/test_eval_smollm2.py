@@ -60,7 +60,7 @@ def test_dense_and_sparse_perplexity_on_wiki(smollm2) -> None:
     dense = perplexity(model, tok, docs, seq_len=512, batch_size=4, max_tokens=PPL_TOKENS)
     assert dense.tokens == PPL_TOKENS - PPL_TOKENS // 512
     # measured 18.92 (seq 512, first 16,384 tokens of wiki_en; 16.35 with 2048-token windows
-    # over the first 32,768 tokens); DESIGN.md quotes about 14.6 for the corpus
+    # over the first 32,768 tokens); docs/design.md §3 quotes about 14.6 for the corpus
     assert 17.0 < dense.ppl < 21.0, dense
     qsparse.sparsify(model, 0.5)
     sparse = perplexity(model, tok, docs, seq_len=512, batch_size=4, max_tokens=PPL_TOKENS)

@@ -59,10 +59,10 @@ def test_grid_recipe_is_a_size_sparsity_precision_multirun(recipe: str) -> None:
 
 
 def _train_sweep(args: list[str], cwd: Path) -> None:
-    """``python -m qsparse.train ARGS`` (a multirun recipe) in ``cwd``; fails on an error."""
+    """``python -m qsparse.cli.train ARGS`` (a multirun recipe) in ``cwd``; fails on an error."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     res = subprocess.run(
-        [sys.executable, "-m", "qsparse.train", *args, f"data.cache_dir={cwd / 'cache'}"],
+        [sys.executable, "-m", "qsparse.cli.train", *args, f"data.cache_dir={cwd / 'cache'}"],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]

@@ -20,7 +20,7 @@ from qsparse.analysis.report import PAPER_S_STAR, make_report, parse_params
 from qsparse.analysis.sweep import expected_jobs, read_sweep
 from qsparse.cli.report import main as report_main
 
-#: the paper's full-precision constants as printed (DESIGN.md §1)
+#: the paper's full-precision constants as printed (docs/design.md §1)
 PAPER = ScalingLaw(E=1.86, B=0.01, C=1.89, alpha=0.10, beta=0.05)
 SIZES = [1e7, 1e8, 1e9, 1e10]
 RATIOS = [0.0, 0.3, 0.5, 0.7, 0.8, 0.9]
@@ -179,7 +179,7 @@ def test_real_multirun_with_a_failing_job_is_reported(
     stops, and the report names the failed job (with the reason) and the missing one."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     train = subprocess.run(
-        [sys.executable, "-m", "qsparse.train", "-m", "sparsity=topk",
+        [sys.executable, "-m", "qsparse.cli.train", "-m", "sparsity=topk",
          "sparsity.ratio=1.2,0.5", "sweep_name=bad", "logger=csv"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -13,9 +13,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from qsparse.convert import sparsifiers
-from qsparse.training import LMModule, SparsityMonitor, ThroughputMonitor
+from qsparse.data.random_tokens import RandomTokenDataModule
+from qsparse.training import LMModule, SparsityMonitor, TokenThroughputMonitor
 from qsparse.training.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
-from qsparse.training.synthetic import RandomTokenDataModule
 
 MODEL = {"preset": "tiny", "vocab_size": None}
 OPTIM = {"_target_": "torch.optim.AdamW", "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}
@@ -71,7 +71,7 @@ def test_lmmodule_trains_logs_metrics_and_reloads(tmp_path: Path) -> None:
         callbacks=[
             ckpt,
             probe,
-            ThroughputMonitor(every_n_steps=1, warmup_steps=0),
+            TokenThroughputMonitor(every_n_steps=1, warmup_steps=0),
             SparsityMonitor(1),
         ],
     )
@@ -156,3 +156,50 @@ def test_lmmodule_rejects_bad_settings() -> None:
     m = LMModule(model={"preset": "tiny"})
     with pytest.raises(ValueError, match="labels"):
         m.training_step({"input_ids": torch.zeros(1, 4, dtype=torch.long)}, 0)
+
+
+class _CountingSparsityMonitor(SparsityMonitor):
+    """Records, for each measurement it logs, the step and the values counted at one site."""
+
+    def __init__(self) -> None:
+        super().__init__(every_n_steps=1)
+        self.measured: list[tuple[int, float]] = []
+
+    def _collect(self, model: torch.nn.Module) -> dict[str, float]:
+        site = sparsifiers(model)["layers.0.mlp.down_proj"]
+        self.measured.append((self._trainer_step, float(site.values_seen)))
+        return super()._collect(model)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._trainer_step = trainer.global_step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def test_sparsity_monitor_measures_each_step_once_under_gradient_accumulation(
+    tmp_path: Path,
+) -> None:
+    """With ``accumulate_grad_batches=4`` a step is measured and logged once, over its four
+    micro-batches (4x the values one micro-batch has), not once per micro-batch, also with a
+    validation between two of its micro-batches (``val_check_interval=2`` counts batches)."""
+    counted = {}
+    for accumulate in (1, 4):
+        L.seed_everything(0)
+        monitor = _CountingSparsityMonitor()
+        module = LMModule(model=MODEL, sparsity=0.5, optim=OPTIM, scheduler=SCHED)
+        logs = tmp_path / f"acc{accumulate}"
+        trainer = _trainer(
+            logs,
+            3,
+            accumulate_grad_batches=accumulate,
+            logger=CSVLogger(logs, name="", version="csv"),
+            callbacks=[monitor],
+        )
+        trainer.fit(module, datamodule=_dm())
+        assert [step for step, _ in monitor.measured] == [1, 2, 3]
+        rows = list(csv.DictReader(open(logs / "csv" / "metrics.csv")))
+        logged = [int(r["step"]) for r in rows if r.get("sparsity/overall")]
+        assert logged == sorted(set(logged)) and len(logged) == 3  # one row per step
+        counted[accumulate] = {values for _, values in monitor.measured}
+    per_micro_batch = 4 * 32 * 176  # B x T x intermediate_size (tiny) at the down_proj input
+    assert counted[1] == {per_micro_batch}
+    assert counted[4] == {4 * per_micro_batch}

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
-from qsparse.training.callbacks import plot_loss_curve, read_metrics
 from qsparse.training.checkpoint import atomic_torch_save
 from qsparse.training.config import paper_lr, validate_config
 from qsparse.training.flops import model_flops_per_token, peak_flops, peak_flops_for_name
+from qsparse.training.metrics_csv import read_metrics
 from qsparse.training.optim import TwoStageSchedule, lr_factor, param_groups, warmup_decay
+from qsparse.training.plots import plot_loss_curve
 
 
 def _tiny() -> LlamaForCausalLM:
@@ -67,6 +68,16 @@ def test_polynomial_and_constant_factors() -> None:
         warmup_decay(opt, total_steps=10, min_lr=1e-2)
     with pytest.raises(ValueError, match="scheduler.total_steps"):
         warmup_decay(opt, total_steps=0)
+
+
+def test_total_steps_errors_say_what_null_means() -> None:
+    """``scheduler.total_steps: null`` takes Lightning's ``estimated_stepping_batches`` (what
+    ``LMModule.configure_optimizers`` reads), and both checks say so."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    with pytest.raises(ValueError, match=r"total_steps=0 .*null = .*estimated_stepping_batches"):
+        warmup_decay(opt, total_steps=0)
+    with pytest.raises(ValueError, match=r"total_steps=0 .*null = .*estimated_stepping_batches"):
+        validate_config({"run_name": "x", "scheduler": {"total_steps": 0}})
 
 
 def test_two_stage_schedule_switches_lr_and_weight_decay() -> None:

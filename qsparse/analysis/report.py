@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from qsparse.extras import pyplot
+
 from .scaling_law import (
     BOOTSTRAP_NAMES,
     BootstrapIntervals,
@@ -137,13 +139,8 @@ def _ratio_groups(fit: PrecisionFit) -> dict[float, list[int]]:
 
 
 def _pyplot() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    """``matplotlib.pyplot`` on the file-only Agg backend (the ``report`` extra)."""
+    return pyplot("report", "qsparse-report's plots")
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -228,7 +225,7 @@ def grad_norm_per_layer(sweep: Sweep) -> dict[str, list[float]]:
     """Job label -> mean ``grad_norm/layer_<i>`` over the second half of its logged steps,
     by layer, for the jobs that logged them (:class:`~qsparse.training.callbacks.
     LayerGradNorm`). The label is the overrides that tell the job apart from the others."""
-    from qsparse.training.callbacks import read_metrics
+    from qsparse.training.metrics_csv import read_metrics
 
     out: dict[str, list[float]] = {}
     for job in sweep.jobs:

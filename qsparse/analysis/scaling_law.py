@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize, minimize_scalar
+
+from qsparse.extras import require
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,10 @@ class ScalingLaw:
         def g(s: float) -> float:
             return (self.B + self.C * np.exp(self.beta / (1.0 - s))) * (1.0 - s) ** self.alpha
 
-        res = minimize_scalar(g, bounds=(0.0, 0.999), method="bounded", options={"xatol": 1e-9})
+        optimize = require("scipy.optimize", "report", "the scaling-law optimum S*")
+        res = optimize.minimize_scalar(
+            g, bounds=(0.0, 0.999), method="bounded", options={"xatol": 1e-9}
+        )
         return float(res.x)
 
 
@@ -148,6 +152,7 @@ def fit_scaling_law(
             return 1e30, np.zeros(5)
         return val, grad
 
+    minimize = require("scipy.optimize", "report", "the scaling-law fit").minimize
     # every start gets a short L-BFGS run; the most promising few are run to convergence
     # (same minimum as running every start to the end, at a fraction of the evaluations)
     screened = []

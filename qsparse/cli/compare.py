@@ -137,11 +137,9 @@ def compare_methods(
 def plot_rows(rows: list, out: str | Path) -> Path:
     """Perplexity (first text) against measured sparsity, one line per method variant (the
     row label without its ``S=``), dense dashed."""
-    import matplotlib
+    from qsparse.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(feature="qsparse-compare --plot")
     text = next(iter(rows[0].ppl))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.axhline(rows[0].ppl[text], color="gray", linestyle="--", label="dense")

@@ -1,4 +1,5 @@
-"""``qsparse-train`` / ``python -m qsparse.train``: Hydra entry point of training.
+"""``qsparse-train`` (or ``python -m qsparse.cli.train`` from a source tree): the training
+command, the Hydra entry point around the library function :func:`qsparse.training.train`.
 
     qsparse-train recipe=from_scratch/qsparse_tiny run_name=demo
     qsparse-train recipe=from_scratch/qsparse model=700M trainer=ddp
@@ -11,6 +12,7 @@ same groups and recipes (``--info defaults`` lists what a command composes).
 A user's mistake (a bad config value, an unusable data file or checkpoint, a run directory
 that holds a run) prints one line ``qsparse-train: <what is wrong and how to fix it>`` and
 exits with status 2, before anything is written; ``HYDRA_FULL_ERROR=1`` shows the traceback.
+The libraries' INFO chatter is kept out of the output (:mod:`qsparse.training.console`).
 A sweep (``-m``) checks every job's config first (:mod:`qsparse.cli.sweep`), runs the jobs
 that can run and exits with the number of jobs that failed.
 """
@@ -29,6 +31,7 @@ from omegaconf import DictConfig
 from qsparse.cli.sweep import SweepCheck, SweepJobError
 from qsparse.errors import UserError, full_traceback_requested, report
 from qsparse.training.config import ConfigError  # noqa: F401  (registers train_schema)
+from qsparse.training.console import quiet_libraries
 
 
 def _job_label() -> str:
@@ -48,7 +51,7 @@ def _close_log_files(folder: Path) -> None:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    from qsparse.training.run import train
+    from qsparse.training import train
     from qsparse.training.rundir import remove_if_empty
 
     try:
@@ -87,6 +90,7 @@ def main() -> None:
     status 2; a misspelled key is reported by Hydra while composing (status 1); a sweep exits
     with the number of its failed jobs; other failures keep their traceback."""
     SweepCheck.multirun = False
+    quiet_libraries()
     try:
         _main()
     except SystemExit as exit_:

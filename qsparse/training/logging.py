@@ -97,20 +97,22 @@ def build_loggers(
             os.environ.setdefault("WANDB_SILENT", "true")
             run_id = wandb_run_id(run_dir, resume)
             _persist_id(run_dir, run_id)
-            loggers.append(
-                WandbLogger(
-                    project=wb.get("project", "qsparse"),
-                    entity=wb.get("entity"),
-                    name=wb.get("name") or run_name,
-                    group=wb.get("group") or group,
-                    tags=[*(wb.get("tags") or []), *tags],
-                    save_dir=str(run_dir),
-                    id=run_id,
-                    resume="allow",
-                    offline=mode == "offline",
-                    mode=mode,
-                )
+            wandb_logger = WandbLogger(
+                project=wb.get("project", "qsparse"),
+                entity=wb.get("entity"),
+                name=wb.get("name") or run_name,
+                group=wb.get("group") or group,
+                tags=[*(wb.get("tags") or []), *tags],
+                save_dir=str(run_dir),
+                id=run_id,
+                resume="allow",
+                offline=mode == "offline",
+                mode=mode,
             )
+            # Lightning passes anonymous=None to wandb.init, and wandb >= 0.22 warns that the
+            # setting has no effect whenever the key is present: leave it out
+            wandb_logger._wandb_init.pop("anonymous", None)
+            loggers.append(wandb_logger)
     return loggers
 
 

@@ -98,7 +98,8 @@ def _check(warmup_steps: int, total_steps: int, min_lr: float, decay: str, power
         raise ValueError(f"scheduler.warmup_steps={warmup_steps} must be >= 0")
     if total_steps < 1:
         raise ValueError(
-            f"scheduler.total_steps={total_steps} must be >= 1 (null = trainer.max_steps)"
+            f"scheduler.total_steps={total_steps} must be >= 1 "
+            "(null = the trainer's estimated_stepping_batches)"
         )
     if min_lr < 0:
         raise ValueError(f"scheduler.min_lr={min_lr} must be >= 0")
@@ -182,11 +183,6 @@ class TwoStageSchedule(LRScheduler):
                 wd0 if step < self.boundary or wd0 == 0 else self.stage2_weight_decay
             )
         return [self._value(g["initial_lr"], step) for g in self.optimizer.param_groups]
-
-
-def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
-    """The parameters that require gradients."""
-    return [p for p in params if p.requires_grad]
 
 
 def total_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:

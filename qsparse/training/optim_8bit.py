@@ -20,17 +20,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from qsparse.extras import require
+
 from .optim import param_groups
 
 
 def _import_bnb_optim() -> Any:
-    try:
-        import bitsandbytes.optim as bnb_optim
-    except ImportError as err:  # pragma: no cover - bitsandbytes is a core dependency
-        raise ImportError(
-            "optim=adamw8bit needs bitsandbytes: pip install 'bitsandbytes>=0.45'"
-        ) from err
-    return bnb_optim
+    return require("bitsandbytes.optim", "adamw8bit", "optim=adamw8bit")
 
 
 def adamw8bit(

@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     InterpolationToMissingValueError,
@@ -38,12 +38,12 @@ from omegaconf.errors import (
 
 from qsparse.errors import UserError
 
-from .callbacks import RunSummary, best_checkpoint
+from .callbacks import RunSummary, StepProgressBar, best_checkpoint
 from .checkpoint import AtomicCheckpointIO
 from .config import ConfigError, check_accelerator, validate_config
+from .console import say
 from .logging import TrimResumedMetrics, build_loggers, finish_wandb, git_sha, log_run_config
 from .module import LMModule
-from .progress import StepProgressBar
 from .rundir import check_run_dir, prepare_run_dir
 
 _TRAINER_BUILT_IN = ("callbacks", "logger", "plugins", "default_root_dir")
@@ -277,7 +277,7 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                 try:
                     cb.unigram_entropy = float(fn())
                 except Exception as exc:  # a summary extra must never stop training
-                    rank_zero_info(f"unigram entropy unavailable: {exc}")
+                    say(f"unigram entropy unavailable: {exc}")
     sweep = container.get("sweep_name") if multirun else None
     run_name = container["run_name"]
     if multirun:
@@ -295,11 +295,13 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         trainer = build_trainer(container.get("trainer") or {}, run_dir, callbacks, loggers)
         _write_config(run_dir, container)
         log_run_config(loggers, container, git_sha())
+        if ckpt_path:
+            say(f"resuming {run_dir.name} from {ckpt_path}")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         best = best_checkpoint(callbacks)
         if best is not None:
             # checkpoint choice: the monitored best weights are validated and exported
-            rank_zero_info(f"restoring the best checkpoint by {best[1]}: {best[0]}")
+            say(f"restoring the best checkpoint by {best[1]}: {best[0]}")
             trainer.validate(module, datamodule=datamodule, ckpt_path=best[0], verbose=False)
         elif module.last_val_step != trainer.global_step and trainer.limit_val_batches != 0:
             trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -359,5 +361,5 @@ def _export(
     out = run_dir / "hf"
     tokenizer = getattr(datamodule, "tokenizer", None)
     export(model, out, tokenizer=tokenizer)  # settings: those sparsify() stored on the model
-    rank_zero_info(f"exported transformers folder: {out}")
+    say(f"exported transformers folder: {out}")
     return str(out)
