@@ -168,6 +168,8 @@ def test_cli_reports_bad_key_and_value_without_training(tmp_path: Path) -> None:
 
 
 def test_multirun_sweep_makes_two_grouped_wandb_runs(tmp_path: Path) -> None:
+    """Two sweep jobs, each a wandb run of the sweep's group; the command's output holds its
+    own lines, not the libraries' tips, INFO lines or known warnings."""
     res = _cli(
         [
             "-m",
@@ -177,10 +179,14 @@ def test_multirun_sweep_makes_two_grouped_wandb_runs(tmp_path: Path) -> None:
             "logger=wandb",
             "sweep_name=ratio_sweep",
             "trainer.max_steps=2",
+            "export=true",
         ],
         tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("exported transformers folder") == 2
+    for noise in ("GPU available", "Tip:", "LeafSpec", "anonymous", "stopped:", "shards"):
+        assert noise not in res.stdout + res.stderr, noise
     jobs = sorted((tmp_path / "multirun" / "ratio_sweep").glob("[0-9]"))
     assert [j.name for j in jobs] == ["0", "1"]
     ids, ratios = set(), []

@@ -365,7 +365,9 @@ def test_resume_progress_and_metrics_say_what_ran(tmp_path: Path, capfd) -> None
     train(_compose([*common, "resume=true"]))
     bar = capfd.readouterr().out.replace("\r", "\n")  # Lightning draws its bars on stdout
     assert "train steps:  50%|█████     | 4/8" in bar
-    assert "8/8" in bar and "Epoch" not in bar
+    assert "8/8" in bar and "Epoch" not in bar and "v_num" not in bar
+    # the bar is closed before the summary table: no bar line after (or inside) the table
+    assert bar.rindex("train steps") < bar.index("qsparse run summary")
 
     seen: dict[int, Path] = {}
     for path in sorted((tmp_path / "r" / "csv").rglob("metrics.csv")):

@@ -219,3 +219,14 @@ def test_peak_memory_is_reported_only_on_cuda() -> None:
     from qsparse.training.callbacks import peak_memory_gib
 
     assert peak_memory_gib(torch.device("cpu")) is None
+
+
+def test_no_transformers_progress_bars_restores_the_setting() -> None:
+    from transformers.utils import logging as hf_logging
+
+    from qsparse.training.console import no_transformers_progress_bars
+
+    assert hf_logging.is_progress_bar_enabled()
+    with no_transformers_progress_bars():
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled()

@@ -5,14 +5,16 @@ progress bar and the summary table). :func:`quiet_libraries`, which the ``qspars
 command calls before composing the config (the library function :func:`qsparse.training.train`
 leaves the libraries as they are), keeps the libraries' chatter from landing between those
 lines: Lightning's INFO records (device availability, "💡 Tip" adverts, "`Trainer.fit`
-stopped") and torch's ``LeafSpec`` FutureWarning that Lightning 2.6 triggers on every step
-with torch >= 2.10. Lightning's warnings (WARNING and up) still print.
+stopped") and the ``LeafSpec`` FutureWarning that torch 2.13 raises inside Lightning 2.6. Lightning's warnings (WARNING and up) still print. The driver writes its
+transformers export inside :func:`no_transformers_progress_bars`.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -36,3 +38,18 @@ def quiet_libraries() -> None:
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
     )
+
+
+@contextmanager
+def no_transformers_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off inside the block (the export of a run, which prints
+    its own line), as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -41,7 +41,7 @@ from qsparse.errors import UserError
 from .callbacks import RunSummary, StepProgressBar, best_checkpoint
 from .checkpoint import AtomicCheckpointIO
 from .config import ConfigError, check_accelerator, validate_config
-from .console import say
+from .console import no_transformers_progress_bars, say
 from .logging import TrimResumedMetrics, build_loggers, finish_wandb, git_sha, log_run_config
 from .module import LMModule
 from .rundir import check_run_dir, prepare_run_dir
@@ -146,7 +146,7 @@ def build_trainer(
                 f"config error: trainer.strategy: could not build it: {_cause(exc)}"
             ) from exc
     if kwargs.get("enable_progress_bar", True):
-        callbacks = [*callbacks, StepProgressBar()]
+        callbacks = [StepProgressBar(), *callbacks]  # closes before RunSummary prints
     try:
         return L.Trainer(
             default_root_dir=str(run_dir),
@@ -360,6 +360,7 @@ def _export(
         model = LMModule.load_from_checkpoint(str(last), map_location="cpu").model
     out = run_dir / "hf"
     tokenizer = getattr(datamodule, "tokenizer", None)
-    export(model, out, tokenizer=tokenizer)  # settings: those sparsify() stored on the model
+    with no_transformers_progress_bars():
+        export(model, out, tokenizer=tokenizer)  # settings: those sparsify() stored on the model
     say(f"exported transformers folder: {out}")
     return str(out)

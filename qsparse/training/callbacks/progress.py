@@ -5,7 +5,9 @@ run over an endless or resumed stream shows ``Epoch 0`` (``Epoch 0/-2`` with
 ``max_epochs=-1`` in the rich bar) and, after a resume at step 120 of a 59-batch epoch,
 ``120/59``. :class:`StepProgressBar` shows one bar for the run instead, ``train steps
 120/200``: the step the run is at (restored from the checkpoint) out of
-``trainer.max_steps``, created with that total so no other title is ever printed.
+``trainer.max_steps``, created with that total so no other title is ever printed, with
+the logged metrics after it (not the logger's version number). The training driver puts it
+first among the callbacks, so that it closes before the run summary prints.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ class StepProgressBar(TQDMProgressBar):
         if self._by_steps(self.trainer):
             return self.trainer.max_steps
         return super().total_train_batches
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The logged progress-bar metrics, without Lightning's logger version (``v_num``)."""
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
 
     def init_train_tqdm(self) -> Tqdm:
         if not self._by_steps(self.trainer):
