@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [
             sys.executable,
             "-m",
-            "qsparse.train",
+            "qsparse.cli.train",
             f"recipe={args.recipe}",
             trainer,
             "logger=csv",

@@ -81,7 +81,7 @@ def test_shipped_sweep_jobs_compose_and_pass_the_checks() -> None:
 def test_dry_run_prints_the_multirun(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(SHIPPED), "--dry-run", "trainer=cpu"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("-m qsparse.train -m recipe=from_scratch/qsparse_tiny")
+    assert line.startswith("-m qsparse.cli.train -m recipe=from_scratch/qsparse_tiny")
     assert "sparsity.ratio=0.0,0.4,0.6 quant=none,bitnet" in line
     assert line.endswith("trainer=cpu sweep_name=sparsity_tiny")
 

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qsparse-sweep: {exc}", file=sys.stderr)
         return 2
     name = args.name or spec.get("name") or Path(args.file).stem
-    cmd = [sys.executable, "-m", "qsparse.train", "-m", *overrides, *args.overrides]
+    cmd = [sys.executable, "-m", "qsparse.cli.train", "-m", *overrides, *args.overrides]
     cmd.append(f"sweep_name={name}")
     if args.dry_run:
         print(" ".join(cmd[1:]))
