@@ -170,11 +170,9 @@ def run(args: argparse.Namespace, generate_args: Sequence[str] = ()) -> None:
 
 def plot(src: str, dst: str) -> None:
     """Bar chart of tokens/s per mode, one panel per preset, bars grouped by batch."""
-    import matplotlib
+    from qsparse.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(feature="the decode-modes plot")
     rows = json.loads(Path(src).read_text())
     presets = list(dict.fromkeys(r["preset"] for r in rows))
     fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4), squeeze=False)

@@ -58,11 +58,9 @@ def _train(recipe: str, overrides: list[str]) -> dict[str, Any]:
 
 
 def _plot(results: list[dict[str, Any]], text: str, path: Path) -> None:
-    import matplotlib
+    from qsparse.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(feature="the recovery plot")
     dense = next(r["ppl"][text] for r in results if r["kind"] == "dense")
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     styles = {
