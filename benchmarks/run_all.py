@@ -424,14 +424,27 @@ REGISTRY: list[Bench] = [
                     for p in _SHAPES_7B
                 ),
             ),
+            Row(
+                "decode",
+                "same with the threshold carried, previous kernel pair (selection, then the "
+                "list GEMV; now the carried GEMV sums the inputs above the carried band while "
+                "the selection runs): qkv, o, gate_up, down",
+                "; ".join(
+                    f"{{{_S7}.{p}_b1_S0.6.carry_list|.2f}}x ({{{_S7}.{p}_b1_S0.6.carry_list_us|.1f}}"
+                    " us)"
+                    for p in _SHAPES_7B
+                ),
+            ),
             *(
                 Row(
                     "decode",
-                    f"7B shapes, batch {b}, S=0.6: top-k kernel + one cuBLAS GEMM on the masked "
-                    "input (what decode runs at batch 2-16) / kept-row union kernel, vs cuBLAS: "
-                    "qkv; o; gate_up; down",
+                    f"7B shapes, batch {b}, S=0.6: top-k from carried thresholds + one cuBLAS "
+                    "GEMM on the masked input (what decode runs at batch 2-16) / bit-bisection "
+                    "top-k + GEMM / kept-row union kernel, vs cuBLAS: qkv; o; gate_up; down",
                     "; ".join(
-                        f"{{{_S7}.{p}_b{b}_S0.6.topk_gemm|.2f}}x / {{{_S7}.{p}_b{b}_S0.6.incl|.2f}}x"
+                        f"{{{_S7}.{p}_b{b}_S0.6.topk_gemm|.2f}}x / "
+                        f"{{{_S7}.{p}_b{b}_S0.6.bisect_gemm|.2f}}x / "
+                        f"{{{_S7}.{p}_b{b}_S0.6.incl|.2f}}x"
                         for p in _SHAPES_7B
                     ),
                 )
@@ -612,8 +625,12 @@ def summarize(runs: Sequence[dict[str, dict]]) -> dict[str, dict[str, object]]:
     return out
 
 
-def run_bench(bench: Bench, results_dir: Path, repeat: int | None = None) -> dict:
-    """Run ``bench`` (``repeat`` overrides its run count) and write ``<id>.json``."""
+def run_bench(
+    bench: Bench, results_dir: Path, repeat: int | None = None, timeout_s: int | None = None
+) -> dict:
+    """Run ``bench`` (``repeat`` overrides its run count, ``timeout_s`` its time limit per run)
+    and write ``<id>.json``. A run cut off by the limit keeps the figures it printed before
+    (and the record says it timed out)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -636,10 +653,19 @@ def run_bench(bench: Bench, results_dir: Path, repeat: int | None = None) -> dic
                 env=env,
                 capture_output=True,
                 text=True,
-                timeout=bench.timeout_s,
+                timeout=timeout_s or bench.timeout_s,
             )
-        except subprocess.TimeoutExpired:
-            errors.append(f"timed out after {bench.timeout_s} s")
+        except subprocess.TimeoutExpired as exc:
+            errors.append(f"timed out after {timeout_s or bench.timeout_s} s")
+            out = exc.stdout or ""
+            out = out.decode() if isinstance(out, bytes) else out
+            sys.stdout.write(out)
+            try:
+                partial = parse(out)
+            except ValueError:
+                partial = {}
+            if partial:
+                runs.append(partial)
             continue
         sys.stdout.write(proc.stdout)
         if proc.returncode != 0:
@@ -790,6 +816,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("run", help="run benchmarks (GPU), write results JSON, update tables")
     r.add_argument("--only", default="", help="comma list of benchmark ids (default: all)")
     r.add_argument("--repeat", type=int, default=None, help="runs per benchmark (override)")
+    r.add_argument(
+        "--timeout",
+        type=int,
+        default=None,
+        help="seconds per run (override; figures printed before the limit are kept)",
+    )
     t = sub.add_parser("tables", help="regenerate the tables from the results JSON")
     t.add_argument("--check", action="store_true", help="exit 1 if the tables are stale")
     sub.add_parser("list", help="print the registry")
@@ -809,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for bench in REGISTRY:
             if not ids or bench.id in ids:
                 print(f"== {bench.id}: {bench.command()}", flush=True)
-                record = run_bench(bench, args.results, args.repeat)
+                record = run_bench(bench, args.results, args.repeat, args.timeout)
                 for err in record["errors"]:
                     print(f"!! {bench.id}: {err}", file=sys.stderr)
     changed = update_readme(args.readme, args.results, check=getattr(args, "check", False))
