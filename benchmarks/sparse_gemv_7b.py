@@ -13,7 +13,7 @@ copies (L2 cannot serve them), times per call:
   batch 1 the carried GEMV (the inputs above the carried band summed while the selection
   runs, what :mod:`qsparse.generate` runs), and ``carry_list`` the previous kernel pair
   (selection, then the list GEMV; ``GemvConfig(carry=False)``), plus a sweep of the carried
-  GEMV's launch shapes (``carry_sweep``: split x block_k);
+  GEMV's launch shapes on o and down (``carry_sweep``: split x block_k);
 - ``topk+gemm`` (batch > 1): :func:`qsparse.kernels.gemv.masked_topk` from carried
   thresholds, then one cuBLAS GEMM on the masked input (what :mod:`qsparse.generate` runs at
   batch > 1), and ``bisect+gemm`` the training top-k kernel (bit bisection) in its place.
@@ -53,7 +53,9 @@ SHAPES = {  # name: (in, out) of the fused 7B projections
 DEVICE = "cuda"  # tests swap in "cpu" with the timing stubbed
 
 
+#: launch shapes of the carried GEMV tried at batch 1 on the shapes in SWEEP_SHAPES
 SWEEP = [(split, bk) for split in (1, 2, 4, 8) for bk in (64, 128)]
+SWEEP_SHAPES = ("o", "down")
 
 
 def check(kin: int, n: int, k: int, batch: int) -> None:
@@ -129,7 +131,7 @@ def main() -> None:
                     wts,
                 )
                 bn = G.sparse_config_for(kin, wts[0].shape[1], k, carry=True).block_n
-                for split, bk in SWEEP:
+                for split, bk in SWEEP if name in SWEEP_SHAPES else ():
                     c = G.GemvConfig(block_k=bk, block_n=bn, split=split)
                     extra[f"s{split}_k{bk}"] = timed(
                         lambda x, wt, k=k, n=n, h=hint, c=c: G.sparse_gemv(
@@ -137,12 +139,13 @@ def main() -> None:
                         ),
                         wts,
                     )
-                best = min(extra, key=extra.__getitem__)
-                print(
-                    f"# {name} carried GEMV sweep (block_n {bn}): "
-                    + ", ".join(f"{c} {t:.1f} us" for c, t in extra.items())
-                    + f"; best {best}"
-                )
+                if extra:
+                    best = min(extra, key=extra.__getitem__)
+                    print(
+                        f"# {name} carried GEMV sweep (block_n {bn}): "
+                        + ", ".join(f"{c} {t:.1f} us" for c, t in extra.items())
+                        + f"; best {best}"
+                    )
             r = dict(shape=name, kin=kin, n=n, batch=batch, k=k, dense_us=dense)
             r.update(sparse_us=sparse, carry_us=carry, topk_gemm_us=masked)
             r.update(bisect_gemm_us=bisect, carry_list_us=carry_list, carry_sweep_us=extra)

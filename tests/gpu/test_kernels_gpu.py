@@ -303,8 +303,8 @@ def test_decode_gemvs_compile_without_graph_break():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kin, n", [(4096, 4096), (11008, 4096), (4096, 12288)])
-@pytest.mark.parametrize("split", [None, 1, 3])
+@pytest.mark.parametrize("kin, n", [(4096, 4096), (11008, 4096)])
+@pytest.mark.parametrize("split", [None, 3])
 def test_carried_gemv_matches_reference_through_hits_and_misses(dtype, kin, n, split):
     """Batch 1 with ``hint=``: the GEMV that starts above the carried band before the selection
     is known (hint absent, hit, threshold jumping above or below the band, ties) equals the
@@ -324,7 +324,7 @@ def test_carried_gemv_matches_reference_through_hits_and_misses(dtype, kin, n, s
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", [2, 8, 16])
+@pytest.mark.parametrize("batch", [2, 16])
 def test_masked_topk_is_exact_with_and_without_carried_thresholds(dtype, batch):
     hint = G.new_hint(16, "cuda")
     base = fresh((batch, 11008), dtype)
