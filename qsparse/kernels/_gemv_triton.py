@@ -242,10 +242,15 @@ def _band_list_kernel(
     PDL: tl.constexpr = False,
 ):
     """Batch 1, threshold carried (:func:`_carry_gemv_kernel` reads the rest): the exact top-k
-    of x[K] (radix select starting from ``hint[0]``, which it leaves as it is), then the list
-    of the kept inputs *at or below the band top* ``hi`` (:func:`_band_top`) in idx/val, and
-    ``cnt[0]`` = its length, ``cnt[1]`` = the threshold key. When the threshold is above
-    ``hi`` (a miss) the list holds every kept input instead."""
+    of x[K] (radix select starting from ``hint[0]``, which it leaves as it is) and what the
+    GEMV must add to its sweep 1 (the inputs above the band top ``hi``, :func:`_band_top`), as
+    a list idx/val of ``cnt[0]`` entries; ``cnt[1]`` = the threshold key, ``cnt[2]`` = 1 when
+    the GEMV must drop sweep 1. Three cases:
+
+    - threshold at or below ``hi`` (a hit): the kept inputs at or below ``hi``;
+    - above it (a miss) and fewer than k inputs to undo: those sweep 1 summed but the top-k
+      drops (keys between ``hi`` and the threshold, ties past the kept ones), values negated;
+    - otherwise (or no hint yet): every kept input, and sweep 1 is dropped."""
     if PDL:
         gdc_launch_dependents()
     i = tl.arange(0, BLOCK)
@@ -256,16 +261,26 @@ def _band_list_kernel(
         key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, True, STORE=False
     )
     hi = _band_top(tl.load(hint_ptr), DBITS, LOW)
-    inband = key <= tl.where(thr > hi, 0x7FFFFFFF, hi)  # a miss: all of them
-    gt = (key > thr) & inband
-    eq = key == thr  # thr <= hi or a miss: every tie is in the band
-    cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
-    keep = gt | (eq & ((cs & 65535) <= need))
-    pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
-    tl.store(idx_ptr + pos, i, mask=keep)
-    tl.store(val_ptr + pos, xf, mask=keep)
-    tl.store(cnt_ptr, tl.sum(gt.to(tl.int32), axis=0) + need)
+    eq = (key == thr).to(tl.int32)
+    over = ((key > hi) & (key < thr)).to(tl.int32)  # summed by sweep 1, not kept (on a miss)
+    n_fix = tl.sum(over, axis=0) + tl.sum(eq, axis=0) - need
+    # 0/1 flags as int32 scalars: fix = undo, drop = the full list
+    miss = (thr > hi).to(tl.int32)
+    fix = miss * (hi >= 0).to(tl.int32) * (n_fix < k).to(tl.int32)
+    drop = miss - fix
+    above = ((key > thr) & (key <= tl.where(drop > 0, 0x7FFFFFFF, hi))).to(tl.int32)
+    a = fix * over + (1 - fix) * above
+    cs = tl.cumsum(a * 65536 + eq, axis=0)
+    rank = cs & 65535  # among the ties so far
+    tie_kept = (rank <= need).to(tl.int32)
+    listed = (a + eq * (fix * (1 - tie_kept) + (1 - fix) * tie_kept)) > 0
+    tie_pos = fix * tl.maximum(rank - need, 0) + (1 - fix) * tl.minimum(rank, need)
+    pos = (cs >> 16) + tie_pos - 1
+    tl.store(idx_ptr + pos, i, mask=listed)
+    tl.store(val_ptr + pos, xf * (1 - 2 * fix).to(tl.float32), mask=listed)
+    tl.store(cnt_ptr, tl.sum(a, axis=0) + fix * (n_fix - tl.sum(over, axis=0)) + (1 - fix) * need)
     tl.store(cnt_ptr + 1, thr)
+    tl.store(cnt_ptr + 2, drop)
 
 
 @triton.jit
@@ -539,8 +554,8 @@ def _carry_gemv_kernel(
     the inputs whose key is above the band top ``hi`` of the carried hint (:func:`_band_top`;
     kept for sure when the exact threshold is at or below it), row-masked tiles of the
     program's slice of K (masked rows are not read). Sweep 2 (after it): the list the
-    selection wrote (the kept inputs at or below ``hi``; on a miss, every kept input, and
-    sweep 1's sums are dropped). Grid (cdiv(N, BN), SPLIT): program (j, s) owns columns
+    selection wrote (the kept inputs at or below ``hi``; on a miss, the inputs sweep 1 summed
+    that are not kept, negated, or every kept input with sweep 1's sums dropped). Grid (cdiv(N, BN), SPLIT): program (j, s) owns columns
     j*BN.. and the s-th slice of K and of the list; SPLIT > 1 sums the fp32 partials in order
     in the last program per column block (``sem[j]``), as :func:`_compact_gemv_kernel`. The
     last program of the grid (``sem[cdiv(N, BN)]``) stores the new threshold in ``hint[0]``
@@ -572,7 +587,7 @@ def _carry_gemv_kernel(
         gdc_wait()
     n_list = tl.load(cnt_ptr)
     thr = tl.load(cnt_ptr + 1)
-    acc2 = tl.where(thr > hi, 0.0, acc2)  # a miss: sweep 1 summed inputs that are not kept
+    acc2 = tl.where(tl.load(cnt_ptr + 2) > 0, 0.0, acc2)  # the list holds every kept input
     per = tl.cdiv(tl.cdiv(n_list, SPLIT), BK) * BK
     lo = pid_s * per
     hi2 = tl.minimum(lo + per, n_list)

@@ -551,7 +551,7 @@ def _carry_gemv_launch(
     block_n = cfg.block_n
     idx = torch.empty(k_in, dtype=torch.int32, device=x.device)
     val = torch.empty(1, k_in, dtype=torch.float32, device=x.device)
-    cnt = torch.empty(2, dtype=torch.int32, device=x.device)
+    cnt = torch.empty(3, dtype=torch.int32, device=x.device)
     low, ndig = _radix_digits(x.dtype, cfg.digit_bits)
     _band_list_kernel[(1,)](
         x,
