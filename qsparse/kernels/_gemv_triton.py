@@ -263,7 +263,9 @@ def _band_list_kernel(
     hi = _band_top(tl.load(hint_ptr), DBITS, LOW)
     eq = (key == thr).to(tl.int32)
     over = ((key > hi) & (key < thr)).to(tl.int32)  # summed by sweep 1, not kept (on a miss)
-    n_fix = tl.sum(over, axis=0) + tl.sum(eq, axis=0) - need
+    both = tl.sum(over * 65536 + eq, axis=0)  # one reduction: both counts (K <= 16384)
+    n_over = both >> 16
+    n_fix = n_over + (both & 65535) - need
     # 0/1 flags as int32 scalars: fix = undo, drop = the full list
     miss = (thr > hi).to(tl.int32)
     fix = miss * (hi >= 0).to(tl.int32) * (n_fix < k).to(tl.int32)
@@ -278,7 +280,7 @@ def _band_list_kernel(
     pos = (cs >> 16) + tie_pos - 1
     tl.store(idx_ptr + pos, i, mask=listed)
     tl.store(val_ptr + pos, xf * (1 - 2 * fix).to(tl.float32), mask=listed)
-    tl.store(cnt_ptr, tl.sum(a, axis=0) + fix * (n_fix - tl.sum(over, axis=0)) + (1 - fix) * need)
+    tl.store(cnt_ptr, tl.sum(a, axis=0) + fix * (n_fix - n_over) + (1 - fix) * need)
     tl.store(cnt_ptr + 1, thr)
     tl.store(cnt_ptr + 2, drop)
 
