@@ -8,12 +8,13 @@ copies (L2 cannot serve them), times per call:
 - ``dense``: ``F.linear(x, W)`` (cuBLAS), the baseline;
 - ``sparse``: ``sparse_gemv(x, Wt, k)`` (selection + list + GEMV over the kept rows; at batch
   > 1 the union of the rows' kept inputs);
-- ``sparse+carry``: the same with the threshold carried from the previous call (``hint=``;
-  the inputs are redrawn from one distribution per call, as consecutive decode steps are); at
-  batch 1 the carried GEMV (the inputs above the carried band summed while the selection
-  runs, what :mod:`qsparse.generate` runs), and ``carry_list`` the previous kernel pair
-  (selection, then the list GEMV; ``GemvConfig(carry=False)``), plus a sweep of the carried
-  GEMV's launch shapes on o and down (``carry_sweep``: split x block_k);
+- ``sparse+carry``: with the threshold carried from the previous call (``hint=``; the inputs
+  are redrawn from one distribution per call, as consecutive decode steps are): at batch 1
+  the carried GEMV (``GemvConfig(carry=True)``: the inputs above the carried band summed
+  while the selection runs; measured slower, not the default), and ``carry_list`` what
+  :mod:`qsparse.generate` runs (the selection from the carried threshold, then the list
+  GEMV), plus a sweep of the carried GEMV's launch shapes on o and down (``carry_sweep``:
+  split x block_k); at batch > 1 the default path with the hint;
 - ``topk+gemm`` (batch > 1): :func:`qsparse.kernels.gemv.masked_topk` from carried
   thresholds, then one cuBLAS GEMM on the masked input (what :mod:`qsparse.generate` runs at
   batch > 1), and ``bisect+gemm`` the training top-k kernel (bit bisection) in its place.
@@ -66,8 +67,9 @@ def check(kin: int, n: int, k: int, batch: int) -> None:
     for _ in range(3):
         x = torch.randn(batch, kin, device=DEVICE, dtype=torch.bfloat16)
         ref = G.sparse_gemv_reference(x, wt, k)[:, :n].float()
-        for h in (None, hint):
-            got = G.sparse_gemv(x, wt, k, n_out=n, hint=h).float()
+        carried = G.sparse_config_for(kin, wt.shape[1], k, carry=True) if batch == 1 else None
+        for h, c in ((None, None), (hint, None), (hint, carried)):
+            got = G.sparse_gemv(x, wt, k, c, n_out=n, hint=h).float()
             err = ((got - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (kin, n, batch, err)
         if batch > 1:
@@ -109,8 +111,11 @@ def main() -> None:
 
             dense = timed(F.linear, ws)
             sparse = timed(lambda x, wt, k=k, n=n: G.sparse_gemv(x, wt, k, n_out=n), wts)
+            # batch 1: the carried GEMV (GemvConfig.carry, not the default); else the default
+            ccfg = G.sparse_config_for(kin, wts[0].shape[1], k, carry=True) if batch == 1 else None
             carry = timed(
-                lambda x, wt, k=k, n=n, h=hint: G.sparse_gemv(x, wt, k, n_out=n, hint=h), wts
+                lambda x, wt, k=k, n=n, h=hint, c=ccfg: G.sparse_gemv(x, wt, k, c, n_out=n, hint=h),
+                wts,
             )
             masked = bisect = carry_list = None
             extra = {}
@@ -132,7 +137,7 @@ def main() -> None:
                 )
                 bn = G.sparse_config_for(kin, wts[0].shape[1], k, carry=True).block_n
                 for split, bk in SWEEP if name in SWEEP_SHAPES else ():
-                    c = G.GemvConfig(block_k=bk, block_n=bn, split=split)
+                    c = G.GemvConfig(block_k=bk, block_n=bn, split=split, carry=True)
                     extra[f"s{split}_k{bk}"] = timed(
                         lambda x, wt, k=k, n=n, h=hint, c=c: G.sparse_gemv(
                             x, wt, k, c, n_out=n, hint=h

@@ -18,9 +18,8 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
 - dense float weights: ``F.linear`` on the concatenated weight (one cuBLAS GEMV);
 - top-k sparse input, float weights: :func:`qsparse.kernels.gemv.sparse_gemv` (reads only the
   kept weight rows; the top-k selection runs inside, starting from the threshold the site
-  found at the previous step: one radix pass instead of three when it moved little; the GEMV
-  sums the inputs above that threshold's band while the selection runs, the rest after it)
-  at batch 1; at batch 2-16 :func:`~qsparse.kernels.gemv.masked_topk` (also from the carried
+  found at the previous step: one radix pass instead of three when it moved little) at
+  batch 1; at batch 2-16 :func:`~qsparse.kernels.gemv.masked_topk` (also from the carried
   thresholds), then one GEMM on the fused weight;
 - ternary weights (BitNet b1.58, int8 absmax activations), optionally top-k sparse:
   :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit packed weights, up to 16 tokens.

@@ -306,7 +306,7 @@ HINT_SCRIPT = textwrap.dedent(
         kth = x.float().abs().topk(120, dim=1).values[:, -1].view(torch.int32)
         low = 31 - G.KEY_BITS[dtype]
         for split in (1, 3):
-            cfg = G.GemvConfig(block_k=16, block_n=32, split=split)
+            cfg = G.GemvConfig(block_k=16, block_n=32, split=split, carry=True)
             for shift in (None, 0, -14, -15, -300, 15, -(2**20)):  # -15, -300: misses
                 hint = G.new_hint(1)
                 if shift is not None:

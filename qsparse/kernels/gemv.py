@@ -69,7 +69,9 @@ class GemvConfig:
     one-program selection kernel; ``use_dot``: tensor-core dot with the batch padded to 16
     (sparse; None: when batch > 1); ``carry``: at batch 1 with a carried threshold
     (``hint=``) and row-major weights, the GEMV sums the inputs above the carried band while
-    the selection still runs and only the rest after it (:func:`sparse_gemv`).
+    the selection still runs and only the rest after it (docs/decode.md). Off by default: on
+    an H200 it was slower than the list GEMV on every 7B shape but the down projection
+    (benchmarks/README.md).
     """
 
     block_k: int = 128
@@ -83,7 +85,7 @@ class GemvConfig:
     bits_per_pass: int = 2  # bisection selection (radix=False): bits decided per pass
     digit_bits: int = 5  # radix digit width: 2^digit_bits histogram bins per pass
     pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
-    carry: bool = True  # sparse, batch 1, ``hint=`` given: start before the selection is known
+    carry: bool = False  # sparse, batch 1, ``hint=``: start before the selection (measured slower)
 
 
 #: tuned on an H100 at 4096 -> 11008, batch 1 (benchmarks/README.md): dense activations ...
@@ -116,14 +118,17 @@ def sparse_config_for(k_in: int, n: int, k: int, batch: int = 1, carry: bool = F
     4096 -> 11008 (benchmarks/README.md): 64 columns per program when that still gives at
     least one program per SM (132), else 32; below 132 programs with at least 2048 kept rows,
     the list is split over 4 programs per column block (5460 -> 2048: 8.7 instead of 11.3 us).
-    Batch > 1: tensor-core tiles of 32 kept rows. ``carry`` (batch 1 with a carried threshold):
-    the slices of K split over up to 8 programs per column block, for about
-    :data:`CARRY_PROGRAMS` programs."""
+    Batch > 1: tensor-core tiles of 32 kept rows. ``carry``: the carried GEMV
+    (``GemvConfig.carry``, batch 1 with a carried threshold; not the default): the slices of K
+    split over up to 8 programs per column block, for about :data:`CARRY_PROGRAMS` programs
+    (the fastest of split 1-8 x block_k 64/128 on the 7B o shape, one of the two fastest on
+    down)."""
     if batch > 1:
         return GemvConfig(block_k=32, block_n=64, num_warps=4)
     block_n = 64 if n // 64 >= 132 else 32
     if carry:
-        return GemvConfig(block_n=block_n, split=max(1, min(8, CARRY_PROGRAMS // -(-n // block_n))))
+        split = max(1, min(8, CARRY_PROGRAMS // -(-n // block_n)))
+        return GemvConfig(block_n=block_n, split=split, carry=True)
     split = 4 if -(-n // block_n) < 132 and k >= 2048 else 1
     return GemvConfig(block_n=block_n, split=split)
 
@@ -410,8 +415,7 @@ def sparse_gemv(
     so ``torch.compile`` traces a call without a graph break."""
     if cfg is None:
         k_in, n_pad, panel = _wt_dims(wt)
-        carry = hint is not None and panel is None and x.dim() == 2
-        cfg = sparse_config_for(k_in, n_pad, k if k is not None else k_in, x.shape[0], carry)
+        cfg = sparse_config_for(k_in, n_pad, k if k is not None else k_in, x.shape[0])
         if panel is not None:  # the program width must divide the panel width
             cfg = replace(cfg, block_n=math.gcd(cfg.block_n, panel))
     k_in, _, _, _, _, _ = _panels(wt, cfg)

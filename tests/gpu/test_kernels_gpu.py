@@ -311,7 +311,11 @@ def test_carried_gemv_matches_reference_through_hits_and_misses(dtype, kin, n, s
     reference and leaves the exact new threshold in the hint."""
     k = int(0.4 * kin)
     wt = G.prepare_dense(fresh((n, kin), dtype) * 0.02)
-    cfg = None if split is None else G.GemvConfig(block_n=32, split=split)
+    cfg = (
+        G.sparse_config_for(kin, wt.shape[1], k, carry=True)
+        if split is None
+        else G.GemvConfig(block_n=32, split=split, carry=True)
+    )
     hint = G.new_hint(16, "cuda")
     low = 31 - G.KEY_BITS[dtype]
     base = fresh((1, kin), dtype)
@@ -345,11 +349,12 @@ def test_carried_gemv_replays_in_a_cuda_graph():
     x = fresh((1, 11008), torch.bfloat16)
     hint = G.new_hint(16, "cuda")
     k = 4403
-    G.sparse_gemv(x, wt, k, hint=hint)  # compile outside the capture
+    cfg = G.sparse_config_for(11008, wt.shape[1], k, carry=True)
+    G.sparse_gemv(x, wt, k, cfg, hint=hint)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = G.sparse_gemv(x, wt, k, hint=hint)
+        out = G.sparse_gemv(x, wt, k, cfg, hint=hint)
     base = fresh((1, 11008), torch.bfloat16)
     for scale in (1.0, 1.01, 0.99, 3.0, 1.0):
         x.copy_((base.float() * scale).to(torch.bfloat16))
