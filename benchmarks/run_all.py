@@ -407,10 +407,16 @@ REGISTRY: list[Bench] = [
             _ratio_row(
                 "decode",
                 f"7B {name} {kin}->{n} sparse GEMV, batch 1, S=0.6, top-k selection included, "
-                "threshold carried from the previous call (as decode runs it), vs cuBLAS",
-                f"{_S7}.{name}_b1_S0.6.carry",
-                f"{_S7}.{name}_b1_S0.6.carry_us",
-                Goal(f"{_S7}.{name}_b1_S0.6.carry", ">=", 1.5, f"{_S7}.{name}_b1_S0.6.dense_us"),
+                "threshold carried from the previous call, then the list GEMV (as decode runs "
+                "it), vs cuBLAS",
+                f"{_S7}.{name}_b1_S0.6.carry_list",
+                f"{_S7}.{name}_b1_S0.6.carry_list_us",
+                Goal(
+                    f"{_S7}.{name}_b1_S0.6.carry_list",
+                    ">=",
+                    1.5,
+                    f"{_S7}.{name}_b1_S0.6.dense_us",
+                ),
             )
             for name, (kin, n) in _SHAPES_7B.items()
         )
@@ -426,13 +432,22 @@ REGISTRY: list[Bench] = [
             ),
             Row(
                 "decode",
-                "same with the threshold carried, previous kernel pair (selection, then the "
-                "list GEMV; now the carried GEMV sums the inputs above the carried band while "
-                "the selection runs): qkv, o, gate_up, down",
+                "same, carried GEMV instead (`GemvConfig(carry=True)`, not the default: sums the "
+                "inputs above the carried band while the selection runs, the rest after it): "
+                "qkv, o, gate_up, down",
                 "; ".join(
-                    f"{{{_S7}.{p}_b1_S0.6.carry_list|.2f}}x ({{{_S7}.{p}_b1_S0.6.carry_list_us|.1f}}"
-                    " us)"
+                    f"{{{_S7}.{p}_b1_S0.6.carry|.2f}}x ({{{_S7}.{p}_b1_S0.6.carry_us|.1f}} us)"
                     for p in _SHAPES_7B
+                ),
+            ),
+            Row(
+                "decode",
+                "carried GEMV launch shapes, us: o split 4 x block_k 128 / split 8 x 64; down "
+                "the same two (fastest of split 1-8 x block_k 64/128)",
+                " / ".join(
+                    f"{{{_S7}.{p}_b1_S0.6.carry_sweep.{c}_us|.1f}}"
+                    for p in ("o", "down")
+                    for c in ("s4_k128", "s8_k64")
                 ),
             ),
             *(
@@ -567,8 +582,10 @@ def _git(*args: str) -> str | None:
 def commit_state() -> tuple[str, bool | None]:
     """``(commit, dirty)``: from git when this is a checkout (dirty: tracked files other than
     the results and the tables differ from the commit); else from ``QSPARSE_COMMIT`` (a copy
-    of the tree shipped to a GPU machine without ``.git``), tree state unknown (``None``)."""
-    head = _git("rev-parse", "HEAD")
+    of the tree shipped to a GPU machine without ``.git``, or nested inside another
+    checkout, whose commit would be the wrong one), tree state unknown (``None``)."""
+    top = _git("rev-parse", "--show-toplevel")
+    head = _git("rev-parse", "HEAD") if top and Path(top).resolve() == ROOT else None
     if head is None:
         return os.environ.get("QSPARSE_COMMIT") or "unknown", None
     status = _git("status", "--porcelain", "--untracked-files=no") or ""

@@ -255,6 +255,10 @@ def test_commit_of_a_tree_copied_without_git(monkeypatch: pytest.MonkeyPatch) ->
     assert run_all.commit_state() == ("unknown", None)
     monkeypatch.setenv("QSPARSE_COMMIT", "77bb3b8c0ffee")
     assert run_all.commit_state() == ("77bb3b8c0ffee", None)
+    # a copy inside another checkout (a staging folder): git answers for the outer one
+    outer = {("rev-parse", "--show-toplevel"): "/elsewhere", ("rev-parse", "HEAD"): "f" * 40}
+    monkeypatch.setattr(run_all, "_git", lambda *args: outer.get(args))
+    assert run_all.commit_state() == ("77bb3b8c0ffee", None)
     record = {
         "bench": "gemv",
         "command": "python3 benchmarks/gemv.py",

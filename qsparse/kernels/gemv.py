@@ -6,7 +6,11 @@ kernels read.
 - :func:`sparse_gemv`: ``y = (x * M) @ Wt`` with ``M`` the per-row top-k of |x|, ``Wt``: [K, N]
   (input-major, a kept input reads one contiguous row). A one-program kernel lists the kept
   inputs (the union over the batch), a second streams exactly those weight rows in full tiles:
-  batch 1 reads ``k * N`` weights.
+  batch 1 reads ``k * N`` weights. ``hint=`` carries each row's threshold from call to call
+  (one radix pass when it moved little); ``GemvConfig(carry=True)`` instead starts the GEMV on
+  the inputs above the carried band before the selection is known (measured slower, opt-in).
+- :func:`masked_topk`: ``x * M`` from carried thresholds, what decode runs before a dense GEMM
+  at batch 2-16.
 - :func:`ternary_gemv`: ``y = Q8(x) * M @ (alpha * T)`` with ``T`` in {-1, 0, 1} packed 16 per
   int32 along K ([ceil(K/16), N]: 1/8 of the bf16 bytes) and int8 activations (per-row absmax,
   BitNet b1.58 inference) multiplied with ``dp4a`` in int32; with ``k`` set, also top-k sparse
