@@ -98,14 +98,17 @@ def _save(path: str | None, rows: list[dict]) -> None:
         Path(path).write_text(json.dumps(rows, indent=1))
 
 
-def emit_modes(key: str, measured: Sequence[tuple[str, float, float | None]]) -> None:
-    """``FIGURE`` lines of one preset/batch/step: per mode tokens/s and ratio to dense, the
-    slowest non-dense mode's ratio (``min``) and BitNet + Q-Sparse vs BitNet alone."""
+def emit_mode(key: str, mode: str, tps: float, ratio: float | None) -> None:
+    """``FIGURE`` lines of one mode of one preset/batch/step: tokens/s and ratio to dense."""
+    emit(f"{key}.{mode}.tokens_per_s", tps, "tokens/s")
+    if ratio is not None:
+        emit(f"{key}.{mode}.ratio", ratio)
+
+
+def emit_summary(key: str, measured: Sequence[tuple[str, float, float | None]]) -> None:
+    """``FIGURE`` lines comparing the modes of one preset/batch/step: the slowest non-dense
+    mode's ratio to dense (``min.ratio``) and BitNet + Q-Sparse vs BitNet alone."""
     tps = {mode: t for mode, t, _ in measured}
-    for mode, t, ratio in measured:
-        emit(f"{key}.{mode}.tokens_per_s", t, "tokens/s")
-        if ratio is not None:
-            emit(f"{key}.{mode}.ratio", ratio)
     others = [r for mode, _, r in measured if mode != "dense" and r is not None]
     if others:
         emit(f"{key}.min.ratio", min(others))
@@ -138,17 +141,24 @@ def run(args: argparse.Namespace, generate_args: Sequence[str] = ()) -> None:
                 argv += ["--compile", args.compile_backend]
             gen_args = _parser().parse_args([*argv, *generate_args])
             start = time.perf_counter()
-            measured = measure(gen_args, modes)
-            for mode, tps, ratio in measured:
+            key = f"decode_modes.{preset}.b{batch}"
+            step_key = f"{key}.{'compile' if compiled else 'eager'}"
+            measured: list[tuple[str, float, float | None]] = []
+            dense_tps = None
+            for mode in modes:  # one at a time: a run cut short keeps the modes it measured
+                ((_, tps, _),) = measure(gen_args, [mode])
+                dense_tps = tps if mode == "dense" else dense_tps
+                ratio = tps / dense_tps if dense_tps else None
+                measured.append((mode, tps, ratio))
                 rows.append(
                     dict(preset=preset, batch=batch, mode=mode, tokens_per_s=tps, ratio=ratio)
                     | dict(compiled=compiled, new_tokens=n)
                 )
                 shown = f"{ratio:.2f}x" if ratio is not None else "-"
                 print(f"RATIO decode {preset} batch {batch} {mode}: {shown} ({tps:.1f} tok/s)")
-            key = f"decode_modes.{preset}.b{batch}"
-            emit_modes(f"{key}.{'compile' if compiled else 'eager'}", measured)
-            _save(args.json, rows)
+                emit_mode(step_key, mode, tps, ratio)
+                _save(args.json, rows)
+            emit_summary(step_key, measured)
             print(f"# {preset} batch {batch}: {time.perf_counter() - start:.0f} s", flush=True)
             if batch in [int(b) for b in args.hf_batches.split(",") if b]:
                 dense = next((t for m, t, _ in measured if m == "dense"), None)

@@ -407,10 +407,16 @@ REGISTRY: list[Bench] = [
             _ratio_row(
                 "decode",
                 f"7B {name} {kin}->{n} sparse GEMV, batch 1, S=0.6, top-k selection included, "
-                "threshold carried from the previous call (as decode runs it), vs cuBLAS",
-                f"{_S7}.{name}_b1_S0.6.carry",
-                f"{_S7}.{name}_b1_S0.6.carry_us",
-                Goal(f"{_S7}.{name}_b1_S0.6.carry", ">=", 1.5, f"{_S7}.{name}_b1_S0.6.dense_us"),
+                "threshold carried from the previous call, then the list GEMV (as decode runs "
+                "it), vs cuBLAS",
+                f"{_S7}.{name}_b1_S0.6.carry_list",
+                f"{_S7}.{name}_b1_S0.6.carry_list_us",
+                Goal(
+                    f"{_S7}.{name}_b1_S0.6.carry_list",
+                    ">=",
+                    1.5,
+                    f"{_S7}.{name}_b1_S0.6.dense_us",
+                ),
             )
             for name, (kin, n) in _SHAPES_7B.items()
         )
@@ -424,14 +430,36 @@ REGISTRY: list[Bench] = [
                     for p in _SHAPES_7B
                 ),
             ),
+            Row(
+                "decode",
+                "same, carried GEMV instead (`GemvConfig(carry=True)`, not the default: sums the "
+                "inputs above the carried band while the selection runs, the rest after it): "
+                "qkv, o, gate_up, down",
+                "; ".join(
+                    f"{{{_S7}.{p}_b1_S0.6.carry|.2f}}x ({{{_S7}.{p}_b1_S0.6.carry_us|.1f}} us)"
+                    for p in _SHAPES_7B
+                ),
+            ),
+            Row(
+                "decode",
+                "carried GEMV launch shapes, us: o split 4 x block_k 128 / split 8 x 64; down "
+                "the same two (fastest of split 1-8 x block_k 64/128)",
+                " / ".join(
+                    f"{{{_S7}.{p}_b1_S0.6.carry_sweep.{c}_us|.1f}}"
+                    for p in ("o", "down")
+                    for c in ("s4_k128", "s8_k64")
+                ),
+            ),
             *(
                 Row(
                     "decode",
-                    f"7B shapes, batch {b}, S=0.6: top-k kernel + one cuBLAS GEMM on the masked "
-                    "input (what decode runs at batch 2-16) / kept-row union kernel, vs cuBLAS: "
-                    "qkv; o; gate_up; down",
+                    f"7B shapes, batch {b}, S=0.6: top-k from carried thresholds + one cuBLAS "
+                    "GEMM on the masked input (what decode runs at batch 2-16) / bit-bisection "
+                    "top-k + GEMM / kept-row union kernel, vs cuBLAS: qkv; o; gate_up; down",
                     "; ".join(
-                        f"{{{_S7}.{p}_b{b}_S0.6.topk_gemm|.2f}}x / {{{_S7}.{p}_b{b}_S0.6.incl|.2f}}x"
+                        f"{{{_S7}.{p}_b{b}_S0.6.topk_gemm|.2f}}x / "
+                        f"{{{_S7}.{p}_b{b}_S0.6.bisect_gemm|.2f}}x / "
+                        f"{{{_S7}.{p}_b{b}_S0.6.incl|.2f}}x"
                         for p in _SHAPES_7B
                     ),
                 )
@@ -554,8 +582,10 @@ def _git(*args: str) -> str | None:
 def commit_state() -> tuple[str, bool | None]:
     """``(commit, dirty)``: from git when this is a checkout (dirty: tracked files other than
     the results and the tables differ from the commit); else from ``QSPARSE_COMMIT`` (a copy
-    of the tree shipped to a GPU machine without ``.git``), tree state unknown (``None``)."""
-    head = _git("rev-parse", "HEAD")
+    of the tree shipped to a GPU machine without ``.git``, or nested inside another
+    checkout, whose commit would be the wrong one), tree state unknown (``None``)."""
+    top = _git("rev-parse", "--show-toplevel")
+    head = _git("rev-parse", "HEAD") if top and Path(top).resolve() == ROOT else None
     if head is None:
         return os.environ.get("QSPARSE_COMMIT") or "unknown", None
     status = _git("status", "--porcelain", "--untracked-files=no") or ""
@@ -612,8 +642,12 @@ def summarize(runs: Sequence[dict[str, dict]]) -> dict[str, dict[str, object]]:
     return out
 
 
-def run_bench(bench: Bench, results_dir: Path, repeat: int | None = None) -> dict:
-    """Run ``bench`` (``repeat`` overrides its run count) and write ``<id>.json``."""
+def run_bench(
+    bench: Bench, results_dir: Path, repeat: int | None = None, timeout_s: int | None = None
+) -> dict:
+    """Run ``bench`` (``repeat`` overrides its run count, ``timeout_s`` its time limit per run)
+    and write ``<id>.json``. A run cut off by the limit keeps the figures it printed before
+    (and the record says it timed out)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -636,10 +670,19 @@ def run_bench(bench: Bench, results_dir: Path, repeat: int | None = None) -> dic
                 env=env,
                 capture_output=True,
                 text=True,
-                timeout=bench.timeout_s,
+                timeout=timeout_s or bench.timeout_s,
             )
-        except subprocess.TimeoutExpired:
-            errors.append(f"timed out after {bench.timeout_s} s")
+        except subprocess.TimeoutExpired as exc:
+            errors.append(f"timed out after {timeout_s or bench.timeout_s} s")
+            out = exc.stdout or ""
+            out = out.decode() if isinstance(out, bytes) else out
+            sys.stdout.write(out)
+            try:
+                partial = parse(out)
+            except ValueError:
+                partial = {}
+            if partial:
+                runs.append(partial)
             continue
         sys.stdout.write(proc.stdout)
         if proc.returncode != 0:
@@ -790,6 +833,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("run", help="run benchmarks (GPU), write results JSON, update tables")
     r.add_argument("--only", default="", help="comma list of benchmark ids (default: all)")
     r.add_argument("--repeat", type=int, default=None, help="runs per benchmark (override)")
+    r.add_argument(
+        "--timeout",
+        type=int,
+        default=None,
+        help="seconds per run (override; figures printed before the limit are kept)",
+    )
     t = sub.add_parser("tables", help="regenerate the tables from the results JSON")
     t.add_argument("--check", action="store_true", help="exit 1 if the tables are stale")
     sub.add_parser("list", help="print the registry")
@@ -809,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for bench in REGISTRY:
             if not ids or bench.id in ids:
                 print(f"== {bench.id}: {bench.command()}", flush=True)
-                record = run_bench(bench, args.results, args.repeat)
+                record = run_bench(bench, args.results, args.repeat, args.timeout)
                 for err in record["errors"]:
                     print(f"!! {bench.id}: {err}", file=sys.stderr)
     changed = update_readme(args.readme, args.results, check=getattr(args, "check", False))

@@ -8,10 +8,16 @@ copies (L2 cannot serve them), times per call:
 - ``dense``: ``F.linear(x, W)`` (cuBLAS), the baseline;
 - ``sparse``: ``sparse_gemv(x, Wt, k)`` (selection + list + GEMV over the kept rows; at batch
   > 1 the union of the rows' kept inputs);
-- ``sparse+carry``: the same with the threshold carried from the previous call (``hint=``;
-  the inputs are redrawn from one distribution per call, as consecutive decode steps are);
-- ``topk+gemm`` (batch > 1): the site's top-k kernel, then one cuBLAS GEMM on the masked
-  input (what :mod:`qsparse.generate` runs at batch > 1).
+- ``sparse+carry``: with the threshold carried from the previous call (``hint=``; the inputs
+  are redrawn from one distribution per call, as consecutive decode steps are): at batch 1
+  the carried GEMV (``GemvConfig(carry=True)``: the inputs above the carried band summed
+  while the selection runs; measured slower, not the default), and ``carry_list`` what
+  :mod:`qsparse.generate` runs (the selection from the carried threshold, then the list
+  GEMV), plus a sweep of the carried GEMV's launch shapes on o and down (``carry_sweep``:
+  split x block_k); at batch > 1 the default path with the hint;
+- ``topk+gemm`` (batch > 1): :func:`qsparse.kernels.gemv.masked_topk` from carried
+  thresholds, then one cuBLAS GEMM on the masked input (what :mod:`qsparse.generate` runs at
+  batch > 1), and ``bisect+gemm`` the training top-k kernel (bit bisection) in its place.
 
 Before timing, every kernel is checked against its PyTorch reference on fresh inputs.
 
@@ -20,14 +26,16 @@ Before timing, every kernel is checked against its PyTorch reference on fresh in
 For ``benchmarks/run_all.py`` it prints ``FIGURE`` lines per shape, batch and sparsity, under
 ``sparse_gemv_7b.<shape>_b<batch>_S<S>`` (as ``benchmarks/sparse_gemv.py``): ``dense_us``
 (cuBLAS), ``incl`` / ``incl_us`` (selection included), ``carry`` / ``carry_us`` (selection
-included, threshold carried) and at batch > 1 ``topk_gemm`` / ``topk_gemm_us``; a ratio is
-cuBLAS time over the kernel's.
+included, threshold carried), at batch 1 ``carry_list`` / ``carry_list_us`` and
+``carry_sweep.s<split>_k<block_k>_us``, at batch > 1 ``topk_gemm`` / ``topk_gemm_us`` and
+``bisect_gemm`` / ``bisect_gemm_us``; a ratio is cuBLAS time over the kernel's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +54,11 @@ SHAPES = {  # name: (in, out) of the fused 7B projections
 DEVICE = "cuda"  # tests swap in "cpu" with the timing stubbed
 
 
+#: launch shapes of the carried GEMV tried at batch 1 on the shapes in SWEEP_SHAPES
+SWEEP = [(split, bk) for split in (1, 2, 4, 8) for bk in (64, 128)]
+SWEEP_SHAPES = ("o", "down")
+
+
 def check(kin: int, n: int, k: int, batch: int) -> None:
     """Kernel vs reference on fresh random inputs (with and without a carried threshold)."""
     w = torch.randn(n, kin, device=DEVICE, dtype=torch.bfloat16) * 0.02
@@ -54,10 +67,13 @@ def check(kin: int, n: int, k: int, batch: int) -> None:
     for _ in range(3):
         x = torch.randn(batch, kin, device=DEVICE, dtype=torch.bfloat16)
         ref = G.sparse_gemv_reference(x, wt, k)[:, :n].float()
-        for h in (None, hint):
-            got = G.sparse_gemv(x, wt, k, n_out=n, hint=h).float()
+        carried = G.sparse_config_for(kin, wt.shape[1], k, carry=True) if batch == 1 else None
+        for h, c in ((None, None), (hint, None), (hint, carried)):
+            got = G.sparse_gemv(x, wt, k, c, n_out=n, hint=h).float()
             err = ((got - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (kin, n, batch, err)
+        if batch > 1:
+            assert torch.equal(G.masked_topk(x, k, hint), K.fused_token_topk(x, k, True, None))
 
 
 def main() -> None:
@@ -95,17 +111,49 @@ def main() -> None:
 
             dense = timed(F.linear, ws)
             sparse = timed(lambda x, wt, k=k, n=n: G.sparse_gemv(x, wt, k, n_out=n), wts)
+            # batch 1: the carried GEMV (GemvConfig.carry, not the default); else the default
+            ccfg = G.sparse_config_for(kin, wts[0].shape[1], k, carry=True) if batch == 1 else None
             carry = timed(
-                lambda x, wt, k=k, n=n, h=hint: G.sparse_gemv(x, wt, k, n_out=n, hint=h), wts
+                lambda x, wt, k=k, n=n, h=hint, c=ccfg: G.sparse_gemv(x, wt, k, c, n_out=n, hint=h),
+                wts,
             )
-            masked = None
+            masked = bisect = carry_list = None
+            extra = {}
             if batch > 1:
                 masked = timed(
+                    lambda x, wt, k=k, n=n, h=hint: (G.masked_topk(x, k, h) @ wt)[:, :n], wts
+                )
+                bisect = timed(
                     lambda x, wt, k=k, n=n: (K.fused_token_topk(x, k, True, None) @ wt)[:, :n],
                     wts,
                 )
+            else:
+                cfg = replace(G.sparse_config_for(kin, wts[0].shape[1], k), carry=False)
+                carry_list = timed(
+                    lambda x, wt, k=k, n=n, h=hint, c=cfg: G.sparse_gemv(
+                        x, wt, k, c, n_out=n, hint=h
+                    ),
+                    wts,
+                )
+                bn = G.sparse_config_for(kin, wts[0].shape[1], k, carry=True).block_n
+                for split, bk in SWEEP if name in SWEEP_SHAPES else ():
+                    c = G.GemvConfig(block_k=bk, block_n=bn, split=split, carry=True)
+                    extra[f"s{split}_k{bk}"] = timed(
+                        lambda x, wt, k=k, n=n, h=hint, c=c: G.sparse_gemv(
+                            x, wt, k, c, n_out=n, hint=h
+                        ),
+                        wts,
+                    )
+                if extra:
+                    best = min(extra, key=extra.__getitem__)
+                    print(
+                        f"# {name} carried GEMV sweep (block_n {bn}): "
+                        + ", ".join(f"{c} {t:.1f} us" for c, t in extra.items())
+                        + f"; best {best}"
+                    )
             r = dict(shape=name, kin=kin, n=n, batch=batch, k=k, dense_us=dense)
             r.update(sparse_us=sparse, carry_us=carry, topk_gemm_us=masked)
+            r.update(bisect_gemm_us=bisect, carry_list_us=carry_list, carry_sweep_us=extra)
             results.append(r)
             mtxt = f"{masked:.1f} ({dense / masked:.2f}x)" if masked else "-"
             print(
@@ -121,14 +169,24 @@ def main() -> None:
             )
             key = f"sparse_gemv_7b.{name}_b{batch}_S{args.sparsity:g}"
             emit(f"{key}.dense_us", dense, "us")
-            for what, t in (("incl", sparse), ("carry", carry), ("topk_gemm", masked)):
+            for what, t in (
+                ("incl", sparse),
+                ("carry", carry),
+                ("carry_list", carry_list),
+                ("topk_gemm", masked),
+                ("bisect_gemm", bisect),
+            ):
                 if t:
                     emit(f"{key}.{what}", dense / t)
                     emit(f"{key}.{what}_us", t, "us")
+            for c, t in extra.items():
+                emit(f"{key}.carry_sweep.{c}_us", t, "us")
             print(
                 f"RATIO sparse_gemv_7b {name} batch {batch}: sparse {dense / sparse:.2f}x, "
                 f"carry {dense / carry:.2f}x"
+                + (f", carry_list {dense / carry_list:.2f}x" if carry_list else "")
                 + (f", topk+gemm {dense / masked:.2f}x" if masked else "")
+                + (f", bisect+gemm {dense / bisect:.2f}x" if bisect else "")
             )
         del ws, wts
         torch.cuda.empty_cache()

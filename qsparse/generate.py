@@ -18,8 +18,9 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
 - dense float weights: ``F.linear`` on the concatenated weight (one cuBLAS GEMV);
 - top-k sparse input, float weights: :func:`qsparse.kernels.gemv.sparse_gemv` (reads only the
   kept weight rows; the top-k selection runs inside, starting from the threshold the site
-  found at the previous step: one radix pass instead of three when it moved little) at batch 1;
-  at batch 2-16 the site's top-k kernel, then one GEMM on the fused weight;
+  found at the previous step: one radix pass instead of three when it moved little) at
+  batch 1; at batch 2-16 :func:`~qsparse.kernels.gemv.masked_topk` (also from the carried
+  thresholds), then one GEMM on the fused weight;
 - ternary weights (BitNet b1.58, int8 absmax activations), optionally top-k sparse:
   :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit packed weights, up to 16 tokens.
 
@@ -197,13 +198,13 @@ class _Projection(nn.Module):
         if self.mode == "reference" or rows > TERNARY_MAX_ROWS or not kernels_available(x):
             return self.reference(x)
         lead, x2, n = x.shape[:-1], x.reshape(rows, x.shape[-1]), sum(self.sizes)
-        if self.mode == "sparse" and rows > SPARSE_MAX_ROWS:
-            # the kept rows of several tokens cover most of W: top-k (one program per row),
-            # then one dense GEMM on the fused weight
-            y = (self.site(x2) @ self.wt)[:, :n]
-            return y.reshape(*lead, n)
         if self.site.norm is not None:
             x2 = self.site.norm(x2)
+        if self.mode == "sparse" and rows > SPARSE_MAX_ROWS:
+            # the kept rows of several tokens cover most of W: top-k (one program per row,
+            # from the carried thresholds), then one dense GEMM on the fused weight
+            y = (G.masked_topk(x2, self.k, self.hint) @ self.wt)[:, :n]
+            return y.reshape(*lead, n)
         if self.mode == "sparse":
             y = G.sparse_gemv(x2, self.wt, self.k, n_out=n, hint=self.hint)
         else:

@@ -215,6 +215,21 @@ def test_run_records_provenance_and_median_of_repeats(tmp_path: Path) -> None:
     assert saved["versions"]["python"] == sys.version.split()[0]
 
 
+def test_run_cut_off_by_its_time_limit_keeps_what_it_printed(tmp_path: Path) -> None:
+    script = tmp_path / "slow_bench.py"
+    script.write_text(
+        "import time\n"
+        "from benchmarks._figures import emit\n"
+        "emit('slow.first', 1.5)\n"
+        "time.sleep(60)\n"
+        "emit('slow.second', 2.5)\n"
+    )
+    record = run_all.run_bench(Bench("slow", str(script)), tmp_path / "results", timeout_s=5)
+    assert record["errors"] == ["timed out after 5 s"]
+    assert set(record["figures"]) == {"slow.first"}
+    assert record["figures"]["slow.first"]["value"] == 1.5
+
+
 def test_registry_is_consistent_with_the_repository() -> None:
     """Every registered script exists, ids are unique, every table a row feeds has its marker
     block in benchmarks/README.md, and those blocks match the committed results."""
@@ -239,6 +254,10 @@ def test_commit_of_a_tree_copied_without_git(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("QSPARSE_COMMIT", raising=False)
     assert run_all.commit_state() == ("unknown", None)
     monkeypatch.setenv("QSPARSE_COMMIT", "77bb3b8c0ffee")
+    assert run_all.commit_state() == ("77bb3b8c0ffee", None)
+    # a copy inside another checkout (a staging folder): git answers for the outer one
+    outer = {("rev-parse", "--show-toplevel"): "/elsewhere", ("rev-parse", "HEAD"): "f" * 40}
+    monkeypatch.setattr(run_all, "_git", lambda *args: outer.get(args))
     assert run_all.commit_state() == ("77bb3b8c0ffee", None)
     record = {
         "bench": "gemv",

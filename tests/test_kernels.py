@@ -295,6 +295,32 @@ HINT_SCRIPT = textwrap.dedent(
         y = G.sparse_gemv(x, G.prepare_dense(wd), 120, n_out=72, hint=hint)
         r = G.sparse_gemv_reference(x, G.prepare_dense(wd, None, align=1), 120)
         torch.testing.assert_close(y.float(), r.float(), rtol=2e-2, atol=2e-2)
+    # batch 1, carried GEMV: the inputs above the carried band summed before the selection
+    # is known, the rest from its list; on a miss (threshold above the band) sweep 1 dropped
+    for dtype in (torch.bfloat16, torch.float32):
+        wd = torch.randn(72, 300, dtype=dtype)
+        x = torch.randn(1, 300)
+        x[:, :40] = x[:, 5:6]  # ties at the threshold
+        x = x.to(dtype)
+        r = G.sparse_gemv_reference(x, G.prepare_dense(wd, None, align=1), 120)
+        kth = x.float().abs().topk(120, dim=1).values[:, -1].view(torch.int32)
+        low = 31 - G.KEY_BITS[dtype]
+        for split in (1, 3):
+            cfg = G.GemvConfig(block_k=16, block_n=32, split=split, carry=True)
+            for shift in (None, 0, -14, -15, -300, 15, -(2**20)):  # -15, -300: misses
+                hint = G.new_hint(1)
+                if shift is not None:
+                    hint[:1] = (kth >> low) + shift
+                y = G.sparse_gemv(x, G.prepare_dense(wd), 120, cfg, n_out=72, hint=hint)
+                torch.testing.assert_close(y.float(), r.float(), rtol=2e-2, atol=2e-2)
+                assert int(hint[0]) == int(kth[0]) >> low  # the grid's last program set it
+        # batch 2-16: top-k from the carried thresholds, values copied
+        hint = G.new_hint(4)
+        for step in range(2):
+            xb = (torch.randn(3, 300) * (1 + step)).to(dtype)
+            xb[:, :40] = xb[:, 5:6]
+            for h in (None, hint):
+                assert torch.equal(G.masked_topk(xb, 120, h), xb * topk_mask(xb, 120))
     print("HINT OK")
     """
 )

@@ -124,10 +124,11 @@ def _threshold_hinted(
     NDIG: tl.constexpr,
     DBITS: tl.constexpr,
     HINT: tl.constexpr,
+    STORE: tl.constexpr = True,
 ):
     """:func:`_threshold_radix`, first trying the threshold carried over from the previous
     call at this site (``HINT``: ``hint_ptr`` holds it as ``thr >> LOW``, and receives the
-    new one).
+    new one unless ``STORE`` is off: then whoever reads the hint concurrently updates it).
 
     One ``2^DBITS``-bin histogram around the hint h: bins 1..NB-2 hold the single key values
     ``h - NB/2 + 1 .. h + NB/2 - 2`` (bf16: about +-8% of |x| around the old threshold), bin 0
@@ -150,7 +151,8 @@ def _threshold_hinted(
             need = k - tl.sum(tl.where(bins == best, suf - h, 0), axis=0)
         else:
             thr, need = _threshold_radix(key, valid, n_valid, k, BLOCK, LOW, NDIG, DBITS)
-        tl.store(hint_ptr, thr >> LOW)
+        if STORE:
+            tl.store(hint_ptr, thr >> LOW)
     else:
         thr, need = _threshold_radix(key, valid, n_valid, k, BLOCK, LOW, NDIG, DBITS)
     return thr, need
@@ -213,6 +215,100 @@ def _list_one_row(
     pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
     tl.store(idx_ptr + pos, i, mask=keep)
     tl.store(val_ptr + pos, xf, mask=keep)
+
+
+@triton.jit
+def _band_top(h, DBITS: tl.constexpr, LOW: tl.constexpr):
+    """Largest key inside the band of :func:`_threshold_hinted` around the carried hint ``h``
+    (``thr >> LOW``), or -1 when there is no hint yet (``h == 0``): with the exact threshold
+    at or below it, every input whose key is above it is kept."""
+    NB: tl.constexpr = 1 << DBITS
+    return tl.where(h > 0, (h + (NB // 2 - 2)) << LOW, -1)
+
+
+@triton.jit
+def _band_list_kernel(
+    x_ptr,
+    idx_ptr,
+    val_ptr,
+    cnt_ptr,
+    hint_ptr,
+    K,
+    k,
+    BLOCK: tl.constexpr,
+    LOW: tl.constexpr,
+    NDIG: tl.constexpr,
+    DBITS: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """Batch 1, threshold carried (:func:`_carry_gemv_kernel` reads the rest): the exact top-k
+    of x[K] (radix select starting from ``hint[0]``, which it leaves as it is) and what the
+    GEMV must add to its sweep 1 (the inputs above the band top ``hi``, :func:`_band_top`), as
+    a list idx/val of ``cnt[0]`` entries; ``cnt[1]`` = the threshold key, ``cnt[2]`` = 1 when
+    the GEMV must drop sweep 1. Three cases:
+
+    - threshold at or below ``hi`` (a hit): the kept inputs at or below ``hi``;
+    - above it (a miss) and fewer than k inputs to undo: those sweep 1 summed but the top-k
+      drops (keys between ``hi`` and the threshold, ties past the kept ones), values negated;
+    - otherwise (or no hint yet): every kept input, and sweep 1 is dropped."""
+    if PDL:
+        gdc_launch_dependents()
+    i = tl.arange(0, BLOCK)
+    valid = i < K
+    xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    key = tl.where(valid, _abs_key(xf), -1)
+    thr, need = _threshold_hinted(
+        key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, True, STORE=False
+    )
+    hi = _band_top(tl.load(hint_ptr), DBITS, LOW)
+    eq = (key == thr).to(tl.int32)
+    over = ((key > hi) & (key < thr)).to(tl.int32)  # summed by sweep 1, not kept (on a miss)
+    both = tl.sum(over * 65536 + eq, axis=0)  # one reduction: both counts (K <= 16384)
+    n_over = both >> 16
+    n_fix = n_over + (both & 65535) - need
+    # 0/1 flags as int32 scalars: fix = undo, drop = the full list
+    miss = (thr > hi).to(tl.int32)
+    fix = miss * (hi >= 0).to(tl.int32) * (n_fix < k).to(tl.int32)
+    drop = miss - fix
+    above = ((key > thr) & (key <= tl.where(drop > 0, 0x7FFFFFFF, hi))).to(tl.int32)
+    a = fix * over + (1 - fix) * above
+    cs = tl.cumsum(a * 65536 + eq, axis=0)
+    rank = cs & 65535  # among the ties so far
+    tie_kept = (rank <= need).to(tl.int32)
+    listed = (a + eq * (fix * (1 - tie_kept) + (1 - fix) * tie_kept)) > 0
+    tie_pos = fix * tl.maximum(rank - need, 0) + (1 - fix) * tl.minimum(rank, need)
+    pos = (cs >> 16) + tie_pos - 1
+    tl.store(idx_ptr + pos, i, mask=listed)
+    tl.store(val_ptr + pos, xf * (1 - 2 * fix).to(tl.float32), mask=listed)
+    tl.store(cnt_ptr, tl.sum(a, axis=0) + fix * (n_fix - n_over) + (1 - fix) * need)
+    tl.store(cnt_ptr + 1, thr)
+    tl.store(cnt_ptr + 2, drop)
+
+
+@triton.jit
+def _masked_topk_kernel(
+    x_ptr,
+    out_ptr,
+    hint_ptr,
+    K,
+    k,
+    BLOCK: tl.constexpr,
+    LOW: tl.constexpr,
+    NDIG: tl.constexpr,
+    DBITS: tl.constexpr,
+    HINT: tl.constexpr,
+):
+    """Row b of x[B, K] -> out[b] = x[b] on its top-k inputs, 0 elsewhere (same dtype, values
+    copied). Radix select starting from the row's carried threshold ``hint[b]`` (``HINT``)."""
+    b = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    valid = i < K
+    xr = tl.load(x_ptr + b * K + i, mask=valid, other=0.0)
+    key = tl.where(valid, _abs_key(xr.to(tl.float32)), -1)
+    thr, need = _threshold_hinted(key, valid, K, k, hint_ptr + b, BLOCK, LOW, NDIG, DBITS, HINT)
+    eq = key == thr
+    keep = (key > thr) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
+    tl.store(out_ptr + b * K + i, tl.where(keep, xr, 0.0).to(out_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -291,6 +387,48 @@ def _fence(t, ASM: tl.constexpr):
             is_pure=False,
             pack=1,
         )
+
+
+@triton.jit
+def _store_out(
+    acc,
+    y_ptr,
+    part_ptr,
+    sem_ptr,
+    pid_n,
+    pid_s,
+    B,
+    N,
+    rb,
+    cols,
+    omask,
+    SPLIT: tl.constexpr,
+    BB: tl.constexpr,
+    BN: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """Write a program's fp32 sums ``acc`` [BB, BN] to ``y[rb, cols]``. SPLIT > 1 (SPLIT
+    programs (j, s) share column block j): each writes its partial to ``part[s]`` and counts
+    itself in ``sem[j]`` (zero between calls); the last to arrive sums the SPLIT partials in
+    order (deterministic), writes y and resets ``sem[j]``."""
+    out = y_ptr + rb[:, None] * N + cols[None, :]
+    if SPLIT == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        offs = rb[:, None] * N + cols[None, :]
+        tl.store(part_ptr + pid_s * B * N + offs, acc, mask=omask)
+        _fence(cols, ASM)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(sem_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            _fence(cols, ASM)
+            tot = tl.zeros([BB, BN], dtype=tl.float32)
+            for sp in tl.static_range(SPLIT):
+                tot += tl.load(
+                    part_ptr + sp * B * N + offs, mask=omask, other=0.0, cache_modifier=".cg"
+                )
+            tl.store(out, tot.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(sem_ptr + pid_n, 0)  # ready for the next call on this stream
 
 
 @triton.jit
@@ -382,25 +520,116 @@ def _compact_gemv_kernel(
             acc2 += v[:, None] * w.to(tl.float32)
     if not USE_DOT:
         acc = tl.sum(acc2, axis=0)[None, :]
-    out = y_ptr + rb[:, None] * N + cols[None, :]
     omask = (rb < B)[:, None] & cmask[None, :]
-    if SPLIT == 1:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
-    else:  # partial sums to part[s]; the last of the SPLIT programs adds them up in order
-        offs = rb[:, None] * N + cols[None, :]
-        tl.store(part_ptr + pid_s * B * N + offs, acc, mask=omask)
-        _fence(cols, ASM)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(sem_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT - 1:
-            _fence(cols, ASM)
-            tot = tl.zeros([BB, BN], dtype=tl.float32)
-            for sp in tl.static_range(SPLIT):
-                tot += tl.load(
-                    part_ptr + sp * B * N + offs, mask=omask, other=0.0, cache_modifier=".cg"
-                )
-            tl.store(out, tot.to(y_ptr.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(sem_ptr + pid_n, 0)  # ready for the next call on this stream
+    _store_out(
+        acc, y_ptr, part_ptr, sem_ptr, pid_n, pid_s, B, N, rb, cols, omask, SPLIT, BB, BN, ASM
+    )
+
+
+@triton.jit
+def _carry_gemv_kernel(
+    x_ptr,
+    hint_ptr,
+    idx_ptr,
+    val_ptr,
+    cnt_ptr,
+    w_ptr,
+    y_ptr,
+    part_ptr,
+    sem_ptr,
+    K,
+    N,
+    row_stride,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+    SPLIT: tl.constexpr,
+    STAGES: tl.constexpr,
+    LOW: tl.constexpr,
+    DBITS: tl.constexpr,
+    CMASK: tl.constexpr = True,
+    PDL: tl.constexpr = False,
+    ASM: tl.constexpr = True,
+):
+    """Batch 1, y[n] = sum_i keep_i x_i Wt[i, n], started before the selection is known.
+
+    Sweep 1 (before ``gdc_wait``, so under PDL while :func:`_band_list_kernel` still runs):
+    the inputs whose key is above the band top ``hi`` of the carried hint (:func:`_band_top`;
+    kept for sure when the exact threshold is at or below it), row-masked tiles of the
+    program's slice of K (masked rows are not read). Sweep 2 (after it): the list the
+    selection wrote (the kept inputs at or below ``hi``; on a miss, the inputs sweep 1 summed
+    that are not kept, negated, or every kept input with sweep 1's sums dropped). Grid (cdiv(N, BN), SPLIT): program (j, s) owns columns
+    j*BN.. and the s-th slice of K and of the list; SPLIT > 1 sums the fp32 partials in order
+    in the last program per column block (``sem[j]``), as :func:`_compact_gemv_kernel`. The
+    last program of the grid (``sem[cdiv(N, BN)]``) stores the new threshold in ``hint[0]``
+    for the next call (every program has read the old one by then)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    w_ptr = w_ptr + pid_n * BN
+    wc = tl.arange(0, BN)
+    hi = _band_top(tl.load(hint_ptr), DBITS, LOW)
+    acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+    per1 = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK
+    lo1 = pid_s * per1
+    hi1 = tl.where(hi >= 0, tl.minimum(lo1 + per1, K), lo1)  # no hint yet: nothing certain
+    for p0 in tl.range(lo1, hi1, BK, num_stages=STAGES):
+        r = p0 + tl.arange(0, BK)
+        xv = tl.load(x_ptr + r, mask=r < hi1, other=0.0).to(tl.float32)
+        m = (r < hi1) & (_abs_key(xv) > hi)
+        if CMASK:
+            wmask = m[:, None] & cmask[None, :]
+        else:
+            wmask = m[:, None]
+        w = tl.load(
+            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
+        )
+        acc2 += xv[:, None] * w.to(tl.float32)
+    if PDL:
+        gdc_wait()
+    n_list = tl.load(cnt_ptr)
+    thr = tl.load(cnt_ptr + 1)
+    acc2 = tl.where(tl.load(cnt_ptr + 2) > 0, 0.0, acc2)  # the list holds every kept input
+    per = tl.cdiv(tl.cdiv(n_list, SPLIT), BK) * BK
+    lo = pid_s * per
+    hi2 = tl.minimum(lo + per, n_list)
+    for p0 in tl.range(lo, hi2, BK, num_stages=STAGES):
+        p = p0 + tl.arange(0, BK)
+        pm = p < hi2
+        r = tl.load(idx_ptr + p, mask=pm, other=0)
+        if CMASK:
+            wmask = pm[:, None] & cmask[None, :]
+        else:
+            wmask = pm[:, None]
+        w = tl.load(
+            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
+        )
+        v = tl.load(val_ptr + p, mask=pm, other=0.0)
+        acc2 += v[:, None] * w.to(tl.float32)
+    acc = tl.sum(acc2, axis=0)[None, :]
+    rb = tl.arange(0, 1)
+    _store_out(
+        acc,
+        y_ptr,
+        part_ptr,
+        sem_ptr,
+        pid_n,
+        pid_s,
+        1,
+        N,
+        rb,
+        cols,
+        cmask[None, :],
+        SPLIT,
+        1,
+        BN,
+        ASM,
+    )
+    nprog = tl.num_programs(0) * SPLIT
+    done = tl.atomic_add(sem_ptr + tl.num_programs(0), 1, sem="acq_rel", scope="gpu")
+    if done == nprog - 1:
+        tl.store(hint_ptr, thr >> LOW)
+        tl.atomic_xchg(sem_ptr + tl.num_programs(0), 0)
 
 
 @triton.jit

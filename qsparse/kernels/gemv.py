@@ -6,7 +6,11 @@ kernels read.
 - :func:`sparse_gemv`: ``y = (x * M) @ Wt`` with ``M`` the per-row top-k of |x|, ``Wt``: [K, N]
   (input-major, a kept input reads one contiguous row). A one-program kernel lists the kept
   inputs (the union over the batch), a second streams exactly those weight rows in full tiles:
-  batch 1 reads ``k * N`` weights.
+  batch 1 reads ``k * N`` weights. ``hint=`` carries each row's threshold from call to call
+  (one radix pass when it moved little); ``GemvConfig(carry=True)`` instead starts the GEMV on
+  the inputs above the carried band before the selection is known (measured slower, opt-in).
+- :func:`masked_topk`: ``x * M`` from carried thresholds, what decode runs before a dense GEMM
+  at batch 2-16.
 - :func:`ternary_gemv`: ``y = Q8(x) * M @ (alpha * T)`` with ``T`` in {-1, 0, 1} packed 16 per
   int32 along K ([ceil(K/16), N]: 1/8 of the bf16 bytes) and int8 activations (per-row absmax,
   BitNet b1.58 inference) multiplied with ``dp4a`` in int32; with ``k`` set, also top-k sparse
@@ -67,7 +71,11 @@ class GemvConfig:
     ``block_n``: output columns per program; ``split``: programs sharing one column block
     (sparse only; > 1: the last one to finish sums their fp32 partials); ``select_warps``: warps of the
     one-program selection kernel; ``use_dot``: tensor-core dot with the batch padded to 16
-    (sparse; None: when batch > 1).
+    (sparse; None: when batch > 1); ``carry``: at batch 1 with a carried threshold
+    (``hint=``) and row-major weights, the GEMV sums the inputs above the carried band while
+    the selection still runs and only the rest after it (docs/decode.md). Off by default: on
+    an H200 it was slower than the list GEMV on every 7B shape but the down projection
+    (benchmarks/README.md).
     """
 
     block_k: int = 128
@@ -81,6 +89,7 @@ class GemvConfig:
     bits_per_pass: int = 2  # bisection selection (radix=False): bits decided per pass
     digit_bits: int = 5  # radix digit width: 2^digit_bits histogram bins per pass
     pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
+    carry: bool = False  # sparse, batch 1, ``hint=``: start before the selection (measured slower)
 
 
 #: tuned on an H100 at 4096 -> 11008, batch 1 (benchmarks/README.md): dense activations ...
@@ -100,7 +109,12 @@ def ternary_config_for(batch: int, sparse: bool) -> GemvConfig:
     return TERNARY_SPARSE_CONFIG if sparse else TERNARY_CONFIG
 
 
-def sparse_config_for(k_in: int, n: int, k: int, batch: int = 1) -> GemvConfig:
+#: programs the batch-1 carried-threshold GEMV aims for (about four per SM of an H200): its
+#: first sweep reads row-masked tiles, so it needs more tiles in flight than the list GEMV
+CARRY_PROGRAMS = 528
+
+
+def sparse_config_for(k_in: int, n: int, k: int, batch: int = 1, carry: bool = False) -> GemvConfig:
     """Launch shape :func:`sparse_gemv` uses when given no ``cfg``, from the problem size
     (``k_in`` inputs, ``n`` padded output columns, ``k`` kept inputs per row).
 
@@ -108,10 +122,17 @@ def sparse_config_for(k_in: int, n: int, k: int, batch: int = 1) -> GemvConfig:
     4096 -> 11008 (benchmarks/README.md): 64 columns per program when that still gives at
     least one program per SM (132), else 32; below 132 programs with at least 2048 kept rows,
     the list is split over 4 programs per column block (5460 -> 2048: 8.7 instead of 11.3 us).
-    Batch > 1: tensor-core tiles of 32 kept rows."""
+    Batch > 1: tensor-core tiles of 32 kept rows. ``carry``: the carried GEMV
+    (``GemvConfig.carry``, batch 1 with a carried threshold; not the default): the slices of K
+    split over up to 8 programs per column block, for about :data:`CARRY_PROGRAMS` programs
+    (the fastest of split 1-8 x block_k 64/128 on the 7B o shape, one of the two fastest on
+    down)."""
     if batch > 1:
         return GemvConfig(block_k=32, block_n=64, num_warps=4)
     block_n = 64 if n // 64 >= 132 else 32
+    if carry:
+        split = max(1, min(8, CARRY_PROGRAMS // -(-n // block_n)))
+        return GemvConfig(block_n=block_n, split=split, carry=True)
     split = 4 if -(-n // block_n) < 132 and k >= 2048 else 1
     return GemvConfig(block_n=block_n, split=split)
 
@@ -242,6 +263,51 @@ def compact_rows(
         num_warps=select_warps_for(width, num_warps),
     )
     return idx, val, cnt
+
+
+def masked_topk(
+    x: torch.Tensor, k: int, hint: torch.Tensor | None = None, digit_bits: int = 5
+) -> torch.Tensor:
+    """``x * topk_mask(x, k)`` for ``x[B, K]`` (values copied, same dtype): one program per row,
+    radix select starting from the row's carried threshold (``hint``: :func:`new_hint`,
+    updated in place; one pass instead of several when it moved little). What decode runs
+    before the dense GEMM at batch 2-16 (the custom op ``qsparse::masked_topk``)."""
+    _check_x(x, x.shape[-1] if x.dim() == 2 else 0)
+    _check_k(k, x.shape[1])
+    _radix_digits(x.dtype, digit_bits)
+    return masked_topk_op(x.contiguous(), k, digit_bits, _hint_arg(hint, x.shape[0], x.device))
+
+
+@torch.library.custom_op("qsparse::masked_topk", mutates_args=("hint",))
+def masked_topk_op(x: torch.Tensor, k: int, digit_bits: int, hint: torch.Tensor) -> torch.Tensor:
+    """Launch behind :func:`masked_topk` (validated arguments; ``hint`` empty: none)."""
+    import triton
+
+    from ._gemv_triton import _masked_topk_kernel
+
+    bsz, width = x.shape
+    out = torch.empty_like(x)
+    low, ndig = _radix_digits(x.dtype, digit_bits)
+    use_hint = hint.numel() > 0
+    _masked_topk_kernel[(bsz,)](
+        x,
+        out,
+        hint if use_hint else out,
+        width,
+        k,
+        BLOCK=triton.next_power_of_2(width),
+        LOW=low,
+        NDIG=ndig,
+        DBITS=digit_bits,
+        HINT=use_hint,
+        num_warps=select_warps_for(width),
+    )
+    return out
+
+
+@masked_topk_op.register_fake
+def _masked_topk_fake(x, k, digit_bits, hint) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 def new_hint(batch: int = 16, device: torch.device | str | None = None) -> torch.Tensor:
@@ -414,6 +480,16 @@ def _sparse_gemv_launch(
     bsz = x.shape[0]
     interp = _interpreted(x)
     pdl = cfg.pdl and rows is None and _pdl_ok(x)
+    if (
+        cfg.carry
+        and hint is not None
+        and rows is None
+        and bsz == 1
+        and cfg.radix
+        and wt.dim() == 2
+        and triton.next_power_of_2(k_in) <= 16384  # the list kernel's packed scan
+    ):
+        return _carry_gemv_launch(x, wt, k, cfg, out_dtype, hint, pdl, interp)
     idx, val, cnt = (
         rows
         if rows is not None
@@ -452,6 +528,79 @@ def _sparse_gemv_launch(
         USE_DOT=use_dot,
         DOT_F32=interp,
         STAGES=cfg.num_stages,
+        CMASK=n % block_n != 0,
+        PDL=pdl,
+        ASM=not interp,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **extra,
+    )
+    return y.to(out_dtype)
+
+
+def _carry_gemv_launch(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    k: int,
+    cfg: GemvConfig,
+    out_dtype: torch.dtype,
+    hint: torch.Tensor,
+    pdl: bool,
+    interp: bool,
+) -> torch.Tensor:
+    """Batch 1 with a carried threshold: :func:`_band_list_kernel` (exact selection, the list
+    of kept inputs inside the carried band) and :func:`_carry_gemv_kernel` (the inputs above
+    the band while the selection runs, then the list), a programmatic dependent on Hopper."""
+    import triton
+
+    from ._gemv_triton import _band_list_kernel, _carry_gemv_kernel
+
+    k_in, n = wt.shape
+    block_n = cfg.block_n
+    idx = torch.empty(k_in, dtype=torch.int32, device=x.device)
+    val = torch.empty(1, k_in, dtype=torch.float32, device=x.device)
+    cnt = torch.empty(3, dtype=torch.int32, device=x.device)
+    low, ndig = _radix_digits(x.dtype, cfg.digit_bits)
+    _band_list_kernel[(1,)](
+        x,
+        idx,
+        val,
+        cnt,
+        hint,
+        k_in,
+        k,
+        BLOCK=triton.next_power_of_2(k_in),
+        LOW=low,
+        NDIG=ndig,
+        DBITS=cfg.digit_bits,
+        PDL=pdl,
+        num_warps=select_warps_for(k_in, cfg.select_warps),
+    )
+    split = max(1, cfg.split)
+    grid = (triton.cdiv(n, block_n), split)
+    y = torch.empty(1, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
+    part = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    sem = _semaphores(x.device, grid[0] + 1)
+    extra = {"launch_pdl": True} if pdl else {}
+    _carry_gemv_kernel[grid](
+        x,
+        hint,
+        idx,
+        val,
+        cnt,
+        wt,
+        y,
+        part,
+        sem,
+        k_in,
+        n,
+        n,
+        BK=cfg.block_k,
+        BN=block_n,
+        SPLIT=split,
+        STAGES=cfg.num_stages,
+        LOW=low,
+        DBITS=cfg.digit_bits,
         CMASK=n % block_n != 0,
         PDL=pdl,
         ASM=not interp,

@@ -49,3 +49,18 @@ def test_compiled_cuda_graph_step_matches_eager(mode, path):
     assert torch.equal(got, expected)
     assert torch.equal(compiled.generate(ids, 12).tokens, expected)  # graph replayed again
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("mode", ["dense", "qsparse", "bitnet", "bitnet_qsparse"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_engine_matches_plain_forward(mode, batch):
+    """Every mode, kernels on, CUDA graph, batch 1 (carried-threshold sparse GEMV) and 3
+    (carried top-k + GEMM): the greedy tokens of plain full forwards (fp32)."""
+    model = small_cuda(mode, torch.float32)
+    ids = torch.randint(
+        0, model.config.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(2)
+    )
+    expected = model.generate(ids.cuda(), max_new_tokens=10, use_cache=False)
+    got = DecodeEngine(model, use_kernels=True, cuda_graph=True).generate(ids, 10).tokens
+    assert torch.equal(got, expected)

@@ -300,3 +300,64 @@ def test_decode_gemvs_compile_without_graph_break():
         x, packed, alpha, k, 8
     )
     assert rel_err(got, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kin, n", [(4096, 4096), (11008, 4096)])
+@pytest.mark.parametrize("split", [None, 3])
+def test_carried_gemv_matches_reference_through_hits_and_misses(dtype, kin, n, split):
+    """Batch 1 with ``hint=``: the GEMV that starts above the carried band before the selection
+    is known (hint absent, hit, threshold jumping above or below the band, ties) equals the
+    reference and leaves the exact new threshold in the hint."""
+    k = int(0.4 * kin)
+    wt = G.prepare_dense(fresh((n, kin), dtype) * 0.02)
+    cfg = (
+        G.sparse_config_for(kin, wt.shape[1], k, carry=True)
+        if split is None
+        else G.GemvConfig(block_n=32, split=split, carry=True)
+    )
+    hint = G.new_hint(16, "cuda")
+    low = 31 - G.KEY_BITS[dtype]
+    base = fresh((1, kin), dtype)
+    # hit, hit, a miss undone (threshold 15% up), ties, a miss dropped (5x), far below
+    steps = ((1.0, False), (1.01, False), (1.15, False), (1.0, True), (5.0, False), (0.2, False))
+    for scale, ties in steps:
+        x = fresh((1, kin), dtype, ties=True) if ties else (base.float() * scale).to(dtype)
+        y = G.sparse_gemv(x, wt, k, cfg, n_out=n, hint=hint)
+        assert rel_err(y, G.sparse_gemv_reference(x, wt, k)[:, :n]) <= 1e-2
+        kth = x.float().abs().topk(k, dim=1).values[0, -1].view(torch.int32)
+        assert int(hint[0]) == int(kth) >> low
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [2, 16])
+def test_masked_topk_is_exact_with_and_without_carried_thresholds(dtype, batch):
+    hint = G.new_hint(16, "cuda")
+    base = fresh((batch, 11008), dtype)
+    for scale, ties in ((1.0, False), (1.02, False), (1.0, True), (6.0, False)):
+        x = fresh((batch, 11008), dtype, ties=True) if ties else (base.float() * scale).to(dtype)
+        ref = x * topk_mask(x, 4403)
+        for h in (None, hint):
+            assert torch.equal(G.masked_topk(x, 4403, h), ref)
+
+
+def test_carried_gemv_replays_in_a_cuda_graph():
+    """The carried GEMV (programmatic dependent of its selection, semaphores, the hint updated
+    by the grid's last program) captured once and replayed on new inputs."""
+    w = fresh((4096, 11008), torch.bfloat16) * 0.02
+    wt = G.prepare_dense(w)
+    x = fresh((1, 11008), torch.bfloat16)
+    hint = G.new_hint(16, "cuda")
+    k = 4403
+    cfg = G.sparse_config_for(11008, wt.shape[1], k, carry=True)
+    G.sparse_gemv(x, wt, k, cfg, hint=hint)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = G.sparse_gemv(x, wt, k, cfg, hint=hint)
+    base = fresh((1, 11008), torch.bfloat16)
+    for scale in (1.0, 1.01, 0.99, 3.0, 1.0):
+        x.copy_((base.float() * scale).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, G.sparse_gemv_reference(x, wt, k)) <= 1e-2
