@@ -242,3 +242,38 @@ def test_failed_reconfiguration_leaves_ratios_untouched():
     with pytest.raises(ValueError, match="k=0"):
         qsparse.sparsify(model, SparsityConfig(ratio=0.25, down=0.995))
     assert all(sp.ratio == 0.5 for sp in qsparse.sparsifiers(model).values())
+
+
+def test_sparsity_counters_are_integers_that_survive_a_dtype_cast():
+    model = tiny()
+    qsparse.sparsify(model, 0.5)
+    model.to(torch.bfloat16)
+    sp = qsparse.sparsifiers(model)["layers.0.mlp.down_proj"]
+    assert sp.zeros_seen.dtype == sp.values_seen.dtype == torch.int64
+    qsparse.track_sparsity(model)
+    ids = torch.randint(0, 97, (3, 13))
+    for _ in range(20):  # 74880 values: bf16 (8 significant bits) would round the count
+        model(ids)
+    assert int(sp.values_seen) == 20 * 3 * 13 * 96
+    assert int(sp.zeros_seen) == 20 * 3 * 13 * 48
+
+
+def test_ratio_changes_do_not_recompile():
+    """A warm-up changes the ratio every step; under torch.compile that costs one recompile
+    (the first change makes the ratio symbolic), not one per step, and the compiled model
+    follows the new ratio."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = tiny()
+    qsparse.sparsify(model, SparsityConfig(ratio=0.5, down=0.8))
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        for step in range(8):
+            qsparse.set_sparsity_ratio(model, fraction=step / 7)
+            out = compiled(input_ids=ids).logits
+        assert counter.frame_count <= 2
+        assert torch.equal(out, model(input_ids=ids).logits)
+    torch._dynamo.reset()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from qsparse.convert import sparsifiers
+from qsparse.nn.sites import sparsifiers
 from qsparse.training import LMModule, SparsityMonitor, ThroughputMonitor
 from qsparse.training.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
 from qsparse.training.synthetic import RandomTokenDataModule

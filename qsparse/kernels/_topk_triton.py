@@ -38,6 +38,27 @@ def _quantize(xf, gamma, eps, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _topk_keep(xf, valid, k, KEY_BITS: tl.constexpr):
+    """The selection rule of the module docstring along the last axis of fp32 ``xf``
+    ([R, D] rows or [R, NBLK, BS] blocks; ``valid`` masks padding): True for the ``k``
+    largest ``|x|`` of each row/block, ties to the lower index."""
+    key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    key = tl.where(valid, key, -1)
+    # bisection on the key bits, from bit 30 down (the first pass starts from T = 0)
+    thr = tl.where(tl.sum((key >= (1 << 30)).to(tl.int32), axis=-1) >= k, 1 << 30, 0)
+    for i in tl.static_range(1, KEY_BITS):
+        cand = thr | (1 << (30 - i))
+        cnt = tl.sum((key >= tl.expand_dims(cand, -1)).to(tl.int32), axis=-1)
+        thr = tl.where(cnt >= k, cand, thr)
+    thr = tl.expand_dims(thr, -1)
+    gt = key > thr
+    eq = key == thr
+    need = k - tl.sum(gt.to(tl.int32), axis=-1)
+    rank = tl.cumsum(eq.to(tl.int32), axis=-1)
+    return gt | (eq & (rank <= tl.expand_dims(need, -1)))
+
+
+@triton.jit
 def _token_topk_kernel(
     x_ptr,
     out_ptr,
@@ -70,18 +91,7 @@ def _token_topk_kernel(
     else:
         val = xf
     if SELECT:
-        key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        key = tl.where(valid, key, -1)
-        thr = tl.zeros([ROWS], dtype=tl.int32)
-        for i in tl.static_range(KEY_BITS):
-            cand = thr | (1 << (30 - i))
-            cnt = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
-            thr = tl.where(cnt >= k, cand, thr)
-        gt = key > thr[:, None]
-        eq = key == thr[:, None]
-        need = k - tl.sum(gt.to(tl.int32), axis=1)
-        rank = tl.cumsum(eq.to(tl.int32), axis=1)
-        keep = gt | (eq & (rank <= need[:, None]))
+        keep = _topk_keep(xf, valid, k, KEY_BITS)
         val = tl.where(keep, val, 0.0)
         if WRITE_MASK:
             tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)
@@ -120,18 +130,7 @@ def _block_topk_kernel(
         val = _quantize(xf, gamma[:, None, None], eps, QMAX)
     else:
         val = xf
-    key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    key = tl.where(valid, key, -1)
-    thr = tl.zeros([ROWS, NBLK], dtype=tl.int32)
-    for i in tl.static_range(KEY_BITS):
-        cand = thr | (1 << (30 - i))
-        cnt = tl.sum((key >= cand[:, :, None]).to(tl.int32), axis=2)
-        thr = tl.where(cnt >= k, cand, thr)
-    gt = key > thr[:, :, None]
-    eq = key == thr[:, :, None]
-    need = k - tl.sum(gt.to(tl.int32), axis=2)
-    rank = tl.cumsum(eq.to(tl.int32), axis=2)
-    keep = gt | (eq & (rank <= need[:, :, None]))
+    keep = _topk_keep(xf, valid, k, KEY_BITS)
     val = tl.where(keep, val, 0.0)
     if WRITE_MASK:
         tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)

@@ -27,8 +27,12 @@ class ActivationSparsifier(nn.Module):
     straight-through gradient.
 
     ``ratio`` may change during training (:func:`qsparse.set_sparsity_ratio`); ``target_ratio``
-    remembers the configured value. While ``track_stats`` is on, the number of zero outputs
-    and of outputs are accumulated (no host sync) for :mod:`qsparse.stats`.
+    remembers the configured value. It is a Python float read in ``forward``: under
+    ``torch.compile`` its first change recompiles once and dynamo's automatic dynamic then keeps
+    it (and k) symbolic, so a warm-up that changes it every step reuses that one graph
+    (``tests/test_sparsify.py::test_ratio_changes_do_not_recompile``). While ``track_stats`` is
+    on, the number of zero outputs and of outputs are accumulated in int64 buffers (no host
+    sync) for :mod:`qsparse.stats`.
     """
 
     def __init__(
@@ -68,8 +72,10 @@ class ActivationSparsifier(nn.Module):
         self.ratio = float(ratio)
         self.keep()  # validates ratio against dim
         self.track_stats = False
-        self.register_buffer("zeros_seen", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.register_buffer("values_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        # integer counters: ``model.to(dtype)`` casts floating buffers (a bf16 count stops
+        # growing at 256) but leaves integer ones alone
+        self.register_buffer("zeros_seen", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("values_seen", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def keep(self) -> int | None:
         """k per row (token_topk) or per block (block_topk); ``None`` when nothing is dropped."""
@@ -87,13 +93,7 @@ class ActivationSparsifier(nn.Module):
         if self.pattern == "threshold":
             out = self._thresholded(x)
         elif x.is_cuda and not self.rescale:
-            if k is None:
-                if self.act_bits is not None:  # quantize only: top-k with k = d
-                    out = kernels.fused_token_topk(x, self.dim, True, self.act_bits)
-            elif self.pattern == "token_topk":
-                out = kernels.fused_token_topk(x, k, self.ste, self.act_bits)
-            else:
-                out = kernels.fused_block_topk(x, k, self.block_size, self.ste, self.act_bits)
+            out = self._fused(x, k)
         if out is None:
             out = self._reference(x, k)
         if self.track_stats:
@@ -101,6 +101,17 @@ class ActivationSparsifier(nn.Module):
                 self.zeros_seen += (out == 0).sum()
                 self.values_seen += out.numel()
         return out
+
+    def _fused(self, x: torch.Tensor, k: int | None) -> torch.Tensor | None:
+        """The Triton path (same values as :meth:`_reference`); ``None`` where no kernel
+        applies."""
+        if k is None:  # quantize only: top-k with k = d
+            if self.act_bits is None:
+                return None
+            return kernels.fused_token_topk(x, self.dim, True, self.act_bits, self.eps)
+        if self.pattern == "token_topk":
+            return kernels.fused_token_topk(x, k, self.ste, self.act_bits, self.eps)
+        return kernels.fused_block_topk(x, k, self.block_size, self.ste, self.act_bits, self.eps)
 
     def _reference(self, x: torch.Tensor, k: int | None) -> torch.Tensor:
         if k is None:
