@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
+from qsparse.models import LlamaConfig, LlamaForCausalLM
 from qsparse.training.callbacks import plot_loss_curve, read_metrics
 from qsparse.training.checkpoint import atomic_torch_save
 from qsparse.training.config import paper_lr, validate_config
