@@ -205,6 +205,28 @@ def test_flops_formula_matches_lightning_measure_flops() -> None:
     assert measured / ids.numel() == pytest.approx(cfg.flops_per_token(64), rel=0.005)
 
 
+def test_rope_equals_transformers() -> None:
+    """The project's one RoPE (qsparse.models.rope) gives transformers' Llama tables and
+    rotation, bit for bit in fp32, at positions past the training length too."""
+    from transformers.models.llama import modeling_llama as hf
+
+    from qsparse.models.rope import RotaryEmbedding, apply_rotary_pos_emb
+
+    cfg = LlamaConfig.from_preset("tiny", rope_theta=5e5)
+    ours = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+    theirs = hf.LlamaRotaryEmbedding(to_hf_config(cfg))
+    pos = torch.tensor([[0, 1, 7, 255, 4000]])
+    cos, sin = ours(pos, torch.float32)
+    q = torch.randn(1, cfg.num_attention_heads, 5, cfg.head_dim)
+    k = torch.randn(1, cfg.num_key_value_heads, 5, cfg.head_dim)
+    hcos, hsin = theirs(q, pos)
+    assert torch.equal(cos, hcos) and torch.equal(sin, hsin)
+    for a, b in zip(
+        apply_rotary_pos_emb(q, k, cos, sin), hf.apply_rotary_pos_emb(q, k, hcos, hsin)
+    ):
+        assert torch.equal(a, b)
+
+
 def test_hf_config_round_trip() -> None:
     cfg = LlamaConfig.from_preset("tiny", rope_theta=1e6, hidden_act="silu")
     hf_cfg = to_hf_config(cfg)
