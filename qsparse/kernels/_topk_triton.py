@@ -145,15 +145,11 @@ def _key_bits(dtype_bits: int, mantissa: int) -> int:
 KEY_BITS = {"bfloat16": _key_bits(16, 7), "float16": _key_bits(16, 10), "float32": 31}
 
 
-def launch_token_topk(x, out, mask, k: int, qmax: int, eps: float, select: bool) -> None:
-    """Run the token kernel on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None)."""
+def _launch(kernel, x, out, mask, k: int, eps: float, rows: int, num_warps: int, **meta) -> None:
+    """Launch ``kernel`` on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None), ``rows``
+    rows per program; ``meta``: the kernel's own constexprs."""
     n_rows, d = x.shape
-    block_d = triton.next_power_of_2(d)
-    # keep about 4K values per program: several rows for narrow layers, one row otherwise
-    rows = max(1, min(16, 4096 // block_d))
-    num_warps = 4 if block_d * rows <= 4096 else (8 if block_d <= 8192 else 16)
-    grid = (triton.cdiv(n_rows, rows),)
-    _token_topk_kernel[grid](
+    kernel[(triton.cdiv(n_rows, rows),)](
         x,
         out,
         mask if mask is not None else out,
@@ -162,35 +158,49 @@ def launch_token_topk(x, out, mask, k: int, qmax: int, eps: float, select: bool)
         k,
         eps,
         ROWS=rows,
-        BLOCK_D=block_d,
         KEY_BITS=KEY_BITS[str(x.dtype).removeprefix("torch.")],
-        QMAX=qmax,
-        SELECT=select,
         WRITE_MASK=mask is not None,
         num_warps=num_warps,
+        **meta,
+    )
+
+
+def launch_token_topk(x, out, mask, k: int, qmax: int, eps: float, select: bool) -> None:
+    """Run the token kernel on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None)."""
+    block_d = triton.next_power_of_2(x.shape[1])
+    # keep about 4K values per program: several rows for narrow layers, one row otherwise
+    rows = max(1, min(16, 4096 // block_d))
+    num_warps = 4 if block_d * rows <= 4096 else (8 if block_d <= 8192 else 16)
+    _launch(
+        _token_topk_kernel,
+        x,
+        out,
+        mask,
+        k,
+        eps,
+        rows,
+        num_warps,
+        BLOCK_D=block_d,
+        QMAX=qmax,
+        SELECT=select,
     )
 
 
 def launch_block_topk(x, out, mask, k: int, block_size: int, qmax: int, eps: float) -> None:
     """Run the block kernel on 2-D contiguous ``x`` (d divisible by ``block_size``)."""
-    n_rows, d = x.shape
-    nblk = triton.next_power_of_2(d // block_size)
+    nblk = triton.next_power_of_2(x.shape[1] // block_size)
     rows = max(1, min(16, 4096 // (nblk * block_size)))
     num_warps = 4 if nblk * block_size * rows <= 4096 else 8
-    grid = (triton.cdiv(n_rows, rows),)
-    _block_topk_kernel[grid](
+    _launch(
+        _block_topk_kernel,
         x,
         out,
-        mask if mask is not None else out,
-        n_rows,
-        d,
+        mask,
         k,
         eps,
-        ROWS=rows,
+        rows,
+        num_warps,
         NBLK=nblk,
         BS=block_size,
-        KEY_BITS=KEY_BITS[str(x.dtype).removeprefix("torch.")],
         QMAX=qmax,
-        WRITE_MASK=mask is not None,
-        num_warps=num_warps,
     )
