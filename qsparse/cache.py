@@ -24,7 +24,6 @@ __all__ = [
     "CACHE_FORMAT_VERSION",
     "distribution_data_file",
     "file_fingerprint",
-    "hash_texts",
     "package_data_file",
     "resolve_cache_dir",
     "stable_hash",
@@ -58,16 +57,6 @@ def stable_hash(*parts: Any, length: int = 16) -> str:
     """
     payload = json.dumps(parts, sort_keys=True, default=repr, ensure_ascii=False)
     return hashlib.blake2b(payload.encode("utf-8"), digest_size=32).hexdigest()[:length]
-
-
-def hash_texts(texts: Iterable[str], length: int = 16) -> str:
-    """Digest of a sequence of strings (order matters, boundaries are unambiguous)."""
-    h = hashlib.blake2b(digest_size=32)
-    for text in texts:
-        data = text.encode("utf-8")
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()[:length]
 
 
 def file_fingerprint(paths: Iterable[str | os.PathLike[str]]) -> str:

@@ -14,22 +14,18 @@ from pathlib import Path
 import numpy as np
 
 from ..cache import (
-    CACHE_ENV_VAR,
     CACHE_FORMAT_VERSION,
     file_fingerprint,
-    hash_texts,
     resolve_cache_dir,
     stable_hash,
 )
 from ..io import atomic_write, atomic_write_text
 
 __all__ = [
-    "CACHE_ENV_VAR",
     "CACHE_FORMAT_VERSION",
     "atomic_save_npy",
     "atomic_write_text",
     "file_fingerprint",
-    "hash_texts",
     "resolve_cache_dir",
     "stable_hash",
 ]
