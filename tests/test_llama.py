@@ -222,7 +222,9 @@ def test_rope_equals_transformers() -> None:
     hcos, hsin = theirs(q, pos)
     assert torch.equal(cos, hcos) and torch.equal(sin, hsin)
     for a, b in zip(
-        apply_rotary_pos_emb(q, k, cos, sin), hf.apply_rotary_pos_emb(q, k, hcos, hsin)
+        apply_rotary_pos_emb(q, k, cos, sin),
+        hf.apply_rotary_pos_emb(q, k, hcos, hsin),
+        strict=True,
     ):
         assert torch.equal(a, b)
 

@@ -27,10 +27,9 @@ class ActivationSparsifier(nn.Module):
     straight-through gradient.
 
     ``ratio`` may change during training (:func:`qsparse.set_sparsity_ratio`); ``target_ratio``
-    remembers the configured value. It is a Python float read in ``forward``: under
-    ``torch.compile`` its first change recompiles once and dynamo's automatic dynamic then keeps
-    it (and k) symbolic, so a warm-up that changes it every step reuses that one graph
-    (``tests/test_sparsify.py::test_ratio_changes_do_not_recompile``). While ``track_stats`` is
+    remembers the configured value. ``forward`` reads only k, an int set with the ratio (a
+    float ratio read in ``forward`` made inductor recompile at every step); compiled models
+    are called in :func:`qsparse.nn.sites.dynamic_sparsity` so that k stays symbolic. While ``track_stats`` is
     on, the number of zero outputs and of outputs are accumulated in int64 buffers (no host
     sync) for :mod:`qsparse.stats`.
     """
@@ -69,21 +68,32 @@ class ActivationSparsifier(nn.Module):
         if pattern == "threshold":  # saved with the model (export's extra weights)
             self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.target_ratio = float(ratio)
-        self.ratio = float(ratio)
-        self.keep()  # validates ratio against dim
+        self.ratio = ratio  # validates it against dim and sets k
         self.track_stats = False
         # integer counters: ``model.to(dtype)`` casts floating buffers (a bf16 count stops
         # growing at 256) but leaves integer ones alone
         self.register_buffer("zeros_seen", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("values_seen", torch.zeros((), dtype=torch.int64), persistent=False)
 
+    @property
+    def ratio(self) -> float:
+        """S, the fraction zeroed; setting it recomputes k (``ValueError`` if k would be 0)."""
+        return self._ratio
+
+    @ratio.setter
+    def ratio(self, value: float) -> None:
+        value = float(value)
+        k = None
+        if self.pattern not in ("none", "threshold") and value != 0.0:
+            width = self.block_size if self.pattern == "block_topk" else self.dim
+            k = keep_count(width, value)
+            k = None if k == width else k
+        self._ratio, self._k = value, k
+
     def keep(self) -> int | None:
-        """k per row (token_topk) or per block (block_topk); ``None`` when nothing is dropped."""
-        if self.pattern in ("none", "threshold") or self.ratio == 0.0:
-            return None
-        width = self.block_size if self.pattern == "block_topk" else self.dim
-        k = keep_count(width, self.ratio)
-        return None if k == width else k
+        """k per row (token_topk) or per block (block_topk); ``None`` when nothing is dropped
+        (an int attribute: see :func:`qsparse.nn.sites.dynamic_sparsity`)."""
+        return self._k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:

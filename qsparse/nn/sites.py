@@ -11,8 +11,10 @@ measurement in :mod:`qsparse.stats`; both read sites through this module.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import torch
 from torch import nn
 
 from .linear import ActivationSparsifier
@@ -22,6 +24,7 @@ __all__ = [
     "MLP_LINEARS",
     "SETTINGS_ATTR",
     "decoder_layers",
+    "dynamic_sparsity",
     "get_settings",
     "set_sparsity_ratio",
     "sparsifiers",
@@ -90,3 +93,14 @@ def set_sparsity_ratio(
     for sp in sparsifiers(model).values():
         sp.ratio = float(ratio) if ratio is not None else float(sp.target_ratio * fraction)
         sp.keep()  # validates k >= 1
+
+
+def dynamic_sparsity() -> contextlib.AbstractContextManager:
+    """Context to call a ``torch.compile``-d model in while its sparsity ratio changes.
+
+    A site's ``forward`` reads k, an int attribute of the module. Dynamo treats int attributes
+    of an ``nn.Module`` as constants, so every new k (a warm-up changes it every step) would
+    compile a new graph; with ``allow_unspec_int_on_nn_module`` a changed k recompiles once
+    and is symbolic after (``tests/test_sparsify.py::test_ratio_changes_do_not_recompile``).
+    """
+    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)

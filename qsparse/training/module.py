@@ -31,6 +31,7 @@ from qsparse.dtypes import torch_dtype
 from qsparse.models.builder import build_model
 from qsparse.models.checkpointing import decoder_layer_list, enable_gradient_checkpointing
 from qsparse.nn import QuantConfig, SparsityConfig
+from qsparse.nn.sites import dynamic_sparsity
 
 from .distill import DistillConfig, LayerOutputs, hidden_distill_loss, kl_distill_loss
 from .optim import param_groups, total_grad_norm
@@ -231,7 +232,8 @@ class LMModule(L.LightningModule):
             kwargs["labels"] = labels
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        return self.model(**kwargs)
+        with dynamic_sparsity():  # compile=true: a warm-up's new k does not recompile
+            return self.model(**kwargs)
 
     def _step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if "input_ids" not in batch or "labels" not in batch:
