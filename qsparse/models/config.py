@@ -67,15 +67,8 @@ class LlamaConfig:
 
         Returns ``self`` so it can be chained.
         """
-        positive_ints = (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "max_position_embeddings",
-        )
+        # every int field is a size or a count (the annotations are strings here)
+        positive_ints = [f.name for f in dataclasses.fields(self) if f.type == "int"]
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -12,75 +12,32 @@ from typing import Any
 
 __all__ = ["PRESETS"]
 
+#: the columns of the table below, in order
+FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+
+# fmt: off
+_TABLE: dict[str, tuple[int, int, int, int, int, int, int, bool]] = {
+    #         V      d     F      L   H   H_kv  T     tied
+    "tiny":  (256,   64,   176,   2,  4,  2,    256,  True),
+    "debug": (4096,  256,  688,   4,  4,  4,    512,  True),
+    "374M":  (32000, 2048, 5632,  6,  16, 16,   2048, True),
+    "300M":  (32000, 1024, 2730,  24, 16, 16,   2048, False),
+    "700M":  (32000, 1536, 4096,  24, 24, 24,   2048, False),
+    "1.3B":  (32000, 2048, 5460,  24, 32, 32,   2048, False),
+    "7B":    (32000, 4096, 11008, 32, 32, 32,   2048, False),
+}
+# fmt: on
+
+#: preset name -> LlamaConfig field values
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    ),
-    "debug": dict(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    ),
-    "374M": dict(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=6,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    ),
-    "300M": dict(
-        vocab_size=32000,
-        hidden_size=1024,
-        intermediate_size=2730,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    ),
-    "700M": dict(
-        vocab_size=32000,
-        hidden_size=1536,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=24,
-        num_key_value_heads=24,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    ),
-    "1.3B": dict(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5460,
-        num_hidden_layers=24,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    ),
-    "7B": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    ),
+    name: dict(zip(FIELDS, row, strict=True)) for name, row in _TABLE.items()
 }
