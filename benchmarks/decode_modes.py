@@ -51,7 +51,8 @@ def transformers_baseline(
     cuda = device.startswith("cuda")
     from transformers import LlamaForCausalLM as HFLlama
 
-    from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
+    from qsparse.models import LlamaConfig, LlamaForCausalLM
+    from qsparse.models.hf_config import to_hf_config
 
     cfg = LlamaConfig.from_preset(preset)
     torch.manual_seed(0)
@@ -60,7 +61,7 @@ def transformers_baseline(
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         try:
-            hf = HFLlama(cfg.to_hf_config()).eval()
+            hf = HFLlama(to_hf_config(cfg)).eval()
         finally:
             torch.set_default_dtype(default)
     hf.load_state_dict(ours.state_dict())

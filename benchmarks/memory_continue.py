@@ -33,10 +33,11 @@ def make_checkpoint(path: str, preset: str = "1.3B") -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from qsparse.models.llama import LlamaConfig
+    from qsparse.models.config import LlamaConfig
+    from qsparse.models.hf_config import to_hf_config
 
-    cfg = LlamaConfig.from_preset(preset, hidden_act="silu").to_hf_config(
-        bos_token_id=1, eos_token_id=2
+    cfg = to_hf_config(
+        LlamaConfig.from_preset(preset, hidden_act="silu"), bos_token_id=1, eos_token_id=2
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ from qsparse.training.module import LMModule
 def run(args: argparse.Namespace) -> dict:
     L.seed_everything(0, verbose=False)
     torch.set_float32_matmul_precision("high")
-    from qsparse.models.llama import PRESETS
+    from qsparse.models.presets import PRESETS
 
     vocab = PRESETS[args.preset]["vocab_size"]
     dm = RandomTokenDataModule(

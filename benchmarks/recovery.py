@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_table(results, texts, args.plot_only)
         return 0
 
+    from qsparse.data.documents import read_documents
     from qsparse.evaluation.compare import CompareRow, measure_model
-    from qsparse.evaluation.perplexity import read_documents
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

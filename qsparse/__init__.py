@@ -8,7 +8,7 @@ Quick start::
     print(report)
 """
 
-from .convert import SparsifyReport, get_settings, set_sparsity_ratio, sparsifiers, sparsify
+from .convert import SparsifyReport, sparsify
 from .nn import (
     ActivationSparsifier,
     GLUFeedForward,
@@ -17,25 +17,33 @@ from .nn import (
     ReLUSquared,
     SparsityConfig,
 )
-from .stats import activated_parameters, measure, measured_sparsity, track_sparsity
-
-__version__ = "0.1.0"
+from .nn.sites import get_settings, set_sparsity_ratio, sparsifiers
+from .stats import (
+    SparsityReport,
+    activated_parameters,
+    measure,
+    measured_sparsity,
+    sparsity_report,
+    track_sparsity,
+)
+from .version import __version__
 
 
 def __getattr__(name: str):
     # lazy: models pull in transformers, which is slow to import
     if name in ("load", "export"):
-        from .models import hf
+        from . import models
 
-        return getattr(hf, name)
+        return getattr(models, name)
     if name in ("LlamaConfig", "LlamaForCausalLM"):
-        from .models import llama
+        from . import models
 
-        return getattr(llama, name)
+        return getattr(models, name)
     raise AttributeError(f"module 'qsparse' has no attribute {name!r}")
 
 
 __all__ = [
+    "__version__",
     "ActivationSparsifier",
     "GLUFeedForward",
     "LlamaConfig",
@@ -45,6 +53,7 @@ __all__ = [
     "ReLUSquared",
     "SparsifyReport",
     "SparsityConfig",
+    "SparsityReport",
     "activated_parameters",
     "export",
     "get_settings",
@@ -54,5 +63,6 @@ __all__ = [
     "set_sparsity_ratio",
     "sparsifiers",
     "sparsify",
+    "sparsity_report",
     "track_sparsity",
 ]

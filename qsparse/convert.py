@@ -3,7 +3,7 @@
 Works on any model whose decoder layers use Hugging Face Llama names: transformers'
 ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (and their base models) and
 qsparse's own :class:`qsparse.models.llama.LlamaForCausalLM`. Per decoder layer it installs
-four sparsification sites (DESIGN.md §1):
+four sparsification sites (docs/design.md §1):
 
 ==========  ==============================================  ===================================
 site        where                                           module
@@ -36,6 +36,13 @@ from .nn import (
     make_activation,
 )
 from .nn.ffn import ACTIVATIONS
+from .nn.sites import (
+    SETTINGS_ATTR,
+    decoder_layers,
+    metric_name,
+    sparsifiers,  # noqa: F401  (training/callbacks.py imports it from here)
+)
+from .stats import activated_parameters, total_parameters
 
 SUPPORTED_CLASSES = (
     "LlamaForCausalLM",
@@ -51,11 +58,8 @@ _SUPPORTED_MODULES = (
     "transformers.models.qwen2",
     "qsparse.",
 )
-SETTINGS_ATTR = "qsparse_settings"
-ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 #: values of sparsify's ``activation`` (and of the training config's ``activation`` key)
 ACTIVATION_CHOICES = ("keep", *ACTIVATIONS)
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -104,25 +108,6 @@ def _check_supported(model: nn.Module) -> None:
         f"{', '.join(SUPPORTED_CLASSES)} from transformers (Llama, Mistral, Qwen2) and "
         "qsparse.models.llama.LlamaForCausalLM"
     )
-
-
-def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
-    """(prefix, self_attn, mlp) of every decoder layer with Llama projection names."""
-    found = []
-    for name, module in model.named_modules():
-        attn = getattr(module, "self_attn", None)
-        mlp = getattr(module, "mlp", None)
-        if attn is None or mlp is None:
-            continue
-        if all(isinstance(getattr(attn, n, None), nn.Linear) for n in ATTN_LINEARS) and all(
-            isinstance(getattr(mlp, n, None), nn.Linear) for n in MLP_LINEARS
-        ):
-            found.append((name, attn, mlp))
-    return found
-
-
-def _metric_name(module_name: str) -> str:
-    return module_name[len("model.") :] if module_name.startswith("model.") else module_name
 
 
 def _sparsify_input_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -239,7 +224,7 @@ def sparsify(
         raise ValueError(f"activation={activation!r} must be one of {ACTIVATION_CHOICES}")
     excluded = tuple(modules_to_not_convert)
 
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no decoder layers with self_attn.{{q,k,v,o}}_proj and "
@@ -294,7 +279,7 @@ def sparsify(
                 parent, n, _to_qsparse_linear(getattr(parent, n), None if shared else sp, quant)
             )
             report.converted.append(fname)
-        metric = _metric_name(f"{parent_name}.{site}" if shared else full[0])
+        metric = metric_name(f"{parent_name}.{site}" if shared else full[0])
         report.sites[metric] = {
             "module": f"{parent_name}.qsparse_input" if shared else f"{full[0]}.act",
             "dim": sp.dim,
@@ -325,7 +310,7 @@ def sparsify(
             _set_ratio(sp, sparsity.ratio)
             setattr(module, child_name, _to_qsparse_linear(child, sp, quant))
             report.converted.append(full)
-            report.sites[_metric_name(full)] = {
+            report.sites[metric_name(full)] = {
                 "module": f"{full}.act",
                 "dim": sp.dim,
                 "ratio": sp.ratio,
@@ -355,48 +340,6 @@ def sparsify(
             pass
     report.settings = settings
 
-    from .stats import activated_parameters, total_parameters
-
     report.total_parameters = total_parameters(model)
     report.activated_parameters = activated_parameters(model, measured=False)
     return report
-
-
-def get_settings(model: nn.Module) -> dict[str, Any] | None:
-    """The settings the last :func:`sparsify` applied to ``model`` (``None`` if never)."""
-    return getattr(model, SETTINGS_ATTR, None)
-
-
-def sparsifiers(model: nn.Module) -> dict[str, ActivationSparsifier]:
-    """Metric name -> sparsifier of every site in ``model`` (shared sites named
-    ``layers.N.self_attn.qkv`` / ``layers.N.mlp.gate_up``, others by their linear)."""
-    out: dict[str, ActivationSparsifier] = {}
-    for name, module in model.named_modules():
-        clean = name.replace("_orig_mod.", "").replace("_fsdp_wrapped_module.", "")
-        if isinstance(module, ActivationSparsifier):
-            parent, _, leaf = clean.rpartition(".")
-            if leaf == "qsparse_input":
-                site = "qkv" if parent.endswith("self_attn") else "gate_up"
-                out[_metric_name(f"{parent}.{site}")] = module
-            else:  # <linear>.act
-                out[_metric_name(parent)] = module
-    return out
-
-
-def set_sparsity_ratio(
-    model: nn.Module, ratio: float | None = None, *, fraction: float | None = None
-) -> None:
-    """Change the sparsity of every site at run time (no re-conversion).
-
-    Give ``ratio`` to set every site to S = ``ratio``, or ``fraction`` in [0, 1] to set each
-    site to ``fraction * target_ratio`` (its configured value): the form warm-up schedules use.
-    """
-    if (ratio is None) == (fraction is None):
-        raise ValueError("set_sparsity_ratio needs exactly one of ratio= or fraction=")
-    if ratio is not None and not 0.0 <= ratio < 1.0:
-        raise ValueError(f"sparsity ratio {ratio} is outside [0, 1)")
-    if fraction is not None and not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"sparsity warm-up fraction {fraction} is outside [0, 1]")
-    for sp in sparsifiers(model).values():
-        sp.ratio = float(ratio) if ratio is not None else float(sp.target_ratio * fraction)
-        sp.keep()  # validates k >= 1

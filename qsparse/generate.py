@@ -45,13 +45,10 @@ from torch import nn
 
 from .kernels import HAS_TRITON, kernels_available
 from .kernels import gemv as G
-from .models.llama import (
-    KVCache,
-    LlamaAttention,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaMLP,
-)
+from .models.config import LlamaConfig
+from .models.hf_config import from_hf_config
+from .models.kv_cache import KVCache
+from .models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 MODES = ("dense", "qsparse", "bitnet", "bitnet_qsparse")
 #: most tokens per call for the sparse-input GEMV (beyond: top-k, then a dense GEMM; the
@@ -263,7 +260,7 @@ def decoder_view(model: nn.Module, use_kernels: bool) -> LlamaForCausalLM:
         return model
     cfg = model.config
     if not isinstance(cfg, LlamaConfig):
-        cfg = LlamaConfig.from_hf_config(cfg)
+        cfg = from_hf_config(cfg)
     with torch.device("meta"):
         view = LlamaForCausalLM(cfg)
     view.model.embed_tokens, view.model.norm = inner.embed_tokens, inner.norm

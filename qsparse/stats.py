@@ -9,15 +9,23 @@
 - Skipped output rows: a linear with a ``row_gate`` sparsifier (CATS: ``up_proj``, whose
   rows are not computed for the neurons the gate threshold zeroed) also saves
   ``s(row_gate) * |W|``.
+
+:func:`sparsity_report` is the one measurement (training callbacks, evaluation and
+:func:`measure` all count through it or the counters above); a dense model (no sites)
+reports overall 0 and activated = total.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
 import torch
 from torch import nn
 
-from .convert import sparsifiers
-from .nn import ActivationSparsifier, QSparseLinear
+from .nn.linear import ActivationSparsifier, QSparseLinear
+from .nn.sites import get_settings, sparsifiers
 
 
 def track_sparsity(model: nn.Module, enabled: bool = True, reset: bool = True) -> None:
@@ -26,11 +34,6 @@ def track_sparsity(model: nn.Module, enabled: bool = True, reset: bool = True) -
         sp.track_stats = enabled
         if reset:
             sp.reset_stats()
-
-
-def reset_sparsity_stats(model: nn.Module) -> None:
-    for sp in sparsifiers(model).values():
-        sp.reset_stats()
 
 
 def _site_density(sp: ActivationSparsifier, measured: bool) -> float:
@@ -101,16 +104,61 @@ def measured_sparsity(model: nn.Module) -> dict[str, float]:
     return out
 
 
+@dataclass
+class SparsityReport:
+    """``sites``: site metric name -> measured fraction of zeros; ``overall``: 1 - activated
+    / total; ``activated_parameters``/``total_parameters``: counts (tied weights once);
+    ``configured_ratio``: the settings' target ratio (None for a model never sparsified);
+    ``tokens``: tokens run through the model."""
+
+    overall: float
+    activated_parameters: int
+    total_parameters: int
+    sites: dict[str, float] = field(default_factory=dict)
+    configured_ratio: float | None = None
+    tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def mean_site_sparsity(self) -> float:
+        return sum(self.sites.values()) / len(self.sites) if self.sites else 0.0
+
+
 @torch.no_grad()
-def measure(model: nn.Module, *batches: torch.Tensor) -> dict[str, float]:
-    """Run ``model`` on token batches with tracking on and return :func:`measured_sparsity`."""
+def sparsity_report(model: nn.Module, batches: Iterable[torch.Tensor]) -> SparsityReport:
+    """Measure sparsity on ``batches`` (LongTensor [B, T] or [T] each, moved to the model's
+    device) in eval mode; tracking is switched off and the train/eval mode restored after."""
+    settings = get_settings(model)
+    ratio = None
+    if settings is not None:
+        ratio = float(settings.get("sparsity", {}).get("ratio", 0.0))
+    total = total_parameters(model)
+    if not sparsifiers(model):
+        return SparsityReport(0.0, total, total, {}, ratio, 0)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    tokens = 0
     track_sparsity(model, True, reset=True)
     try:
         for ids in batches:
-            model(ids)
-        return measured_sparsity(model)
+            ids = ids.to(device)
+            if ids.dim() == 1:
+                ids = ids[None]
+            model(input_ids=ids)
+            tokens += ids.numel()
+        sites = measured_sparsity(model)
+        activated = activated_parameters(model, measured=True)
     finally:
         track_sparsity(model, False, reset=False)
         model.train(was_training)
+    overall = sites.pop("overall")
+    return SparsityReport(overall, activated, total, sites, ratio, tokens)
+
+
+def measure(model: nn.Module, *batches: torch.Tensor) -> dict[str, float]:
+    """:func:`sparsity_report` on token batches as ``{site: sparsity, ..., "overall": S}``."""
+    report = sparsity_report(model, batches)
+    return {**report.sites, "overall": report.overall}

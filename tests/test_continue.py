@@ -135,7 +135,7 @@ def _fake_trainer(step: int, fn: TrainerFn = TrainerFn.FITTING) -> SimpleNamespa
 
 
 def _sparsified_tiny(ratio: float = 0.6) -> torch.nn.Module:
-    from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
+    from qsparse.models import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig.from_preset("tiny"))
     qsparse.sparsify(model, qsparse.SparsityConfig(ratio=ratio, down=0.8))
@@ -179,7 +179,7 @@ def test_warmup_callback_follows_global_step_and_resumes() -> None:
 
 
 def test_warmup_callback_needs_sparsity_sites() -> None:
-    from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
+    from qsparse.models import LlamaConfig, LlamaForCausalLM
 
     dense = LlamaForCausalLM(LlamaConfig.from_preset("tiny"))
     with pytest.raises(ValueError, match="no sparsity sites"):
@@ -212,7 +212,7 @@ def _grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]
 def test_checkpointing_keeps_gradients_of_sparsified_hf_model(tiny_hf_checkpoint) -> None:
     """transformers' checkpointing (model.gradient_checkpointing) and the run-level wrapper
     (gradient_checkpointing: true) recompute the top-k layers exactly: same gradients."""
-    from qsparse.training.module import enable_gradient_checkpointing
+    from qsparse.models.checkpointing import enable_gradient_checkpointing
 
     ckpt = tiny_hf_checkpoint("llama")
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))

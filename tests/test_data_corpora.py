@@ -15,14 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from qsparse.data.corpora import (
-    _PACKAGES,
-    _clean_speech,
-    available_corpora,
-    distribution_data_file,
-    resolve_corpus,
-)
-from qsparse.evaluation.perplexity import read_documents
+from qsparse.cache import _PACKAGES, distribution_data_file
+from qsparse.data.corpora import _clean_speech, available_corpora, resolve_corpus
+from qsparse.data.documents import read_documents
 
 # name -> (importable package or distribution that ships it, exact document count or None
 # where the count depends on the Python version, a phrase one of its documents contains)
@@ -161,7 +156,7 @@ def test_distribution_data_file_after_pip_install_target(tmp_path, monkeypatch) 
     DIR/share/...: the file is still found (how the GPU machine installs the corpora)."""
     import sys
 
-    from qsparse.data.corpora import distribution_data_file
+    from qsparse.cache import distribution_data_file
 
     info = tmp_path / "fake_corpus_dist-1.0.dist-info"
     info.mkdir()

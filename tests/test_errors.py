@@ -233,7 +233,8 @@ def test_resume_without_or_with_truncated_checkpoint(tmp_path: Path) -> None:
 def exported(tiny_hf_checkpoint, tmp_path: Path) -> Path:
     """A tiny BitNet export (it has qsparse extra weights: the SubLN norms)."""
     import qsparse
-    from qsparse.models.hf import export, load_hf_model
+    from qsparse.models.export import export
+    from qsparse.models.hf import load_hf_model
 
     model = load_hf_model(tiny_hf_checkpoint("llama"))
     qsparse.sparsify(model, sparsity=0.5, quant="bitnet")

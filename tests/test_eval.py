@@ -13,16 +13,23 @@ import torch
 import torch.nn.functional as F
 
 import qsparse
+from qsparse.data.documents import read_documents
 from qsparse.evaluation import (
     build_local_tasks,
     perplexity_of_tokens,
-    read_documents,
     run_lm_eval,
-    sparsity_report,
     token_stream,
 )
-from qsparse.evaluation.lm_eval_model import QSparseLM
 from qsparse.models.hf import load_hf_model
+from qsparse.stats import sparsity_report
+
+
+def _qsparse_lm():
+    """The lm-eval wrapper class; skips the test where lm-eval (the ``eval`` extra) is absent."""
+    pytest.importorskip("lm_eval")
+    from qsparse.evaluation.lm_eval_model import QSparseLM
+
+    return QSparseLM
 
 
 @pytest.fixture
@@ -58,23 +65,47 @@ def test_perplexity_matches_brute_force(tiny) -> None:
 
 
 def test_read_documents(tmp_path: Path) -> None:
+    """Evaluation reads text with the data pipeline's reader and its rule: paragraphs of plain
+    text stripped, rows without the text field dropped like empty ones."""
+    cache = tmp_path / "cache"
     txt = tmp_path / "a.txt"
-    txt.write_text("first doc\nstill first\n\nsecond doc\n\n\n")
-    assert read_documents(txt) == ["first doc\nstill first", "second doc"]
+    txt.write_text("first doc\nstill first\n\n  second doc \n\n\n")
+    assert read_documents(txt, cache_dir=cache) == ["first doc\nstill first", "second doc"]
     jl = tmp_path / "a.jsonl"
     jl.write_text(json.dumps({"text": "x"}) + "\n" + json.dumps({"body": "y"}) + "\n")
-    with pytest.raises(ValueError, match="no field 'text'"):
-        read_documents(jl)
+    assert read_documents(jl, cache_dir=cache) == ["x"]
     jl2 = tmp_path / "b.jsonl"
     jl2.write_text("".join(json.dumps({"body": f"doc {i}"}) + "\n" for i in range(5)))
-    assert read_documents(jl2, text_field="body", max_documents=2) == ["doc 0", "doc 1"]
+    with pytest.raises(ValueError, match="available columns: \\['body'\\]"):
+        read_documents(jl2, cache_dir=cache)
+    assert read_documents(jl2, text_field="body", max_documents=2, cache_dir=cache) == [
+        "doc 0",
+        "doc 1",
+    ]
+    csv = tmp_path / "a.csv"
+    csv.write_text('text\nx\n" "\n')
+    assert read_documents(csv, cache_dir=cache) == ["x"]
     wiki = read_documents("wiki_en", max_documents=3)
     assert len(wiki) == 3 and all(len(d) > 20 for d in wiki)
     with pytest.raises(FileNotFoundError, match="not a bundled corpus"):
         read_documents(tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match="unsupported extension"):
-        (tmp_path / "a.csv").write_text("text\nx\n")
-        read_documents(tmp_path / "a.csv")
+    with pytest.raises(ValueError, match="unknown extension"):
+        (tmp_path / "a.xyz").write_text("x\n")
+        read_documents(tmp_path / "a.xyz")
+
+
+def test_training_and_evaluation_read_the_same_documents(tmp_path: Path) -> None:
+    """Cached and streamed reads and the list reader give the same documents (one rule)."""
+    from qsparse.data.corpora import resolve_corpus
+    from qsparse.data.documents import load_documents
+
+    txt = tmp_path / "c.txt"
+    txt.write_text("\n\n a \n\nb\nc\n\n \n\n\n\nd")
+    spec = resolve_corpus(data_files=txt)
+    cached = list(load_documents(spec, tmp_path / "cache")["text"])
+    streamed = [r["text"] for r in load_documents(spec, tmp_path / "cache", streaming=True)]
+    assert cached == streamed == read_documents(txt, cache_dir=tmp_path / "cache")
+    assert cached == ["a", "b\nc", "d"]
 
 
 def test_sparsity_report_dense_and_sparse(tiny) -> None:
@@ -103,6 +134,7 @@ def _requests(pairs):
 
 
 def test_lm_eval_wrapper_scores_match_manual(tiny) -> None:
+    QSparseLM = _qsparse_lm()
     _, model, tok = tiny
     qsparse.sparsify(model, 0.5)
     lm = QSparseLM(model, tok, batch_size=2)
@@ -156,6 +188,7 @@ def test_local_tasks_are_deterministic_and_well_formed(tmp_path: Path) -> None:
 
 
 def test_run_lm_eval_on_local_tasks(tiny, tmp_path: Path) -> None:
+    QSparseLM = _qsparse_lm()
     _, model, tok = tiny
     qsparse.sparsify(model, 0.5)
     task_dir = build_local_tasks(tmp_path / "tasks", n=12)

@@ -51,7 +51,8 @@ def test_smollm2_checkpoint_is_a_plain_llama(smollm2) -> None:
 
 
 def test_dense_and_sparse_perplexity_on_wiki(smollm2) -> None:
-    from qsparse.evaluation import perplexity, read_documents
+    from qsparse.data.documents import read_documents
+    from qsparse.evaluation import perplexity
     from qsparse.models.hf import load_hf_model
 
     path, tok = smollm2

@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qsparse
 from qsparse.models import LlamaConfig, LlamaForCausalLM
+from qsparse.models.export import export
 from qsparse.models.hf import (
     EXTRA_WEIGHTS_NAME,
     CheckpointError,
     check_hf_checkpoint,
-    export,
     load,
     load_hf_model,
 )

@@ -193,7 +193,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     g = torch.randn(4, 64)
     K.fused_token_topk(x, 9, False, None).backward(g)
     assert torch.equal(x.grad, g * topk_mask(x, 9))
-    out, mask = torch.ops.qsparse.token_topk(x.detach(), 9, 0, True)
+    out, mask = torch.ops.qsparse.token_topk(x.detach(), 9, 0, 1e-5, True)
     assert (mask.sum(-1) == 9).all()
     w = torch.randn(300, 70, dtype=torch.bfloat16)
     assert torch.equal(K.fused_ternary_weight(w), absmean_ternarize(w, ste=False))
@@ -324,6 +324,45 @@ HINT_SCRIPT = textwrap.dedent(
     print("HINT OK")
     """
 )
+
+
+EPS_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import qsparse.kernels as K
+    from qsparse.nn.linear import ActivationSparsifier
+    from qsparse.nn.quant import absmax_quantize
+    from qsparse.nn.topk import block_topk_mask, topk_mask
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 64) * torch.logspace(-4, 0, 6)[:, None]  # rows with gamma below eps
+    for eps in (1e-5, 0.05):
+        q = absmax_quantize(x, 8, eps, ste=False)
+        out = K.fused_token_topk(x, 20, True, 8, eps)
+        torch.testing.assert_close(out, q * topk_mask(x, 20), rtol=1e-6, atol=0)
+        out = K.fused_token_topk(x, 64, True, 8, eps)  # quantize only
+        torch.testing.assert_close(out, q, rtol=1e-6, atol=0)
+        out = K.fused_block_topk(x, 8, 16, True, 8, eps)
+        torch.testing.assert_close(out, q * block_topk_mask(x, 8, 16), rtol=1e-6, atol=0)
+    small = absmax_quantize(x, 8, 0.05, ste=False)
+    assert not torch.equal(small, absmax_quantize(x, 8, 1e-5, ste=False))  # eps matters here
+    # the sparsifier hands its eps (QuantConfig.eps) to the kernels
+    for pattern, ratio in (("token_topk", 0.5), ("block_topk", 0.5), ("token_topk", 0.0)):
+        sp = ActivationSparsifier(64, ratio, pattern=pattern, block_size=16, act_bits=8, eps=0.05)
+        out = sp._fused(x, sp.keep())
+        torch.testing.assert_close(out, sp._reference(x, sp.keep()), rtol=1e-6, atol=0)
+    print("EPS OK")
+    """
+)
+
+
+@needs_triton
+def test_topk_kernels_use_the_configured_eps_in_the_triton_interpreter():
+    """``QuantConfig.eps`` reaches the fused top-k (it was a fixed 1e-5): kernel == reference
+    for two eps values, on rows whose max |x| is below eps."""
+    from conftest import run_interpreted
+
+    assert "EPS OK" in run_interpreted(EPS_SCRIPT, timeout=300)
 
 
 @needs_triton

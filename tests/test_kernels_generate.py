@@ -16,7 +16,7 @@ from qsparse.generate import (
     generate,
 )
 from qsparse.kernels import HAS_TRITON
-from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
+from qsparse.models import LlamaConfig, LlamaForCausalLM
 
 
 def tiny(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -81,7 +81,7 @@ def test_fused_view_without_kernels_matches_the_model():
 ENGINE_INTERPRETER_SCRIPT = """
 import torch
 from qsparse.generate import MODES, DecodeEngine, convert
-from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
+from qsparse.models import LlamaConfig, LlamaForCausalLM
 
 expect = {"dense": "dense", "qsparse": "sparse", "bitnet": "ternary", "bitnet_qsparse": "ternary"}
 for mode in MODES:

@@ -6,14 +6,16 @@ import pytest
 import torch
 import transformers
 
-from qsparse.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
+from qsparse.models import LlamaConfig, LlamaForCausalLM
+from qsparse.models.hf_config import from_hf_config, to_hf_config
+from qsparse.models.kv_cache import KVCache
 
 
 def _pair(**overrides) -> tuple[LlamaForCausalLM, transformers.LlamaForCausalLM, LlamaConfig]:
     """Our model holding the weights of a freshly initialised HF model of the same config."""
     cfg = LlamaConfig.from_preset("tiny", **overrides)
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg.to_hf_config()).eval()
+    hf = transformers.LlamaForCausalLM(to_hf_config(cfg)).eval()
     ours = LlamaForCausalLM(cfg).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return ours, hf, cfg
@@ -176,7 +178,7 @@ def test_config_count_matches_instantiated_model(name) -> None:
         assert model.num_parameters() == cfg.num_parameters()
         assert model.num_parameters(exclude_embeddings=True) == cfg.num_parameters(True)
         hf_count = sum(
-            p.numel() for p in transformers.LlamaForCausalLM(cfg.to_hf_config()).parameters()
+            p.numel() for p in transformers.LlamaForCausalLM(to_hf_config(cfg)).parameters()
         )
         assert hf_count == cfg.num_parameters()
 
@@ -190,19 +192,56 @@ def test_flops_per_token_palm_formula() -> None:
         cfg.flops_per_token(0)
 
 
+def test_flops_formula_matches_lightning_measure_flops() -> None:
+    """The analytic count (qsparse.models.flops) agrees with Lightning's measure_flops, which
+    runs forward and backward under PyTorch's FlopCounterMode (on the meta device)."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    cfg = LlamaConfig.from_preset("tiny")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+        ids = torch.zeros(2, 64, dtype=torch.long)
+    measured = measure_flops(model, lambda: model(ids, labels=ids).loss, lambda loss: loss)
+    assert measured / ids.numel() == pytest.approx(cfg.flops_per_token(64), rel=0.005)
+
+
+def test_rope_equals_transformers() -> None:
+    """The project's one RoPE (qsparse.models.rope) gives transformers' Llama tables and
+    rotation, bit for bit in fp32, at positions past the training length too."""
+    from transformers.models.llama import modeling_llama as hf
+
+    from qsparse.models.rope import RotaryEmbedding, apply_rotary_pos_emb
+
+    cfg = LlamaConfig.from_preset("tiny", rope_theta=5e5)
+    ours = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+    theirs = hf.LlamaRotaryEmbedding(to_hf_config(cfg))
+    pos = torch.tensor([[0, 1, 7, 255, 4000]])
+    cos, sin = ours(pos, torch.float32)
+    q = torch.randn(1, cfg.num_attention_heads, 5, cfg.head_dim)
+    k = torch.randn(1, cfg.num_key_value_heads, 5, cfg.head_dim)
+    hcos, hsin = theirs(q, pos)
+    assert torch.equal(cos, hcos) and torch.equal(sin, hsin)
+    for a, b in zip(
+        apply_rotary_pos_emb(q, k, cos, sin),
+        hf.apply_rotary_pos_emb(q, k, hcos, hsin),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
 def test_hf_config_round_trip() -> None:
     cfg = LlamaConfig.from_preset("tiny", rope_theta=1e6, hidden_act="silu")
-    hf_cfg = cfg.to_hf_config()
+    hf_cfg = to_hf_config(cfg)
     assert hf_cfg.rope_parameters["rope_theta"] == 1e6
-    assert LlamaConfig.from_hf_config(hf_cfg) == cfg
+    assert from_hf_config(hf_cfg) == cfg
     qwen = transformers.Qwen2Config(hidden_size=64, num_attention_heads=4, num_hidden_layers=1)
     with pytest.raises(ValueError, match="model_type"):
-        LlamaConfig.from_hf_config(qwen)
+        from_hf_config(qwen)
     biased = transformers.LlamaConfig(
         hidden_size=64, num_attention_heads=4, num_hidden_layers=1, attention_bias=True
     )
     with pytest.raises(ValueError, match="attention_bias"):
-        LlamaConfig.from_hf_config(biased)
+        from_hf_config(biased)
 
 
 @pytest.mark.parametrize(

@@ -242,3 +242,51 @@ def test_failed_reconfiguration_leaves_ratios_untouched():
     with pytest.raises(ValueError, match="k=0"):
         qsparse.sparsify(model, SparsityConfig(ratio=0.25, down=0.995))
     assert all(sp.ratio == 0.5 for sp in qsparse.sparsifiers(model).values())
+
+
+def test_sparsity_counters_are_integers_that_survive_a_dtype_cast():
+    model = tiny()
+    qsparse.sparsify(model, 0.5)
+    model.to(torch.bfloat16)
+    sp = qsparse.sparsifiers(model)["layers.0.mlp.down_proj"]
+    assert sp.zeros_seen.dtype == sp.values_seen.dtype == torch.int64
+    qsparse.track_sparsity(model)
+    ids = torch.randint(0, 97, (3, 13))
+    for _ in range(20):  # 74880 values: bf16 (8 significant bits) would round the count
+        model(ids)
+    assert int(sp.values_seen) == 20 * 3 * 13 * 96
+    assert int(sp.zeros_seen) == 20 * 3 * 13 * 48
+
+
+def _warmup_graphs(backend: str, steps: int) -> int:
+    """Graphs torch.compile makes while a warm-up changes the ratio at every step (in
+    dynamic_sparsity, as LMModule calls its model); the outputs follow the ratio."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from qsparse.nn.sites import dynamic_sparsity
+
+    torch._dynamo.reset()
+    model = tiny()
+    qsparse.sparsify(model, SparsityConfig(ratio=0.5, down=0.8))
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, backend=counter)
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        for step in range(steps):
+            qsparse.set_sparsity_ratio(model, fraction=step / (steps - 1))
+            with dynamic_sparsity():
+                out = compiled(input_ids=ids).logits
+            torch.testing.assert_close(out, model(input_ids=ids).logits)
+    torch._dynamo.reset()
+    return counter.frame_count
+
+
+def test_ratio_changes_do_not_recompile():
+    """k = 0 (dense) -> first k -> symbolic k: at most 3 graphs for any number of ratios
+    (without dynamic_sparsity, one per step)."""
+    assert _warmup_graphs("eager", 8) <= 3
+
+
+@pytest.mark.slow
+def test_ratio_changes_do_not_recompile_with_inductor():
+    assert _warmup_graphs("inductor", 6) <= 3

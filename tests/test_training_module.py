@@ -12,8 +12,8 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from qsparse.convert import sparsifiers
 from qsparse.data.random_tokens import RandomTokenDataModule
+from qsparse.nn.sites import sparsifiers
 from qsparse.training import LMModule, SparsityMonitor, TokenThroughputMonitor
 from qsparse.training.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
+from qsparse.models import LlamaConfig, LlamaForCausalLM
 from qsparse.training.checkpoint import atomic_torch_save
 from qsparse.training.config import paper_lr, validate_config
 from qsparse.training.flops import model_flops_per_token, peak_flops, peak_flops_for_name

@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from qsparse.convert import sparsifiers
+from qsparse.nn.sites import sparsifiers
 
 
 def _digest(module: torch.nn.Module) -> dict[str, str]:

@@ -109,8 +109,8 @@ def compare_methods(
     """Rows of :class:`~qsparse.evaluation.compare.CompareRow`: dense, then each method at each
     sparsity (module docstring). ``measure``: seq_len, max_tokens, batch_size, dtype, device,
     sparsity_tokens, tasks, limit of :func:`~qsparse.evaluation.compare.measure_model`."""
+    from ..data.documents import read_documents
     from ..evaluation.compare import measure_model
-    from ..evaluation.perplexity import read_documents
 
     per_method = split_overrides(list(overrides), methods)
     # every config is composed before anything is measured, so a typo fails at once

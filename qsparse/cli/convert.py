@@ -6,7 +6,7 @@
 
 Loads SRC (a local transformers Llama / Mistral / Qwen2 folder, or a folder exported by
 qsparse), applies :func:`qsparse.sparsify` with the given settings and writes DST with
-:func:`qsparse.models.hf.export`: the weights (unchanged by the conversion: top-k acts on
+:func:`qsparse.models.export.export`: the weights (unchanged by the conversion: top-k acts on
 activations, ternary weights are computed from the latent weights on the fly), the qsparse
 settings in ``config.json`` and SRC's tokenizer. ``qsparse.load(DST)`` brings back the
 sparse model; ``transformers`` loads DST as the dense model.
@@ -96,7 +96,8 @@ def convert(
     """
 
     from qsparse.convert import sparsify
-    from qsparse.models.hf import check_hf_checkpoint, export, load
+    from qsparse.models.export import export
+    from qsparse.models.hf import check_hf_checkpoint, load
     from qsparse.nn import QuantConfig, SparsityConfig
 
     if quant not in QUANT_PRESETS:

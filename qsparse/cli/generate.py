@@ -83,7 +83,7 @@ def _validate(args: argparse.Namespace) -> list[str]:
 
 
 def _preset_model(args, dtype):
-    from ..models.llama import LlamaConfig, LlamaForCausalLM
+    from ..models import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig.from_preset(args.preset)
     torch.manual_seed(args.seed)

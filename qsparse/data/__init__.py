@@ -5,6 +5,7 @@ Public API::
     PretrainDataModule(corpus="wiki_en" | data_files=..., tokenizer=None | path, seq_len, ...)
     SFTDataModule(corpus="wiki_qa" | data_files=..., tokenizer=None | path, packing, ...)
     resolve_corpus(...), available_corpora(), sft_corpus_file(name)
+    read_documents(corpus or file), load_documents(spec)   # the one document reader
     train_bpe_tokenizer(texts, vocab_size), load_tokenizer(path)
     RandomTokenDataModule(vocab_size, seq_len, ...)   # uniform random tokens (data=random)
 
@@ -13,6 +14,7 @@ resume; see :mod:`qsparse.data.resumable`.
 """
 
 from .corpora import CorpusSpec, available_corpora, register_corpus, resolve_corpus
+from .documents import load_documents, read_documents
 from .pretrain import PretrainDataModule
 from .random_tokens import RandomTokenDataModule
 from .resumable import DataPosition, ResumableSampler
@@ -31,7 +33,9 @@ __all__ = [
     "ResumableSampler",
     "SFTDataModule",
     "available_corpora",
+    "load_documents",
     "load_tokenizer",
+    "read_documents",
     "register_corpus",
     "resolve_corpus",
     "sft_corpus_file",

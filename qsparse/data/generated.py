@@ -51,7 +51,7 @@ def sample_prompts(
     Documents shorter than ``prompt_tokens`` tokens are skipped; with fewer usable documents
     than ``n`` they are reused (each draw is independent, ``numpy.random.default_rng(seed)``).
     """
-    from ..evaluation.perplexity import read_documents
+    from .documents import read_documents
 
     heads: list[list[int]] = []
     for source in sources:

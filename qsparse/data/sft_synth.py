@@ -41,8 +41,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .cache import atomic_write_jsonl, file_fingerprint, resolve_cache_dir, stable_hash
-from .corpora import package_data_file, resolve_corpus
+from ..cache import file_fingerprint, package_data_file, resolve_cache_dir, stable_hash
+from ..io import atomic_write_jsonl
+from .corpora import resolve_corpus
 
 __all__ = [
     "SFT_CORPORA",

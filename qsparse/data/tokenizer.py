@@ -19,7 +19,8 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .cache import atomic_publish_dir, make_tmp_dir, resolve_cache_dir, stable_hash
+from ..cache import resolve_cache_dir, stable_hash
+from ..io import atomic_write_dir
 
 __all__ = [
     "EOS_TOKEN",
@@ -113,7 +114,7 @@ def trained_bpe_tokenizer(
         key_parts: JSON-able value that determines ``texts`` exactly (e.g. corpus
             fingerprint, split settings); hashed into the cache key.
         vocab_size, min_frequency: trainer settings (also in the key).
-        cache_dir: cache root (see :func:`qsparse.data.cache.resolve_cache_dir`).
+        cache_dir: cache root (see :func:`qsparse.cache.resolve_cache_dir`).
 
     Returns:
         ``(tokenizer, folder)``: the folder holds ``save_pretrained`` output.
@@ -123,9 +124,8 @@ def trained_bpe_tokenizer(
     folder = resolve_cache_dir(cache_dir) / "tokenizers" / f"bpe-{safe_name}-v{vocab_size}-{key}"
     if not (folder / "tokenizer.json").is_file():
         tok = train_bpe_tokenizer(texts(), vocab_size=vocab_size, min_frequency=min_frequency)
-        tmp = make_tmp_dir(folder)
-        tok.save_pretrained(str(tmp))
-        atomic_publish_dir(tmp, folder)
+        # another process that trained the same tokenizer first keeps its folder
+        atomic_write_dir(folder, lambda tmp: tok.save_pretrained(str(tmp)), replace=False)
     return load_tokenizer(folder), folder
 
 

@@ -1,5 +1,6 @@
 """Evaluation of sparsified models: perplexity on local text, measured activation sparsity and
-activated parameters, and multiple-choice accuracy through lm-eval on local task files.
+activated parameters (:func:`qsparse.stats.sparsity_report`), and multiple-choice accuracy
+through lm-eval on local task files.
 
 ``lm_eval`` is imported lazily (it is the optional ``eval`` extra): use
 ``qsparse.evaluation.lm_eval_model.QSparseLM`` and ``run_lm_eval`` when it is installed.
@@ -12,25 +13,20 @@ from .perplexity import (
     PerplexityResult,
     perplexity,
     perplexity_of_tokens,
-    read_documents,
     token_stream,
 )
 from .runner import EvalResult, evaluate_checkpoint, load_for_eval, run_lm_eval
-from .sparsity import SparsityReport, sparsity_report
 
 __all__ = [
     "LOCAL_TASKS",
     "LOCAL_TASK_GROUP",
     "EvalResult",
     "PerplexityResult",
-    "SparsityReport",
     "build_local_tasks",
     "evaluate_checkpoint",
     "load_for_eval",
     "perplexity",
     "perplexity_of_tokens",
-    "read_documents",
     "run_lm_eval",
-    "sparsity_report",
     "token_stream",
 ]

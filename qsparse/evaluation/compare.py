@@ -10,7 +10,7 @@ Every row is a model; every model is measured on every text with the same tokeni
 
 Columns: perplexity per text (and its ratio to the dense row), the measured overall sparsity
 and the activated parameters (both on the first text's first ``sparsity_tokens`` tokens; see
-:func:`qsparse.evaluation.sparsity_report`).
+:func:`qsparse.stats.sparsity_report`).
 
 ``qsparse-compare`` (:mod:`qsparse.cli.compare`) fills the same rows with the methods of
 :mod:`qsparse.methods` (``measure_model(..., method=...)``): the row then also records the
@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .perplexity import perplexity_of_tokens, read_documents, token_stream
+from ..data.documents import read_documents
+from ..stats import sparsity_report
+from .perplexity import perplexity_of_tokens, token_stream
 from .runner import load_for_eval
-from .sparsity import sparsity_report
 
 if TYPE_CHECKING:
     from ..methods.base import SparsityMethod
@@ -62,7 +63,7 @@ class CompareRow:
 
 
 def _configured_ratio(model: torch.nn.Module) -> float | None:
-    from ..convert import get_settings
+    from ..nn.sites import get_settings
 
     settings = get_settings(model) or {}
     sp = settings.get("sparsity") or {}

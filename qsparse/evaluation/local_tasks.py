@@ -28,6 +28,8 @@ import random
 import re
 from pathlib import Path
 
+from ..io import atomic_write_jsonl, atomic_write_text
+
 TASKS = ("qsparse_wiki_cloze", "qsparse_wiki_topic", "qsparse_kjv_next")
 GROUP = "qsparse_local"
 FORMAT_VERSION = 1
@@ -170,7 +172,7 @@ def build_local_tasks(
     if n < 1:
         raise ValueError(f"n={n} must be >= 1 items per task")
     if out_dir is None:
-        from ..data.cache import resolve_cache_dir
+        from ..cache import resolve_cache_dir
 
         out_dir = resolve_cache_dir(None) / "lm_eval_tasks" / f"n{n}-s{seed}-v{FORMAT_VERSION}"
     folder = Path(out_dir)
@@ -181,12 +183,8 @@ def build_local_tasks(
         if data.is_file() and spec.is_file():
             continue
         items = build(n, seed)
-        tmp = data.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
-        os.replace(tmp, data)
-        tmp = spec.with_suffix(".yaml.tmp")
-        tmp.write_text(_task_yaml(name, data.resolve()))
-        os.replace(tmp, spec)
+        atomic_write_jsonl(data, items)
+        atomic_write_text(spec, _task_yaml(name, data.resolve()))
     group = folder / f"{GROUP}.yaml"
     if not group.is_file():
         body = {
@@ -198,5 +196,5 @@ def build_local_tasks(
             ],
             "metadata": {"version": FORMAT_VERSION},
         }
-        group.write_text(json.dumps(body, indent=2) + "\n")
+        atomic_write_text(group, json.dumps(body, indent=2) + "\n")
     return folder

@@ -1,6 +1,7 @@
 """Perplexity of a causal LM on local text.
 
-Documents are tokenized without special tokens, each followed by the EOS token (preceded by
+Documents come from :func:`qsparse.data.documents.read_documents` (the reader training uses).
+They are tokenized without special tokens, each followed by the EOS token (preceded by
 BOS when the tokenizer has one and ``add_bos`` is set), and concatenated into one stream of
 ``N`` tokens. The stream is cut into non-overlapping windows of ``seq_len`` tokens (the
 tail shorter than 2 tokens is dropped); within a window of length ``t`` the model predicts
@@ -15,12 +16,9 @@ slightly lower perplexity; report ``seq_len`` with the figure.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,68 +39,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def read_documents(
-    source: str | os.PathLike, text_field: str = "text", max_documents: int | None = None
-) -> list[str]:
-    """Documents of a local file or a bundled corpus name.
-
-    ``source``: a ``.txt`` file (documents separated by blank lines), a ``.jsonl``/``.json``
-    file (one object per line, text in ``text_field``), a ``.parquet`` file, or a corpus name
-    of :func:`qsparse.data.corpora.available_corpora` (e.g. ``"wiki_en"``).
-
-    Raises:
-        FileNotFoundError: the file does not exist (and is no corpus name).
-        ValueError: unknown extension, or a jsonl row without ``text_field``.
-    """
-    path = Path(source).expanduser()
-    if not path.is_file():
-        from ..data.corpora import available_corpora, resolve_corpus
-
-        if str(source) in available_corpora():
-            spec = resolve_corpus(str(source))
-            docs: list[str] = []
-            for f in spec.data_files:
-                docs.extend(read_documents(f, spec.text_field, None))
-                if max_documents is not None and len(docs) >= max_documents:
-                    break
-            return docs[:max_documents] if max_documents is not None else docs
-        raise FileNotFoundError(
-            f"--text {str(source)!r}: no such file and not a bundled corpus "
-            f"({', '.join(available_corpora())})"
-        )
-    suffix = path.suffix.lower()
-    docs = []
-    if suffix in (".txt", ".text", ".md"):
-        raw = path.read_text(encoding="utf-8")
-        docs = [d.strip() for d in raw.split("\n\n") if d.strip()]
-    elif suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if text_field not in row:
-                    raise ValueError(
-                        f"{path}:{n} has no field {text_field!r} (fields: {sorted(row)}); "
-                        "pass the right text_field"
-                    )
-                docs.append(str(row[text_field]))
-                if max_documents is not None and len(docs) >= max_documents:
-                    break
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path, columns=[text_field])
-        docs = [str(t) for t in table.column(text_field).to_pylist()]
-    else:
-        raise ValueError(
-            f"{path}: unsupported extension {suffix!r}; use .txt (blank-line separated "
-            "documents), .jsonl with a text field, or .parquet"
-        )
-    docs = [d for d in docs if d.strip()]
-    return docs[:max_documents] if max_documents is not None else docs
 
 
 def token_stream(

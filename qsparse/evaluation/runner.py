@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.documents import read_documents
 from ..dtypes import torch_dtype
-from .perplexity import PerplexityResult, perplexity_of_tokens, read_documents, token_stream
-from .sparsity import SparsityReport, sparsity_report
+from ..stats import SparsityReport, sparsity_report
+from .perplexity import PerplexityResult, perplexity_of_tokens, token_stream
 
 LOCAL_TASK_ALIASES = ("local", "qsparse_local")
 
@@ -65,9 +66,10 @@ def load_for_eval(
     """
     from transformers import AutoTokenizer
 
-    from ..convert import get_settings, sparsify
+    from ..convert import sparsify
     from ..models.hf import QSPARSE_CONFIG_KEY, check_hf_checkpoint, load
     from ..nn import QuantConfig, SparsityConfig
+    from ..nn.sites import get_settings
 
     torch_dtype_ = torch_dtype(dtype, "dtype", allow_auto=True)
     config = check_hf_checkpoint(path, require_tokenizer=True)
@@ -173,7 +175,7 @@ def evaluate_checkpoint(
       Without ``text`` the sparsity is measured on the first task's contexts if any.
     - ``tasks``: lm-eval task names (``qsparse_local`` = the bundled multiple-choice tasks).
     """
-    from ..convert import get_settings
+    from ..nn.sites import get_settings
 
     start = time.perf_counter()
     model, tokenizer = load_for_eval(path, dtype, sparsity, quant, activation, device)

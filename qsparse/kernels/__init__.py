@@ -55,9 +55,10 @@ def _applies(x: torch.Tensor, k: int, width: int) -> bool:
 
 
 def fused_token_topk(
-    x: torch.Tensor, k: int, ste: bool, act_bits: int | None
+    x: torch.Tensor, k: int, ste: bool, act_bits: int | None, eps: float = 1e-5
 ) -> torch.Tensor | None:
-    """Per-token top-k of ``x[..., d]`` (after absmax quantization to ``act_bits``).
+    """Per-token top-k of ``x[..., d]`` (after absmax quantization to ``act_bits`` with scale
+    ``Q / max(gamma, eps)``, ``eps`` = ``QuantConfig.eps``).
 
     Returns ``out[..., d]`` with exactly ``k`` entries per row kept (largest fp32 |x|, lower
     index on ties; values ``Q(x)`` when ``act_bits``), or ``None`` when no kernel applies.
@@ -70,12 +71,17 @@ def fused_token_topk(
     x2 = x.reshape(-1, d)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    out, _ = torch.ops.qsparse.token_topk(x2, k, qmax, not ste)
+    out, _ = torch.ops.qsparse.token_topk(x2, k, qmax, float(eps), not ste)
     return out.view(x.shape)
 
 
 def fused_block_topk(
-    x: torch.Tensor, k: int, block_size: int, ste: bool, act_bits: int | None
+    x: torch.Tensor,
+    k: int,
+    block_size: int,
+    ste: bool,
+    act_bits: int | None,
+    eps: float = 1e-5,
 ) -> torch.Tensor | None:
     """Top-k inside each block of ``block_size`` consecutive values of ``x[..., d]``.
 
@@ -95,7 +101,7 @@ def fused_block_topk(
     x2 = x.reshape(-1, d)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    out, _ = torch.ops.qsparse.block_topk(x2, k, block_size, qmax, not ste)
+    out, _ = torch.ops.qsparse.block_topk(x2, k, block_size, qmax, float(eps), not ste)
     return out.view(x.shape)
 
 

@@ -38,6 +38,27 @@ def _quantize(xf, gamma, eps, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _topk_keep(xf, valid, k, KEY_BITS: tl.constexpr):
+    """The selection rule of the module docstring along the last axis of fp32 ``xf``
+    ([R, D] rows or [R, NBLK, BS] blocks; ``valid`` masks padding): True for the ``k``
+    largest ``|x|`` of each row/block, ties to the lower index."""
+    key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    key = tl.where(valid, key, -1)
+    # bisection on the key bits, from bit 30 down (the first pass starts from T = 0)
+    thr = tl.where(tl.sum((key >= (1 << 30)).to(tl.int32), axis=-1) >= k, 1 << 30, 0)
+    for i in tl.static_range(1, KEY_BITS):
+        cand = thr | (1 << (30 - i))
+        cnt = tl.sum((key >= tl.expand_dims(cand, -1)).to(tl.int32), axis=-1)
+        thr = tl.where(cnt >= k, cand, thr)
+    thr = tl.expand_dims(thr, -1)
+    gt = key > thr
+    eq = key == thr
+    need = k - tl.sum(gt.to(tl.int32), axis=-1)
+    rank = tl.cumsum(eq.to(tl.int32), axis=-1)
+    return gt | (eq & (rank <= tl.expand_dims(need, -1)))
+
+
+@triton.jit
 def _token_topk_kernel(
     x_ptr,
     out_ptr,
@@ -70,18 +91,7 @@ def _token_topk_kernel(
     else:
         val = xf
     if SELECT:
-        key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        key = tl.where(valid, key, -1)
-        thr = tl.zeros([ROWS], dtype=tl.int32)
-        for i in tl.static_range(KEY_BITS):
-            cand = thr | (1 << (30 - i))
-            cnt = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
-            thr = tl.where(cnt >= k, cand, thr)
-        gt = key > thr[:, None]
-        eq = key == thr[:, None]
-        need = k - tl.sum(gt.to(tl.int32), axis=1)
-        rank = tl.cumsum(eq.to(tl.int32), axis=1)
-        keep = gt | (eq & (rank <= need[:, None]))
+        keep = _topk_keep(xf, valid, k, KEY_BITS)
         val = tl.where(keep, val, 0.0)
         if WRITE_MASK:
             tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)
@@ -120,18 +130,7 @@ def _block_topk_kernel(
         val = _quantize(xf, gamma[:, None, None], eps, QMAX)
     else:
         val = xf
-    key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    key = tl.where(valid, key, -1)
-    thr = tl.zeros([ROWS, NBLK], dtype=tl.int32)
-    for i in tl.static_range(KEY_BITS):
-        cand = thr | (1 << (30 - i))
-        cnt = tl.sum((key >= cand[:, :, None]).to(tl.int32), axis=2)
-        thr = tl.where(cnt >= k, cand, thr)
-    gt = key > thr[:, :, None]
-    eq = key == thr[:, :, None]
-    need = k - tl.sum(gt.to(tl.int32), axis=2)
-    rank = tl.cumsum(eq.to(tl.int32), axis=2)
-    keep = gt | (eq & (rank <= need[:, :, None]))
+    keep = _topk_keep(xf, valid, k, KEY_BITS)
     val = tl.where(keep, val, 0.0)
     if WRITE_MASK:
         tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)
@@ -146,15 +145,11 @@ def _key_bits(dtype_bits: int, mantissa: int) -> int:
 KEY_BITS = {"bfloat16": _key_bits(16, 7), "float16": _key_bits(16, 10), "float32": 31}
 
 
-def launch_token_topk(x, out, mask, k: int, qmax: int, eps: float, select: bool) -> None:
-    """Run the token kernel on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None)."""
+def _launch(kernel, x, out, mask, k: int, eps: float, rows: int, num_warps: int, **meta) -> None:
+    """Launch ``kernel`` on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None), ``rows``
+    rows per program; ``meta``: the kernel's own constexprs."""
     n_rows, d = x.shape
-    block_d = triton.next_power_of_2(d)
-    # keep about 4K values per program: several rows for narrow layers, one row otherwise
-    rows = max(1, min(16, 4096 // block_d))
-    num_warps = 4 if block_d * rows <= 4096 else (8 if block_d <= 8192 else 16)
-    grid = (triton.cdiv(n_rows, rows),)
-    _token_topk_kernel[grid](
+    kernel[(triton.cdiv(n_rows, rows),)](
         x,
         out,
         mask if mask is not None else out,
@@ -163,35 +158,49 @@ def launch_token_topk(x, out, mask, k: int, qmax: int, eps: float, select: bool)
         k,
         eps,
         ROWS=rows,
-        BLOCK_D=block_d,
         KEY_BITS=KEY_BITS[str(x.dtype).removeprefix("torch.")],
-        QMAX=qmax,
-        SELECT=select,
         WRITE_MASK=mask is not None,
         num_warps=num_warps,
+        **meta,
+    )
+
+
+def launch_token_topk(x, out, mask, k: int, qmax: int, eps: float, select: bool) -> None:
+    """Run the token kernel on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None)."""
+    block_d = triton.next_power_of_2(x.shape[1])
+    # keep about 4K values per program: several rows for narrow layers, one row otherwise
+    rows = max(1, min(16, 4096 // block_d))
+    num_warps = 4 if block_d * rows <= 4096 else (8 if block_d <= 8192 else 16)
+    _launch(
+        _token_topk_kernel,
+        x,
+        out,
+        mask,
+        k,
+        eps,
+        rows,
+        num_warps,
+        BLOCK_D=block_d,
+        QMAX=qmax,
+        SELECT=select,
     )
 
 
 def launch_block_topk(x, out, mask, k: int, block_size: int, qmax: int, eps: float) -> None:
     """Run the block kernel on 2-D contiguous ``x`` (d divisible by ``block_size``)."""
-    n_rows, d = x.shape
-    nblk = triton.next_power_of_2(d // block_size)
+    nblk = triton.next_power_of_2(x.shape[1] // block_size)
     rows = max(1, min(16, 4096 // (nblk * block_size)))
     num_warps = 4 if nblk * block_size * rows <= 4096 else 8
-    grid = (triton.cdiv(n_rows, rows),)
-    _block_topk_kernel[grid](
+    _launch(
+        _block_topk_kernel,
         x,
         out,
-        mask if mask is not None else out,
-        n_rows,
-        d,
+        mask,
         k,
         eps,
-        ROWS=rows,
+        rows,
+        num_warps,
         NBLK=nblk,
         BS=block_size,
-        KEY_BITS=KEY_BITS[str(x.dtype).removeprefix("torch.")],
         QMAX=qmax,
-        WRITE_MASK=mask is not None,
-        num_warps=num_warps,
     )

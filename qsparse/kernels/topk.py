@@ -1,20 +1,18 @@
 """Custom ops around the fused top-k kernels: opaque to ``torch.compile`` (no graph break),
 with a straight-through backward that stores no dense mask.
 
-``qsparse::token_topk(x[n, d], k, qmax, want_mask) -> (out[n, d], mask)``: out keeps the k
-largest |x| per row (values fake-quantized to ``qmax`` levels when ``qmax > 0``), zeros
-elsewhere. ``mask`` is a bool [n, d] tensor when ``want_mask`` (needed only for the no-STE
+``qsparse::token_topk(x[n, d], k, qmax, eps, want_mask) -> (out[n, d], mask)``: out keeps
+the k largest |x| per row (values fake-quantized to ``qmax`` levels when ``qmax > 0``, scale
+``qmax / max(gamma, eps)``: ``QuantConfig.eps``), zeros elsewhere. ``mask`` is a bool [n, d] tensor when ``want_mask`` (needed only for the no-STE
 backward ``dL/dX = dL/dOut * M``) and an empty tensor otherwise; with the STE the backward is
 the identity, so nothing is saved at all.
-``qsparse::block_topk(x[n, d], k, block_size, qmax, want_mask)``: the same per block of
+``qsparse::block_topk(x[n, d], k, block_size, qmax, eps, want_mask)``: the same per block of
 ``block_size`` consecutive values (gamma of the quantizer still per row).
 """
 
 from __future__ import annotations
 
 import torch
-
-EPS = 1e-5
 
 
 def _empty_mask(x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +29,7 @@ def _out_buffer(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("qsparse::token_topk", mutates_args=())
 def token_topk_op(
-    x: torch.Tensor, k: int, qmax: int, want_mask: bool
+    x: torch.Tensor, k: int, qmax: int, eps: float, want_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused per-row top-k (+ absmax quantization); x: [n, d] contiguous."""
     from ._topk_triton import launch_token_topk
@@ -39,13 +37,13 @@ def token_topk_op(
     out = _out_buffer(x)
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if want_mask else None
     if x.numel():
-        launch_token_topk(x, out, mask, k, qmax, EPS, select=k < x.shape[-1])
+        launch_token_topk(x, out, mask, k, qmax, eps, select=k < x.shape[-1])
     return out.to(x.dtype), mask if mask is not None else _empty_mask(x)
 
 
 @token_topk_op.register_fake
 def _token_topk_fake(
-    x: torch.Tensor, k: int, qmax: int, want_mask: bool
+    x: torch.Tensor, k: int, qmax: int, eps: float, want_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if want_mask else None
     return torch.empty_like(x), mask if mask is not None else _empty_mask(x)
@@ -53,7 +51,7 @@ def _token_topk_fake(
 
 @torch.library.custom_op("qsparse::block_topk", mutates_args=())
 def block_topk_op(
-    x: torch.Tensor, k: int, block_size: int, qmax: int, want_mask: bool
+    x: torch.Tensor, k: int, block_size: int, qmax: int, eps: float, want_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused per-block top-k (+ per-row absmax quantization); x: [n, d] contiguous."""
     from ._topk_triton import launch_block_topk
@@ -61,13 +59,13 @@ def block_topk_op(
     out = _out_buffer(x)
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if want_mask else None
     if x.numel():
-        launch_block_topk(x, out, mask, k, block_size, qmax, EPS)
+        launch_block_topk(x, out, mask, k, block_size, qmax, eps)
     return out.to(x.dtype), mask if mask is not None else _empty_mask(x)
 
 
 @block_topk_op.register_fake
 def _block_topk_fake(
-    x: torch.Tensor, k: int, block_size: int, qmax: int, want_mask: bool
+    x: torch.Tensor, k: int, block_size: int, qmax: int, eps: float, want_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if want_mask else None
     return torch.empty_like(x), mask if mask is not None else _empty_mask(x)
@@ -83,12 +81,12 @@ def _setup_context(ctx, inputs, output) -> None:
 def _token_backward(ctx, grad_out: torch.Tensor, _grad_mask: torch.Tensor | None):
     """STE: dL/dX = dL/dOut (identity); without STE: dL/dOut * M."""
     grad = grad_out * ctx.saved_tensors[0] if ctx.want_mask else grad_out
-    return grad, None, None, None
+    return grad, None, None, None, None
 
 
 def _block_backward(ctx, grad_out: torch.Tensor, _grad_mask: torch.Tensor | None):
     grad = grad_out * ctx.saved_tensors[0] if ctx.want_mask else grad_out
-    return grad, None, None, None, None
+    return grad, None, None, None, None, None
 
 
 token_topk_op.register_autograd(_token_backward, setup_context=_setup_context)

@@ -75,12 +75,12 @@ def mlp_selection_loss(
     greedy next tokens, one backward per batch) or ``"magnitude"`` (``|a|``). Both select
     exactly ``N - floor(S·N)`` neurons per token.
     """
-    from ..convert import _decoder_layers
+    from ..nn.sites import decoder_layers
     from .calibration import model_forward
 
     if score not in ("attribution", "magnitude"):
         raise ValueError(f"score={score!r} must be 'attribution' or 'magnitude'")
-    mlps = [mlp for _, _, mlp in _decoder_layers(model)]
+    mlps = [mlp for _, _, mlp in decoder_layers(model)]
     acts: dict[int, torch.Tensor] = {}
     outs: dict[int, torch.Tensor] = {}
     masks: dict[int, torch.Tensor] = {}

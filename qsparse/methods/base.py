@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..convert import get_settings
+from ..nn.sites import get_settings
 
 #: name -> method class (filled by ``register``)
 METHODS: dict[str, type[SparsityMethod]] = {}

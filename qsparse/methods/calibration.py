@@ -105,9 +105,10 @@ def calibration_batches(
     tokenizer, source: str | Path | Sequence[str], tokens: int = 8192, seq_len: int = 256
 ) -> list[torch.Tensor]:
     """LongTensor[1, T] windows (T <= ``seq_len``) of the first ``tokens`` tokens of
-    ``source``: a corpus name or file (:func:`qsparse.evaluation.read_documents`) or a list
+    ``source``: a corpus name or file (:func:`qsparse.data.read_documents`) or a list
     of documents. Tokenized as perplexity evaluation does (each document + EOS)."""
-    from ..evaluation.perplexity import read_documents, token_stream
+    from ..data.documents import read_documents
+    from ..evaluation.perplexity import token_stream
 
     docs = list(source) if isinstance(source, (list, tuple)) else read_documents(source)
     stream = token_stream(tokenizer, docs, max_tokens=tokens)

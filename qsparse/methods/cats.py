@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import _decoder_layers, sparsify
+from ..convert import sparsify
 from ..nn import ActivationSparsifier, SparsityConfig
+from ..nn.sites import decoder_layers
 from .base import MethodResult, register
 from .calibration import collect_histograms, sequential_thresholds, set_threshold
 from .teal import TEAL
@@ -56,7 +57,7 @@ def install_gate_thresholds(model: nn.Module) -> dict[str, ActivationSparsifier]
     """Wrap every decoder MLP's ``act_fn`` in a :class:`GateThreshold` (idempotent) and point
     ``up_proj.row_gate`` at it; returns ``layers.N.mlp.act_fn`` -> sparsifier."""
     out = {}
-    for prefix, _, mlp in _decoder_layers(model):
+    for prefix, _, mlp in decoder_layers(model):
         if not isinstance(mlp.act_fn, GateThreshold):
             ref = mlp.gate_proj.weight
             mlp.act_fn = GateThreshold(mlp.act_fn, mlp.gate_proj.out_features).to(

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import _decoder_layers, sparsify
+from ..convert import sparsify
 from ..nn import FATReLU, SparsityConfig
+from ..nn.sites import decoder_layers
 from .base import MethodResult, SparsityMethod, register
 
 SCHEDULE_7B = ((5000, 6000, 10000, 12000, 16000, 16500), (0.0, 5e-3, 5e-2, 5e-2, 0.2, 0.2))
@@ -55,7 +56,7 @@ def sine_schedule(step: float, milestones: Sequence[float], values: Sequence[flo
 
 
 def prosparse_activations(model: nn.Module) -> list[FATReLU]:
-    return [mlp.act_fn for _, _, mlp in _decoder_layers(model) if isinstance(mlp.act_fn, FATReLU)]
+    return [mlp.act_fn for _, _, mlp in decoder_layers(model) if isinstance(mlp.act_fn, FATReLU)]
 
 
 @register
@@ -92,7 +93,7 @@ class ProSparse(SparsityMethod):
 
     @classmethod
     def restore(cls, model: nn.Module, info: dict[str, Any]) -> None:
-        for _, _, mlp in _decoder_layers(model):
+        for _, _, mlp in decoder_layers(model):
             mlp.act_fn = FATReLU(float(info.get("threshold", 0.0)))
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "hidden_act"):

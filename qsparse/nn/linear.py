@@ -27,8 +27,11 @@ class ActivationSparsifier(nn.Module):
     straight-through gradient.
 
     ``ratio`` may change during training (:func:`qsparse.set_sparsity_ratio`); ``target_ratio``
-    remembers the configured value. While ``track_stats`` is on, the number of zero outputs
-    and of outputs are accumulated (no host sync) for :mod:`qsparse.stats`.
+    remembers the configured value. ``forward`` reads only k, an int set with the ratio (a
+    float ratio read in ``forward`` made inductor recompile at every step); compiled models
+    are called in :func:`qsparse.nn.sites.dynamic_sparsity` so that k stays symbolic. While ``track_stats`` is
+    on, the number of zero outputs and of outputs are accumulated in int64 buffers (no host
+    sync) for :mod:`qsparse.stats`.
     """
 
     def __init__(
@@ -65,19 +68,32 @@ class ActivationSparsifier(nn.Module):
         if pattern == "threshold":  # saved with the model (export's extra weights)
             self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.target_ratio = float(ratio)
-        self.ratio = float(ratio)
-        self.keep()  # validates ratio against dim
+        self.ratio = ratio  # validates it against dim and sets k
         self.track_stats = False
-        self.register_buffer("zeros_seen", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.register_buffer("values_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        # integer counters: ``model.to(dtype)`` casts floating buffers (a bf16 count stops
+        # growing at 256) but leaves integer ones alone
+        self.register_buffer("zeros_seen", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("values_seen", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    @property
+    def ratio(self) -> float:
+        """S, the fraction zeroed; setting it recomputes k (``ValueError`` if k would be 0)."""
+        return self._ratio
+
+    @ratio.setter
+    def ratio(self, value: float) -> None:
+        value = float(value)
+        k = None
+        if self.pattern not in ("none", "threshold") and value != 0.0:
+            width = self.block_size if self.pattern == "block_topk" else self.dim
+            k = keep_count(width, value)
+            k = None if k == width else k
+        self._ratio, self._k = value, k
 
     def keep(self) -> int | None:
-        """k per row (token_topk) or per block (block_topk); ``None`` when nothing is dropped."""
-        if self.pattern in ("none", "threshold") or self.ratio == 0.0:
-            return None
-        width = self.block_size if self.pattern == "block_topk" else self.dim
-        k = keep_count(width, self.ratio)
-        return None if k == width else k
+        """k per row (token_topk) or per block (block_topk); ``None`` when nothing is dropped
+        (an int attribute: see :func:`qsparse.nn.sites.dynamic_sparsity`)."""
+        return self._k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
@@ -87,13 +103,7 @@ class ActivationSparsifier(nn.Module):
         if self.pattern == "threshold":
             out = self._thresholded(x)
         elif x.is_cuda and not self.rescale:
-            if k is None:
-                if self.act_bits is not None:  # quantize only: top-k with k = d
-                    out = kernels.fused_token_topk(x, self.dim, True, self.act_bits)
-            elif self.pattern == "token_topk":
-                out = kernels.fused_token_topk(x, k, self.ste, self.act_bits)
-            else:
-                out = kernels.fused_block_topk(x, k, self.block_size, self.ste, self.act_bits)
+            out = self._fused(x, k)
         if out is None:
             out = self._reference(x, k)
         if self.track_stats:
@@ -101,6 +111,17 @@ class ActivationSparsifier(nn.Module):
                 self.zeros_seen += (out == 0).sum()
                 self.values_seen += out.numel()
         return out
+
+    def _fused(self, x: torch.Tensor, k: int | None) -> torch.Tensor | None:
+        """The Triton path (same values as :meth:`_reference`); ``None`` where no kernel
+        applies."""
+        if k is None:  # quantize only: top-k with k = d
+            if self.act_bits is None:
+                return None
+            return kernels.fused_token_topk(x, self.dim, True, self.act_bits, self.eps)
+        if self.pattern == "token_topk":
+            return kernels.fused_token_topk(x, k, self.ste, self.act_bits, self.eps)
+        return kernels.fused_block_topk(x, k, self.block_size, self.ste, self.act_bits, self.eps)
 
     def _reference(self, x: torch.Tensor, k: int | None) -> torch.Tensor:
         if k is None:

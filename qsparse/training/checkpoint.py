@@ -4,7 +4,7 @@ Lightning 2.6 writes a checkpoint through an fsspec transaction whose temporary 
 the system temp directory; committing it is a ``shutil.move``, which is a copy (not atomic)
 when the temp directory and the run directory are different filesystems. A job killed during
 that copy leaves a truncated ``last.ckpt`` that cannot be resumed. :class:`AtomicCheckpointIO`
-writes ``<name>.tmp-<pid>`` next to the target, fsyncs it and ``os.replace``-s it over the
+writes ``.<name>.tmp-<pid>`` next to the target (:mod:`qsparse.io`), fsyncs it and ``os.replace``-s it over the
 target (atomic on POSIX within one filesystem), so ``last.ckpt`` is always a complete file.
 A writer killed before the rename leaves its ``.tmp-<pid>`` file behind;
 :func:`remove_orphaned_temporaries` removes those of processes that no longer run (each run
@@ -24,11 +24,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from qsparse.io import atomic_write
+
 _TMP_SUFFIX = re.compile(r"\.tmp-(\d+)$")
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
 def _process_alive(pid: int) -> bool:
@@ -42,8 +40,8 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_orphaned_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the ``<name>.tmp-<pid>`` files :func:`atomic_torch_save` (and folders
-    :func:`qsparse.models.hf.export`) left in ``folder`` when their process was killed
+    """Delete the ``.<name>.tmp-<pid>`` files :func:`atomic_torch_save` (and folders
+    :func:`qsparse.models.export.export`) left in ``folder`` when their process was killed
     mid-write (those of another live process are kept); return them. Call it before this
     process writes there: its own pid counts as dead (a killed run's pid is often reused in
     containers)."""
@@ -65,29 +63,9 @@ def remove_orphaned_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # persist the rename itself
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - some filesystems refuse opening directories
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(dir_fd)
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path`` (written with
+    :func:`qsparse.io.atomic_write`, fsynced)."""
+    atomic_write(path, lambda f: torch.save(obj, f), fsync=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

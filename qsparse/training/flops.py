@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from qsparse.models.flops import training_flops_per_token
+
 # (substring of torch.cuda.get_device_name(), dtype) -> peak dense FLOP/s (no 2:4 sparsity).
 # "fp32" on tensor-core GPUs means TF32 (what float32 matmuls use with high precision off).
 _PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
@@ -63,10 +65,10 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float | None:
     """Dense training FLOPs per token of ``model`` at context ``seq_len``.
 
     Uses the model's own helper when it has one (``model.flops_per_token(seq_len)`` or
-    ``model.config.flops_per_token(seq_len)``); otherwise ``6 * N + 12 * L * d * T`` with
-    ``N`` the weights of every ``nn.Linear`` (lm_head included, embeddings are lookups:
-    2 FLOPs per weight forward, 4 backward) and the second term the attention score/value
-    products (``L`` layers, ``d`` hidden size, ``T`` context).
+    ``model.config.flops_per_token(seq_len)``); otherwise the same formula,
+    :func:`qsparse.models.flops.training_flops_per_token`, with ``N`` the weights of every
+    ``nn.Linear`` (lm_head included; embeddings are lookups) and the layer count and hidden
+    size of ``model.config`` (no attention term without them).
     """
     for owner in (model, getattr(model, "config", None)):
         fn = getattr(owner, "flops_per_token", None)
@@ -79,5 +81,6 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float | None:
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", None)
     hidden = getattr(cfg, "hidden_size", None)
-    attn = 12 * layers * hidden * seq_len if layers and hidden else 0
-    return float(6 * n + attn)
+    if not (layers and hidden):
+        layers = hidden = 0
+    return training_flops_per_token(n, layers, hidden, seq_len)

@@ -17,7 +17,6 @@ mean over the whole validation set and all ranks), ``val/ppl = exp(val/loss)``.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
@@ -26,11 +25,13 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from qsparse.convert import ACTIVATION_CHOICES
 from qsparse.dtypes import torch_dtype
+from qsparse.models.builder import build_model
+from qsparse.models.checkpointing import decoder_layer_list, enable_gradient_checkpointing
 from qsparse.nn import QuantConfig, SparsityConfig
+from qsparse.nn.sites import dynamic_sparsity
 
 from .distill import DistillConfig, LayerOutputs, hidden_distill_loss, kl_distill_loss
 from .optim import param_groups, total_grad_norm
@@ -52,77 +53,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def build_model(spec: Mapping[str, Any]) -> nn.Module:
-    """Instantiate a model from a spec.
-
-    ``{"_target_": "pkg.fn", **kwargs}`` calls ``pkg.fn(**kwargs)`` (Hydra semantics); a spec
-    without ``_target_`` is ``{"preset": name, **overrides}`` for :func:`llama`.
-    """
-    spec = dict(spec)
-    if "_target_" not in spec:
-        return llama(**spec)
-    from hydra.utils import instantiate
-
-    try:
-        model = instantiate(spec, _convert_="all")
-    except Exception as exc:  # hydra wraps the builder's error; surface it with the key
-        raise ValueError(f"model: could not build {spec.get('_target_')!r}: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise ValueError(
-            f"model._target_={spec['_target_']!r} returned {type(model).__name__}, "
-            "not a torch.nn.Module"
-        )
-    return model
-
-
-def llama(preset: str = "tiny", **overrides: Any) -> nn.Module:
-    """A qsparse :class:`~qsparse.models.llama.LlamaForCausalLM` from a preset plus overrides
-    (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``hidden_act``, ...)."""
-    from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
-
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        config = LlamaConfig.from_preset(preset, **overrides)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"model: {exc} (check the model.* keys)") from exc
-    return LlamaForCausalLM(config)
-
-
-def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
-    for path in ("model.layers", "layers", "transformer.h", "model.decoder.layers"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ValueError(
-        "gradient_checkpointing=true needs the decoder layers at model.layers or "
-        "model.model.layers (Llama-style names)"
-    )
-
-
-def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
-    if not torch.is_grad_enabled():
-        return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute each decoder layer in backward instead of storing its activations.
-
-    Wraps every layer's ``forward`` (parameter names unchanged, idempotent); returns the
-    number of layers wrapped.
-    """
-    layers = _decoder_layers(model)
-    for layer in layers:
-        if not getattr(layer, "_qsparse_checkpointed", False):
-            layer.forward = functools.partial(_checkpointed, layer.forward)
-            layer._qsparse_checkpointed = True
-    return len(layers)
 
 
 class LMModule(L.LightningModule):
@@ -236,8 +166,8 @@ class LMModule(L.LightningModule):
         if self._distill.hidden:
             assert self.model is not None
             self._hooks = (
-                LayerOutputs(_decoder_layers(self.model)),
-                LayerOutputs(_decoder_layers(teacher)),
+                LayerOutputs(decoder_layer_list(self.model)),
+                LayerOutputs(decoder_layer_list(teacher)),
             )
         return teacher
 
@@ -302,7 +232,8 @@ class LMModule(L.LightningModule):
             kwargs["labels"] = labels
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        return self.model(**kwargs)
+        with dynamic_sparsity():  # compile=true: a warm-up's new k does not recompile
+            return self.model(**kwargs)
 
     def _step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if "input_ids" not in batch or "labels" not in batch:

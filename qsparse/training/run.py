@@ -352,7 +352,7 @@ def _export(
     trainer.strategy.barrier("qsparse-export")
     if not trainer.is_global_zero:
         return None
-    from qsparse.models.hf import export
+    from qsparse.models.export import export
 
     model = module.model
     if isinstance(trainer.strategy, FSDPStrategy):

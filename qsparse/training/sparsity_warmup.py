@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from ..convert import set_sparsity_ratio, sparsifiers
+from ..nn.sites import set_sparsity_ratio, sparsifiers
 
 SCHEDULES = ("linear", "cosine")
 

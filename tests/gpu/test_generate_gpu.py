@@ -13,7 +13,7 @@ import torch
 
 from qsparse.generate import DecodeEngine, convert
 from qsparse.kernels import HAS_TRITON
-from qsparse.models.llama import LlamaConfig, LlamaForCausalLM
+from qsparse.models import LlamaConfig, LlamaForCausalLM
 
 pytestmark = [
     pytest.mark.gpu,

@@ -39,7 +39,7 @@ class SparsityMonitor(L.Callback):
 
     @staticmethod
     def _has_sites(model: torch.nn.Module) -> bool:
-        from qsparse.convert import sparsifiers
+        from qsparse.nn.sites import sparsifiers
 
         return bool(sparsifiers(model))
 
@@ -94,7 +94,7 @@ class SparsityMonitor(L.Callback):
             self._measuring_step = None
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from qsparse.convert import sparsifiers
+        from qsparse.nn.sites import sparsifiers
         from qsparse.stats import track_sparsity
 
         model = inner_model(pl_module)
@@ -109,7 +109,7 @@ class SparsityMonitor(L.Callback):
             track_sparsity(model, True, reset=True)
 
     def _resume_training_count(self, model: torch.nn.Module) -> None:
-        from qsparse.convert import sparsifiers
+        from qsparse.nn.sites import sparsifiers
         from qsparse.stats import track_sparsity
 
         if self._paused is None:
