@@ -40,7 +40,6 @@ from .nn.sites import (
     SETTINGS_ATTR,
     decoder_layers,
     metric_name,
-    sparsifiers,  # noqa: F401  (training/callbacks.py imports it from here)
 )
 from .stats import activated_parameters, total_parameters
 
