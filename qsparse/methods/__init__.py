@@ -18,10 +18,18 @@ has the formulas, the decisions and the measurements.
 """
 
 from .attribution import attribution_mask, corrected_attribution, magnitude_mask
-from .base import METHODS, MethodResult, SparsityMethod, register, restore_method
+from .base import (
+    METHODS,
+    MethodConfigError,
+    MethodResult,
+    SparsityMethod,
+    method_from_spec,
+    register,
+    restore_method,
+)
 from .calibration import MagnitudeHistogram, calibration_batches, collect_histograms
 from .cats import CATS, GateThreshold
-from .prosparse import FATReLU, ProSparse, ProSparseSchedule, sine_schedule
+from .prosparse import FATReLU, ProSparse, sine_schedule
 from .qsparse import QSparse
 from .teal import TEAL, greedy_allocation
 
@@ -32,9 +40,9 @@ __all__ = [
     "FATReLU",
     "GateThreshold",
     "MagnitudeHistogram",
+    "MethodConfigError",
     "MethodResult",
     "ProSparse",
-    "ProSparseSchedule",
     "QSparse",
     "SparsityMethod",
     "attribution_mask",
@@ -43,6 +51,7 @@ __all__ = [
     "corrected_attribution",
     "greedy_allocation",
     "magnitude_mask",
+    "method_from_spec",
     "register",
     "restore_method",
     "sine_schedule",
