@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from conftest import build_tiny_hf_model, build_tiny_tokenizer
 
 import qsparse
-from qsparse.methods import CATS, TEAL, MagnitudeHistogram, QSparse, greedy_allocation
+from qsparse.methods import (
+    CATS,
+    TEAL,
+    AttributionSelection,
+    MagnitudeHistogram,
+    QSparse,
+    greedy_allocation,
+)
 from qsparse.methods.calibration import calibration_batches
 from qsparse.methods.teal import _layer_sites
 from qsparse.nn import ActivationSparsifier
@@ -167,7 +174,9 @@ def test_cats_matches_hand_computation(tokenizer, batches) -> None:
     assert qsparse.activated_parameters(model) == round(total - skipped)
 
 
-@pytest.mark.parametrize("method", [TEAL(0.5, greedy=False), CATS(0.5), QSparse(0.5)])
+@pytest.mark.parametrize(
+    "method", [TEAL(0.5, greedy=False), CATS(0.5), QSparse(0.5), AttributionSelection(0.5)]
+)
 def test_methods_survive_export_and_load(
     method, tokenizer, batches, tiny_hf_checkpoint, tmp_path: Path
 ) -> None:
