@@ -130,7 +130,7 @@ class SparsityMethod:
         """The ``sparsify`` settings of a training run with this method, given the run's own
         ``sparsity=`` group and ``activation``. Default: refuse (a training-free method)."""
         raise MethodConfigError(
-            f"config error: method={self.name} is training-free (it calibrates a trained "
+            f"config error: method={self.name} is training-free (it is applied to a trained "
             f"model): run it with qsparse-compare or {type(self).__name__}(...).apply(model); "
             f"qsparse-train takes method=qsparse or method=prosparse"
         )
