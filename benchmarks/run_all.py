@@ -104,6 +104,7 @@ _TS = "train_step"
 _SG = "sparse_gemv"
 _TG = "ternary_gemv"
 _S7 = "sparse_gemv_7b"
+_TL = "teal_gemv"
 _SHAPES_7B = {
     "qkv": (4096, 12288),
     "o": (4096, 4096),
@@ -557,6 +558,28 @@ REGISTRY: list[Bench] = [
                 f"{{{_DM}.{preset}.b1.compile.dense.tokens_per_s|.1f}} tokens/s)",
             )
             for preset in ("1.3B", "7B")
+        ),
+    ),
+    # issue 17: TEAL's threshold through the sparse-input GEMV (no selection pass)
+    Bench(
+        "teal_gemv",
+        "teal_gemv.py",
+        repeat=3,
+        rows=tuple(
+            Row(
+                "decode",
+                f"TEAL threshold on 7B {name} {kin}->{n}, batch 1, S={s}: threshold list + "
+                "sparse GEMV / top-k selection + sparse GEMV / same, threshold carried / the "
+                "GEMV on a ready list, vs cuBLAS (equal kept fraction)",
+                " / ".join(
+                    f"{{{_TL}.{name}_S{s}.{p}|.2f}}x"
+                    for p in ("threshold", "topk", "topk_carry", "list_only")
+                )
+                + f" (cuBLAS {{{_TL}.{name}_S{s}.dense_us|.1f}} us, kept "
+                f"{{{_TL}.{name}_S{s}.kept_pct|.1f}}%)",
+            )
+            for name, (kin, n) in _SHAPES_7B.items()
+            for s in ("0.4", "0.5")
         ),
     ),
     # exploration scripts behind figures quoted in prose; every figure lands in the JSON

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qsparse.cli.compare import build_method, main, split_overrides
-from qsparse.methods import CATS, TEAL, QSparse
+from qsparse.methods import CATS, TEAL, AttributionSelection, QSparse
 
 
 def test_method_group_instantiates_each_config() -> None:
@@ -20,6 +20,8 @@ def test_method_group_instantiates_each_config() -> None:
         isinstance(uniform, TEAL) and not uniform.greedy and uniform.label() == "teal-uniform S=0.5"
     )
     assert isinstance(build_method("cats", 0.3), CATS)
+    mag = build_method("attribution_magnitude", 0.4)
+    assert isinstance(mag, AttributionSelection) and (mag.score, mag.heads) == ("magnitude", True)
     q = build_method("qsparse", 0.6, ["pattern=block_topk"])
     assert isinstance(q, QSparse) and q.config.pattern == "block_topk" and q.config.ratio == 0.6
     assert split_overrides(["teal.step=0.1"], ["teal", "cats"]) == {
@@ -44,6 +46,8 @@ def test_compare_prints_one_table_and_writes_json(
             "qsparse",
             "teal_uniform",
             "cats",
+            "attribution",
+            "attribution_magnitude",
             "--sparsity",
             "0.5",
             "--seq-len",
@@ -69,8 +73,10 @@ def test_compare_prints_one_table_and_writes_json(
         "qsparse S=0.5",
         "teal-uniform S=0.5",
         "cats S=0.5",
+        "attribution S=0.5",
+        "magnitude-select S=0.5",
     ]
-    dense, qs, teal, cats = rows
+    dense, qs, teal, cats, attr, mag = rows
     assert dense["measured_sparsity"] == 0.0 and dense["method"] is None
     assert qs["mean_site_sparsity"] == pytest.approx(0.5)
     assert teal["mean_site_sparsity"] == pytest.approx(0.5, abs=0.08)  # held-out text
@@ -79,6 +85,11 @@ def test_compare_prints_one_table_and_writes_json(
         assert row["achieved_sparsity"] == pytest.approx(0.5, abs=0.08)
     # CATS: half of the down inputs -> fewer activated parameters than dense, more than top-k
     assert qs["activated_parameters"] < cats["activated_parameters"] < dense["activated_parameters"]
+    # 4 heads: 2 zeroed per token (1/3 of the weight), MLP at 0.5 (2/3): exactly 0.5
+    for row in (attr, mag):
+        assert row["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+        assert row["ppl"] != dense["ppl"]
+    assert attr["ppl"] != mag["ppl"]
     assert all(r["method_seconds"] >= 0 and r["eval_seconds"] > 0 for r in rows[1:])
     assert (tmp_path / "p.png").stat().st_size > 0
 

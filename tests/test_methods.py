@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from conftest import build_tiny_hf_model, build_tiny_tokenizer
 
 import qsparse
-from qsparse.methods import CATS, TEAL, MagnitudeHistogram, QSparse, greedy_allocation
+from qsparse.methods import (
+    CATS,
+    TEAL,
+    AttributionSelection,
+    MagnitudeHistogram,
+    QSparse,
+    greedy_allocation,
+)
 from qsparse.methods.calibration import calibration_batches
 from qsparse.methods.teal import _layer_sites
 from qsparse.nn import ActivationSparsifier
@@ -114,6 +121,41 @@ def test_teal_greedy_on_a_two_layer_model(tokenizer, batches) -> None:
     assert qsparse.get_settings(model)["method"]["name"] == "teal"
 
 
+def _thresholds_one_pass_per_site(model, sites, batches, sparsity) -> dict[str, float]:
+    """Reference for sequential_thresholds: a whole-model pass per site, cut at the site."""
+    from qsparse.methods.calibration import StopForward, run_with_hooks, set_threshold, site_input
+
+    for sp in sites.values():
+        sp.threshold.zero_()
+    out = {}
+    for name, sp in sites.items():
+        hist = MagnitudeHistogram()
+
+        def hook(module, args, _hist=hist):
+            _hist.add(site_input(module, args[0]))
+            raise StopForward
+
+        run_with_hooks(model, batches, [(sp, hook)])
+        out[name] = set_threshold(sp, hist, sparsity[name])
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_layerwise_sequential_thresholds_equal_a_pass_per_site(family, batches) -> None:
+    from qsparse.methods.calibration import sequential_thresholds
+
+    model = build_tiny_hf_model(family)
+    qsparse.sparsify(model, sparsity=qsparse.SparsityConfig(ratio=0.5, pattern="threshold"))
+    sites = qsparse.sparsifiers(model)
+    targets = {name: 0.3 + 0.1 * (i % 4) for i, name in enumerate(sites)}
+    expected = _thresholds_one_pass_per_site(model, sites, batches, targets)
+    got = sequential_thresholds(model, sites, batches, targets)
+    assert list(got) == list(expected)
+    for name in sites:
+        assert got[name] == pytest.approx(expected[name], rel=1e-6), name
+    assert all(v > 0 for v in got.values())
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_teal_uniform_on_hf_families(family, tokenizer, batches) -> None:
     model = build_tiny_hf_model(family)
@@ -167,7 +209,9 @@ def test_cats_matches_hand_computation(tokenizer, batches) -> None:
     assert qsparse.activated_parameters(model) == round(total - skipped)
 
 
-@pytest.mark.parametrize("method", [TEAL(0.5, greedy=False), CATS(0.5), QSparse(0.5)])
+@pytest.mark.parametrize(
+    "method", [TEAL(0.5, greedy=False), CATS(0.5), QSparse(0.5), AttributionSelection(0.5)]
+)
 def test_methods_survive_export_and_load(
     method, tokenizer, batches, tiny_hf_checkpoint, tmp_path: Path
 ) -> None:

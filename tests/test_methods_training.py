@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import build_tiny_hf_model
 
 import qsparse
@@ -19,7 +20,13 @@ from qsparse.methods import (
     magnitude_mask,
     sine_schedule,
 )
-from qsparse.methods.attribution import mlp_selection_loss
+from qsparse.methods.attribution import (
+    AttributionSelection,
+    head_attribution,
+    head_magnitude,
+    select_top,
+    unit_ratios,
+)
 from qsparse.methods.prosparse import SCHEDULE_7B
 
 
@@ -77,23 +84,94 @@ def test_corrected_attribution_on_three_neurons() -> None:
     assert attribution_mask(a, g, norm, 0.9).sum() == 1  # at least one kept
 
 
-def test_mlp_selection_loss_attribution_vs_magnitude() -> None:
+def test_head_attribution_on_two_heads() -> None:
+    # two heads of 2 dims: o_0 = (3, 4), o_1 = (0, 1); gradient g_0 = (1, 0), g_1 = (0, -3)
+    o = torch.tensor([[3.0, 4.0, 0.0, 1.0]])
+    g = torch.tensor([[1.0, 0.0, 0.0, -3.0]])
+    norm = torch.tensor([2.0])
+    # GxO = <o_h, g_h> = (3, -3); ||o_h|| = (5, 1); s = -GxO + 0.5 * ||o_h|| * 2 = (2, 4)
+    assert head_attribution(o, g, norm, heads=2).tolist() == [[2.0, 4.0]]
+    assert head_magnitude(o, heads=2).tolist() == [[5.0, 1.0]]
+    # at S = 0.5 one head of two is zeroed: attribution keeps head 1, magnitude head 0
+    assert select_top(head_attribution(o, g, norm, 2), 0.5).tolist() == [[False, True]]
+    assert select_top(head_magnitude(o, 2), 0.5).tolist() == [[True, False]]
+
+
+def test_unit_ratios_weigh_heads_one_third() -> None:
+    # 9 heads at S = 0.4: floor(3.6) = 3 heads zeroed, the MLP makes up the rest
+    r_h, r_mlp = unit_ratios(0.4, 9)
+    assert r_h == pytest.approx(3 / 9) and r_mlp == pytest.approx((0.4 - 1 / 9) * 1.5)
+    assert r_h / 3 + 2 * r_mlp / 3 == pytest.approx(0.4)
+    assert unit_ratios(0.4, None) == (0.0, 0.4)
+    assert unit_ratios(0.9, 2) == (0.5, 1.0)  # (0.9 - 1/6) * 1.5 = 1.1, clamped
+
+
+def _reference_masks(model, ids: torch.Tensor, sparsity: float) -> dict[str, torch.Tensor]:
+    """Masks of the attribution selection computed directly: retain_grad on the o_proj /
+    down_proj inputs and outputs, one backward of the greedy cross-entropy."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        for kind, proj in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj)):
+
+            def pre(m, args, key=f"{i}.{kind}"):
+                args[0].retain_grad()
+                seen[key + ".in"] = args[0]
+
+            def post(m, args, out, key=f"{i}.{kind}"):
+                out.retain_grad()
+                seen[key + ".out"] = out
+
+            handles += [proj.register_forward_pre_hook(pre), proj.register_forward_hook(post)]
+    logits = model(ids).logits
+    F.cross_entropy(logits.flatten(0, 1), logits.detach().argmax(-1).flatten()).backward()
+    for h in handles:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    masks = {}
+    heads = model.config.num_attention_heads
+    r_h, r_mlp = unit_ratios(sparsity, heads)
+    for i in range(len(model.model.layers)):
+        a, out = seen[f"{i}.o.in"], seen[f"{i}.o.out"]
+        s = head_attribution(a.detach(), a.grad, out.grad.norm(dim=-1), heads)
+        masks[f"{i}.o"] = select_top(s, r_h).repeat_interleave(a.shape[-1] // heads, -1)
+        a, out = seen[f"{i}.down.in"], seen[f"{i}.down.out"]
+        masks[f"{i}.down"] = attribution_mask(a.detach(), a.grad, out.grad.norm(dim=-1), r_mlp)
+    return masks
+
+
+def test_attribution_selection_on_a_tiny_model() -> None:
     model = build_tiny_hf_model("llama")
-    ids = [torch.randint(4, 300, (2, 24)) for _ in range(2)]
+    ids = torch.randint(4, 300, (2, 24))
     with torch.no_grad():
-        logits = [model(b).logits for b in ids]
-    dense = sum(
-        float(
-            torch.nn.functional.cross_entropy(
-                lg[:, :-1].flatten(0, 1), b[:, 1:].flatten(), reduction="sum"
+        dense = model(ids).logits
+    expected = _reference_masks(model, ids, 0.4)
+    # S = 0 keeps every unit: the dense logits, whatever the score
+    for score in ("attribution", "magnitude"):
+        m = build_tiny_hf_model("llama")
+        AttributionSelection(0.0, score=score).apply(m)
+        with torch.no_grad():
+            assert torch.allclose(m(input_ids=ids).logits, dense, atol=1e-5)
+    m = build_tiny_hf_model("llama")
+    result = AttributionSelection(0.4).apply(m)
+    kept: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(m.model.layers):
+        for kind, proj in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj)):
+            proj.act.register_forward_pre_hook(
+                lambda mod, args, key=f"{i}.{kind}": kept.__setitem__(key, args[0] != 0)
             )
-        )
-        for lg, b in zip(logits, ids, strict=True)
-    ) / sum(b[:, 1:].numel() for b in ids)
-    # S = 0 keeps every neuron: the dense loss, whatever the score
-    assert mlp_selection_loss(model, ids, 0.0) == pytest.approx(dense, rel=1e-5)
-    assert mlp_selection_loss(model, ids, 0.0, "magnitude") == pytest.approx(dense, rel=1e-5)
-    attr = mlp_selection_loss(model, ids, 0.5)
-    mag = mlp_selection_loss(model, ids, 0.5, "magnitude")
-    assert math.isfinite(attr) and math.isfinite(mag) and attr != mag
-    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        sparse = m(input_ids=ids).logits
+    # the hooks' gradients (through a + z) select exactly what a plain backward selects
+    for key, mask in expected.items():
+        assert torch.equal(kept[key], mask), key
+    assert all(p.grad is None for p in m.parameters())
+    # per token: 1 of 4 heads (floor(1.6)); MLP int(0.475 * 128) = 60 of 128 neurons
+    assert kept["0.o"].float().mean() == pytest.approx(0.75)
+    assert kept["1.down"].float().mean() == pytest.approx(68 / 128)
+    measured = qsparse.measure(m, ids)
+    assert result.achieved(measured) == pytest.approx((0.25 + 2 * 60 / 128) / 3, abs=1e-6)
+    magnitude = build_tiny_hf_model("llama")
+    AttributionSelection(0.4, score="magnitude").apply(magnitude)
+    with torch.no_grad():
+        assert not torch.allclose(magnitude(input_ids=ids).logits, sparse)

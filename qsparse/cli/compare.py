@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=dtype_names(allow_auto=True))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", dest="json_out", default=None, help="write the rows as json")
+    p.add_argument(
+        "--json", dest="json_out", default=None, help="write the rows as json (after each row)"
+    )
     p.add_argument("--plot", default=None, help="write ppl vs measured sparsity (png)")
     p.add_argument(
         "--set",
@@ -104,11 +106,14 @@ def compare_methods(
     calibration: str | None = None,
     overrides: list[str] = (),
     calibration_tokens: int | None = None,
+    on_row: Any = None,
     **measure: Any,
 ) -> list:
     """Rows of :class:`~qsparse.evaluation.compare.CompareRow`: dense, then each method at each
     sparsity (module docstring). ``measure``: seq_len, max_tokens, batch_size, dtype, device,
-    sparsity_tokens, tasks, limit of :func:`~qsparse.evaluation.compare.measure_model`."""
+    sparsity_tokens, tasks, limit of :func:`~qsparse.evaluation.compare.measure_model`.
+    ``on_row(rows)``: called with the rows so far after each one (``--json`` is rewritten
+    then, so a long run that is stopped keeps what it measured)."""
     from ..data.documents import read_documents
     from ..evaluation.compare import measure_model
 
@@ -125,12 +130,16 @@ def compare_methods(
     else:
         calib_docs = read_documents(calibration)
     rows = [measure_model("dense", path, docs, **measure)]
+    if on_row is not None:
+        on_row(rows)
     for method in plan:
         if method.needs_calibration:
             method.calibration = calib_docs
             if calibration_tokens is not None:
                 method.calibration_tokens = calibration_tokens
         rows.append(measure_model(method.label(), path, docs, method=method, **measure))
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -165,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..models.hf import CheckpointError
 
     args = build_parser().parse_args(argv)
+
+    def write_json(rows: list) -> None:
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+
     try:
         rows = compare_methods(
             args.path,
@@ -182,13 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             sparsity_tokens=args.sparsity_tokens,
             tasks=args.tasks,
             limit=args.limit,
+            on_row=write_json,
         )
     except (CheckpointError, FileNotFoundError, ValueError, HydraException) as err:
         print(f"qsparse-compare: {err}", file=sys.stderr)
         return 2
     render_comparison(rows, title=f"qsparse-compare {args.path}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
     if args.plot:
         plot_rows(rows, args.plot)
     return 0

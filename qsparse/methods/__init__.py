@@ -9,32 +9,48 @@ cats       the MLP's SiLU(gate), so up rows / down cols calibrated |a| > t calib
 prosparse  the MLP's ReLU(gate) (trained with L1)         ReLU / FATReLU     training
 =========  ===========================================  =================  =================
 
-:mod:`qsparse.methods.attribution` holds the attribution scores of Song et al. (2406.06562) for
-analysis (they need a backward pass).
+``attribution`` (:class:`AttributionSelection`, Song et al. 2406.06562) selects MLP neurons and
+attention heads per token by the corrected gradient × output (``attribution_magnitude``: by
+magnitude): an oracle for analysis, each forward runs a dense pass and a backward first.
 
 Each is a :class:`SparsityMethod` (``method.apply(model, tokenizer)``) with its Hydra config in
 ``qsparse/conf/method/<name>.yaml``; ``qsparse-compare`` runs them side by side. ``docs/methods.md``
 has the formulas, the decisions and the measurements.
 """
 
-from .attribution import attribution_mask, corrected_attribution, magnitude_mask
-from .base import METHODS, MethodResult, SparsityMethod, register, restore_method
+from .attribution import (
+    AttributionSelection,
+    attribution_mask,
+    corrected_attribution,
+    head_attribution,
+    magnitude_mask,
+)
+from .base import (
+    METHODS,
+    MethodConfigError,
+    MethodResult,
+    SparsityMethod,
+    method_from_spec,
+    register,
+    restore_method,
+)
 from .calibration import MagnitudeHistogram, calibration_batches, collect_histograms
 from .cats import CATS, GateThreshold
-from .prosparse import FATReLU, ProSparse, ProSparseSchedule, sine_schedule
+from .prosparse import FATReLU, ProSparse, sine_schedule
 from .qsparse import QSparse
 from .teal import TEAL, greedy_allocation
 
 __all__ = [
+    "AttributionSelection",
     "CATS",
     "METHODS",
     "TEAL",
     "FATReLU",
     "GateThreshold",
     "MagnitudeHistogram",
+    "MethodConfigError",
     "MethodResult",
     "ProSparse",
-    "ProSparseSchedule",
     "QSparse",
     "SparsityMethod",
     "attribution_mask",
@@ -42,7 +58,9 @@ __all__ = [
     "collect_histograms",
     "corrected_attribution",
     "greedy_allocation",
+    "head_attribution",
     "magnitude_mask",
+    "method_from_spec",
     "register",
     "restore_method",
     "sine_schedule",

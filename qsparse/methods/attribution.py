@@ -1,31 +1,57 @@
-"""Attribution-based neuron selection for small models (Song et al., 2406.06562): the scores.
+"""Attribution-based selection of MLP neurons and attention heads (Song et al., 2406.06562).
 
-Instead of ``|a_i|`` (magnitude selection), score each MLP neuron by its attribution to the
-loss ``L``, the cross-entropy of the dense model's own greedy next token::
+Instead of ``|a_i|`` (magnitude selection), score each unit by its attribution to the loss
+``L``, the cross-entropy of the dense model's own greedy next tokens::
 
     GxO_i = a_i · ∂L/∂a_i                               gradient × output
     s_i   = -GxO_i + ½ |a_i| · ||g_layer||₂              the paper's corrected score
 
-``g_layer`` is the gradient at the layer's output (one norm per token): the correction bounds
-the error that the other layers' dependence puts on ``GxO`` (the released code's corrected
-path raises a NameError; the formula is the paper's). Per token and layer, neurons with
-``s_i`` at or above the ``S``-quantile are kept (``S`` = target sparsity), the rest zeroed.
+``g_layer`` is the gradient at the output of the unit's block (one norm per token): the
+correction bounds the error that the other layers' dependence puts on ``GxO`` (the released
+code's corrected path raises a NameError; the formula is the paper's). Per token and layer the
+units with ``s_i`` at or above the ratio's quantile are kept, the rest zeroed.
 
-Implemented: the scores, the per-token selection, the magnitude baseline at the same
-sparsity, and :func:`mlp_selection_loss`, which scores the MLP neurons (the down_proj input
-``act(gate) ⊙ up``) of every layer with one backward per batch, zeroes the unselected ones in
-a second forward and returns the loss on the true next tokens (an oracle / analysis method:
-inference never has the gradient). Not implemented: attention-head selection (the paper counts
-sparsity as ⅓ head ratio + ⅔ MLP ratio; here only MLP neurons are selected).
+Units (decisions where the paper gives no formula):
+
+- MLP neuron ``i``: ``a_i`` = entry ``i`` of the down_proj input ``act(gate) ⊙ up`` [..., F];
+  ``g_layer`` = gradient at the down_proj output.
+- Attention head ``h``: ``o_h`` = its slice of the o_proj input [..., H·d_h];
+  ``GxO_h = ⟨o_h, ∂L/∂o_h⟩`` (the sum of its entries' GxO), ``|a_h| = ||o_h||₂`` (the bound
+  of ``|⟨o_h, δ⟩|`` by Cauchy-Schwarz), ``g_layer`` = gradient at the o_proj output. The
+  magnitude baseline ranks heads by ``||o_h||₂``.
+- Sparsity: the paper counts ``⅓ · head ratio + ⅔ · MLP ratio``. With H heads the per-token
+  head quantile zeroes ``floor(S·H)`` heads (ratio ``r_h``), so the MLP ratio is set to
+  ``(S - ⅓ r_h) / ⅔`` (clamped to [0, 1]) and the weighted total is ``S`` (SmolLM2's 9 heads would otherwise miss
+  S = 0.4 by 2.2 points). ``heads=False``: MLP neurons only, at ``S``.
+- ``L`` sums the greedy cross-entropy of every position of the window, one backward per
+  forward: a unit at position t is also credited for later positions' losses (through
+  attention). An exact per-position score would need one backward per token.
+
+:class:`AttributionSelection` is a :class:`~qsparse.methods.SparsityMethod` (``method=
+attribution``; ``attribution_magnitude`` is the baseline at the same ratios): ``apply`` installs
+hooks so that every full-sequence forward of the model first runs the dense model with
+gradients (the scores), then the forward with the unselected units zeroed. It is an oracle for
+analysis: inference never has the gradient, and a forward costs about three dense ones. The
+gradients w.r.t. activations come from ``torch.autograd.grad`` through zero tensors added at
+each unit (``a + z``, ``∂L/∂z = ∂L/∂a``), so no parameter needs ``requires_grad``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..convert import sparsify
+from ..nn import SparsityConfig, topk_mask
+from ..nn.sites import decoder_layers, sparsifiers
+from .base import MethodResult, SparsityMethod, register
+from .calibration import model_forward
+
+SCORES = ("attribution", "magnitude")
+HEAD_SHARE, MLP_SHARE = 1.0 / 3.0, 2.0 / 3.0
 
 
 def corrected_attribution(
@@ -34,23 +60,41 @@ def corrected_attribution(
     """``s = -a·g + ½ |a| · ||g_layer||₂``.
 
     Args:
-        a: activations [..., N] (N neurons, or heads' outputs reduced to [..., H]).
+        a: activations [..., N] (N neurons).
         grad: ``∂L/∂a``, shaped like ``a``.
         layer_grad_norm: ``||∂L/∂(layer output)||₂`` per token, shape ``a.shape[:-1]``.
     """
     return -a * grad + 0.5 * a.abs() * layer_grad_norm.unsqueeze(-1)
 
 
+def head_attribution(
+    o: torch.Tensor, grad: torch.Tensor, layer_grad_norm: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """Per-head corrected score ``s_h = -⟨o_h, g_h⟩ + ½ ||o_h||₂ · ||g_layer||₂``.
+
+    ``o``, ``grad``: [..., H·d_h] (o_proj input and its gradient); returns [..., H]."""
+    o_h = o.unflatten(-1, (heads, -1))
+    gxo = (o_h * grad.unflatten(-1, (heads, -1))).sum(-1)
+    return -gxo + 0.5 * o_h.norm(dim=-1) * layer_grad_norm.unsqueeze(-1)
+
+
+def head_magnitude(o: torch.Tensor, heads: int) -> torch.Tensor:
+    """``||o_h||₂`` per head: [..., H·d_h] -> [..., H]."""
+    return o.unflatten(-1, (heads, -1)).norm(dim=-1)
+
+
+def zeroed_count(n: int, sparsity: float) -> int:
+    """Units zeroed per row at ``sparsity``: ``floor(S·n)``, at most ``n - 1``."""
+    return min(n - 1, int(sparsity * n + 1e-9))
+
+
 def select_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool mask keeping, per row, the entries at or above the row's ``sparsity``-quantile:
     the ``k = N - floor(sparsity · N)`` highest scores (ties: lower index), ``k >= 1``."""
     n = scores.shape[-1]
-    k = max(1, n - int(sparsity * n + 1e-9))
-    from ..nn import topk_mask
-
     # topk_mask ranks by |x|; shift so every score is positive and the order is kept
     shifted = scores - scores.min(dim=-1, keepdim=True).values + 1.0
-    return topk_mask(shifted, k)
+    return topk_mask(shifted, n - zeroed_count(n, sparsity))
 
 
 def attribution_mask(
@@ -65,83 +109,158 @@ def magnitude_mask(a: torch.Tensor, sparsity: float) -> torch.Tensor:
     return select_top(a.abs(), sparsity)
 
 
-def mlp_selection_loss(
-    model: nn.Module, batches: Iterable[torch.Tensor], sparsity: float, score: str = "attribution"
-) -> float:
-    """Mean next-token cross-entropy (nats) of ``model`` on ``batches`` (LongTensor[B, T])
-    with, per token and layer, only the MLP neurons selected by ``score`` kept.
+def unit_ratios(sparsity: float, heads: int | None) -> tuple[float, float]:
+    """(head ratio, MLP ratio) so that ``⅓ r_h + ⅔ r_mlp = sparsity`` (module docstring);
+    ``heads=None``: no head selection, MLP at ``sparsity``."""
+    if heads is None:
+        return 0.0, sparsity
+    r_h = zeroed_count(heads, sparsity) / heads
+    return r_h, min(max((sparsity - HEAD_SHARE * r_h) / MLP_SHARE, 0.0), 1.0)
 
-    ``score``: ``"attribution"`` (corrected score; ``L`` = cross-entropy of the dense model's
-    greedy next tokens, one backward per batch) or ``"magnitude"`` (``|a|``). Both select
-    exactly ``N - floor(S·N)`` neurons per token.
-    """
-    from ..nn.sites import decoder_layers
-    from .calibration import model_forward
 
-    if score not in ("attribution", "magnitude"):
-        raise ValueError(f"score={score!r} must be 'attribution' or 'magnitude'")
-    mlps = [mlp for _, _, mlp in decoder_layers(model)]
-    acts: dict[int, torch.Tensor] = {}
-    outs: dict[int, torch.Tensor] = {}
-    masks: dict[int, torch.Tensor] = {}
+class _Unit:
+    """One hooked projection: its input ``a`` [B, T, N] is scored and masked."""
 
-    def capture(i: int):
-        def pre(module, args):
-            acts[i] = args[0]
-            if acts[i].requires_grad:
-                acts[i].retain_grad()
+    def __init__(self, proj: nn.Module, heads: int | None, ratio: float) -> None:
+        self.proj, self.heads, self.ratio = proj, heads, ratio
+        self.a: torch.Tensor | None = None
+        self.z_in: torch.Tensor | None = None
+        self.z_out: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
 
-        return pre
+    def keep(self, score: str) -> torch.Tensor:
+        """Bool [B, T, N] of the entries kept, from the captured pass."""
+        a = self.a
+        if score == "attribution":
+            g, g_out = self.z_in.grad, self.z_out.grad
+            g_norm = g_out.float().norm(dim=-1)
+            if self.heads is None:
+                s = corrected_attribution(a.float(), g.float(), g_norm)
+            else:
+                s = head_attribution(a.float(), g.float(), g_norm, self.heads)
+        else:
+            s = a.float().abs() if self.heads is None else head_magnitude(a.float(), self.heads)
+        keep = select_top(s, self.ratio)
+        if self.heads is not None:
+            keep = keep.repeat_interleave(a.shape[-1] // self.heads, dim=-1)
+        return keep
 
-    def output(i: int):
-        def post(module, args, out):
-            outs[i] = out
-            if out.requires_grad:
-                out.retain_grad()
 
-        return post
+@register
+class AttributionSelection(SparsityMethod):
+    """Per-token selection of MLP neurons (and attention heads, ``heads=True``) by the
+    corrected attribution (``score="attribution"``) or by magnitude (``"magnitude"``), at the
+    weighted ratio ``sparsity`` (module docstring)."""
 
-    def masked(i: int):
-        return lambda module, args: (args[0] * masks[i],)
+    name = "attribution"
 
-    def run(ids: torch.Tensor, hooks: list) -> torch.Tensor:
-        handles = [module.register_forward_pre_hook(h) for module, h in hooks[0]]
-        handles += [module.register_forward_hook(h) for module, h in hooks[1]]
+    def __init__(self, sparsity: float = 0.5, score: str = "attribution", heads: bool = True):
+        super().__init__(sparsity)
+        if score not in SCORES:
+            raise ValueError(f"attribution: score={score!r} must be one of {SCORES}")
+        self.score, self.heads = score, bool(heads)
+
+    def label(self) -> str:
+        kind = "attribution" if self.score == "attribution" else "magnitude-select"
+        return f"{kind}{'' if self.heads else '-mlp'} S={self.sparsity:g}"
+
+    def _apply(
+        self, model: nn.Module, tokenizer: Any, batches: list[torch.Tensor] | None
+    ) -> MethodResult:
+        sparsify(model, sparsity=SparsityConfig(ratio=0.0))  # sites that only measure
+        info = {"name": self.name, "sparsity": self.sparsity, "score": self.score}
+        info["heads"] = self.heads
+        units = self.restore(model, info)
+        self.record(model, info)
+        names = {id(sp): n for n, sp in sparsifiers(model).items()}
+        site_sparsity, weights = {}, {}
+        for unit in units:
+            name = names[id(unit.proj.act)]
+            site_sparsity[name] = unit.ratio
+            weights[name] = (HEAD_SHARE if unit.heads else MLP_SHARE) if self.heads else 1.0
+        return MethodResult(self.name, self.sparsity, site_sparsity, site_weights=weights)
+
+    @classmethod
+    def restore(cls, model: nn.Module, info: dict[str, Any]) -> list[_Unit]:
+        """Install the scoring and masking hooks (idempotent: earlier ones are removed)."""
+        for handle in getattr(model, "_qsparse_attribution_hooks", []):
+            handle.remove()
+        sparsity, score = float(info["sparsity"]), str(info.get("score", "attribution"))
+        use_heads = bool(info.get("heads", True))
+        units: list[_Unit] = []
+        for _, attn, mlp in decoder_layers(model):
+            heads = attn.o_proj.in_features // attn.head_dim if use_heads else None
+            r_h, r_mlp = unit_ratios(sparsity, heads)
+            if use_heads:
+                units.append(_Unit(attn.o_proj, heads, r_h))
+            units.append(_Unit(mlp.down_proj, None, r_mlp))
+        state = {"scoring": False}
+        sites = list(sparsifiers(model).values())
+        select = _select(units, score, state, sites)
+        handles = [model.register_forward_pre_hook(select, with_kwargs=True)]
+        for unit in units:
+            handles.append(unit.proj.register_forward_pre_hook(_unit_input(unit, state)))
+            handles.append(unit.proj.register_forward_hook(_unit_output(unit, state)))
+        model.__dict__["_qsparse_attribution_hooks"] = handles
+        return units
+
+
+def _unit_input(unit: _Unit, state: dict[str, bool]):
+    def hook(module: nn.Module, args: tuple) -> tuple | None:
+        a = args[0]
+        if state["scoring"]:  # capture a; a + z carries ∂L/∂a to z.grad
+            unit.a = a.detach()
+            unit.z_in = torch.zeros_like(a, requires_grad=True)
+            return (a + unit.z_in, *args[1:])
+        if unit.mask is None:
+            return None
+        return (a * unit.mask.to(a.dtype), *args[1:])
+
+    return hook
+
+
+def _unit_output(unit: _Unit, state: dict[str, bool]):
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not state["scoring"]:
+            return None
+        unit.z_out = torch.zeros_like(out, requires_grad=True)
+        return out + unit.z_out
+
+    return hook
+
+
+def _select(units: list[_Unit], score: str, state: dict[str, bool], sites: list[nn.Module]):
+    """Model pre-hook: a dense scoring pass (with a backward for ``attribution``; the ``sites``
+    do not count its zeros) that sets every unit's mask for the forward that follows."""
+
+    def hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
+        if state["scoring"]:
+            return
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("attribution selection scores whole sequences: call without a cache")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        for unit in units:
+            unit.mask = None
+        state["scoring"] = True
+        tracking = [sp.track_stats for sp in sites]
+        for sp in sites:
+            sp.track_stats = False
         try:
-            return model_forward(model, ids)
-        finally:
-            for h in handles:
-                h.remove()
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for ids in batches:
-        with torch.enable_grad():
-            logits = run(
-                ids,
-                [
-                    [(m.down_proj, capture(i)) for i, m in enumerate(mlps)],
-                    [(m, output(i)) for i, m in enumerate(mlps)],
-                ],
-            )
-            if score == "attribution":
-                greedy = logits.detach().argmax(-1)
-                F.cross_entropy(logits.flatten(0, 1).float(), greedy.flatten()).backward()
-        with torch.no_grad():
-            for i, a in acts.items():
+            with torch.enable_grad():
+                logits = model_forward(model, ids)
                 if score == "attribution":
-                    g_norm = outs[i].grad.norm(dim=-1)
-                    keep = attribution_mask(a.detach(), a.grad, g_norm, sparsity)
-                else:
-                    keep = magnitude_mask(a.detach(), sparsity)
-                masks[i] = keep.to(a.dtype)
-            logits = run(ids, [[(m.down_proj, masked(i)) for i, m in enumerate(mlps)], []]).float()
-            nll = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
-            )
-        total += float(nll)
-        count += ids[:, 1:].numel()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return total / max(count, 1)
+                    greedy = logits.detach().argmax(-1)
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), greedy.flatten())
+                    zs = [z for u in units for z in (u.z_in, u.z_out)]
+                    for z, g in zip(zs, torch.autograd.grad(loss, zs), strict=True):
+                        z.grad = g
+        finally:
+            state["scoring"] = False
+            for sp, on in zip(sites, tracking, strict=True):
+                sp.track_stats = on
+        with torch.no_grad():
+            for unit in units:
+                unit.mask = unit.keep(score)
+                unit.a = unit.z_in = unit.z_out = None
+
+    return hook

@@ -13,6 +13,19 @@ activated one *in place*, through :func:`qsparse.sparsify`'s sites, so the metri
 ``apply`` records ``{"name": ..., **what restore needs}`` under the model's qsparse settings
 (``config.json["qsparse"]["method"]``); :func:`restore_method` rebuilds the method's modules
 on load, before the saved tensors (thresholds) are loaded into them.
+
+Training (``qsparse-train method=<name>``): :class:`~qsparse.training.LMModule` builds the
+method from ``cfg.method`` (:func:`method_from_spec`) and calls its training hooks, so a method
+that trains plugs into every recipe without a callback of its own::
+
+    sparsity, activation = method.training_conversion(run_sparsity, run_activation)
+    qsparse.sparsify(model, sparsity, quant, activation)    # in LMModule.configure_model
+    method.on_model_configured(model)                        # record settings for export
+    metrics = method.on_train_step(model, global_step)       # before every training batch
+    method.on_fit_end(model)                                 # after the last step, before export
+
+Training-free methods (TEAL, CATS) refuse in ``training_conversion`` with a
+:class:`MethodConfigError` naming the setting.
 """
 
 from __future__ import annotations
@@ -21,12 +34,21 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..nn.sites import get_settings
+
+if TYPE_CHECKING:
+    from ..nn import SparsityConfig
+
+
+class MethodConfigError(UserError):
+    """A ``method=`` setting that cannot run: the message names the setting and the fix."""
+
 
 #: name -> method class (filled by ``register``)
 METHODS: dict[str, type[SparsityMethod]] = {}
@@ -101,6 +123,30 @@ class SparsityMethod:
     def restore(cls, model: nn.Module, info: dict[str, Any]) -> None:
         """Re-create the method's extra modules on a freshly sparsified model (default: none)."""
 
+    # ----------------------------------------------------------- training hooks
+    def training_conversion(
+        self, sparsity: SparsityConfig, activation: str
+    ) -> tuple[SparsityConfig, str]:
+        """The ``sparsify`` settings of a training run with this method, given the run's own
+        ``sparsity=`` group and ``activation``. Default: refuse (a training-free method)."""
+        raise MethodConfigError(
+            f"config error: method={self.name} is training-free (it is applied to a trained "
+            f"model): run it with qsparse-compare or {type(self).__name__}(...).apply(model); "
+            f"qsparse-train takes method=qsparse or method=prosparse"
+        )
+
+    def on_model_configured(self, model: nn.Module) -> None:
+        """After ``sparsify`` in ``LMModule.configure_model``: record the method's settings
+        (``config.json["qsparse"]["method"]``) so export and load keep them."""
+        self.record(model, {"name": self.name, "sparsity": self.sparsity})
+
+    def on_train_step(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Before each training batch at optimizer step ``step``; returns metrics to log."""
+        return {}
+
+    def on_fit_end(self, model: nn.Module) -> None:
+        """After the last training step (before the final validation and the export)."""
+
     @staticmethod
     def record(model: nn.Module, info: dict[str, Any]) -> None:
         """Store ``info`` (with ``name``) as ``settings["method"]`` (exported in config.json)."""
@@ -114,6 +160,30 @@ def register(cls: type[SparsityMethod]) -> type[SparsityMethod]:
     """Class decorator: make ``cls`` known to :func:`restore_method` and the CLIs by name."""
     METHODS[cls.name] = cls
     return cls
+
+
+def method_from_spec(spec: Any) -> SparsityMethod | None:
+    """The method of a ``method=`` config node (``{"_target_": ..., **settings}``, as
+    ``qsparse/conf/method/<name>.yaml``); ``None`` for an empty node. Raises
+    :class:`MethodConfigError` naming the setting when it cannot be built."""
+    if not spec:
+        return None
+    spec = dict(spec)
+    target = spec.get("_target_")
+    if not target:
+        raise MethodConfigError("config error: method needs a _target_ (e.g. method=prosparse)")
+    from hydra.utils import instantiate
+
+    try:
+        method = instantiate(spec, _convert_="all")
+    except Exception as exc:  # hydra wraps the constructor's error: surface its message
+        cause = " ".join(str(exc.__cause__ or exc).split())
+        raise MethodConfigError(f"config error: method: could not build {target}: {cause}") from exc
+    if not isinstance(method, SparsityMethod):
+        raise MethodConfigError(
+            f"config error: method._target_={target!r} is not a qsparse.methods.SparsityMethod"
+        )
+    return method
 
 
 def restore_method(model: nn.Module, info: dict[str, Any]) -> None:

@@ -178,6 +178,32 @@ def collect_histograms(
     return hists
 
 
+def layer_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returns (a tensor, or the first item of a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, layers: list[nn.Module], batches: list[torch.Tensor], args: bool = True
+) -> list[list[tuple[tuple, dict]]]:
+    """The (args, kwargs) every decoder layer receives on ``batches`` (one pass; ``args=False``
+    keeps the positional arguments (the hidden states) of the first layer only)."""
+    captured: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+
+    def hook_for(i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, a: tuple, k: dict) -> None:
+            k = dict(k)
+            if not a and "hidden_states" in k:  # hidden states by keyword: positional here
+                a = (k.pop("hidden_states"),)
+            captured[i].append((a if args or i == 0 else (), k))
+
+        return hook
+
+    run_with_hooks(model, batches, [(lay, hook_for(i)) for i, lay in enumerate(layers)], True)
+    return captured
+
+
 @torch.no_grad()
 def sequential_thresholds(
     model: nn.Module,
@@ -188,19 +214,59 @@ def sequential_thresholds(
     """Thresholds set site by site in forward order (``sites``' order), each histogrammed on
     inputs that every earlier site already sparsifies, so each site zeroes its ``sparsity``
     fraction of the calibration text exactly (to bin width) rather than drifting with the
-    sparsity upstream. One pass per site, cut after that site (:class:`StopForward`)."""
+    sparsity upstream.
+
+    Layer by layer: one model pass captures the first decoder layer's inputs (and every
+    layer's keyword arguments: masks, rotary tables); each layer then runs once per site it
+    holds (cut at the site, :class:`StopForward`) and once more, thresholds set, to give the
+    next layer its input. About 5 layer passes per layer instead of a model pass per site.
+    Every site must sit inside a decoder layer (``ValueError`` otherwise).
+    """
+    from ..nn.sites import decoder_layers
+
+    layers = [model.get_submodule(p) if p else model for p, _, _ in decoder_layers(model)]
+    owner: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        owner.update({id(m): i for m in layer.modules()})
+    per_layer: list[list[tuple[str, ActivationSparsifier]]] = [[] for _ in layers]
+    for name, sp in sites.items():
+        if id(sp) not in owner:
+            raise ValueError(f"site {name} is not inside a decoder layer")
+        per_layer[owner[id(sp)]].append((name, sp))
     for sp in sites.values():
         sp.threshold.zero_()
-    out = {}
-    for name, sp in sites.items():
-        hist = MagnitudeHistogram()
+    captured = capture_layer_inputs(model, layers, batches, args=False)
+    inputs = captured[0]
+    out: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for i, layer in enumerate(layers):
+            kwargs = [k for _, k in captured[i]]
+            for name, sp in per_layer[i]:
+                hist = MagnitudeHistogram()
 
-        def hook(module, args, _hist=hist):
-            _hist.add(site_input(module, args[0]))
-            raise StopForward
+                def hook(module, args, _hist=hist):
+                    _hist.add(site_input(module, args[0]))
+                    raise StopForward
 
-        run_with_hooks(model, batches, [(sp, hook)])
-        out[name] = set_threshold(sp, hist, sparsity[name])
+                handle = sp.register_forward_pre_hook(hook)
+                try:
+                    for (a, _), k in zip(inputs, kwargs, strict=True):
+                        try:
+                            layer(*a, **k)
+                        except StopForward:
+                            pass
+                finally:
+                    handle.remove()
+                out[name] = set_threshold(sp, hist, sparsity[name])
+            if i + 1 < len(layers):
+                inputs = [
+                    ((layer_output(layer(*a, **k)), *a[1:]), {})
+                    for (a, _), k in zip(inputs, kwargs, strict=True)
+                ]
+    finally:
+        model.train(was_training)
     return out
 
 

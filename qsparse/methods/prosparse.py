@@ -16,11 +16,16 @@
 
 The L1 term reaches the optimizer without touching the training loop:
 :class:`qsparse.nn.FATReLU` adds ``λ · ∂mean|a|/∂a = λ · sign(a) / numel(a)`` to the gradient
-of its output in the backward, exactly what ``loss + λ · mean|a|`` would give;
-:class:`ProSparseSchedule` (a Lightning callback) sets ``λ(t)`` every step and logs it with the
-penalty value. Training: ``activation: relu`` (sparsify's swap to ``FATReLU(0)``) plus the
-callback, as in ``recipe=continue/prosparse_tiny``; ``ProSparse(final=True).apply(model)``
-then sets the FATReLU threshold. Reported: 89% sparsity on Llama-2-7B at near-dense quality.
+of its output in the backward, exactly what ``loss + λ · mean|a|`` would give.
+
+Training (``qsparse-train method=prosparse``, e.g. ``recipe=continue/prosparse_tiny``): the
+run's conversion swaps the activation to ``FATReLU(0)`` (``activation: relu``); before every
+batch :meth:`ProSparse.on_train_step` sets ``λ(global_step)`` on every FATReLU and logs
+``prosparse/lambda`` and ``prosparse/l1`` (mean ``|a|`` over layers, previous batch); when fit
+ends, ``final: true`` sets the FATReLU threshold to ``fatrelu_threshold`` (so the final
+validation and the export use it). Applied without training,
+``ProSparse(final=True).apply(model)`` sets it on any model. Reported: 89% sparsity on
+Llama-2-7B at near-dense quality.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from torch import nn
 from ..convert import sparsify
 from ..nn import FATReLU, SparsityConfig
 from ..nn.sites import decoder_layers
-from .base import MethodResult, SparsityMethod, register
+from .base import MethodConfigError, MethodResult, SparsityMethod, register
 
 SCHEDULE_7B = ((5000, 6000, 10000, 12000, 16000, 16500), (0.0, 5e-3, 5e-2, 5e-2, 0.2, 0.2))
 
@@ -99,31 +104,42 @@ class ProSparse(SparsityMethod):
         if config is not None and hasattr(config, "hidden_act"):
             config.hidden_act = "relu"
 
+    # ---------------------------------------------------------------- training
+    def training_conversion(
+        self, sparsity: SparsityConfig, activation: str
+    ) -> tuple[SparsityConfig, str]:
+        """ReLU swap, no top-k: the sites only measure what ReLU and the L1 penalty zero."""
+        if sparsity.enabled:
+            raise MethodConfigError(
+                "config error: method=prosparse makes the MLP sparse itself (ReLU + L1) but "
+                f"sparsity.ratio={sparsity.ratio:g} ({sparsity.pattern}) is set too: use "
+                "sparsity=none"
+            )
+        if activation not in ("keep", "relu"):
+            raise MethodConfigError(
+                f"config error: method=prosparse swaps the MLP activation to ReLU but "
+                f"activation={activation}: use activation=keep"
+            )
+        return sparsity, "relu"
 
-try:  # the schedule is a Lightning callback where Lightning is installed (always, in qsparse)
-    from lightning.pytorch import Callback
-except ImportError:  # pragma: no cover
-    Callback = object  # type: ignore[assignment,misc]
+    def on_model_configured(self, model: nn.Module) -> None:
+        self.record(model, {"name": self.name, "threshold": 0.0})
 
-
-class ProSparseSchedule(Callback):
-    """Sets ``λ(global_step)`` on every :class:`FATReLU` before each training batch and logs
-    ``prosparse/lambda`` and ``prosparse/l1`` (the mean ``|a|`` over layers)."""
-
-    def __init__(
-        self,
-        milestones: Sequence[int] = SCHEDULE_7B[0],
-        lambdas: Sequence[float] = SCHEDULE_7B[1],
-    ) -> None:
-        sine_schedule(0, milestones, lambdas)
-        self.milestones, self.lambdas = list(milestones), list(lambdas)
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
-        lam = sine_schedule(trainer.global_step, self.milestones, self.lambdas)
-        acts = prosparse_activations(pl_module)
+    def on_train_step(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Set ``λ(step)`` on every FATReLU; return it and the last batch's mean ``|a|``."""
+        lam = sine_schedule(step, self.milestones, self.lambdas)
+        acts = prosparse_activations(model)
         for act in acts:
             act.l1_coefficient = lam
-        pl_module.log("prosparse/lambda", lam)
+        out = {"prosparse/lambda": lam}
         seen = [a.last_l1 for a in acts if a.last_l1 is not None]
         if seen:
-            pl_module.log("prosparse/l1", float(torch.stack(seen).mean()))
+            out["prosparse/l1"] = float(torch.stack(seen).mean())
+        return out
+
+    def on_fit_end(self, model: nn.Module) -> None:
+        """``final``: FATReLU at ``fatrelu_threshold`` from now on (λ back to 0)."""
+        tau = self.fatrelu_threshold if self.final else 0.0
+        for act in prosparse_activations(model):
+            act.threshold, act.l1_coefficient = tau, 0.0
+        self.record(model, {"name": self.name, "threshold": tau})

@@ -4,7 +4,9 @@
 ``|x|`` of every projection input (shared q/k/v input, o input, shared gate/up input, down
 input). Applied to a dense model without training this is the "training-free Q-Sparse" row of
 ``qsparse-compare``; the continued-training recipes (``recipe=continue/...``) train it.
-Nothing is calibrated: ``apply`` is :func:`qsparse.sparsify`.
+Nothing is calibrated: ``apply`` is :func:`qsparse.sparsify`. In training
+(``qsparse-train method=qsparse method.sparsity=0.6``) it is the same as ``sparsity=topk
+sparsity.ratio=0.6``: the run's conversion uses this method's top-k settings.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 
 from ..convert import sparsify
 from ..nn import SparsityConfig
-from .base import MethodResult, SparsityMethod, register
+from .base import MethodConfigError, MethodResult, SparsityMethod, register
 
 
 @register
@@ -42,3 +44,15 @@ class QSparse(SparsityMethod):
             self.sparsity,
             site_sparsity={name: site["ratio"] for name, site in report.sites.items()},
         )
+
+    def training_conversion(
+        self, sparsity: SparsityConfig, activation: str
+    ) -> tuple[SparsityConfig, str]:
+        """Train with this method's top-k; the run's ``sparsity=`` group must be off or equal."""
+        if sparsity.enabled and sparsity.to_dict() != self.config.to_dict():
+            raise MethodConfigError(
+                "config error: method=qsparse sets the top-k sparsity itself "
+                f"(method.sparsity={self.sparsity:g}) but sparsity.ratio={sparsity.ratio:g} "
+                f"(pattern {sparsity.pattern}) is set too: use sparsity=none, or drop method="
+            )
+        return self.config, activation

@@ -47,8 +47,9 @@ from .base import MethodResult, SparsityMethod, register
 from .calibration import (
     MagnitudeHistogram,
     calibration_batches,
+    capture_layer_inputs,
     collect_histograms,
-    run_with_hooks,
+    layer_output,
     sequential_thresholds,
     set_threshold,
 )
@@ -124,25 +125,6 @@ def _layer_sites(
     return out
 
 
-@torch.no_grad()
-def _capture_layer_inputs(
-    model: nn.Module, layers: list[nn.Module], batches: list[torch.Tensor]
-) -> list[list[tuple[tuple, dict]]]:
-    """The (args, kwargs) every decoder layer receives on ``batches`` (dense pass)."""
-    captured: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
-
-    def hook_for(i: int) -> Callable[..., None]:
-        return lambda module, args, kwargs: captured[i].append((args, dict(kwargs)))
-
-    hooks = [(layer, hook_for(i)) for i, layer in enumerate(layers)]
-    run_with_hooks(model, batches, hooks, with_kwargs=True)
-    return captured
-
-
-def _hidden(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @register
 class TEAL(SparsityMethod):
     """TEAL (module docstring). ``sparsity``: the target per layer (weight-averaged);
@@ -209,7 +191,7 @@ class TEAL(SparsityMethod):
         allocation: dict[str, float] = {}
         if self.greedy and self.sparsity > 0:
             greedy_batches = _take_tokens(batches, self.greedy_tokens)
-            inputs = _capture_layer_inputs(model, [lay[0] for lay in layers], greedy_batches)
+            inputs = capture_layer_inputs(model, [lay[0] for lay in layers], greedy_batches)
             for (layer, sites, weights, _), layer_inputs in zip(layers, inputs, strict=True):
                 local = {k: hists[by_id[id(sp)]] for k, sp in sites.items()}
                 s, _ = greedy_allocation(
@@ -269,7 +251,7 @@ class TEAL(SparsityMethod):
         for sp in sites.values():
             sp.threshold.zero_()
         with torch.no_grad():
-            dense = [_hidden(layer(*a, **k)) for a, k in inputs]
+            dense = [layer_output(layer(*a, **k)) for a, k in inputs]
 
         @torch.no_grad()
         def error(s: dict[str, float]) -> float:
@@ -277,7 +259,7 @@ class TEAL(SparsityMethod):
                 sp.threshold.fill_(hists[site].icdf(s[site]))
             total, count = 0.0, 0
             for (a, k), ref in zip(inputs, dense, strict=True):
-                out = _hidden(layer(*a, **k))
+                out = layer_output(layer(*a, **k))
                 t = out.shape[-2]
                 start = int(t * (1 - self.error_fraction))
                 diff = (out[..., start:, :] - ref[..., start:, :]).float()

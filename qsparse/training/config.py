@@ -76,6 +76,7 @@ class TrainSchema:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    method: Any = None  # a qsparse.methods.SparsityMethod node (conf/method/), built by LMModule
     optim: Any = None
     scheduler: Any = None
     trainer: Any = None

@@ -28,6 +28,7 @@ from torch import nn
 
 from qsparse.convert import ACTIVATION_CHOICES
 from qsparse.dtypes import torch_dtype
+from qsparse.methods import method_from_spec
 from qsparse.models.builder import build_model
 from qsparse.models.checkpointing import decoder_layer_list, enable_gradient_checkpointing
 from qsparse.nn import QuantConfig, SparsityConfig
@@ -80,6 +81,10 @@ class LMModule(L.LightningModule):
         distill: :class:`~qsparse.training.distill.DistillConfig` (or its dict): train
             against the frozen dense model built from the same ``model`` spec (the teacher,
             built at fit start, never checkpointed); ``None`` = LM loss only.
+        method: a ``method=`` config node (``{"_target_": "qsparse.methods.ProSparse", ...}``):
+            the :class:`~qsparse.methods.SparsityMethod` whose training hooks this module calls
+            (its conversion settings, then ``on_train_step`` before every batch, logging what
+            it returns, and ``on_fit_end``); ``None`` = no method.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class LMModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         modules_to_not_convert: Sequence[str] = ("lm_head",),
         distill: DistillConfig | Mapping[str, Any] | None = None,
+        method: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATION_CHOICES:
@@ -106,6 +112,7 @@ class LMModule(L.LightningModule):
         self._sparsity = SparsityConfig.from_dict(_plain(sparsity) or {"pattern": "none"})
         self._quant = QuantConfig.from_dict(_plain(quant) or {})
         self._distill = DistillConfig.from_dict(_plain(distill))
+        self._method = method_from_spec(_plain(method))  # training hooks (methods/base.py)
         self.save_hyperparameters(
             {
                 "model": _plain(model),
@@ -118,6 +125,7 @@ class LMModule(L.LightningModule):
                 "gradient_checkpointing": bool(gradient_checkpointing),
                 "modules_to_not_convert": list(modules_to_not_convert),
                 "distill": self._distill.to_dict(),
+                "method": _plain(method) or None,
             }
         )
         self.model: nn.Module | None = None
@@ -175,6 +183,10 @@ class LMModule(L.LightningModule):
         if self._distill.enabled:
             self.build_teacher()
 
+    def on_fit_end(self) -> None:
+        if self._method is not None and self.model is not None:
+            self._method.on_fit_end(self.model)
+
     def _resolve_vocab(self) -> None:
         spec = self.hparams["model"]
         if "vocab_size" in spec and spec["vocab_size"] is None:
@@ -196,15 +208,20 @@ class LMModule(L.LightningModule):
 
         self._resolve_vocab()
         model = build_model(self.hparams["model"])
-        dense = self._sparsity.pattern == "none" or not self._sparsity.enabled
-        if not dense or self._quant.enabled or self.hparams["activation"] != "keep":
+        sparsity, activation = self._sparsity, self.hparams["activation"]
+        if self._method is not None:
+            sparsity, activation = self._method.training_conversion(sparsity, activation)
+        dense = sparsity.pattern == "none" or not sparsity.enabled
+        if not dense or self._quant.enabled or activation != "keep" or self._method is not None:
             self.sparsify_report = qsparse.sparsify(
                 model,
-                sparsity=self._sparsity,
+                sparsity=sparsity,
                 quant=self._quant if self._quant.enabled else None,
-                activation=self.hparams["activation"],
+                activation=activation,
                 modules_to_not_convert=tuple(self.hparams["modules_to_not_convert"]),
             )
+        if self._method is not None:
+            self._method.on_model_configured(model)
         if self.hparams["gradient_checkpointing"]:
             enable_gradient_checkpointing(model)
         if self.hparams["compile"]:
@@ -273,6 +290,9 @@ class LMModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         bs = batch["input_ids"].shape[0]
+        if self._method is not None:
+            for key, value in self._method.on_train_step(self.model, self.global_step).items():
+                self.log(key, value, on_step=True, batch_size=bs)
         if self._distill.enabled:
             loss = self._distill_step(batch, bs)
         else:

@@ -197,6 +197,7 @@ def _module(container: Mapping[str, Any], model_spec: Mapping[str, Any]) -> LMMo
         gradient_checkpointing=bool(container.get("gradient_checkpointing", False)),
         modules_to_not_convert=tuple(container.get("modules_to_not_convert", ("lm_head",))),
         distill=container.get("distill"),
+        method=container.get("method"),
     )
 
 
