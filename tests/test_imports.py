@@ -25,6 +25,7 @@ ALLOWED_DEFERRED_CYCLES = {
     frozenset(
         {
             "qsparse.methods",
+            "qsparse.methods.attribution",
             "qsparse.methods.base",
             "qsparse.methods.cats",
             "qsparse.methods.prosparse",
