@@ -34,7 +34,7 @@ import torch
 
 from ..dtypes import torch_dtype
 from ..errors import UserError
-from .cache import atomic_write_text
+from ..io import atomic_write_text
 
 __all__ = ["GenerationError", "generate_corpus", "sample_prompts"]
 

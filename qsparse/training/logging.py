@@ -141,7 +141,7 @@ def finish_wandb(exit_code: int = 0) -> None:
 def drop_rows_from_step(path: Path, step: int) -> int:
     """Rewrite the CSV metrics file ``path`` (atomically) without its rows logged at
     ``step`` or later; return how many were dropped."""
-    from qsparse.data.cache import atomic_write_text
+    from qsparse.io import atomic_write_text
 
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)

@@ -20,8 +20,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from qsparse.data.cache import atomic_write_text
 from qsparse.extras import MissingExtraError
+from qsparse.io import atomic_write_text
 
 from ..console import say
 from ..plots import plot_loss_curve
