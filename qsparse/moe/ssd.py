@@ -197,19 +197,21 @@ class SwitchableSparseDense(Callback):
     def _switch(self, trainer: Any, pl_module: Any, to: str, step: int) -> None:
         model = self._model(pl_module)
         before = probe_loss(model, self._probe)
-        inertia = float("nan")
+        inertia = None
         if to == "sparse":
             results = to_moe(model, self.moe, self.expert_fraction, self.partitions)
             vals = [r.inertia for r in results.values() if r is not None]
-            inertia = sum(vals) / len(vals) if vals else float("nan")
+            inertia = sum(vals) / len(vals) if vals else None
         else:
             self.partitions = merge_dense(model)
         after = probe_loss(model, self._probe)
         event = {
             "step": step,
             "to": to,
-            "stability": self._last["stability"],
-            "activation_sparsity": self._last["sparsity"],
+            # dense -> sparse on the measured pattern; sparse -> dense after sparse_steps
+            "reason": "stable" if to == "sparse" else "phase length",
+            "stability": self._last["stability"] if to == "sparse" else None,
+            "activation_sparsity": self._last["sparsity"] if to == "sparse" else None,
             "kmeans_inertia": inertia,
             "loss_before": before,
             "loss_after": after,
@@ -220,7 +222,7 @@ class SwitchableSparseDense(Callback):
         pl_module.log("ssd/phase", 1.0 if to == "sparse" else 0.0)
         pl_module.log("ssd/switch_loss_before", before)
         pl_module.log("ssd/switch_loss_after", after)
-        if to == "sparse":
+        if inertia is not None:
             pl_module.log("ssd/kmeans_inertia", inertia)
         rank_zero_info(f"ssd: step {step} -> {to} {json.dumps(event)}")
         self._write(trainer)
