@@ -178,3 +178,14 @@ def test_d2dmoe_and_ssd_match_qsparse_and_survive_export(tiny_hf_checkpoint, tmp
         back = qsparse.load(qsparse.export(model, tmp_path / method.name))
         assert isinstance(back.model.layers[0].mlp, MoEFeedForward)
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_expert_gemv_kernel_matches_references_in_the_interpreter() -> None:
+    from conftest import run_interpreted
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "expert_gemv.py"
+    out = run_interpreted(
+        f"import runpy, sys; sys.argv = ['expert_gemv.py', '--cpu-check']; "
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    assert "cpu check ok" in out
