@@ -120,7 +120,7 @@ class SwitchableSparseDense(Callback):
         expert_fraction: float = 0.25,
         check_every: int = 10,
         stability_threshold: float = 0.8,
-        min_activation_sparsity: float = 0.5,
+        min_activation_sparsity: float = 0.4,
         min_dense_steps: int = 20,
         sparse_steps: int = 50,
         final_dense_steps: int = 20,
