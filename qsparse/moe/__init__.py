@@ -1,19 +1,21 @@
 """Activation sparsity through experts: MoEfication, D2DMoE and SSD.
 
-=============  ==========================================================================
-module         job
-=============  ==========================================================================
-``kmeans``     balanced k-means (equal clusters), warm-startable
-``layer``      :class:`MoEFeedForward` (a GLU MLP run as experts), routers, selection rules
-``convert``    :func:`moefy` / :func:`demoefy`: every decoder MLP to an MoE and back
-``routers``    D2DMoE's router training (regression on each expert's output norm)
-``hoyer``      D2DMoE's sparsity-raising phase (ReLU + Hoyer penalty) and its callback
-``cost``       activated parameters and FLOPs per token, routers included
-``d2dmoe``     :class:`D2DMoE`, a :class:`~qsparse.methods.SparsityMethod` (dynamic-k)
-``ssd``        :class:`SwitchableSparseDense`, SSD's phase-switching training callback
-``ssd_moe``    :class:`SSDMoE`, SSD's centroid-routed top-k MoE as a method
-``sweep``      ``python -m qsparse.moe.sweep``: cost vs perplexity over τ (or k)
-=============  ==========================================================================
+===============  ========================================================================
+module           job
+===============  ========================================================================
+``kmeans``       balanced k-means (equal clusters), warm-startable
+``layer``        :class:`MoEFeedForward` (a GLU MLP run as experts), routers, selection rules
+``convert``      :func:`moefy` / :func:`demoefy`: every decoder MLP to an MoE and back
+``routers``      D2DMoE's router training (regression on each expert's output norm)
+``hoyer``        D2DMoE's sparsity-raising phase (ReLU + Hoyer penalty) and its callback
+``cost``         activated parameters and FLOPs per token, routers included
+``d2dmoe``       :class:`D2DMoE`, a :class:`~qsparse.methods.SparsityMethod` (dynamic-k)
+``ssd``          :class:`SwitchableSparseDense`, SSD's phase-switching training callback
+``ssd_moe``      :class:`SSDMoE`, SSD's centroid-routed top-k MoE as a method
+``sweep``        ``python -m qsparse.moe.sweep``: cost vs perplexity over τ (or k)
+``report``       ``python -m qsparse.moe.report``: an SSD run beside its dense control
+``expert_gemv``  the expert-block decode GEMV (Triton) and its torch reference
+===============  ========================================================================
 
 Formulas, decisions and measurements: ``docs/moe.md``.
 """
