@@ -47,11 +47,13 @@ def report(ssd_run: Path, dense_run: Path, out: Path) -> str:
     d_sum = json.loads((dense_run / "summary.json").read_text())
     flops = ssd["flops"]
     lines = [
-        "| run | steps | val loss (dense) | val loss as MoE | training FLOPs vs dense |",
+        "| run | steps | val loss | final model on the first val batches: dense / as MoE "
+        "| training FLOPs vs dense |",
         "|---|---|---|---|---|",
         f"| dense control | {d_sum['step']} | {d_sum['val_loss']:.4f} | - | 1.000 |",
         f"| SSD | {s_sum['step']} | {s_sum['val_loss']:.4f} | "
-        f"{ssd.get('final_moe_loss', float('nan')):.4f} | {flops['vs_dense']:.3f} |",
+        f"{_fmt(ssd.get('final_dense_loss'), '.4f')} / {_fmt(ssd.get('final_moe_loss'), '.4f')} "
+        f"| {flops['vs_dense']:.3f} |",
         "",
         "| switch at step | to | stability | activation sparsity | k-means inertia | "
         "probe loss before | after |",
