@@ -189,3 +189,20 @@ def test_expert_gemv_kernel_matches_references_in_the_interpreter() -> None:
         f"runpy.run_path({str(script)!r}, run_name='__main__')"
     )
     assert "cpu check ok" in out
+
+
+def test_tau_sweep_rows_span_all_experts_to_one(tmp_path: Path) -> None:
+    from qsparse.moe.sweep import sweep, write_outputs
+
+    model = build_tiny_hf_model("llama")
+    batches = [torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(i))
+               for i in range(3)]  # fmt: skip
+    D2DMoE(tau=1.0, expert_size=16, router_steps=20).apply(model, None, batches)
+    rows = sweep(model, "dynk", [0.0, 1.0], batches)
+    dense, tau0, tau1 = rows
+    assert dense.expert_fraction == 1.0 and tau1.expert_fraction == 1.0
+    assert tau1.loss == pytest.approx(dense.loss, abs=1e-5)  # all experts = the dense FFN
+    assert tau0.expert_fraction < 0.5 and tau0.flops_fraction < dense.flops_fraction
+    assert tau0.activated_parameters < dense.activated_parameters
+    paths = write_outputs(rows, tmp_path / "s", "test")
+    assert "tau=0" in paths["md"].read_text() and paths["png"].stat().st_size > 0
