@@ -13,8 +13,8 @@
 As a :class:`~qsparse.methods.SparsityMethod` (``qsparse-compare --methods d2dmoe``), ``tau``
 fixes τ; ``tau: null`` (default) picks τ so the model's activated parameters, counted as for
 every row (:func:`qsparse.stats.activated_parameters`, routers included), match those of
-Q-Sparse top-k at ``sparsity`` on the same model: the largest τ on a grid refined by bisection
-(``match_steps`` halvings) whose count on ``match_tokens`` calibration tokens does not exceed
+Q-Sparse top-k at ``sparsity`` on the same model: the largest τ found by bisection on
+[0, 1] (``match_steps`` halvings) whose count on ``match_tokens`` calibration tokens does not exceed
 Q-Sparse's configured count. Where even τ = 0 (one expert per token, plus ties) costs more, τ
 is 0 and the row says what it reached. Attention projections stay dense (the paper's optional
 MLP-distilled attention is not implemented).
