@@ -586,6 +586,27 @@ REGISTRY: list[Bench] = [
     Bench("gemv_variants", "gemv_variants.py"),
     Bench("sparse_gemv_shapes", "sparse_gemv_shapes.py"),
     Bench("gemv_profile", "gemv_profile.py"),
+    Bench(
+        "expert_gemv",
+        "expert_gemv.py",
+        rows=tuple(
+            Row(
+                "decode",
+                f"MoE expert-block down GEMV ({label}, experts of 32, {int(keep * 100)}% of "
+                "experts kept, batch 1) vs cuBLAS / vs sparse-input GEMV excl. / incl. top-k, "
+                "same kept inputs",
+                f"{{expert_gemv.{shape}_keep{keep}.vs_cublas|.2f}}x / "
+                f"{{expert_gemv.{shape}_keep{keep}.vs_sparse_excl|.2f}}x / "
+                f"{{expert_gemv.{shape}_keep{keep}.vs_sparse_incl|.2f}}x "
+                f"({{expert_gemv.{shape}_keep{keep}.expert_us|.1f}} us)",
+            )
+            for shape, label in (
+                ("7B_down", "7B 11008 -> 4096"),
+                ("smollm2_down", "SmolLM2 1536 -> 576"),
+            )
+            for keep in (0.25, 0.4, 0.5)
+        ),
+    ),
 ]
 
 

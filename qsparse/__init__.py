@@ -39,27 +39,36 @@ def __getattr__(name: str):
         from . import models
 
         return getattr(models, name)
+    if name in ("MoEConfig", "moefy", "demoefy", "D2DMoE", "SSDMoE"):
+        from . import moe  # MoE-based sparsity (docs/moe.md)
+
+        return getattr(moe, name)
     raise AttributeError(f"module 'qsparse' has no attribute {name!r}")
 
 
 __all__ = [
     "__version__",
     "ActivationSparsifier",
+    "D2DMoE",
     "GLUFeedForward",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "MoEConfig",
     "QSparseLinear",
     "QuantConfig",
     "ReLUSquared",
+    "SSDMoE",
     "SparsifyReport",
     "SparsityConfig",
     "SparsityReport",
     "activated_parameters",
+    "demoefy",
     "export",
     "get_settings",
     "load",
     "measure",
     "measured_sparsity",
+    "moefy",
     "set_sparsity_ratio",
     "sparsifiers",
     "sparsify",

@@ -65,3 +65,6 @@ __all__ = [
     "restore_method",
     "sine_schedule",
 ]
+
+# the MoE-based methods (d2dmoe, ssd) live in qsparse.moe; importing it registers them
+from .. import moe as _moe  # noqa: E402, F401
