@@ -21,7 +21,8 @@ ALLOWED_DEFERRED_CYCLES = {
     # LlamaForCausalLM.generate runs the one decoder, qsparse.generate.DecodeEngine, which is
     # built on the model's own modules
     frozenset({"qsparse.generate", "qsparse.models.llama"}),
-    # importing qsparse.methods registers every method; base.py looks names up there
+    # importing qsparse.methods registers every method (qsparse.moe's d2dmoe and ssd too);
+    # base.py looks names up there
     frozenset(
         {
             "qsparse.methods",
@@ -31,6 +32,9 @@ ALLOWED_DEFERRED_CYCLES = {
             "qsparse.methods.prosparse",
             "qsparse.methods.qsparse",
             "qsparse.methods.teal",
+            "qsparse.moe",
+            "qsparse.moe.d2dmoe",
+            "qsparse.moe.ssd_moe",
         }
     ),
 }

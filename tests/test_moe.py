@@ -173,7 +173,7 @@ def test_d2dmoe_and_ssd_match_qsparse_and_survive_export(tiny_hf_checkpoint, tmp
         model = qsparse.load(path)
         target = qsparse.moe.d2dmoe.qsparse_activated(model, 0.3)
         method.apply(model, None, batches)
-        report = qsparse.evaluation.sparsity_report(model, batches)
+        report = qsparse.stats.sparsity_report(model, batches)
         assert report.activated_parameters <= target + 1
         back = qsparse.load(qsparse.export(model, tmp_path / method.name))
         assert isinstance(back.model.layers[0].mlp, MoEFeedForward)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import _decoder_layers, _install_shared_input
+from ..convert import _install_shared_input
+from ..nn.sites import decoder_layers
 from .kmeans import KMeansResult, balanced_kmeans, labels_from_partition, partition_from_labels
 from .layer import MoEFeedForward
 
@@ -61,7 +62,7 @@ class MoEConfig:
 def ffn_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     """(name of the MLP, its parent decoder layer, the MLP) for every decoder layer."""
     out = []
-    for prefix, _, mlp in _decoder_layers(model):
+    for prefix, _, mlp in decoder_layers(model):
         parent = model.get_submodule(prefix) if prefix else model
         out.append((f"{prefix}.mlp" if prefix else "mlp", parent, mlp))
     return out

@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import sparsifiers, sparsify
+from ..convert import sparsify
 from ..methods.base import MethodResult, SparsityMethod, register
 from ..methods.calibration import calibration_batches
 from ..methods.teal import _take_tokens
 from ..nn import SparsityConfig, keep_count
+from ..nn.sites import sparsifiers
 from ..stats import total_parameters
 from .convert import MoEConfig, moe_layers, moefy
 from .layer import RegressionRouter
@@ -64,7 +65,7 @@ def qsparse_activated(model: nn.Module, sparsity: float) -> int:
 @torch.no_grad()
 def measured_activated(model: nn.Module, batches: list[torch.Tensor]) -> int:
     """:func:`qsparse.stats.activated_parameters` measured on ``batches``."""
-    from ..evaluation.sparsity import sparsity_report
+    from ..stats import sparsity_report
 
     return sparsity_report(model, batches).activated_parameters
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from ..convert import _decoder_layers
 from ..nn import FATReLU
+from ..nn.sites import decoder_layers
 
 EPS = 1e-15
 
@@ -85,7 +85,7 @@ def install_hoyer_relu(model: torch.nn.Module) -> list[HoyerReLU]:
     """Make every decoder MLP's activation a :class:`HoyerReLU` (idempotent); sets
     ``config.hidden_act = "relu"`` where the model has one (export says ReLU)."""
     out = []
-    for _, _, mlp in _decoder_layers(model):
+    for _, _, mlp in decoder_layers(model):
         if not isinstance(mlp.act_fn, HoyerReLU):
             mlp.act_fn = HoyerReLU()
         out.append(mlp.act_fn)

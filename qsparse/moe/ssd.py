@@ -43,7 +43,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..data.cache import atomic_write_text
+from ..io import atomic_write_text
 from ..methods.calibration import model_forward
 from ..training.flops import model_flops_per_token
 from .convert import MoEConfig, ffn_layers, moe_layers, moefy

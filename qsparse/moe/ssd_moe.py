@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import sparsifiers, sparsify
+from ..convert import sparsify
 from ..methods.base import MethodResult, SparsityMethod, register
 from ..methods.calibration import calibration_batches
 from ..methods.teal import _take_tokens
 from ..nn import SparsityConfig
+from ..nn.sites import sparsifiers
 from .convert import MoEConfig, ffn_layers, moe_layers, moefy
 from .d2dmoe import match_knob, measured_activated, qsparse_activated
 from .layer import CentroidRouter

@@ -82,7 +82,7 @@ def measure_row(
     model: nn.Module, label: str, knob: float | None, batches: Sequence[torch.Tensor]
 ) -> SweepRow:
     """One :class:`SweepRow` of ``model`` as it is set now."""
-    from ..evaluation.sparsity import sparsity_report
+    from ..stats import sparsity_report
     from .convert import moe_layers
 
     loss = mean_loss(model, batches)
@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI (module docstring); 0 on success, 2 on bad input."""
-    from ..evaluation.perplexity import read_documents, token_stream
+    from ..data.documents import read_documents
+    from ..evaluation.perplexity import token_stream
     from ..evaluation.runner import load_for_eval
     from ..methods import QSparse
     from ..models.hf import CheckpointError
