@@ -343,21 +343,33 @@ def _export(
     container: Mapping[str, Any],
     run_dir: Path,
 ) -> str | None:
-    """Write ``<run_dir>/hf`` (transformers folder) from rank zero; sharded (FSDP) weights are
-    re-read from the final full checkpoint."""
-    from lightning.pytorch.strategies import FSDPStrategy
+    """Write ``<run_dir>/hf`` (transformers folder) from rank zero. Under FSDP2 every rank
+    first joins in gathering the full state dict, which rank zero loads into an unsharded
+    copy of the model."""
+    from .strategies import FSDP2Strategy, full_state_dict
 
+    model = module.model
+    if isinstance(trainer.strategy, FSDP2Strategy):
+        state = full_state_dict(model)
+        if trainer.is_global_zero:
+            model = unsharded_model(module, state)
     trainer.strategy.barrier("qsparse-export")
     if not trainer.is_global_zero:
         return None
     from qsparse.models.hf import export
 
-    model = module.model
-    if isinstance(trainer.strategy, FSDPStrategy):
-        last = run_dir / "checkpoints" / "last.ckpt"
-        model = LMModule.load_from_checkpoint(str(last), map_location="cpu").model
     out = run_dir / "hf"
     tokenizer = getattr(datamodule, "tokenizer", None)
     export(model, out, tokenizer=tokenizer)  # settings: those sparsify() stored on the model
     rank_zero_info(f"exported transformers folder: {out}")
     return str(out)
+
+
+def unsharded_model(module: LMModule, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (unsharded, CPU) copy of ``module``'s model holding ``state``: the same build
+    and conversion (``LMModule(**hparams).configure_model()`` outside any trainer)."""
+    copy = LMModule(**dict(module.hparams))
+    copy.configure_model()
+    assert copy.model is not None
+    copy.model.load_state_dict(dict(state))
+    return copy.model
