@@ -58,9 +58,10 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from .cache import CACHE_FORMAT_VERSION, file_fingerprint, resolve_cache_dir, stable_hash
+from .checks import check_source
 from .corpora import builder_for_files, load_local_dataset
-from .pretrain import split_fraction
-from .resumable import ResumableDataModule, check_source
+from .documents import split_fraction
+from .resumable import ResumableDataModule
 from .sft_synth import SFT_CORPORA, sft_corpus_file
 from .tokenizer import resolve_tokenizer, tokenizer_fingerprint
 
