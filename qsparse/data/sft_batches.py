@@ -46,8 +46,8 @@ class ExampleRows(Sequence):
 
     def lengths(self) -> np.ndarray:
         """``int64[len(self)]``: tokens per example."""
-        column = self.table.with_format("numpy", columns=["length"])[self.index]["length"]
-        return np.asarray(column, dtype=np.int64)
+        column = self.table.data.column("length").to_numpy()  # Arrow -> numpy, no Python ints
+        return column[self.index].astype(np.int64)
 
 
 class ExampleDataset(Dataset):
@@ -69,18 +69,22 @@ def pack_boundaries(lengths: np.ndarray, seq_len: int) -> np.ndarray:
 
     Returns ``starts``, ``int64[num_blocks + 1]``. Every length must be at most ``seq_len``.
     """
-    starts = [0]
-    used = 0
-    for i, n in enumerate(np.asarray(lengths).tolist()):
-        if n > seq_len:
-            raise ValueError(f"example {i} has {n} tokens > seq_len={seq_len}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and int(lengths.max()) > seq_len:
+        i = int(np.argmax(lengths > seq_len))
+        raise ValueError(f"example {i} has {int(lengths[i])} tokens > seq_len={seq_len}")
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    blocks, used = 0, 0
+    for i, n in enumerate(lengths):
         if used + n > seq_len:
-            starts.append(i)
+            blocks += 1
+            starts[blocks] = i
             used = 0
         used += n
     if len(lengths):
-        starts.append(len(lengths))
-    return np.asarray(starts, dtype=np.int64)
+        blocks += 1
+        starts[blocks] = len(lengths)
+    return starts[: blocks + 1].copy()
 
 
 class PackedBlocks(Dataset):
