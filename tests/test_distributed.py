@@ -97,3 +97,27 @@ def test_exact_resume_and_export_on_two_processes(tmp_path: Path, trainer: str) 
         assert decay and all(len(shape) == 2 and "embed" not in n for n, shape in decay)
         assert all(len(shape) < 2 or "embed" in n for n, shape in probe_out["groups"]["no_decay"])
         assert probe_out["wd"][0] > 0
+
+
+@pytest.mark.slow
+def test_fsdp_preset_starts_under_torchrun(tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m qsparse.train trainer=fsdp_cpu``: Lightning takes the
+    ranks from torchrun's environment (no processes of its own); rank zero prepares the run
+    directory, the others train beside it."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "torchrun"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(29500 + os.getpid() % 400), "-m", "qsparse.train",
+         *FAST, "trainer=fsdp_cpu", f"run_dir={run_dir}", "logger=csv"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 4
+    assert (run_dir / "checkpoints" / "last.ckpt" / ".metadata").is_file()
+    assert (run_dir / "config.yaml").is_file()

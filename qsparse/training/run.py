@@ -92,9 +92,17 @@ def _cause(exc: BaseException) -> str:
 
 
 def _is_launcher_process() -> bool:
-    """True in the process the user started: not a DDP child Lightning launched (those get
-    ``LOCAL_RANK``) nor a non-zero torchrun rank."""
-    return "LOCAL_RANK" not in os.environ and os.environ.get("RANK", "0") == "0"
+    """True in the job's global rank zero as started by the user (before any Lightning child):
+    not a child Lightning spawned (``LOCAL_RANK`` >= 1), not a non-zero rank of ``torchrun``
+    (``RANK``) or ``srun`` (``SLURM_PROCID``), not the first process of another node
+    (``NODE_RANK``)."""
+    env = os.environ
+    if env.get("LOCAL_RANK", "0") != "0":
+        return False
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in env:
+            return env[key] == "0"
+    return env.get("NODE_RANK", "0") == "0"
 
 
 def build_callbacks(spec: Mapping[str, Any] | None, run_dir: Path) -> list[Callback]:
