@@ -78,7 +78,10 @@ def test_exact_resume_and_export_on_two_processes(tmp_path: Path, trainer: str) 
     (resumed / "checkpoints").mkdir(parents=True)
     copy = shutil.copytree if step2.is_dir() else shutil.copy
     copy(step2, resumed / "checkpoints" / "last.ckpt")
-    _run(tmp_path, "resumed", trainer, ["resume=true"])
+    # validation after the 3rd step only (logged at step 2): fit ends at step 4 without one,
+    # so trainer.validate runs after fit (logged at 4), on the sharded model
+    _run(tmp_path, "resumed", trainer, ["resume=true", "trainer.val_check_interval=3"])
+    assert sorted(dict(read_metrics(resumed)["val/loss"])) == [2, 4]
 
     a, b = dict(read_metrics(full)["train/loss"]), dict(read_metrics(resumed)["train/loss"])
     assert sorted(a) == [0, 1, 2, 3] and sorted(b) == [2, 3]
