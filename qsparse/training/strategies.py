@@ -143,7 +143,11 @@ class FSDP2Strategy(ModelParallelStrategy):
             )
         for layer in layers:
             fully_shard(layer, **kwargs)
-        fully_shard(model, **kwargs)
+        # The root keeps its parameters (embeddings, final norm, lm_head) gathered from forward
+        # to backward: FSDP2 re-gathers a resharded unit in a hook on the unit's outputs, and
+        # the root's output (qsparse's CausalLMOutput dataclass) is not a pytree it can hook.
+        # On 2 x H200 (torch 2.11) resharding the root read freed memory in backward.
+        fully_shard(model, **{**kwargs, "reshard_after_forward": False})
         return model
 
     # ------------------------------------------------------------- checkpoints
