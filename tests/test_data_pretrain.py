@@ -12,8 +12,9 @@ import torch
 
 from qsparse.cache import package_data_file
 from qsparse.data import PretrainDataModule, resolve_corpus, train_bpe_tokenizer
-from qsparse.data import pretrain as pretrain_mod
-from qsparse.data.pretrain import split_fraction, unigram_entropy_from_counts
+from qsparse.data import packed as pretrain_mod
+from qsparse.data.documents import split_fraction
+from qsparse.data.packed import unigram_entropy_from_counts
 from qsparse.data.tokenizer import EOS_TOKEN, PAD_TOKEN, trained_bpe_tokenizer
 
 

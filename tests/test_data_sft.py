@@ -282,3 +282,38 @@ def test_val_split_deterministic_and_cached(tmp_path: Path, rows, tok_dir) -> No
     c = SFTDataModule(**{**kw, "seed": 99})
     c.setup("fit")
     assert [x[0].tolist() for x in c._val_examples] != va
+
+
+# ---------------------------------------------------------------- memory bound
+def test_memory_does_not_grow_with_the_number_of_examples(
+    tmp_path: Path, rows, tok_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokenizing (``datasets.map`` into Arrow), packing and one epoch of batches: the peak of
+    Python-tracked memory is about the same for 4x the rows (one map batch, not the data
+    set, is in memory; the 1M-row figure: benchmarks/sft_memory.py)."""
+    import tracemalloc
+
+    from qsparse.data import sft_tokenized
+
+    monkeypatch.setattr(sft_tokenized, "MAP_BATCH", 100)
+
+    def peak(n: int) -> tuple[int, int]:
+        data = _write(tmp_path / f"rows{n}.jsonl", [rows[i % 40] | {"id": i} for i in range(n)])
+        kw = dict(
+            data_files=str(data), tokenizer=str(tok_dir), template="plain", seq_len=256,
+            packing=True, val_fraction=0.0, cache_dir=str(tmp_path / f"c{n}"),
+        )  # fmt: skip
+        SFTDataModule(**kw)._rows()  # datasets' own json -> Arrow conversion, untraced
+        tracemalloc.start()
+        dm = SFTDataModule(**kw)
+        dm.setup("fit")
+        seen = sum(len(b["input_ids"]) for b in dm.train_dataloader())
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert dm.num_train_examples == n and seen == len(dm._train_dataset) // 8 * 8
+        return top, data.stat().st_size
+
+    (small, raw_small), (large, raw_large) = peak(500), peak(2000)
+    per_row_raw = (raw_large - raw_small) / 1500
+    # the rows themselves held as Python objects would add several times their raw size
+    assert (large - small) / 1500 < 0.25 * per_row_raw, (small, large, per_row_raw)

@@ -57,3 +57,28 @@ class RankProbe(pl.Callback):
             "ratios": self.ratios,
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class GroupProbe(pl.Callback):
+    """Writes ``<out_dir>/groups<r>.json``: the parameter names of every optimizer group and
+    the logical shape of each parameter, read once training starts (after any wrapping)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        names = {id(p): (n, list(p.shape)) for n, p in pl_module.named_parameters()}
+        groups = {
+            g["name"]: [names[id(p)] for p in g["params"]]
+            for g in trainer.optimizers[0].param_groups
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"groups{trainer.global_rank}.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "groups": groups,
+                    "wd": [g["weight_decay"] for g in trainer.optimizers[0].param_groups],
+                }
+            )
+        )

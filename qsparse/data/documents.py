@@ -11,24 +11,36 @@ streamed) or :func:`read_documents` (a list of strings). The rule:
 - a plain-text document is stripped of surrounding whitespace (paragraphs keep stray
   newlines at their edges); other formats are taken as stored;
 - a document that is missing, empty or only whitespace is dropped;
-- ``max_documents`` keeps the first that many documents left after that.
+- ``max_documents`` keeps the first that many documents left after that;
+- document ``d`` belongs to validation when ``u(d) = blake2b(f"{seed}\\0{text}") / 2**64 <
+  val_fraction`` (:func:`split_fraction`): the split depends on the text only, not on order,
+  sharding or ``max_documents``.
 
-The result has one column, ``text``, whatever the corpus's ``text_field``.
+The result has one column, ``text``, whatever the corpus's ``text_field``. Both pretraining
+pipelines (:mod:`qsparse.data.packed`, cached; :mod:`qsparse.data.streaming`) and the SFT
+split use these rules, so they agree with evaluation on what a document is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
-from ..cache import resolve_cache_dir
+from ..cache import resolve_cache_dir, stable_hash
 from .corpora import CorpusSpec, available_corpora, load_local_dataset, resolve_corpus
 
-__all__ = ["TEXT_SAMPLE_BY", "load_documents", "read_documents"]
+__all__ = ["TEXT_SAMPLE_BY", "load_documents", "read_documents", "split_fraction"]
 
 #: how the ``text`` builder cuts a plain-text file into documents
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
+
+
+def split_fraction(text: str, seed: int) -> float:
+    """Deterministic pseudo-uniform number in [0, 1) for a document (train/val split key)."""
+    digest = hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
 
 
 def _clean(texts: list[Any], strip: bool) -> list[str]:
@@ -43,12 +55,14 @@ def load_documents(
     streaming: bool = False,
     text_sample_by: str = "paragraph",
     max_documents: int | None = None,
+    data_files: list[str] | None = None,
 ) -> Any:
     """The documents of ``spec`` as a ``datasets.Dataset`` (``IterableDataset`` when
     ``streaming``) with the single column ``text``, cleaned by the module's rule.
 
     ``cache_dir``: cache root (``datasets``' Arrow files go to ``<cache_dir>/hf_datasets``;
-    default :func:`qsparse.cache.resolve_cache_dir`).
+    default :func:`qsparse.cache.resolve_cache_dir`). ``data_files``: the corpus's files in
+    another order (the streaming pipeline shuffles them per epoch).
 
     Raises:
         ValueError: ``text_sample_by`` is not one of :data:`TEXT_SAMPLE_BY`, or
@@ -63,7 +77,8 @@ def load_documents(
             )
         kwargs["sample_by"] = text_sample_by
     root = resolve_cache_dir(cache_dir)
-    ds = load_local_dataset(spec.builder, spec.data_files, root, streaming=streaming, **kwargs)
+    files = list(data_files or spec.data_files)
+    ds = load_local_dataset(spec.builder, files, root, streaming=streaming, **kwargs)
     columns = ds.column_names
     if columns is None and streaming:
         columns = list(next(iter(ds)).keys())
@@ -79,7 +94,8 @@ def load_documents(
         ds = ds.rename_column(field, "text")
     map_kwargs: dict[str, Any] = dict(batched=True, input_columns="text")
     if not streaming:  # derived in memory, named by the inputs (no fingerprint hashing)
-        fingerprint = f"{spec.fingerprint}-{spec.builder}-{text_sample_by}-docs"
+        order = "" if data_files is None else "-" + stable_hash("files", files)
+        fingerprint = f"{spec.fingerprint}-{spec.builder}-{text_sample_by}{order}-docs"
         map_kwargs.update(keep_in_memory=True, new_fingerprint=fingerprint)
     ds = ds.map(lambda texts: {"text": _clean(texts, strip)}, **map_kwargs)
     if max_documents is not None:

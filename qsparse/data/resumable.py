@@ -19,7 +19,7 @@ samples, whichever process order or restart produced it. It subclasses
 leaves it alone; ``use_distributed_sampler=False`` is not required but is harmless.
 
 Streaming (iterable) loaders have no sampler: the dataset is positioned when the loader's
-``__iter__`` starts an epoch (:class:`ResumableDataLoader`), and the position moves to
+``__iter__`` starts an epoch (:mod:`qsparse.data.streaming`), and the position moves to
 ``(epoch + 1, 0)`` when Lightning flags the last batch of an epoch, so a checkpoint taken on
 that batch resumes at the start of the next epoch.
 
@@ -44,6 +44,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+
+from .checks import check_loader_args
 
 __all__ = [
     "DataPosition",
@@ -176,14 +178,6 @@ class ResumableDataLoader(DataLoader):
     """
 
     _position: DataPosition | None = None
-    _before_iter: Callable[[], None] | None = None
-
-    def __iter__(self) -> Any:
-        # Lightning calls iter() at the start of every epoch (and once more on resume), before
-        # worker processes copy the dataset: the place to position an iterable dataset.
-        if self._before_iter is not None:
-            self._before_iter()
-        return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
         """A copy of the DataModule position (``{}`` for evaluation loaders)."""
@@ -208,33 +202,6 @@ def world_info(trainer: pl.Trainer | None) -> tuple[int, int]:
     return 1, 0
 
 
-def check_source(
-    corpus: str | None,
-    data_files: object,
-    default_corpus: str,
-    seq_len: object,
-    val_fraction: float,
-    purpose: str,
-) -> str | None:
-    """Validate the arguments every DataModule shares; return the corpus to use.
-
-    Exactly one of ``corpus`` / ``data_files`` (neither: ``default_corpus``); ``seq_len`` an
-    int >= 2; ``val_fraction`` in [0, 1). Errors name the argument and the fix.
-    """
-    if corpus is not None and data_files is not None:
-        raise ValueError(
-            f"give either corpus ({corpus!r}) or data_files, not both; set corpus=null "
-            f"to {purpose} on your own files"
-        )
-    if corpus is None and data_files is None:
-        corpus = default_corpus
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    return corpus
-
-
 class ResumableDataModule(pl.LightningDataModule):
     """Base class: exact-resume state, counting hook and loader construction.
 
@@ -244,10 +211,7 @@ class ResumableDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int, seed: int, num_workers: int, shuffle: bool = True) -> None:
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        check_loader_args(batch_size, num_workers)
         self.batch_size = batch_size
         self.seed = int(seed)
         self.num_workers = num_workers

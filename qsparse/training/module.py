@@ -17,7 +17,7 @@ mean over the whole validation set and all ranks), ``val/ppl = exp(val/loss)``.
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -35,7 +35,7 @@ from qsparse.nn import QuantConfig, SparsityConfig
 from qsparse.nn.sites import dynamic_sparsity
 
 from .distill import DistillConfig, LayerOutputs, hidden_distill_loss, kl_distill_loss
-from .optim import param_groups, total_grad_norm
+from .optim import no_decay_names, param_groups, total_grad_norm
 
 
 def _plain(value: Any) -> Any:
@@ -130,6 +130,7 @@ class LMModule(L.LightningModule):
         )
         self.model: nn.Module | None = None
         self.sparsify_report: Any = None
+        self.no_decay_names: frozenset[str] | None = None
         self.last_val_step: int = -1
         self.last_val_loss: float | None = None
         self._grad_norm: torch.Tensor | None = None
@@ -207,7 +208,11 @@ class LMModule(L.LightningModule):
         import qsparse
 
         self._resolve_vocab()
-        model = build_model(self.hparams["model"])
+        # a sharding strategy (trainer=fsdp: FSDP2Strategy) picks the build device and shards
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        shard = getattr(strategy, "shard_model", None)
+        with strategy.model_init_context() if shard is not None else contextlib.nullcontext():
+            model = build_model(self.hparams["model"])
         sparsity, activation = self._sparsity, self.hparams["activation"]
         if self._method is not None:
             sparsity, activation = self._method.training_conversion(sparsity, activation)
@@ -222,8 +227,12 @@ class LMModule(L.LightningModule):
             )
         if self._method is not None:
             self._method.on_model_configured(model)
+        # weight decay is decided by name on the unwrapped model (FSDP1 flattens parameters)
+        self.no_decay_names = no_decay_names(model)
         if self.hparams["gradient_checkpointing"]:
             enable_gradient_checkpointing(model)
+        if shard is not None:
+            shard(model)
         if self.hparams["compile"]:
             model.compile()
         self.model = model
@@ -315,24 +324,17 @@ class LMModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip by global L2 norm (FSDP-aware) and keep the pre-clip norm for logging."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        fsdp = isinstance(self.trainer.strategy, FSDPStrategy)
+        """Clip by global L2 norm (FSDP2-aware) and keep the pre-clip norm for logging."""
         if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
-            if fsdp:
-                self._grad_norm = self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
-            else:
-                self._grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.parameters(), gradient_clip_val, foreach=True
-                )
-            return
-        if fsdp:
-            self._grad_norm = self.trainer.strategy.model.clip_grad_norm_(math.inf)
+            norm = torch.nn.utils.clip_grad_norm_(
+                self.parameters(), gradient_clip_val, foreach=True
+            )
         else:
-            self._grad_norm = total_grad_norm(self.parameters())
-        if gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            norm = total_grad_norm(self.parameters())
+            if gradient_clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # FSDP2: gradients are DTensor shards and the norm a DTensor; log the full value
+        self._grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._grad_norm is not None:
@@ -416,7 +418,7 @@ class LMModule(L.LightningModule):
                 spec["betas"] = tuple(spec["betas"])
             spec["_partial_"] = True
             factory = instantiate(spec, _convert_="all")
-        optimizer = factory(param_groups(self.model, wd))
+        optimizer = factory(param_groups(self.model, wd, self.no_decay_names))
         sched_spec = self.hparams["scheduler"]
         if sched_spec is None:
             return {"optimizer": optimizer}

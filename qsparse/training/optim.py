@@ -29,6 +29,17 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 DECAYS = ("cosine", "linear", "polynomial", "constant")
 
 
+# wrappers that FSDP1, torch.compile and activation checkpointing insert into names
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without wrapper prefixes (``layers.0._orig_mod.w`` -> ``layers.0.w``)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def _is_no_decay(name: str, param: nn.Parameter, module: nn.Module | None) -> bool:
     if param.ndim < 2:  # norms, biases, scalars
         return True
@@ -38,30 +49,52 @@ def _is_no_decay(name: str, param: nn.Parameter, module: nn.Module | None) -> bo
     return "embed" in module_name  # embed_tokens, wte-style names, position embeddings
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters into ``[{decay}, {no decay}]`` AdamW groups.
+def no_decay_names(model: nn.Module) -> frozenset[str]:
+    """Names of the trainable parameters that get no weight decay, decided on the unwrapped
+    model: ``ndim < 2`` (RMSNorm weights, biases) and embeddings (``nn.Embedding`` weights; a
+    tied lm_head shares that Parameter, and both of its names are listed).
 
-    No decay for parameters with ``ndim < 2`` (RMSNorm weights, biases) and for embeddings
-    (``nn.Embedding`` weights; a tied lm_head shares that Parameter and is counted once).
-    Each Parameter appears in exactly one group, in ``named_parameters`` order.
+    Call it before FSDP, ``torch.compile`` or checkpointing wrap the model: FSDP1 flattens
+    parameters to 1-D, which would put every parameter in the no-decay group.
     """
-    if weight_decay < 0:
-        raise ValueError(f"optim.weight_decay={weight_decay} must be >= 0")
     owner: dict[int, nn.Module] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owner.setdefault(id(p), module)
-    decay, no_decay, seen = [], [], set()
+    verdict: dict[int, bool] = {}
+    names = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in verdict:
+            verdict[id(p)] = _is_no_decay(name, p, owner.get(id(p)))
+        if verdict[id(p)]:
+            names.add(clean_name(name))
+    return frozenset(names)
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, no_decay: frozenset[str] | None = None
+) -> list[dict]:
+    """Split trainable parameters into ``[{decay}, {no decay}]`` AdamW groups.
+
+    ``no_decay``: names from :func:`no_decay_names` taken before the model was wrapped (the
+    training module records them in ``configure_model``); ``None`` decides on ``model`` as
+    it is now. Each Parameter appears in exactly one group, in ``named_parameters`` order.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"optim.weight_decay={weight_decay} must be >= 0")
+    if no_decay is None:
+        no_decay = no_decay_names(model)
+    decay, skip, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if _is_no_decay(name, p, owner.get(id(p))) else decay).append(p)
+        (skip if clean_name(name) in no_decay else decay).append(p)
     groups = []
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay, "name": "decay"})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    if skip:
+        groups.append({"params": skip, "weight_decay": 0.0, "name": "no_decay"})
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return groups

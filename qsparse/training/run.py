@@ -92,9 +92,17 @@ def _cause(exc: BaseException) -> str:
 
 
 def _is_launcher_process() -> bool:
-    """True in the process the user started: not a DDP child Lightning launched (those get
-    ``LOCAL_RANK``) nor a non-zero torchrun rank."""
-    return "LOCAL_RANK" not in os.environ and os.environ.get("RANK", "0") == "0"
+    """True in the job's global rank zero as started by the user (before any Lightning child):
+    not a child Lightning spawned (``LOCAL_RANK`` >= 1), not a non-zero rank of ``torchrun``
+    (``RANK``) or ``srun`` (``SLURM_PROCID``), not the first process of another node
+    (``NODE_RANK``)."""
+    env = os.environ
+    if env.get("LOCAL_RANK", "0") != "0":
+        return False
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in env:
+            return env[key] == "0"
+    return env.get("NODE_RANK", "0") == "0"
 
 
 def build_callbacks(spec: Mapping[str, Any] | None, run_dir: Path) -> list[Callback]:
@@ -346,22 +354,34 @@ def _export(
     container: Mapping[str, Any],
     run_dir: Path,
 ) -> str | None:
-    """Write ``<run_dir>/hf`` (transformers folder) from rank zero; sharded (FSDP) weights are
-    re-read from the final full checkpoint."""
-    from lightning.pytorch.strategies import FSDPStrategy
+    """Write ``<run_dir>/hf`` (transformers folder) from rank zero. Under FSDP2 every rank
+    first joins in gathering the full state dict, which rank zero loads into an unsharded
+    copy of the model."""
+    from .strategies import FSDP2Strategy, full_state_dict
 
+    model = module.model
+    if isinstance(trainer.strategy, FSDP2Strategy):
+        state = full_state_dict(model)
+        if trainer.is_global_zero:
+            model = unsharded_model(module, state)
     trainer.strategy.barrier("qsparse-export")
     if not trainer.is_global_zero:
         return None
     from qsparse.models.export import export
 
-    model = module.model
-    if isinstance(trainer.strategy, FSDPStrategy):
-        last = run_dir / "checkpoints" / "last.ckpt"
-        model = LMModule.load_from_checkpoint(str(last), map_location="cpu").model
     out = run_dir / "hf"
     tokenizer = getattr(datamodule, "tokenizer", None)
     with no_transformers_progress_bars():
         export(model, out, tokenizer=tokenizer)  # settings: those sparsify() stored on the model
     say(f"exported transformers folder: {out}")
     return str(out)
+
+
+def unsharded_model(module: LMModule, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (unsharded, CPU) copy of ``module``'s model holding ``state``: the same build
+    and conversion (``LMModule(**hparams).configure_model()`` outside any trainer)."""
+    copy = LMModule(**dict(module.hparams))
+    copy.configure_model()
+    assert copy.model is not None
+    copy.model.load_state_dict(dict(state))
+    return copy.model

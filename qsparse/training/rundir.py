@@ -72,12 +72,19 @@ def run_state(run_dir: Path) -> RunState:
             step = int(json.loads(summary.read_text()).get("step", 0))
         except (ValueError, AttributeError, TypeError):
             step = 0  # unreadable summary: the run still finished
-    return RunState(last if last.is_file() else None, step)
+    return RunState(last if last.is_file() or last.is_dir() else None, step)
 
 
 def check_checkpoint_file(path: Path) -> None:
     """Raise :class:`RunDirError` if ``path`` is not a complete ``torch.save`` archive (a
     write that was cut short: the zip directory at its end is missing)."""
+    if path.is_dir():  # a sharded (FSDP2) checkpoint: Lightning's meta.pt and the shard index
+        if not (path / ".metadata").is_file():
+            raise RunDirError(
+                f"{path} is an incomplete sharded checkpoint (no .metadata); it cannot be "
+                "resumed: delete it and start over with overwrite=true"
+            )
+        path = path / "meta.pt"
     try:
         with zipfile.ZipFile(path) as archive:
             archive.infolist()

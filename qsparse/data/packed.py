@@ -1,0 +1,183 @@
+"""The cached pretraining pipeline: documents -> one token array per split on disk -> blocks.
+
+1. Documents (:mod:`qsparse.data.documents`) as a ``datasets`` Dataset (its Arrow cache under
+   ``<cache>/hf_datasets``); ``max_documents`` keeps the first N (file order).
+2. Train/validation split by document hash; if no document falls below ``val_fraction``
+   (tiny runs) the one with the smallest key is used for validation.
+3. ``datasets.map(batched=True)`` tokenizes, EOS is appended to every document, and the ids are
+   concatenated into one ``uint16``/``int32`` array per split, saved (atomically) as
+   ``<cache>/packed/<corpus>-<hash>/{train,val}.npy`` with a ``meta.json``; the hash covers
+   the corpus files, split settings and tokenizer, so a second run memory-maps them and skips
+   tokenization. ``seq_len`` is applied at load time (a view), so every block length reuses
+   one cache.
+4. Block ``i`` is ``tokens[i*T:(i+1)*T]`` (the tail shorter than ``T`` is dropped); items are
+   ``{"input_ids": LongTensor[T], "labels": LongTensor[T]}`` with ``labels == input_ids``
+   (the model shifts them). Order, sharding and resume: :mod:`qsparse.data.resumable`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from .cache import atomic_save_npy, atomic_write_text, stable_hash
+from .corpora import CorpusSpec
+from .documents import load_documents, split_fraction
+
+__all__ = [
+    "PackedTokenBlocks",
+    "build_token_cache",
+    "documents_with_split_key",
+    "split_documents",
+    "tokenize_and_concatenate",
+    "unigram_entropy_from_counts",
+]
+
+
+def unigram_entropy_from_counts(counts: np.ndarray) -> float:
+    """``H = -sum_v p_v ln p_v`` (nats) with ``p_v = counts[v] / counts.sum()``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        raise ValueError("unigram entropy of an empty token stream is undefined")
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+class PackedTokenBlocks(Dataset):
+    """Fixed-length blocks over a flat token array stored as ``.npy`` (memory-mapped lazily).
+
+    Item ``i``: ``{"input_ids": LongTensor[T], "labels": LongTensor[T]}`` with
+    ``input_ids = labels = tokens[i*T:(i+1)*T]``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], seq_len: int) -> None:
+        self.path = str(path)
+        self.seq_len = seq_len
+        self._tokens: np.ndarray | None = None
+        n_tokens = int(np.load(self.path, mmap_mode="r").shape[0])
+        self.num_blocks = n_tokens // seq_len
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.load(self.path, mmap_mode="r")
+        return self._tokens
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.num_blocks:
+            raise IndexError(i)
+        block = np.asarray(self.tokens[i * self.seq_len : (i + 1) * self.seq_len], dtype=np.int64)
+        ids = torch.from_numpy(block)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_tokens"] = None  # workers re-open the memory map
+        return state
+
+
+def documents_with_split_key(
+    spec: CorpusSpec,
+    cache_dir: Path,
+    text_sample_by: str,
+    max_documents: int | None,
+    seed: int,
+    key: list[Any],
+) -> Any:
+    """Non-streaming dataset with columns ``text`` and ``_u`` (the split key of each document);
+    ``key`` (the split settings) names the ``datasets`` fingerprints."""
+    ds = load_documents(spec, cache_dir, False, text_sample_by, max_documents)
+    fp = stable_hash("docs", key)
+    return ds.map(
+        lambda t: {"_u": [split_fraction(x, seed) for x in t]},
+        input_columns="text",
+        batched=True,
+        keep_in_memory=True,
+        new_fingerprint=fp + "-u",
+    )
+
+
+def split_documents(docs: Any, val_fraction: float) -> tuple[Any, Any]:
+    """``(train, val)`` by the ``_u`` column (see the module docstring)."""
+    f = val_fraction
+    u = np.asarray(docs["_u"])
+    is_val = u < f
+    if f > 0 and not is_val.any():
+        is_val[int(np.argmin(u))] = True
+    if is_val.all():
+        raise ValueError(
+            f"val_fraction={f} leaves no training documents ({len(u)} documents); lower it "
+            "or raise max_documents"
+        )
+    return (
+        docs.select(np.flatnonzero(~is_val), keep_in_memory=True),
+        docs.select(np.flatnonzero(is_val), keep_in_memory=True),
+    )
+
+
+def tokenize_and_concatenate(
+    docs: Any, tokenizer: PreTrainedTokenizerBase, dtype: Any, fingerprint: str
+) -> np.ndarray:
+    """Tokenize a ``datasets`` split (column ``text``) with ``map(batched=True)``.
+
+    Returns the flat array ``concat(ids(d_1) + [eos], ids(d_2) + [eos], ...)`` of ``dtype``.
+    """
+    eos = tokenizer.eos_token_id
+
+    def encode(texts: list[str]) -> dict[str, Any]:
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for x in ids:
+            x.append(eos)
+        return {"input_ids": ids, "length": [len(x) for x in ids]}
+
+    if len(docs) == 0:
+        return np.zeros(0, dtype=dtype)
+    tok_ds = docs.map(
+        encode,
+        input_columns="text",
+        batched=True,
+        batch_size=1000,
+        remove_columns=docs.column_names,
+        keep_in_memory=True,
+        new_fingerprint=fingerprint,
+    )
+    total = int(np.sum(tok_ds["length"]))
+    out = np.empty(total, dtype=dtype)
+    pos = 0
+    for batch in tok_ds.iter(batch_size=2048):
+        for ids in batch["input_ids"]:
+            out[pos : pos + len(ids)] = ids
+            pos += len(ids)
+    assert pos == total
+    return out
+
+
+def build_token_cache(
+    train: Any, val: Any, tok: PreTrainedTokenizerBase, out: Path, tokenize: Any = None
+) -> None:
+    """Write ``out/{train,val}.npy`` and ``out/meta.json`` (token counts, dtype, the training
+    stream's unigram entropy); ``meta.json`` last, so its presence marks a complete cache."""
+    tokenize = tokenize or tokenize_and_concatenate
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max + 1 else np.int32
+    meta: dict[str, Any] = {"dtype": np.dtype(dtype).name, "vocab_size": len(tok)}
+    for name, ds in (("train", train), ("val", val)):
+        tokens = tokenize(ds, tok, dtype, fingerprint=out.name + name)
+        atomic_save_npy(out / f"{name}.npy", tokens)
+        meta[f"{name}_documents"] = len(ds)
+        meta[f"{name}_tokens"] = int(tokens.shape[0])
+        if name == "train":
+            counts = np.bincount(tokens, minlength=len(tok))
+            meta["unigram_entropy"] = unigram_entropy_from_counts(counts)
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
