@@ -1,6 +1,6 @@
 """FSDP2 on two GPUs against one GPU, the 7B preset under FSDP, and an FSDP resume (issue 15).
 
-Runs ``python -m qsparse.train`` in subprocesses (random tokens, 8 x 2048 tokens per GPU per
+Runs ``python -m qsparse.cli.train`` in subprocesses (random tokens, 8 x 2048 tokens per GPU per
 step, bf16 autocast, Q-Sparse top-k S=0.5):
 
 1. ``one_gpu``: the 374M preset with ``trainer=gpu``;
@@ -56,7 +56,7 @@ def train(out: Path, name: str, args: list[str], timeout: int = 300) -> Path:
     t0 = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
         res = subprocess.run(
-            [sys.executable, "-m", "qsparse.train", *COMMON, *args, f"run_dir={run_dir}"],
+            [sys.executable, "-m", "qsparse.cli.train", *COMMON, *args, f"run_dir={run_dir}"],
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=timeout,

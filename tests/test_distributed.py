@@ -104,7 +104,7 @@ def test_exact_resume_and_export_on_two_processes(tmp_path: Path, trainer: str) 
 
 @pytest.mark.slow
 def test_fsdp_preset_starts_under_torchrun(tmp_path: Path) -> None:
-    """``torchrun --nproc-per-node 2 -m qsparse.train trainer=fsdp_cpu``: Lightning takes the
+    """``torchrun --nproc-per-node 2 -m qsparse.cli.train trainer=fsdp_cpu``: Lightning takes the
     ranks from torchrun's environment (no processes of its own); rank zero prepares the run
     directory, the others train beside it."""
     import os
@@ -115,7 +115,7 @@ def test_fsdp_preset_starts_under_torchrun(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(29500 + os.getpid() % 400), "-m", "qsparse.train",
+         "--master-port", str(29500 + os.getpid() % 400), "-m", "qsparse.cli.train",
          *FAST, "trainer=fsdp_cpu", f"run_dir={run_dir}", "logger=csv"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
