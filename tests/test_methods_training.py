@@ -97,6 +97,17 @@ def test_head_attribution_on_two_heads() -> None:
     assert select_top(head_magnitude(o, 2), 0.5).tolist() == [[True, False]]
 
 
+def test_selection_keeps_the_order_of_tiny_scores() -> None:
+    # attribution scores of a real model are ~1e-7: the selection must not lose them
+    torch.manual_seed(0)
+    scores = torch.randn(4, 96)
+    for scale in (1.0, 1e-7, 1e-12):
+        assert torch.equal(select_top(scores * scale, 0.5), select_top(scores, 0.5)), scale
+    # the kept half is the top half
+    top = scores.topk(48, dim=-1).indices
+    assert torch.equal(select_top(scores * 1e-9, 0.5).nonzero()[:, 1].view(4, 48), top.sort().values)
+
+
 def test_unit_ratios_weigh_heads_one_third() -> None:
     # 9 heads at S = 0.4: floor(3.6) = 3 heads zeroed, the MLP makes up the rest
     r_h, r_mlp = unit_ratios(0.4, 9)

@@ -92,8 +92,10 @@ def select_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool mask keeping, per row, the entries at or above the row's ``sparsity``-quantile:
     the ``k = N - floor(sparsity · N)`` highest scores (ties: lower index), ``k >= 1``."""
     n = scores.shape[-1]
-    # topk_mask ranks by |x|; shift so every score is positive and the order is kept
-    shifted = scores - scores.min(dim=-1, keepdim=True).values + 1.0
+    # topk_mask ranks by |x|: shift so every score is >= 0 and the order is kept. No constant
+    # is added: attribution scores are ~1e-7 (gradients of a mean loss), below fp32's
+    # resolution next to 1.0, where they would all tie (and the lowest indices win).
+    shifted = scores.float() - scores.float().min(dim=-1, keepdim=True).values
     return topk_mask(shifted, n - zeroed_count(n, sparsity))
 
 
