@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file
 from test_cli_train import FAST, ROOT, _cli
 
-from qsparse.training.callbacks import read_metrics
+from qsparse.training.metrics_csv import read_metrics
 from qsparse.training.optim import no_decay_names, param_groups
 
 
 def test_no_decay_is_decided_by_name_before_wrapping() -> None:
     """FSDP1 flattens every parameter to 1-D; the groups taken from names recorded on the
     unwrapped model still put the matrices (not norms, biases, embeddings) in the decay group."""
-    from qsparse.training.module import llama
+    from qsparse.models.builder import llama
 
     model = llama("tiny", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
     names = no_decay_names(model)
