@@ -105,7 +105,9 @@ def test_selection_keeps_the_order_of_tiny_scores() -> None:
         assert torch.equal(select_top(scores * scale, 0.5), select_top(scores, 0.5)), scale
     # the kept half is the top half
     top = scores.topk(48, dim=-1).indices
-    assert torch.equal(select_top(scores * 1e-9, 0.5).nonzero()[:, 1].view(4, 48), top.sort().values)
+    assert torch.equal(
+        select_top(scores * 1e-9, 0.5).nonzero()[:, 1].view(4, 48), top.sort().values
+    )
 
 
 def test_unit_ratios_weigh_heads_one_third() -> None:
