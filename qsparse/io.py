@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = [
+    "atomic_save_npy",
     "atomic_write",
     "atomic_write_dir",
     "atomic_write_jsonl",
@@ -74,6 +75,13 @@ def atomic_write(
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """:func:`atomic_write` of ``text`` encoded as utf-8."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_save_npy(path: str | os.PathLike[str], array: Any) -> Path:
+    """``numpy.save`` of ``array`` (no pickles), written with :func:`atomic_write`."""
+    import numpy as np
+
+    return atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:

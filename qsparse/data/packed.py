@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .cache import atomic_save_npy, atomic_write_text, stable_hash
+from ..cache import stable_hash
+from ..io import atomic_save_npy, atomic_write_text
 from .corpora import CorpusSpec
 from .documents import load_documents, split_fraction
 

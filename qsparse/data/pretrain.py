@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from .cache import CACHE_FORMAT_VERSION, resolve_cache_dir, stable_hash
+from ..cache import CACHE_FORMAT_VERSION, resolve_cache_dir, stable_hash
 from .checks import check_positive_or_none, check_source
 from .corpora import CorpusSpec, resolve_corpus
 from .documents import split_fraction

@@ -21,7 +21,7 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .cache import CACHE_FORMAT_VERSION, file_fingerprint, resolve_cache_dir, stable_hash
+from ..cache import CACHE_FORMAT_VERSION, file_fingerprint, resolve_cache_dir, stable_hash
 from .checks import check_positive_or_none, check_source
 from .corpora import builder_for_files, load_local_dataset
 from .documents import split_fraction

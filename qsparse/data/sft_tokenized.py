@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from .cache import atomic_write_text
+from ..io import atomic_write_text
 from .documents import split_fraction
 from .sft_format import IGNORE_INDEX, example_to_messages, render_segments, tokenize_segments
 
