@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..nn import FATReLU
+from ..nn.ffn import add_penalty_gradient
 from ..nn.sites import decoder_layers
 
 EPS = 1e-15
@@ -42,20 +43,6 @@ def hoyer_gradient(a: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     s1 = a.abs().sum(-1, keepdim=True)
     s2 = a.square().sum(-1, keepdim=True) + eps
     return 2 * s1 * torch.sign(a) / s2 - 2 * s1.square() * a / s2.square()
-
-
-class _HoyerGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, coef: float) -> torch.Tensor:
-        ctx.save_for_backward(a)
-        ctx.coef = coef
-        return a.view_as(a)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (a,) = ctx.saved_tensors
-        tokens = max(a.numel() // a.shape[-1], 1)
-        return grad + (ctx.coef / tokens) * hoyer_gradient(a).to(grad.dtype), None
 
 
 class HoyerReLU(FATReLU):
@@ -77,7 +64,13 @@ class HoyerReLU(FATReLU):
                 self.last_hoyer = hoyer_square(a).mean()
                 self.last_sparsity = (a == 0).float().mean()
             if self.hoyer_coefficient > 0 and a.requires_grad:
-                a = _HoyerGradient.apply(a, self.hoyer_coefficient)
+                coef = self.hoyer_coefficient
+
+                def penalty_grad(t: torch.Tensor) -> torch.Tensor:  # of coef · mean_tokens H(t)
+                    tokens = max(t.numel() // t.shape[-1], 1)
+                    return (coef / tokens) * hoyer_gradient(t).to(t.dtype)
+
+                a = add_penalty_gradient(a, penalty_grad)
         return a
 
 

@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 ACTIVATIONS = ("relu2", "silu", "relu")
 
 
-class _L1Gradient(torch.autograd.Function):
-    """Identity forward; backward adds ``coef · sign(a) / numel(a)``, the gradient of
-    ``coef · mean|a|`` (ProSparse's L1 penalty without touching the loss)."""
+class _PenaltyGradient(torch.autograd.Function):
+    """Identity forward; backward adds ``penalty_grad(a)`` to the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, coef: float) -> torch.Tensor:
+    def forward(
+        ctx, a: torch.Tensor, penalty_grad: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         ctx.save_for_backward(a)
-        ctx.coef = coef
+        ctx.penalty_grad = penalty_grad
         return a.view_as(a)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (a,) = ctx.saved_tensors
-        return grad + ctx.coef * torch.sign(a) / a.numel(), None
+        return grad + ctx.penalty_grad(a).to(grad.dtype), None
+
+
+def add_penalty_gradient(
+    a: torch.Tensor, penalty_grad: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``a`` unchanged, whose backward adds ``penalty_grad(a)`` (same shape as ``a``): the
+    gradient of a penalty ``P(a)`` on an activation, as ``loss + P(a)`` would give, without
+    touching the training loop (ProSparse's L1 in :class:`FATReLU`, D2DMoE's Hoyer penalty
+    in :class:`qsparse.moe.hoyer.HoyerReLU`)."""
+    return _PenaltyGradient.apply(a, penalty_grad)
 
 
 class FATReLU(nn.Module):
@@ -44,7 +57,8 @@ class FATReLU(nn.Module):
         if self.training:
             self.last_l1 = a.detach().abs().mean()
             if self.l1_coefficient > 0 and a.requires_grad:
-                a = _L1Gradient.apply(a, self.l1_coefficient)
+                coef = self.l1_coefficient  # gradient of coef · mean|a|
+                a = add_penalty_gradient(a, lambda t: coef * torch.sign(t) / t.numel())
         return a
 
     def extra_repr(self) -> str:
