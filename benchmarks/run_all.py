@@ -582,6 +582,35 @@ REGISTRY: list[Bench] = [
             for s in ("0.4", "0.5")
         ),
     ),
+    # issue 15: two GPUs (run on nvidia-h200-x2 with NVLink multicast off, see README)
+    Bench(
+        "fsdp_scaling",
+        "fsdp_scaling.py",
+        ("--out", "/tmp/qsparse_fsdp_out", "--steps", "16"),
+        rows=(
+            Row(
+                "multi_gpu",
+                "374M preset, Q-Sparse S=0.5, 8 x 2048 tokens per GPU per step: FSDP2 on 2 GPUs "
+                "(`trainer=fsdp trainer.devices=2`) vs one GPU (`trainer=gpu`), tokens/s",
+                "{fsdp2_over_one_gpu|.2f}x ({fsdp2_tokens_per_s|,.0f} vs "
+                "{one_gpu_tokens_per_s|,.0f} tokens/s)",
+                Goal("fsdp2_over_one_gpu", ">=", 1.85, "one_gpu_tokens_per_s"),
+            ),
+            Row(
+                "multi_gpu",
+                "7B preset, BitNet b1.58 + Q-Sparse S=0.5, FSDP2 on 2 GPUs, activation "
+                "checkpointing, 1 x 2048 tokens per GPU: peak memory of rank 0, tokens/s",
+                "{fsdp_7b_peak_gib|.1f} GiB, {fsdp_7b_tokens_per_s|,.0f} tokens/s",
+            ),
+            Row(
+                "multi_gpu",
+                "FSDP2 resume from the half-way sharded checkpoint: largest per-step training "
+                "loss difference to the uninterrupted run",
+                "{resume_max_abs_loss_diff|.2e} nats",
+            ),
+        ),
+        timeout_s=900,
+    ),
     # exploration scripts behind figures quoted in prose; every figure lands in the JSON
     Bench("gemv_variants", "gemv_variants.py"),
     Bench("sparse_gemv_shapes", "sparse_gemv_shapes.py"),
