@@ -605,8 +605,9 @@ REGISTRY: list[Bench] = [
             Row(
                 "multi_gpu",
                 "FSDP2 resume from the half-way sharded checkpoint: largest per-step training "
-                "loss difference to the uninterrupted run",
-                "{resume_max_abs_loss_diff|.2e} nats",
+                "loss difference to the uninterrupted run / of a second uninterrupted run "
+                "(the GPU's run-to-run noise)",
+                "{resume_max_abs_loss_diff|.2e} / {rerun_max_abs_loss_diff|.2e} nats",
             ),
         ),
         timeout_s=900,
