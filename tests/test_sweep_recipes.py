@@ -96,7 +96,7 @@ def test_ste_figure_recipe_logs_layer_grad_norms_and_report_plots_them(tmp_path:
                   "trainer.val_check_interval=6", "callbacks.grad_norm.every_n_steps=1",
                   "trainer.log_every_n_steps=1", "logger=csv", "data.max_documents=300",
                   "data.vocab_size=384", "data.seq_len=32"], tmp_path)  # fmt: skip
-    from qsparse.analysis.report import grad_norm_per_layer
+    from qsparse.analysis.figures import grad_norm_per_layer
     from qsparse.analysis.sweep import read_sweep
     from qsparse.cli.report import main as report_main
 

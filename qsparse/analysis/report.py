@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from qsparse.extras import pyplot
-
+from .figures import curve_table, distinct_overrides, figure_plots, report_pyplot, save_figure
 from .scaling_law import (
     BOOTSTRAP_NAMES,
     BootstrapIntervals,
@@ -138,24 +137,11 @@ def _ratio_groups(fit: PrecisionFit) -> dict[float, list[int]]:
     return dict(sorted(groups.items()))
 
 
-def _pyplot() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend (the ``report`` extra)."""
-    return pyplot("report", "qsparse-report's plots")
-
-
-def _save(fig: Any, path: Path) -> Path:
-    """Lay out, write (120 dpi) and close a figure."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
-    return path
-
-
 def plot_loss_vs_activated(fits: Sequence[PrecisionFit], path: Path) -> Path:
     """Loss against activated parameters ``(1 - S) N``, one colour per configured top-k
     ratio, one panel per precision; the fitted law drawn through each group's sizes at the
     group's mean S."""
-    plt = _pyplot()
+    plt = report_pyplot()
 
     panels = [f for f in fits if len(f.jobs)]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4))
@@ -178,13 +164,13 @@ def plot_loss_vs_activated(fits: Sequence[PrecisionFit], path: Path) -> Path:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss_vs_sparsity(fits: Sequence[PrecisionFit], budget: float, path: Path) -> Path:
     """Fitted loss against S at fixed activated parameters ``Na = budget`` per precision,
     S* marked (solid) beside the paper's S* (dotted)."""
-    plt = _pyplot()
+    plt = report_pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     grid = np.linspace(0.0, 0.9, 181)
@@ -209,53 +195,7 @@ def plot_loss_vs_sparsity(fits: Sequence[PrecisionFit], budget: float, path: Pat
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def distinct_overrides(sweep: Sweep, job: SweepJob) -> str:
-    """The overrides of ``job`` that not every job of the sweep shares (all of them when the
-    sweep has one job): what names a grid point."""
-    if len(sweep.jobs) < 2:
-        return " ".join(job.overrides)
-    common = set.intersection(*(set(j.overrides) for j in sweep.jobs))
-    return " ".join(o for o in job.overrides if o not in common)
-
-
-def grad_norm_per_layer(sweep: Sweep) -> dict[str, list[float]]:
-    """Job label -> mean ``grad_norm/layer_<i>`` over the second half of its logged steps,
-    by layer, for the jobs that logged them (:class:`~qsparse.training.callbacks.
-    LayerGradNorm`). The label is the overrides that tell the job apart from the others."""
-    from qsparse.training.metrics_csv import read_metrics
-
-    out: dict[str, list[float]] = {}
-    for job in sweep.jobs:
-        csv_dir = sweep.path / job.name / "csv"
-        if job.status == "missing" or not csv_dir.is_dir():
-            continue
-        series = {k: v for k, v in read_metrics(csv_dir).items() if k.startswith("grad_norm/")}
-        if not series:
-            continue
-        out[distinct_overrides(sweep, job) or job.name] = [
-            float(np.mean([v for _, v in values[len(values) // 2 :]]))
-            for _, values in sorted(series.items())
-        ]
-    return out
-
-
-def plot_grad_norm_per_layer(norms: dict[str, list[float]], path: Path) -> Path:
-    """Gradient norm against layer index, one line per job (Q-Sparse Fig. 2: STE vs no STE)."""
-    plt = _pyplot()
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, values in norms.items():
-        ax.plot(range(len(values)), values, marker="o", label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("gradient L2 norm (mean, 2nd half of training)")
-    ax.set_title("gradient norm per layer")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _interval(fit: PrecisionFit, name: str) -> str:
@@ -358,6 +298,9 @@ def write_markdown(
             cells[cols.index("val_loss")] = f"{row['val_loss']:.4f}"
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
+    curves = curve_table(sweep)
+    if curves:
+        out += ["## Curves", "", *curves, ""]
     out += [f"![{p.stem}]({p.name})" for p in images]
     path.write_text("\n".join(out) + "\n")
     return path
@@ -460,9 +403,7 @@ def make_report(
         images.append(plot_loss_vs_activated(fits, out / "loss_vs_activated.png"))
     if any(f.law is not None for f in fits):
         images.append(plot_loss_vs_sparsity(fits, budget, out / "loss_vs_sparsity.png"))
-    norms = grad_norm_per_layer(sweep)
-    if norms:
-        images.append(plot_grad_norm_per_layer(norms, out / "grad_norm_per_layer.png"))
+    images += figure_plots(sweep, out)
     files.update({p.name: p for p in images})
     files["report.md"] = write_markdown(
         sweep, fits, budget, out / "report.md", images, sparsity_mode
