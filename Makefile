@@ -37,11 +37,15 @@ test-slow: install-smollm2
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
-# every benchmark behind a README figure, on the CUDA machine's own Python (no .venv: the GPU
-# image brings torch and Triton); ONLY=id1,id2 runs a subset (python3 benchmarks/run_all.py list).
-# A copy of the tree without .git records QSPARSE_COMMIT=<sha> as the commit measured.
+# the benchmarks behind the README figures, on the CUDA machine's own Python (no .venv: the GPU
+# image brings torch and Triton): GROUP=core (one device call; default all = five calls' worth),
+# BUDGET=500 stops starting benchmarks that would not fit in 500 s, ONLY=id1,id2 runs a subset
+# (groups, ids and estimates: python3 benchmarks/run_all.py list). QSPARSE_COMMIT=<sha> names
+# the commit measured where the tree has no .git of its own (a copy shipped to a GPU machine).
+GROUP ?= all
 bench-gpu:
-	PYTHONPATH=$(CURDIR) $(PY) benchmarks/run_all.py run $(if $(ONLY),--only $(ONLY))
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/run_all.py run --group $(GROUP) \
+		$(if $(ONLY),--only $(ONLY)) $(if $(BUDGET),--budget $(BUDGET))
 
 # regenerate the benchmarks/README.md tables from benchmarks/results/*.json (any machine)
 bench-tables:
