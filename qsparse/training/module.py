@@ -216,7 +216,9 @@ class LMModule(L.LightningModule):
         sparsity, activation = self._sparsity, self.hparams["activation"]
         if self._method is not None:
             sparsity, activation = self._method.training_conversion(sparsity, activation)
-        dense = sparsity.pattern == "none" or not sparsity.enabled
+        # top-k at ratio 0 keeps its sparsifiers (k = d passes through): they measure the
+        # zeros the activation function makes by itself (a dense ReLU² model's natural sparsity)
+        dense = sparsity.pattern == "none"
         if not dense or self._quant.enabled or activation != "keep" or self._method is not None:
             self.sparsify_report = qsparse.sparsify(
                 model,
