@@ -409,8 +409,21 @@ def _compact_kernel(
     union = tl.zeros([BLOCK], dtype=tl.int32)
     if RADIX and BB == 1:
         _list_one_row(
-            x_ptr, idx_ptr, val_ptr, hint_ptr, K, k, BLOCK, LOW, NDIG, DBITS, HINT, w_ptr, eps,
-            PROD, BF16
+            x_ptr,
+            idx_ptr,
+            val_ptr,
+            hint_ptr,
+            K,
+            k,
+            BLOCK,
+            LOW,
+            NDIG,
+            DBITS,
+            HINT,
+            w_ptr,
+            eps,
+            PROD,
+            BF16,
         )
         tl.store(cnt_ptr, k)
     else:

@@ -361,3 +361,48 @@ def test_carried_gemv_replays_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, G.sparse_gemv_reference(x, wt, k)) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "kind, width", [("rmsnorm", 4096), ("relu2_glu", 11008), ("silu_glu", 11008)]
+)
+@pytest.mark.parametrize("batch", [1, 2, 8])
+def test_fused_producer_selection_matches_reference(dtype, kind, width, batch):
+    """The selection kernels computing their input (RMSNorm, act(g) * u) keep exactly k of the
+    values the torch modules compute: the same values and kept set, up to the last-ulp
+    differences of a reduction order / exp (RMSNorm, SiLU: a few entries at most)."""
+    w = (torch.rand(width, device="cuda") + 0.5).to(dtype) if kind == "rmsnorm" else None
+    prod = G.Producer(kind, w, 1e-6)
+    k = int(0.4 * width)
+    hint = G.new_hint(16, "cuda")
+    wd = fresh((1024, width), dtype) * 0.02
+    wt = G.prepare_dense(wd)
+    for scale in (1.0, 1.02, 3.0):  # carried thresholds: inside and off the band
+        x = fresh((batch, prod.width(width)), dtype) * scale
+        v = prod.reference(x)
+        ref = v * topk_mask(v, k)
+        got = G.masked_topk(x, k, hint, producer=prod)
+        assert ((got != 0).sum(1) == k).all()
+        differ = int((got != ref).sum())
+        if kind == "relu2_glu":
+            assert differ == 0
+        else:
+            assert differ <= 4 * batch, differ
+        if batch == 1:
+            y = G.sparse_gemv(x, wt, k, n_out=1024, hint=hint, producer=prod)
+            assert rel_err(y, G.sparse_gemv_reference(v, wt, k)) <= 1e-2
+
+
+@pytest.mark.parametrize("batch", [2, 5, 16])
+@pytest.mark.parametrize("kin, n", [(4096, 4096), (11008, 4096), (4096, 12288)])
+@pytest.mark.parametrize("k_frac", [None, 0.4])
+def test_ternary_tensor_core_gemv_matches_dp4a_and_reference(batch, kin, n, k_frac):
+    packed = G.pack_ternary(G.ternarize(fresh((n, kin), torch.bfloat16))[0])
+    x = fresh((batch, kin), torch.bfloat16)
+    k = None if k_frac is None else int(k_frac * kin)
+    dp4a = G.ternary_gemv(x, packed, 0.5, k, 8, cfg=G.TERNARY_DP4A_BATCH_CONFIG)
+    one = G.GemvConfig(block_k=8, block_n=64, num_stages=4, use_dot=True)
+    assert torch.equal(G.ternary_gemv(x, packed, 0.5, k, 8, cfg=one), dp4a)  # same int sums
+    y = G.ternary_gemv(x, packed, 0.5, k, 8)  # default: split over K
+    assert rel_err(y, G.ternary_gemv_reference(x, packed, 0.5, k, 8)) <= 1e-2
