@@ -933,7 +933,7 @@ def _ternary_mma_kernel(
         if DOT_F32:
             acc += tl.dot(a.to(tl.float32), c.to(tl.float32), input_precision="ieee").to(tl.int32)
         else:
-            acc = tl.dot(a, c, acc)
+            acc = tl.dot(a, c, acc, out_dtype=tl.int32)
     qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
     scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
     out = (acc - qsum[:, None] * (pid_s == 0).to(tl.int32)).to(tl.float32) * scale[:, None]
