@@ -24,8 +24,10 @@ copies (L2 cannot serve them), times per call:
   ``site_fused``: the selection kernel computing the producer itself (``producer=``), with the
   carried threshold, then the list GEMV (batch 1) or one cuBLAS GEMM (batch > 1);
 - ``ternary`` (batch > 1): the 2-bit ternary GEMV with int8 activations (BitNet b1.58), dense
-  and with top-k (BitNet + Q-Sparse), on int8 tensor cores (the default) and with the dp4a
-  kernel (``TERNARY_DP4A_BATCH_CONFIG``), vs the same cuBLAS bf16 baseline.
+  and with top-k (BitNet + Q-Sparse): ``split`` the default (dp4a, the words of a column
+  block split over programs on narrow outputs), ``dp4a`` one program per column block
+  (``TERNARY_BATCH_CONFIG``), ``dot`` on int8 tensor cores (``TERNARY_MMA_CONFIG``), vs the
+  same cuBLAS bf16 baseline.
 
 Before timing, every kernel is checked against its PyTorch reference on fresh inputs.
 
@@ -36,7 +38,8 @@ For ``benchmarks/run_all.py`` it prints ``FIGURE`` lines per shape, batch and sp
 (cuBLAS), ``incl`` / ``incl_us`` (selection included), ``carry`` / ``carry_us`` (selection
 included, threshold carried), at batch 1 ``carry_list`` / ``carry_list_us`` and
 ``carry_sweep.s<split>_k<block_k>_us`` (with ``--sweep``), at batch > 1 ``topk_gemm`` /
-``topk_gemm_us`` and ``bisect_gemm`` / ``bisect_gemm_us``, and ``ternary_<dot|dp4a>[_topk]``
+``topk_gemm_us`` and ``bisect_gemm`` / ``bisect_gemm_us``, and
+``ternary_<split|dp4a|dot>[_topk]``
 (+ ``_us``); per site (not o) ``site_dense_us``, ``site_fused`` / ``site_fused_us``; a ratio
 is the baseline's time over the kernel's.
 """
@@ -196,7 +199,11 @@ def main() -> None:
                 extra["site_fused"] = timed(fused, wts, pxs)
             if batch > 1:  # BitNet (+ Q-Sparse): ternary GEMV, tensor cores vs dp4a
                 packs = [G.pack_ternary(G.ternarize(w)[0]) for w in ws]
-                for tag, cfg in (("dot", None), ("dp4a", G.TERNARY_DP4A_BATCH_CONFIG)):
+                for tag, cfg in (
+                    ("split", None),  # the default: dp4a, words split on narrow outputs
+                    ("dp4a", G.TERNARY_BATCH_CONFIG),  # one program per column block
+                    ("dot", G.TERNARY_MMA_CONFIG),  # int8 tensor cores
+                ):
                     for sfx, kk in (("", None), ("_topk", k)):
                         extra[f"ternary_{tag}{sfx}"] = timed(
                             lambda x, p, kk=kk, c=cfg, h=hint: G.ternary_gemv(

@@ -20,10 +20,9 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
   kept weight rows; the top-k selection runs inside, starting from the threshold the site
   found at the previous step: one radix pass instead of three when it moved little) at
   batch 1; at batch 2-16 :func:`~qsparse.kernels.gemv.masked_topk` (also from the carried
-  thresholds), then one GEMM on the fused weight. The op that makes the site's input is
-  computed by the selection kernel itself (:class:`~qsparse.kernels.gemv.Producer`): the
-  layer's RMSNorm for q|k|v and gate|up (the layer then skips its own norm), ReLU^2/SiLU
-  ``act(g) * u`` for down (the MLP hands down the gate|up output);
+  thresholds), then one GEMM on the fused weight. The selection kernels of q|k|v and
+  gate|up compute the layer's RMSNorm themselves (:class:`~qsparse.kernels.gemv.Producer`;
+  the layer then skips its own norm);
 - ternary weights (BitNet b1.58, int8 absmax activations), optionally top-k sparse:
   :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit packed weights, up to 16 tokens.
 
@@ -52,7 +51,6 @@ from .models.config import LlamaConfig
 from .models.hf_config import from_hf_config
 from .models.kv_cache import KVCache
 from .models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
-from .nn.ffn import ReLUSquared
 
 MODES = ("dense", "qsparse", "bitnet", "bitnet_qsparse")
 #: most tokens per call for the sparse-input GEMV (beyond: top-k, then a dense GEMM; the
@@ -152,7 +150,6 @@ class _Projection(nn.Module):
         self.mode = "reference"
         self.pre: nn.Module | None = None  # producer module fused into the selection
         self.producer = G.NO_PRODUCER
-        self.glu = False
         if not use_kernels or pattern != "token_topk" or rescale:
             return
         dev = linears[0].weight.device
@@ -188,38 +185,25 @@ class _Projection(nn.Module):
         self.register_buffer("packed", G.pack_ternary(torch.cat(codes, 0)), persistent=False)
         self.register_buffer("alpha", torch.cat(alphas).float(), persistent=False)
 
-    def fuse_producer(self, pre: nn.Module, glu: bool = False) -> bool:
-        """Take over the module that makes this site's input (the layer's RMSNorm, or with
-        ``glu`` the GLU activation: the input is then the gate|up output [..., 2F] and the site
-        computes ``pre(g) * u``) when the selection kernel can compute it (sparse bf16/fp32
-        site without SubLN: :class:`~qsparse.kernels.gemv.Producer`). True when taken: the
-        caller must hand this site the producer's input instead of its output."""
+    def fuse_producer(self, norm: nn.Module) -> bool:
+        """Take over the layer's RMSNorm in front of this site when the selection kernel can
+        compute it (sparse bf16/fp32 site without SubLN:
+        :class:`~qsparse.kernels.gemv.Producer`). True when taken: the caller must then hand
+        this site the norm's input instead of its output."""
         if self.mode != "sparse" or self.site.norm is not None:
             return False
-        if glu:
-            kinds = {ReLUSquared: "relu2_glu", nn.SiLU: "silu_glu"}
-            kind = kinds.get(type(pre))
-            if kind is None:
-                return False
-            self.producer = G.Producer(kind)
-        else:
-            eps = getattr(pre, "eps", getattr(pre, "variance_epsilon", None))
-            if not isinstance(pre, RMSNorm) and type(pre).__name__ != "LlamaRMSNorm":
-                return False
-            if not isinstance(eps, float):
-                return False
-            self.producer = G.Producer("rmsnorm", pre.weight, eps)
-        self.pre, self.glu = pre, glu
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+        if not isinstance(norm, RMSNorm) and type(norm).__name__ != "LlamaRMSNorm":
+            return False
+        if not isinstance(eps, float):
+            return False
+        self.producer = G.Producer("rmsnorm", norm.weight, eps)
+        self.pre = norm
         return True
 
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         """The site input from what its producer reads, with the model's own module."""
-        if self.pre is None:
-            return x
-        if self.glu:
-            g, u = x.chunk(2, dim=-1)
-            return self.pre(g) * u
-        return self.pre(x)
+        return x if self.pre is None else self.pre(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The model's own modules: shared sparsifier, then each linear (with its own act)."""
@@ -285,13 +269,6 @@ class _FusedMLP(LlamaMLP):
         down_site = getattr(mlp.down_proj, "act", None)
         self.down_proj = _Projection(down_site, [mlp.down_proj], False, kernels)
         self.act_fn = mlp.act_fn
-        # down's selection kernel computes act(g) * u from the gate|up output
-        self.fused_act = self.down_proj.fuse_producer(self.act_fn, glu=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_act:
-            return self.down_proj(self.gate_up(x))
-        return super().forward(x)
 
     def project_gate_up(self, x):
         return tuple(self.gate_up(x).split(self.gate_up.sizes, dim=-1))

@@ -456,19 +456,20 @@ PRODUCER_SCRIPT = textwrap.dedent(
                 y = G.sparse_gemv(x[:1], G.prepare_dense(wd), k, n_out=72, hint=hint, producer=prod)
                 r = G.sparse_gemv_reference(v[:1], G.prepare_dense(wd, None, align=1), k)
                 torch.testing.assert_close(y.float(), r.float(), rtol=2e-2, atol=2e-2)
-    # ternary, batch 2-16 on int8 tensor cores: the dp4a kernel's integer sums exactly
+    # ternary, batch 2-16, split over the words and on int8 tensor cores: the same sums
     for bsz, kin, n in ((2, 200, 96), (5, 520, 130)):
         packed = G.pack_ternary(torch.randint(-1, 2, (n, kin), dtype=torch.int8))
         x = torch.randn(bsz, kin)
         for k in (None, 90):
-            dp4a = G.ternary_gemv(x, packed, 0.7, k, 8, cfg=G.TERNARY_DP4A_BATCH_CONFIG)
+            dp4a = G.ternary_gemv(x, packed, 0.7, k, 8, cfg=G.TERNARY_BATCH_CONFIG)
             ref = G.ternary_gemv_reference(x, packed, 0.7, k, 8)
             for split in (1, 3):
-                cfg = G.GemvConfig(block_k=2, block_n=32, split=split, use_dot=True)
-                y = G.ternary_gemv(x, packed, 0.7, k, 8, cfg=cfg)
-                if split == 1:
-                    assert torch.equal(y, dp4a)
-                torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+                for dot in (True, False):  # tensor cores / dp4a, words split over programs
+                    cfg = G.GemvConfig(block_k=2, block_n=32, split=split, use_dot=dot)
+                    y = G.ternary_gemv(x, packed, 0.7, k, 8, cfg=cfg)
+                    if split == 1:
+                        assert torch.equal(y, dp4a)
+                    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     print("PRODUCER OK")
     """
 )

@@ -793,12 +793,21 @@ def _ternary_dp4a_kernel(
     ALPHA_VEC: tl.constexpr,
     ASM: tl.constexpr,
     PDL: tl.constexpr = False,
+    part_ptr=None,
+    sem_ptr=None,
+    SPLIT: tl.constexpr = 1,
 ):
     """y[b, n] = scale_b * alpha_n * (sum_g sum_s dp4a(xw[b, 4g + s], (P[g, n] >> 2s) &
-    0x03030303) - qsum_b), xw = the int8 codes read as int32 words. Grid: cdiv(N, BN)
-    programs over the columns. PDL: the first two weight tiles are requested before waiting
-    for the activation kernel (weights do not depend on it)."""
+    0x03030303) - qsum_b), xw = the int8 codes read as int32 words. Grid (cdiv(N, BN),
+    SPLIT): program (j, s) owns columns j*BN.. and the s-th slice of the words; SPLIT > 1
+    sums the programs' scaled fp32 partials in order (:func:`_store_out`; ``qsum`` is taken
+    off in slice 0). PDL: the first two weight tiles are requested before waiting for the
+    activation kernel (weights do not depend on it)."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    per = tl.cdiv(tl.cdiv(G, SPLIT), BG) * BG
+    lo = pid_s * per
+    hi = tl.minimum(lo + per, G)
     cols = pid * BN + tl.arange(0, BN)
     cmask = cols < N
     rb = tl.arange(0, BB)
@@ -807,27 +816,27 @@ def _ternary_dp4a_kernel(
         acc1 = tl.zeros([BG, BN], dtype=tl.int32)
     else:
         acc = tl.zeros([BB, BG, BN], dtype=tl.int32)
-    g = tl.arange(0, BG)
+    g = lo + tl.arange(0, BG)
     w = tl.load(
         p_ptr + g.to(tl.int64)[:, None] * N + cols[None, :],
-        mask=(g < G)[:, None] & cmask[None, :],
+        mask=(g < hi)[:, None] & cmask[None, :],
         other=0,
     )
     gn = g + BG
     wn = tl.load(
         p_ptr + gn.to(tl.int64)[:, None] * N + cols[None, :],
-        mask=(gn < G)[:, None] & cmask[None, :],
+        mask=(gn < hi)[:, None] & cmask[None, :],
         other=0,
     )
     if PDL:
         gdc_wait()
-    for g0 in range(0, G, BG):
+    for g0 in range(lo, hi, BG):
         g = g0 + tl.arange(0, BG)
-        gm = g < G
+        gm = g < hi
         gn2 = g + 2 * BG
         wn2 = tl.load(  # two tiles ahead, in flight while this one is multiplied
             p_ptr + gn2.to(tl.int64)[:, None] * N + cols[None, :],
-            mask=(gn2 < G)[:, None] & cmask[None, :],
+            mask=(gn2 < hi)[:, None] & cmask[None, :],
             other=0,
         )
         for sl in tl.static_range(4):
@@ -855,13 +864,13 @@ def _ternary_dp4a_kernel(
         dot = tl.sum(acc, axis=1)
     qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
     scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
-    out = (dot - qsum[:, None]).to(tl.float32) * scale[:, None]
+    out = (dot - qsum[:, None] * (pid_s == 0).to(tl.int32)).to(tl.float32) * scale[:, None]
     if ALPHA_VEC:
         out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)[None, :]
     else:
         out = out * alpha
     omask = rvalid[:, None] & cmask[None, :]
-    tl.store(y_ptr + rb[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=omask)
+    _store_out(out, y_ptr, part_ptr, sem_ptr, pid, pid_s, B, N, rb, cols, omask, SPLIT, BB, BN, ASM)
 
 
 @triton.jit

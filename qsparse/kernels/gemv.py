@@ -69,9 +69,9 @@ class GemvConfig:
 
     ``block_k``: kept rows per tile (sparse) or 16-input groups per tile (ternary);
     ``block_n``: output columns per program; ``split``: programs sharing one column block
-    (sparse only; > 1: the last one to finish sums their fp32 partials); ``select_warps``: warps of the
+    (sparse, and ternary at batch > 1; > 1: the last one to finish sums their fp32 partials); ``select_warps``: warps of the
     one-program selection kernel; ``use_dot``: tensor-core dot with the batch padded to 16
-    (sparse; None: when batch > 1); ``carry``: at batch 1 with a carried threshold
+    (sparse; None: when batch > 1; ternary: opt-in, :data:`TERNARY_MMA_CONFIG`); ``carry``: at batch 1 with a carried threshold
     (``hint=``) and row-major weights, the GEMV sums the inputs above the carried band while
     the selection still runs and only the rest after it (docs/decode.md). Off by default: on
     an H200 it was slower than the list GEMV on every 7B shape but the down projection
@@ -96,27 +96,30 @@ class GemvConfig:
 TERNARY_CONFIG = GemvConfig(block_k=64, block_n=16, num_warps=2, num_stages=3)
 #: ... and with top-k (the longer activation kernel hides more weight loads behind it)
 TERNARY_SPARSE_CONFIG = GemvConfig(block_k=128, block_n=32, num_warps=4, num_stages=3)
-#: batch 2-16, int8 tensor cores (``use_dot``, :func:`ternary_config_for`): 8 word rows (128
-#: inputs) x 64 columns per tile, four tiles in flight
-TERNARY_BATCH_CONFIG = GemvConfig(block_k=8, block_n=64, num_warps=4, num_stages=4, use_dot=True)
-#: the dp4a kernel at batch 2-16 (``use_dot=False``; the default before the tensor-core
-#: kernel): benchmarks/ternary_gemv.py measured 2.22x / 1.82x / 1.51x cuBLAS at batch 2/4/8 on
-#: an H100; the batch-1 configs hold [B, block_k, block_n] int32 accumulators in 64 threads
-#: and spill
-TERNARY_DP4A_BATCH_CONFIG = GemvConfig(block_k=16, block_n=32, num_warps=4, use_dot=False)
+#: batch 2-16: the dp4a kernel (benchmarks/ternary_gemv.py: 2.22x / 1.82x / 1.51x cuBLAS at
+#: batch 2/4/8 on an H100; the batch-1 configs hold [B, block_k, block_n] int32 accumulators
+#: in 64 threads and spill), its words split over several programs per column block on
+#: narrow outputs (:func:`ternary_config_for`)
+TERNARY_BATCH_CONFIG = GemvConfig(block_k=16, block_n=32, num_warps=4, use_dot=False)
+#: batch 2-16 on int8 tensor cores (``use_dot=True``, opt-in): the codes unpacked to an int8
+#: operand per tile, one ``mma`` per tile. Slower than dp4a on every 7B shape at batch 2-8 on
+#: an H200 (benchmarks/README.md): the unpacking, not the product, is the cost
+TERNARY_MMA_CONFIG = GemvConfig(block_k=8, block_n=64, num_warps=4, num_stages=4, use_dot=True)
+#: programs a batch > 1 ternary GEMV aims for (about four per SM of an H200)
+TERNARY_PROGRAMS = 528
 
 
 def ternary_config_for(batch: int, sparse: bool, n: int = 0, k_in: int = 0) -> GemvConfig:
-    """Launch shape :func:`ternary_gemv` uses when given no ``cfg``; at batch > 1 the
-    tensor-core kernel, its words split over up to 4 programs per column block so that
-    ``n`` outputs give about two programs per SM of an H200 (``k_in`` inputs: each program
-    keeps at least 8 tiles)."""
+    """Launch shape :func:`ternary_gemv` uses when given no ``cfg``. Batch > 1:
+    :data:`TERNARY_BATCH_CONFIG` with the words of each column block split over up to 8
+    programs so that ``n`` outputs give about :data:`TERNARY_PROGRAMS` programs, each keeping
+    at least 8 tiles of the ``k_in`` inputs (7B: o 2, down 4, the wide shapes 1)."""
     if batch > 1:
         cfg = TERNARY_BATCH_CONFIG
         if n:
             blocks = -(-n // cfg.block_n)
             tiles = -(-k_in // (16 * cfg.block_k))
-            split = max(1, min(4, 264 // blocks, tiles // 8))
+            split = max(1, min(8, TERNARY_PROGRAMS // blocks, tiles // 8))
             cfg = replace(cfg, split=split)
         return cfg
     return TERNARY_SPARSE_CONFIG if sparse else TERNARY_CONFIG
@@ -911,12 +914,12 @@ def ternary_gemv_op(
     y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
     extra = {"launch_pdl": True} if pdl else {}
     alpha_arg = alpha_vec if alpha_vec is not None else scale
-    if bsz > 1 and cfg.use_dot is not False:
+    split = max(1, cfg.split)
+    part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    sem = _semaphores(x.device, triton.cdiv(n, cfg.block_n)) if split > 1 else qsum
+    if bsz > 1 and cfg.use_dot:
         # tensor cores: int8 codes x int8 activations, batch padded to 16
-        split = max(1, cfg.split)
-        grid = (triton.cdiv(n, cfg.block_n), split)
-        part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device)
-        _ternary_mma_kernel[grid](
+        _ternary_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
             xq,
             qsum,
             scale,
@@ -925,7 +928,7 @@ def ternary_gemv_op(
             alpha_arg,
             alpha_f,
             part,
-            _semaphores(x.device, grid[0]) if split > 1 else qsum,
+            sem,
             bsz,
             g,
             n,
@@ -944,7 +947,7 @@ def ternary_gemv_op(
             **extra,
         )
         return y.to(out_dtype)
-    _ternary_dp4a_kernel[(triton.cdiv(n, cfg.block_n),)](
+    _ternary_dp4a_kernel[(triton.cdiv(n, cfg.block_n), split)](
         xq.view(torch.int32),
         qsum,
         scale,
@@ -961,6 +964,9 @@ def ternary_gemv_op(
         ALPHA_VEC=alpha_vec is not None,
         ASM=not interp,
         PDL=pdl,
+        part_ptr=part,
+        sem_ptr=sem,
+        SPLIT=split,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **extra,
