@@ -98,31 +98,35 @@ TERNARY_CONFIG = GemvConfig(block_k=64, block_n=16, num_warps=2, num_stages=3)
 TERNARY_SPARSE_CONFIG = GemvConfig(block_k=128, block_n=32, num_warps=4, num_stages=3)
 #: batch 2-16: the dp4a kernel (benchmarks/ternary_gemv.py: 2.22x / 1.82x / 1.51x cuBLAS at
 #: batch 2/4/8 on an H100; the batch-1 configs hold [B, block_k, block_n] int32 accumulators
-#: in 64 threads and spill), its words split over several programs per column block on
-#: narrow outputs (:func:`ternary_config_for`)
+#: in 64 threads and spill); :func:`ternary_split_config` splits its words (opt-in)
 TERNARY_BATCH_CONFIG = GemvConfig(block_k=16, block_n=32, num_warps=4, use_dot=False)
 #: batch 2-16 on int8 tensor cores (``use_dot=True``, opt-in): the codes unpacked to an int8
 #: operand per tile, one ``mma`` per tile. Slower than dp4a on every 7B shape at batch 2-8 on
 #: an H200 (benchmarks/README.md): the unpacking, not the product, is the cost
 TERNARY_MMA_CONFIG = GemvConfig(block_k=8, block_n=64, num_warps=4, num_stages=4, use_dot=True)
-#: programs a batch > 1 ternary GEMV aims for (about four per SM of an H200)
+#: programs a split batch > 1 ternary GEMV aims for (about four per SM of an H200)
 TERNARY_PROGRAMS = 528
 
 
-def ternary_config_for(batch: int, sparse: bool, n: int = 0, k_in: int = 0) -> GemvConfig:
-    """Launch shape :func:`ternary_gemv` uses when given no ``cfg``. Batch > 1:
-    :data:`TERNARY_BATCH_CONFIG` with the words of each column block split over up to 8
-    programs so that ``n`` outputs give about :data:`TERNARY_PROGRAMS` programs, each keeping
-    at least 8 tiles of the ``k_in`` inputs (7B: o 2, down 4, the wide shapes 1)."""
+def ternary_config_for(batch: int, sparse: bool) -> GemvConfig:
+    """Launch shape :func:`ternary_gemv` uses when given no ``cfg``."""
     if batch > 1:
-        cfg = TERNARY_BATCH_CONFIG
-        if n:
-            blocks = -(-n // cfg.block_n)
-            tiles = -(-k_in // (16 * cfg.block_k))
-            split = max(1, min(8, TERNARY_PROGRAMS // blocks, tiles // 8))
-            cfg = replace(cfg, split=split)
-        return cfg
+        return TERNARY_BATCH_CONFIG
     return TERNARY_SPARSE_CONFIG if sparse else TERNARY_CONFIG
+
+
+def ternary_split_config(n: int, k_in: int) -> GemvConfig:
+    """:data:`TERNARY_BATCH_CONFIG` with the words of each column block split over up to 8
+    programs, so that ``n`` outputs give about :data:`TERNARY_PROGRAMS` programs, each
+    keeping at least 8 tiles of the ``k_in`` inputs (7B: o 2, down 4, q|k|v and gate|up 1).
+    For the narrow outputs, where one program per column block leaves the dp4a kernel
+    latency-bound at batch 2-8 (7B down at batch 8: 43.8 us, 0.65x cuBLAS). Opt-in: checked
+    on an H200 (correct), its speed not measured yet (benchmarks/sparse_gemv_7b.py
+    ``ternary_split``)."""
+    blocks = -(-n // TERNARY_BATCH_CONFIG.block_n)
+    tiles = -(-k_in // (16 * TERNARY_BATCH_CONFIG.block_k))
+    split = max(1, min(8, TERNARY_PROGRAMS // blocks, tiles // 8))
+    return replace(TERNARY_BATCH_CONFIG, split=split)
 
 
 #: programs the batch-1 carried-threshold GEMV aims for (about four per SM of an H200): its
@@ -827,8 +831,7 @@ def ternary_gemv(
     :func:`compact_rows`).
     """
     sparse_in = k is not None and x.dim() == 2 and k < x.shape[-1]
-    bsz = x.shape[0] if x.dim() == 2 else 1
-    cfg = cfg or ternary_config_for(bsz, sparse_in, packed.shape[-1], x.shape[-1])
+    cfg = cfg or ternary_config_for(x.shape[0] if x.dim() == 2 else 1, sparse_in)
     if packed.dtype != torch.int32 or packed.dim() != 2:
         raise ValueError(f"packed must be a 2-D int32 tensor (pack_ternary), got {packed.dtype}")
     g, n = packed.shape
