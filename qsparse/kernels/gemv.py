@@ -11,10 +11,15 @@ kernels read.
   the inputs above the carried band before the selection is known (measured slower, opt-in).
 - :func:`masked_topk`: ``x * M`` from carried thresholds, what decode runs before a dense GEMM
   at batch 2-16.
+- :class:`Producer`: the op that makes a site's input (RMSNorm, or ``act(g) * u`` of a GLU),
+  computed by the selection kernels of :func:`masked_topk` and :func:`sparse_gemv` (batch 1)
+  from what it reads, so it needs no kernel of its own.
 - :func:`ternary_gemv`: ``y = Q8(x) * M @ (alpha * T)`` with ``T`` in {-1, 0, 1} packed 16 per
   int32 along K ([ceil(K/16), N]: 1/8 of the bf16 bytes) and int8 activations (per-row absmax,
   BitNet b1.58 inference) multiplied with ``dp4a`` in int32; with ``k`` set, also top-k sparse
   (BitNet + Q-Sparse). ``act_bits=None`` (float activations) has no kernel: it dequantizes.
+  Batch 2-16: dp4a by default, int8 tensor cores (:data:`TERNARY_MMA_CONFIG`) or the words
+  split over programs (:func:`ternary_split_config`) on request.
 
 References: :func:`sparse_gemv_reference`, :func:`ternary_gemv_reference` (pure PyTorch, any
 device). The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
@@ -69,10 +74,11 @@ class GemvConfig:
 
     ``block_k``: kept rows per tile (sparse) or 16-input groups per tile (ternary);
     ``block_n``: output columns per program; ``split``: programs sharing one column block
-    (sparse, and ternary at batch > 1; > 1: the last one to finish sums their fp32 partials); ``select_warps``: warps of the
-    one-program selection kernel; ``use_dot``: tensor-core dot with the batch padded to 16
-    (sparse; None: when batch > 1; ternary: opt-in, :data:`TERNARY_MMA_CONFIG`); ``carry``: at batch 1 with a carried threshold
-    (``hint=``) and row-major weights, the GEMV sums the inputs above the carried band while
+    (sparse, and ternary at batch > 1; > 1: the last one to finish sums their fp32
+    partials); ``select_warps``: warps of the one-program selection kernel; ``use_dot``:
+    tensor-core dot with the batch padded to 16 (sparse; None: when batch > 1; ternary at
+    batch > 1: opt-in, :data:`TERNARY_MMA_CONFIG`); ``carry``: at batch 1 with a carried
+    threshold (``hint=``) and row-major weights, the GEMV sums the inputs above the carried band while
     the selection still runs and only the rest after it (docs/decode.md). Off by default: on
     an H200 it was slower than the list GEMV on every 7B shape but the down projection
     (benchmarks/README.md).
