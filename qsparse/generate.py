@@ -20,7 +20,9 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
   kept weight rows; the top-k selection runs inside, starting from the threshold the site
   found at the previous step: one radix pass instead of three when it moved little) at
   batch 1; at batch 2-16 :func:`~qsparse.kernels.gemv.masked_topk` (also from the carried
-  thresholds), then one GEMM on the fused weight;
+  thresholds), then one GEMM on the fused weight. The selection kernels of q|k|v and
+  gate|up compute the layer's RMSNorm themselves (:class:`~qsparse.kernels.gemv.Producer`;
+  the layer then skips its own norm);
 - ternary weights (BitNet b1.58, int8 absmax activations), optionally top-k sparse:
   :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit packed weights, up to 16 tokens.
 
@@ -48,7 +50,7 @@ from .kernels import gemv as G
 from .models.config import LlamaConfig
 from .models.hf_config import from_hf_config
 from .models.kv_cache import KVCache
-from .models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from .models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
 
 MODES = ("dense", "qsparse", "bitnet", "bitnet_qsparse")
 #: most tokens per call for the sparse-input GEMV (beyond: top-k, then a dense GEMM; the
@@ -146,6 +148,8 @@ class _Projection(nn.Module):
         rescale = bool(getattr(site, "rescale", False)) if site is not None else False
         norm = getattr(site, "norm", None) if site is not None else None
         self.mode = "reference"
+        self.pre: nn.Module | None = None  # producer module fused into the selection
+        self.producer = G.NO_PRODUCER
         if not use_kernels or pattern != "token_topk" or rescale:
             return
         dev = linears[0].weight.device
@@ -181,8 +185,29 @@ class _Projection(nn.Module):
         self.register_buffer("packed", G.pack_ternary(torch.cat(codes, 0)), persistent=False)
         self.register_buffer("alpha", torch.cat(alphas).float(), persistent=False)
 
+    def fuse_producer(self, norm: nn.Module) -> bool:
+        """Take over the layer's RMSNorm in front of this site when the selection kernel can
+        compute it (sparse bf16/fp32 site without SubLN:
+        :class:`~qsparse.kernels.gemv.Producer`). True when taken: the caller must then hand
+        this site the norm's input instead of its output."""
+        if self.mode != "sparse" or self.site.norm is not None:
+            return False
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+        if not isinstance(norm, RMSNorm) and type(norm).__name__ != "LlamaRMSNorm":
+            return False
+        if not isinstance(eps, float):
+            return False
+        self.producer = G.Producer("rmsnorm", norm.weight, eps)
+        self.pre = norm
+        return True
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        """The site input from what its producer reads, with the model's own module."""
+        return x if self.pre is None else self.pre(x)
+
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The model's own modules: shared sparsifier, then each linear (with its own act)."""
+        x = self._pre(x)
         if self.shared and self.site is not None:
             x = self.site(x)
         outs = [lin(x) for lin in self.linears]
@@ -195,15 +220,18 @@ class _Projection(nn.Module):
         if self.mode == "reference" or rows > TERNARY_MAX_ROWS or not kernels_available(x):
             return self.reference(x)
         lead, x2, n = x.shape[:-1], x.reshape(rows, x.shape[-1]), sum(self.sizes)
+        if self.mode != "sparse":
+            x2 = self._pre(x2)
         if self.site.norm is not None:
             x2 = self.site.norm(x2)
         if self.mode == "sparse" and rows > SPARSE_MAX_ROWS:
             # the kept rows of several tokens cover most of W: top-k (one program per row,
-            # from the carried thresholds), then one dense GEMM on the fused weight
-            y = (G.masked_topk(x2, self.k, self.hint) @ self.wt)[:, :n]
-            return y.reshape(*lead, n)
+            # from the carried thresholds, computing the site input from its producer's),
+            # then one dense GEMM on the fused weight
+            xs = G.masked_topk(x2, self.k, self.hint, producer=self.producer)
+            return (xs @ self.wt)[:, :n].reshape(*lead, n)
         if self.mode == "sparse":
-            y = G.sparse_gemv(x2, self.wt, self.k, n_out=n, hint=self.hint)
+            y = G.sparse_gemv(x2, self.wt, self.k, n_out=n, hint=self.hint, producer=self.producer)
         else:
             y = G.ternary_gemv(x2, self.packed, self.alpha, self.k, self.act_bits, hint=self.hint)
             y = y[:, :n]
@@ -266,10 +294,13 @@ def decoder_view(model: nn.Module, use_kernels: bool) -> LlamaForCausalLM:
     view.model.embed_tokens, view.model.norm = inner.embed_tokens, inner.norm
     view.lm_head = model.lm_head
     for i, (src, dst) in enumerate(zip(inner.layers, view.model.layers, strict=True)):
-        dst.input_layernorm = src.input_layernorm
-        dst.post_attention_layernorm = src.post_attention_layernorm
         dst.self_attn = _FusedAttention(src.self_attn, cfg, i, use_kernels)
         dst.mlp = _FusedMLP(src.mlp, use_kernels)
+        # a sparse q|k|v / gate|up site computes its layer norm inside its selection kernel
+        fused = dst.self_attn.qkv.fuse_producer(src.input_layernorm)
+        dst.input_layernorm = nn.Identity() if fused else src.input_layernorm
+        fused = dst.mlp.gate_up.fuse_producer(src.post_attention_layernorm)
+        dst.post_attention_layernorm = nn.Identity() if fused else src.post_attention_layernorm
     return view.eval()
 
 
