@@ -32,8 +32,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ..cache import CACHE_FORMAT_VERSION, resolve_cache_dir, stable_hash
 from .checks import check_positive_or_none, check_source
-from .corpora import CorpusSpec, resolve_corpus
+from .corpora import resolve_corpus
 from .documents import split_fraction
+from .local_files import CorpusSpec
 from .packed import (
     PackedTokenBlocks,
     build_token_cache,

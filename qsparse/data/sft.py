@@ -23,8 +23,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..cache import CACHE_FORMAT_VERSION, file_fingerprint, resolve_cache_dir, stable_hash
 from .checks import check_positive_or_none, check_source
-from .corpora import builder_for_files, load_local_dataset
 from .documents import split_fraction
+from .local_files import builder_for_files, load_local_dataset
 from .resumable import ResumableDataModule
 from .sft_batches import ExampleDataset, ExampleRows, PackedBlocks, pad_collate
 from .sft_format import IGNORE_INDEX, example_to_messages
