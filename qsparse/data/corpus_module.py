@@ -9,10 +9,11 @@ Subclasses (:class:`~qsparse.data.pretrain.PretrainDataModule`,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from ..cache import resolve_cache_dir
@@ -87,3 +88,15 @@ class CorpusDataModule(ResumableDataModule):
             self.prepare_data()
         assert self.tokenizer is not None
         return len(self.tokenizer)
+
+    def _split_loader(
+        self, train: bool, collate_fn: Callable[[list[Any]], Any] | None = None
+    ) -> DataLoader:
+        """The loader of the training split (resumable, ``batch_size``) or the validation
+        split (fixed order, ``val_batch_size``); runs ``setup`` first when needed."""
+        if self._train_dataset is None:
+            self.setup("fit")
+        dataset = self._train_dataset if train else self._val_dataset
+        assert dataset is not None
+        batch_size = self.batch_size if train else self.val_batch_size
+        return self._loader(dataset, train, batch_size, collate_fn)

@@ -264,19 +264,13 @@ class PretrainDataModule(CorpusDataModule):
         """Training batches ``{"input_ids", "labels"}: LongTensor[B, T]``, resumable."""
         if self.streaming:
             return self._streaming_loader(train=True)
-        if self._train_dataset is None:
-            self.setup("fit")
-        assert self._train_dataset is not None
-        return self._loader(self._train_dataset, True, self.batch_size)
+        return self._split_loader(train=True)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in fixed order (sharded across ranks)."""
         if self.streaming:
             return self._streaming_loader(train=False)
-        if self._val_dataset is None:
-            self.setup("fit")
-        assert self._val_dataset is not None
-        return self._loader(self._val_dataset, False, self.val_batch_size)
+        return self._split_loader(train=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Streaming mode without Lightning: start ``epoch`` on the next iteration.

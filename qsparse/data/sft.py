@@ -307,17 +307,11 @@ class SFTDataModule(CorpusDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Training batches ``{"input_ids", "labels", "attention_mask"}``, resumable."""
-        if self._train_dataset is None:
-            self.setup("fit")
-        assert self._train_dataset is not None
-        return self._loader(self._train_dataset, True, self.batch_size, self._collate())
+        return self._split_loader(True, self._collate())
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in fixed order."""
-        if self._val_dataset is None:
-            self.setup("fit")
-        assert self._val_dataset is not None
-        return self._loader(self._val_dataset, False, self.val_batch_size, self._collate())
+        return self._split_loader(False, self._collate())
 
     def _collate(self) -> Any:
         # packed blocks all have length seq_len and carry their own attention_mask
