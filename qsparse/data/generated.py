@@ -160,16 +160,18 @@ def _sample(
     temperature: float,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """``(B, new_tokens)`` ids drawn from ``softmax(logits / T)`` with a KV cache."""
+    """``(B, new_tokens)`` ids drawn from ``softmax(logits / T)`` (the decoder's
+    :func:`~qsparse.generate.pick_next`) with transformers' own KV cache, for any causal LM."""
     import inspect
+
+    from ..generate import pick_next
 
     # transformers renamed past_key_values -> cache (5.2x); take whichever this version has
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids, use_cache=True)
     drawn = []
     for _ in range(new_tokens):
-        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=gen)
+        nxt = pick_next(out.logits[:, -1], temperature, generator=gen)[:, None]
         drawn.append(nxt)
         past = getattr(out, "cache", None) or out.past_key_values
         out = model(input_ids=nxt, use_cache=True, **{kw: past})
