@@ -193,19 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     args = p.parse_args(argv)
     try:
-        stats = generate_corpus(
-            args.checkpoint,
-            args.out,
-            tokens=args.tokens,
-            prompts=args.prompts,
-            prompt_tokens=args.prompt_tokens,
-            new_tokens=args.new_tokens,
-            batch_size=args.batch_size,
-            temperature=args.temperature,
-            seed=args.seed,
-            device=args.device,
-            dtype=args.dtype,
-        )
+        stats = generate_corpus(**vars(args))  # the options are its parameters, by name
     except UserError as exc:
         raise SystemExit(f"qsparse.data.generated: {exc}") from None
     print(
