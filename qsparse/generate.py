@@ -99,6 +99,29 @@ def stop_at_eos(
     return nxt, finished | (nxt == eos_token_id)
 
 
+def check_request(
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    vocab_size: int,
+    min_new_tokens: int = 1,
+) -> None:
+    """Raise ``ValueError`` naming the argument unless ``input_ids`` is a non-empty [B, T],
+    ``max_new_tokens`` an int >= ``min_new_tokens``, ``temperature`` finite and >= 0 and
+    ``top_k`` None or in [1, ``vocab_size``] (the arguments of every ``generate``)."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty [B, T], got {tuple(input_ids.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < min_new_tokens:
+        raise ValueError(f"max_new_tokens must be >= {min_new_tokens}, got {max_new_tokens}")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if top_k is not None and not (1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be in [1, vocab_size={vocab_size}], got {top_k}")
+
+
 def _decode_step(engine: DecodeEngine) -> torch.Tensor:
     return engine.step()
 
@@ -229,12 +252,7 @@ class DecodeEngine(nn.Module):
         """Continue ``input_ids`` [B, T] by up to ``max_new_tokens`` tokens (:func:`pick_next`:
         greedy at ``temperature=0``). The prompt runs as one forward; rows that produced
         ``eos_token_id`` keep emitting it and decoding stops once every row has."""
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [B, T], got {tuple(input_ids.shape)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_request(input_ids, max_new_tokens, temperature, top_k, self.decoder.config.vocab_size)
         b, t = input_ids.shape
         total = t + max_new_tokens
         if self._shape != (b, total):
