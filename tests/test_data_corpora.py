@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from qsparse.cache import _PACKAGES, distribution_data_file
-from qsparse.data.corpora import _clean_speech, available_corpora, resolve_corpus
+from qsparse.data.corpora import available_corpora, resolve_corpus
 from qsparse.data.documents import read_documents
+from qsparse.data.packaged_corpora import _clean_speech
 
 # name -> (importable package or distribution that ships it, exact document count or None
 # where the count depends on the Python version, a phrase one of its documents contains)
