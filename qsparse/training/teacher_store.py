@@ -60,6 +60,7 @@ __all__ = [
 FORMAT = "qsparse-teacher-logits-1"
 # data keys that change neither the training samples nor their order
 _DATA_KEYS_IGNORED = ("num_workers", "cache_dir", "val_batch_size", "ood_val", "ood_val_tokens")
+_MODEL_KEYS_IGNORED = ("gradient_checkpointing",)  # recomputation, same outputs
 _ARRAYS = ("samples", "checksum", "values", "indices", "lse")
 
 
@@ -102,13 +103,13 @@ def micro_batches(container: Mapping[str, Any]) -> int:
 
 def store_settings(container: Mapping[str, Any]) -> dict[str, Any]:
     """The settings that fix the samples, their order and the stored values, flattened to
-    ``{"data.seq_len": 64, "model.path": ..., ...}``: the ``data`` node (without loader-only
-    keys), the ``model`` node, ``distill.temperature``, ``distill.teacher_top_k`` and the
-    world size (``trainer.devices x trainer.num_nodes``)."""
+    ``{"data.seq_len": 64, "model.path": ..., ...}``: the ``data`` and ``model`` nodes
+    (without keys that change neither samples nor outputs), ``distill.temperature``,
+    ``distill.teacher_top_k`` and the world size (``trainer.devices x trainer.num_nodes``)."""
     out: dict[str, Any] = {}
-    data = {k: v for k, v in (container.get("data") or {}).items() if k not in _DATA_KEYS_IGNORED}
-    _flatten("data", data, out)
-    _flatten("model", dict(container.get("model") or {}), out)
+    for group, ignored in (("data", _DATA_KEYS_IGNORED), ("model", _MODEL_KEYS_IGNORED)):
+        node = container.get(group) or {}
+        _flatten(group, {k: v for k, v in node.items() if k not in ignored}, out)
     distill = container.get("distill") or {}
     out["distill.temperature"] = float(distill.get("temperature", 1.0))
     out["distill.teacher_top_k"] = int(distill.get("teacher_top_k", 64))
