@@ -20,9 +20,9 @@ Teacher memory: its weights in ``teacher_dtype`` (bf16: 2 bytes per parameter; S
 0.27 GB, 1.3B 2.6 GB, 7B 13.5 GB per GPU, replicated under DDP and FSDP, never sharded or
 checkpointed) plus one forward's activations without autograd state.
 
-Teacher logits from disk (``distill.teacher_logits=PATH``, :class:`StoredTeacher`): the
-teacher's top-K logits of every training sample, written beforehand by
-``qsparse-teacher-logits`` (:mod:`qsparse.training.teacher_store`), replace the teacher
+Teacher logits from disk (``distill.teacher_logits=PATH``,
+:class:`~qsparse.training.teacher_store.StoredTeacher`): the teacher's top-K logits of every
+training sample, written beforehand by ``qsparse-teacher-logits``, replace the teacher
 model, which is then never loaded (for 7B: the 13.5 GB of bf16 weights and the teacher's
 forward activations per GPU are saved; the cost is ``K * (2 + 4) + 4`` bytes of disk per
 token, 388 bytes at K = 64). The KL is then taken over the K kept tokens plus one bucket for
@@ -348,64 +348,3 @@ class Teacher:
                 kwargs["attention_mask"] = batch["attention_mask"]
             t_logits = self.model(**kwargs).logits
         return kl_distill_loss(student_logits, t_logits, batch["labels"], self.cfg.temperature)
-
-
-class StoredTeacher(Teacher):
-    """The teacher read from disk (``distill.teacher_logits``): the same loss as
-    :class:`Teacher` with :func:`sparse_kl_distill_loss` on the stored top-K of each batch's
-    samples (keyed by the batch's ``sample_index``); no teacher model is built."""
-
-    def __init__(self, cfg: DistillConfig) -> None:
-        super().__init__(cfg)
-        self.store: Any = None
-
-    def build(
-        self, spec: Mapping[str, Any], student: nn.Module | None, device: torch.device
-    ) -> None:  # type: ignore[override]
-        """Open the folder (once) and check that it was written with this temperature and K."""
-        from .teacher_store import TeacherLogits, TeacherLogitsError
-
-        if self.store is not None:
-            return
-        store = TeacherLogits(str(self.cfg.teacher_logits))
-        stored = store.manifest["settings"]
-        for key, mine in (
-            ("distill.temperature", float(self.cfg.temperature)),
-            ("distill.teacher_top_k", int(self.cfg.teacher_top_k)),
-        ):
-            if stored[key] != mine:
-                raise TeacherLogitsError(
-                    f"distill.teacher_logits={store.path} was written with {key}={stored[key]!r}"
-                    f", this run has {key}={mine!r}: use the same value or rerun "
-                    "qsparse-teacher-logits"
-                )
-        self.store = store
-
-    def _kl(self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        from .teacher_store import TeacherLogitsError, sample_checksum
-
-        if self.store is None:
-            self.build({}, None, student_logits.device)
-        if "sample_index" not in batch:
-            raise TeacherLogitsError(
-                "distill.teacher_logits needs batches that name their samples (map-style "
-                "training data): set data.streaming=false"
-            )
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-        values, indices, lse = self.store.lookup(
-            batch["sample_index"], sample_checksum(ids, mask), ids.shape[1]
-        )
-        dev = student_logits.device
-        return sparse_kl_distill_loss(
-            student_logits,
-            values.to(dev, non_blocking=True),
-            indices.to(dev, non_blocking=True),
-            lse.to(dev, non_blocking=True),
-            batch["labels"],
-            self.cfg.temperature,
-        )
-
-
-def make_teacher(cfg: DistillConfig) -> Teacher:
-    """:class:`StoredTeacher` with ``distill.teacher_logits`` set, else :class:`Teacher`."""
-    return StoredTeacher(cfg) if cfg.teacher_logits is not None else Teacher(cfg)

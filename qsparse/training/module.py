@@ -33,8 +33,9 @@ from qsparse.models.checkpointing import enable_gradient_checkpointing
 from qsparse.nn import QuantConfig, SparsityConfig
 from qsparse.nn.sites import dynamic_sparsity
 
-from .distill import DistillConfig, make_teacher
+from .distill import DistillConfig
 from .optim import no_decay_names, param_groups, total_grad_norm
+from .teacher_store import make_teacher
 
 
 def _plain(value: Any) -> Any:
@@ -137,7 +138,7 @@ class LMModule(L.LightningModule):
         self.last_val_losses: dict[str, float] = {}
         self._val_sum: dict[int, torch.Tensor] = {}
         self._val_tokens: dict[int, torch.Tensor] = {}
-        self._teacher = make_teacher(self._distill)  # a plain attribute (distill.py)
+        self._teacher = make_teacher(self._distill)  # a plain attribute (teacher_store.py)
 
     # ------------------------------------------------------------------ model
     @property

@@ -1,9 +1,11 @@
-"""Teacher top-K logits on disk: the file format, the settings that must match, the reader.
+"""Teacher top-K logits on disk: the file format, the settings that must match, the reader
+and the teacher that reads them.
 
 ``qsparse-teacher-logits`` (:mod:`qsparse.cli.teacher_logits`) runs the dense teacher once
 over every training sample a run will draw and writes, per token position, its K largest
 logits; a run with ``distill.teacher_logits=PATH`` then reads them instead of running the
-teacher (:class:`~qsparse.training.distill.StoredTeacher`).
+teacher (:class:`StoredTeacher`, the loss :func:`~qsparse.training.distill.
+sparse_kl_distill_loss`).
 
 Sample key: the dataset index ``sample_index`` that every map-style training batch carries
 (:mod:`qsparse.data.resumable`). The teacher's output for a sample depends on its tokens
@@ -36,17 +38,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from qsparse.errors import UserError
 from qsparse.io import atomic_save_npy, atomic_write_text
 
+from .distill import DistillConfig, Teacher, sparse_kl_distill_loss
+
 __all__ = [
     "FORMAT",
+    "StoredTeacher",
     "TeacherLogits",
     "TeacherLogitsError",
     "check_manifest",
     "check_map_style",
     "check_run",
+    "make_teacher",
     "micro_batches",
     "read_manifest",
     "sample_checksum",
@@ -306,3 +313,60 @@ class TeacherLogits:
             for key in out:
                 out[key].append(np.asarray(shard[key][row, :length]))
         return tuple(torch.from_numpy(np.stack(out[k])) for k in ("values", "indices", "lse"))
+
+
+class StoredTeacher(Teacher):
+    """The teacher read from disk (``distill.teacher_logits``): the same loss as
+    :class:`Teacher` with :func:`sparse_kl_distill_loss` on the stored top-K of each batch's
+    samples (keyed by the batch's ``sample_index``); no teacher model is built."""
+
+    def __init__(self, cfg: DistillConfig) -> None:
+        super().__init__(cfg)
+        self.store: TeacherLogits | None = None
+
+    def build(
+        self, spec: Mapping[str, Any], student: nn.Module | None, device: torch.device
+    ) -> None:  # type: ignore[override]
+        """Open the folder (once) and check that it was written with this temperature and K."""
+        if self.store is not None:
+            return
+        store = TeacherLogits(str(self.cfg.teacher_logits))
+        stored = store.manifest["settings"]
+        for key, mine in (
+            ("distill.temperature", float(self.cfg.temperature)),
+            ("distill.teacher_top_k", int(self.cfg.teacher_top_k)),
+        ):
+            if stored[key] != mine:
+                raise TeacherLogitsError(
+                    f"distill.teacher_logits={store.path} was written with {key}={stored[key]!r}"
+                    f", this run has {key}={mine!r}: use the same value or rerun "
+                    "qsparse-teacher-logits"
+                )
+        self.store = store
+
+    def _kl(self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.store is None:
+            self.build({}, None, student_logits.device)
+        if "sample_index" not in batch:
+            raise TeacherLogitsError(
+                "distill.teacher_logits needs batches that name their samples (map-style "
+                "training data): set data.streaming=false"
+            )
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        values, indices, lse = self.store.lookup(
+            batch["sample_index"], sample_checksum(ids, mask), ids.shape[1]
+        )
+        dev = student_logits.device
+        return sparse_kl_distill_loss(
+            student_logits,
+            values.to(dev, non_blocking=True),
+            indices.to(dev, non_blocking=True),
+            lse.to(dev, non_blocking=True),
+            batch["labels"],
+            self.cfg.temperature,
+        )
+
+
+def make_teacher(cfg: DistillConfig) -> Teacher:
+    """:class:`StoredTeacher` with ``distill.teacher_logits`` set, else :class:`Teacher`."""
+    return StoredTeacher(cfg) if cfg.teacher_logits is not None else Teacher(cfg)
