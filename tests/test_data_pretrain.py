@@ -134,7 +134,9 @@ def test_packing_shapes_labels_and_stream_content(cache: Path) -> None:
     tok = dm.tokenizer
     assert dm.vocab_size == len(tok) == 512
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "labels"}
+    assert set(batch) == {"input_ids", "labels", "sample_index"}
+    for row, i in enumerate(batch["sample_index"].tolist()):  # the dataset index of each row
+        assert torch.equal(dm._train_dataset[i]["input_ids"], batch["input_ids"][row])
     assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.long
     assert torch.equal(batch["input_ids"], batch["labels"])
 

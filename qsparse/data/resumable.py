@@ -23,6 +23,12 @@ Streaming (iterable) loaders have no sampler: the dataset is positioned when the
 ``(epoch + 1, 0)`` when Lightning flags the last batch of an epoch, so a checkpoint taken on
 that batch resumes at the start of the next epoch.
 
+Sample identity: every map-style training batch carries ``sample_index`` LongTensor[B], the
+dataset index of each row (:class:`IndexedSamples`). It names the sample whatever the epoch,
+rank, accumulation step or restart that drew it (the teacher logits stored on disk for
+distillation are keyed by it: :mod:`qsparse.training.teacher_store`). Streaming loaders
+have no such index.
+
 Outside Lightning (a hand-written loop), call :meth:`ResumableDataModule.advance` after each
 training batch instead (and the sampler's ``set_epoch``, or ``PretrainDataModule.set_epoch``
 when streaming, at each new epoch).
@@ -42,13 +48,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
 from .checks import check_loader_args, check_positive_or_none
 
 __all__ = [
     "DataPosition",
+    "IndexedSamples",
     "ResumableDataLoader",
     "ResumableDataModule",
     "ResumableSampler",
@@ -166,6 +173,32 @@ class ResumableSampler(DistributedSampler):
             pos.global_batch_size = self.global_batch_size
         order = self.epoch_order(self.epoch)[start:]
         return iter(order[self.rank :: self.num_replicas].tolist())
+
+
+class IndexedSamples(Dataset):
+    """``dataset`` whose item ``i`` is ``(i, dataset[i])``; batched by :class:`IndexedCollate`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return int(i), self.dataset[i]
+
+
+class IndexedCollate:
+    """Collate ``(i, item)`` pairs: ``collate_fn`` (default: torch's) of the items, plus
+    ``sample_index`` LongTensor[B] of the ``i``."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, pairs: list[tuple[int, Any]]) -> dict[str, Any]:
+        batch = self.collate_fn([item for _, item in pairs])
+        batch["sample_index"] = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+        return batch
 
 
 class ResumableDataLoader(DataLoader):
@@ -315,6 +348,8 @@ class ResumableDataModule(pl.LightningDataModule):
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> DataLoader:
         sampler = self._make_sampler(len(dataset), train, batch_size)  # type: ignore[arg-type]
+        if train:  # batches name their samples (the module docstring)
+            dataset, collate_fn = IndexedSamples(dataset), IndexedCollate(collate_fn)
         loader = ResumableDataLoader(
             dataset,
             batch_size=batch_size,

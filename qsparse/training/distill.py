@@ -19,6 +19,14 @@ factor keeps the gradient scale of the KL term independent of the temperature (H
 Teacher memory: its weights in ``teacher_dtype`` (bf16: 2 bytes per parameter; SmolLM2-135M
 0.27 GB, 1.3B 2.6 GB, 7B 13.5 GB per GPU, replicated under DDP and FSDP, never sharded or
 checkpointed) plus one forward's activations without autograd state.
+
+Teacher logits from disk (``distill.teacher_logits=PATH``,
+:class:`~qsparse.training.teacher_store.StoredTeacher`): the teacher's top-K logits of every
+training sample, written beforehand by ``qsparse-teacher-logits``, replace the teacher
+model, which is then never loaded (for 7B: the 13.5 GB of bf16 weights and the teacher's
+forward activations per GPU are saved; the cost is ``K * (2 + 4) + 4`` bytes of disk per
+token, 388 bytes at K = 64). The KL is then taken over the K kept tokens plus one bucket for
+the rest of the mass (:func:`sparse_kl_distill_loss`).
 """
 
 from __future__ import annotations
@@ -52,6 +60,10 @@ class DistillConfig:
         hidden_weight: weight of the normalised hidden-state loss (``logits+hidden``), >= 0.
         teacher_dtype: teacher weights: ``"bfloat16"``, ``"float32"`` or ``"auto"`` (bf16 on
             CUDA, fp32 on the CPU).
+        teacher_logits: a folder written by ``qsparse-teacher-logits``: read the teacher's
+            top-K logits from it instead of running the teacher (``None``: run it).
+        teacher_top_k: K, the logits kept per position by ``qsparse-teacher-logits`` (and
+            expected in ``teacher_logits``), >= 1.
     """
 
     mode: str = "none"
@@ -60,6 +72,8 @@ class DistillConfig:
     kl_weight: float = 0.0
     hidden_weight: float = 0.0
     teacher_dtype: str = "auto"
+    teacher_logits: str | None = None
+    teacher_top_k: int = 64
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,6 +117,15 @@ class DistillConfig:
             )
         if self.lm_weight == 0 and not self.enabled:
             raise ValueError("distill.lm_weight=0 with distill.mode='none' leaves no loss")
+        k = self.teacher_top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"distill.teacher_top_k={k!r} must be an int >= 1")
+        if self.teacher_logits is not None and self.mode != "logits":
+            raise ValueError(
+                f"distill.teacher_logits is set but distill.mode={self.mode!r}: stored logits "
+                "serve distill=logits / lm_logits only (use distill=logits_from_disk), the "
+                "hidden-state loss needs the live teacher"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +138,18 @@ class DistillConfig:
         if unknown:
             raise ValueError(f"distill: unknown keys {unknown}; known keys: {sorted(known)}")
         return cls(**data)
+
+
+def _predicting(
+    labels: torch.Tensor | None, shape: torch.Size, device: torch.device
+) -> torch.Tensor:
+    """Bool [B, T]: position ``i`` predicts a target (``labels[:, i+1] != -100``; ``labels``
+    ``None``: every position but the last)."""
+    if labels is None:
+        keep = torch.ones(shape[:2], dtype=torch.bool, device=device)
+        keep[:, -1] = False
+        return keep
+    return F.pad(labels, (0, 1), value=-100)[:, 1:] != -100
 
 
 def kl_distill_loss(
@@ -139,11 +174,7 @@ def kl_distill_loss(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ: the teacher must share the vocabulary"
         )
-    if labels is None:
-        keep = torch.ones(student_logits.shape[:2], dtype=torch.bool, device=student_logits.device)
-        keep[:, -1] = False
-    else:
-        keep = F.pad(labels, (0, 1), value=-100)[:, 1:] != -100
+    keep = _predicting(labels, student_logits.shape, student_logits.device)
     s = student_logits[keep].float() / temperature
     t = teacher_logits[keep].float() / temperature
     if s.numel() == 0:
@@ -151,6 +182,63 @@ def kl_distill_loss(
     log_ps = F.log_softmax(s, dim=-1)
     log_pt = F.log_softmax(t, dim=-1)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+def sparse_kl_distill_loss(
+    student_logits: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    lse: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """:func:`kl_distill_loss` against a teacher known by its top-K logits only.
+
+    Per predicting position with kept set :math:`S` (the K teacher indices), stored teacher
+    logits :math:`v_k` (any constant shift) and :math:`\\ell = \\log\\sum_{u \\in V}
+    e^{v_u/T}` (over the full vocabulary, same shift):
+
+    .. math::
+
+        p_k = e^{v_k/T - \\ell}\\ (k \\in S), \\quad p_r = \\max(0, 1 - \\textstyle\\sum_S p_k),
+        \\quad \\log q_k = s_k/T - \\log\\sum_{u \\in V} e^{s_u/T},
+        \\quad \\log q_r = \\log\\sum_{u \\notin S} e^{s_u/T} - \\log\\sum_{u \\in V} e^{s_u/T}
+
+        KL = \\sum_{k \\in S} p_k (\\log p_k - \\log q_k) + p_r (\\log p_r - \\log q_r)
+
+    i.e. the KL between teacher and student after merging the tokens outside :math:`S` into
+    one bucket: never above the full KL (data-processing inequality), equal to it when
+    K = V. The loss is ``T^2 * mean`` over predicting positions, as in
+    :func:`kl_distill_loss`.
+
+    Args:
+        student_logits: [B, T, V] (computed in fp32).
+        values: [B, T, K] teacher logits of the kept tokens (fp16 on disk).
+        indices: [B, T, K] their token ids (distinct within a position).
+        lse: [B, T] log-sum-exp of the teacher's logits / T over the full vocabulary.
+        labels, temperature: as in :func:`kl_distill_loss`.
+    """
+    if values.shape != indices.shape or values.shape[:2] != student_logits.shape[:2]:
+        raise ValueError(
+            f"stored teacher top-K {tuple(values.shape)} / {tuple(indices.shape)} does not "
+            f"match the student logits {tuple(student_logits.shape)}"
+        )
+    keep = _predicting(labels, student_logits.shape, student_logits.device)
+    s = student_logits[keep].float() / temperature  # [N, V]
+    if s.numel() == 0:
+        return student_logits.sum() * 0.0
+    idx = indices[keep].long()
+    log_pt = values[keep].float() / temperature - lse[keep].float().unsqueeze(-1)  # [N, K]
+    pt = log_pt.exp()
+    lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
+    log_qs = s.gather(-1, idx) - lse_s
+    kl = (pt * (log_pt - log_qs)).sum(-1)
+    if idx.shape[-1] < s.shape[-1]:  # the rest of the vocabulary, one bucket
+        p_rest = (1.0 - pt.sum(-1)).clamp_min(0.0)
+        rest = s.scatter(-1, idx, float("-inf"))
+        log_q_rest = torch.logsumexp(rest, dim=-1) - lse_s.squeeze(-1)
+        kl = kl + torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
     return kl.mean() * temperature**2
 
 
@@ -236,19 +324,13 @@ class Teacher:
         """``(L, parts)`` of one batch (module docstring): ``student()`` runs the student's
         forward (with labels: ``.loss`` is the LM loss, ``.logits`` [B, T, V]), the teacher
         runs without gradients; ``parts`` are the detached terms to log by metric name."""
-        assert self.model is not None, "Teacher.build runs before Teacher.loss"
         cfg = self.cfg
         if self._hooks is not None:
             for h in self._hooks:
                 h.take()  # drop outputs of recomputed (checkpointed) layers
         out = student()
-        with torch.no_grad():
-            kwargs = {"input_ids": batch["input_ids"]}
-            if batch.get("attention_mask") is not None:
-                kwargs["attention_mask"] = batch["attention_mask"]
-            t_logits = self.model(**kwargs).logits
         lm = out.loss
-        kl = kl_distill_loss(out.logits, t_logits, batch["labels"], cfg.temperature)
+        kl = self._kl(out.logits, batch)
         loss = cfg.lm_weight * lm + cfg.kl_weight * kl
         parts = {"train/lm_loss": lm.detach().float(), "train/kl": kl.detach()}
         if self._hooks is not None:
@@ -256,3 +338,13 @@ class Teacher:
             loss = loss + cfg.hidden_weight * hidden
             parts["train/hidden_loss"] = hidden.detach()
         return loss, parts
+
+    def _kl(self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``T^2 KL(teacher || student)`` of the batch, the teacher run without gradients."""
+        assert self.model is not None, "Teacher.build runs before Teacher.loss"
+        with torch.no_grad():
+            kwargs = {"input_ids": batch["input_ids"]}
+            if batch.get("attention_mask") is not None:
+                kwargs["attention_mask"] = batch["attention_mask"]
+            t_logits = self.model(**kwargs).logits
+        return kl_distill_loss(student_logits, t_logits, batch["labels"], self.cfg.temperature)

@@ -33,8 +33,9 @@ from qsparse.models.checkpointing import enable_gradient_checkpointing
 from qsparse.nn import QuantConfig, SparsityConfig
 from qsparse.nn.sites import dynamic_sparsity
 
-from .distill import DistillConfig, Teacher
+from .distill import DistillConfig
 from .optim import no_decay_names, param_groups, total_grad_norm
+from .teacher_store import make_teacher
 
 
 def _plain(value: Any) -> Any:
@@ -79,7 +80,8 @@ class LMModule(L.LightningModule):
         modules_to_not_convert: module names ``sparsify`` leaves dense.
         distill: :class:`~qsparse.training.distill.DistillConfig` (or its dict): train
             against the frozen dense model built from the same ``model`` spec (the teacher,
-            built at fit start, never checkpointed); ``None`` = LM loss only.
+            built at fit start, never checkpointed), or against its top-K logits read from
+            ``distill.teacher_logits`` (no teacher built); ``None`` = LM loss only.
         method: a ``method=`` config node (``{"_target_": "qsparse.methods.ProSparse", ...}``):
             the :class:`~qsparse.methods.SparsityMethod` whose training hooks this module calls
             (its conversion settings, then ``on_train_step`` before every batch, logging what
@@ -136,7 +138,7 @@ class LMModule(L.LightningModule):
         self.last_val_losses: dict[str, float] = {}
         self._val_sum: dict[int, torch.Tensor] = {}
         self._val_tokens: dict[int, torch.Tensor] = {}
-        self._teacher = Teacher(self._distill)  # a plain attribute (see distill.py)
+        self._teacher = make_teacher(self._distill)  # a plain attribute (teacher_store.py)
 
     # ------------------------------------------------------------------ model
     @property
@@ -156,9 +158,10 @@ class LMModule(L.LightningModule):
         """The frozen dense teacher (built by :meth:`on_fit_start` when distilling)."""
         return self._teacher.model
 
-    def build_teacher(self) -> nn.Module:
+    def build_teacher(self) -> nn.Module | None:
         """The dense model of the ``model`` spec, frozen, in eval mode, on this device, in
-        ``distill.teacher_dtype`` (idempotent; :class:`~qsparse.training.distill.Teacher`)."""
+        ``distill.teacher_dtype`` (idempotent; :class:`~qsparse.training.distill.Teacher`);
+        with ``distill.teacher_logits``: opens that folder instead and returns ``None``."""
         return self._teacher.build(self.hparams["model"], self.model, self.device)
 
     def on_fit_start(self) -> None:

@@ -45,6 +45,7 @@ from .console import no_transformers_progress_bars, say
 from .logging import TrimResumedMetrics, build_loggers, finish_wandb, git_sha, log_run_config
 from .module import LMModule
 from .rundir import check_run_dir, prepare_run_dir
+from .teacher_store import check_run as check_teacher_logits
 
 _TRAINER_BUILT_IN = ("callbacks", "logger", "plugins", "default_root_dir")
 
@@ -252,6 +253,7 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     (:func:`~qsparse.training.rundir.check_run_dir`), and the data (the datamodule's
     ``prepare_data``, whose files are read here)."""
     container = check_config(cfg)
+    check_teacher_logits(container)  # distill.teacher_logits: the folder serves this run
     run_dir = resolve_run_dir(container)
     _, multirun, overrides = _hydra_runtime()
     launcher = _is_launcher_process()
@@ -270,6 +272,7 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     model_spec = dict(container["model"])
     if launcher and hasattr(datamodule, "prepare_data"):
         datamodule.prepare_data()  # unreadable data files fail here, before any write
+        check_teacher_logits(container, datamodule)  # ... and the data it was written for
         if "vocab_size" in model_spec and model_spec["vocab_size"] is None:
             model_spec["vocab_size"] = int(datamodule.vocab_size)
     callbacks = build_callbacks(container.get("callbacks"), run_dir)
