@@ -18,6 +18,7 @@ mean over the whole validation set and all ranks), ``val/ppl = exp(val/loss)``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -218,13 +219,17 @@ class LMModule(L.LightningModule):
             sparsity, activation = self._method.training_conversion(sparsity, activation)
         dense = sparsity.pattern == "none" or not sparsity.enabled
         if not dense or self._quant.enabled or activation != "keep" or self._method is not None:
-            self.sparsify_report = qsparse.sparsify(
+            convert = functools.partial(
+                qsparse.sparsify,
                 model,
-                sparsity=sparsity,
                 quant=self._quant if self._quant.enabled else None,
                 activation=activation,
                 modules_to_not_convert=tuple(self.hparams["modules_to_not_convert"]),
             )
+            self.sparsify_report = convert(sparsity=sparsity)
+            if sparsity.allocation == "greedy" and not sparsity.sites:
+                sparsity = self._allocate(model, sparsity)
+                self.sparsify_report = convert(sparsity=sparsity)
         if self._method is not None:
             self._method.on_model_configured(model)
         # weight decay is decided by name on the unwrapped model (FSDP1 flattens parameters)
@@ -236,6 +241,33 @@ class LMModule(L.LightningModule):
         if self.hparams["compile"]:
             model.compile()
         self.model = model
+
+    def _allocate(self, model: nn.Module, sparsity: SparsityConfig) -> SparsityConfig:
+        """``sparsity.allocation=greedy``: the per-site table, calibrated on the weights just
+        built (same on every rank: same weights, same text); kept in the hyperparameters, so
+        a resumed run or a checkpoint loads it instead of calibrating again."""
+        from qsparse.methods.allocation import allocate, check_calibration
+
+        check_calibration(sparsity.calibration)
+        if self._method is not None:
+            raise ValueError("sparsity.allocation=greedy cannot be combined with method=")
+        if next(model.parameters()).is_meta:
+            if self._trainer is None:  # check_config's meta build: nothing to calibrate
+                return sparsity
+            raise ValueError(
+                "sparsity.allocation=greedy needs the weights when the model is built; this "
+                "strategy builds it on the meta device (trainer=fsdp): set sparsity.sites"
+            )
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(dm, "tokenizer", None) or self.hparams["model"].get("path")
+        if tokenizer is None:
+            raise ValueError(
+                "sparsity.allocation=greedy needs a tokenizer for sparsity.calibration: "
+                "a datamodule with one, or a model.path checkpoint"
+            )
+        self._sparsity = allocate(model, sparsity, tokenizer)
+        self.hparams["sparsity"] = self._sparsity.to_dict()
+        return self._sparsity
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         hp = checkpoint.get("hyper_parameters", {})
