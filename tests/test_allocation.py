@@ -31,7 +31,7 @@ def test_greedy_topk_keeps_the_activated_parameter_budget(batches) -> None:
     model = build_tiny_hf_model("llama")
     qsparse.sparsify(model, SparsityConfig(ratio=0.5))
     uniform = activated_parameters(model, measured=False)
-    table = topk_site_ratios(model, batches, 0.5)
+    table = topk_site_ratios(model, batches, 0.5, step=0.25)
     assert all(sp.ratio == 0.5 for sp in sparsifiers(model).values())  # left as it was
     assert set(table) == set(sparsifiers(model))
     for _, sites, weights, prefix in layer_sites(model):
@@ -79,6 +79,7 @@ def test_site_table_reaches_every_layer_and_the_export(batches, tmp_path: Path) 
         ({"allocation": "greedy", "calibration": []}, "needs sparsity.calibration"),
         ({"calibration": "wiki_en"}, "must be a list of corpus names"),
         ({"calibration_tokens": 10}, "calibration_tokens=10 must be an integer >= 64"),
+        ({"allocation_step": 0.0}, r"allocation_step=0.0 must be in \(0, 1\]"),
         ({"sites": {"layers.0.mlp.gate_up": 1.0}}, r"sites.layers.0.mlp.gate_up=1.0 is outside"),
     ],
 )

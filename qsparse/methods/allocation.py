@@ -217,8 +217,9 @@ def check_calibration(sources: Sequence[str]) -> None:
 
 
 def allocate(model: nn.Module, sparsity: SparsityConfig, tokenizer: Any) -> SparsityConfig:
-    """``sparsity`` with ``sites`` filled by :func:`topk_site_ratios` at ``sparsity.ratio`` on
-    ``sparsity.calibration_tokens`` tokens of ``sparsity.calibration`` (``tokenizer``: an HF
+    """``sparsity`` with ``sites`` filled by :func:`topk_site_ratios` at ``sparsity.ratio`` in
+    steps of ``sparsity.allocation_step`` on ``sparsity.calibration_tokens`` tokens of
+    ``sparsity.calibration`` (``tokenizer``: an HF
     tokenizer or a local folder). ``model`` is already sparsified with top-k."""
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
@@ -226,5 +227,5 @@ def allocate(model: nn.Module, sparsity: SparsityConfig, tokenizer: Any) -> Spar
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
     check_calibration(sparsity.calibration)
     batches = corpus_batches(tokenizer, sparsity.calibration, sparsity.calibration_tokens)
-    table = topk_site_ratios(model, batches, sparsity.ratio)
+    table = topk_site_ratios(model, batches, sparsity.ratio, sparsity.allocation_step)
     return replace(sparsity, sites=table)

@@ -45,7 +45,9 @@ class SparsityConfig:
             parameters as every site at ``ratio``, calibrated on
             ``calibration_tokens`` tokens of the ``calibration`` corpora (names or files,
             :func:`qsparse.data.read_documents`: the training corpora, never the evaluation
-            text). :func:`qsparse.sparsify` itself applies ``sites`` and ignores these three.
+            text), in steps of ``allocation_step`` (TEAL's 0.05; in d² units of weight, so
+            a site of weight share ``w`` moves ``step / w``). :func:`qsparse.sparsify` itself
+            applies ``sites`` and ignores these four.
     """
 
     ratio: float = 0.0
@@ -61,6 +63,7 @@ class SparsityConfig:
     allocation: str = "uniform"
     calibration: list[str] = field(default_factory=lambda: ["wiki_en"])
     calibration_tokens: int = 4096
+    allocation_step: float = 0.05
 
     def __post_init__(self) -> None:
         self.validate()
@@ -125,6 +128,9 @@ class SparsityConfig:
         tokens = self.calibration_tokens
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 64:
             raise ValueError(f"sparsity.calibration_tokens={tokens!r} must be an integer >= 64")
+        step = self.allocation_step
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
+            raise ValueError(f"sparsity.allocation_step={step!r} must be in (0, 1] (TEAL: 0.05)")
 
     def ratio_for(self, site: str, name: str | None = None) -> float:
         """The sparsity ratio of one site kind (``qkv``, ``o``, ``gate_up``, ``down``); with

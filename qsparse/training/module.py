@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from qsparse.models.checkpointing import decoder_layer_list, enable_gradient_che
 from qsparse.nn import QuantConfig, SparsityConfig
 from qsparse.nn.sites import dynamic_sparsity
 
+from .console import say
 from .distill import DistillConfig, LayerOutputs, hidden_distill_loss, kl_distill_loss
 from .optim import no_decay_names, param_groups, total_grad_norm
 
@@ -265,8 +267,15 @@ class LMModule(L.LightningModule):
                 "sparsity.allocation=greedy needs a tokenizer for sparsity.calibration: "
                 "a datamodule with one, or a model.path checkpoint"
             )
+        start = time.perf_counter()
         self._sparsity = allocate(model, sparsity, tokenizer)
         self.hparams["sparsity"] = self._sparsity.to_dict()
+        ratios = self._sparsity.sites.values()
+        say(
+            f"sparsity.allocation=greedy: {len(ratios)} site ratios in "
+            f"{min(ratios):.3f}..{max(ratios):.3f} at S={sparsity.ratio:g} "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
         return self._sparsity
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
