@@ -265,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
 
+    # before the jobs start: their sparsity.allocation=greedy finds these tables in the cache
+    for s in args.free_greedy_sparsities:
+        if ("free_greedy", s) not in done:
+            table = _greedy_sparsity(args.recipe, [*common, f"sparsity.ratio={s}"], args)
+            add_row("free_greedy", s, measure(f"greedy S={s:g}", args.base, sparsity=table))
     if args.parallel > 1:
         while jobs and len(procs) < args.parallel:
             launch_next()
@@ -274,10 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     for s in sorted(set(free) | set(args.sparsities) | set(args.lm_sparsities)):
         if ("free", s) not in done:
             add_row("free", s, measure(f"training-free S={s:g}", args.base, s))
-    for s in args.free_greedy_sparsities:
-        if ("free_greedy", s) not in done:
-            table = _greedy_sparsity(args.recipe, [*common, f"sparsity.ratio={s}"], args)
-            add_row("free_greedy", s, measure(f"greedy S={s:g}", args.base, sparsity=table))
     if args.parallel > 1:
         while procs or jobs:
             reap(block=False)
@@ -323,7 +324,8 @@ def _prepare_data(recipe: str, overrides: list[str]) -> None:
 
 def _greedy_sparsity(recipe: str, overrides: list[str], args: argparse.Namespace) -> dict:
     """The recipe's sparsity settings with ``allocation=greedy``, its per-site table
-    calibrated on the dense base (float32) as training does: a SparsityConfig dict."""
+    calibrated on the dense base (float32) as training does, and cached where the training
+    jobs look (:func:`qsparse.methods.allocation.allocate`): a SparsityConfig dict."""
     from omegaconf import OmegaConf
 
     from qsparse.evaluation.runner import load_for_eval
@@ -336,7 +338,7 @@ def _greedy_sparsity(recipe: str, overrides: list[str], args: argparse.Namespace
     model, tokenizer = load_for_eval(
         args.base, "float32", sparsity={**spec, "allocation": "uniform"}, device=args.device
     )
-    table = allocate(model, sparsity, tokenizer).to_dict()
+    table = allocate(model, sparsity, tokenizer, args.base).to_dict()
     del model
     gc.collect()
     return table

@@ -5,6 +5,7 @@ the config checks and the recipe."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,30 @@ def test_greedy_recipe_trains_at_the_allocated_ratios(tiny_hf_checkpoint, tmp_pa
     assert budget - 8 * 128 <= activated_parameters(loaded, measured=False) <= budget
     ckpt_hp = torch.load(summary["selected_checkpoint"], weights_only=False)["hyper_parameters"]
     assert ckpt_hp["sparsity"]["sites"] == pytest.approx(table)
+
+
+def test_allocation_is_cached_per_checkpoint_and_settings(
+    tiny_hf_checkpoint, tmp_path: Path, monkeypatch
+) -> None:
+    from qsparse.methods import allocation
+
+    monkeypatch.setenv("QSPARSE_CACHE", str(tmp_path / "cache"))
+    ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
+    model = qsparse.load(ckpt)
+    qsparse.sparsify(model, SparsityConfig(ratio=0.5))
+    settings = SparsityConfig(
+        ratio=0.5, allocation="greedy", calibration_tokens=512, allocation_step=0.5
+    )
+    first = allocation.allocate(model, settings, str(ckpt), checkpoint=str(ckpt))
+    assert len(list((tmp_path / "cache" / "allocation").glob("*.json"))) == 1
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(allocation, "topk_site_ratios", no_search)
+    again = allocation.allocate(model, settings, str(ckpt), checkpoint=str(ckpt))
+    assert again.sites == first.sites
+    with pytest.raises(AssertionError, match="searched again"):  # another S: another entry
+        allocation.allocate(model, replace(settings, ratio=0.4), str(ckpt), checkpoint=str(ckpt))
+    with pytest.raises(AssertionError, match="searched again"):  # no checkpoint: no cache
+        allocation.allocate(model, settings, str(ckpt))

@@ -23,13 +23,17 @@ site's ratio, k = int((1 - s) d): :func:`topk_site_ratios`, which
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..cache import CACHE_FORMAT_VERSION, file_fingerprint, resolve_cache_dir, stable_hash
+from ..io import atomic_write_text
 from ..nn import ActivationSparsifier, SparsityConfig
 from ..nn.sites import decoder_layers, sparsifiers
 from .calibration import calibration_batches, capture_layer_inputs, layer_output
@@ -216,16 +220,45 @@ def check_calibration(sources: Sequence[str]) -> None:
             )
 
 
-def allocate(model: nn.Module, sparsity: SparsityConfig, tokenizer: Any) -> SparsityConfig:
+def allocate(
+    model: nn.Module, sparsity: SparsityConfig, tokenizer: Any, checkpoint: str | None = None
+) -> SparsityConfig:
     """``sparsity`` with ``sites`` filled by :func:`topk_site_ratios` at ``sparsity.ratio`` in
     steps of ``sparsity.allocation_step`` on ``sparsity.calibration_tokens`` tokens of
-    ``sparsity.calibration`` (``tokenizer``: an HF
-    tokenizer or a local folder). ``model`` is already sparsified with top-k."""
+    ``sparsity.calibration`` (``tokenizer``: an HF tokenizer or a local folder). ``model`` is
+    already sparsified with top-k. With the dense ``checkpoint`` folder the model was loaded
+    from, the table is cached (``<cache root>/allocation/``, keyed by the folder's files, the
+    model's dtype and these settings): the jobs of a study and a resumed run calibrate once."""
+    check_calibration(sparsity.calibration)
+    path = _cache_path(model, sparsity, checkpoint)
+    if path is not None and path.is_file():
+        return replace(sparsity, sites=json.loads(path.read_text()))
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    check_calibration(sparsity.calibration)
     batches = corpus_batches(tokenizer, sparsity.calibration, sparsity.calibration_tokens)
     table = topk_site_ratios(model, batches, sparsity.ratio, sparsity.allocation_step)
+    if path is not None:
+        atomic_write_text(path, json.dumps(table, indent=1))
     return replace(sparsity, sites=table)
+
+
+def _cache_path(model: nn.Module, sparsity: SparsityConfig, checkpoint: str | None) -> Path | None:
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        return None
+    weights = sorted(p for p in Path(checkpoint).iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        return None
+    files = [Path(c) for c in sparsity.calibration if Path(c).expanduser().is_file()]
+    key = stable_hash(
+        CACHE_FORMAT_VERSION,
+        file_fingerprint([*weights, *files]),
+        str(next(model.parameters()).dtype),
+        sparsity.ratio,
+        list(sparsity.calibration),
+        sparsity.calibration_tokens,
+        sparsity.allocation_step,
+        ERROR_FRACTION,
+    )
+    return resolve_cache_dir() / "allocation" / f"{key}.json"

@@ -268,7 +268,7 @@ class LMModule(L.LightningModule):
                 "a datamodule with one, or a model.path checkpoint"
             )
         start = time.perf_counter()
-        self._sparsity = allocate(model, sparsity, tokenizer)
+        self._sparsity = allocate(model, sparsity, tokenizer, self.hparams["model"].get("path"))
         self.hparams["sparsity"] = self._sparsity.to_dict()
         ratios = self._sparsity.sites.values()
         say(
