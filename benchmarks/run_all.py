@@ -1,17 +1,22 @@
 """Re-run the benchmarks behind the figures in README.md and benchmarks/README.md, keep their
 results as JSON, and regenerate the results tables from that JSON.
 
-    PYTHONPATH=$PWD python3 benchmarks/run_all.py run [--only ID,...] [--repeat N]   # on a GPU
+    PYTHONPATH=$PWD python3 benchmarks/run_all.py run --group core --budget 500    # on a GPU
+    PYTHONPATH=$PWD python3 benchmarks/run_all.py run [--only ID,...] [--repeat N]
     PYTHONPATH=$PWD python3 benchmarks/run_all.py tables [--check]                  # anywhere
-    python3 benchmarks/run_all.py list
+    python3 benchmarks/run_all.py list                     # groups, ids, GPU-time estimates
 
-``run`` executes every benchmark of :data:`REGISTRY` (or those named by ``--only``) as a
-subprocess, collects the ``FIGURE`` lines it prints (:mod:`benchmarks._figures`) and writes
+``run`` executes the benchmarks of :data:`benchmarks.registry.REGISTRY` in the groups named by
+``--group`` (default ``all``; one group fits one device call) or those named by ``--only``, each
+as a subprocess, collects the ``FIGURE`` lines it prints (:mod:`benchmarks._figures`) and writes
 ``benchmarks/results/<id>.json`` with the git commit, whether the tree was dirty, the device,
 the UTC date, the exact command, the package versions and the figures (the median of
-``repeat`` runs, with their min and max). It then regenerates the tables. ``tables`` only
-rewrites the text between ``<!-- run_all:<table> begin -->`` and ``<!-- run_all:<table> end
--->`` in benchmarks/README.md from the JSON files; ``--check`` fails when that text is stale.
+``repeat`` runs, with their min and max) and the wall time of each run. ``--budget SECONDS``
+starts no benchmark whose estimate no longer fits in what is left of it and cuts a run off at
+the end of it (figures printed before are kept). It then regenerates the tables. ``tables``
+only rewrites the text between ``<!-- run_all:<table> begin -->`` and ``<!-- run_all:<table>
+end -->`` in benchmarks/README.md and README.md (its ``summary`` block: the rows the README
+quotes) from the JSON files; ``--check`` fails when that text is stale.
 
 Every row says the commit its figures were measured at; a row whose benchmark has no result
 yet says so instead of showing a number. A goal is judged on the median; when the margin to
@@ -19,8 +24,8 @@ it is inside the run-to-run spread (the min-max range of the goal figure, or of 
 baseline it is a ratio to) the verdict says so, and one run cannot tell: it says that too.
 
 Adding a benchmark: make its script print ``FIGURE`` lines with
-:func:`benchmarks._figures.emit`, and append a :class:`Bench` (script, arguments, the
-table rows it feeds) to :data:`REGISTRY`.
+:func:`benchmarks._figures.emit`, and append a :class:`~benchmarks.registry.Bench` (script,
+arguments, the table rows it feeds, its group and estimate) to the registry.
 """
 
 from __future__ import annotations
@@ -30,12 +35,11 @@ import datetime as dt
 import json
 import os
 import re
-import shlex
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,600 +47,27 @@ if str(ROOT) not in sys.path:  # `python3 benchmarks/run_all.py` without PYTHONP
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._figures import parse  # noqa: E402
+from benchmarks.registry import (  # noqa: E402
+    ALL,
+    GROUPS,
+    REGISTRY,
+    Bench,
+    Goal,
+    Row,
+    estimate,
+    in_groups,
+)
+
+__all__ = ["REGISTRY", "Bench", "Goal", "Row", "main"]
 
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "benchmarks" / "README.md"
+TOP_README = ROOT / "README.md"
 COLUMNS = ("figure", "value", "goal", "device", "commit", "date", "command")
+#: README.md's summary block leaves the command to benchmarks/README.md
+SUMMARY = "summary"
 #: ``{key}`` or ``{key|format spec}`` in a row's value template
 PLACEHOLDER = re.compile(r"\{([^{}|]+)(?:\|([^{}]*))?\}")
-
-
-@dataclass(frozen=True)
-class Goal:
-    """``key`` must be ``op`` (``"<="`` or ``">="``) ``target``; ``baseline``: the figure the
-    ratio divides by (or into), whose run-to-run spread also bounds the ratio's."""
-
-    key: str
-    op: str
-    target: float
-    baseline: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.op not in ("<=", ">="):
-            raise ValueError(f"goal op {self.op!r} must be '<=' or '>='")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One table row: ``table`` (marker name), ``figure`` (what is measured) and ``value``, a
-    template over the benchmark's figure keys (``"{sparse_gemv.b1_S0.6.excl|.2f}x"``)."""
-
-    table: str
-    figure: str
-    value: str
-    goal: Goal | None = None
-
-
-@dataclass(frozen=True)
-class Bench:
-    """A benchmark script run with ``args``; ``rows`` it feeds; ``repeat``: runs whose median
-    is reported; ``setup``: ``(path, command)`` pairs run first when ``path`` is missing."""
-
-    id: str
-    script: str
-    args: tuple[str, ...] = ()
-    rows: tuple[Row, ...] = ()
-    repeat: int = 1
-    setup: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    timeout_s: int = 1800
-
-    def command(self) -> str:
-        return shlex.join(["python3", f"benchmarks/{self.script}", *self.args])
-
-
-def _ratio_row(table: str, figure: str, key: str, unit_key: str, goal: Goal | None = None) -> Row:
-    """A row showing ``key`` as a ratio and the time ``unit_key`` (us or ms) behind it."""
-    unit = "ms" if unit_key.endswith("ms") else "us"
-    return Row(table, figure, f"{{{key}|.2f}}x ({{{unit_key}|.1f}} {unit})", goal)
-
-
-_TS = "train_step"
-_SG = "sparse_gemv"
-_TG = "ternary_gemv"
-_S7 = "sparse_gemv_7b"
-_TL = "teal_gemv"
-_SHAPES_7B = {
-    "qkv": (4096, 12288),
-    "o": (4096, 4096),
-    "gate_up": (4096, 22016),
-    "down": (11008, 4096),
-}
-_DM = "decode_modes"
-_NEW_TOKENS = {"1.3B": 128, "7B": 64}  # decode_modes.NEW_TOKENS
-_DECODE_MODES = (
-    ("qsparse", "Q-Sparse S=0.6"),
-    ("bitnet", "BitNet b1.58"),
-    ("bitnet_qsparse", "BitNet+Q-Sparse S=0.6"),
-)
-_CKPT = "/tmp/qsparse-llama1b"
-_MEM = ("memory_continue.py", "run", _CKPT)
-
-REGISTRY: list[Bench] = [
-    Bench(
-        "train_step_overhead",
-        "train_step_overhead.py",
-        repeat=3,
-        rows=(
-            _ratio_row(
-                "training",
-                "Q-Sparse training step (S=0.6, 374M HF Llama, 8x2048, bf16, eager) vs dense",
-                f"{_TS}.eager.qsparse",
-                f"{_TS}.eager.qsparse.ms",
-                Goal(f"{_TS}.eager.qsparse", "<=", 1.10, f"{_TS}.eager.dense.ms"),
-            ),
-            _ratio_row(
-                "training",
-                "BitNet b1.58 + Q-Sparse training step vs dense (eager)",
-                f"{_TS}.eager.bitnet+qsparse",
-                f"{_TS}.eager.bitnet+qsparse.ms",
-                Goal(f"{_TS}.eager.bitnet+qsparse", "<=", 1.25, f"{_TS}.eager.dense.ms"),
-            ),
-            Row(
-                "training",
-                "dense step (the baseline of the rows above)",
-                f"{{{_TS}.eager.dense.ms|.1f}} ms",
-            ),
-            Row(
-                "training",
-                "BitNet b1.58 alone, kernels on / off (PyTorch reference)",
-                f"{{{_TS}.eager.bitnet|.2f}}x / {{{_TS}.eager.bitnet_kernels=off|.2f}}x",
-            ),
-            Row(
-                "training",
-                "Q-Sparse / BitNet+Q-Sparse step with kernels off (PyTorch reference, torch.topk)",
-                f"{{{_TS}.eager.qsparse_kernels=off|.2f}}x / "
-                f"{{{_TS}.eager.bitnet+qsparse_kernels=off|.2f}}x",
-            ),
-        ),
-    ),
-    Bench(
-        "train_step_overhead_compiled",
-        "train_step_overhead.py",
-        ("--compile", "--only", "qsparse,bitnet,bitnet+qsparse"),
-        rows=(
-            _ratio_row(
-                "training",
-                "Q-Sparse training step, torch.compile on both, vs dense",
-                f"{_TS}.compiled.qsparse",
-                f"{_TS}.compiled.qsparse.ms",
-                Goal(f"{_TS}.compiled.qsparse", "<=", 1.10, f"{_TS}.compiled.dense.ms"),
-            ),
-            _ratio_row(
-                "training",
-                "BitNet b1.58 + Q-Sparse training step, compiled, vs dense",
-                f"{_TS}.compiled.bitnet+qsparse",
-                f"{_TS}.compiled.bitnet+qsparse.ms",
-                Goal(f"{_TS}.compiled.bitnet+qsparse", "<=", 1.25, f"{_TS}.compiled.dense.ms"),
-            ),
-            _ratio_row(
-                "training",
-                "BitNet b1.58 alone, compiled, vs dense",
-                f"{_TS}.compiled.bitnet",
-                f"{_TS}.compiled.bitnet.ms",
-            ),
-        ),
-    ),
-    Bench(
-        "topk_kernel",
-        "topk_kernel.py",
-        rows=tuple(
-            Row(
-                "training",
-                f"fused {label} fwd+bwd vs reference, [8192, 2048] / [8192, 5632]",
-                f"{{topk.{name}.2048|.2f}}x / {{topk.{name}.5632|.2f}}x",
-            )
-            for label, name in (
-                ("token top-k", "token_topk"),
-                ("token top-k + int8 absmax", "token_topk+int8"),
-                ("block top-k 16:32", "block_topk_16:32"),
-            )
-        )
-        + (
-            Row(
-                "training",
-                "forward only at [8192, 2048]: matmul it feeds / torch.topk / fused kernel",
-                "{topk.forward.2048.matmul_ms|.3f} / {topk.forward.2048.torch_topk_ms|.3f} / "
-                "{topk.forward.2048.kernel_ms|.3f} ms",
-            ),
-        ),
-    ),
-    Bench(
-        "mfu_compiled",
-        "mfu.py",
-        (
-            "--preset",
-            "374M",
-            "--batch",
-            "8",
-            "--seq",
-            "2048",
-            "--steps",
-            "30",
-            "--warmup",
-            "10",
-            "--compile",
-        ),  # fmt: skip
-        rows=(
-            Row(
-                "training",
-                "dense 374M training stack, 8x2048 bf16-mixed, compile on: MFU",
-                "{mfu.compile.mfu|.1f}% ({mfu.compile.tokens_per_s|,.0f} tokens/s, "
-                "{mfu.compile.ms_per_step|.1f} ms/step)",
-                Goal("mfu.compile.mfu", ">=", 40.0),
-            ),
-        ),
-    ),
-    Bench(
-        "mfu_eager",
-        "mfu.py",
-        ("--preset", "374M", "--batch", "8", "--seq", "2048", "--steps", "20", "--warmup", "5"),
-        rows=(
-            Row(
-                "training",
-                "dense 374M training stack, eager: MFU",
-                "{mfu.eager.mfu|.1f}% ({mfu.eager.tokens_per_s|,.0f} tokens/s, "
-                "{mfu.eager.ms_per_step|.1f} ms/step)",
-            ),
-        ),
-    ),
-    Bench(
-        "train_step_stack",
-        "train_step.py",
-        (
-            "--preset",
-            "374M",
-            "--batch",
-            "8",
-            "--seq",
-            "2048",
-            "--steps",
-            "15",
-            "--warmup",
-            "6",
-            "--compile",
-        ),  # fmt: skip
-        rows=(
-            Row(
-                "training",
-                "training stack, compiled, step time vs dense: Q-Sparse S=0.5 / BitNet / "
-                "BitNet+Q-Sparse S=0.6",
-                "{stack_step.compile.qsparse.ratio|.2f}x / {stack_step.compile.bitnet.ratio|.2f}x"
-                " / {stack_step.compile.bitnet_qsparse.ratio|.2f}x (dense "
-                "{stack_step.compile.dense.ms_per_step|.1f} ms)",
-            ),
-        ),
-    ),
-    *(
-        Bench(
-            f"memory_{optim}_{'gc' if gc else 'nogc'}",
-            _MEM[0],
-            (*_MEM[1:], "--optim", optim, *(("--gc",) if gc else ())),
-            setup=((_CKPT, ("memory_continue.py", "make", _CKPT)),),
-            rows=(
-                Row(
-                    "training",
-                    f"continued training, 1.3B shape, 8x2048, {optim}, checkpointing "
-                    f"{'on' if gc else 'off'}: peak memory, tokens/s",
-                    f"{{memory.{optim}.{'gc' if gc else 'nogc'}.peak_gib|.1f}} GiB, "
-                    f"{{memory.{optim}.{'gc' if gc else 'nogc'}.tokens_per_s|,.0f}} tokens/s",
-                ),
-            ),
-        )
-        for optim, gc in (("adamw8bit", True), ("adamw", True), ("adamw8bit", False))
-    ),
-    Bench(
-        "sparse_gemv",
-        "sparse_gemv.py",
-        repeat=3,
-        rows=(
-            _ratio_row(
-                "decode",
-                "sparse-input GEMV 4096->11008 bf16, batch 1, S=0.6, kept-input list given, "
-                "vs cuBLAS",
-                f"{_SG}.b1_S0.6.excl",
-                f"{_SG}.b1_S0.6.excl_us",
-                Goal(f"{_SG}.b1_S0.6.excl", ">=", 2.0, f"{_SG}.b1_S0.6.dense_us"),
-            ),
-            _ratio_row(
-                "decode",
-                "same, top-k selection included",
-                f"{_SG}.b1_S0.6.incl",
-                f"{_SG}.b1_S0.6.incl_us",
-            ),
-            Row(
-                "decode",
-                "cuBLAS bf16 baseline of the two rows above",
-                f"{{{_SG}.b1_S0.6.dense_us|.1f}} us",
-            ),
-            Row(
-                "decode",
-                "same at S=0.5 / 0.7 / 0.8 (incl. / excl. selection)",
-                "; ".join(
-                    f"{{{_SG}.b1_S{s}.incl|.2f}}x / {{{_SG}.b1_S{s}.excl|.2f}}x"
-                    for s in (0.5, 0.7, 0.8)
-                ),
-            ),
-            Row(
-                "decode",
-                "same at batch 2 / 4 / 8, S=0.6 (incl.)",
-                " / ".join(f"{{{_SG}.b{b}_S0.6.incl|.2f}}x" for b in (2, 4, 8)),
-            ),
-            Row(
-                "decode",
-                "1.3B projections, S=0.6, batch 1, incl. / excl.: qkv, o, gate_up, down",
-                "; ".join(
-                    f"{{{_SG}.1.3B_{p}.incl|.2f}}x / {{{_SG}.1.3B_{p}.excl|.2f}}x"
-                    for p in ("qkv", "o", "gate_up", "down")
-                ),
-            ),
-        ),
-    ),  # fmt: skip
-    Bench(
-        "ternary_gemv",
-        "ternary_gemv.py",
-        repeat=3,
-        rows=(
-            _ratio_row(
-                "decode",
-                "ternary 2-bit GEMV (int8 activation quantization included), batch 1, vs cuBLAS",
-                f"{_TG}.b1.ternary",
-                f"{_TG}.b1.ternary_us",
-                Goal(f"{_TG}.b1.ternary", ">=", 4.0, f"{_TG}.b1.dense_us"),
-            ),
-            _ratio_row(
-                "decode",
-                "ternary + top-k S=0.6 together, batch 1",
-                f"{_TG}.b1.ternary_sparse",
-                f"{_TG}.b1.ternary_sparse_us",
-            ),
-            Row(
-                "decode",
-                "cuBLAS bf16 baseline of the two rows above",
-                f"{{{_TG}.b1.dense_us|.1f}} us",
-            ),
-            Row(
-                "decode",
-                "ternary at batch 2 / 4 / 8 (dense; + top-k)",
-                " / ".join(f"{{{_TG}.b{b}.ternary|.2f}}x" for b in (2, 4, 8))
-                + "; "
-                + " / ".join(f"{{{_TG}.b{b}.ternary_sparse|.2f}}x" for b in (2, 4, 8)),
-            ),
-        ),
-    ),  # fmt: skip
-    *(
-        Bench(
-            f"decode_{tag}",
-            "decode.py",
-            ("--batch", "1", "--new-tokens", "128", *extra),
-            rows=(
-                Row(
-                    "decode",
-                    f"1.3B decode, batch 1, 128 tokens, CUDA graph, {label}: dense bf16",
-                    f"{{decode.{tag}.dense.tokens_per_s|.1f}} tokens/s",
-                ),
-                Row(
-                    "decode",
-                    "same: BitNet b1.58 / BitNet+Q-Sparse S=0.6 / Q-Sparse S=0.6 vs dense",
-                    " / ".join(
-                        f"{{decode.{tag}.{m}.ratio|.2f}}x"
-                        for m in ("bitnet", "bitnet_qsparse", "qsparse")
-                    ),
-                ),
-            ),
-        )
-        for tag, extra, label in (
-            ("eager", (), "eager step"),
-            ("compile", ("--compile",), "step compiled (inductor)"),
-        )
-    ),
-    # issue 11: 7B projection shapes, sparse GEMV with its selection; decode per mode/preset/batch
-    Bench(
-        "sparse_gemv_7b",
-        "sparse_gemv_7b.py",
-        repeat=3,
-        rows=tuple(
-            _ratio_row(
-                "decode",
-                f"7B {name} {kin}->{n} sparse GEMV, batch 1, S=0.6, top-k selection included, "
-                "threshold carried from the previous call, then the list GEMV (as decode runs "
-                "it), vs cuBLAS",
-                f"{_S7}.{name}_b1_S0.6.carry_list",
-                f"{_S7}.{name}_b1_S0.6.carry_list_us",
-                Goal(
-                    f"{_S7}.{name}_b1_S0.6.carry_list",
-                    ">=",
-                    1.5,
-                    f"{_S7}.{name}_b1_S0.6.dense_us",
-                ),
-            )
-            for name, (kin, n) in _SHAPES_7B.items()
-        )
-        + (
-            Row(
-                "decode",
-                "same without the carried threshold (full selection every call); cuBLAS time: "
-                "qkv, o, gate_up, down",
-                "; ".join(
-                    f"{{{_S7}.{p}_b1_S0.6.incl|.2f}}x ({{{_S7}.{p}_b1_S0.6.dense_us|.1f}} us)"
-                    for p in _SHAPES_7B
-                ),
-            ),
-            Row(
-                "decode",
-                "same, carried GEMV instead (`GemvConfig(carry=True)`, not the default: sums the "
-                "inputs above the carried band while the selection runs, the rest after it): "
-                "qkv, o, gate_up, down",
-                "; ".join(
-                    f"{{{_S7}.{p}_b1_S0.6.carry|.2f}}x ({{{_S7}.{p}_b1_S0.6.carry_us|.1f}} us)"
-                    for p in _SHAPES_7B
-                ),
-            ),
-            Row(
-                "decode",
-                "carried GEMV launch shapes, us: o split 4 x block_k 128 / split 8 x 64; down "
-                "the same two (fastest of split 1-8 x block_k 64/128)",
-                " / ".join(
-                    f"{{{_S7}.{p}_b1_S0.6.carry_sweep.{c}_us|.1f}}"
-                    for p in ("o", "down")
-                    for c in ("s4_k128", "s8_k64")
-                ),
-            ),
-            *(
-                Row(
-                    "decode",
-                    f"7B shapes, batch {b}, S=0.6: top-k from carried thresholds + one cuBLAS "
-                    "GEMM on the masked input (what decode runs at batch 2-16) / bit-bisection "
-                    "top-k + GEMM / kept-row union kernel, vs cuBLAS: qkv; o; gate_up; down",
-                    "; ".join(
-                        f"{{{_S7}.{p}_b{b}_S0.6.topk_gemm|.2f}}x / "
-                        f"{{{_S7}.{p}_b{b}_S0.6.bisect_gemm|.2f}}x / "
-                        f"{{{_S7}.{p}_b{b}_S0.6.incl|.2f}}x"
-                        for p in _SHAPES_7B
-                    ),
-                )
-                for b in (2, 4, 8)
-            ),
-        ),
-    ),
-    *(
-        Bench(
-            f"decode_modes_{preset.lower()}_b1",
-            "decode_modes.py",
-            ("--presets", preset, "--batches", "1", "--hf-batches", ""),
-            rows=(
-                Row(
-                    "decode",
-                    f"{preset} decode, batch 1, {_NEW_TOKENS[preset]} tokens, CUDA graph, step "
-                    "compiled (inductor): dense bf16",
-                    f"{{{_DM}.{preset}.b1.compile.dense.tokens_per_s|.1f}} tokens/s",
-                ),
-                *(
-                    Row(
-                        "decode",
-                        f"same: {label} vs dense",
-                        f"{{{_DM}.{preset}.b1.compile.{mode}.ratio|.2f}}x "
-                        f"({{{_DM}.{preset}.b1.compile.{mode}.tokens_per_s|.1f}} tokens/s)",
-                        Goal(
-                            f"{_DM}.{preset}.b1.compile.{mode}.ratio",
-                            ">=",
-                            goals[mode],
-                            f"{_DM}.{preset}.b1.compile.dense.tokens_per_s",
-                        )
-                        if mode in goals
-                        else None,
-                    )
-                    for mode, label in _DECODE_MODES
-                ),
-                Row(
-                    "decode",
-                    "same: BitNet+Q-Sparse S=0.6 vs BitNet b1.58 alone",
-                    f"{{{_DM}.{preset}.b1.compile.bitnet_qsparse.vs_bitnet|.2f}}x",
-                    Goal(
-                        f"{_DM}.{preset}.b1.compile.bitnet_qsparse.vs_bitnet",
-                        ">=",
-                        vs_bitnet,
-                        f"{_DM}.{preset}.b1.compile.bitnet.tokens_per_s",
-                    ),
-                ),
-            ),
-        )
-        for preset, goals, vs_bitnet in (
-            ("7B", {"qsparse": 1.8, "bitnet": 3.5, "bitnet_qsparse": 4.5}, 1.3),
-            ("1.3B", {"qsparse": 1.3}, 1.0),
-        )
-    ),
-    *(
-        Bench(
-            f"decode_modes_{preset.lower()}_b248",
-            "decode_modes.py",
-            ("--presets", preset, "--batches", "2,4,8", "--hf-batches", ""),
-            rows=tuple(
-                Row(
-                    "decode",
-                    f"{preset} decode, batch {b}, {_NEW_TOKENS[preset]} tokens, CUDA graph, eager "
-                    "step: Q-Sparse S=0.6 / BitNet b1.58 / BitNet+Q-Sparse S=0.6 vs dense (goal: "
-                    "the slowest no slower than dense)",
-                    " / ".join(
-                        f"{{{_DM}.{preset}.b{b}.eager.{m}.ratio|.2f}}x"
-                        for m in ("qsparse", "bitnet", "bitnet_qsparse")
-                    )
-                    + f" (dense {{{_DM}.{preset}.b{b}.eager.dense.tokens_per_s|.1f}} tokens/s)",
-                    Goal(
-                        f"{_DM}.{preset}.b{b}.eager.min.ratio",
-                        ">=",
-                        1.0,
-                        f"{_DM}.{preset}.b{b}.eager.dense.tokens_per_s",
-                    ),
-                )
-                for b in (2, 4, 8)
-            ),
-        )
-        for preset in ("7B", "1.3B")
-    ),
-    Bench(
-        "decode_modes_transformers",
-        "decode_modes.py",
-        ("--presets", "1.3B,7B", "--batches", "1", "--modes", "dense", "--hf-batches", "1"),
-        rows=tuple(
-            Row(
-                "decode",
-                f"transformers `generate` on the same dense {preset} weights, batch 1, "
-                f"{_NEW_TOKENS[preset]} tokens, greedy, bf16, eager, best of static / dynamic "
-                "cache: tokens/s, vs qsparse dense (compiled step) of the same run",
-                f"{{{_DM}.{preset}.b1.transformers.tokens_per_s|.1f}} tokens/s "
-                f"({{{_DM}.{preset}.b1.transformers.ratio|.2f}}x; qsparse dense "
-                f"{{{_DM}.{preset}.b1.compile.dense.tokens_per_s|.1f}} tokens/s)",
-            )
-            for preset in ("1.3B", "7B")
-        ),
-    ),
-    # issue 17: TEAL's threshold through the sparse-input GEMV (no selection pass)
-    Bench(
-        "teal_gemv",
-        "teal_gemv.py",
-        repeat=3,
-        rows=tuple(
-            Row(
-                "decode",
-                f"TEAL threshold on 7B {name} {kin}->{n}, batch 1, S={s}: threshold list + "
-                "sparse GEMV / top-k selection + sparse GEMV / same, threshold carried / the "
-                "GEMV on a ready list, vs cuBLAS (equal kept fraction)",
-                " / ".join(
-                    f"{{{_TL}.{name}_S{s}.{p}|.2f}}x"
-                    for p in ("threshold", "topk", "topk_carry", "list_only")
-                )
-                + f" (cuBLAS {{{_TL}.{name}_S{s}.dense_us|.1f}} us, kept "
-                f"{{{_TL}.{name}_S{s}.kept_pct|.1f}}%)",
-            )
-            for name, (kin, n) in _SHAPES_7B.items()
-            for s in ("0.4", "0.5")
-        ),
-    ),
-    # issue 15: two GPUs (run on nvidia-h200-x2 with NVLink multicast off, see README)
-    Bench(
-        "fsdp_scaling",
-        "fsdp_scaling.py",
-        ("--out", "/tmp/qsparse_fsdp_out", "--steps", "16"),
-        rows=(
-            Row(
-                "multi_gpu",
-                "374M preset, Q-Sparse S=0.5, 8 x 2048 tokens per GPU per step: FSDP2 on 2 GPUs "
-                "(`trainer=fsdp trainer.devices=2`) vs one GPU (`trainer=gpu`), tokens/s",
-                "{fsdp2_over_one_gpu|.2f}x ({fsdp2_tokens_per_s|,.0f} vs "
-                "{one_gpu_tokens_per_s|,.0f} tokens/s)",
-                Goal("fsdp2_over_one_gpu", ">=", 1.85, "one_gpu_tokens_per_s"),
-            ),
-            Row(
-                "multi_gpu",
-                "7B preset, BitNet b1.58 + Q-Sparse S=0.5, FSDP2 on 2 GPUs, activation "
-                "checkpointing, 1 x 2048 tokens per GPU: peak memory of rank 0, tokens/s",
-                "{fsdp_7b_peak_gib|.1f} GiB, {fsdp_7b_tokens_per_s|,.0f} tokens/s",
-            ),
-            Row(
-                "multi_gpu",
-                "FSDP2 resume from the half-way sharded checkpoint: largest per-step training "
-                "loss difference to the uninterrupted run",
-                "{resume_max_abs_loss_diff|.2e} nats",
-            ),
-        ),
-        timeout_s=900,
-    ),
-    # exploration scripts behind figures quoted in prose; every figure lands in the JSON
-    Bench("gemv_variants", "gemv_variants.py"),
-    Bench("sparse_gemv_shapes", "sparse_gemv_shapes.py"),
-    Bench("gemv_profile", "gemv_profile.py"),
-    Bench(
-        "expert_gemv",
-        "expert_gemv.py",
-        rows=tuple(
-            Row(
-                "decode",
-                f"MoE expert-block down GEMV ({label}, experts of 32, {int(keep * 100)}% of "
-                "experts kept, batch 1) vs cuBLAS / vs sparse-input GEMV excl. / incl. top-k, "
-                "same kept inputs",
-                f"{{expert_gemv.{shape}_keep{keep}.vs_cublas|.2f}}x / "
-                f"{{expert_gemv.{shape}_keep{keep}.vs_sparse_excl|.2f}}x / "
-                f"{{expert_gemv.{shape}_keep{keep}.vs_sparse_incl|.2f}}x "
-                f"({{expert_gemv.{shape}_keep{keep}.expert_us|.1f}} us)",
-            )
-            for shape, label in (
-                ("7B_down", "7B 11008 -> 4096"),
-                ("smollm2_down", "SmolLM2 1536 -> 576"),
-            )
-            for keep in (0.25, 0.4, 0.5)
-        ),
-    ),
-]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,49 +84,56 @@ def _git(*args: str) -> str | None:
 
 
 def commit_state() -> tuple[str, bool | None]:
-    """``(commit, dirty)``: from git when this is a checkout (dirty: tracked files other than
-    the results and the tables differ from the commit); else from ``QSPARSE_COMMIT`` (a copy
-    of the tree shipped to a GPU machine without ``.git``, or nested inside another
-    checkout, whose commit would be the wrong one), tree state unknown (``None``)."""
+    """``(commit, dirty)``. ``QSPARSE_COMMIT``, when set, names the commit measured: a tree
+    shipped to a GPU machine may have no ``.git``, sit inside another checkout, or carry a
+    stale ``.git`` whose HEAD is some other commit; the tree state is then unknown (``None``)
+    unless git's HEAD is that same commit. Without it, git's HEAD of this checkout (dirty:
+    tracked files other than the results and the generated tables differ from it), else
+    ``"unknown"``."""
+    wanted = os.environ.get("QSPARSE_COMMIT", "").strip().lower()
     top = _git("rev-parse", "--show-toplevel")
     head = _git("rev-parse", "HEAD") if top and Path(top).resolve() == ROOT else None
-    if head is None:
-        return os.environ.get("QSPARSE_COMMIT") or "unknown", None
+    if head is None or (wanted and not head.startswith(wanted)):
+        return wanted or "unknown", None
     status = _git("status", "--porcelain", "--untracked-files=no") or ""
     dirty = [
         line
         for line in status.splitlines()
-        if "benchmarks/results/" not in line and not line.endswith("benchmarks/README.md")
+        if "benchmarks/results/" not in line
+        and not line.endswith(("benchmarks/README.md", " README.md"))
     ]
     return head, bool(dirty)
 
 
+def device_name() -> str:
+    """``"cpu"``, the CUDA device's name, or ``"<n> x <name>"`` when ``n > 1`` are visible."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    n, name = torch.cuda.device_count(), torch.cuda.get_device_name()
+    return f"{n} x {name}" if n > 1 else name
+
+
 def provenance() -> dict[str, object]:
-    """Commit and tree state (:func:`commit_state`), device, UTC date and versions, recorded
-    with every result."""
+    """Commit and tree state (:func:`commit_state`), device (:func:`device_name`), UTC date
+    and versions, recorded with every result."""
     commit, dirty = commit_state()
-    info: dict[str, object] = {
+    versions = {"python": sys.version.split()[0]}
+    for package in ("torch", "triton"):
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            pass
+    return {
         "commit": commit,
         "dirty": dirty,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": "cpu",
-        "versions": {"python": sys.version.split()[0]},
+        "device": device_name(),
+        "versions": versions,
     }
-    try:
-        import torch
-
-        info["versions"]["torch"] = torch.__version__  # type: ignore[index]
-        if torch.cuda.is_available():
-            info["device"] = torch.cuda.get_device_name()
-    except ImportError:
-        pass
-    try:
-        import triton
-
-        info["versions"]["triton"] = triton.__version__  # type: ignore[index]
-    except ImportError:
-        pass
-    return info
 
 
 def summarize(runs: Sequence[dict[str, dict]]) -> dict[str, dict[str, object]]:
@@ -715,27 +153,50 @@ def summarize(runs: Sequence[dict[str, dict]]) -> dict[str, dict[str, object]]:
     return out
 
 
+def _limit(timeout_s: int, deadline: float | None) -> float:
+    """Seconds a subprocess may take: ``timeout_s``, or less where ``deadline`` (a
+    :func:`time.monotonic` instant) comes first."""
+    return timeout_s if deadline is None else min(timeout_s, deadline - time.monotonic())
+
+
+def _missing_setup(bench: Bench) -> list[tuple[str, tuple[str, ...]]]:
+    return [(path, cmd) for path, cmd in bench.setup if not Path(path).exists()]
+
+
 def run_bench(
-    bench: Bench, results_dir: Path, repeat: int | None = None, timeout_s: int | None = None
+    bench: Bench,
+    results_dir: Path,
+    repeat: int | None = None,
+    timeout_s: int | None = None,
+    deadline: float | None = None,
 ) -> dict:
-    """Run ``bench`` (``repeat`` overrides its run count, ``timeout_s`` its time limit per run)
-    and write ``<id>.json``. A run cut off by the limit keeps the figures it printed before
-    (and the record says it timed out)."""
+    """Run ``bench`` (``repeat`` overrides its run count, ``timeout_s`` its time limit per run;
+    no run goes past ``deadline``, a :func:`time.monotonic` instant) and write ``<id>.json``
+    with each run's wall time (``run_s``) and its setup's (``setup_s``). A run cut off by a
+    limit keeps the figures it printed before (and the record says it timed out)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    for path, cmd in bench.setup:
-        if not Path(path).exists():
-            subprocess.run(
-                [sys.executable, str(ROOT / "benchmarks" / cmd[0]), *cmd[1:]],
-                cwd=ROOT,
-                env=env,
-                check=True,
-            )
     record: dict[str, object] = {"bench": bench.id, "command": bench.command(), **provenance()}
-    runs, errors = [], []
-    for _ in range(repeat or bench.repeat):
+    runs: list[dict] = []
+    errors: list[str] = []
+    run_s: list[float] = []
+    start = time.monotonic()
+    for path, cmd in _missing_setup(bench):
+        argv = [sys.executable, str(ROOT / "benchmarks" / cmd[0]), *cmd[1:]]
+        try:
+            subprocess.run(argv, cwd=ROOT, env=env, check=True, timeout=_limit(3600, deadline))
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+            errors.append(f"setup of {path} failed: {err}")
+    if bench.setup:
+        record["setup_s"] = round(time.monotonic() - start, 1)
+    for i in range(0 if errors else (repeat or bench.repeat)):
+        limit = _limit(timeout_s or bench.timeout_s, deadline)
+        if limit <= 0:
+            errors.append(f"run {i + 1} not started: the budget was spent")
+            break
+        started = time.monotonic()
         try:
             proc = subprocess.run(
                 [sys.executable, str(ROOT / "benchmarks" / bench.script), *bench.args],
@@ -743,10 +204,11 @@ def run_bench(
                 env=env,
                 capture_output=True,
                 text=True,
-                timeout=timeout_s or bench.timeout_s,
+                timeout=limit,
             )
         except subprocess.TimeoutExpired as exc:
-            errors.append(f"timed out after {timeout_s or bench.timeout_s} s")
+            run_s.append(round(time.monotonic() - started, 1))
+            errors.append(f"timed out after {limit:.0f} s")
             out = exc.stdout or ""
             out = out.decode() if isinstance(out, bytes) else out
             sys.stdout.write(out)
@@ -757,6 +219,7 @@ def run_bench(
             if partial:
                 runs.append(partial)
             continue
+        run_s.append(round(time.monotonic() - started, 1))
         sys.stdout.write(proc.stdout)
         if proc.returncode != 0:
             errors.append(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
@@ -765,10 +228,48 @@ def run_bench(
             runs.append(parse(proc.stdout))
         except ValueError as err:  # a malformed or repeated FIGURE line: the script's bug
             errors.append(f"unreadable figures: {err}")
-    record.update(runs=runs, figures=summarize(runs), errors=errors)
+    record.update(runs=runs, figures=summarize(runs), errors=errors, run_s=run_s)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{bench.id}.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def needed_s(bench: Bench, repeat: int | None = None) -> int:
+    """Estimated seconds ``bench`` needs now: its estimate scaled to ``repeat`` runs, plus its
+    setup's when the setup has not run on this machine yet."""
+    runs = bench.est_s * (repeat or bench.repeat) / bench.repeat
+    return round(runs) + (bench.setup_s if _missing_setup(bench) else 0)
+
+
+def run_benches(
+    benches: Sequence[Bench],
+    results_dir: Path,
+    repeat: int | None = None,
+    timeout_s: int | None = None,
+    budget_s: float | None = None,
+) -> list[str]:
+    """Run ``benches`` in order; with ``budget_s`` skip each whose :func:`needed_s` no longer
+    fits in what is left of the budget and cut runs off at its end. Returns the skipped ids."""
+    start = time.monotonic()
+    deadline = None if budget_s is None else start + budget_s
+    skipped = []
+    for bench in benches:
+        need = needed_s(bench, repeat)
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and need > left:
+            print(
+                f"-- {bench.id}: not started, needs about {need} s, {left:.0f} s of the budget left"
+            )
+            skipped.append(bench.id)
+            continue
+        print(f"== {bench.id} (about {need} s): {bench.command()}", flush=True)
+        record = run_bench(bench, results_dir, repeat, timeout_s, deadline)
+        took = sum(record["run_s"]) + record.get("setup_s", 0)
+        print(f"== {bench.id}: {took:.0f} s (estimated {need} s)", flush=True)
+        for err in record["errors"]:
+            print(f"!! {bench.id}: {err}", file=sys.stderr)
+    print(f"== {time.monotonic() - start:.0f} s in all; not started: {', '.join(skipped) or '-'}")
+    return skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -825,50 +326,55 @@ def verdict(goal: Goal, figures: dict[str, dict]) -> str:
     return text + f" (margin {100 * margin:.1f}%, spread {100 * max(spreads):.1f}% over {n} runs)"
 
 
-def render(table: str, results: dict[str, dict], registry: Sequence[Bench] | None = None) -> str:
-    """The Markdown table ``table`` from ``results`` (see :func:`load_results`) for the rows of
-    ``registry`` (default :data:`REGISTRY`)."""
-    registry = REGISTRY if registry is None else registry
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+def _table_rows(table: str, registry: Sequence[Bench]) -> list[tuple[Bench, Row, str]]:
+    """``(bench, row, label)`` of every row shown in ``table``: the rows naming it, or for
+    :data:`SUMMARY` the rows with a ``summary`` label (README.md quotes them)."""
+    out = []
     for bench in registry:
+        if table == SUMMARY:
+            out += [(bench, r, r.summary) for r in bench.rows if r.summary]
+            continue
         rows = [r for r in bench.rows if r.table == table]
         if not rows and table == "exploration" and not bench.rows:
             rows = [Row(table, f"every figure of `{bench.script}`", "")]
+        out += [(bench, r, r.figure) for r in rows]
+    return out
+
+
+def render(table: str, results: dict[str, dict], registry: Sequence[Bench] | None = None) -> str:
+    """The Markdown table ``table`` from ``results`` (see :func:`load_results`) for the rows of
+    ``registry`` (default :data:`REGISTRY`); the :data:`SUMMARY` table has no command column
+    (benchmarks/README.md's tables give it)."""
+    registry = REGISTRY if registry is None else registry
+    columns = COLUMNS[:-1] if table == SUMMARY else COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for bench, row, label in _table_rows(table, registry):
         record = results.get(bench.id)
-        for row in rows:
-            if record is None:
-                goal = verdict(row.goal, {}) if row.goal else "-"
-                cells = [
-                    row.figure,
-                    "not measured yet",
-                    goal,
-                    "-",
-                    "-",
-                    "-",
-                    f"`{bench.command()}`",
-                ]
+        if record is None:
+            goal = verdict(row.goal, {}) if row.goal else "-"
+            cells = [label, "not measured yet", goal, "-", "-", "-", f"`{bench.command()}`"]
+        else:
+            figures = record["figures"]
+            if row.value:
+                value = fill(row.value, figures)
             else:
-                figures = record["figures"]
-                if row.value:
-                    value = fill(row.value, figures)
-                else:
-                    value = f"{len(figures)} figures in `benchmarks/results/{bench.id}.json`"
-                if value is None:
-                    value = "failed" if record.get("errors") else "not reported"
-                elif record.get("errors"):
-                    value += f" ({len(record['errors'])} failed run(s))"
-                state = {True: "+dirty", False: "", None: " (tree state unknown)"}
-                commit = str(record["commit"])[:10] + state[record.get("dirty")]
-                cells = [
-                    row.figure,
-                    value,
-                    verdict(row.goal, figures) if row.goal else "-",
-                    str(record["device"]),
-                    f"`{commit}`",
-                    str(record["date"])[:10],
-                    f"`{record['command']}`",
-                ]
-            lines.append("| " + " | ".join(cells) + " |")
+                value = f"{len(figures)} figures in `benchmarks/results/{bench.id}.json`"
+            if value is None:
+                value = "failed" if record.get("errors") else "not reported"
+            elif record.get("errors"):
+                value += f" ({len(record['errors'])} failed run(s))"
+            state = {True: "+dirty", False: "", None: " (tree state unknown)"}
+            commit = str(record["commit"])[:10] + state[record.get("dirty")]
+            cells = [
+                label,
+                value,
+                verdict(row.goal, figures) if row.goal else "-",
+                str(record["device"]),
+                f"`{commit}`",
+                str(record["date"])[:10],
+                f"`{record['command']}`",
+            ]
+        lines.append("| " + " | ".join(cells[: len(columns)]) + " |")
     return "\n".join(lines)
 
 
@@ -900,11 +406,40 @@ def update_readme(readme: Path, results_dir: Path, check: bool = False) -> bool:
     return new != old
 
 
+def list_groups(results_dir: Path, registry: Sequence[Bench] | None = None) -> str:
+    """Per group: its estimated GPU seconds, then per bench the runs, estimate, the wall time
+    its last recorded run took (runs plus setup, from ``results_dir``) and its command."""
+    registry = REGISTRY if registry is None else registry
+    results = load_results(results_dir)
+    lines = []
+    for group in GROUPS:
+        benches = [b for b in registry if b.group == group]
+        if not benches:
+            continue
+        part = "in `all`" if group in ALL else "not in `all`"
+        lines.append(f"{group}: about {estimate(benches)} s of H200 time ({part})")
+        for b in benches:
+            rec = results.get(b.id, {})
+            took = sum(rec.get("run_s", [])) + rec.get("setup_s", 0)
+            last = f"last {took:.0f} s" if "run_s" in rec else "last -"
+            setup = f" + setup {b.setup_s} s" if b.setup else ""
+            lines.append(
+                f"  {b.id:30s} x{b.repeat} ~{b.est_s} s{setup}, {last}, {len(b.rows)} rows  "
+                f"{b.command()}"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run benchmarks (GPU), write results JSON, update tables")
-    r.add_argument("--only", default="", help="comma list of benchmark ids (default: all)")
+    r.add_argument(
+        "--group",
+        default="all",
+        help=f"comma list of groups: all (= {','.join(ALL)}) or any of {','.join(GROUPS)}",
+    )
+    r.add_argument("--only", default="", help="comma list of benchmark ids (instead of --group)")
     r.add_argument("--repeat", type=int, default=None, help="runs per benchmark (override)")
     r.add_argument(
         "--timeout",
@@ -912,31 +447,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="seconds per run (override; figures printed before the limit are kept)",
     )
+    r.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole run: start no benchmark whose estimate no longer fits, "
+        "cut runs off at the end (figures printed before are kept)",
+    )
     t = sub.add_parser("tables", help="regenerate the tables from the results JSON")
     t.add_argument("--check", action="store_true", help="exit 1 if the tables are stale")
-    sub.add_parser("list", help="print the registry")
-    for p in (r, t):
+    ls = sub.add_parser("list", help="print the groups, benchmarks and GPU-time estimates")
+    for p in (r, t, ls):
         p.add_argument("--results", type=Path, default=RESULTS)
-        p.add_argument("--readme", type=Path, default=README)
+    for p in (r, t):
+        p.add_argument(
+            "--readme",
+            type=Path,
+            action="append",
+            help=f"file whose run_all blocks to regenerate (repeatable; default {README} "
+            f"and {TOP_README})",
+        )
     args = ap.parse_args(argv)
     if args.cmd == "list":
-        for b in REGISTRY:
-            print(f"{b.id:32s} x{b.repeat} {len(b.rows)} rows  {b.command()}")
+        print(list_groups(args.results))
         return 0
     if args.cmd == "run":
         ids = [i for i in args.only.split(",") if i]
         unknown = sorted(set(ids) - {b.id for b in REGISTRY})
         if unknown:
             ap.error(f"--only: unknown {unknown}; `run_all.py list` shows the ids")
-        for bench in REGISTRY:
-            if not ids or bench.id in ids:
-                print(f"== {bench.id}: {bench.command()}", flush=True)
-                record = run_bench(bench, args.results, args.repeat, args.timeout)
-                for err in record["errors"]:
-                    print(f"!! {bench.id}: {err}", file=sys.stderr)
-    changed = update_readme(args.readme, args.results, check=getattr(args, "check", False))
-    if getattr(args, "check", False) and changed:
-        print(f"{args.readme}: tables are stale; run `benchmarks/run_all.py tables`")
+        try:
+            benches = (
+                [b for b in REGISTRY if b.id in ids] if ids else in_groups(args.group.split(","))
+            )
+        except ValueError as err:
+            ap.error(f"--group: {err}")
+        run_benches(benches, args.results, args.repeat, args.timeout, args.budget)
+    check = getattr(args, "check", False)
+    stale = [
+        readme
+        for readme in args.readme or (README, TOP_README)
+        if update_readme(readme, args.results, check=check)
+    ]
+    if check and stale:
+        for readme in stale:
+            print(f"{readme}: tables are stale; run `benchmarks/run_all.py tables`")
         return 1
     return 0
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import _figures, run_all  # noqa: E402
+from benchmarks import _figures, registry, run_all  # noqa: E402
 from benchmarks.run_all import Bench, Goal, Row  # noqa: E402
 
 FIXTURE_README = """# Benchmarks
@@ -272,6 +272,107 @@ def test_commit_of_a_tree_copied_without_git(monkeypatch: pytest.MonkeyPatch) ->
     assert "| `77bb3b8c0f (tree state unknown)` |" in table
 
 
+def test_commit_env_wins_over_a_stale_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tree shipped with a stale .git (HEAD d23a60c for a copy of 6f6ad64): QSPARSE_COMMIT is
+    recorded, tree state unknown; when HEAD is that commit, git's dirty flag is kept."""
+    head = "d23a60c" + "0" * 33
+    answers = {
+        ("rev-parse", "--show-toplevel"): str(run_all.ROOT),
+        ("rev-parse", "HEAD"): head,
+        ("status", "--porcelain", "--untracked-files=no"): " M qsparse/nn/linear.py",
+    }
+    monkeypatch.setattr(run_all, "_git", lambda *args: answers.get(args))
+    monkeypatch.setenv("QSPARSE_COMMIT", "6f6ad64")
+    assert run_all.commit_state() == ("6f6ad64", None)
+    monkeypatch.setenv("QSPARSE_COMMIT", "D23A60C")  # the same commit, abbreviated
+    assert run_all.commit_state() == (head, True)
+    answers[("status", "--porcelain", "--untracked-files=no")] = (
+        " M benchmarks/results/x.json\n M benchmarks/README.md\n M README.md"
+    )
+    assert run_all.commit_state() == (head, False)  # only results and generated tables
+    monkeypatch.delenv("QSPARSE_COMMIT")
+    assert run_all.commit_state() == (head, False)
+
+
+@pytest.mark.parametrize(("count", "expected"), [(1, "NVIDIA H200"), (2, "2 x NVIDIA H200")])
+def test_device_names_the_gpu_count(
+    count: int, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert run_all.device_name() == expected
+    assert run_all.provenance()["device"] == expected
+
+
+def test_groups_fit_one_device_call_and_cover_the_registry() -> None:
+    """Every bench is in a known group; each group of ``all`` is estimated to fit one 600 s
+    device call; a setup step shared by several benches is counted once."""
+    assert {b.group for b in run_all.REGISTRY} <= set(registry.GROUPS)
+    assert set(registry.ALL) <= set(registry.GROUPS)
+    assert registry.in_groups(["all"]) == [b for b in run_all.REGISTRY if b.group in registry.ALL]
+    for group in registry.GROUPS:
+        benches = registry.in_groups([group])
+        assert benches, group
+        if group in registry.ALL:
+            assert registry.estimate(benches) <= 600, group
+    memory = [b for b in run_all.REGISTRY if b.setup]
+    assert len(memory) > 1
+    assert registry.estimate(memory) == sum(b.est_s for b in memory) + memory[0].setup_s
+    with pytest.raises(ValueError, match="unknown group"):
+        registry.in_groups(["nope"])
+
+
+def _quick_bench(tmp_path: Path, name: str, body: str, **kw) -> Bench:
+    script = tmp_path / f"{name}.py"
+    script.write_text("import time\nfrom benchmarks._figures import emit\n" + body)
+    return Bench(name, str(script), **kw)
+
+
+def test_budget_skips_what_no_longer_fits_and_cuts_the_last_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a budget: a bench whose estimate does not fit is not started (later ones that fit
+    still are), a run is cut off at the end of the budget keeping what it printed, and every
+    record carries its runs' wall times; the setup's estimate counts while it has not run."""
+    marker = tmp_path / "made"
+    fast = _quick_bench(tmp_path, "fast", "emit('fast.x', 2.0)\n", est_s=1)
+    huge = _quick_bench(tmp_path, "huge", "emit('huge.x', 1.0)\n", est_s=10_000)
+    setup = (str(marker), (str(tmp_path / "make.py"),))
+    (tmp_path / "make.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    needs_setup = _quick_bench(
+        tmp_path, "setup", "emit('setup.x', 3.0)\n", est_s=1, setup=(setup,), setup_s=3
+    )
+    slow = _quick_bench(tmp_path, "slow", "emit('slow.a', 1.5)\ntime.sleep(60)\n", est_s=1)
+    assert run_all.needed_s(needs_setup) == 4 and run_all.needed_s(fast, repeat=3) == 3
+    skipped = run_all.run_benches([fast, huge, needs_setup, slow], tmp_path / "r", budget_s=8)
+    assert skipped == ["huge"]
+    assert "huge: not started, needs about 10000 s" in capsys.readouterr().out
+    results = run_all.load_results(tmp_path / "r")
+    assert set(results) == {"fast", "setup", "slow"}
+    assert results["fast"]["figures"]["fast.x"]["value"] == 2.0
+    assert marker.exists() and results["setup"]["setup_s"] >= 0
+    assert run_all.needed_s(needs_setup) == 1  # the checkpoint exists now
+    slow_rec = results["slow"]
+    assert slow_rec["errors"][0].startswith("timed out after")
+    assert slow_rec["figures"]["slow.a"]["value"] == 1.5 and slow_rec["run_s"][0] < 30
+    assert all(len(r["run_s"]) == 1 for r in results.values())
+
+
+def test_top_readme_quotes_only_generated_rows_and_tables_are_current() -> None:
+    """README.md's speed figures come from its generated summary block (the rows marked
+    ``summary``), and `run_all.py tables --check` passes at HEAD for both READMEs."""
+    top = run_all.TOP_README.read_text()
+    assert run_all.tables_in(top) == [run_all.SUMMARY]
+    quoted = [r.summary for b in run_all.REGISTRY for r in b.rows if r.summary]
+    block = top.split("<!-- run_all:summary begin -->")[1].split("<!-- run_all:summary end")[0]
+    assert [row[0] for row in _rows(top, "summary")] == quoted and len(quoted) > 10
+    assert all(f"| {label} |" in block for label in quoted)
+    assert run_all.main(["tables", "--check"]) == 0
+
+
 @pytest.mark.parametrize("bench_id", ["train_step_overhead", "train_step_overhead_compiled"])
 def test_train_step_overhead_emits_every_key_its_rows_read(
     bench_id: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -317,7 +418,7 @@ def test_decode_modes_emits_every_key_its_rows_read(
     FIGURE keys, renamed back to each registered preset, cover the bench's rows."""
     from benchmarks import decode_modes
 
-    assert run_all._NEW_TOKENS == decode_modes.NEW_TOKENS  # the rows' token counts
+    assert registry._NEW_TOKENS == decode_modes.NEW_TOKENS  # the rows' token counts
     bench = next(b for b in run_all.REGISTRY if b.id == bench_id)
     args = list(bench.args)
     at = args.index("--presets") + 1
@@ -346,7 +447,7 @@ def test_sparse_gemv_7b_emits_every_key_its_rows_read(
     timing stubbed and the 7B shapes shrunk (same names), its FIGURE keys cover its rows."""
     from benchmarks import sparse_gemv_7b as sg7
 
-    assert run_all._SHAPES_7B == sg7.SHAPES  # the shapes the rows name
+    assert registry._SHAPES_7B == sg7.SHAPES  # the shapes the rows name
     bench = next(b for b in run_all.REGISTRY if b.id == "sparse_gemv_7b")
     times = iter(range(100, 1000))
     monkeypatch.setattr(sg7, "DEVICE", "cpu")

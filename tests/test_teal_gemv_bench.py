@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import _figures, run_all  # noqa: E402
+from benchmarks import _figures, registry, run_all  # noqa: E402
 from benchmarks import teal_gemv as tg  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def test_teal_gemv_emits_every_key_its_rows_read(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Timing stubbed, shapes shrunk (same names), on CPU: the keys cover the rows."""
-    assert run_all._SHAPES_7B == tg.SHAPES
+    assert registry._SHAPES_7B == tg.SHAPES
     bench = next(b for b in run_all.REGISTRY if b.id == "teal_gemv")
     times = iter(range(100, 1000))
     monkeypatch.setattr(tg, "SHAPES", {name: (64, 32) for name in tg.SHAPES})

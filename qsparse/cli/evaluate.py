@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from qsparse.dtypes import dtype_names
+from . import add_measure_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,13 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="local text file(s) or corpus name(s) for perplexity",
     )
-    p.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks (e.g. qsparse_local)")
-    p.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
-    p.add_argument("--seq-len", type=int, default=512, help="perplexity window (512)")
-    p.add_argument("--max-tokens", type=int, default=65536, help="perplexity tokens (65536)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="float32", choices=dtype_names(allow_auto=True))
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_measure_arguments(p)
     p.add_argument(
         "--sparsity",
         type=float,
