@@ -11,6 +11,9 @@ measures, on every ``--eval-text`` (whole sources the recipe neither trains nor 
 
 * ``dense``: the checkpoint as is;
 * ``free``: ``qsparse.sparsify`` top-k at each S, no training;
+* ``free_greedy``: top-k with per-site ratios from the greedy allocation
+  (``sparsity.allocation=greedy``, calibrated on the recipe's ``sparsity.calibration``
+  corpora) at each S of ``--free-greedy-sparsities``, no training;
 * ``distill``: ``--recipe`` (distillation) at each S of ``--sparsities``;
 * ``lm``: the same recipe with ``distill=none`` and the paper's continued-training settings
   (``optim.lr=5e-5``, polynomial decay; same steps, data and batch) at ``--lm-sparsities``.
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsities", type=float, nargs="*", default=[0.25, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--free-sparsities", type=float, nargs="*", default=None)
     p.add_argument("--lm-sparsities", type=float, nargs="*", default=[0.4, 0.5])
+    p.add_argument("--free-greedy-sparsities", type=float, nargs="*", default=[])
     p.add_argument("--lm-lr", type=float, default=5e-5, help="the paper's continued-training LR")
     p.add_argument(
         "--variant",
@@ -174,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     variants = dict(_parse_variant(v) for v in args.variant)
 
-    def measure(label: str, path: str, ratio: float | None = None) -> CompareRow:
+    def measure(
+        label: str, path: str, ratio: float | None = None, sparsity: dict | None = None
+    ) -> CompareRow:
         return measure_model(
             label,
             path,
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens,
             dtype=dtype,
             device=args.device,
+            sparsity=sparsity,
         )
 
     common = [f"model.path={args.base}", "logger=csv", *args.overrides]
@@ -258,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
 
+    # before the jobs start: their sparsity.allocation=greedy finds these tables in the cache
+    for s in args.free_greedy_sparsities:
+        if ("free_greedy", s) not in done:
+            table = _greedy_sparsity(args.recipe, [*common, f"sparsity.ratio={s}"], args)
+            add_row("free_greedy", s, measure(f"greedy S={s:g}", args.base, sparsity=table))
     if args.parallel > 1:
         while jobs and len(procs) < args.parallel:
             launch_next()
@@ -308,6 +320,28 @@ def _prepare_data(recipe: str, overrides: list[str]) -> None:
     spec = OmegaConf.to_container(cfg.data, resolve=True)
     dm = instantiate(dict(spec), _convert_="all")  # type: ignore[arg-type]
     dm.prepare_data()
+
+
+def _greedy_sparsity(recipe: str, overrides: list[str], args: argparse.Namespace) -> dict:
+    """The recipe's sparsity settings with ``allocation=greedy``, its per-site table
+    calibrated on the dense base (float32) as training does, and cached where the training
+    jobs look (:func:`qsparse.methods.allocation.allocate`): a SparsityConfig dict."""
+    from omegaconf import OmegaConf
+
+    from qsparse.evaluation.runner import load_for_eval
+    from qsparse.methods.allocation import allocate
+    from qsparse.nn import SparsityConfig
+
+    cfg = _compose(recipe, [*overrides, "sparsity.allocation=greedy"])
+    spec = OmegaConf.to_container(cfg.sparsity, resolve=True)
+    sparsity = SparsityConfig.from_dict(dict(spec))  # type: ignore[arg-type]
+    model, tokenizer = load_for_eval(
+        args.base, "float32", sparsity={**spec, "allocation": "uniform"}, device=args.device
+    )
+    table = allocate(model, sparsity, tokenizer, args.base).to_dict()
+    del model
+    gc.collect()
+    return table
 
 
 def _print_table(results: list[dict[str, Any]], texts: list[str], base: str) -> None:

@@ -252,24 +252,33 @@ def sparsify(
                     )
                 continue
             ref = getattr(parent, names[0]).weight
-            if site in ("qkv", "gate_up"):
+            shared = site in ("qkv", "gate_up")
+            metric = metric_name(f"{parent_name}.{site}" if shared else full[0])
+            if shared:
                 old = getattr(parent, "qsparse_input", None)
             else:
                 old = getattr(getattr(parent, names[0]), "act", None)
+            ratio = sparsity.ratio_for(site, metric)
             sp = _make_sparsifier(
                 old if isinstance(old, ActivationSparsifier) else None,
                 dim,
-                sparsity.ratio_for(site),
+                ratio,
                 sparsity,
                 quant,
                 f"{parent_name} ({site} site)",
                 ref.device,
                 ref.dtype,
             )
-            plans.append((site, parent, parent_name, names, full, sp))
+            plans.append((site, parent, parent_name, names, full, sp, ratio, metric))
+    unknown = sorted(set(sparsity.sites or {}) - {plan[-1] for plan in plans})
+    if unknown:
+        raise ValueError(
+            f"sparsity.sites names {unknown[0]!r}, not a site of this model (sites are named "
+            "like layers.0.self_attn.qkv, layers.0.mlp.down_proj)"
+        )
 
-    for site, parent, parent_name, names, full, sp in plans:
-        _set_ratio(sp, sparsity.ratio_for(site))
+    for site, parent, parent_name, names, full, sp, ratio, metric in plans:
+        _set_ratio(sp, ratio)
         shared = site in ("qkv", "gate_up")
         if shared:
             _install_shared_input(parent, sp)
@@ -278,7 +287,6 @@ def sparsify(
                 parent, n, _to_qsparse_linear(getattr(parent, n), None if shared else sp, quant)
             )
             report.converted.append(fname)
-        metric = metric_name(f"{parent_name}.{site}" if shared else full[0])
         report.sites[metric] = {
             "module": f"{parent_name}.qsparse_input" if shared else f"{full[0]}.act",
             "dim": sp.dim,

@@ -20,8 +20,8 @@ from qsparse.methods import (
     QSparse,
     greedy_allocation,
 )
+from qsparse.methods.allocation import layer_sites
 from qsparse.methods.calibration import calibration_batches
-from qsparse.methods.teal import _layer_sites
 from qsparse.nn import ActivationSparsifier
 
 TEXT = [
@@ -94,7 +94,7 @@ def test_teal_greedy_on_a_two_layer_model(tokenizer, batches) -> None:
     model = build_tiny_hf_model("llama")
     dense = model(batches[0]).logits
     result = TEAL(0.5, step=0.5, greedy_tokens=64).apply(model, tokenizer, batches)
-    layers = _layer_sites(model)
+    layers = layer_sites(model)
     assert len(layers) == 2
     # weight shares in units of d^2 (d=64, 2 of 4 heads for k/v, F=128): by hand
     assert layers[0][2] == {"qkv": 2.0, "o": 1.0, "gate_up": 4.0, "down": 2.0}

@@ -104,7 +104,7 @@ def test_recipe_composes_and_trains_two_steps(
     assert trained and not unchanged, f"two optimizer steps left {unchanged} unchanged"
     # every site zeroes at least the fraction it ran at (k = int((1 - S) d) kept per token);
     # its ratio is the configured one, or a fraction of it during a sparsity warm-up
-    sparsity = SparsityConfig.from_dict(OmegaConf.to_container(cfg.sparsity))
+    sparsity = SparsityConfig.from_dict(OmegaConf.to_container(cfg.sparsity, resolve=True))
     warmup = (cfg.callbacks or {}).get("sparsity_warmup") is not None
     measured = summary.get("sparsity_per_site", {})
     assert set(measured) == set(probe["ratios"])

@@ -133,12 +133,15 @@ def measure_model(
     method: SparsityMethod | None = None,
     tasks: Sequence[str] = (),
     limit: int | None = None,
+    sparsity: dict[str, Any] | None = None,
 ) -> CompareRow:
     """One row: the checkpoint at ``path`` (with training-free top-k at ``ratio`` when
-    given, or converted by ``method``, calibrating on ``method.calibration``) measured on every
+    given, or the :class:`~qsparse.nn.SparsityConfig` dict ``sparsity`` (a per-site table),
+    or converted by ``method``, calibrating on ``method.calibration``) measured on every
     ``docs[name]`` (documents of :func:`read_documents`) and, with ``tasks``, on those lm-eval
     tasks (``limit`` items each; :func:`~qsparse.evaluation.runner.run_lm_eval`)."""
-    sparsity = {"ratio": ratio, "pattern": "token_topk"} if ratio is not None else None
+    if sparsity is None and ratio is not None:
+        sparsity = {"ratio": ratio, "pattern": "token_topk"}
     model, tokenizer = load_for_eval(path, dtype, sparsity=sparsity, device=device)
     row = CompareRow(label, str(path), ratio if ratio is not None else _configured_ratio(model))
     applied = None

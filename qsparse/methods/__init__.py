@@ -18,6 +18,7 @@ Each is a :class:`SparsityMethod` (``method.apply(model, tokenizer)``) with its 
 has the formulas, the decisions and the measurements.
 """
 
+from .allocation import greedy_allocation, topk_site_ratios
 from .attribution import (
     AttributionSelection,
     attribution_mask,
@@ -38,7 +39,7 @@ from .calibration import MagnitudeHistogram, calibration_batches, collect_histog
 from .cats import CATS, GateThreshold
 from .prosparse import FATReLU, ProSparse, sine_schedule
 from .qsparse import QSparse
-from .teal import TEAL, greedy_allocation
+from .teal import TEAL
 
 __all__ = [
     "AttributionSelection",
@@ -64,6 +65,7 @@ __all__ = [
     "register",
     "restore_method",
     "sine_schedule",
+    "topk_site_ratios",
 ]
 
 # the MoE-based methods (d2dmoe, ssd) live in qsparse.moe; importing it registers them

@@ -5,7 +5,8 @@ input, the down input) computes ``x · 1[|x| > t]`` with a per-tensor threshold 
 calibration: ``t = icdf_|x|(s)``, the magnitude below which a fraction ``s`` of the site's
 calibration activations fall (:mod:`qsparse.methods.calibration`).
 
-Per-site sparsities ``s`` come from TEAL's greedy allocation, run per decoder layer on the
+Per-site sparsities ``s`` come from TEAL's greedy allocation
+(:mod:`qsparse.methods.allocation`), run per decoder layer on the
 layer's dense inputs (the reference's ``greedyopt.py``): start every site at 0; at each step
 try raising each site's sparsity by ``step / w_site`` (``w`` = the site's weight parameters in
 units of d², so each step removes the same number of weight reads) and keep the raise with the
@@ -42,87 +43,19 @@ from torch import nn
 
 from ..convert import sparsify
 from ..nn import ActivationSparsifier, SparsityConfig
-from ..nn.sites import decoder_layers, sparsifiers
+from ..nn.sites import sparsifiers
+from .allocation import block_error, greedy_allocation, layer_sites
 from .base import MethodResult, SparsityMethod, register
 from .calibration import (
     MagnitudeHistogram,
     calibration_batches,
     capture_layer_inputs,
     collect_histograms,
-    layer_output,
     sequential_thresholds,
     set_threshold,
 )
 
-SITE_NAMES = ("qkv", "o", "gate_up", "down")
-
-
-def greedy_allocation(
-    error: Callable[[dict[str, float]], float],
-    weights: dict[str, float],
-    target: float,
-    step: float = 0.05,
-    max_sparsity: float = 0.99,
-) -> tuple[dict[str, float], list[tuple[str, float]]]:
-    """TEAL's greedy per-block allocation (module docstring).
-
-    Args:
-        error: block output error for a dict site -> sparsity.
-        weights: site -> weight share ``w`` (any unit; steps are ``step / w``).
-        target: the weighted sparsity ``Σ s·w / Σ w`` to reach.
-
-    Returns:
-        the final site -> sparsity and the trajectory ``[(site raised, error), ...]``.
-    """
-    if not 0.0 <= target <= max_sparsity:
-        raise ValueError(f"target sparsity {target} must be in [0, {max_sparsity}]")
-    total_w = sum(weights.values())
-    s = {k: 0.0 for k in weights}
-    history: list[tuple[str, float]] = []
-
-    def weighted(x: dict[str, float]) -> float:
-        return sum(x[k] * weights[k] for k in x) / total_w
-
-    while weighted(s) < target - 1e-9:
-        missing = (target - weighted(s)) * total_w  # weighted sparsity still to place
-        best: tuple[float, str, float] | None = None
-        for site, w in weights.items():
-            inc = min(step / w, missing / w, max_sparsity - s[site])
-            if inc <= 1e-12:
-                continue
-            err = float(error({**s, site: s[site] + inc}))
-            if best is None or err < best[0]:
-                best = (err, site, inc)
-        if best is None:  # every site at max_sparsity
-            break
-        err, site, inc = best
-        s[site] += inc
-        history.append((site, err))
-    return s, history
-
-
-def _layer_sites(
-    model: nn.Module,
-) -> list[tuple[nn.Module, dict[str, ActivationSparsifier], dict[str, float], str]]:
-    """Per decoder layer: (layer module, site -> sparsifier, site -> weight share in d², prefix)."""
-    out = []
-    for prefix, attn, mlp in decoder_layers(model):
-        d = attn.q_proj.in_features
-        sites = {
-            "qkv": attn.qsparse_input,
-            "o": attn.o_proj.act,
-            "gate_up": mlp.qsparse_input,
-            "down": mlp.down_proj.act,
-        }
-        numel = {
-            "qkv": sum(getattr(attn, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj")),
-            "o": attn.o_proj.weight.numel(),
-            "gate_up": mlp.gate_proj.weight.numel() + mlp.up_proj.weight.numel(),
-            "down": mlp.down_proj.weight.numel(),
-        }
-        layer = model.get_submodule(prefix) if prefix else model
-        out.append((layer, sites, {k: v / d**2 for k, v in numel.items()}, prefix))
-    return out
+__all__ = ["TEAL", "greedy_allocation"]
 
 
 @register
@@ -187,7 +120,7 @@ class TEAL(SparsityMethod):
             sp.threshold.zero_()
         hists = collect_histograms(model, named, batches)
         by_id = {id(sp): name for name, sp in named.items()}
-        layers = _layer_sites(model)
+        layers = layer_sites(model)
         allocation: dict[str, float] = {}
         if self.greedy and self.sparsity > 0:
             greedy_batches = _take_tokens(batches, self.greedy_tokens)
@@ -246,29 +179,14 @@ class TEAL(SparsityMethod):
         hists: dict[str, MagnitudeHistogram],
         inputs: list[tuple[tuple, dict]],
     ) -> Callable[[dict[str, float]], float]:
-        """``s -> mean_tokens ||layer(x; s) - layer(x; 0)||₂`` on the last ``error_fraction``
-        of every captured sequence."""
-        for sp in sites.values():
-            sp.threshold.zero_()
-        with torch.no_grad():
-            dense = [layer_output(layer(*a, **k)) for a, k in inputs]
+        """:func:`~qsparse.methods.allocation.block_error` with each site thresholded at
+        its histogram's ``icdf(s)`` (``icdf(0) = 0``: dense)."""
 
-        @torch.no_grad()
-        def error(s: dict[str, float]) -> float:
+        def apply(s: dict[str, float]) -> None:
             for site, sp in sites.items():
                 sp.threshold.fill_(hists[site].icdf(s[site]))
-            total, count = 0.0, 0
-            for (a, k), ref in zip(inputs, dense, strict=True):
-                out = layer_output(layer(*a, **k))
-                t = out.shape[-2]
-                start = int(t * (1 - self.error_fraction))
-                diff = (out[..., start:, :] - ref[..., start:, :]).float()
-                norms = diff.norm(dim=-1)
-                total += float(norms.sum())
-                count += norms.numel()
-            return total / max(count, 1)
 
-        return error
+        return block_error(layer, sites, apply, inputs, self.error_fraction)
 
 
 def _take_tokens(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:

@@ -7,10 +7,11 @@ kept per token (or per block).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PATTERNS = ("none", "token_topk", "block_topk", "threshold")
+ALLOCATIONS = ("uniform", "greedy")
 WEIGHT_QUANT = ("none", "ternary")
 SITES = ("qkv", "o", "gate_up", "down")
 
@@ -34,6 +35,19 @@ class SparsityConfig:
         qkv, o, gate_up, down: per-site overrides of ``ratio`` (``None`` = use ``ratio``):
             the shared q/k/v input, the o_proj input, the shared gate/up input and the
             down_proj input (act(gate)*up).
+        sites: per-site ratio table, site metric name (``layers.3.mlp.gate_up``,
+            :func:`qsparse.nn.sites.sparsifiers`) -> S; a listed site takes its value, the
+            others ``ratio_for`` their kind. Exports record it, so a loaded model gets it back.
+        allocation: how training fills ``sites``: ``"uniform"`` (leave it as given) or
+            ``"greedy"``: when ``sites`` is empty, before the first step, TEAL's greedy
+            per-layer allocation with top-k at each site
+            (:func:`qsparse.methods.allocation.topk_site_ratios`) at the same activated
+            parameters as every site at ``ratio``, calibrated on
+            ``calibration_tokens`` tokens of the ``calibration`` corpora (names or files,
+            :func:`qsparse.data.read_documents`: the training corpora, never the evaluation
+            text), in steps of ``allocation_step`` (TEAL's 0.05; in d² units of weight, so
+            a site of weight share ``w`` moves ``step / w``). :func:`qsparse.sparsify` itself
+            applies ``sites`` and ignores these four.
     """
 
     ratio: float = 0.0
@@ -45,6 +59,11 @@ class SparsityConfig:
     o: float | None = None
     gate_up: float | None = None
     down: float | None = None
+    sites: dict[str, float] = field(default_factory=dict)
+    allocation: str = "uniform"
+    calibration: list[str] = field(default_factory=lambda: ["wiki_en"])
+    calibration_tokens: int = 4096
+    allocation_step: float = 0.05
 
     def __post_init__(self) -> None:
         self.validate()
@@ -70,26 +89,80 @@ class SparsityConfig:
             raise ValueError(f"sparsity.block_size must be an int, got {self.block_size!r}")
         if self.block_size < 1:
             raise ValueError(f"sparsity.block_size={self.block_size} must be >= 1")
+        self._validate_allocation()
 
-    def ratio_for(self, site: str) -> float:
-        """The sparsity ratio of one site (``qkv``, ``o``, ``gate_up``, ``down``)."""
+    def _validate_allocation(self) -> None:
+        for name, value in (self.sites or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"sparsity.sites.{name} must be a number in [0, 1), got {value!r}")
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"sparsity.sites.{name}={value} is outside [0, 1)")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"sparsity.allocation={self.allocation!r} is not supported; use one of "
+                f"{ALLOCATIONS}"
+            )
+        overrides = [k for k in SITES if getattr(self, k) is not None]
+        if self.allocation == "greedy" and overrides:
+            raise ValueError(
+                "sparsity.allocation=greedy computes the per-site ratios itself; drop "
+                f"sparsity.{overrides[0]} (or set sparsity.allocation=uniform)"
+            )
+        if self.allocation == "greedy" and self.pattern != "token_topk":
+            raise ValueError(
+                f"sparsity.allocation=greedy needs sparsity.pattern=token_topk, not "
+                f"{self.pattern!r} (sparsity=topk)"
+            )
+        if isinstance(self.calibration, str) or not all(
+            isinstance(c, str) and c for c in self.calibration
+        ):
+            raise ValueError(
+                f"sparsity.calibration must be a list of corpus names or files, e.g. "
+                f"[wiki_en], got {self.calibration!r}"
+            )
+        if self.allocation == "greedy" and not self.calibration:
+            raise ValueError(
+                "sparsity.allocation=greedy needs sparsity.calibration: the training corpora, "
+                "e.g. [wiki_en]"
+            )
+        tokens = self.calibration_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 64:
+            raise ValueError(f"sparsity.calibration_tokens={tokens!r} must be an integer >= 64")
+        step = self.allocation_step
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
+            raise ValueError(f"sparsity.allocation_step={step!r} must be in (0, 1] (TEAL: 0.05)")
+
+    def ratio_for(self, site: str, name: str | None = None) -> float:
+        """The sparsity ratio of one site kind (``qkv``, ``o``, ``gate_up``, ``down``); with
+        the site's metric ``name``, its entry in ``sites`` when there is one."""
         if site not in SITES:
             raise ValueError(f"unknown sparsity site {site!r}; sites are {SITES}")
         if self.pattern == "none":
             return 0.0
+        if self.sites and name in self.sites:
+            return float(self.sites[name])
         override = getattr(self, site)
         return float(self.ratio if override is None else override)
 
     @property
     def enabled(self) -> bool:
-        return self.pattern != "none" and any(self.ratio_for(s) > 0 for s in SITES)
+        table = any(v > 0 for v in (self.sites or {}).values())
+        return self.pattern != "none" and (table or any(self.ratio_for(s) > 0 for s in SITES))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["calibration"] = list(self.calibration)
+        out["sites"] = dict(self.sites)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparsityConfig:
-        return cls(**_known(cls, data, "sparsity"))
+        data = _known(cls, data, "sparsity")
+        if isinstance(data.get("calibration"), (list, tuple)):  # a ListConfig from Hydra too
+            data["calibration"] = [str(c) for c in data["calibration"]]
+        if "sites" in data:  # a mapping (a DictConfig from Hydra) or null: no table
+            data["sites"] = {str(k): v for k, v in dict(data["sites"] or {}).items()}
+        return cls(**data)
 
 
 @dataclass

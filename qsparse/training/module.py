@@ -18,6 +18,7 @@ mean over the whole validation set and all ranks), ``val/ppl = exp(val/loss)``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from qsparse.nn.sites import dynamic_sparsity
 
 from .distill import DistillConfig
 from .optim import no_decay_names, param_groups, total_grad_norm
+from .site_allocation import allocate_at_build
 from .teacher_store import make_teacher
 
 
@@ -204,13 +206,21 @@ class LMModule(L.LightningModule):
         # zeros the activation function makes by itself (a dense ReLU² model's natural sparsity)
         dense = sparsity.pattern == "none"
         if not dense or self._quant.enabled or activation != "keep" or self._method is not None:
-            self.sparsify_report = qsparse.sparsify(
+            convert = functools.partial(
+                qsparse.sparsify,
                 model,
-                sparsity=sparsity,
                 quant=self._quant if self._quant.enabled else None,
                 activation=activation,
                 modules_to_not_convert=tuple(self.hparams["modules_to_not_convert"]),
             )
+            self.sparsify_report = convert(sparsity=sparsity)
+            if sparsity.allocation == "greedy" and not sparsity.sites:
+                sparsity = allocate_at_build(
+                    model, sparsity, self._trainer, self.hparams["model"].get("path"),
+                    with_method=self._method is not None,
+                )  # fmt: skip
+                self._sparsity, self.hparams["sparsity"] = sparsity, sparsity.to_dict()
+                self.sparsify_report = convert(sparsity=sparsity)
         if self._method is not None:
             self._method.on_model_configured(model)
         # weight decay is decided by name on the unwrapped model (FSDP1 flattens parameters)

@@ -1,0 +1,64 @@
+"""``sparsity.allocation=greedy`` at model build: the per-site top-k table for a training run.
+
+:class:`~qsparse.training.module.LMModule` calls :func:`allocate_at_build` in
+``configure_model`` when the table is empty, with the weights just built (the same on every
+rank: same weights, same text, so every rank computes the same table). The search itself is
+:func:`qsparse.methods.allocation.allocate` (TEAL's greedy at uniform S's activated
+parameters, calibrated on ``sparsity.calibration``); this module only checks that the run can
+calibrate, finds the tokenizer, and reports the result. The module keeps the table in its
+hyperparameters, so a resumed run or a checkpoint loads it instead of calibrating again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from torch import nn
+
+from qsparse.nn import SparsityConfig
+
+from .console import say
+
+
+def allocate_at_build(
+    model: nn.Module,
+    sparsity: SparsityConfig,
+    trainer: Any,
+    model_path: str | None,
+    with_method: bool,
+) -> SparsityConfig:
+    """``sparsity`` with ``sites`` filled for ``model`` (already sparsified with top-k).
+
+    ``trainer``: the Lightning trainer (``None`` for a build outside fit, e.g. the meta build
+    of the config check, which returns ``sparsity`` unchanged); ``model_path``: the dense
+    checkpoint folder (tokenizer fallback and table cache key); ``with_method``: a ``method=``
+    is set (refused: methods choose their own sites)."""
+    from qsparse.methods.allocation import allocate, check_calibration
+
+    check_calibration(sparsity.calibration)
+    if with_method:
+        raise ValueError("sparsity.allocation=greedy cannot be combined with method=")
+    if next(model.parameters()).is_meta:
+        if trainer is None:  # check_config's meta build: nothing to calibrate
+            return sparsity
+        raise ValueError(
+            "sparsity.allocation=greedy needs the weights when the model is built; this "
+            "strategy builds it on the meta device (trainer=fsdp): set sparsity.sites"
+        )
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    tokenizer = getattr(dm, "tokenizer", None) or model_path
+    if tokenizer is None:
+        raise ValueError(
+            "sparsity.allocation=greedy needs a tokenizer for sparsity.calibration: "
+            "a datamodule with one, or a model.path checkpoint"
+        )
+    start = time.perf_counter()
+    out = allocate(model, sparsity, tokenizer, model_path)
+    ratios = out.sites.values()
+    say(
+        f"sparsity.allocation=greedy: {len(ratios)} site ratios in "
+        f"{min(ratios):.3f}..{max(ratios):.3f} at S={sparsity.ratio:g} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+    return out
