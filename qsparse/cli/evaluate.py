@@ -29,6 +29,18 @@ from pathlib import Path
 from qsparse.dtypes import dtype_names
 
 
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    """``--compare CHECKPOINT ...`` and ``--labels``: checkpoints (e.g. continued-trained
+    ``RUN/hf`` exports) measured as saved, one row each (``qsparse-eval``, ``qsparse-compare``)."""
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        help="trained checkpoint folders measured as saved beside PATH, one row each",
+    )
+    p.add_argument("--labels", nargs="+", default=None, help="row labels of --compare")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qsparse-eval",
@@ -56,13 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply top-k with this ratio on top of the checkpoint (training-free); several "
         "ratios give one comparison row each",
     )
-    p.add_argument(
-        "--compare",
-        nargs="+",
-        default=[],
-        help="trained checkpoint folders measured beside PATH (comparison table)",
-    )
-    p.add_argument("--labels", nargs="+", default=None, help="row labels of --compare")
+    add_compare_arguments(p)
     p.add_argument(
         "--activation", default=None, choices=("keep", "relu2", "silu"), help="with --sparsity"
     )
