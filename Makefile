@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-gpu bench-gpu bench-tables lint demo sweep-demo clean
+.PHONY: install test test-slow test-gpu bench-gpu bench-tables gpu-wheels lint demo sweep-demo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -63,6 +63,15 @@ demo: $(STAMP)
 sweep-demo: $(STAMP)
 	-$(BIN)/qsparse-train recipe=scaling/cpu_demo
 	$(BIN)/qsparse-report multirun/scaling_cpu_demo
+
+# .whl/: the packages a CUDA machine with torch, lightning and transformers but no network
+# lacks (Hydra, OmegaConf, the joblib launcher, datasets), as wheels for Python 3.12; install
+# there with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl`
+GPU_WHEELS = hydra-core==1.3.8 omegaconf==2.3.0 hydra-joblib-launcher==1.2.0 joblib==1.6.0 \
+	datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl $(GPU_WHEELS)
+	$(BIN)/pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
 
 clean:
 	rm -rf $(VENV) outputs multirun .cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 from collections.abc import Callable
 
@@ -24,6 +25,25 @@ def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> flo
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def kernel_times(fn: Callable[[], object], reps: int = 20) -> dict[str, float]:
+    """Mean device microseconds per call of every kernel ``fn`` launches (by kernel name, cut
+    to 60 characters), from the CUDA profiler after three warm-up calls (L2-warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    tot: dict[str, float] = collections.defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            tot[ev.name[:60]] += ev.device_time / reps
+    return dict(tot)
 
 
 def time_graph(calls: list[Callable[[], object]], reps: int = 4, replays: int = 20) -> float:

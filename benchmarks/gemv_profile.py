@@ -6,30 +6,12 @@
 
 from __future__ import annotations
 
-import collections
-
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from benchmarks._figures import emit, slug
+from benchmarks._timing import kernel_times
 from qsparse.kernels import gemv as G
-
-
-def kernel_times(fn, reps: int = 20) -> dict[str, float]:
-    """Mean device microseconds per call of every kernel ``fn`` launches."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    tot: dict[str, float] = collections.defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            tot[ev.name[:60]] += ev.device_time / reps
-    return dict(tot)
 
 
 def main() -> None:

@@ -16,17 +16,15 @@
 
 from __future__ import annotations
 
-import collections
 import sys
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.profiler import ProfilerActivity, profile
 
 from benchmarks._figures import emit, slug
-from benchmarks._timing import time_graph
+from benchmarks._timing import kernel_times, time_graph
 from qsparse.kernels import gemv as G
 from qsparse.kernels._gemv_triton import _abs_key, _threshold_radix
 
@@ -177,18 +175,7 @@ def _selection_exponent_first(
 
 def kernel_us(fn, reps: int = 50) -> float:
     """Mean device microseconds per call of the kernels ``fn`` launches (L2-warm)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    tot: dict[str, float] = collections.defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            tot[ev.name] += ev.device_time / reps
-    return sum(tot.values())
+    return sum(kernel_times(fn, reps).values())
 
 
 def _selection_rows(kin: int) -> None:

@@ -437,15 +437,53 @@ REGISTRY: list[Bench] = [
                     for p in _SHAPES_7B
                 ),
             ),
-            Row(
-                "decode",
-                "carried GEMV launch shapes, us: o split 4 x block_k 128 / split 8 x 64; down "
-                "the same two (fastest of split 1-8 x block_k 64/128)",
-                " / ".join(
-                    f"{{{_S7}.{p}_b1_S0.6.carry_sweep.{c}_us|.1f}}"
-                    for p in ("o", "down")
-                    for c in ("s4_k128", "s8_k64")
-                ),
+            *(
+                Row(
+                    "decode",
+                    f"7B input sites with their producer, batch {b}, S=0.6 (RMSNorm -> q|k|v, "
+                    "RMSNorm -> gate|up, act(g)*u -> down): the selection kernel computing the "
+                    "producer itself, carried threshold, then "
+                    + ("the list GEMV" if b == 1 else "one cuBLAS GEMM")
+                    + ", vs the torch producer + cuBLAS: qkv; gate_up; down",
+                    "; ".join(
+                        f"{{{_S7}.{p}_b{b}_S0.6.site_fused|.2f}}x "
+                        f"({{{_S7}.{p}_b{b}_S0.6.site_fused_us|.1f}} vs "
+                        f"{{{_S7}.{p}_b{b}_S0.6.site_dense_us|.1f}} us)"
+                        for p in ("qkv", "gate_up", "down")
+                    ),
+                )
+                for b in (1, 2, 4, 8)
+            ),
+            *(
+                Row(
+                    "decode",
+                    f"7B shapes, batch {b}: ternary 2-bit GEMV with int8 activations (BitNet "
+                    "b1.58), dp4a kernel with one program per column block (the default) / int8 "
+                    "tensor-core kernel (opt-in); then with top-k S=0.6 (BitNet+Q-Sparse) the same two, vs "
+                    "cuBLAS bf16: qkv; o; gate_up; down",
+                    "; ".join(
+                        f"{{{_S7}.{p}_b{b}_S0.6.ternary_dp4a|.2f}}x / "
+                        f"{{{_S7}.{p}_b{b}_S0.6.ternary_dot|.2f}}x, "
+                        f"{{{_S7}.{p}_b{b}_S0.6.ternary_dp4a_topk|.2f}}x / "
+                        f"{{{_S7}.{p}_b{b}_S0.6.ternary_dot_topk|.2f}}x"
+                        for p in _SHAPES_7B
+                    ),
+                )
+                for b in (2, 4, 8)
+            ),
+            *(
+                Row(
+                    "decode",
+                    f"same, batch {b}, dp4a with the words split over programs on narrow "
+                    "outputs (`ternary_split_config`, opt-in: o 2, down 4 programs per column "
+                    "block), dense / top-k: o; down",
+                    "; ".join(
+                        f"{{{_S7}.{p}_b{b}_S0.6.ternary_split|.2f}}x / "
+                        f"{{{_S7}.{p}_b{b}_S0.6.ternary_split_topk|.2f}}x"
+                        for p in ("o", "down")
+                    ),
+                )
+                for b in (2, 4, 8)
             ),
             *(
                 Row(

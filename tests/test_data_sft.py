@@ -7,15 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHATML
 
 from qsparse.data import IGNORE_INDEX, SFTDataModule, resolve_corpus, sft_corpus_file
 from qsparse.data.sft_synth import first_sentence, split_verse
 from qsparse.data.tokenizer import train_bpe_tokenizer
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 # a template whose end-of-turn marker is the EOS token itself
 EOS_TURNS = (
     "{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}<|endoftext|>\n"

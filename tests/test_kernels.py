@@ -426,3 +426,59 @@ def test_sparse_gemv_default_config_fits_the_panel_width(monkeypatch):
     for layout, width in ((96, 32), (64, 32), (16, 16), (None, 32)):
         G.sparse_gemv(x, G.prepare_dense(torch.randn(72, 80), layout), 30, n_out=72)
         assert seen[-1].block_n == width
+
+
+PRODUCER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from qsparse.kernels import gemv as G
+    from qsparse.nn.topk import topk_mask
+
+    torch.manual_seed(0)
+    K, k = 300, 120
+    for dtype in (torch.bfloat16, torch.float32):
+        for kind in ("rmsnorm", "relu2_glu", "silu_glu"):
+            w = (torch.rand(K) + 0.5).to(dtype) if kind == "rmsnorm" else None
+            prod = G.Producer(kind, w, 1e-6)
+            hint = G.new_hint(4)
+            for step in range(2):  # the second call starts from the carried thresholds
+                x = torch.randn(3, prod.width(K)) * (1 + 0.1 * step)
+                x[:, :40] = x[:, 5:6]  # ties at the threshold
+                x = x.to(dtype)
+                v = prod.reference(x)
+                got = G.masked_topk(x, k, hint, producer=prod)
+                assert ((got != 0).sum(1) == k).all()
+                if dtype == torch.float32 and kind != "relu2_glu":  # sum order, exp: last ulps
+                    torch.testing.assert_close(got, v * (got != 0), rtol=1e-6, atol=1e-6)
+                else:  # each step rounded as the torch modules round it: the same values
+                    assert torch.equal(got, v * topk_mask(v, k)), (dtype, kind)
+                wd = torch.randn(72, K, dtype=dtype)
+                y = G.sparse_gemv(x[:1], G.prepare_dense(wd), k, n_out=72, hint=hint, producer=prod)
+                r = G.sparse_gemv_reference(v[:1], G.prepare_dense(wd, None, align=1), k)
+                torch.testing.assert_close(y.float(), r.float(), rtol=2e-2, atol=2e-2)
+    # ternary, batch 2-16, split over the words and on int8 tensor cores: the same sums
+    for bsz, kin, n in ((2, 200, 96), (5, 520, 130)):
+        packed = G.pack_ternary(torch.randint(-1, 2, (n, kin), dtype=torch.int8))
+        x = torch.randn(bsz, kin)
+        for k in (None, 90):
+            dp4a = G.ternary_gemv(x, packed, 0.7, k, 8, cfg=G.TERNARY_BATCH_CONFIG)
+            ref = G.ternary_gemv_reference(x, packed, 0.7, k, 8)
+            for split in (1, 3):
+                for dot in (True, False):  # tensor cores / dp4a, words split over programs
+                    cfg = G.GemvConfig(block_k=2, block_n=32, split=split, use_dot=dot)
+                    y = G.ternary_gemv(x, packed, 0.7, k, 8, cfg=cfg)
+                    if split == 1:
+                        assert torch.equal(y, dp4a)
+                    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    print("PRODUCER OK")
+    """
+)
+
+
+@needs_triton
+def test_fused_producers_and_ternary_mma_match_references_in_the_triton_interpreter():
+    """Selection kernels that compute their input (RMSNorm, ReLU^2/SiLU GLU) keep the top-k
+    of the reference's values; the tensor-core ternary GEMV equals the dp4a one (~20 s)."""
+    from conftest import run_interpreted
+
+    assert "PRODUCER OK" in run_interpreted(PRODUCER_SCRIPT, timeout=300)

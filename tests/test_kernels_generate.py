@@ -67,7 +67,7 @@ def test_engine_gqa_and_rerun_same_shape():
 
 def test_fused_view_without_kernels_matches_the_model():
     # the view the kernels run in (fused q|k|v and gate|up sites), here on reference projections
-    from qsparse.generate import decoder_view
+    from qsparse.decode_view import decoder_view
 
     for mode in MODES:
         model = convert(tiny(), mode, sparsity=0.5)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from conftest import compose_train
 
 import qsparse
 from qsparse.errors import UserError
@@ -27,11 +27,6 @@ TWO_STEPS = [
     "callbacks.checkpoint.every_n_train_steps=2",
     "logger=csv",
 ]
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def _module(path: Path, **kwargs) -> LMModule:
@@ -92,7 +87,7 @@ def test_training_free_method_is_refused_before_anything_is_written(
 ) -> None:
     run_dir = tmp_path / "run"
     for name in ("teal", "cats"):
-        cfg = _compose(
+        cfg = compose_train(
             [
                 "recipe=continue/tiny",
                 f"model.path={tiny_hf_checkpoint('llama')}",
@@ -102,7 +97,7 @@ def test_training_free_method_is_refused_before_anything_is_written(
         )
         with pytest.raises(UserError, match=f"method={name} is training-free"):
             check_config(cfg)
-    cfg = _compose(
+    cfg = compose_train(
         ["recipe=continue/prosparse_tiny", f"model.path={tiny_hf_checkpoint('llama')}"]
         + ["sparsity=topk", f"run_dir={run_dir}"]
     )
@@ -115,7 +110,7 @@ def test_prosparse_recipe_logs_lambda_and_exports_fatrelu(
     tiny_hf_checkpoint, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    cfg = _compose(
+    cfg = compose_train(
         [
             "recipe=continue/prosparse_tiny",
             f"model.path={tiny_hf_checkpoint('llama')}",

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from conftest import compose_train
 from omegaconf import OmegaConf
 
 import qsparse.training.config  # noqa: F401  (registers the schema and resolver)
@@ -47,11 +47,6 @@ SHRINK = [  # paper-size shapes -> a tiny model of the same family
 ]
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
 @pytest.fixture(scope="module")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("qsparse_cache")
@@ -71,7 +66,7 @@ def test_recipe_list_is_complete() -> None:
 def test_recipe_composes_and_trains_two_steps(
     recipe: str, tmp_path: Path, data_cache: Path, tiny_hf_checkpoint
 ) -> None:
-    raw = _compose([f"recipe={recipe}"])
+    raw = compose_train([f"recipe={recipe}"])
     overrides = [f"recipe={recipe}", *TWO_STEPS, f"run_dir={tmp_path / 'run'}"]
     model_target = raw.model.get("_target_", "")
     if model_target.endswith("hf_model"):
@@ -97,7 +92,7 @@ def test_recipe_composes_and_trains_two_steps(
     probe_dir = tmp_path / "probe"
     overrides += ["+callbacks.probe._target_=train_probe.RankProbe"]
     overrides += [f"+callbacks.probe.out_dir={probe_dir}"]
-    cfg = _compose(overrides)
+    cfg = compose_train(overrides)
     summary = train(cfg)
     assert summary["step"] == 2
     assert summary["val_loss"] > 0
@@ -137,7 +132,7 @@ def test_tiny_from_scratch_recipes_beat_unigram_entropy(tmp_path: Path) -> None:
     results = {}
     for recipe in FROM_SCRATCH_TINY:
         name = recipe.split("/")[1]
-        cfg = _compose(
+        cfg = compose_train(
             [
                 f"recipe={recipe}",
                 f"run_dir={tmp_path / name}",
@@ -158,17 +153,19 @@ def test_paper_recipes_demand_local_data_files(recipe):
     silently falling back to the bundled corpus."""
     from qsparse.training.config import validate_config
 
-    cfg = _compose([f"recipe={recipe}", "model.path=/models/x"])
+    cfg = compose_train([f"recipe={recipe}", "model.path=/models/x"])
     with pytest.raises(Exception, match=r"data\.data_files is required"):
         validate_config(cfg)
-    cfg = _compose([f"recipe={recipe}", "model.path=/models/x", "data.data_files=/data/a.parquet"])
+    cfg = compose_train(
+        [f"recipe={recipe}", "model.path=/models/x", "data.data_files=/data/a.parquet"]
+    )
     assert cfg.data.data_files == "/data/a.parquet" and cfg.data.corpus is None
 
 
 def test_missing_checkpoint_path_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
     from qsparse.training.config import ConfigError
 
-    cfg = _compose(["recipe=continue/tiny", f"run_dir={tmp_path}"])
+    cfg = compose_train(["recipe=continue/tiny", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"model\.path is required"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from conftest import compose_train
 from omegaconf import OmegaConf
 
 import qsparse.training.config  # noqa: F401  (registers the schema and resolvers)
@@ -22,14 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ["scaling/cpu_demo", "scaling/gpu_h200"]
 
 
-def _compose(overrides: list[str], hydra: bool = False):
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=hydra)
-
-
 @pytest.mark.parametrize("recipe", GRIDS)
 def test_grid_recipe_is_a_size_sparsity_precision_multirun(recipe: str) -> None:
-    cfg = _compose([f"recipe={recipe}"], hydra=True)
+    cfg = compose_train([f"recipe={recipe}"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     assert list(params) == ["model.hidden_size", "sparsity.ratio", "quant"]
@@ -42,7 +37,7 @@ def test_grid_recipe_is_a_size_sparsity_precision_multirun(recipe: str) -> None:
     )  # every size at one point, every (S, precision) at one size
     points = [(n, ratios[0], quants[0]) for n in sizes[1:]]
     for size, ratio, quant in points + list(itertools.product(sizes[:1], ratios, quants)):
-        point = _compose(
+        point = compose_train(
             [
                 f"recipe={recipe}",
                 f"model.hidden_size={size}",
@@ -58,14 +53,35 @@ def test_grid_recipe_is_a_size_sparsity_precision_multirun(recipe: str) -> None:
     assert lrs["bitnet"] > lrs["none"]  # BitNet b1.58 trains with a larger LR
 
 
-def _train_sweep(args: list[str], cwd: Path) -> None:
-    """``python -m qsparse.cli.train ARGS`` (a multirun recipe) in ``cwd``; fails on an error."""
+def _train_sweep(args: list[str], cwd: Path) -> str:
+    """``python -m qsparse.cli.train ARGS`` (a multirun recipe) in ``cwd``; fails on an error;
+    returns its stdout and stderr."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     res = subprocess.run(
         [sys.executable, "-m", "qsparse.cli.train", *args, f"data.cache_dir={cwd / 'cache'}"],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def test_grid_jobs_run_in_parallel_processes_with_the_joblib_launcher(tmp_path: Path) -> None:
+    """The GPU grid's launcher (Hydra's joblib plugin, separate processes) on CPU: two jobs of
+    a shrunk grid run in two worker processes, each writes its summary, the report reads
+    both; the GPU recipe asks for it with 8 workers."""
+    cfg = compose_train(["recipe=scaling/gpu_h200"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert cfg.hydra.launcher.n_jobs == 8
+    log = _train_sweep(["recipe=scaling/cpu_demo", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                  "quant=none", "model.hidden_size=64", "sparsity.ratio=0.0,0.5",
+                  "trainer.max_steps=2", "trainer.val_check_interval=2",
+                  "data.max_documents=200", "logger=csv"], tmp_path)  # fmt: skip
+    from qsparse.analysis.sweep import read_sweep
+
+    assert "Joblib.Parallel(n_jobs=2" in log
+    sweep = read_sweep(tmp_path / "multirun" / "scaling_cpu_demo")
+    assert [j.status for j in sweep.jobs] == ["ok", "ok"]
+    assert sweep.jobs[0].summary["sparsity_overall"] < sweep.jobs[1].summary["sparsity_overall"]
 
 
 @pytest.mark.slow

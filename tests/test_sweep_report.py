@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from qsparse.analysis import ScalingLaw, bootstrap_scaling_law, fit_scaling_law
-from qsparse.analysis.report import PAPER_S_STAR, make_report, parse_params
+from qsparse.analysis.precision_fit import PAPER_S_STAR, parse_params
+from qsparse.analysis.report import make_report
 from qsparse.analysis.sweep import expected_jobs, read_sweep
 from qsparse.cli.report import main as report_main
 

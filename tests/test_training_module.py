@@ -203,3 +203,28 @@ def test_sparsity_monitor_measures_each_step_once_under_gradient_accumulation(
     per_micro_batch = 4 * 32 * 176  # B x T x intermediate_size (tiny) at the down_proj input
     assert counted[1] == {per_micro_batch}
     assert counted[4] == {4 * per_micro_batch}
+
+
+def test_topk_at_ratio_zero_measures_the_activation_functions_own_zeros() -> None:
+    """``sparsity=topk`` with every ratio 0 keeps pass-through sparsifiers, so a dense ReLU²
+    model reports its natural sparsity at the down input (and none elsewhere), while its
+    output equals the plain dense model's; ``pattern: none`` installs nothing."""
+    from qsparse.stats import sparsity_report
+
+    torch.manual_seed(0)
+    plain = LMModule(model={**MODEL, "vocab_size": 128, "hidden_act": "relu2"}, sparsity=None)
+    plain.configure_model()
+    measured = LMModule(
+        model={**MODEL, "vocab_size": 128, "hidden_act": "relu2"},
+        sparsity={"pattern": "token_topk", "ratio": 0.0},
+    )
+    measured.configure_model()
+    measured.model.load_state_dict(plain.model.state_dict())
+    assert not sparsifiers(plain.model) and sparsifiers(measured.model)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(plain.model(input_ids=ids).logits, measured.model(input_ids=ids).logits)
+    sites = sparsity_report(measured.model, [ids]).sites
+    down = [v for k, v in sites.items() if "down" in k]
+    assert down and all(0.2 < v < 0.8 for v in down)  # ReLU² at init zeroes about half
+    assert all(v == 0.0 for k, v in sites.items() if "down" not in k)

@@ -1,4 +1,5 @@
-"""Sweep report: the scaling-law fit per precision, S*, a table, plots, and wandb.
+"""Sweep report: the fits of each precision (:mod:`qsparse.analysis.precision_fit`), S*, a
+table, the figures (:mod:`qsparse.analysis.report_plots`), a markdown file and wandb.
 
 For each precision (full-precision weights, BitNet b1.58 ternary weights) the finished jobs
 give points ``(N, S, L)``: N = ``params_total``, S from :func:`~qsparse.analysis.sweep.
@@ -24,91 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .figures import curve_table, distinct_overrides, figure_plots, report_pyplot, save_figure
-from .scaling_law import (
-    BOOTSTRAP_NAMES,
-    BootstrapIntervals,
-    ScalingLaw,
-    bootstrap_scaling_law,
-    fit_scaling_law,
+from .figures import curve_table, distinct_overrides, figure_plots
+from .precision_fit import (
+    PAPER_S_STAR,
+    PrecisionFit,
+    default_budget,
+    fit_precision,
+    format_params,
 )
-from .sweep import FULL_PRECISION, TERNARY, Sweep, SweepJob, law_sparsity
-
-#: S* of the paper's fits (Q-Sparse §3), by precision.
-PAPER_S_STAR = {FULL_PRECISION: 0.4558, TERNARY: 0.6125}
-
-
-@dataclass
-class PrecisionFit:
-    """The fit of one precision's points, or why there is none (``reason``)."""
-
-    precision: str
-    jobs: list[SweepJob]
-    n: np.ndarray
-    s: np.ndarray
-    loss: np.ndarray
-    law: ScalingLaw | None = None
-    intervals: BootstrapIntervals | None = None
-    reason: str = ""
-
-    @property
-    def s_star(self) -> float | None:
-        return None if self.law is None else self.law.optimal_sparsity()
-
-
-def fit_precision(
-    precision: str,
-    jobs: Sequence[SweepJob],
-    sparsity_mode: str = "overall",
-    n_boot: int = 200,
-    seed: int = 0,
-) -> PrecisionFit:
-    """Fit ``L(N, S)`` to one precision's finished jobs (needs >= 5 points, >= 2 sizes and
-    >= 2 sparsities; otherwise ``law`` is ``None`` and ``reason`` says why)."""
-    jobs = [j for j in jobs if j.status == "ok" and j.precision == precision]
-    n = np.array([float(j.summary["params_total"]) for j in jobs])
-    s = np.array([law_sparsity(j, sparsity_mode) for j in jobs])
-    y = np.array([float(j.summary["val_loss"]) for j in jobs])
-    out = PrecisionFit(precision, list(jobs), n, s, y)
-    if len(jobs) < 5:
-        out.reason = f"{len(jobs)} finished job(s); fitting 5 constants needs at least 5"
-    elif len(set(n.tolist())) < 2:
-        out.reason = "one model size only: alpha and E cannot be separated"
-    elif len(set(np.round(s, 4).tolist())) < 2:
-        out.reason = "one sparsity only: A(S) cannot be fitted"
-    if out.reason:
-        return out
-    out.law = fit_scaling_law(n, s, y)
-    if n_boot > 0:
-        out.intervals = bootstrap_scaling_law(n, s, y, fit=out.law, n_boot=n_boot, seed=seed)
-    return out
-
-
-def default_budget(sweep: Sweep) -> float:
-    """The median activated parameters of the finished jobs (the S* plot's Na)."""
-    values = [float(j.summary.get("params_activated") or 0) for j in sweep.ok]
-    values = [v for v in values if v > 0]
-    return float(np.median(values)) if values else 1e6
-
-
-def _fmt_params(x: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def parse_params(text: str) -> float:
-    """``"2.9B"``, ``"350M"``, ``"120K"`` or ``"1e6"`` to a number of parameters."""
-    t = text.strip().upper()
-    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(t[-1:], 1.0)
-    value = float(t[:-1] if scale != 1.0 else t) * scale
-    if value <= 0:
-        raise ValueError(f"parameter budget {text!r} must be positive")
-    return value
-
+from .report_plots import plot_loss_vs_activated, plot_loss_vs_sparsity
+from .scaling_law import BOOTSTRAP_NAMES
+from .sweep import FULL_PRECISION, TERNARY, Sweep, law_sparsity
 
 # --------------------------------------------------------------------------- outputs
 
@@ -128,74 +55,6 @@ def write_runs_csv(sweep: Sweep, path: Path, sparsity_mode: str = "overall") -> 
         writer.writeheader()
         writer.writerows(rows)
     return path
-
-
-def _ratio_groups(fit: PrecisionFit) -> dict[float, list[int]]:
-    groups: dict[float, list[int]] = {}
-    for i, job in enumerate(fit.jobs):
-        groups.setdefault(float(job.settings.get("ratio") or 0.0), []).append(i)
-    return dict(sorted(groups.items()))
-
-
-def plot_loss_vs_activated(fits: Sequence[PrecisionFit], path: Path) -> Path:
-    """Loss against activated parameters ``(1 - S) N``, one colour per configured top-k
-    ratio, one panel per precision; the fitted law drawn through each group's sizes at the
-    group's mean S."""
-    plt = report_pyplot()
-
-    panels = [f for f in fits if len(f.jobs)]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4))
-    axes = np.atleast_1d(axes)
-    cmap = plt.get_cmap("viridis")
-    for ax, fit in zip(axes, panels, strict=False):
-        groups = _ratio_groups(fit)
-        for gi, (ratio, idx) in enumerate(groups.items()):
-            color = cmap(gi / max(1, len(groups) - 1))
-            na = (1.0 - fit.s[idx]) * fit.n[idx]
-            ax.scatter(na, fit.loss[idx], color=color, label=f"top-k S={ratio:g}", zorder=3)
-            if fit.law is not None:
-                s_mean = float(np.mean(fit.s[idx]))
-                n_grid = np.geomspace(fit.n[idx].min() / 1.5, fit.n[idx].max() * 1.5, 100)
-                ax.plot((1 - s_mean) * n_grid, fit.law.loss(n_grid, s_mean), color=color)
-        ax.set_xscale("log")
-        ax.set_xlabel("activated parameters (1 - S) N")
-        ax.set_ylabel("validation loss")
-        title = fit.precision + ("" if fit.law is not None else " (no fit)")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-def plot_loss_vs_sparsity(fits: Sequence[PrecisionFit], budget: float, path: Path) -> Path:
-    """Fitted loss against S at fixed activated parameters ``Na = budget`` per precision,
-    S* marked (solid) beside the paper's S* (dotted)."""
-    plt = report_pyplot()
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    grid = np.linspace(0.0, 0.9, 181)
-    colors = {FULL_PRECISION: "tab:blue", TERNARY: "tab:red"}
-    for fit in fits:
-        if fit.law is None:
-            continue
-        color = colors.get(fit.precision, "k")
-        ax.plot(grid, [fit.law.loss_at_activated(budget, s) for s in grid], color=color,
-                label=f"{fit.precision} fit")  # fmt: skip
-        s_star = fit.law.optimal_sparsity()
-        ax.axvline(s_star, color=color, lw=1.2)
-        ax.annotate(f"S*={100 * s_star:.1f}%", (s_star, fit.law.loss_at_activated(budget, s_star)),
-                    textcoords="offset points", xytext=(4, 8), color=color, fontsize=8)  # fmt: skip
-        paper = PAPER_S_STAR.get(fit.precision)
-        if paper is not None:
-            ax.axvline(paper, color=color, ls=":", lw=1,
-                       label=f"paper S*={100 * paper:.2f}% ({fit.precision})")  # fmt: skip
-    ax.set_xlabel("sparsity S")
-    ax.set_ylabel(f"predicted loss at Na = {_fmt_params(budget)}")
-    ax.set_title("loss at fixed activated parameters")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
 
 
 def _interval(fit: PrecisionFit, name: str) -> str:
@@ -244,9 +103,9 @@ def summary_lines(sweep: Sweep, fits: Sequence[PrecisionFit], budget: float) -> 
         lines.append(
             f"  S* = {100 * s_star:.2f}%"
             + (f" (paper: {100 * paper:.2f}%)" if paper is not None else "")
-            + f"; at Na = {_fmt_params(budget)}: loss {law.loss_at_activated(budget, s_star):.4f}"
+            + f"; at Na = {format_params(budget)}: loss {law.loss_at_activated(budget, s_star):.4f}"
             f" at S*, {law.loss_at_activated(budget, 0.0):.4f} dense"
-            f" (N = {_fmt_params(budget / (1 - s_star))} total at S*)"
+            f" (N = {format_params(budget / (1 - s_star))} total at S*)"
         )
     return lines
 

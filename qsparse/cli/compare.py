@@ -28,8 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qsparse.cli.evaluate import add_compare_arguments
-from qsparse.dtypes import dtype_names
+from . import add_compare_arguments, add_measure_arguments
 
 DEFAULT_METHODS = ("qsparse", "teal", "cats")
 
@@ -40,28 +39,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dense vs every training-free sparsity method: ppl, sparsity, params, cost.",
     )
     p.add_argument("path", help="checkpoint folder (transformers Llama/Mistral/Qwen2 or qsparse)")
-    p.add_argument("--text", nargs="+", required=True, help="corpus name(s) or text file(s)")
+    p.add_argument(
+        "--text",
+        dest="texts",
+        metavar="TEXT",
+        nargs="+",
+        required=True,
+        help="corpus name(s) or text file(s)",
+    )
     p.add_argument(
         "--calibration",
         default=None,
         help="calibration corpus or file (default: second half of the first --text's documents)",
     )
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.7])
+    p.add_argument(
+        "--sparsity",
+        dest="sparsities",
+        metavar="SPARSITY",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.4, 0.5, 0.7],
+    )
     add_compare_arguments(p)
-    p.add_argument("--seq-len", type=int, default=512, help="perplexity window (512)")
-    p.add_argument("--max-tokens", type=int, default=65536, help="perplexity tokens per text")
     p.add_argument(
         "--calibration-tokens", type=int, default=None, help="overrides every method's own"
     )
     p.add_argument("--sparsity-tokens", type=int, default=8192, help="tokens for sparsity")
-    p.add_argument(
-        "--tasks", nargs="*", default=[], help="lm-eval tasks per row (qsparse_local: bundled)"
-    )
-    p.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="float32", choices=dtype_names(allow_auto=True))
-    p.add_argument("--device", default="cpu")
+    add_measure_arguments(p)
     p.add_argument(
         "--json", dest="json_out", default=None, help="write the rows as json (after each row)"
     )
@@ -119,8 +124,9 @@ def compare_methods(
 ) -> list:
     """Rows of :class:`~qsparse.evaluation.compare.CompareRow`: dense, then each method at each
     sparsity (module docstring), then each of ``checkpoints`` as saved (labelled by
-    ``labels`` or its path; e.g. a continued-trained ``RUN/hf``). ``measure``: seq_len, max_tokens, batch_size, dtype, device,
-    sparsity_tokens, tasks, limit of :func:`~qsparse.evaluation.compare.measure_model`.
+    ``labels`` or its path; e.g. a continued-trained ``RUN/hf``). ``measure``: seq_len,
+    max_tokens, batch_size, dtype, device, sparsity_tokens, tasks, limit of
+    :func:`~qsparse.evaluation.compare.measure_model`.
     ``on_row(rows)``: called with the rows so far after each one (``--json`` is rewritten
     then, so a long run that is stopped keeps what it measured)."""
     from ..data.documents import read_documents
@@ -200,26 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json_out).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
 
     try:
-        rows = compare_methods(
-            args.path,
-            args.text,
-            args.methods,
-            args.sparsity,
-            calibration=args.calibration,
-            overrides=args.overrides,
-            calibration_tokens=args.calibration_tokens,
-            seq_len=args.seq_len,
-            max_tokens=args.max_tokens,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            device=args.device,
-            sparsity_tokens=args.sparsity_tokens,
-            tasks=args.tasks,
-            limit=args.limit,
-            on_row=write_json,
-            checkpoints=args.compare,
-            labels=args.labels,
-        )
+        # every option but the output files is a parameter of compare_methods, by name
+        options = {k: v for k, v in vars(args).items() if k not in ("json_out", "plot")}
+        rows = compare_methods(**options, on_row=write_json)
     except (CheckpointError, FileNotFoundError, ValueError, HydraException) as err:
         print(f"qsparse-compare: {err}", file=sys.stderr)
         return 2

@@ -137,18 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry (``qsparse-convert``); exit status 0 on success, 2 on bad input."""
     args = build_parser().parse_args(argv)
     try:
-        summary = convert(
-            args.src,
-            args.dst,
-            sparsity=args.sparsity,
-            pattern=args.pattern,
-            block_size=args.block_size,
-            quant=args.quant,
-            activation=args.activation,
-            rescale=args.rescale,
-            keep_dense=tuple(args.keep_dense),
-            dtype=args.dtype,
-        )
+        # every option but --debug and --json is a parameter of convert, by name
+        options = {k: v for k, v in vars(args).items() if k not in ("debug", "json_out")}
+        summary = convert(**{**options, "keep_dense": tuple(args.keep_dense)})
     except (ValueError, FileNotFoundError) as err:
         if full_traceback_requested(args.debug):
             raise

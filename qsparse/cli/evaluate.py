@@ -26,19 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from qsparse.dtypes import dtype_names
-
-
-def add_compare_arguments(p: argparse.ArgumentParser) -> None:
-    """``--compare CHECKPOINT ...`` and ``--labels``: checkpoints (e.g. continued-trained
-    ``RUN/hf`` exports) measured as saved, one row each (``qsparse-eval``, ``qsparse-compare``)."""
-    p.add_argument(
-        "--compare",
-        nargs="+",
-        default=[],
-        help="trained checkpoint folders measured as saved beside PATH, one row each",
-    )
-    p.add_argument("--labels", nargs="+", default=None, help="row labels of --compare")
+from . import add_compare_arguments, add_measure_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,13 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="local text file(s) or corpus name(s) for perplexity",
     )
-    p.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks (e.g. qsparse_local)")
-    p.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
-    p.add_argument("--seq-len", type=int, default=512, help="perplexity window (512)")
-    p.add_argument("--max-tokens", type=int, default=65536, help="perplexity tokens (65536)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="float32", choices=dtype_names(allow_auto=True))
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_measure_arguments(p)
     p.add_argument(
         "--sparsity",
         type=float,
@@ -134,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     texts = args.text or []
-    if len(texts) > 1 or len(args.sparsity or []) > 1 or args.compare:
+    if len(texts) > 1 or len(args.sparsity or []) > 1 or args.checkpoints:
         return _compare(args)
     from qsparse.evaluation import evaluate_checkpoint
 
@@ -177,7 +159,7 @@ def _compare(args: argparse.Namespace) -> int:
             args.path,
             texts=args.text or [],
             sparsities=args.sparsity or [],
-            checkpoints=args.compare,
+            checkpoints=args.checkpoints,
             labels=args.labels,
             seq_len=args.seq_len,
             max_tokens=args.max_tokens,

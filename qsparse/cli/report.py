@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry; returns (and exits with) the status described above."""
     args = _parser().parse_args(argv)
-    from qsparse.analysis.report import make_report, parse_params
+    from qsparse.analysis.precision_fit import parse_params
+    from qsparse.analysis.report import make_report
     from qsparse.analysis.sweep import read_sweep
 
     try:

@@ -13,8 +13,9 @@ The DataModules are stateful (``state_dict`` = position in the training stream) 
 resume; see :mod:`qsparse.data.resumable`.
 """
 
-from .corpora import CorpusSpec, available_corpora, register_corpus, resolve_corpus
+from .corpora import available_corpora, register_corpus, resolve_corpus
 from .documents import load_documents, read_documents
+from .local_files import CorpusSpec
 from .pretrain import PretrainDataModule
 from .random_tokens import RandomTokenDataModule
 from .resumable import DataPosition, ResumableSampler

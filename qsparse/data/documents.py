@@ -4,7 +4,7 @@ Training (:mod:`qsparse.data.pretrain`), evaluation (:mod:`qsparse.evaluation.pe
 and calibration read text through :func:`load_documents` (a ``datasets`` table, optionally
 streamed) or :func:`read_documents` (a list of strings). The rule:
 
-- files are read with ``datasets``' packaged builders (:func:`qsparse.data.corpora.load_local_dataset`,
+- files are read with ``datasets``' packaged builders (:func:`qsparse.data.local_files.load_local_dataset`,
   no network): ``.txt``/``.text`` with the ``text`` builder, one document per paragraph
   (blank-line separated; also ``"line"`` or ``"document"``: ``text_sample_by``),
   ``.json``/``.jsonl`` (``json``), ``.parquet``, ``.csv``, optionally compressed;
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import resolve_cache_dir, stable_hash
-from .corpora import CorpusSpec, available_corpora, load_local_dataset, resolve_corpus
+from .corpora import available_corpora, resolve_corpus
+from .local_files import CorpusSpec, load_local_dataset
 
 __all__ = ["TEXT_SAMPLE_BY", "load_documents", "read_documents", "split_fraction"]
 

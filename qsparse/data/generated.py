@@ -160,16 +160,18 @@ def _sample(
     temperature: float,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """``(B, new_tokens)`` ids drawn from ``softmax(logits / T)`` with a KV cache."""
+    """``(B, new_tokens)`` ids drawn from ``softmax(logits / T)`` (the decoder's
+    :func:`~qsparse.generate.pick_next`) with transformers' own KV cache, for any causal LM."""
     import inspect
+
+    from ..generate import pick_next
 
     # transformers renamed past_key_values -> cache (5.2x); take whichever this version has
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids, use_cache=True)
     drawn = []
     for _ in range(new_tokens):
-        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=gen)
+        nxt = pick_next(out.logits[:, -1], temperature, generator=gen)[:, None]
         drawn.append(nxt)
         past = getattr(out, "cache", None) or out.past_key_values
         out = model(input_ids=nxt, use_cache=True, **{kw: past})
@@ -191,19 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     args = p.parse_args(argv)
     try:
-        stats = generate_corpus(
-            args.checkpoint,
-            args.out,
-            tokens=args.tokens,
-            prompts=args.prompts,
-            prompt_tokens=args.prompt_tokens,
-            new_tokens=args.new_tokens,
-            batch_size=args.batch_size,
-            temperature=args.temperature,
-            seed=args.seed,
-            device=args.device,
-            dtype=args.dtype,
-        )
+        stats = generate_corpus(**vars(args))  # the options are its parameters, by name
     except UserError as exc:
         raise SystemExit(f"qsparse.data.generated: {exc}") from None
     print(

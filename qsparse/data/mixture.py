@@ -118,7 +118,13 @@ class MixtureDataModule(ResumableDataModule):
         shuffle: bool = True,
         val_batch_size: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, shuffle=shuffle)
+        super().__init__(
+            batch_size=batch_size,
+            seed=seed,
+            num_workers=num_workers,
+            shuffle=shuffle,
+            val_batch_size=val_batch_size,
+        )
         if not isinstance(sources, Mapping) or not sources:
             raise ValueError(
                 "data.sources must map corpus names or files to weights, e.g. "
@@ -144,7 +150,6 @@ class MixtureDataModule(ResumableDataModule):
         self.ood_val = ood_val
         self.ood_val_tokens = ood_val_tokens
         self.seq_len = seq_len
-        self.val_batch_size = val_batch_size or batch_size
         common = dict(
             text_field=text_field,
             vocab_size=vocab_size,

@@ -29,8 +29,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..cache import stable_hash
 from ..io import atomic_save_npy, atomic_write_text
-from .corpora import CorpusSpec
 from .documents import load_documents, split_fraction
+from .local_files import CorpusSpec
 
 __all__ = [
     "PackedTokenBlocks",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,10 +29,12 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from ..cache import CACHE_FORMAT_VERSION, resolve_cache_dir, stable_hash
-from .checks import check_positive_or_none, check_source
-from .corpora import CorpusSpec, resolve_corpus
+from ..cache import CACHE_FORMAT_VERSION, stable_hash
+from .checks import check_positive_or_none
+from .corpora import resolve_corpus
+from .corpus_module import CorpusDataModule
 from .documents import split_fraction
+from .local_files import CorpusSpec
 from .packed import (
     PackedTokenBlocks,
     build_token_cache,
@@ -41,14 +42,14 @@ from .packed import (
     split_documents,
     unigram_entropy_from_counts,
 )
-from .resumable import ResumableDataModule, world_info
+from .resumable import world_info
 from .streaming import BlockPacker, ChunkSource, StreamCursor, StreamingLoader
 from .tokenizer import resolve_tokenizer, tokenizer_fingerprint
 
 __all__ = ["PackedTokenBlocks", "PretrainDataModule", "split_fraction"]
 
 
-class PretrainDataModule(ResumableDataModule):
+class PretrainDataModule(CorpusDataModule):
     """LightningDataModule for causal-LM pretraining on packed token blocks.
 
     Args:
@@ -99,27 +100,30 @@ class PretrainDataModule(ResumableDataModule):
         shuffle_buffer: int = 10_000,
         val_batch_size: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, shuffle=shuffle)
-        corpus = check_source(corpus, data_files, "wiki_en", seq_len, val_fraction, "train")
+        super().__init__(
+            corpus=corpus,
+            data_files=data_files,
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            seq_len=seq_len,
+            val_fraction=val_fraction,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            seed=seed,
+            num_workers=num_workers,
+            shuffle=shuffle,
+            val_batch_size=val_batch_size,
+            default_corpus="wiki_en",
+            purpose="train",
+        )
         check_positive_or_none("max_documents", max_documents)
-        check_positive_or_none("val_batch_size", val_batch_size)
         check_positive_or_none("shuffle_buffer", shuffle_buffer)
-        self.corpus = corpus
-        self.data_files = data_files
         self.text_field = text_field
-        self.tokenizer_spec = tokenizer
-        self.bpe_vocab_size = vocab_size
-        self.seq_len = seq_len
-        self.val_fraction = float(val_fraction)
-        self.cache_dir = resolve_cache_dir(cache_dir)
         self.max_documents = max_documents
         self.streaming = streaming
         self.text_sample_by = text_sample_by
         self.shuffle_buffer = shuffle_buffer
-        self.val_batch_size = val_batch_size or batch_size
-        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.spec: CorpusSpec | None = None
-        self.cache_path: Path | None = None
         self.num_train_tokens: int | None = None
         self.num_val_tokens: int | None = None
         self._train_dataset: PackedTokenBlocks | None = None
@@ -131,14 +135,6 @@ class PretrainDataModule(ResumableDataModule):
         self._restored: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- build
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids the model must embed (``len(tokenizer)``)."""
-        if self.tokenizer is None:
-            self.prepare_data()
-        assert self.tokenizer is not None
-        return len(self.tokenizer)
-
     def _split_key(self) -> list[Any]:
         assert self.spec is not None
         return [
@@ -268,19 +264,13 @@ class PretrainDataModule(ResumableDataModule):
         """Training batches ``{"input_ids", "labels"}: LongTensor[B, T]``, resumable."""
         if self.streaming:
             return self._streaming_loader(train=True)
-        if self._train_dataset is None:
-            self.setup("fit")
-        assert self._train_dataset is not None
-        return self._loader(self._train_dataset, True, self.batch_size)
+        return self._split_loader(train=True)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in fixed order (sharded across ranks)."""
         if self.streaming:
             return self._streaming_loader(train=False)
-        if self._val_dataset is None:
-            self.setup("fit")
-        assert self._val_dataset is not None
-        return self._loader(self._val_dataset, False, self.val_batch_size)
+        return self._split_loader(train=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Streaming mode without Lightning: start ``epoch`` on the next iteration.

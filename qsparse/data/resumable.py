@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from .checks import check_loader_args
+from .checks import check_loader_args, check_positive_or_none
 
 __all__ = [
     "DataPosition",
@@ -207,12 +207,23 @@ class ResumableDataModule(pl.LightningDataModule):
 
     Subclasses build ``self._train_dataset`` / ``self._val_dataset`` (map-style) in ``setup``
     and pass their collate function to :meth:`_train_loader` / :meth:`_eval_loader`.
+    ``batch_size``/``val_batch_size`` (default ``batch_size``): per-rank training/evaluation
+    batch sizes; ``seed``: base of the per-epoch shuffle; ``num_workers``: DataLoader workers.
     """
 
-    def __init__(self, batch_size: int, seed: int, num_workers: int, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        seed: int,
+        num_workers: int,
+        shuffle: bool = True,
+        val_batch_size: int | None = None,
+    ) -> None:
         super().__init__()
         check_loader_args(batch_size, num_workers)
+        check_positive_or_none("val_batch_size", val_batch_size)
         self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
         self.seed = int(seed)
         self.num_workers = num_workers
         self.shuffle = shuffle

@@ -21,11 +21,11 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from ..cache import CACHE_FORMAT_VERSION, file_fingerprint, resolve_cache_dir, stable_hash
-from .checks import check_positive_or_none, check_source
-from .corpora import builder_for_files, load_local_dataset
+from ..cache import CACHE_FORMAT_VERSION, file_fingerprint, stable_hash
+from .checks import check_positive_or_none
+from .corpus_module import CorpusDataModule
 from .documents import split_fraction
-from .resumable import ResumableDataModule
+from .local_files import builder_for_files, load_local_dataset
 from .sft_batches import ExampleDataset, ExampleRows, PackedBlocks, pad_collate
 from .sft_format import IGNORE_INDEX, example_to_messages
 from .sft_synth import SFT_CORPORA, sft_corpus_file
@@ -35,7 +35,7 @@ from .tokenizer import resolve_tokenizer, tokenizer_fingerprint
 __all__ = ["IGNORE_INDEX", "SFTDataModule"]
 
 
-class SFTDataModule(ResumableDataModule):
+class SFTDataModule(CorpusDataModule):
     """LightningDataModule for instruction / chat fine-tuning with a response-only loss.
 
     Args:
@@ -87,8 +87,22 @@ class SFTDataModule(ResumableDataModule):
         val_batch_size: int | None = None,
         num_proc: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, shuffle=shuffle)
-        corpus = check_source(corpus, data_files, "wiki_qa", seq_len, val_fraction, "fine-tune")
+        super().__init__(
+            corpus=corpus,
+            data_files=data_files,
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            seq_len=seq_len,
+            val_fraction=val_fraction,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            seed=seed,
+            num_workers=num_workers,
+            shuffle=shuffle,
+            val_batch_size=val_batch_size,
+            default_corpus="wiki_qa",
+            purpose="fine-tune",
+        )
         check_positive_or_none("num_proc", num_proc)
         if format not in ("auto", "openorca", "messages"):
             raise ValueError(f"format must be 'auto', 'openorca' or 'messages', got {format!r}")
@@ -96,14 +110,7 @@ class SFTDataModule(ResumableDataModule):
             raise ValueError(f"template must be 'auto', 'chat' or 'plain', got {template!r}")
         if max_examples is not None and max_examples < 1:
             raise ValueError(f"max_examples must be >= 1 or null, got {max_examples!r}")
-        self.corpus = corpus
-        self.data_files = data_files
-        self.tokenizer_spec = tokenizer
-        self.bpe_vocab_size = vocab_size
-        self.seq_len = seq_len
         self.packing = packing
-        self.val_fraction = float(val_fraction)
-        self.cache_dir = resolve_cache_dir(cache_dir)
         self.max_examples = max_examples
         self.format = format
         self.template = template
@@ -113,27 +120,16 @@ class SFTDataModule(ResumableDataModule):
             "response_field": response_field,
             "messages_field": messages_field,
         }
-        self.val_batch_size = val_batch_size or batch_size
         self.num_proc = num_proc
-        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.use_chat_template: bool | None = None
         self.num_train_examples: int | None = None
         self.num_val_examples: int | None = None
         self.num_dropped: int | None = None
-        self.cache_path: Path | None = None
         self._files: list[str] | None = None
         self._train_dataset: Dataset | None = None
         self._val_dataset: Dataset | None = None
         self._train_examples: ExampleRows | None = None
         self._val_examples: ExampleRows | None = None
-
-    @property
-    def vocab_size(self) -> int:
-        """``len(tokenizer)``."""
-        if self.tokenizer is None:
-            self.prepare_data()
-        assert self.tokenizer is not None
-        return len(self.tokenizer)
 
     @property
     def pad_token_id(self) -> int:
@@ -311,17 +307,11 @@ class SFTDataModule(ResumableDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Training batches ``{"input_ids", "labels", "attention_mask"}``, resumable."""
-        if self._train_dataset is None:
-            self.setup("fit")
-        assert self._train_dataset is not None
-        return self._loader(self._train_dataset, True, self.batch_size, self._collate())
+        return self._split_loader(True, self._collate())
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in fixed order."""
-        if self._val_dataset is None:
-            self.setup("fit")
-        assert self._val_dataset is not None
-        return self._loader(self._val_dataset, False, self.val_batch_size, self._collate())
+        return self._split_loader(False, self._collate())
 
     def _collate(self) -> Any:
         # packed blocks all have length seq_len and carry their own attention_mask

@@ -19,15 +19,13 @@ truncating to ``seq_len`` and writing ``input_ids``/``labels`` (int32 lists), ``
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from ..io import atomic_write_text
+from ..io import atomic_write_dir, atomic_write_text
 from .documents import split_fraction
 from .sft_format import IGNORE_INDEX, example_to_messages, render_segments, tokenize_segments
 
@@ -87,42 +85,40 @@ def build_sft_cache(
             "keep": keep,
         }
 
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tokenized = rows.map(
-        encode,
-        batched=True,
-        batch_size=MAP_BATCH,
-        with_indices=True,
-        remove_columns=rows.column_names,
-        features=_features(),
-        cache_file_name=str(tmp / "tokenized.arrow"),
-        load_from_cache_file=False,
-        new_fingerprint=out.name,
-        num_proc=num_proc,
-        desc="tokenizing SFT examples",
-    )
-    cols = tokenized.with_format("numpy", columns=["u", "keep"])[:]
-    u, keep = np.asarray(cols["u"]), np.asarray(cols["keep"], dtype=bool)
-    is_val = u < val_fraction
-    if val_fraction > 0 and not is_val.any() and len(u):
-        is_val[int(np.argmin(u))] = True
-    if len(u) and is_val.all():
-        raise ValueError(
-            f"val_fraction={val_fraction} leaves no training examples ({len(u)} examples); "
-            "lower it or raise max_examples"
+    meta: dict[str, int] = {}
+
+    def fill(tmp: Path) -> None:  # a fresh folder that becomes ``out`` once complete
+        tokenized = rows.map(
+            encode,
+            batched=True,
+            batch_size=MAP_BATCH,
+            with_indices=True,
+            remove_columns=rows.column_names,
+            features=_features(),
+            cache_file_name=str(tmp / "tokenized.arrow"),
+            load_from_cache_file=False,
+            new_fingerprint=out.name,
+            num_proc=num_proc,
+            desc="tokenizing SFT examples",
         )
-    train, val = np.flatnonzero(~is_val & keep), np.flatnonzero(is_val & keep)
-    np.save(tmp / "train.npy", train)
-    np.save(tmp / "val.npy", val)
-    meta = {"num_train": len(train), "num_val": len(val), "dropped": int((~keep).sum())}
-    atomic_write_text(tmp / "meta.json", json.dumps(meta))
-    del tokenized
-    if out.exists():  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(out)
+        cols = tokenized.with_format("numpy", columns=["u", "keep"])[:]
+        u, keep = np.asarray(cols["u"]), np.asarray(cols["keep"], dtype=bool)
+        is_val = u < val_fraction
+        if val_fraction > 0 and not is_val.any() and len(u):
+            is_val[int(np.argmin(u))] = True
+        if len(u) and is_val.all():
+            raise ValueError(
+                f"val_fraction={val_fraction} leaves no training examples ({len(u)} examples); "
+                "lower it or raise max_examples"
+            )
+        train, val = np.flatnonzero(~is_val & keep), np.flatnonzero(is_val & keep)
+        np.save(tmp / "train.npy", train)
+        np.save(tmp / "val.npy", val)
+        meta.update({"num_train": len(train), "num_val": len(val), "dropped": int((~keep).sum())})
+        atomic_write_text(tmp / "meta.json", json.dumps(meta))
+
+    # a copy another process published first is kept (the inputs, hence the bytes, are equal)
+    atomic_write_dir(out, fill, replace=False)
     return meta
 
 

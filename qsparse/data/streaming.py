@@ -42,8 +42,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from .corpora import CorpusSpec
 from .documents import load_documents, split_fraction
+from .local_files import CorpusSpec
 from .resumable import ResumableDataLoader
 
 __all__ = ["BlockPacker", "ChunkSource", "StreamCursor", "StreamingLoader"]

@@ -3,6 +3,8 @@
 :class:`QSparseLM` subclasses ``lm_eval.api.model.TemplateLM`` (an ``LM``), so
 ``lm_eval.simple_evaluate(model=QSparseLM(model, tokenizer), tasks=[...])`` evaluates the
 sparsified model exactly as it runs, with no reload through a registry name.
+Not lm-eval's own ``HFLM``: it takes a transformers ``PreTrainedModel``, which qsparse's
+:class:`~qsparse.models.llama.LlamaForCausalLM` is not; this wrapper serves both kinds.
 
 Scoring (``loglikelihood``): for a request (context c, continuation x) the tokens ``c + x``
 (left-truncated to ``max_length + 1``) are fed without their last token; the score is

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import round_half_even
+from ._common import _HW_RINT, libdevice, round_half_even
 
 
 @triton.jit
@@ -200,12 +200,17 @@ def _list_one_row(
     NDIG: tl.constexpr,
     DBITS: tl.constexpr,
     HINT: tl.constexpr,
+    w_ptr=None,
+    eps=0.0,
+    PROD: tl.constexpr = 0,
+    BF16: tl.constexpr = False,
 ):
-    """Batch 1: radix top-k of x[K], then idx[p] / val[p] for the k kept inputs (ascending).
-    One packed scan gives both the tie rank and the list position."""
+    """Batch 1: radix top-k of the site input v[K] (x, or its producer's output:
+    :func:`_produce`), then idx[p] / val[p] for the k kept inputs (ascending). One packed
+    scan gives both the tie rank and the list position."""
     i = tl.arange(0, BLOCK)
     valid = i < K
-    xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
     key = tl.where(valid, _abs_key(xf), -1)
     thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, HINT)
     gt = key > thr
@@ -286,10 +291,60 @@ def _band_list_kernel(
 
 
 @triton.jit
+def _round_to(xf, BF16: tl.constexpr):
+    """fp32 ``xf`` rounded to the nearest bf16 value (ties to even) and kept in fp32, as a
+    torch op with bf16 output rounds it; identity unless ``BF16``. Integer form, since the
+    interpreter casts fp32 to bf16 by truncation (NaN/inf inputs not handled)."""
+    if BF16:
+        b = xf.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return xf
+
+
+@triton.jit
+def _produce(x_ptr, w_ptr, row, i, valid, K, eps, PROD: tl.constexpr, BF16: tl.constexpr):
+    """Row ``row`` of the site's input, computed from what its producer read (fp32, each
+    step rounded to the activation dtype as the torch modules round it):
+
+    - ``PROD == 0``: ``x[row, :K]`` itself;
+    - ``PROD == 1``: RMSNorm, ``w * round(x / sqrt(mean(x^2) + eps))`` (``x``: [B, K],
+      ``w``: [K]; ``qsparse.models.llama.RMSNorm``);
+    - ``PROD == 2`` / ``3``: GLU, ``round(act(g)) * u`` with ``g = x[row, :K]``,
+      ``u = x[row, K:2K]`` (the fused gate|up output), act = ReLU^2 (2) or SiLU (3).
+    """
+    if PROD == 0:
+        y = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
+    elif PROD == 1:
+        xf = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / K
+        y = _round_to(xf * tl.math.rsqrt(var + eps), BF16)
+        w = tl.load(w_ptr + i, mask=valid, other=0.0).to(tl.float32)
+        y = _round_to(w * y, BF16)
+    else:
+        g = tl.load(x_ptr + row * 2 * K + i, mask=valid, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + row * 2 * K + K + i, mask=valid, other=0.0).to(tl.float32)
+        if PROD == 2:
+            r = tl.maximum(g, 0.0)
+            a = _round_to(r * r, BF16)
+        else:
+            if _HW_RINT:
+                e = libdevice.exp(-g)
+            else:
+                e = tl.exp(-g)
+            a = _round_to(tl.div_rn(g, 1.0 + e), BF16)
+        y = _round_to(a * u, BF16)
+    return y
+
+
+@triton.jit
 def _masked_topk_kernel(
     x_ptr,
     out_ptr,
     hint_ptr,
+    w_ptr,
+    eps,
     K,
     k,
     BLOCK: tl.constexpr,
@@ -297,18 +352,22 @@ def _masked_topk_kernel(
     NDIG: tl.constexpr,
     DBITS: tl.constexpr,
     HINT: tl.constexpr,
+    PROD: tl.constexpr = 0,
+    BF16: tl.constexpr = False,
 ):
-    """Row b of x[B, K] -> out[b] = x[b] on its top-k inputs, 0 elsewhere (same dtype, values
-    copied). Radix select starting from the row's carried threshold ``hint[b]`` (``HINT``)."""
+    """Row b of the site input v[B, K] -> out[b] = v[b] on its top-k inputs, 0 elsewhere.
+    ``v`` = x itself (values copied) or what x's producer makes of it (:func:`_produce`:
+    RMSNorm, act(g) * u), computed here so no separate kernel writes it. Radix select
+    starting from the row's carried threshold ``hint[b]`` (``HINT``)."""
     b = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     valid = i < K
-    xr = tl.load(x_ptr + b * K + i, mask=valid, other=0.0)
-    key = tl.where(valid, _abs_key(xr.to(tl.float32)), -1)
+    xf = _produce(x_ptr, w_ptr, b, i, valid, K, eps, PROD, BF16)
+    key = tl.where(valid, _abs_key(xf), -1)
     thr, need = _threshold_hinted(key, valid, K, k, hint_ptr + b, BLOCK, LOW, NDIG, DBITS, HINT)
     eq = key == thr
     keep = (key > thr) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
-    tl.store(out_ptr + b * K + i, tl.where(keep, xr, 0.0).to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(out_ptr + b * K + i, tl.where(keep, xf, 0.0).to(out_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -331,10 +390,15 @@ def _compact_kernel(
     DBITS: tl.constexpr = 8,
     PDL: tl.constexpr = False,
     HINT: tl.constexpr = False,
+    w_ptr=None,
+    eps=0.0,
+    PROD: tl.constexpr = 0,
+    BF16: tl.constexpr = False,
 ):
     """x[B, K] -> idx[K] (first cnt entries used), val[B, K] (fp32), cnt[1]; one program.
     PDL: let the GEMV launched after it start (it waits for this kernel's writes). HINT (radix
-    only): ``hint[b]`` carries row b's threshold from call to call (:func:`_threshold_hinted`)."""
+    only): ``hint[b]`` carries row b's threshold from call to call (:func:`_threshold_hinted`).
+    PROD (radix, batch 1 only): select from x's producer output (:func:`_produce`)."""
     if PDL:
         gdc_launch_dependents()
     i = tl.arange(0, BLOCK)
@@ -344,7 +408,23 @@ def _compact_kernel(
     cuts = tl.zeros([BB], dtype=tl.int32)
     union = tl.zeros([BLOCK], dtype=tl.int32)
     if RADIX and BB == 1:
-        _list_one_row(x_ptr, idx_ptr, val_ptr, hint_ptr, K, k, BLOCK, LOW, NDIG, DBITS, HINT)
+        _list_one_row(
+            x_ptr,
+            idx_ptr,
+            val_ptr,
+            hint_ptr,
+            K,
+            k,
+            BLOCK,
+            LOW,
+            NDIG,
+            DBITS,
+            HINT,
+            w_ptr,
+            eps,
+            PROD,
+            BF16,
+        )
         tl.store(cnt_ptr, k)
     else:
         for b in range(B):
@@ -713,12 +793,21 @@ def _ternary_dp4a_kernel(
     ALPHA_VEC: tl.constexpr,
     ASM: tl.constexpr,
     PDL: tl.constexpr = False,
+    part_ptr=None,
+    sem_ptr=None,
+    SPLIT: tl.constexpr = 1,
 ):
     """y[b, n] = scale_b * alpha_n * (sum_g sum_s dp4a(xw[b, 4g + s], (P[g, n] >> 2s) &
-    0x03030303) - qsum_b), xw = the int8 codes read as int32 words. Grid: cdiv(N, BN)
-    programs over the columns. PDL: the first two weight tiles are requested before waiting
-    for the activation kernel (weights do not depend on it)."""
+    0x03030303) - qsum_b), xw = the int8 codes read as int32 words. Grid (cdiv(N, BN),
+    SPLIT): program (j, s) owns columns j*BN.. and the s-th slice of the words; SPLIT > 1
+    sums the programs' scaled fp32 partials in order (:func:`_store_out`; ``qsum`` is taken
+    off in slice 0). PDL: the first two weight tiles are requested before waiting for the
+    activation kernel (weights do not depend on it)."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    per = tl.cdiv(tl.cdiv(G, SPLIT), BG) * BG
+    lo = pid_s * per
+    hi = tl.minimum(lo + per, G)
     cols = pid * BN + tl.arange(0, BN)
     cmask = cols < N
     rb = tl.arange(0, BB)
@@ -727,27 +816,27 @@ def _ternary_dp4a_kernel(
         acc1 = tl.zeros([BG, BN], dtype=tl.int32)
     else:
         acc = tl.zeros([BB, BG, BN], dtype=tl.int32)
-    g = tl.arange(0, BG)
+    g = lo + tl.arange(0, BG)
     w = tl.load(
         p_ptr + g.to(tl.int64)[:, None] * N + cols[None, :],
-        mask=(g < G)[:, None] & cmask[None, :],
+        mask=(g < hi)[:, None] & cmask[None, :],
         other=0,
     )
     gn = g + BG
     wn = tl.load(
         p_ptr + gn.to(tl.int64)[:, None] * N + cols[None, :],
-        mask=(gn < G)[:, None] & cmask[None, :],
+        mask=(gn < hi)[:, None] & cmask[None, :],
         other=0,
     )
     if PDL:
         gdc_wait()
-    for g0 in range(0, G, BG):
+    for g0 in range(lo, hi, BG):
         g = g0 + tl.arange(0, BG)
-        gm = g < G
+        gm = g < hi
         gn2 = g + 2 * BG
         wn2 = tl.load(  # two tiles ahead, in flight while this one is multiplied
             p_ptr + gn2.to(tl.int64)[:, None] * N + cols[None, :],
-            mask=(gn2 < G)[:, None] & cmask[None, :],
+            mask=(gn2 < hi)[:, None] & cmask[None, :],
             other=0,
         )
         for sl in tl.static_range(4):
@@ -775,10 +864,93 @@ def _ternary_dp4a_kernel(
         dot = tl.sum(acc, axis=1)
     qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
     scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
-    out = (dot - qsum[:, None]).to(tl.float32) * scale[:, None]
+    out = (dot - qsum[:, None] * (pid_s == 0).to(tl.int32)).to(tl.float32) * scale[:, None]
     if ALPHA_VEC:
         out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)[None, :]
     else:
         out = out * alpha
     omask = rvalid[:, None] & cmask[None, :]
-    tl.store(y_ptr + rb[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=omask)
+    _store_out(out, y_ptr, part_ptr, sem_ptr, pid, pid_s, B, N, rb, cols, omask, SPLIT, BB, BN, ASM)
+
+
+@triton.jit
+def _ternary_mma_kernel(
+    xq_ptr,
+    qsum_ptr,
+    scale_ptr,
+    p_ptr,
+    y_ptr,
+    alpha_ptr,
+    alpha,
+    part_ptr,
+    sem_ptr,
+    B,
+    G,
+    N,
+    KP,
+    BB: tl.constexpr,
+    BG: tl.constexpr,
+    BN: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ALPHA_VEC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    STAGES: tl.constexpr,
+    ASM: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """Batch 2-16: the sum of :func:`_ternary_dp4a_kernel` on int8 tensor cores.
+
+    Per tile of ``BG`` word rows x ``BN`` columns, the 2-bit codes are unpacked to an int8
+    [16 * BG, BN] operand whose row ``t * BG + g`` holds input ``16 (g0 + g) + t`` (``t = 4s +
+    j``: bits ``8j + 2s`` of the word), the int8 activations are gathered in the same order
+    ([BB, 16 * BG], batch padded to 16), and one int8 x int8 -> int32 ``tl.dot`` adds
+    ``sum_i q[b, i] c[i, n]`` exactly. Then, as the dp4a kernel, ``y = scale_b * alpha_n *
+    (dot - qsum_b)``. Grid (cdiv(N, BN), SPLIT): program (j, s) owns columns j*BN.. and the
+    s-th slice of the words; SPLIT > 1 sums the programs' scaled fp32 partials in order
+    (:func:`_store_out`). ``DOT_F32``: the dot in fp32 (exact here: |sum| < 2^24; the
+    interpreter has no int8 dot)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    rb = tl.arange(0, BB)
+    rvalid = rb < B
+    t = tl.arange(0, 16)
+    shift = 8 * (t % 4) + 2 * (t // 4)
+    r = tl.arange(0, 16 * BG)
+    rt = r // BG
+    rg = r % BG
+    per = tl.cdiv(tl.cdiv(G, SPLIT), BG) * BG
+    lo = pid_s * per
+    hi = tl.minimum(lo + per, G)
+    acc = tl.zeros([BB, BN], dtype=tl.int32)
+    if PDL:
+        gdc_wait()
+    for g0 in tl.range(lo, hi, BG, num_stages=STAGES):
+        g = g0 + tl.arange(0, BG)
+        w = tl.load(
+            p_ptr + g.to(tl.int64)[:, None] * N + cols[None, :],
+            mask=(g < hi)[:, None] & cmask[None, :],
+            other=0,
+        )
+        c = tl.reshape((w[None, :, :] >> shift[:, None, None]) & 3, [16 * BG, BN]).to(tl.int8)
+        a = tl.load(
+            xq_ptr + rb[:, None] * KP + (16 * (g0 + rg) + rt)[None, :],
+            mask=rvalid[:, None] & (g0 + rg < hi)[None, :],
+            other=0,
+        )
+        if DOT_F32:
+            acc += tl.dot(a.to(tl.float32), c.to(tl.float32), input_precision="ieee").to(tl.int32)
+        else:
+            acc = tl.dot(a, c, acc, out_dtype=tl.int32)
+    qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
+    scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
+    out = (acc - qsum[:, None] * (pid_s == 0).to(tl.int32)).to(tl.float32) * scale[:, None]
+    if ALPHA_VEC:
+        out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)[None, :]
+    else:
+        out = out * alpha
+    omask = rvalid[:, None] & cmask[None, :]
+    _store_out(
+        out, y_ptr, part_ptr, sem_ptr, pid_n, pid_s, B, N, rb, cols, omask, SPLIT, BB, BN, ASM
+    )

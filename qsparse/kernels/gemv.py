@@ -11,10 +11,15 @@ kernels read.
   the inputs above the carried band before the selection is known (measured slower, opt-in).
 - :func:`masked_topk`: ``x * M`` from carried thresholds, what decode runs before a dense GEMM
   at batch 2-16.
+- :class:`Producer`: the op that makes a site's input (RMSNorm, or ``act(g) * u`` of a GLU),
+  computed by the selection kernels of :func:`masked_topk` and :func:`sparse_gemv` (batch 1)
+  from what it reads, so it needs no kernel of its own.
 - :func:`ternary_gemv`: ``y = Q8(x) * M @ (alpha * T)`` with ``T`` in {-1, 0, 1} packed 16 per
   int32 along K ([ceil(K/16), N]: 1/8 of the bf16 bytes) and int8 activations (per-row absmax,
   BitNet b1.58 inference) multiplied with ``dp4a`` in int32; with ``k`` set, also top-k sparse
   (BitNet + Q-Sparse). ``act_bits=None`` (float activations) has no kernel: it dequantizes.
+  Batch 2-16: dp4a by default, int8 tensor cores (:data:`TERNARY_MMA_CONFIG`) or the words
+  split over programs (:func:`ternary_split_config`) on request.
 
 References: :func:`sparse_gemv_reference`, :func:`ternary_gemv_reference` (pure PyTorch, any
 device). The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
@@ -69,10 +74,11 @@ class GemvConfig:
 
     ``block_k``: kept rows per tile (sparse) or 16-input groups per tile (ternary);
     ``block_n``: output columns per program; ``split``: programs sharing one column block
-    (sparse only; > 1: the last one to finish sums their fp32 partials); ``select_warps``: warps of the
-    one-program selection kernel; ``use_dot``: tensor-core dot with the batch padded to 16
-    (sparse; None: when batch > 1); ``carry``: at batch 1 with a carried threshold
-    (``hint=``) and row-major weights, the GEMV sums the inputs above the carried band while
+    (sparse, and ternary at batch > 1; > 1: the last one to finish sums their fp32
+    partials); ``select_warps``: warps of the one-program selection kernel; ``use_dot``:
+    tensor-core dot with the batch padded to 16 (sparse; None: when batch > 1; ternary at
+    batch > 1: opt-in, :data:`TERNARY_MMA_CONFIG`); ``carry``: at batch 1 with a carried
+    threshold (``hint=``) and row-major weights, the GEMV sums the inputs above the carried band while
     the selection still runs and only the rest after it (docs/decode.md). Off by default: on
     an H200 it was slower than the list GEMV on every 7B shape but the down projection
     (benchmarks/README.md).
@@ -96,10 +102,16 @@ class GemvConfig:
 TERNARY_CONFIG = GemvConfig(block_k=64, block_n=16, num_warps=2, num_stages=3)
 #: ... and with top-k (the longer activation kernel hides more weight loads behind it)
 TERNARY_SPARSE_CONFIG = GemvConfig(block_k=128, block_n=32, num_warps=4, num_stages=3)
-#: batch 2-16: the config benchmarks/ternary_gemv.py measured at batch 2/4/8 (H100: 2.22x /
-#: 1.82x / 1.51x cuBLAS); the batch-1 configs hold [B, block_k, block_n] int32 accumulators in
-#: 64 threads and spill (H200, 7B decode at batch 8: 0.8 ms per ternary GEMV)
-TERNARY_BATCH_CONFIG = GemvConfig(block_k=16, block_n=32, num_warps=4)
+#: batch 2-16: the dp4a kernel (benchmarks/ternary_gemv.py: 2.22x / 1.82x / 1.51x cuBLAS at
+#: batch 2/4/8 on an H100; the batch-1 configs hold [B, block_k, block_n] int32 accumulators
+#: in 64 threads and spill); :func:`ternary_split_config` splits its words (opt-in)
+TERNARY_BATCH_CONFIG = GemvConfig(block_k=16, block_n=32, num_warps=4, use_dot=False)
+#: batch 2-16 on int8 tensor cores (``use_dot=True``, opt-in): the codes unpacked to an int8
+#: operand per tile, one ``mma`` per tile. Slower than dp4a on every 7B shape at batch 2-8 on
+#: an H200 (benchmarks/README.md): the unpacking, not the product, is the cost
+TERNARY_MMA_CONFIG = GemvConfig(block_k=8, block_n=64, num_warps=4, num_stages=4, use_dot=True)
+#: programs a split batch > 1 ternary GEMV aims for (about four per SM of an H200)
+TERNARY_PROGRAMS = 528
 
 
 def ternary_config_for(batch: int, sparse: bool) -> GemvConfig:
@@ -107,6 +119,20 @@ def ternary_config_for(batch: int, sparse: bool) -> GemvConfig:
     if batch > 1:
         return TERNARY_BATCH_CONFIG
     return TERNARY_SPARSE_CONFIG if sparse else TERNARY_CONFIG
+
+
+def ternary_split_config(n: int, k_in: int) -> GemvConfig:
+    """:data:`TERNARY_BATCH_CONFIG` with the words of each column block split over up to 8
+    programs, so that ``n`` outputs give about :data:`TERNARY_PROGRAMS` programs, each
+    keeping at least 8 tiles of the ``k_in`` inputs (7B: o 2, down 4, q|k|v and gate|up 1).
+    For the narrow outputs, where one program per column block leaves the dp4a kernel
+    latency-bound at batch 2-8 (7B down at batch 8: 43.8 us, 0.65x cuBLAS). Opt-in: checked
+    on an H200 (correct), its speed not measured yet (benchmarks/sparse_gemv_7b.py
+    ``ternary_split``)."""
+    blocks = -(-n // TERNARY_BATCH_CONFIG.block_n)
+    tiles = -(-k_in // (16 * TERNARY_BATCH_CONFIG.block_k))
+    split = max(1, min(8, TERNARY_PROGRAMS // blocks, tiles // 8))
+    return replace(TERNARY_BATCH_CONFIG, split=split)
 
 
 #: programs the batch-1 carried-threshold GEMV aims for (about four per SM of an H200): its
@@ -177,6 +203,67 @@ def _check_k(k: int | None, width: int) -> None:
         raise ValueError(f"k must be in [1, {width}] (inputs kept per row), got {k}")
 
 
+#: producers a selection kernel can compute itself (``producer=`` of :func:`masked_topk` and
+#: :func:`sparse_gemv`): the site input is ``rmsnorm``: ``w * round(x / sqrt(mean(x^2) +
+#: eps))`` of x [B, K] (``qsparse.models.llama.RMSNorm``), or ``relu2_glu`` / ``silu_glu``:
+#: ``act(g) * u`` of the fused gate|up output x = [g | u] [B, 2K] (ReLU^2 / SiLU GLU)
+PRODUCERS = ("none", "rmsnorm", "relu2_glu", "silu_glu")
+
+
+@dataclass(frozen=True)
+class Producer:
+    """The op that makes a sparse site's input, fused into its selection kernel (one
+    :data:`PRODUCERS` name; ``weight``: the RMSNorm weight [K], ``eps`` its epsilon)."""
+
+    kind: str = "none"
+    weight: torch.Tensor | None = None
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.kind not in PRODUCERS:
+            raise ValueError(f"producer kind {self.kind!r} must be one of {PRODUCERS}")
+        if (self.kind == "rmsnorm") != (self.weight is not None):
+            raise ValueError("producer: an RMSNorm weight goes with kind='rmsnorm' only")
+
+    @property
+    def code(self) -> int:
+        """The kernels' ``PROD`` constant (:func:`~qsparse.kernels._gemv_triton._produce`)."""
+        return PRODUCERS.index(self.kind)
+
+    def width(self, k_in: int) -> int:
+        """Columns of the producer's input x for a site of ``k_in`` inputs."""
+        return 2 * k_in if self.kind.endswith("_glu") else k_in
+
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether the kernels compute it for ``x`` (fp32 or bf16, weight of x's dtype);
+        otherwise :meth:`reference` runs first."""
+        if self.kind == "none":
+            return True
+        w_ok = self.weight is None or self.weight.dtype == x.dtype
+        return x.dtype in (torch.float32, torch.bfloat16) and w_ok
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The site input in PyTorch (the model's own modules' arithmetic): [B, K]."""
+        if self.kind == "none":
+            return x
+        if self.kind == "rmsnorm":
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * xf.to(x.dtype)
+        g, u = x.chunk(2, dim=-1)
+        act = torch.relu(g).square() if self.kind == "relu2_glu" else F.silu(g)
+        return act * u
+
+
+NO_PRODUCER = Producer()
+
+
+def _prod_args(prod: Producer, x: torch.Tensor) -> tuple[int, torch.Tensor, float]:
+    """(code, weight or an empty tensor, eps): what the custom ops take for ``prod``."""
+    w = prod.weight if prod.weight is not None else x.new_empty(0)
+    return prod.code, w.contiguous(), float(prod.eps)
+
+
 def _interpreted(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
@@ -221,6 +308,9 @@ def compact_rows(
     digit_bits: int = 5,
     pdl: bool = False,
     hint: torch.Tensor | None = None,
+    prod: int = 0,
+    prod_w: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kept inputs of ``x[B, K]`` as a list: (idx int32 [K], val fp32 [B, K], cnt int32 [1]).
 
@@ -229,13 +319,19 @@ def compact_rows(
     next as a programmatic dependent start early (it must wait for these outputs). ``hint``:
     int32 [>= B] (:func:`new_hint`), the threshold carried over from the previous call at this
     site and updated in place (radix only; one pass instead of several when the row's
-    distribution moved little, the same selection either way).
+    distribution moved little, the same selection either way). ``prod``: a
+    :attr:`Producer.code` (batch 1, radix): select from the producer's output of x (then x is
+    [1, 2K] for a GLU), ``prod_w``/``eps`` its RMSNorm weight and epsilon.
     """
     import triton
 
     from ._gemv_triton import _compact_kernel
 
     bsz, width = x.shape
+    if prod:
+        if bsz != 1 or not radix:
+            raise ValueError("a fused producer needs batch 1 and the radix selection")
+        width = width // 2 if prod >= 2 else width
     idx = torch.empty(width, dtype=torch.int32, device=x.device)
     val = torch.empty(bsz, width, dtype=torch.float32, device=x.device)
     cnt = torch.empty(1, dtype=torch.int32, device=x.device)
@@ -260,39 +356,69 @@ def compact_rows(
         DBITS=digit_bits,
         PDL=pdl and _pdl_ok(x),
         HINT=use_hint,
+        w_ptr=prod_w if prod_w is not None and prod_w.numel() else cnt,
+        eps=float(eps),
+        PROD=prod,
+        BF16=x.dtype == torch.bfloat16,
         num_warps=select_warps_for(width, num_warps),
     )
     return idx, val, cnt
 
 
 def masked_topk(
-    x: torch.Tensor, k: int, hint: torch.Tensor | None = None, digit_bits: int = 5
+    x: torch.Tensor,
+    k: int,
+    hint: torch.Tensor | None = None,
+    digit_bits: int = 5,
+    producer: Producer = NO_PRODUCER,
 ) -> torch.Tensor:
-    """``x * topk_mask(x, k)`` for ``x[B, K]`` (values copied, same dtype): one program per row,
-    radix select starting from the row's carried threshold (``hint``: :func:`new_hint`,
-    updated in place; one pass instead of several when it moved little). What decode runs
-    before the dense GEMM at batch 2-16 (the custom op ``qsparse::masked_topk``)."""
-    _check_x(x, x.shape[-1] if x.dim() == 2 else 0)
-    _check_k(k, x.shape[1])
+    """``v * topk_mask(v, k)`` for the site input ``v[B, K]`` (values copied, same dtype): one
+    program per row, radix select starting from the row's carried threshold (``hint``:
+    :func:`new_hint`, updated in place; one pass instead of several when it moved little).
+    ``v = producer.reference(x)``, computed inside the kernel (RMSNorm of x, or act(g) * u of
+    x = [g | u]), so the producer's own kernels do not run. What decode runs before the dense
+    GEMM at batch 2-16 (the custom op ``qsparse::masked_topk``)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [batch, features], got shape {tuple(x.shape)}")
+    if not producer.fuses(x):
+        x, producer = producer.reference(x), NO_PRODUCER
+    width = x.shape[1] // 2 if producer.kind.endswith("_glu") else x.shape[1]
+    _check_x(x, producer.width(width))
+    _check_k(k, width)
     _radix_digits(x.dtype, digit_bits)
-    return masked_topk_op(x.contiguous(), k, digit_bits, _hint_arg(hint, x.shape[0], x.device))
+    code, w, eps = _prod_args(producer, x)
+    return masked_topk_op(
+        x.contiguous(), k, digit_bits, _hint_arg(hint, x.shape[0], x.device), code, w, eps
+    )
 
 
 @torch.library.custom_op("qsparse::masked_topk", mutates_args=("hint",))
-def masked_topk_op(x: torch.Tensor, k: int, digit_bits: int, hint: torch.Tensor) -> torch.Tensor:
-    """Launch behind :func:`masked_topk` (validated arguments; ``hint`` empty: none)."""
+def masked_topk_op(
+    x: torch.Tensor,
+    k: int,
+    digit_bits: int,
+    hint: torch.Tensor,
+    prod: int,
+    prod_w: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Launch behind :func:`masked_topk` (validated arguments; ``hint`` empty: none; ``prod``:
+    :attr:`Producer.code`, ``prod_w`` its weight or empty). Returns [B, K]."""
     import triton
 
     from ._gemv_triton import _masked_topk_kernel
 
     bsz, width = x.shape
-    out = torch.empty_like(x)
+    width = width // 2 if prod >= 2 else width
+    out = torch.empty(bsz, width, dtype=x.dtype, device=x.device)
     low, ndig = _radix_digits(x.dtype, digit_bits)
     use_hint = hint.numel() > 0
     _masked_topk_kernel[(bsz,)](
         x,
         out,
         hint if use_hint else out,
+        prod_w if prod_w.numel() else out,
+        eps,
         width,
         k,
         BLOCK=triton.next_power_of_2(width),
@@ -300,14 +426,17 @@ def masked_topk_op(x: torch.Tensor, k: int, digit_bits: int, hint: torch.Tensor)
         NDIG=ndig,
         DBITS=digit_bits,
         HINT=use_hint,
+        PROD=prod,
+        BF16=x.dtype == torch.bfloat16,
         num_warps=select_warps_for(width),
     )
     return out
 
 
 @masked_topk_op.register_fake
-def _masked_topk_fake(x, k, digit_bits, hint) -> torch.Tensor:
-    return torch.empty_like(x)
+def _masked_topk_fake(x, k, digit_bits, hint, prod, prod_w, eps) -> torch.Tensor:
+    width = x.shape[1] // 2 if prod >= 2 else x.shape[1]
+    return x.new_empty((x.shape[0], width))
 
 
 def new_hint(batch: int = 16, device: torch.device | str | None = None) -> torch.Tensor:
@@ -407,6 +536,7 @@ def sparse_gemv(
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     n_out: int | None = None,
     hint: torch.Tensor | None = None,
+    producer: Producer = NO_PRODUCER,
 ) -> torch.Tensor:
     """``y[B, N] = (x * M) @ W^T`` for ``x[B, K]`` and ``wt = prepare_dense(W)`` (``M``: top-``k``
     of |x| per row). Each program owns ``min(cfg.block_n, panel width)`` columns (which must
@@ -415,18 +545,26 @@ def sparse_gemv(
     ``k = K``) is a plain dense product (cuBLAS). ``rows``: :func:`compact_rows` of ``(x, k)``
     when already computed (the selection is then skipped). ``n_out``: keep the first ``n_out``
     columns (drops the panel padding). ``hint``: the site's threshold carry (:func:`new_hint`,
-    see :func:`compact_rows`). The kernels run inside the custom op ``qsparse::sparse_gemv``,
-    so ``torch.compile`` traces a call without a graph break."""
+    see :func:`compact_rows`). ``producer``: x is what the site's producer reads (RMSNorm
+    input, or the gate|up output [B, 2K]); at batch 1 the selection kernel computes the site
+    input itself (:class:`Producer`), elsewhere :meth:`Producer.reference` runs first. The
+    kernels run inside the custom op ``qsparse::sparse_gemv``, so ``torch.compile`` traces a
+    call without a graph break."""
+    if producer.kind != "none" and (
+        x.dim() != 2 or x.shape[0] != 1 or rows is not None or not producer.fuses(x)
+    ):
+        x, producer = producer.reference(x), NO_PRODUCER
     if cfg is None:
         k_in, n_pad, panel = _wt_dims(wt)
         cfg = sparse_config_for(k_in, n_pad, k if k is not None else k_in, x.shape[0])
         if panel is not None:  # the program width must divide the panel width
             cfg = replace(cfg, block_n=math.gcd(cfg.block_n, panel))
     k_in, _, _, _, _, _ = _panels(wt, cfg)
-    _check_x(x, k_in)
+    _check_x(x, producer.width(k_in))
     _check_k(k, k_in)
     out_dtype = out_dtype or x.dtype
     if k is None or k == k_in:
+        x = producer.reference(x)
         y = (x.to(wt.dtype) @ dense_layout(wt)).to(out_dtype)
         return y[:, :n_out] if n_out is not None else y
     if cfg.use_dot is False and x.shape[0] > 1:
@@ -434,7 +572,10 @@ def sparse_gemv(
     _radix_digits(x.dtype, cfg.digit_bits)  # validates digit_bits
     hint = _hint_arg(hint, x.shape[0], x.device)
     idx, val, cnt = rows if rows is not None else (None, None, None)
-    y = sparse_gemv_op(x.contiguous(), wt, k, idx, val, cnt, out_dtype, _cfg_ints(cfg), hint)
+    code, w, eps = _prod_args(producer, x)
+    y = sparse_gemv_op(
+        x.contiguous(), wt, k, idx, val, cnt, out_dtype, _cfg_ints(cfg), hint, code, w, eps
+    )
     return y[:, :n_out] if n_out is not None else y
 
 
@@ -449,17 +590,22 @@ def sparse_gemv_op(
     out_dtype: torch.dtype,
     cfg: list[int],
     hint: torch.Tensor,
+    prod: int,
+    prod_w: torch.Tensor,
+    eps: float,
 ) -> torch.Tensor:
     """Sparse GEMV launch behind :func:`sparse_gemv` (validated arguments; ``cfg``:
-    :func:`_cfg_ints`; ``hint`` updated in place, empty: none). Returns [B, N (padded)] in
-    ``out_dtype``."""
+    :func:`_cfg_ints`; ``hint`` updated in place, empty: none; ``prod``/``prod_w``/``eps``:
+    the fused producer, :func:`_prod_args`). Returns [B, N (padded)] in ``out_dtype``."""
     rows = (idx, val, cnt) if idx is not None else None
     carry = hint if hint.numel() else None
-    return _sparse_gemv_launch(x, wt, k, _cfg_from_ints(cfg), out_dtype, rows, carry)
+    return _sparse_gemv_launch(
+        x, wt, k, _cfg_from_ints(cfg), out_dtype, rows, carry, (prod, prod_w, eps)
+    )
 
 
 @sparse_gemv_op.register_fake
-def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, cfg, hint) -> torch.Tensor:
+def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, cfg, hint, prod, prod_w, eps):
     return x.new_empty((x.shape[0], _wt_dims(wt)[1]), dtype=out_dtype)
 
 
@@ -471,6 +617,7 @@ def _sparse_gemv_launch(
     out_dtype: torch.dtype,
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     hint: torch.Tensor | None = None,
+    prod: tuple[int, torch.Tensor, float] = (0, None, 0.0),
 ) -> torch.Tensor:
     import triton
 
@@ -482,6 +629,7 @@ def _sparse_gemv_launch(
     pdl = cfg.pdl and rows is None and _pdl_ok(x)
     if (
         cfg.carry
+        and prod[0] == 0
         and hint is not None
         and rows is None
         and bsz == 1
@@ -494,7 +642,7 @@ def _sparse_gemv_launch(
         rows
         if rows is not None
         else compact_rows(
-            x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass, cfg.digit_bits, pdl, hint
+            x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass, cfg.digit_bits, pdl, hint, *prod
         )
     )
     use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
@@ -738,7 +886,7 @@ def ternary_gemv_op(
     in place, empty: none). Returns [B, N] in ``out_dtype``."""
     import triton
 
-    from ._gemv_triton import _ternary_dp4a_kernel, _ternary_prep_kernel
+    from ._gemv_triton import _ternary_dp4a_kernel, _ternary_mma_kernel, _ternary_prep_kernel
 
     cfg = _cfg_from_ints(cfg)
     g, n = packed.shape
@@ -774,13 +922,47 @@ def ternary_gemv_op(
     )
     y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
     extra = {"launch_pdl": True} if pdl else {}
-    _ternary_dp4a_kernel[(triton.cdiv(n, cfg.block_n),)](
+    alpha_arg = alpha_vec if alpha_vec is not None else scale
+    split = max(1, cfg.split)
+    part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    sem = _semaphores(x.device, triton.cdiv(n, cfg.block_n)) if split > 1 else qsum
+    if bsz > 1 and cfg.use_dot:
+        # tensor cores: int8 codes x int8 activations, batch padded to 16
+        _ternary_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
+            xq,
+            qsum,
+            scale,
+            packed,
+            y,
+            alpha_arg,
+            alpha_f,
+            part,
+            sem,
+            bsz,
+            g,
+            n,
+            16 * g,
+            BB=max(16, triton.next_power_of_2(bsz)),
+            BG=cfg.block_k,
+            BN=cfg.block_n,
+            SPLIT=split,
+            ALPHA_VEC=alpha_vec is not None,
+            DOT_F32=interp,
+            STAGES=cfg.num_stages,
+            ASM=not interp,
+            PDL=pdl,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            **extra,
+        )
+        return y.to(out_dtype)
+    _ternary_dp4a_kernel[(triton.cdiv(n, cfg.block_n), split)](
         xq.view(torch.int32),
         qsum,
         scale,
         packed,
         y,
-        alpha_vec if alpha_vec is not None else scale,
+        alpha_arg,
         alpha_f,
         bsz,
         g,
@@ -791,6 +973,9 @@ def ternary_gemv_op(
         ALPHA_VEC=alpha_vec is not None,
         ASM=not interp,
         PDL=pdl,
+        part_ptr=part,
+        sem_ptr=sem,
+        SPLIT=split,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **extra,

@@ -28,7 +28,6 @@ Module layout (the contract ``qsparse.sparsify`` relies on)::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -382,16 +381,11 @@ class LlamaForCausalLM(nn.Module):
         CUDA graph; ``qsparse.generate.generate`` is the fast path). ``use_cache=False``
         recomputes the whole prefix at each step (reference path).
         """
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [B, T], got {tuple(input_ids.shape)}.")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}.")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-        if temperature < 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature}.")
-        if top_k is not None and not (1 <= top_k <= self.config.vocab_size):
-            raise ValueError(f"top_k must be in [1, vocab_size={self.config.vocab_size}].")
+        from qsparse.generate import DecodeEngine, check_request, pick_next, stop_at_eos
+
+        check_request(
+            input_ids, max_new_tokens, temperature, top_k, self.config.vocab_size, min_new_tokens=0
+        )
         b, t = input_ids.shape
         total = t + max_new_tokens
         if total > self.config.max_position_embeddings:
@@ -401,7 +395,6 @@ class LlamaForCausalLM(nn.Module):
             )
         if max_new_tokens == 0:
             return input_ids
-        from qsparse.generate import DecodeEngine, pick_next, stop_at_eos
 
         was_training = self.training
         self.eval()

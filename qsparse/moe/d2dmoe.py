@@ -49,16 +49,12 @@ def router_parameters(model: nn.Module) -> int:
 def qsparse_activated(model: nn.Module, sparsity: float) -> int:
     """Activated parameters of Q-Sparse top-k at ``sparsity`` on ``model``'s projections
     (the linears of every measuring site, ``k = int((1 - S) d)``), routers excluded."""
-    from ..stats import _linear_inputs
+    from ..stats import skipped_parameters
 
-    saved = 0.0
-    seen: set[int] = set()
-    for linear, sp in _linear_inputs(model):
-        if sp is None or id(linear.weight) in seen:
-            continue
-        seen.add(id(linear.weight))
-        d = linear.in_features
-        saved += (1.0 - keep_count(d, sparsity) / d) * linear.weight.numel()
+    def density(linear: nn.Module, _site: nn.Module) -> float:
+        return keep_count(linear.in_features, sparsity) / linear.in_features
+
+    saved = skipped_parameters(model, density)
     return int(round(total_parameters(model) - router_parameters(model) - saved))
 
 

@@ -5,6 +5,8 @@
 what the ``qsparse-train`` command (:mod:`qsparse.cli.train`) calls.
 """
 
+from ..models.builder import build_model
+from ..models.checkpointing import enable_gradient_checkpointing
 from .callbacks import (
     LayerGradNorm,
     RunSummary,
@@ -14,7 +16,7 @@ from .callbacks import (
     TokenThroughputMonitor,
 )
 from .checkpoint import AtomicCheckpointIO
-from .module import LMModule, build_model, enable_gradient_checkpointing
+from .module import LMModule
 from .optim import TwoStageSchedule, param_groups, warmup_decay
 from .run import train
 

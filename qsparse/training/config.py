@@ -207,6 +207,18 @@ def _require(cond: bool, key: str, value: Any, rule: str) -> None:
         raise ValueError(f"config error: {key}={value!r} {rule}")
 
 
+def _int_at_least(section: Mapping[str, Any], prefix: str, key: str, minimum: int) -> None:
+    """``<prefix>.<key>``, where set (not null), is an int >= ``minimum``."""
+    v = section.get(key)
+    if v is not None:
+        _require(
+            isinstance(v, int) and v >= minimum,
+            f"{prefix}.{key}",
+            v,
+            f"must be an int >= {minimum}",
+        )
+
+
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     """Range-check a composed training config; raise ``ValueError`` naming the key.
 
@@ -275,10 +287,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
         _require(_num(eps) and eps > 0, "optim.eps", eps, "must be > 0")
 
     sched = cfg.get("scheduler") or {}
-    for key in ("warmup_steps",):
-        if sched.get(key) is not None:
-            v = sched[key]
-            _require(isinstance(v, int) and v >= 0, f"scheduler.{key}", v, "must be an int >= 0")
+    _int_at_least(sched, "scheduler", "warmup_steps", 0)
     if sched.get("total_steps") is not None:
         v = sched["total_steps"]
         _require(
@@ -307,42 +316,21 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
             "must be >= 1 unless trainer.max_epochs is set",
         )
     else:
-        _require(
-            isinstance(max_steps, int) and max_steps >= 1,
-            "trainer.max_steps",
-            max_steps,
-            "must be an int >= 1",
-        )
+        _int_at_least(trainer, "trainer", "max_steps", 1)
     clip = trainer.get("gradient_clip_val")
     if clip is not None:
         _require(
             _num(clip) and clip >= 0, "trainer.gradient_clip_val", clip, "must be >= 0 or null"
         )
-    acc = trainer.get("accumulate_grad_batches")
-    if acc is not None:
-        _require(
-            isinstance(acc, int) and acc >= 1,
-            "trainer.accumulate_grad_batches",
-            acc,
-            "must be an int >= 1",
-        )
+    _int_at_least(trainer, "trainer", "accumulate_grad_batches", 1)
     vci = trainer.get("val_check_interval")
     if vci is not None:
         _require(_num(vci) and vci > 0, "trainer.val_check_interval", vci, "must be > 0")
-    les = trainer.get("log_every_n_steps")
-    if les is not None:
-        _require(
-            isinstance(les, int) and les >= 1,
-            "trainer.log_every_n_steps",
-            les,
-            "must be an int >= 1",
-        )
+    _int_at_least(trainer, "trainer", "log_every_n_steps", 1)
 
     data = cfg.get("data") or {}
     for key in ("batch_size", "seq_len"):
-        if data.get(key) is not None:
-            v = data[key]
-            _require(isinstance(v, int) and v >= 1, f"data.{key}", v, "must be an int >= 1")
+        _int_at_least(data, "data", key, 1)
 
     wandb = (cfg.get("logger") or {}).get("wandb")
     if wandb and wandb.get("mode") is not None:

@@ -23,7 +23,7 @@ checkpointed) plus one forward's activations without autograd state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dtypes import dtype_names
+from ..dtypes import dtype_names, torch_dtype
+from ..models.builder import build_model
+from ..models.checkpointing import decoder_layer_list
 
 DISTILL_MODES = ("none", "logits", "logits+hidden")
 TEACHER_DTYPES = ("auto", *dtype_names())
@@ -191,3 +193,66 @@ class LayerOutputs:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class Teacher:
+    """The frozen dense teacher of a distilling run and the loss of a step against it.
+
+    Held by :class:`~qsparse.training.LMModule` as a plain attribute, not a submodule, so the
+    teacher stays out of the state dict, the optimizer, FSDP wrapping and checkpoints.
+    """
+
+    def __init__(self, cfg: DistillConfig) -> None:
+        self.cfg = cfg
+        self.model: nn.Module | None = None
+        self._hooks: tuple[LayerOutputs, LayerOutputs] | None = None
+
+    def build(
+        self, spec: Mapping[str, Any], student: nn.Module | None, device: torch.device
+    ) -> nn.Module:
+        """The dense model of ``spec``, frozen, in eval mode, on ``device``, in
+        ``cfg.teacher_dtype`` (``auto``: bf16 on CUDA, fp32 elsewhere); built once. With
+        hidden-state distillation, hooks on the layers of ``student`` and teacher."""
+        if self.model is not None:
+            return self.model
+        teacher = build_model(spec)
+        dtype = self.cfg.teacher_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        teacher.to(device=device, dtype=torch_dtype(dtype, "distill.teacher_dtype"))
+        teacher.eval().requires_grad_(False)
+        self.model = teacher
+        if self.cfg.hidden:
+            assert student is not None
+            self._hooks = (
+                LayerOutputs(decoder_layer_list(student)),
+                LayerOutputs(decoder_layer_list(teacher)),
+            )
+        return teacher
+
+    def loss(
+        self, student: Callable[[], Any], batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(L, parts)`` of one batch (module docstring): ``student()`` runs the student's
+        forward (with labels: ``.loss`` is the LM loss, ``.logits`` [B, T, V]), the teacher
+        runs without gradients; ``parts`` are the detached terms to log by metric name."""
+        assert self.model is not None, "Teacher.build runs before Teacher.loss"
+        cfg = self.cfg
+        if self._hooks is not None:
+            for h in self._hooks:
+                h.take()  # drop outputs of recomputed (checkpointed) layers
+        out = student()
+        with torch.no_grad():
+            kwargs = {"input_ids": batch["input_ids"]}
+            if batch.get("attention_mask") is not None:
+                kwargs["attention_mask"] = batch["attention_mask"]
+            t_logits = self.model(**kwargs).logits
+        lm = out.loss
+        kl = kl_distill_loss(out.logits, t_logits, batch["labels"], cfg.temperature)
+        loss = cfg.lm_weight * lm + cfg.kl_weight * kl
+        parts = {"train/lm_loss": lm.detach().float(), "train/kl": kl.detach()}
+        if self._hooks is not None:
+            hidden = hidden_distill_loss(self._hooks[0].take(), self._hooks[1].take())
+            loss = loss + cfg.hidden_weight * hidden
+            parts["train/hidden_loss"] = hidden.detach()
+        return loss, parts

@@ -3,6 +3,11 @@
 ``MFU = tokens_per_s * flops_per_token / (peak_flops * n_devices)`` where ``flops_per_token``
 counts the model's dense training FLOPs (forward + backward, ``~6 N`` plus attention), so
 MFU compares runs independently of how much work sparsity could skip.
+
+The table is ours rather than Lightning's ``get_available_flops`` (lightning 2.6) for the
+device this project measures on: Lightning keys the H200 as ``h200 sxm1`` / ``h200 nvl1``,
+which the device name ``NVIDIA H200`` does not match (no peak, no MFU), and its H200 entries
+are the 2:4-sparse peaks (bf16 2.0 / 1.7 PFLOP/s, twice the dense 989 / 835 TFLOP/s).
 """
 
 from __future__ import annotations

@@ -27,14 +27,13 @@ import torch
 from torch import nn
 
 from qsparse.convert import ACTIVATION_CHOICES
-from qsparse.dtypes import torch_dtype
 from qsparse.methods import method_from_spec
 from qsparse.models.builder import build_model
-from qsparse.models.checkpointing import decoder_layer_list, enable_gradient_checkpointing
+from qsparse.models.checkpointing import enable_gradient_checkpointing
 from qsparse.nn import QuantConfig, SparsityConfig
 from qsparse.nn.sites import dynamic_sparsity
 
-from .distill import DistillConfig, LayerOutputs, hidden_distill_loss, kl_distill_loss
+from .distill import DistillConfig, Teacher
 from .optim import no_decay_names, param_groups, total_grad_norm
 
 
@@ -137,10 +136,7 @@ class LMModule(L.LightningModule):
         self.last_val_losses: dict[str, float] = {}
         self._val_sum: dict[int, torch.Tensor] = {}
         self._val_tokens: dict[int, torch.Tensor] = {}
-        # the teacher is a plain attribute, not a submodule: it stays out of the state dict,
-        # the optimizer, FSDP wrapping and checkpoints (see distill.py)
-        self._teacher: list[nn.Module] = []
-        self._hooks: tuple[LayerOutputs, LayerOutputs] | None = None
+        self._teacher = Teacher(self._distill)  # a plain attribute (see distill.py)
 
     # ------------------------------------------------------------------ model
     @property
@@ -158,27 +154,12 @@ class LMModule(L.LightningModule):
     @property
     def teacher(self) -> nn.Module | None:
         """The frozen dense teacher (built by :meth:`on_fit_start` when distilling)."""
-        return self._teacher[0] if self._teacher else None
+        return self._teacher.model
 
     def build_teacher(self) -> nn.Module:
         """The dense model of the ``model`` spec, frozen, in eval mode, on this device, in
-        ``distill.teacher_dtype`` (idempotent)."""
-        if self._teacher:
-            return self._teacher[0]
-        teacher = build_model(self.hparams["model"])
-        dtype = self._distill.teacher_dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        teacher.to(device=self.device, dtype=torch_dtype(dtype, "distill.teacher_dtype"))
-        teacher.eval().requires_grad_(False)
-        self._teacher.append(teacher)
-        if self._distill.hidden:
-            assert self.model is not None
-            self._hooks = (
-                LayerOutputs(decoder_layer_list(self.model)),
-                LayerOutputs(decoder_layer_list(teacher)),
-            )
-        return teacher
+        ``distill.teacher_dtype`` (idempotent; :class:`~qsparse.training.distill.Teacher`)."""
+        return self._teacher.build(self.hparams["model"], self.model, self.device)
 
     def on_fit_start(self) -> None:
         if self._distill.enabled:
@@ -216,7 +197,9 @@ class LMModule(L.LightningModule):
         sparsity, activation = self._sparsity, self.hparams["activation"]
         if self._method is not None:
             sparsity, activation = self._method.training_conversion(sparsity, activation)
-        dense = sparsity.pattern == "none" or not sparsity.enabled
+        # top-k at ratio 0 keeps its sparsifiers (k = d passes through): they measure the
+        # zeros the activation function makes by itself (a dense ReLU² model's natural sparsity)
+        dense = sparsity.pattern == "none"
         if not dense or self._quant.enabled or activation != "keep" or self._method is not None:
             self.sparsify_report = qsparse.sparsify(
                 model,
@@ -275,26 +258,12 @@ class LMModule(L.LightningModule):
     # --------------------------------------------------------------- training
     def _distill_step(self, batch: Mapping[str, torch.Tensor], bs: int) -> torch.Tensor:
         """Student forward + frozen teacher forward; the weighted loss of distill.py."""
-        cfg = self._distill
-        teacher = self.build_teacher()
-        if self._hooks is not None:
-            for h in self._hooks:
-                h.take()  # drop outputs of recomputed (checkpointed) layers
-        out = self(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
-        with torch.no_grad():
-            kwargs = {"input_ids": batch["input_ids"]}
-            if batch.get("attention_mask") is not None:
-                kwargs["attention_mask"] = batch["attention_mask"]
-            t_logits = teacher(**kwargs).logits
-        lm = out.loss
-        kl = kl_distill_loss(out.logits, t_logits, batch["labels"], cfg.temperature)
-        loss = cfg.lm_weight * lm + cfg.kl_weight * kl
-        self.log("train/lm_loss", lm.detach().float(), on_step=True, batch_size=bs)
-        self.log("train/kl", kl.detach(), on_step=True, batch_size=bs)
-        if self._hooks is not None:
-            hidden = hidden_distill_loss(self._hooks[0].take(), self._hooks[1].take())
-            loss = loss + cfg.hidden_weight * hidden
-            self.log("train/hidden_loss", hidden.detach(), on_step=True, batch_size=bs)
+        self.build_teacher()
+        loss, parts = self._teacher.loss(
+            lambda: self(batch["input_ids"], batch["labels"], batch.get("attention_mask")), batch
+        )
+        for key, value in parts.items():
+            self.log(key, value, on_step=True, batch_size=bs)
         return loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -126,7 +126,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._shard_mesh is None:
             raise RuntimeError("FSDP2Strategy.shard_model called before the process group exists")
         if self.activation_checkpointing:
-            from .module import enable_gradient_checkpointing
+            from ..models.checkpointing import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(model)
         kwargs: dict[str, Any] = {

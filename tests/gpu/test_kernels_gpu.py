@@ -6,6 +6,8 @@ row keeps exactly k, values agree to rel. error <= 1e-2 in bf16 (they are bit-ex
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -361,3 +363,56 @@ def test_carried_gemv_replays_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, G.sparse_gemv_reference(x, wt, k)) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "kind, width", [("rmsnorm", 4096), ("relu2_glu", 11008), ("silu_glu", 11008)]
+)
+@pytest.mark.parametrize("batch", [1, 2, 8])
+def test_fused_producer_selection_matches_reference(dtype, kind, width, batch):
+    """The selection kernels computing their input (RMSNorm, act(g) * u) keep exactly k of the
+    values the torch modules compute: the same values and kept set, up to the last-ulp
+    differences of a reduction order / exp (RMSNorm, SiLU: a few entries at most)."""
+    w = (torch.rand(width, device="cuda") + 0.5).to(dtype) if kind == "rmsnorm" else None
+    prod = G.Producer(kind, w, 1e-6)
+    k = int(0.4 * width)
+    hint = G.new_hint(16, "cuda")
+    wd = fresh((1024, width), dtype) * 0.02
+    wt = G.prepare_dense(wd)
+    for scale in (1.0, 1.02, 3.0):  # carried thresholds: inside and off the band
+        x = fresh((batch, prod.width(width)), dtype) * scale
+        v = prod.reference(x)
+        ref = v * topk_mask(v, k)
+        got = G.masked_topk(x, k, hint, producer=prod)
+        assert ((got != 0).sum(1) == k).all()
+        differ = int(((got != 0) != (ref != 0)).sum())  # kept sets
+        if kind == "relu2_glu":
+            assert differ == 0 and torch.equal(got, ref)
+        else:
+            assert differ <= 4 * batch, differ
+            if dtype == torch.bfloat16:
+                assert int((got != ref).sum()) <= 4 * batch
+            torch.testing.assert_close(got, v * (got != 0), rtol=1e-5, atol=1e-6)
+        if batch == 1:
+            y = G.sparse_gemv(x, wt, k, n_out=1024, hint=hint, producer=prod)
+            assert rel_err(y, G.sparse_gemv_reference(v, wt, k)) <= 1e-2
+
+
+@pytest.mark.parametrize("batch", [2, 5, 16])
+@pytest.mark.parametrize("kin, n", [(4096, 4096), (11008, 4096), (4096, 12288)])
+@pytest.mark.parametrize("k_frac", [None, 0.4])
+def test_ternary_split_and_tensor_core_gemv_match_dp4a_and_reference(batch, kin, n, k_frac):
+    packed = G.pack_ternary(G.ternarize(fresh((n, kin), torch.bfloat16))[0])
+    x = fresh((batch, kin), torch.bfloat16)
+    k = None if k_frac is None else int(k_frac * kin)
+    dp4a = G.ternary_gemv(x, packed, 0.5, k, 8, cfg=G.TERNARY_BATCH_CONFIG)  # split 1
+    mma = G.ternary_gemv(x, packed, 0.5, k, 8, cfg=G.TERNARY_MMA_CONFIG)
+    assert torch.equal(mma, dp4a)  # the same integer sums, scaled alike
+    ref = G.ternary_gemv_reference(x, packed, 0.5, k, 8)
+    for split in (2, 4):  # dp4a and tensor cores, words split over programs
+        for cfg in (G.TERNARY_BATCH_CONFIG, G.TERNARY_MMA_CONFIG):
+            y = G.ternary_gemv(x, packed, 0.5, k, 8, cfg=replace(cfg, split=split))
+            assert rel_err(y, ref) <= 1e-2
+    y = G.ternary_gemv(x, packed, 0.5, k, 8, cfg=G.ternary_split_config(n, kin))
+    assert rel_err(y, ref) <= 1e-2

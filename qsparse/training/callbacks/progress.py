@@ -63,20 +63,13 @@ class StepProgressBar(TQDMProgressBar):
         if not self._by_steps(trainer):  # by steps: the bar made at train start runs on
             super().on_train_epoch_start(trainer, *args)
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         if not self._by_steps(trainer):
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            super().on_train_batch_end(trainer, module, *args)
             return
         bar = self.train_progress_bar
         step = trainer.global_step
         if bar is not None and not bar.disable and self._should_update(step, bar.total):
             bar.n = step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.set_postfix(self.get_metrics(trainer, module))
             bar.refresh()

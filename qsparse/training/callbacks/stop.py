@@ -27,14 +27,7 @@ class StopAtStep(L.Callback):
         self.step = step
         self.mode = mode
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
         if trainer.global_step >= self.step:
             if self.mode == "crash":
                 raise SimulatedCrash(f"simulated crash after step {trainer.global_step}")

@@ -69,12 +69,7 @@ class TokenThroughputMonitor(L.Callback):
         self._t0 = None
 
     def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *_: Any
     ) -> None:
         ids = batch["input_ids"] if isinstance(batch, Mapping) else batch[0]
         if self._seq_len is None:

