@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import qsparse
 from qsparse.cli.compare import build_method, main, split_overrides
 from qsparse.methods import CATS, TEAL, AttributionSelection, QSparse
 
@@ -100,6 +101,37 @@ def test_compare_rejects_bad_input(tiny_hf_checkpoint, tmp_path: Path, capsys) -
     assert "nope" in capsys.readouterr().err
     assert main([str(tmp_path / "missing"), "--text", "kjv"]) == 2
     assert main([str(base), "--text", "kjv", "--set", "teal.nokey=1", "--sparsity", "0.5"]) == 2
+
+
+def test_compare_adds_exported_checkpoints_as_rows(
+    tiny_hf_checkpoint, tmp_path: Path, capsys
+) -> None:
+    """``--compare RUN/hf``: a Q-Sparse export (what continued training writes) is measured as
+    saved; exported untrained at S=0.6 it equals the training-free top-k row at 0.6."""
+    base = tiny_hf_checkpoint("llama", max_position_embeddings=256)
+    exported = tmp_path / "run" / "hf"
+    model = qsparse.load(base)
+    qsparse.sparsify(model, sparsity=0.6)
+    qsparse.export(model, exported, tokenizer=str(base))
+    out = tmp_path / "rows.json"
+    args = [str(base), "--text", "kjv", "--methods", "qsparse", "--sparsity", "0.6"]
+    args += ["--seq-len", "64", "--max-tokens", "256", "--sparsity-tokens", "128"]
+    args += ["--compare", str(exported), "--labels", "continued S=0.6", "--json", str(out)]
+    args += ["--plot", str(tmp_path / "p.png")]
+    assert main(args) == 0
+    assert "continued S=0.6" in capsys.readouterr().out
+    dense, free, trained = json.loads(out.read_text())
+    assert trained["label"] == "continued S=0.6" and trained["path"] == str(exported)
+    assert trained["method"] is None and trained["sparsity_setting"] == pytest.approx(0.6)
+    assert trained["ppl"]["kjv"] == pytest.approx(free["ppl"]["kjv"], rel=1e-6)
+    assert trained["measured_sparsity"] == pytest.approx(free["measured_sparsity"], abs=1e-9)
+    assert trained["ppl"]["kjv"] != dense["ppl"]["kjv"]
+    # checked before any row is measured: one label per checkpoint, existing folders
+    bad = [str(base), "--text", "kjv", "--methods", "qsparse", "--sparsity", "0.6"]
+    assert main(bad + ["--compare", str(exported), "--labels", "a", "b"]) == 2
+    assert "2 labels for 1 checkpoints" in capsys.readouterr().err
+    assert main(bad + ["--compare", str(tmp_path / "nope")]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -121,7 +121,8 @@ def test_unit_ratios_weigh_heads_one_third() -> None:
 
 def _reference_masks(model, ids: torch.Tensor, sparsity: float) -> dict[str, torch.Tensor]:
     """Masks of the attribution selection computed directly: retain_grad on the o_proj /
-    down_proj inputs and outputs, one backward of the greedy cross-entropy."""
+    down_proj inputs, one backward of the greedy cross-entropy; ``g_layer`` = the input's
+    gradient over the layer's units (the paper's norm)."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for i, layer in enumerate(model.model.layers):
@@ -131,11 +132,7 @@ def _reference_masks(model, ids: torch.Tensor, sparsity: float) -> dict[str, tor
                 args[0].retain_grad()
                 seen[key + ".in"] = args[0]
 
-            def post(m, args, out, key=f"{i}.{kind}"):
-                out.retain_grad()
-                seen[key + ".out"] = out
-
-            handles += [proj.register_forward_pre_hook(pre), proj.register_forward_hook(post)]
+            handles.append(proj.register_forward_pre_hook(pre))
     logits = model(ids).logits
     F.cross_entropy(logits.flatten(0, 1), logits.detach().argmax(-1).flatten()).backward()
     for h in handles:
@@ -145,11 +142,11 @@ def _reference_masks(model, ids: torch.Tensor, sparsity: float) -> dict[str, tor
     heads = model.config.num_attention_heads
     r_h, r_mlp = unit_ratios(sparsity, heads)
     for i in range(len(model.model.layers)):
-        a, out = seen[f"{i}.o.in"], seen[f"{i}.o.out"]
-        s = head_attribution(a.detach(), a.grad, out.grad.norm(dim=-1), heads)
+        a = seen[f"{i}.o.in"]
+        s = head_attribution(a.detach(), a.grad, a.grad.norm(dim=-1), heads)
         masks[f"{i}.o"] = select_top(s, r_h).repeat_interleave(a.shape[-1] // heads, -1)
-        a, out = seen[f"{i}.down.in"], seen[f"{i}.down.out"]
-        masks[f"{i}.down"] = attribution_mask(a.detach(), a.grad, out.grad.norm(dim=-1), r_mlp)
+        a = seen[f"{i}.down.in"]
+        masks[f"{i}.down"] = attribution_mask(a.detach(), a.grad, a.grad.norm(dim=-1), r_mlp)
     return masks
 
 
@@ -188,3 +185,56 @@ def test_attribution_selection_on_a_tiny_model() -> None:
     AttributionSelection(0.4, score="magnitude").apply(magnitude)
     with torch.no_grad():
         assert not torch.allclose(magnitude(input_ids=ids).logits, sparse)
+
+
+def _kept_units(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Bool masks of the units that reach o_proj / down_proj in one forward."""
+    kept: dict[str, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        for kind, proj in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj)):
+            handles.append(
+                proj.act.register_forward_pre_hook(
+                    lambda mod, args, key=f"{i}.{kind}": kept.__setitem__(key, args[0] != 0)
+                )
+            )
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return kept
+
+
+def _rescaled(c: float):
+    """The tiny model with every layer's units rescaled by 1/c and the weights reading them by
+    c (v_proj / o_proj, up_proj / down_proj): the same function, units c times smaller."""
+    model = build_tiny_hf_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight /= c
+            layer.self_attn.o_proj.weight *= c
+            layer.mlp.up_proj.weight /= c
+            layer.mlp.down_proj.weight *= c
+    return model
+
+
+def test_attribution_is_invariant_to_rescaling_the_units() -> None:
+    """``GxO`` and ``|a|·||∂L/∂a||`` do not change when a layer's units shrink by c and the
+    weights that read them grow by c; the score with ``g_layer`` at the projection output
+    does (the earlier reading that broke SmolLM2: its correction shrinks with the units)."""
+    ids = torch.randint(4, 300, (2, 24))
+    base, scaled = build_tiny_hf_model("llama"), _rescaled(16.0)
+    with torch.no_grad():
+        assert torch.allclose(base(input_ids=ids).logits, scaled(input_ids=ids).logits, atol=1e-4)
+    masks = {}
+    for name, model in (("base", base), ("scaled", scaled)):
+        for grad_norm in ("units", "output"):
+            AttributionSelection(0.5, grad_norm=grad_norm).apply(model)
+            masks[name, grad_norm] = _kept_units(model, ids)
+    for key, mask in masks["base", "units"].items():
+        assert torch.equal(mask, masks["scaled", "units"][key]), key
+    # with the output norm the correction shrinks by c against -GxO: other units are kept
+    assert any(
+        not torch.equal(mask, masks["scaled", "output"][key])
+        for key, mask in masks["base", "output"].items()
+    )

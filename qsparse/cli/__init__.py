@@ -1,7 +1,7 @@
 """Command-line entry points (Hydra): ``qsparse-train`` and friends, one module per command.
 
-:func:`add_measure_arguments` is the one definition of the measurement options that
-``qsparse-eval`` and ``qsparse-compare`` share.
+:func:`add_measure_arguments` and :func:`add_compare_arguments` are the one definition of the
+options that ``qsparse-eval`` and ``qsparse-compare`` share.
 """
 
 from __future__ import annotations
@@ -24,3 +24,17 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=dtype_names(allow_auto=True))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``--compare CHECKPOINT ...`` (parsed to ``checkpoints``) and ``--labels``:
+    checkpoints, e.g. continued-trained ``RUN/hf`` exports, measured as saved, one row each."""
+    p.add_argument(
+        "--compare",
+        dest="checkpoints",
+        metavar="CHECKPOINT",
+        nargs="+",
+        default=[],
+        help="trained checkpoint folders measured as saved beside PATH, one row each",
+    )
+    p.add_argument("--labels", nargs="+", default=None, help="row labels of --compare")

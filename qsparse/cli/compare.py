@@ -11,6 +11,10 @@ and sampling its peak memory), then measures perplexity on every ``--text`` and 
 measured sparsity / activated parameters (:mod:`qsparse.evaluation.compare`), and with
 ``--tasks`` the lm-eval accuracy (``qsparse_local``: the bundled multiple-choice tasks).
 
+``--compare RUN/hf ...`` adds checkpoints measured as saved (``--labels`` names them), e.g.
+Q-Sparse continued-trained exports beside the training-free rows, as ``qsparse-eval
+--compare`` does (same :func:`~qsparse.evaluation.compare.measure_model`).
+
 Held-out text: calibration reads ``--calibration`` (a corpus name or file); without it, the
 documents of the first ``--text`` are split in two, perplexity is measured on the first half
 and calibration reads the second, so no calibration document is evaluated.
@@ -24,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_measure_arguments
+from . import add_compare_arguments, add_measure_arguments
 
 DEFAULT_METHODS = ("qsparse", "teal", "cats")
 
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[0.25, 0.4, 0.5, 0.7],
     )
+    add_compare_arguments(p)
     p.add_argument(
         "--calibration-tokens", type=int, default=None, help="overrides every method's own"
     )
@@ -113,16 +118,24 @@ def compare_methods(
     overrides: list[str] = (),
     calibration_tokens: int | None = None,
     on_row: Any = None,
+    checkpoints: list[str] = (),
+    labels: list[str] | None = None,
     **measure: Any,
 ) -> list:
     """Rows of :class:`~qsparse.evaluation.compare.CompareRow`: dense, then each method at each
-    sparsity (module docstring). ``measure``: seq_len, max_tokens, batch_size, dtype, device,
-    sparsity_tokens, tasks, limit of :func:`~qsparse.evaluation.compare.measure_model`.
+    sparsity (module docstring), then each of ``checkpoints`` as saved (labelled by
+    ``labels`` or its path; e.g. a continued-trained ``RUN/hf``). ``measure``: seq_len,
+    max_tokens, batch_size, dtype, device, sparsity_tokens, tasks, limit of
+    :func:`~qsparse.evaluation.compare.measure_model`.
     ``on_row(rows)``: called with the rows so far after each one (``--json`` is rewritten
     then, so a long run that is stopped keeps what it measured)."""
     from ..data.documents import read_documents
-    from ..evaluation.compare import measure_model
+    from ..evaluation.compare import checkpoint_labels, measure_model
 
+    labels = checkpoint_labels(checkpoints, labels)
+    missing = [str(c) for c in checkpoints if not Path(c).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--compare {' '.join(missing)}: no such checkpoint folder")
     per_method = split_overrides(list(overrides), methods)
     # every config is composed before anything is measured, so a typo fails at once
     plan = [build_method(name, s, per_method[name]) for s in sparsities for name in methods]
@@ -146,12 +159,16 @@ def compare_methods(
         rows.append(measure_model(method.label(), path, docs, method=method, **measure))
         if on_row is not None:
             on_row(rows)
+    for label, checkpoint in zip(labels, checkpoints, strict=True):
+        rows.append(measure_model(label, checkpoint, docs, **measure))
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
 def plot_rows(rows: list, out: str | Path) -> Path:
     """Perplexity (first text) against measured sparsity, one line per method variant (the
-    row label without its ``S=``), dense dashed."""
+    row label without its ``S=``), one star per ``--compare`` checkpoint, dense dashed."""
     from qsparse.extras import pyplot
 
     plt = pyplot(feature="qsparse-compare --plot")
@@ -162,6 +179,9 @@ def plot_rows(rows: list, out: str | Path) -> Path:
     for name in dict.fromkeys(key for _, key in series):
         pts = sorted((r.measured_sparsity, r.ppl[text]) for r, key in series if key == name)
         ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    for r in rows[1:]:
+        if not r.method:  # a checkpoint measured as saved
+            ax.plot(r.measured_sparsity, r.ppl[text], marker="*", markersize=12, label=r.label)
     ax.set_xlabel("measured overall sparsity (1 - activated / total parameters)")
     ax.set_ylabel(f"perplexity ({Path(text).name})")
     ax.set_yscale("log")

@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import add_measure_arguments
+from . import add_compare_arguments, add_measure_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,13 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply top-k with this ratio on top of the checkpoint (training-free); several "
         "ratios give one comparison row each",
     )
-    p.add_argument(
-        "--compare",
-        nargs="+",
-        default=[],
-        help="trained checkpoint folders measured beside PATH (comparison table)",
-    )
-    p.add_argument("--labels", nargs="+", default=None, help="row labels of --compare")
+    add_compare_arguments(p)
     p.add_argument(
         "--activation", default=None, choices=("keep", "relu2", "silu"), help="with --sparsity"
     )
@@ -122,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     texts = args.text or []
-    if len(texts) > 1 or len(args.sparsity or []) > 1 or args.compare:
+    if len(texts) > 1 or len(args.sparsity or []) > 1 or args.checkpoints:
         return _compare(args)
     from qsparse.evaluation import evaluate_checkpoint
 
@@ -165,7 +159,7 @@ def _compare(args: argparse.Namespace) -> int:
             args.path,
             texts=args.text or [],
             sparsities=args.sparsity or [],
-            checkpoints=args.compare,
+            checkpoints=args.checkpoints,
             labels=args.labels,
             seq_len=args.seq_len,
             max_tokens=args.max_tokens,

@@ -93,11 +93,7 @@ def compare_models(
     """
     if not texts:
         raise ValueError("compare: give at least one --text (file or bundled corpus name)")
-    labels = list(labels) if labels else [str(c) for c in checkpoints]
-    if len(labels) != len(checkpoints):
-        raise ValueError(
-            f"compare: {len(labels)} labels for {len(checkpoints)} checkpoints; give one each"
-        )
+    labels = checkpoint_labels(checkpoints, labels)
     docs = {str(t): read_documents(t) for t in texts}
     plan: list[tuple[str, str, float | None]] = [("dense", str(base), None)]
     plan += [(f"training-free S={s:g}", str(base), float(s)) for s in sparsities]
@@ -117,6 +113,23 @@ def compare_models(
         )
         for label, path, ratio in plan
     ]
+
+
+def checkpoint_labels(
+    checkpoints: Sequence[str | os.PathLike], labels: Sequence[str] | None = None
+) -> list[str]:
+    """Row labels of ``checkpoints`` (measured as saved, e.g. continued-trained
+    ``outputs/run/hf`` folders): ``labels`` or the paths.
+
+    Raises:
+        ValueError: ``labels`` given with a length other than ``len(checkpoints)``.
+    """
+    labels = list(labels) if labels else [str(c) for c in checkpoints]
+    if len(labels) != len(checkpoints):
+        raise ValueError(
+            f"compare: {len(labels)} labels for {len(checkpoints)} checkpoints; give one each"
+        )
+    return labels
 
 
 def measure_model(

@@ -6,18 +6,29 @@ Instead of ``|a_i|`` (magnitude selection), score each unit by its attribution t
     GxO_i = a_i · ∂L/∂a_i                               gradient × output
     s_i   = -GxO_i + ½ |a_i| · ||g_layer||₂              the paper's corrected score
 
-``g_layer`` is the gradient at the output of the unit's block (one norm per token): the
-correction bounds the error that the other layers' dependence puts on ``GxO`` (the released
-code's corrected path raises a NameError; the formula is the paper's). Per token and layer the
-units with ``s_i`` at or above the ratio's quantile are kept, the rest zeroed.
+``g_layer = ∂L/∂a`` over all the units of the layer (one norm per token), as the released
+code computes it (its "gradient" metric taken at the same hook, L2 over the layer's neurons;
+its corrected path raises a NameError, the formula is the paper's). Since
+``|GxO_i| <= |a_i| · ||g_layer||₂`` (Cauchy-Schwarz), the correction is half that bound: the
+score is invariant to rescaling a layer's units (``a -> a/c`` with the weights that read
+them ``-> c·W``), and large units are kept unless their first-order effect clearly says
+otherwise. Per token and layer the units with ``s_i`` at or above the ratio's quantile are
+kept, the rest zeroed.
+
+``grad_norm="output"`` takes ``g_layer`` at the projection's *output* instead (an earlier
+reading of "the gradient at that layer's output"). On SmolLM2-135M that norm is 5-8x smaller
+than the units' one (``W_down`` maps 1,536 neurons to 576 dims), the correction nearly
+vanishes and the raw ``-GxO`` decides; ``-GxO`` alone drops units whose first-order removal
+"helps" the greedy loss, and zeroing half of them at once breaks the model (perplexity
+~17,000 at S=0.5; ``docs/methods.md``). Kept only to reproduce that measurement.
 
 Units (decisions where the paper gives no formula):
 
 - MLP neuron ``i``: ``a_i`` = entry ``i`` of the down_proj input ``act(gate) ⊙ up`` [..., F];
-  ``g_layer`` = gradient at the down_proj output.
+  ``g_layer`` = ``∂L/∂a`` [..., F].
 - Attention head ``h``: ``o_h`` = its slice of the o_proj input [..., H·d_h];
-  ``GxO_h = ⟨o_h, ∂L/∂o_h⟩`` (the sum of its entries' GxO), ``|a_h| = ||o_h||₂`` (the bound
-  of ``|⟨o_h, δ⟩|`` by Cauchy-Schwarz), ``g_layer`` = gradient at the o_proj output. The
+  ``GxO_h = ⟨o_h, ∂L/∂o_h⟩`` (the sum of its entries' GxO), ``|a_h| = ||o_h||₂``,
+  ``g_layer = ∂L/∂o`` [..., H·d_h] (so again ``|GxO_h| <= |a_h| · ||g_layer||₂``). The
   magnitude baseline ranks heads by ``||o_h||₂``.
 - Sparsity: the paper counts ``⅓ · head ratio + ⅔ · MLP ratio``. With H heads the per-token
   head quantile zeroes ``floor(S·H)`` heads (ratio ``r_h``), so the MLP ratio is set to
@@ -25,7 +36,9 @@ Units (decisions where the paper gives no formula):
   S = 0.4 by 2.2 points). ``heads=False``: MLP neurons only, at ``S``.
 - ``L`` sums the greedy cross-entropy of every position of the window, one backward per
   forward: a unit at position t is also credited for later positions' losses (through
-  attention). An exact per-position score would need one backward per token.
+  attention). The released code scores one generated token at a time (the loss of that
+  position only); an exact per-position score needs one backward per token. On one
+  128-token SmolLM2 window the two differ little (``docs/methods.md``).
 
 :class:`AttributionSelection` is a :class:`~qsparse.methods.SparsityMethod` (``method=
 attribution``; ``attribution_magnitude`` is the baseline at the same ratios): ``apply`` installs
@@ -51,6 +64,7 @@ from .base import MethodResult, SparsityMethod, register
 from .calibration import model_forward
 
 SCORES = ("attribution", "magnitude")
+GRAD_NORMS = ("units", "output")
 HEAD_SHARE, MLP_SHARE = 1.0 / 3.0, 2.0 / 3.0
 
 
@@ -62,9 +76,15 @@ def corrected_attribution(
     Args:
         a: activations [..., N] (N neurons).
         grad: ``∂L/∂a``, shaped like ``a``.
-        layer_grad_norm: ``||∂L/∂(layer output)||₂`` per token, shape ``a.shape[:-1]``.
+        layer_grad_norm: ``||g_layer||₂`` per token, shape ``a.shape[:-1]``: ``grad.norm(dim=-1)``
+            (the paper's, :func:`layer_grad_norm`) or the output gradient's norm.
     """
     return -a * grad + 0.5 * a.abs() * layer_grad_norm.unsqueeze(-1)
+
+
+def layer_grad_norm(grad: torch.Tensor) -> torch.Tensor:
+    """``||g_layer||₂ = ||∂L/∂a||₂`` over the layer's units, per token: [..., N] -> [...]."""
+    return grad.float().norm(dim=-1)
 
 
 def head_attribution(
@@ -123,8 +143,10 @@ def unit_ratios(sparsity: float, heads: int | None) -> tuple[float, float]:
 class _Unit:
     """One hooked projection: its input ``a`` [B, T, N] is scored and masked."""
 
-    def __init__(self, proj: nn.Module, heads: int | None, ratio: float) -> None:
-        self.proj, self.heads, self.ratio = proj, heads, ratio
+    def __init__(
+        self, proj: nn.Module, heads: int | None, ratio: float, grad_norm: str = "units"
+    ) -> None:
+        self.proj, self.heads, self.ratio, self.grad_norm = proj, heads, ratio, grad_norm
         self.a: torch.Tensor | None = None
         self.z_in: torch.Tensor | None = None
         self.z_out: torch.Tensor | None = None
@@ -134,8 +156,8 @@ class _Unit:
         """Bool [B, T, N] of the entries kept, from the captured pass."""
         a = self.a
         if score == "attribution":
-            g, g_out = self.z_in.grad, self.z_out.grad
-            g_norm = g_out.float().norm(dim=-1)
+            g = self.z_in.grad
+            g_norm = layer_grad_norm(g if self.grad_norm == "units" else self.z_out.grad)
             if self.heads is None:
                 s = corrected_attribution(a.float(), g.float(), g_norm)
             else:
@@ -152,18 +174,30 @@ class _Unit:
 class AttributionSelection(SparsityMethod):
     """Per-token selection of MLP neurons (and attention heads, ``heads=True``) by the
     corrected attribution (``score="attribution"``) or by magnitude (``"magnitude"``), at the
-    weighted ratio ``sparsity`` (module docstring)."""
+    weighted ratio ``sparsity`` (module docstring). ``grad_norm``: ``"units"`` (the paper's
+    ``||∂L/∂a||``) or ``"output"`` (the projection output's gradient; reproduces the broken
+    earlier reading)."""
 
     name = "attribution"
 
-    def __init__(self, sparsity: float = 0.5, score: str = "attribution", heads: bool = True):
+    def __init__(
+        self,
+        sparsity: float = 0.5,
+        score: str = "attribution",
+        heads: bool = True,
+        grad_norm: str = "units",
+    ):
         super().__init__(sparsity)
         if score not in SCORES:
             raise ValueError(f"attribution: score={score!r} must be one of {SCORES}")
-        self.score, self.heads = score, bool(heads)
+        if grad_norm not in GRAD_NORMS:
+            raise ValueError(f"attribution: grad_norm={grad_norm!r} must be one of {GRAD_NORMS}")
+        self.score, self.heads, self.grad_norm = score, bool(heads), grad_norm
 
     def label(self) -> str:
         kind = "attribution" if self.score == "attribution" else "magnitude-select"
+        if self.score == "attribution" and self.grad_norm == "output":
+            kind += "-outnorm"
         return f"{kind}{'' if self.heads else '-mlp'} S={self.sparsity:g}"
 
     def _apply(
@@ -171,7 +205,7 @@ class AttributionSelection(SparsityMethod):
     ) -> MethodResult:
         sparsify(model, sparsity=SparsityConfig(ratio=0.0))  # sites that only measure
         info = {"name": self.name, "sparsity": self.sparsity, "score": self.score}
-        info["heads"] = self.heads
+        info["heads"], info["grad_norm"] = self.heads, self.grad_norm
         units = self.restore(model, info)
         self.record(model, info)
         names = {id(sp): n for n, sp in sparsifiers(model).items()}
@@ -189,13 +223,14 @@ class AttributionSelection(SparsityMethod):
             handle.remove()
         sparsity, score = float(info["sparsity"]), str(info.get("score", "attribution"))
         use_heads = bool(info.get("heads", True))
+        grad_norm = str(info.get("grad_norm", "units"))
         units: list[_Unit] = []
         for _, attn, mlp in decoder_layers(model):
             heads = attn.o_proj.in_features // attn.head_dim if use_heads else None
             r_h, r_mlp = unit_ratios(sparsity, heads)
             if use_heads:
-                units.append(_Unit(attn.o_proj, heads, r_h))
-            units.append(_Unit(mlp.down_proj, None, r_mlp))
+                units.append(_Unit(attn.o_proj, heads, r_h, grad_norm))
+            units.append(_Unit(mlp.down_proj, None, r_mlp, grad_norm))
         state = {"scoring": False}
         sites = list(sparsifiers(model).values())
         select = _select(units, score, state, sites)
@@ -223,7 +258,7 @@ def _unit_input(unit: _Unit, state: dict[str, bool]):
 
 def _unit_output(unit: _Unit, state: dict[str, bool]):
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        if not state["scoring"]:
+        if not state["scoring"] or unit.grad_norm != "output":
             return None
         unit.z_out = torch.zeros_like(out, requires_grad=True)
         return out + unit.z_out
@@ -253,7 +288,7 @@ def _select(units: list[_Unit], score: str, state: dict[str, bool], sites: list[
                 if score == "attribution":
                     greedy = logits.detach().argmax(-1)
                     loss = F.cross_entropy(logits.flatten(0, 1).float(), greedy.flatten())
-                    zs = [z for u in units for z in (u.z_in, u.z_out)]
+                    zs = [z for u in units for z in (u.z_in, u.z_out) if z is not None]
                     for z, g in zip(zs, torch.autograd.grad(loss, zs), strict=True):
                         z.grad = g
         finally:
