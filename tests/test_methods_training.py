@@ -23,6 +23,7 @@ from qsparse.methods import (
 from qsparse.methods.attribution import (
     AttributionSelection,
     head_attribution,
+    head_attribution_mean,
     head_magnitude,
     select_top,
     unit_ratios,
@@ -97,6 +98,18 @@ def test_head_attribution_on_two_heads() -> None:
     assert select_top(head_magnitude(o, 2), 0.5).tolist() == [[True, False]]
 
 
+def test_head_attribution_mean_is_the_released_reduction() -> None:
+    # o_0 = (3, 4), o_1 = (0, 1); g_0 = (6, 0), g_1 = (4, 4): per-head means of o*g (9, 2),
+    # of g (3, 4), whose norm over the heads is 5; s = -(9, 2) + 0.5 * (5, 1) * 5 = (3.5, 0.5)
+    o = torch.tensor([[3.0, 4.0, 0.0, 1.0]])
+    g = torch.tensor([[6.0, 0.0, 4.0, 4.0]])
+    assert head_attribution_mean(o, g, heads=2).tolist() == [[3.5, 0.5]]
+    # the default (sum over the head, norm over all H·d_h entries, sqrt 68) differs:
+    # -(18, 4) + 0.5 * (5, 1) * sqrt(68)
+    s = head_attribution(o, g, g.norm(dim=-1), heads=2)[0]
+    assert s.tolist() == pytest.approx([-18 + 2.5 * math.sqrt(68), -4 + 0.5 * math.sqrt(68)])
+
+
 def test_selection_keeps_the_order_of_tiny_scores() -> None:
     # attribution scores of a real model are ~1e-7: the selection must not lose them
     torch.manual_seed(0)
@@ -119,34 +132,49 @@ def test_unit_ratios_weigh_heads_one_third() -> None:
     assert unit_ratios(0.9, 2) == (0.5, 1.0)  # (0.9 - 1/6) * 1.5 = 1.1, clamped
 
 
-def _reference_masks(model, ids: torch.Tensor, sparsity: float) -> dict[str, torch.Tensor]:
-    """Masks of the attribution selection computed directly: retain_grad on the o_proj /
-    down_proj inputs, one backward of the greedy cross-entropy; ``g_layer`` = the input's
-    gradient over the layer's units (the paper's norm)."""
+def _reference_masks(
+    model, ids: torch.Tensor, sparsity: float, loss: str = "window", head_reduce: str = "sum"
+) -> dict[str, torch.Tensor]:
+    """Masks of the attribution selection computed directly: autograd.grad w.r.t. the o_proj /
+    down_proj inputs of the greedy cross-entropy, of the whole window (``loss="window"``) or,
+    position by position, of that position's own term (``"position"``: one backward per
+    token); ``g_layer`` = the input's gradient over the layer's units (the paper's norm)."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for i, layer in enumerate(model.model.layers):
         for kind, proj in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj)):
 
             def pre(m, args, key=f"{i}.{kind}"):
-                args[0].retain_grad()
-                seen[key + ".in"] = args[0]
+                seen[key] = args[0]
 
             handles.append(proj.register_forward_pre_hook(pre))
     logits = model(ids).logits
-    F.cross_entropy(logits.flatten(0, 1), logits.detach().argmax(-1).flatten()).backward()
     for h in handles:
         h.remove()
-    model.zero_grad(set_to_none=True)
+    greedy = logits.detach().argmax(-1)
+    keys = list(seen)
+    if loss == "window":
+        ce = F.cross_entropy(logits.flatten(0, 1), greedy.flatten())
+        grads = dict(zip(keys, torch.autograd.grad(ce, [seen[k] for k in keys]), strict=True))
+    else:
+        grads = {k: torch.zeros_like(seen[k]) for k in keys}
+        for t in range(ids.shape[1]):
+            ce_t = F.cross_entropy(logits[:, t], greedy[:, t], reduction="sum") / greedy.numel()
+            g_t = torch.autograd.grad(ce_t, [seen[k] for k in keys], retain_graph=True)
+            for k, g in zip(keys, g_t, strict=True):
+                grads[k][:, t] = g[:, t]
     masks = {}
     heads = model.config.num_attention_heads
     r_h, r_mlp = unit_ratios(sparsity, heads)
     for i in range(len(model.model.layers)):
-        a = seen[f"{i}.o.in"]
-        s = head_attribution(a.detach(), a.grad, a.grad.norm(dim=-1), heads)
+        a, g = seen[f"{i}.o"].detach(), grads[f"{i}.o"]
+        if head_reduce == "sum":
+            s = head_attribution(a, g, g.norm(dim=-1), heads)
+        else:
+            s = head_attribution_mean(a, g, heads)
         masks[f"{i}.o"] = select_top(s, r_h).repeat_interleave(a.shape[-1] // heads, -1)
-        a = seen[f"{i}.down.in"]
-        masks[f"{i}.down"] = attribution_mask(a.detach(), a.grad, a.grad.norm(dim=-1), r_mlp)
+        a, g = seen[f"{i}.down"].detach(), grads[f"{i}.down"]
+        masks[f"{i}.down"] = attribution_mask(a, g, g.norm(dim=-1), r_mlp)
     return masks
 
 
@@ -185,6 +213,27 @@ def test_attribution_selection_on_a_tiny_model() -> None:
     AttributionSelection(0.4, score="magnitude").apply(magnitude)
     with torch.no_grad():
         assert not torch.allclose(magnitude(input_ids=ids).logits, sparse)
+
+
+@pytest.mark.parametrize(("loss", "head_reduce"), [("position", "sum"), ("window", "mean")])
+def test_released_code_readings_select_what_a_direct_computation_does(loss, head_reduce) -> None:
+    """``loss="position"`` (each token scored by its own position's loss, as the released
+    code scores one generated token at a time) and ``head_reduce="mean"`` (its per-head
+    reduction) select what a direct computation selects, and not what the defaults do."""
+    ids = torch.randint(4, 300, (2, 24))
+    expected = _reference_masks(build_tiny_hf_model("llama"), ids, 0.4, loss, head_reduce)
+    default = _reference_masks(build_tiny_hf_model("llama"), ids, 0.4)
+    m = build_tiny_hf_model("llama")
+    AttributionSelection(0.4, loss=loss, head_reduce=head_reduce).apply(m)
+    kept = _kept_units(m, ids)
+    for key, mask in expected.items():
+        assert torch.equal(kept[key], mask), key
+    changed = [k for k in expected if not torch.equal(expected[k], default[k])]
+    assert changed and (head_reduce == "sum" or all(k.endswith(".o") for k in changed))
+    with pytest.raises(ValueError, match="loss="):
+        AttributionSelection(0.4, loss="sequence")
+    with pytest.raises(ValueError, match="head_reduce="):
+        AttributionSelection(0.4, head_reduce="max")
 
 
 def _kept_units(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:

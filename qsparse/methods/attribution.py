@@ -34,11 +34,24 @@ Units (decisions where the paper gives no formula):
   head quantile zeroes ``floor(S·H)`` heads (ratio ``r_h``), so the MLP ratio is set to
   ``(S - ⅓ r_h) / ⅔`` (clamped to [0, 1]) and the weighted total is ``S`` (SmolLM2's 9 heads would otherwise miss
   S = 0.4 by 2.2 points). ``heads=False``: MLP neurons only, at ``S``.
-- ``L`` sums the greedy cross-entropy of every position of the window, one backward per
-  forward: a unit at position t is also credited for later positions' losses (through
-  attention). The released code scores one generated token at a time (the loss of that
-  position only); an exact per-position score needs one backward per token. On one
-  128-token SmolLM2 window the two differ little (``docs/methods.md``).
+- ``loss="window"`` (default): ``L`` is the mean greedy cross-entropy of every position of
+  the window, one backward per forward: a unit at position t is also credited for later
+  positions' losses (through attention). ``loss="position"``: position t's gradients come
+  from position t's own loss, as the released code scores one generated token at a time
+  (T backwards per forward).
+- ``head_reduce="sum"`` (default) is the formula above. ``head_reduce="mean"`` is the
+  released code's per-head reduction: ``GxO_h = mean_d(o_h ⊙ g_h)``, a head's gradient
+  ``ḡ_h = mean_d(g_h)`` and ``s_h = -GxO_h + ½ ||o_h||₂ · ||(ḡ_1..ḡ_H)||₂``
+  (:func:`head_attribution_mean`).
+- The released code gives heads and MLP the same percentile; here the MLP ratio absorbs the
+  rounding of ``floor(S·H)`` (above), which for SmolLM2 moves it by at most 0.03.
+
+Why it loses to magnitude selection on perplexity (``docs/methods.md``): the first-order
+term rewards units by how much they raise the dense model's *own argmax*; removing the units
+that spread probability over other tokens lowers ``L``. The selected model agrees with the
+dense model's greedy token more often than magnitude selection does (the paper's criterion:
+BLEU against the dense model's generations) but is over-confident, which perplexity on real
+text punishes.
 
 :class:`AttributionSelection` is a :class:`~qsparse.methods.SparsityMethod` (``method=
 attribution``; ``attribution_magnitude`` is the baseline at the same ratios): ``apply`` installs
@@ -65,6 +78,8 @@ from .calibration import model_forward
 
 SCORES = ("attribution", "magnitude")
 GRAD_NORMS = ("units", "output")
+LOSSES = ("window", "position")
+HEAD_REDUCES = ("sum", "mean")
 HEAD_SHARE, MLP_SHARE = 1.0 / 3.0, 2.0 / 3.0
 
 
@@ -96,6 +111,16 @@ def head_attribution(
     o_h = o.unflatten(-1, (heads, -1))
     gxo = (o_h * grad.unflatten(-1, (heads, -1))).sum(-1)
     return -gxo + 0.5 * o_h.norm(dim=-1) * layer_grad_norm.unsqueeze(-1)
+
+
+def head_attribution_mean(o: torch.Tensor, grad: torch.Tensor, heads: int) -> torch.Tensor:
+    """The released code's per-head reduction: ``GxO_h = mean_d(o_h ⊙ g_h)``, the head's
+    gradient ``ḡ_h = mean_d(g_h)`` and ``s_h = -GxO_h + ½ ||o_h||₂ · ||(ḡ_1..ḡ_H)||₂``.
+
+    ``o``, ``grad``: [..., H·d_h]; returns [..., H]."""
+    o_h, g_h = o.unflatten(-1, (heads, -1)), grad.unflatten(-1, (heads, -1))
+    gxo = (o_h * g_h).mean(-1)
+    return -gxo + 0.5 * o_h.norm(dim=-1) * g_h.mean(-1).norm(dim=-1, keepdim=True)
 
 
 def head_magnitude(o: torch.Tensor, heads: int) -> torch.Tensor:
@@ -144,9 +169,15 @@ class _Unit:
     """One hooked projection: its input ``a`` [B, T, N] is scored and masked."""
 
     def __init__(
-        self, proj: nn.Module, heads: int | None, ratio: float, grad_norm: str = "units"
+        self,
+        proj: nn.Module,
+        heads: int | None,
+        ratio: float,
+        grad_norm: str = "units",
+        head_reduce: str = "sum",
     ) -> None:
         self.proj, self.heads, self.ratio, self.grad_norm = proj, heads, ratio, grad_norm
+        self.head_reduce = head_reduce
         self.a: torch.Tensor | None = None
         self.z_in: torch.Tensor | None = None
         self.z_out: torch.Tensor | None = None
@@ -160,6 +191,8 @@ class _Unit:
             g_norm = layer_grad_norm(g if self.grad_norm == "units" else self.z_out.grad)
             if self.heads is None:
                 s = corrected_attribution(a.float(), g.float(), g_norm)
+            elif self.head_reduce == "mean":
+                s = head_attribution_mean(a.float(), g.float(), self.heads)
             else:
                 s = head_attribution(a.float(), g.float(), g_norm, self.heads)
         else:
@@ -176,7 +209,8 @@ class AttributionSelection(SparsityMethod):
     corrected attribution (``score="attribution"``) or by magnitude (``"magnitude"``), at the
     weighted ratio ``sparsity`` (module docstring). ``grad_norm``: ``"units"`` (the paper's
     ``||∂L/∂a||``) or ``"output"`` (the projection output's gradient; reproduces the broken
-    earlier reading)."""
+    earlier reading). ``loss``: ``"window"`` or ``"position"``; ``head_reduce``: ``"sum"`` or
+    ``"mean"`` (the released code's readings; module docstring)."""
 
     name = "attribution"
 
@@ -186,18 +220,29 @@ class AttributionSelection(SparsityMethod):
         score: str = "attribution",
         heads: bool = True,
         grad_norm: str = "units",
+        loss: str = "window",
+        head_reduce: str = "sum",
     ):
         super().__init__(sparsity)
         if score not in SCORES:
             raise ValueError(f"attribution: score={score!r} must be one of {SCORES}")
         if grad_norm not in GRAD_NORMS:
             raise ValueError(f"attribution: grad_norm={grad_norm!r} must be one of {GRAD_NORMS}")
+        if loss not in LOSSES:
+            raise ValueError(f"attribution: loss={loss!r} must be one of {LOSSES}")
+        if head_reduce not in HEAD_REDUCES:
+            raise ValueError(
+                f"attribution: head_reduce={head_reduce!r} must be one of {HEAD_REDUCES}"
+            )
         self.score, self.heads, self.grad_norm = score, bool(heads), grad_norm
+        self.loss, self.head_reduce = loss, head_reduce
 
     def label(self) -> str:
         kind = "attribution" if self.score == "attribution" else "magnitude-select"
-        if self.score == "attribution" and self.grad_norm == "output":
-            kind += "-outnorm"
+        if self.score == "attribution":
+            kind += "-outnorm" if self.grad_norm == "output" else ""
+            kind += "-posloss" if self.loss == "position" else ""
+            kind += "-headmean" if self.head_reduce == "mean" and self.heads else ""
         return f"{kind}{'' if self.heads else '-mlp'} S={self.sparsity:g}"
 
     def _apply(
@@ -206,6 +251,7 @@ class AttributionSelection(SparsityMethod):
         sparsify(model, sparsity=SparsityConfig(ratio=0.0))  # sites that only measure
         info = {"name": self.name, "sparsity": self.sparsity, "score": self.score}
         info["heads"], info["grad_norm"] = self.heads, self.grad_norm
+        info["loss"], info["head_reduce"] = self.loss, self.head_reduce
         units = self.restore(model, info)
         self.record(model, info)
         names = {id(sp): n for n, sp in sparsifiers(model).items()}
@@ -224,16 +270,17 @@ class AttributionSelection(SparsityMethod):
         sparsity, score = float(info["sparsity"]), str(info.get("score", "attribution"))
         use_heads = bool(info.get("heads", True))
         grad_norm = str(info.get("grad_norm", "units"))
+        loss, head_reduce = str(info.get("loss", "window")), str(info.get("head_reduce", "sum"))
         units: list[_Unit] = []
         for _, attn, mlp in decoder_layers(model):
             heads = attn.o_proj.in_features // attn.head_dim if use_heads else None
             r_h, r_mlp = unit_ratios(sparsity, heads)
             if use_heads:
-                units.append(_Unit(attn.o_proj, heads, r_h, grad_norm))
+                units.append(_Unit(attn.o_proj, heads, r_h, grad_norm, head_reduce))
             units.append(_Unit(mlp.down_proj, None, r_mlp, grad_norm))
         state = {"scoring": False}
         sites = list(sparsifiers(model).values())
-        select = _select(units, score, state, sites)
+        select = _select(units, score, state, sites, loss)
         handles = [model.register_forward_pre_hook(select, with_kwargs=True)]
         for unit in units:
             handles.append(unit.proj.register_forward_pre_hook(_unit_input(unit, state)))
@@ -266,7 +313,32 @@ def _unit_output(unit: _Unit, state: dict[str, bool]):
     return hook
 
 
-def _select(units: list[_Unit], score: str, state: dict[str, bool], sites: list[nn.Module]):
+def _unit_grads(logits: torch.Tensor, zs: list[torch.Tensor], loss_kind: str) -> list[torch.Tensor]:
+    """``∂L/∂z`` for every ``z`` [B, T, N], ``L`` the cross-entropy of the greedy tokens.
+
+    ``"window"``: one backward of the mean loss over all positions. ``"position"``: position
+    t's entries come from the loss of position t alone (T backwards), as the released code
+    scores each generated token by its own loss. Both are divided by ``B·T``."""
+    greedy = logits.detach().argmax(-1)
+    if loss_kind == "window":
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), greedy.flatten())
+        return list(torch.autograd.grad(loss, zs))
+    grads = [torch.zeros_like(z) for z in zs]
+    n = greedy.numel()
+    for t in range(logits.shape[1]):
+        loss_t = F.cross_entropy(logits[:, t].float(), greedy[:, t], reduction="sum") / n
+        for out, g in zip(grads, torch.autograd.grad(loss_t, zs, retain_graph=True), strict=True):
+            out[:, t] = g[:, t]
+    return grads
+
+
+def _select(
+    units: list[_Unit],
+    score: str,
+    state: dict[str, bool],
+    sites: list[nn.Module],
+    loss_kind: str = "window",
+):
     """Model pre-hook: a dense scoring pass (with a backward for ``attribution``; the ``sites``
     do not count its zeros) that sets every unit's mask for the forward that follows."""
 
@@ -286,10 +358,8 @@ def _select(units: list[_Unit], score: str, state: dict[str, bool], sites: list[
             with torch.enable_grad():
                 logits = model_forward(model, ids)
                 if score == "attribution":
-                    greedy = logits.detach().argmax(-1)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), greedy.flatten())
                     zs = [z for u in units for z in (u.z_in, u.z_out) if z is not None]
-                    for z, g in zip(zs, torch.autograd.grad(loss, zs), strict=True):
+                    for z, g in zip(zs, _unit_grads(logits, zs, loss_kind), strict=True):
                         z.grad = g
         finally:
             state["scoring"] = False
