@@ -207,8 +207,6 @@ def topk_site_ratios(
 def check_calibration(sources: Sequence[str]) -> None:
     """``ValueError`` naming ``sparsity.calibration`` when a source is neither a file nor a
     bundled corpus (checked before a run writes anything; reading waits for the model)."""
-    from pathlib import Path
-
     from ..data.corpora import available_corpora
 
     known = available_corpora()
