@@ -51,16 +51,39 @@ def test_compiled_cuda_graph_step_matches_eager(mode, path):
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+def assert_greedy_under_plain_forward(
+    model: LlamaForCausalLM, tokens: torch.Tensor, prompt_len: int, rel_tol: float = 1e-2
+) -> None:
+    """Every generated token of ``tokens`` (batch, prompt_len + new) is the argmax of a plain
+    full forward over the tokens before it, up to ``rel_tol`` x the std of those logits.
+
+    Exact token equality with ``model.generate`` is too strict for random weights: a near-tie
+    (BitNet, batch 3: top-2 margin 1.4e-4 against a logit std of 0.32, measured on the H200)
+    flips when the fused kernel rounds the int8 activation scale one ulp differently, and the
+    sequences part from there. A wrong kernel (wrong rows, wrong scale) picks tokens whose
+    logits sit about one std below the maximum, far outside the tolerance."""
+    with torch.no_grad():
+        logits = model(tokens.cuda()).logits.float()[:, prompt_len - 1 : -1]
+    chosen = logits.gather(-1, tokens.cuda()[:, prompt_len:, None]).squeeze(-1)
+    gap = logits.amax(-1) - chosen  # (batch, new): 0 where the token is the argmax
+    tol = rel_tol * logits.std(-1)
+    assert bool((gap <= tol).all()), f"gap/std up to {float((gap / logits.std(-1)).max()):.3g}"
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 @pytest.mark.parametrize("mode", ["dense", "qsparse", "bitnet", "bitnet_qsparse"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_engine_matches_plain_forward(mode, batch):
     """Every mode, kernels on, CUDA graph, batch 1 (carried-threshold sparse GEMV) and 3
-    (carried top-k + GEMM): the greedy tokens of plain full forwards (fp32)."""
+    (carried top-k + GEMM): each greedy token is the argmax of a plain full forward (fp32)
+    over the engine's own tokens before it (see :func:`assert_greedy_under_plain_forward`),
+    and the first token equals ``model.generate``'s."""
     model = small_cuda(mode, torch.float32)
     ids = torch.randint(
         0, model.config.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(2)
     )
     expected = model.generate(ids.cuda(), max_new_tokens=10, use_cache=False)
     got = DecodeEngine(model, use_kernels=True, cuda_graph=True).generate(ids, 10).tokens
-    assert torch.equal(got, expected)
+    assert got.shape == expected.shape
+    assert torch.equal(got[:, : ids.shape[1] + 1].cuda(), expected[:, : ids.shape[1] + 1])
+    assert_greedy_under_plain_forward(model, got, ids.shape[1])
