@@ -68,6 +68,7 @@ def test_compare_prints_one_table_and_writes_json(
     assert code == 0
     printed = capsys.readouterr().out
     assert "qsparse-compare" in printed and "teal-uniform S=0.5" in printed
+    assert "top-1 kjv" in printed and "KL kjv" in printed
     rows = json.loads(out.read_text())
     assert [r["label"] for r in rows] == [
         "dense",
@@ -79,6 +80,10 @@ def test_compare_prints_one_table_and_writes_json(
     ]
     dense, qs, teal, cats, attr, mag = rows
     assert dense["measured_sparsity"] == 0.0 and dense["method"] is None
+    # against the dense copy kept as reference: the dense row exactly, every method row not
+    assert dense["top1_agreement"] == {"kjv": 1.0} and dense["kl_to_dense"] == {"kjv": 0.0}
+    for row in rows[1:]:
+        assert 0.0 < row["top1_agreement"]["kjv"] < 1.0 and row["kl_to_dense"]["kjv"] > 0.0
     assert qs["mean_site_sparsity"] == pytest.approx(0.5)
     assert teal["mean_site_sparsity"] == pytest.approx(0.5, abs=0.08)  # held-out text
     assert qs["achieved_sparsity"] == pytest.approx(0.5)
@@ -126,12 +131,23 @@ def test_compare_adds_exported_checkpoints_as_rows(
     assert trained["ppl"]["kjv"] == pytest.approx(free["ppl"]["kjv"], rel=1e-6)
     assert trained["measured_sparsity"] == pytest.approx(free["measured_sparsity"], abs=1e-9)
     assert trained["ppl"]["kjv"] != dense["ppl"]["kjv"]
+    assert trained["kl_to_dense"]["kjv"] == pytest.approx(free["kl_to_dense"]["kjv"], rel=1e-6)
+    assert trained["top1_agreement"] == free["top1_agreement"]
+    # --no-agreement: no dense reference, no columns
+    assert main([*args[:-2], "--no-agreement"]) == 0
+    assert "top-1" not in capsys.readouterr().out
+    assert all(
+        not r["top1_agreement"] and not r["kl_to_dense"] for r in json.loads(out.read_text())
+    )
     # checked before any row is measured: one label per checkpoint, existing folders
     bad = [str(base), "--text", "kjv", "--methods", "qsparse", "--sparsity", "0.6"]
     assert main(bad + ["--compare", str(exported), "--labels", "a", "b"]) == 2
     assert "2 labels for 1 checkpoints" in capsys.readouterr().err
     assert main(bad + ["--compare", str(tmp_path / "nope")]) == 2
     assert "no such checkpoint folder" in capsys.readouterr().err
+    other_vocab = tiny_hf_checkpoint("llama", vocab_size=300)
+    assert main(bad + ["--compare", str(other_vocab)]) == 2
+    assert "vocabulary differs" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -64,6 +64,39 @@ def test_perplexity_matches_brute_force(tiny) -> None:
     assert res.ppl == pytest.approx(math.exp(nll / n), rel=1e-5)
 
 
+def test_perplexity_agreement_with_a_reference_matches_kl_div(tiny_hf_checkpoint) -> None:
+    """``reference=``: the dense model against a second copy of itself agrees exactly (1, 0);
+    a top-k model's top-1 agreement and KL(dense || sparse) equal argmax / ``F.kl_div`` on the
+    same windows' logits, computed here one window at a time. Weights drawn with std 0.1 so
+    the distributions are peaked and KL(p || q) and KL(q || p) differ by ~1%."""
+    from transformers import AutoTokenizer
+
+    path = tiny_hf_checkpoint("llama", initializer_range=0.1)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    dense, sparse = load_hf_model(path), load_hf_model(path)
+    qsparse.sparsify(sparse, sparsity=0.5)
+    docs = [" ".join(["In the beginning was the word, and the word was sparse."] * 6)] * 3
+    stream = token_stream(tok, docs)
+    windows = [w for w in stream.split(48) if w.numel() >= 2]
+    assert windows[-1].numel() != 48  # the batched windows and a shorter tail
+    copy = perplexity_of_tokens(dense, stream, 48, 2, reference=load_hf_model(path))
+    assert copy.top1_agreement == 1.0 and copy.kl_to_reference == 0.0
+    res = perplexity_of_tokens(sparse, stream, seq_len=48, batch_size=2, reference=dense)
+    assert res.ppl == pytest.approx(perplexity_of_tokens(sparse, stream, 48, 2).ppl, rel=1e-6)
+    with torch.no_grad():
+        q = torch.cat([sparse(input_ids=w[None]).logits[0, :-1] for w in windows]).double()
+        p = torch.cat([dense(input_ids=w[None]).logits[0, :-1] for w in windows]).double()
+    kl = F.kl_div(
+        F.log_softmax(q, -1), F.log_softmax(p, -1), reduction="batchmean", log_target=True
+    )
+    top1 = (q.argmax(-1) == p.argmax(-1)).double().mean()
+    assert q.shape[0] == res.tokens
+    assert 0.0 < float(top1) < 1.0 and float(kl) > 0.05
+    assert res.top1_agreement == pytest.approx(float(top1), abs=1e-12)
+    assert res.kl_to_reference == pytest.approx(float(kl), rel=1e-4)
+    assert res.to_dict()["kl_to_reference"] == res.kl_to_reference
+
+
 def test_read_documents(tmp_path: Path) -> None:
     """Evaluation reads text with the data pipeline's reader and its rule: paragraphs of plain
     text stripped, rows without the text field dropped like empty ones."""

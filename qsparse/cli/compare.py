@@ -11,6 +11,13 @@ and sampling its peak memory), then measures perplexity on every ``--text`` and 
 measured sparsity / activated parameters (:mod:`qsparse.evaluation.compare`), and with
 ``--tasks`` the lm-eval accuracy (``qsparse_local``: the bundled multiple-choice tasks).
 
+Agreement with the dense model: every row (dense included, as a check: 1 and 0) also gets,
+per ``--text``, ``top-1`` (how often its argmax is the dense model's) and ``KL`` (``KL(dense
+|| row)``, nats per predicted token), computed in the perplexity pass: one dense copy of
+``PATH`` stays loaded and runs on each batch beside the row's model (one extra dense forward
+per batch, the model's weights once more in memory, no logits kept across batches).
+``--no-agreement`` skips both.
+
 ``--compare RUN/hf ...`` adds checkpoints measured as saved (``--labels`` names them), e.g.
 Q-Sparse continued-trained exports beside the training-free rows, as ``qsparse-eval
 --compare`` does (same :func:`~qsparse.evaluation.compare.measure_model`).
@@ -68,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity-tokens", type=int, default=8192, help="tokens for sparsity")
     add_measure_arguments(p)
     p.add_argument(
+        "--no-agreement",
+        dest="agreement",
+        action="store_false",
+        help="skip top-1 agreement and KL to the dense model (saves a dense forward per batch)",
+    )
+    p.add_argument(
         "--json", dest="json_out", default=None, help="write the rows as json (after each row)"
     )
     p.add_argument("--plot", default=None, help="write ppl vs measured sparsity (png)")
@@ -120,22 +133,37 @@ def compare_methods(
     on_row: Any = None,
     checkpoints: list[str] = (),
     labels: list[str] | None = None,
+    agreement: bool = True,
+    dtype: str = "float32",
+    device: str = "cpu",
     **measure: Any,
 ) -> list:
     """Rows of :class:`~qsparse.evaluation.compare.CompareRow`: dense, then each method at each
     sparsity (module docstring), then each of ``checkpoints`` as saved (labelled by
     ``labels`` or its path; e.g. a continued-trained ``RUN/hf``). ``measure``: seq_len,
-    max_tokens, batch_size, dtype, device, sparsity_tokens, tasks, limit of
-    :func:`~qsparse.evaluation.compare.measure_model`.
+    max_tokens, batch_size, sparsity_tokens, tasks, limit of
+    :func:`~qsparse.evaluation.compare.measure_model`. With ``agreement``, a dense copy of
+    ``path`` (``dtype``, ``device``) is every row's ``reference`` (top-1 agreement and KL).
     ``on_row(rows)``: called with the rows so far after each one (``--json`` is rewritten
     then, so a long run that is stopped keeps what it measured)."""
     from ..data.documents import read_documents
+    from ..errors import UserError
     from ..evaluation.compare import checkpoint_labels, measure_model
+    from ..evaluation.runner import load_for_eval
+    from ..models.hf import check_hf_checkpoint
 
     labels = checkpoint_labels(checkpoints, labels)
     missing = [str(c) for c in checkpoints if not Path(c).is_dir()]
     if missing:
         raise FileNotFoundError(f"--compare {' '.join(missing)}: no such checkpoint folder")
+    if agreement:  # KL needs one vocabulary: checked before any row is measured
+        vocab = check_hf_checkpoint(path).get("vocab_size")
+        for c in checkpoints:
+            if check_hf_checkpoint(c).get("vocab_size") != vocab:
+                raise UserError(
+                    f"--compare {c}: its vocabulary differs from {path}'s, so KL to the dense "
+                    "model is undefined; pass --no-agreement"
+                )
     per_method = split_overrides(list(overrides), methods)
     # every config is composed before anything is measured, so a typo fails at once
     plan = [build_method(name, s, per_method[name]) for s in sparsities for name in methods]
@@ -148,6 +176,9 @@ def compare_methods(
         docs[str(texts[0])], calib_docs = first[:half], first[half:]
     else:
         calib_docs = read_documents(calibration)
+    measure.update(dtype=dtype, device=device)
+    if agreement:
+        measure["reference"] = load_for_eval(path, dtype, device=device)[0]
     rows = [measure_model("dense", path, docs, **measure)]
     if on_row is not None:
         on_row(rows)

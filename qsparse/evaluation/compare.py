@@ -10,7 +10,11 @@ Every row is a model; every model is measured on every text with the same tokeni
 
 Columns: perplexity per text (and its ratio to the dense row), the measured overall sparsity
 and the activated parameters (both on the first text's first ``sparsity_tokens`` tokens; see
-:func:`qsparse.stats.sparsity_report`).
+:func:`qsparse.stats.sparsity_report`). Measured with ``reference=`` the dense model, a row
+also has, per text, its top-1 agreement with the dense model and ``KL(dense || row)`` in nats
+per predicted token, from the perplexity pass itself
+(:func:`~qsparse.evaluation.perplexity.perplexity_of_tokens`: the dense model runs on each
+batch beside the row's model; no dense logits are kept).
 
 ``qsparse-compare`` (:mod:`qsparse.cli.compare`) fills the same rows with the methods of
 :mod:`qsparse.methods` (``measure_model(..., method=...)``): the row then also records the
@@ -47,6 +51,8 @@ class CompareRow:
     sparsity_setting: float | None
     ppl: dict[str, float] = field(default_factory=dict)
     loss: dict[str, float] = field(default_factory=dict)
+    top1_agreement: dict[str, float] = field(default_factory=dict)
+    kl_to_dense: dict[str, float] = field(default_factory=dict)
     measured_sparsity: float | None = None
     activated_parameters: int | None = None
     total_parameters: int | None = None
@@ -147,12 +153,15 @@ def measure_model(
     tasks: Sequence[str] = (),
     limit: int | None = None,
     sparsity: dict[str, Any] | None = None,
+    reference: torch.nn.Module | None = None,
 ) -> CompareRow:
     """One row: the checkpoint at ``path`` (with training-free top-k at ``ratio`` when
     given, or the :class:`~qsparse.nn.SparsityConfig` dict ``sparsity`` (a per-site table),
     or converted by ``method``, calibrating on ``method.calibration``) measured on every
     ``docs[name]`` (documents of :func:`read_documents`) and, with ``tasks``, on those lm-eval
-    tasks (``limit`` items each; :func:`~qsparse.evaluation.runner.run_lm_eval`)."""
+    tasks (``limit`` items each; :func:`~qsparse.evaluation.runner.run_lm_eval`). With
+    ``reference`` (the dense model, loaded on ``device``) the row also gets its top-1 agreement
+    with it and ``KL(reference || row)`` per text (module docstring)."""
     if sparsity is None and ratio is not None:
         sparsity = {"ratio": ratio, "pattern": "token_topk"}
     model, tokenizer = load_for_eval(path, dtype, sparsity=sparsity, device=device)
@@ -165,8 +174,11 @@ def measure_model(
     start = time.perf_counter()
     for i, (name, texts) in enumerate(docs.items()):
         stream = token_stream(tokenizer, texts, max_tokens=max_tokens)
-        result = perplexity_of_tokens(model, stream, seq_len, batch_size)
+        result = perplexity_of_tokens(model, stream, seq_len, batch_size, reference)
         row.ppl[name], row.loss[name] = result.ppl, result.loss
+        if reference is not None:
+            row.top1_agreement[name] = result.top1_agreement
+            row.kl_to_dense[name] = result.kl_to_reference
         if i == 0:
             head = stream[: max(2, min(sparsity_tokens, stream.numel()))]
             report = sparsity_report(model, [w[None] for w in head.split(seq_len)])
@@ -188,19 +200,24 @@ def render_comparison(
     rows: Sequence[CompareRow], title: str = "qsparse-eval: dense vs training-free vs trained"
 ) -> None:
     """Print the rows as one rich table; perplexities with their ratio to the dense row. Rows
-    made by methods add the mean site sparsity and the method's cost columns."""
+    made by methods add the mean site sparsity and the method's cost columns; rows measured
+    against the dense model add ``top-1 <text>`` and ``KL <text>`` after each perplexity."""
     from rich.console import Console
     from rich.table import Table
 
     texts = list(rows[0].ppl)
     dense = rows[0].ppl
     costs = any(r.method is not None for r in rows)
+    agreement = any(r.top1_agreement for r in rows)
     task_names = list(dict.fromkeys(t for r in rows for t in r.tasks))
     table = Table(title=title, show_header=True)
     table.add_column("model")
     table.add_column("S (set)", justify="right")
     for t in texts:
         table.add_column(f"ppl {os.path.basename(t)}", justify="right")
+        if agreement:
+            table.add_column(f"top-1 {os.path.basename(t)}", justify="right")
+            table.add_column(f"KL {os.path.basename(t)}", justify="right")
     for task in task_names:
         table.add_column(f"acc {task}", justify="right")
     table.add_column("measured sparsity", justify="right")
@@ -216,6 +233,8 @@ def render_comparison(
             cells.append(
                 f"{r.ppl[t]:.3f} ({ratio:+.1%})" if r is not rows[0] else f"{r.ppl[t]:.3f}"
             )
+            if agreement:
+                cells += [_fmt(r.top1_agreement.get(t), ".3f"), _fmt(r.kl_to_dense.get(t), ".4f")]
         cells += [_fmt(r.tasks.get(task, {}).get("acc"), ".3f") for task in task_names]
         cells.append("-" if r.measured_sparsity is None else f"{r.measured_sparsity:.3f}")
         cells.append(
@@ -233,7 +252,7 @@ def render_comparison(
             ]
         table.add_row(*cells)
     console = Console()
-    Console(width=max(console.width, 160)).print(table)  # wide tables stay readable in logs
+    Console(width=max(console.width, 200)).print(table)  # wide tables stay readable in logs
 
 
 def _fmt(value: float | None, spec: str) -> str:
