@@ -188,6 +188,21 @@ def _select_kernel(
 
 
 @triton.jit
+def _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr):
+    """idx[p] = i, val[p] = xf for the kept entries of one row, ascending (``i``: the
+    positions of ``key``/``xf``): every key above ``thr`` and the first ``need`` keys equal to
+    it. One packed scan (``65536 * above + equal``) gives both the tie rank (low half) and
+    the list position (high half plus the kept ties)."""
+    gt = key > thr
+    eq = key == thr
+    cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
+    keep = gt | (eq & ((cs & 65535) <= need))
+    pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
+    tl.store(idx_ptr + pos, i, mask=keep)
+    tl.store(val_ptr + pos, xf, mask=keep)
+
+
+@triton.jit
 def _list_one_row(
     x_ptr,
     idx_ptr,
@@ -206,20 +221,13 @@ def _list_one_row(
     BF16: tl.constexpr = False,
 ):
     """Batch 1: radix top-k of the site input v[K] (x, or its producer's output:
-    :func:`_produce`), then idx[p] / val[p] for the k kept inputs (ascending). One packed
-    scan gives both the tie rank and the list position."""
+    :func:`_produce`), then idx[p] / val[p] for the k kept inputs (:func:`_list_kept`)."""
     i = tl.arange(0, BLOCK)
     valid = i < K
     xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
     key = tl.where(valid, _abs_key(xf), -1)
     thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, HINT)
-    gt = key > thr
-    eq = key == thr
-    cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
-    keep = gt | (eq & ((cs & 65535) <= need))
-    pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
-    tl.store(idx_ptr + pos, i, mask=keep)
-    tl.store(val_ptr + pos, xf, mask=keep)
+    _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr)
 
 
 @triton.jit
