@@ -520,6 +520,21 @@ def _store_out(
 
 
 @triton.jit
+def _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK: tl.constexpr):
+    """Weight rows ``r`` [BK] of a program's BN columns (``w_ptr`` at its first column,
+    ``wc = arange(BN)``) as a [BK, BN] tile; rows where ``m`` is false read as 0. CMASK:
+    columns past N (``cmask`` false) too; without it (N a multiple of BN) the mask is per row
+    only, which keeps the loads vectorized."""
+    if CMASK:
+        wmask = m[:, None] & cmask[None, :]
+    else:
+        wmask = m[:, None]
+    return tl.load(
+        w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
+    )
+
+
+@triton.jit
 def _compact_gemv_kernel(
     idx_ptr,
     val_ptr,
@@ -586,13 +601,7 @@ def _compact_gemv_kernel(
         p = p0 + tl.arange(0, BK)
         pm = p < hi
         r = tl.load(idx_ptr + p, mask=pm, other=0)
-        if CMASK:
-            wmask = pm[:, None] & cmask[None, :]
-        else:  # N is a multiple of BN: row masks only (keeps the loads vectorized)
-            wmask = pm[:, None]
-        w = tl.load(
-            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
-        )
+        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
         if USE_DOT:
             v = tl.load(
                 val_ptr + rb[:, None] * K + p[None, :],
@@ -665,13 +674,7 @@ def _carry_gemv_kernel(
         r = p0 + tl.arange(0, BK)
         xv = tl.load(x_ptr + r, mask=r < hi1, other=0.0).to(tl.float32)
         m = (r < hi1) & (_abs_key(xv) > hi)
-        if CMASK:
-            wmask = m[:, None] & cmask[None, :]
-        else:
-            wmask = m[:, None]
-        w = tl.load(
-            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
-        )
+        w = _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK)
         acc2 += xv[:, None] * w.to(tl.float32)
     if PDL:
         gdc_wait()
@@ -685,33 +688,14 @@ def _carry_gemv_kernel(
         p = p0 + tl.arange(0, BK)
         pm = p < hi2
         r = tl.load(idx_ptr + p, mask=pm, other=0)
-        if CMASK:
-            wmask = pm[:, None] & cmask[None, :]
-        else:
-            wmask = pm[:, None]
-        w = tl.load(
-            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
-        )
+        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
         v = tl.load(val_ptr + p, mask=pm, other=0.0)
         acc2 += v[:, None] * w.to(tl.float32)
     acc = tl.sum(acc2, axis=0)[None, :]
     rb = tl.arange(0, 1)
+    omask = cmask[None, :]
     _store_out(
-        acc,
-        y_ptr,
-        part_ptr,
-        sem_ptr,
-        pid_n,
-        pid_s,
-        1,
-        N,
-        rb,
-        cols,
-        cmask[None, :],
-        SPLIT,
-        1,
-        BN,
-        ASM,
+        acc, y_ptr, part_ptr, sem_ptr, pid_n, pid_s, 1, N, rb, cols, omask, SPLIT, 1, BN, ASM
     )
     nprog = tl.num_programs(0) * SPLIT
     done = tl.atomic_add(sem_ptr + tl.num_programs(0), 1, sem="acq_rel", scope="gpu")
