@@ -768,6 +768,30 @@ def _ternary_prep_kernel(
 
 
 @triton.jit
+def _ternary_store(
+    dot, qsum_ptr, scale_ptr, alpha_ptr, alpha, y_ptr, part_ptr, sem_ptr, pid_n, pid_s,
+    B, N, rb, rvalid, cols, cmask,
+    SPLIT: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, ALPHA_VEC: tl.constexpr,
+    ASM: tl.constexpr,
+):  # fmt: skip
+    """The ternary GEMVs' epilogue: ``y[b, n] = scale_b * alpha_n * (dot[b, n] - qsum_b)``
+    (``dot`` int32 [BB, BN], the sum over the codes + 1 of this program's slice; ``qsum``
+    taken off by slice 0 only; ``alpha_n`` from ``alpha_ptr`` under ALPHA_VEC, else the
+    scalar ``alpha``), written by :func:`_store_out`."""
+    qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
+    scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
+    out = (dot - qsum[:, None] * (pid_s == 0).to(tl.int32)).to(tl.float32) * scale[:, None]
+    if ALPHA_VEC:
+        out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)[None, :]
+    else:
+        out = out * alpha
+    omask = rvalid[:, None] & cmask[None, :]
+    _store_out(
+        out, y_ptr, part_ptr, sem_ptr, pid_n, pid_s, B, N, rb, cols, omask, SPLIT, BB, BN, ASM
+    )
+
+
+@triton.jit
 def _ternary_dp4a_kernel(
     xw_ptr,
     qsum_ptr,
@@ -854,15 +878,10 @@ def _ternary_dp4a_kernel(
         dot = tl.sum(acc1, axis=0)[None, :]
     else:
         dot = tl.sum(acc, axis=1)
-    qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
-    scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
-    out = (dot - qsum[:, None] * (pid_s == 0).to(tl.int32)).to(tl.float32) * scale[:, None]
-    if ALPHA_VEC:
-        out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)[None, :]
-    else:
-        out = out * alpha
-    omask = rvalid[:, None] & cmask[None, :]
-    _store_out(out, y_ptr, part_ptr, sem_ptr, pid, pid_s, B, N, rb, cols, omask, SPLIT, BB, BN, ASM)
+    _ternary_store(
+        dot, qsum_ptr, scale_ptr, alpha_ptr, alpha, y_ptr, part_ptr, sem_ptr, pid, pid_s,
+        B, N, rb, rvalid, cols, cmask, SPLIT, BB, BN, ALPHA_VEC, ASM,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -935,14 +954,7 @@ def _ternary_mma_kernel(
             acc += tl.dot(a.to(tl.float32), c.to(tl.float32), input_precision="ieee").to(tl.int32)
         else:
             acc = tl.dot(a, c, acc, out_dtype=tl.int32)
-    qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
-    scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
-    out = (acc - qsum[:, None] * (pid_s == 0).to(tl.int32)).to(tl.float32) * scale[:, None]
-    if ALPHA_VEC:
-        out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)[None, :]
-    else:
-        out = out * alpha
-    omask = rvalid[:, None] & cmask[None, :]
-    _store_out(
-        out, y_ptr, part_ptr, sem_ptr, pid_n, pid_s, B, N, rb, cols, omask, SPLIT, BB, BN, ASM
-    )
+    _ternary_store(
+        acc, qsum_ptr, scale_ptr, alpha_ptr, alpha, y_ptr, part_ptr, sem_ptr, pid_n, pid_s,
+        B, N, rb, rvalid, cols, cmask, SPLIT, BB, BN, ALPHA_VEC, ASM,
+    )  # fmt: skip
