@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks._figures import emit
+
 
 def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
     """Median wall time of ``fn()`` in milliseconds, each call bracketed by CUDA events."""
@@ -86,6 +88,23 @@ def sweep(configs, calls_for: Callable, label: str, top: int = 5):
 def row(*cols: object) -> str:
     """One Markdown table row."""
     return "| " + " | ".join(str(c) for c in cols) + " |"
+
+
+def emit_vs_dense(key: str, cells: tuple, dense_us: float, timed: dict[str, float]) -> None:
+    """Report one measured point against the dense baseline of the same run.
+
+    Prints a Markdown row (``cells``, then ``dense_us`` and each of ``timed``'s microseconds,
+    then each speed-up ``dense_us / t`` as ``1.23x``), a ``RATIO key name speed-up ...`` line,
+    and the figures ``key.dense_us``, ``key.<name>_us`` (us) and ``key.<name>`` (the speed-up)."""
+    ratios = {name: dense_us / t for name, t in timed.items()}
+    times = [f"{t:.1f}" for t in (dense_us, *timed.values())]
+    print(row(*cells, *times, *(f"{r:.2f}x" for r in ratios.values())), flush=True)
+    print(f"RATIO {key} " + " ".join(f"{name} {r:.2f}" for name, r in ratios.items()))
+    emit(f"{key}.dense_us", dense_us, "us")
+    for name, t in timed.items():
+        emit(f"{key}.{name}_us", t, "us")
+    for name, r in ratios.items():
+        emit(f"{key}.{name}", r)
 
 
 def gemv_setup(description: str | None) -> tuple[argparse.Namespace, list[torch.Tensor]]:

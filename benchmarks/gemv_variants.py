@@ -26,7 +26,7 @@ import triton.language as tl
 from benchmarks._figures import emit, slug
 from benchmarks._timing import kernel_times, time_graph
 from qsparse.kernels import gemv as G
-from qsparse.kernels._gemv_triton import _abs_key, _threshold_radix
+from qsparse.kernels._gemv_triton import _abs_key, _list_kept, _threshold_radix
 
 
 @triton.jit
@@ -98,19 +98,6 @@ def _gemv_unrolled(
 
 
 @triton.jit
-def _list_kept(key, xf, thr, need, idx_ptr, val_ptr):
-    """idx/val of the kept entries, ascending (as the library's batch-1 list kernel)."""
-    i = tl.arange(0, key.shape[0])
-    gt = key > thr
-    eq = key == thr
-    cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
-    keep = gt | (eq & ((cs & 65535) <= need))
-    pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
-    tl.store(idx_ptr + pos, i, mask=keep)
-    tl.store(val_ptr + pos, xf, mask=keep)
-
-
-@triton.jit
 def _selection_probe(
     x_ptr,
     out_ptr,
@@ -134,7 +121,7 @@ def _selection_probe(
     else:
         thr, need = _threshold_radix(key, valid, K, k, BLOCK, 16, NPASS, DBITS)
         if LIST:
-            _list_kept(key, xf, thr, need, idx_ptr, val_ptr)
+            _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr)
         else:
             tl.store(out_ptr + i, key + thr + need)
 
@@ -170,7 +157,7 @@ def _selection_exponent_first(
     pref, need = _threshold_radix(
         key, match, both & 65535, k - (both >> 16), BLOCK, LOW2, NDIG2, DBITS2
     )
-    _list_kept(key, xf, ((emax - best) << 23) | pref, need, idx_ptr, val_ptr)
+    _list_kept(key, xf, i, ((emax - best) << 23) | pref, need, idx_ptr, val_ptr)
 
 
 def kernel_us(fn, reps: int = 50) -> float:

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks._figures import emit
-from benchmarks._timing import gemv_setup, row, sweep, time_graph
+from benchmarks._timing import emit_vs_dense, gemv_setup, row, sweep, time_graph
 from qsparse.kernels import gemv as G
 
 SWEEP = [  # block_k, block_n (columns per program), panel width (None: row-major), split,
@@ -127,25 +126,8 @@ def main() -> None:
         t_sp = time_graph(sparse_calls(x, k, cfg, panel=panel))
         rows = G.compact_rows(x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass, cfg.digit_bits)
         t_ex = time_graph(sparse_calls(x, k, cfg, rows, panel))
-        print(
-            row(
-                batch,
-                s,
-                f"{t_dense:.1f}",
-                f"{t_sp:.1f}",
-                f"{t_ex:.1f}",
-                f"{t_dense / t_sp:.2f}x",
-                f"{t_dense / t_ex:.2f}x",
-            ),
-            flush=True,
-        )
-        print(
-            f"RATIO sparse_gemv_b{batch}_S{s} incl_topk {t_dense / t_sp:.2f} excl {t_dense / t_ex:.2f}"
-        )
-        for what, t in (("dense_us", t_dense), ("incl_us", t_sp), ("excl_us", t_ex)):
-            emit(f"sparse_gemv.b{batch}_S{s}.{what}", t, "us")
-        emit(f"sparse_gemv.b{batch}_S{s}.incl", t_dense / t_sp)
-        emit(f"sparse_gemv.b{batch}_S{s}.excl", t_dense / t_ex)
+        timed = {"incl": t_sp, "excl": t_ex}
+        emit_vs_dense(f"sparse_gemv.b{batch}_S{s}", (batch, s), t_dense, timed)
 
 
 def _shape_row(name: str, kin: int, n: int) -> None:
@@ -159,13 +141,8 @@ def _shape_row(name: str, kin: int, n: int) -> None:
     t_dense = time_graph([lambda w=w: F.linear(x, w) for w in ws])
     t_in = time_graph([lambda wt=wt: G.sparse_gemv(x, wt, k, n_out=n) for wt in wts])
     t_ex = time_graph([lambda wt=wt: G.sparse_gemv(x, wt, k, rows=rows, n_out=n) for wt in wts])
-    cells = [f"{t_dense:.1f}", f"{t_in:.1f}", f"{t_ex:.1f}"]
-    ratios = [f"{t_dense / t_in:.2f}x", f"{t_dense / t_ex:.2f}x"]
-    print(row(name, f"{kin} -> {n}", *cells, *ratios), flush=True)
-    print(f"RATIO sparse_gemv_1.3B_{name} incl_topk {t_dense / t_in:.2f} excl {t_dense / t_ex:.2f}")
-    emit(f"sparse_gemv.1.3B_{name}.incl", t_dense / t_in)
-    emit(f"sparse_gemv.1.3B_{name}.excl", t_dense / t_ex)
-    emit(f"sparse_gemv.1.3B_{name}.excl_us", t_ex, "us")
+    timed = {"incl": t_in, "excl": t_ex}
+    emit_vs_dense(f"sparse_gemv.1.3B_{name}", (name, f"{kin} -> {n}"), t_dense, timed)
 
 
 def decode_shapes() -> None:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks._figures import emit
-from benchmarks._timing import gemv_setup, row, sweep, time_graph
+from benchmarks._timing import emit_vs_dense, gemv_setup, row, sweep, time_graph
 from qsparse.kernels import gemv as G
 
 SWEEP = [  # block_k (16-input groups per tile), block_n, num_warps, num_stages
@@ -103,24 +102,8 @@ def main() -> None:
             cd = cs = G.GemvConfig(block_k=16, block_n=32, num_warps=4)
         t_t = time_graph(tern_calls(x, None, cd))
         t_ts = time_graph(tern_calls(x, k60, cs))
-        print(
-            row(
-                batch,
-                f"{t_dense:.1f}",
-                f"{t_t:.1f}",
-                f"{t_ts:.1f}",
-                f"{t_dense / t_t:.2f}x",
-                f"{t_dense / t_ts:.2f}x",
-            ),
-            flush=True,
-        )
-        print(
-            f"RATIO ternary_gemv_b{batch} {t_dense / t_t:.2f} ternary_sparse {t_dense / t_ts:.2f}"
-        )
-        for what, t in (("dense_us", t_dense), ("ternary_us", t_t), ("ternary_sparse_us", t_ts)):
-            emit(f"ternary_gemv.b{batch}.{what}", t, "us")
-        emit(f"ternary_gemv.b{batch}.ternary", t_dense / t_t)
-        emit(f"ternary_gemv.b{batch}.ternary_sparse", t_dense / t_ts)
+        timed = {"ternary": t_t, "ternary_sparse": t_ts}
+        emit_vs_dense(f"ternary_gemv.b{batch}", (batch,), t_dense, timed)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,45 @@ def run_interpreted(script: str, timeout: int = 600) -> str:
     return proc.stdout
 
 
+def run_module(module: str, args: list[str], cwd: Path, timeout: int = 300) -> str:
+    """Run ``python -m module *args`` in ``cwd`` (this checkout on ``PYTHONPATH``, W&B offline)
+    and return its stdout; fail with its stderr tail when it exits non-zero."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def ddp_recovery_overrides(ckpt: Path, run_dir: Path, cache_dir: Path, steps: int) -> list[str]:
+    """``qsparse-train`` overrides of a ``steps``-step recipe=continue/recovery_tiny run of
+    ``ckpt`` on two gloo CPU processes (trainer=ddp_cpu, 200 documents), validated at the last
+    step, logged to CSV every step."""
+    return [
+        "recipe=continue/recovery_tiny",
+        f"model.path={ckpt}",
+        f"run_dir={run_dir}",
+        f"data.cache_dir={cache_dir}",
+        "data.max_documents=200",
+        "logger=csv",
+        "trainer=ddp_cpu",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
 def compose_train(overrides: list[str], return_hydra_config: bool = False):
     """The ``train`` config with ``overrides``, composed as ``qsparse-train`` composes it (the
     schema registered; ``return_hydra_config`` keeps the ``hydra`` node, e.g. for sweeps)."""
@@ -169,6 +208,31 @@ def compose_train(overrides: list[str], return_hydra_config: bool = False):
 
     with initialize_config_module("qsparse.conf", version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def smollm2_run_config(
+    recipe: str, run_dir: Path, steps: int, val_batches: int, overrides: list[str]
+):
+    """The train config of a short run of ``recipe`` on the real SmolLM2-135M checkpoint:
+    ``steps`` steps, one validation on ``val_batches`` batches after the last, CSV log, no
+    checkpoint, export or progress bar; ``overrides`` after these."""
+    from qsparse.models.smollm2 import smollm2_checkpoint
+
+    return compose_train(
+        [
+            f"recipe={recipe}",
+            f"model.path={smollm2_checkpoint()}",
+            f"run_dir={run_dir}",
+            "logger=csv",
+            "export=false",
+            f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={steps}",
+            f"trainer.limit_val_batches={val_batches}",
+            "trainer.enable_progress_bar=false",
+            "callbacks.checkpoint=null",
+            *overrides,
+        ]
+    )
 
 
 def build_from_config(cfg) -> tuple[Any, Any]:

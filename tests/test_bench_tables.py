@@ -119,6 +119,25 @@ def test_figure_lines_round_trip_and_reject_bad_lines(capsys: pytest.CaptureFixt
         _figures.emit("a b", 1.0)
 
 
+def test_emit_vs_dense_prints_row_ratio_line_and_figures(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks._timing import emit_vs_dense
+
+    emit_vs_dense("g.b1_S0.6", (1, 0.6), 30.0, {"incl": 15.0, "excl": 12.0})
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "| 1 | 0.6 | 30.0 | 15.0 | 12.0 | 2.00x | 2.50x |"
+    assert lines[1] == "RATIO g.b1_S0.6 incl 2.00 excl 2.50"
+    assert _figures.parse(out) == {
+        "g.b1_S0.6.dense_us": {"value": 30.0, "unit": "us"},
+        "g.b1_S0.6.incl_us": {"value": 15.0, "unit": "us"},
+        "g.b1_S0.6.excl_us": {"value": 12.0, "unit": "us"},
+        "g.b1_S0.6.incl": {"value": 2.0, "unit": "x"},
+        "g.b1_S0.6.excl": {"value": 2.5, "unit": "x"},
+    }
+
+
 def test_tables_regenerated_from_results(tmp_path: Path) -> None:
     _write_results(tmp_path / "results")
     results = run_all.load_results(tmp_path / "results")

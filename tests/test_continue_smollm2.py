@@ -15,29 +15,21 @@ pytestmark = SMOLLM2_TIER
 
 
 def test_continue_smollm2_recovers_loss_after_conversion(tmp_path: Path) -> None:
-    from conftest import compose_train
+    from conftest import smollm2_run_config
     from test_continue import validate_once
 
-    from qsparse.models.smollm2 import smollm2_checkpoint
     from qsparse.training.run import train
 
-    path = smollm2_checkpoint()
-    cfg = compose_train(
-        [
-            "recipe=continue/smollm2",
-            f"model.path={path}",
-            f"run_dir={tmp_path / 'run'}",
+    cfg = smollm2_run_config(
+        "continue/smollm2",
+        tmp_path / "run",
+        steps=24,
+        val_batches=6,
+        overrides=[
             "data.max_documents=3000",
             "data.seq_len=128",
             "data.batch_size=4",
             "data.val_fraction=0.02",
-            "logger=csv",
-            "export=false",
-            "trainer.max_steps=24",
-            "trainer.val_check_interval=24",
-            "trainer.limit_val_batches=6",
-            "trainer.enable_progress_bar=false",
-            "callbacks.checkpoint=null",
             "callbacks.sparsity_warmup.steps=4",
             "optim.lr=2e-4",
         ],

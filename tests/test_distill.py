@@ -202,36 +202,12 @@ def test_early_stopping_on_the_out_of_domain_set(tiny_hf_checkpoint, tmp_path: P
 def test_distillation_under_ddp_on_two_cpu_processes(tiny_hf_checkpoint, tmp_path: Path) -> None:
     """Each rank builds its own frozen teacher; the run trains, validates both sets and
     restores the best checkpoint on two gloo processes."""
-    import os
-    import subprocess
-    import sys
+    from conftest import ddp_recovery_overrides, run_module
 
     ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
     run_dir = tmp_path / "ddp"
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(root)}
-    args = [
-        "recipe=continue/recovery_tiny",
-        f"model.path={ckpt}",
-        f"run_dir={run_dir}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.max_documents=200",
-        "logger=csv",
-        "trainer=ddp_cpu",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
-    ]
-    res = subprocess.run(
-        [sys.executable, "-m", "qsparse.cli.train", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    args = ddp_recovery_overrides(ckpt, run_dir, tmp_path / "cache", steps=2)
+    run_module("qsparse.cli.train", args, cwd=tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 2
     assert summary["val_ood_loss"] > 0 and summary["selected_by"] == "val_ood/loss"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import SMOLLM2_TIER, compose_train, validation_loss
+from conftest import SMOLLM2_TIER, smollm2_run_config, validation_loss
 
 pytestmark = SMOLLM2_TIER
 
@@ -20,27 +20,19 @@ def test_finetune_smollm2_chat_template_mask_and_training(tmp_path: Path) -> Non
     from omegaconf import OmegaConf
 
     from qsparse.data.sft_synth import sft_corpus_file
-    from qsparse.models.smollm2 import smollm2_checkpoint
     from qsparse.training.module import LMModule
     from qsparse.training.run import train
 
-    path = smollm2_checkpoint()
-    cfg = compose_train(
-        [
-            "recipe=finetune/smollm2",
-            f"model.path={path}",
-            f"run_dir={tmp_path / 'run'}",
+    cfg = smollm2_run_config(
+        "finetune/smollm2",
+        tmp_path / "run",
+        steps=6,
+        val_batches=2,
+        overrides=[
             "data.max_examples=600",
             "data.batch_size=2",
-            "logger=csv",
-            "export=false",
-            "trainer.max_steps=6",
-            "trainer.val_check_interval=6",
-            "trainer.limit_val_batches=2",
-            "trainer.enable_progress_bar=false",
-            "callbacks.checkpoint=null",
             "optim.lr=1e-4",
-        ]
+        ],
     )
     c = OmegaConf.to_container(cfg, resolve=True)
     dm = instantiate(c["data"], _convert_="all")

@@ -2,14 +2,7 @@
 
 import pytest
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from conftest import HF_FAMILIES, build_tiny_hf_model
 
 import qsparse
 from qsparse.nn import (
@@ -20,26 +13,13 @@ from qsparse.nn import (
     absmean_ternarize,
 )
 
-SHAPE = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-}
+#: overrides of the conftest tiny model (hidden 64, 2 layers, 4 heads / 2 KV heads); no pad
+#: token (its embedding row would be zero: a token whose inputs have no nonzeros to keep)
+SHAPE = dict(vocab_size=97, intermediate_size=96, max_position_embeddings=64, pad_token_id=None)
 
 
-def tiny(family: str = "llama") -> torch.nn.Module:
-    cfg_cls, model_cls = FAMILIES[family]
-    torch.manual_seed(0)
-    return model_cls(cfg_cls(**SHAPE)).eval()
+def tiny(family: str = "llama", **overrides) -> torch.nn.Module:
+    return build_tiny_hf_model(family, **{**SHAPE, **overrides})
 
 
 def capture_inputs(model):
@@ -56,7 +36,7 @@ def capture_inputs(model):
     return seen, handles
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_zero_sparsity_keeps_logits(family):
     model = tiny(family)
     ids = torch.randint(0, 97, (2, 10))
@@ -65,7 +45,7 @@ def test_zero_sparsity_keeps_logits(family):
     assert torch.allclose(model(ids).logits, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_every_projection_input_has_exactly_k_nonzeros_and_qkv_share_a_mask(family):
     model = tiny(family)
     qsparse.sparsify(model, SparsityConfig(ratio=0.6))
@@ -120,8 +100,7 @@ def test_idempotent_and_reconfigurable():
 
 
 def test_module_filters_match_at_boundaries():
-    cfg = LlamaConfig(**{**SHAPE, "num_hidden_layers": 12})
-    model = LlamaForCausalLM(cfg)
+    model = tiny(num_hidden_layers=12)
     report = qsparse.sparsify(model, 0.5, modules_to_not_convert=["lm_head", "layers.1"])
     assert "model.layers.1.mlp.down_proj" in report.skipped
     assert not isinstance(model.model.layers[1].mlp.down_proj, QSparseLinear)

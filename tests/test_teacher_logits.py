@@ -272,39 +272,18 @@ def test_two_ddp_ranks_read_their_samples(tiny_hf_checkpoint, tmp_path: Path) ->
     """trainer=ddp_cpu (2 gloo processes): the folder covers both ranks' samples (3 steps x
     8 x 2) and the run trains against it (about a minute on 2 cores)."""
     import json
-    import os
-    import subprocess
-    import sys
+
+    from conftest import ddp_recovery_overrides, run_module
 
     ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(root)}
     args = [
-        "recipe=continue/recovery_tiny",
-        f"model.path={ckpt}",
-        f"run_dir={tmp_path / 'run'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.max_documents=200",
-        "logger=csv",
-        "trainer=ddp_cpu",
-        "trainer.max_steps=3",
-        "trainer.val_check_interval=3",
-        "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
+        *ddp_recovery_overrides(ckpt, tmp_path / "run", tmp_path / "cache", steps=3),
         "distill=logits_from_disk",
         f"distill.teacher_logits={tmp_path / 't'}",
         "distill.teacher_top_k=16",
     ]
     for module in ("qsparse.cli.teacher_logits", "qsparse.cli.train"):
-        res = subprocess.run(
-            [sys.executable, "-m", module, *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert res.returncode == 0, res.stderr[-3000:]
+        run_module(module, args, cwd=tmp_path, timeout=600)
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert manifest["samples"] == 3 * 8 * 2
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

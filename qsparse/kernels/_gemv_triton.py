@@ -188,6 +188,21 @@ def _select_kernel(
 
 
 @triton.jit
+def _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr):
+    """idx[p] = i, val[p] = xf for the kept entries of one row, ascending (``i``: the
+    positions of ``key``/``xf``): every key above ``thr`` and the first ``need`` keys equal to
+    it. One packed scan (``65536 * above + equal``) gives both the tie rank (low half) and
+    the list position (high half plus the kept ties)."""
+    gt = key > thr
+    eq = key == thr
+    cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
+    keep = gt | (eq & ((cs & 65535) <= need))
+    pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
+    tl.store(idx_ptr + pos, i, mask=keep)
+    tl.store(val_ptr + pos, xf, mask=keep)
+
+
+@triton.jit
 def _list_one_row(
     x_ptr,
     idx_ptr,
@@ -206,20 +221,13 @@ def _list_one_row(
     BF16: tl.constexpr = False,
 ):
     """Batch 1: radix top-k of the site input v[K] (x, or its producer's output:
-    :func:`_produce`), then idx[p] / val[p] for the k kept inputs (ascending). One packed
-    scan gives both the tie rank and the list position."""
+    :func:`_produce`), then idx[p] / val[p] for the k kept inputs (:func:`_list_kept`)."""
     i = tl.arange(0, BLOCK)
     valid = i < K
     xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
     key = tl.where(valid, _abs_key(xf), -1)
     thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, HINT)
-    gt = key > thr
-    eq = key == thr
-    cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
-    keep = gt | (eq & ((cs & 65535) <= need))
-    pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
-    tl.store(idx_ptr + pos, i, mask=keep)
-    tl.store(val_ptr + pos, xf, mask=keep)
+    _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr)
 
 
 @triton.jit
@@ -512,6 +520,21 @@ def _store_out(
 
 
 @triton.jit
+def _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK: tl.constexpr):
+    """Weight rows ``r`` [BK] of a program's BN columns (``w_ptr`` at its first column,
+    ``wc = arange(BN)``) as a [BK, BN] tile; rows where ``m`` is false read as 0. CMASK:
+    columns past N (``cmask`` false) too; without it (N a multiple of BN) the mask is per row
+    only, which keeps the loads vectorized."""
+    if CMASK:
+        wmask = m[:, None] & cmask[None, :]
+    else:
+        wmask = m[:, None]
+    return tl.load(
+        w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
+    )
+
+
+@triton.jit
 def _compact_gemv_kernel(
     idx_ptr,
     val_ptr,
@@ -578,13 +601,7 @@ def _compact_gemv_kernel(
         p = p0 + tl.arange(0, BK)
         pm = p < hi
         r = tl.load(idx_ptr + p, mask=pm, other=0)
-        if CMASK:
-            wmask = pm[:, None] & cmask[None, :]
-        else:  # N is a multiple of BN: row masks only (keeps the loads vectorized)
-            wmask = pm[:, None]
-        w = tl.load(
-            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
-        )
+        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
         if USE_DOT:
             v = tl.load(
                 val_ptr + rb[:, None] * K + p[None, :],
@@ -657,13 +674,7 @@ def _carry_gemv_kernel(
         r = p0 + tl.arange(0, BK)
         xv = tl.load(x_ptr + r, mask=r < hi1, other=0.0).to(tl.float32)
         m = (r < hi1) & (_abs_key(xv) > hi)
-        if CMASK:
-            wmask = m[:, None] & cmask[None, :]
-        else:
-            wmask = m[:, None]
-        w = tl.load(
-            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
-        )
+        w = _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK)
         acc2 += xv[:, None] * w.to(tl.float32)
     if PDL:
         gdc_wait()
@@ -677,33 +688,14 @@ def _carry_gemv_kernel(
         p = p0 + tl.arange(0, BK)
         pm = p < hi2
         r = tl.load(idx_ptr + p, mask=pm, other=0)
-        if CMASK:
-            wmask = pm[:, None] & cmask[None, :]
-        else:
-            wmask = pm[:, None]
-        w = tl.load(
-            w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
-        )
+        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
         v = tl.load(val_ptr + p, mask=pm, other=0.0)
         acc2 += v[:, None] * w.to(tl.float32)
     acc = tl.sum(acc2, axis=0)[None, :]
     rb = tl.arange(0, 1)
+    omask = cmask[None, :]
     _store_out(
-        acc,
-        y_ptr,
-        part_ptr,
-        sem_ptr,
-        pid_n,
-        pid_s,
-        1,
-        N,
-        rb,
-        cols,
-        cmask[None, :],
-        SPLIT,
-        1,
-        BN,
-        ASM,
+        acc, y_ptr, part_ptr, sem_ptr, pid_n, pid_s, 1, N, rb, cols, omask, SPLIT, 1, BN, ASM
     )
     nprog = tl.num_programs(0) * SPLIT
     done = tl.atomic_add(sem_ptr + tl.num_programs(0), 1, sem="acq_rel", scope="gpu")
@@ -773,6 +765,30 @@ def _ternary_prep_kernel(
     tl.store(qsum_ptr + b, tl.sum(q, axis=0))
     tl.store(scale_ptr + b, gamma / QMAX)
     tl.store(xq_ptr + b * KP + i, q.to(tl.int8), mask=i < KP)
+
+
+@triton.jit
+def _ternary_store(
+    dot, qsum_ptr, scale_ptr, alpha_ptr, alpha, y_ptr, part_ptr, sem_ptr, pid_n, pid_s,
+    B, N, rb, rvalid, cols, cmask,
+    SPLIT: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, ALPHA_VEC: tl.constexpr,
+    ASM: tl.constexpr,
+):  # fmt: skip
+    """The ternary GEMVs' epilogue: ``y[b, n] = scale_b * alpha_n * (dot[b, n] - qsum_b)``
+    (``dot`` int32 [BB, BN], the sum over the codes + 1 of this program's slice; ``qsum``
+    taken off by slice 0 only; ``alpha_n`` from ``alpha_ptr`` under ALPHA_VEC, else the
+    scalar ``alpha``), written by :func:`_store_out`."""
+    qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
+    scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
+    out = (dot - qsum[:, None] * (pid_s == 0).to(tl.int32)).to(tl.float32) * scale[:, None]
+    if ALPHA_VEC:
+        out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)[None, :]
+    else:
+        out = out * alpha
+    omask = rvalid[:, None] & cmask[None, :]
+    _store_out(
+        out, y_ptr, part_ptr, sem_ptr, pid_n, pid_s, B, N, rb, cols, omask, SPLIT, BB, BN, ASM
+    )
 
 
 @triton.jit
@@ -862,15 +878,10 @@ def _ternary_dp4a_kernel(
         dot = tl.sum(acc1, axis=0)[None, :]
     else:
         dot = tl.sum(acc, axis=1)
-    qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
-    scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
-    out = (dot - qsum[:, None] * (pid_s == 0).to(tl.int32)).to(tl.float32) * scale[:, None]
-    if ALPHA_VEC:
-        out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)[None, :]
-    else:
-        out = out * alpha
-    omask = rvalid[:, None] & cmask[None, :]
-    _store_out(out, y_ptr, part_ptr, sem_ptr, pid, pid_s, B, N, rb, cols, omask, SPLIT, BB, BN, ASM)
+    _ternary_store(
+        dot, qsum_ptr, scale_ptr, alpha_ptr, alpha, y_ptr, part_ptr, sem_ptr, pid, pid_s,
+        B, N, rb, rvalid, cols, cmask, SPLIT, BB, BN, ALPHA_VEC, ASM,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -943,14 +954,7 @@ def _ternary_mma_kernel(
             acc += tl.dot(a.to(tl.float32), c.to(tl.float32), input_precision="ieee").to(tl.int32)
         else:
             acc = tl.dot(a, c, acc, out_dtype=tl.int32)
-    qsum = tl.load(qsum_ptr + rb, mask=rvalid, other=0)
-    scale = tl.load(scale_ptr + rb, mask=rvalid, other=0.0)
-    out = (acc - qsum[:, None] * (pid_s == 0).to(tl.int32)).to(tl.float32) * scale[:, None]
-    if ALPHA_VEC:
-        out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)[None, :]
-    else:
-        out = out * alpha
-    omask = rvalid[:, None] & cmask[None, :]
-    _store_out(
-        out, y_ptr, part_ptr, sem_ptr, pid_n, pid_s, B, N, rb, cols, omask, SPLIT, BB, BN, ASM
-    )
+    _ternary_store(
+        acc, qsum_ptr, scale_ptr, alpha_ptr, alpha, y_ptr, part_ptr, sem_ptr, pid_n, pid_s,
+        B, N, rb, rvalid, cols, cmask, SPLIT, BB, BN, ALPHA_VEC, ASM,
+    )  # fmt: skip

@@ -268,6 +268,21 @@ def _interpreted(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
+def _gemv_launch_opts(cfg: GemvConfig, pdl: bool, interp: bool) -> dict[str, bool | int]:
+    """The keywords every decode GEMV launch takes: ``PDL`` (a programmatic dependent of the
+    kernel before it, ``launch_pdl``), ``ASM`` (inline PTX; off in the interpreter, which
+    cannot run it) and the config's ``num_warps``/``num_stages``."""
+    opts: dict[str, bool | int] = {
+        "PDL": pdl,
+        "ASM": not interp,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
+    if pdl:
+        opts["launch_pdl"] = True
+    return opts
+
+
 def select_rows(
     x: torch.Tensor, k: int | None, num_warps: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -653,7 +668,6 @@ def _sparse_gemv_launch(
     grid = (triton.cdiv(n, block_n), split)
     part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device) if split > 1 else y
     sem = _semaphores(x.device, grid[0]) if split > 1 else cnt
-    extra = {"launch_pdl": True} if pdl else {}
     _compact_gemv_kernel[grid](
         idx,
         val,
@@ -677,11 +691,7 @@ def _sparse_gemv_launch(
         DOT_F32=interp,
         STAGES=cfg.num_stages,
         CMASK=n % block_n != 0,
-        PDL=pdl,
-        ASM=not interp,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **extra,
+        **_gemv_launch_opts(cfg, pdl, interp),
     )
     return y.to(out_dtype)
 
@@ -729,7 +739,6 @@ def _carry_gemv_launch(
     y = torch.empty(1, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
     part = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
     sem = _semaphores(x.device, grid[0] + 1)
-    extra = {"launch_pdl": True} if pdl else {}
     _carry_gemv_kernel[grid](
         x,
         hint,
@@ -750,11 +759,7 @@ def _carry_gemv_launch(
         LOW=low,
         DBITS=cfg.digit_bits,
         CMASK=n % block_n != 0,
-        PDL=pdl,
-        ASM=not interp,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **extra,
+        **_gemv_launch_opts(cfg, pdl, interp),
     )
     return y.to(out_dtype)
 
@@ -921,7 +926,6 @@ def ternary_gemv_op(
         num_warps=select_warps_for(k_in, cfg.select_warps),
     )
     y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
-    extra = {"launch_pdl": True} if pdl else {}
     alpha_arg = alpha_vec if alpha_vec is not None else scale
     split = max(1, cfg.split)
     part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device) if split > 1 else y
@@ -949,11 +953,7 @@ def ternary_gemv_op(
             ALPHA_VEC=alpha_vec is not None,
             DOT_F32=interp,
             STAGES=cfg.num_stages,
-            ASM=not interp,
-            PDL=pdl,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-            **extra,
+            **_gemv_launch_opts(cfg, pdl, interp),
         )
         return y.to(out_dtype)
     _ternary_dp4a_kernel[(triton.cdiv(n, cfg.block_n), split)](
@@ -971,14 +971,10 @@ def ternary_gemv_op(
         BG=cfg.block_k,
         BN=cfg.block_n,
         ALPHA_VEC=alpha_vec is not None,
-        ASM=not interp,
-        PDL=pdl,
         part_ptr=part,
         sem_ptr=sem,
         SPLIT=split,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **extra,
+        **_gemv_launch_opts(cfg, pdl, interp),
     )
     return y.to(out_dtype)
 

@@ -16,6 +16,13 @@ WEIGHT_QUANT = ("none", "ternary")
 SITES = ("qkv", "o", "gate_up", "down")
 
 
+def check_choice(setting: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming ``setting`` (``"sparsity.pattern"``) when ``value`` is not
+    one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{setting}={value!r} is not supported; use one of {choices}")
+
+
 @dataclass
 class SparsityConfig:
     """Q-Sparse top-k activation sparsity (paper Eq. 1-3, 12-13).
@@ -70,10 +77,7 @@ class SparsityConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field."""
-        if self.pattern not in PATTERNS:
-            raise ValueError(
-                f"sparsity.pattern={self.pattern!r} is not supported; use one of {PATTERNS}"
-            )
+        check_choice("sparsity.pattern", self.pattern, PATTERNS)
         for name in ("ratio", *SITES):
             value = getattr(self, name)
             if value is None:
@@ -97,11 +101,7 @@ class SparsityConfig:
                 raise ValueError(f"sparsity.sites.{name} must be a number in [0, 1), got {value!r}")
             if not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"sparsity.sites.{name}={value} is outside [0, 1)")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(
-                f"sparsity.allocation={self.allocation!r} is not supported; use one of "
-                f"{ALLOCATIONS}"
-            )
+        check_choice("sparsity.allocation", self.allocation, ALLOCATIONS)
         overrides = [k for k in SITES if getattr(self, k) is not None]
         if self.allocation == "greedy" and overrides:
             raise ValueError(
@@ -188,10 +188,7 @@ class QuantConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.weights not in WEIGHT_QUANT:
-            raise ValueError(
-                f"quant.weights={self.weights!r} is not supported; use one of {WEIGHT_QUANT}"
-            )
+        check_choice("quant.weights", self.weights, WEIGHT_QUANT)
         if self.act_bits is not None:
             if isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int):
                 raise ValueError(f"quant.act_bits must be an int or null, got {self.act_bits!r}")

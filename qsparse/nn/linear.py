@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .config import PATTERNS, WEIGHT_QUANT, keep_count
+from .config import PATTERNS, WEIGHT_QUANT, check_choice, keep_count
 from .quant import absmax_quantize, absmean_ternarize, straight_through
 from .topk import apply_mask, block_topk_mask, topk_mask
 
@@ -48,10 +48,7 @@ class ActivationSparsifier(nn.Module):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        if pattern not in PATTERNS:
-            raise ValueError(
-                f"sparsity.pattern={pattern!r} is not supported; use one of {PATTERNS}"
-            )
+        check_choice("sparsity.pattern", pattern, PATTERNS)
         if pattern == "block_topk" and dim % block_size:
             raise ValueError(
                 f"sparsity.block_size={block_size} does not divide the input size {dim}; "
