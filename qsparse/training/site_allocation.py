@@ -7,14 +7,23 @@ rank: same weights, same text, so every rank computes the same table). The searc
 parameters, calibrated on ``sparsity.calibration``); this module only checks that the run can
 calibrate, finds the tokenizer, and reports the result. The module keeps the table in its
 hyperparameters, so a resumed run or a checkpoint loads it instead of calibrating again.
+
+A run that starts from a qsparse export trained with a greedy table (``model.path=RUN/hf`` of
+a ``sparsity.allocation=greedy`` run: its ``config.json`` stores ``sparsity.sites``) keeps
+that table when it asks for greedy allocation at the same S (the weights were trained at
+those ratios; no search); at another S it searches again on the loaded weights.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from dataclasses import replace
 
 from qsparse.nn import SparsityConfig
 
@@ -46,6 +55,13 @@ def allocate_at_build(
             "sparsity.allocation=greedy needs the weights when the model is built; this "
             "strategy builds it on the meta device (trainer=fsdp): set sparsity.sites"
         )
+    stored = stored_sites(model_path)
+    if stored is not None and stored[0] == sparsity.ratio:
+        say(
+            f"sparsity.allocation=greedy: the {len(stored[1])} site ratios stored in "
+            f"{model_path} at S={sparsity.ratio:g} (no search)"
+        )
+        return replace(sparsity, sites=stored[1])
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
     tokenizer = getattr(dm, "tokenizer", None) or model_path
     if tokenizer is None:
@@ -62,3 +78,26 @@ def allocate_at_build(
         f"({time.perf_counter() - start:.1f} s)"
     )
     return out
+
+
+def stored_sites(model_path: str | None) -> tuple[float, dict[str, float]] | None:
+    """``(S, sites)`` of the per-site table a qsparse export at ``model_path`` stores in its
+    ``config.json`` (``qsparse.sparsity``), or ``None`` (no folder, no table)."""
+    if model_path is None or not (Path(model_path) / "config.json").is_file():
+        return None
+    stored = json.loads((Path(model_path) / "config.json").read_text()).get("qsparse") or {}
+    spec = stored.get("sparsity") or {}
+    if not spec.get("sites"):
+        return None
+    return float(spec.get("ratio", 0.0)), {k: float(v) for k, v in spec["sites"].items()}
+
+
+def note_replaced_table(model_path: str | None, sparsity: SparsityConfig) -> None:
+    """Say so when the run's uniform top-k replaces a per-site table ``model_path`` stores."""
+    stored = stored_sites(model_path)
+    if stored is not None and sparsity.pattern != "none" and not sparsity.sites:
+        say(
+            f"{model_path} stores a per-site table at S={stored[0]:g}; this run's "
+            f"sparsity.allocation={sparsity.allocation} at S={sparsity.ratio:g} replaces it "
+            "(sparsity.allocation=greedy at the same S keeps it)"
+        )
