@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
-
-from dataclasses import replace
 
 from qsparse.nn import SparsityConfig
 
