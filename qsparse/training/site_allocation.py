@@ -39,14 +39,23 @@ def allocate_at_build(
     """``sparsity`` with ``sites`` filled for ``model`` (already sparsified with top-k).
 
     ``trainer``: the Lightning trainer (``None`` for a build outside fit, e.g. the meta build
-    of the config check, which returns ``sparsity`` unchanged); ``model_path``: the dense
-    checkpoint folder (tokenizer fallback and table cache key); ``with_method``: a ``method=``
-    is set (refused: methods choose their own sites)."""
+    of the config check, which returns ``sparsity`` unchanged unless ``model_path`` stores a
+    table at this S); ``model_path``: the checkpoint folder (stored table, tokenizer fallback
+    and table cache key); ``with_method``: a ``method=`` is set (refused: methods choose their
+    own sites)."""
     from qsparse.methods.allocation import allocate, check_calibration
 
-    check_calibration(sparsity.calibration)
     if with_method:
         raise ValueError("sparsity.allocation=greedy cannot be combined with method=")
+    stored = stored_sites(model_path)
+    if stored is not None and stored[0] == sparsity.ratio:
+        if trainer is not None:
+            say(
+                f"sparsity.allocation=greedy: the {len(stored[1])} site ratios stored in "
+                f"{model_path} at S={sparsity.ratio:g} (no search)"
+            )
+        return replace(sparsity, sites=stored[1])
+    check_calibration(sparsity.calibration)
     if next(model.parameters()).is_meta:
         if trainer is None:  # check_config's meta build: nothing to calibrate
             return sparsity
@@ -54,13 +63,6 @@ def allocate_at_build(
             "sparsity.allocation=greedy needs the weights when the model is built; this "
             "strategy builds it on the meta device (trainer=fsdp): set sparsity.sites"
         )
-    stored = stored_sites(model_path)
-    if stored is not None and stored[0] == sparsity.ratio:
-        say(
-            f"sparsity.allocation=greedy: the {len(stored[1])} site ratios stored in "
-            f"{model_path} at S={sparsity.ratio:g} (no search)"
-        )
-        return replace(sparsity, sites=stored[1])
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
     tokenizer = getattr(dm, "tokenizer", None) or model_path
     if tokenizer is None:
