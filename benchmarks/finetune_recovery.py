@@ -41,6 +41,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -212,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             if job.proc is not None and job.proc.poll() is None:
                 job.proc.terminate()
+                try:
+                    job.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    job.proc.kill()
                 failed[job.name] = {"rc": "stopped", "val_curve": validation_curve(run_dir(job))}
         record()
         print_table(results, f"{args.recipe}, S={args.sparsity:g}")
@@ -227,28 +232,47 @@ def schedule(
     args: argparse.Namespace,
     common: list[str],
 ) -> None:
-    """Run ``jobs`` in two stages: the first (every job without ``{dense_hf}``) at once with
-    ``parallel`` (the greedy tables searched first, in this process, while the others
-    train), then, once ``dense`` is reaped, the second with ``{dense_hf}`` filled in."""
+    """Run ``jobs`` in two stages: the first (every job without ``{dense_hf}``), then, once
+    ``dense`` is reaped, the second with ``{dense_hf}`` filled in. With ``parallel`` every job
+    of a stage starts at once, and the greedy tables are searched once, in a thread of this
+    process, while the other jobs train; the greedy jobs start when it is done."""
     first = [j for j in jobs if not j.second_stage]
+    second = [j for j in jobs if j.second_stage]
+    greedy_first = [j for j in first if j.greedy] if parallel else []
+    greedy_second = [j for j in second if j.greedy] if parallel else []
     if parallel and len(jobs) > 1:
         _prepare_once(args.recipe, [*common, *KINDS["dense"]])
-    for job in [j for j in first if not (parallel and j.greedy)]:
-        launch(job, None)
-    if parallel:
-        for s in sorted({j.sparsity for j in jobs if j.greedy}):
-            one = next(j for j in jobs if j.greedy and j.sparsity == s)
-            _search_table(args.recipe, [*common, *one.overrides, f"sparsity.ratio={s}"], args)
-        for job in [j for j in first if j.greedy]:
+    for job in first:
+        if job not in greedy_first:
             launch(job, None)
+
+    def search_then_launch() -> None:
+        try:
+            for s in sorted({j.sparsity for j in jobs if j.greedy}):
+                one = next(j for j in jobs if j.greedy and j.sparsity == s)
+                _search_table(args.recipe, [*common, *one.overrides, f"sparsity.ratio={s}"], args)
+        except Exception as exc:  # the greedy jobs then search for themselves (and say why)
+            print(f"[finetune] greedy table search failed: {exc}", flush=True)
+        for job in greedy_first:
+            launch(job, None)
+
+    search = threading.Thread(target=search_then_launch, daemon=True)
+    if greedy_first or greedy_second:
+        search.start()
     dense = next((j for j in jobs if j.name == "dense"), None)
     if dense is not None:
         reap(dense)
-    for job in [j for j in jobs if j.second_stage]:
+    dense_hf = str(Path(args.out) / "runs" / "dense" / "hf")
+    for job in second:
         if not dense_done():
             print(f"[finetune] {job.name} SKIPPED: the dense job failed", flush=True)
-            continue
-        launch(job, str(Path(args.out) / "runs" / "dense" / "hf"))
+        elif job not in greedy_second:
+            launch(job, dense_hf)
+    if search.ident is not None:
+        search.join()
+    for job in greedy_second:
+        if dense_done():
+            launch(job, dense_hf)
     for job in jobs:
         if job is not dense and job.proc is not None:
             reap(job)

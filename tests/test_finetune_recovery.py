@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,8 +111,9 @@ def test_finetune_keeps_the_table_of_a_greedy_export(tiny_hf_checkpoint, tmp_pat
 
 @pytest.mark.slow
 def test_two_stage_study_on_the_tiny_recipe(tiny_hf_checkpoint, tmp_path: Path) -> None:
-    """finetune_recovery.py: dense and greedy at once, then the {dense_hf} variant distilling
-    from the dense run's export; every job in the JSON with a finite val_loss (~90 s)."""
+    """finetune_recovery.py: dense and greedy at once, then the {dense_hf} variants distilling
+    from the dense run's export (one of them greedy too); every job in the JSON with a finite
+    val_loss, the teacher the dense export (about a minute on 2 cores)."""
     ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=512)
     out = tmp_path / "ft"
     cmd = [
@@ -125,6 +127,8 @@ def test_two_stage_study_on_the_tiny_recipe(tiny_hf_checkpoint, tmp_path: Path) 
         f"--out={out}",
         "--variant=kd=distill=lm_logits distill.teacher_path={dense_hf}",
         "--variant=greedy@0.5=sparsity.allocation=greedy",
+        "--variant=gkd@0.5=sparsity.allocation=greedy distill=lm_logits "
+        "distill.teacher_path={dense_hf}",
         "--",
         f"model.path={ckpt}",
         "trainer.max_steps=2",
@@ -138,11 +142,15 @@ def test_two_stage_study_on_the_tiny_recipe(tiny_hf_checkpoint, tmp_path: Path) 
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((out / "finetune_recovery.json").read_text())["results"]
-    assert set(results) == {"dense", "kd", "greedy_S0.5"}
+    assert set(results) == {"dense", "kd", "greedy_S0.5", "gkd_S0.5"}
     assert all(math.isfinite(r["val_loss"]) for r in results.values())
     dense_hf = str(out / "runs" / "dense" / "hf")
     assert results["kd"]["teacher_path"] == dense_hf and results["kd"]["S"] == 0.4
+    assert results["gkd_S0.5"]["teacher_path"] == dense_hf
+    assert results["gkd_S0.5"]["site_ratios"] == results["greedy_S0.5"]["site_ratios"]
     assert results["dense"]["teacher_path"] is None
     assert results["greedy_S0.5"]["S"] == 0.5 and results["greedy_S0.5"]["site_ratios"]
     assert "(1.000x dense)" in res.stdout and "greedy table at S=0.5" in res.stdout
-    assert " (0.0 s)" in (out / "greedy_S0.5.log").read_text()  # the parent's cached table
+    for name in ("greedy_S0.5", "gkd_S0.5"):  # both found the table the parent searched
+        line = re.search(r"site ratios in .* \((\d+\.\d) s\)", (out / f"{name}.log").read_text())
+        assert line and float(line.group(1)) < 2.0, name  # a cache hit; searching takes seconds
