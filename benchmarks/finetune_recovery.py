@@ -233,49 +233,63 @@ def schedule(
     common: list[str],
 ) -> None:
     """Run ``jobs`` in two stages: the first (every job without ``{dense_hf}``), then, once
-    ``dense`` is reaped, the second with ``{dense_hf}`` filled in. With ``parallel`` every job
-    of a stage starts at once, and the greedy tables are searched once, in a thread of this
-    process, while the other jobs train; the greedy jobs start when it is done."""
+    ``dense`` has ended, the second with ``{dense_hf}`` filled in (skipped if it failed).
+    With ``parallel`` every job of a stage starts at once, the greedy tables are searched
+    once, in a thread of this process, while the other jobs train (the greedy jobs start when
+    it is done), and each job is recorded when it ends."""
     first = [j for j in jobs if not j.second_stage]
     second = [j for j in jobs if j.second_stage]
-    greedy_first = [j for j in first if j.greedy] if parallel else []
-    greedy_second = [j for j in second if j.greedy] if parallel else []
-    if parallel and len(jobs) > 1:
+    dense_hf = str(Path(args.out) / "runs" / "dense" / "hf")
+    if not parallel:
+        for job in first:
+            launch(job, None)  # waits for the job
+            reap(job)
+        for job in second:
+            if not dense_done():
+                print(f"[finetune] {job.name} SKIPPED: the dense job failed", flush=True)
+                continue
+            launch(job, dense_hf)
+            reap(job)
+        return
+    if len(jobs) > 1:
         _prepare_once(args.recipe, [*common, *KINDS["dense"]])
+    waiting = [j for j in jobs if j.greedy or j.second_stage]
     for job in first:
-        if job not in greedy_first:
+        if job not in waiting:
             launch(job, None)
 
-    def search_then_launch() -> None:
+    def search() -> None:
         try:
             for s in sorted({j.sparsity for j in jobs if j.greedy}):
                 one = next(j for j in jobs if j.greedy and j.sparsity == s)
                 _search_table(args.recipe, [*common, *one.overrides, f"sparsity.ratio={s}"], args)
         except Exception as exc:  # the greedy jobs then search for themselves (and say why)
             print(f"[finetune] greedy table search failed: {exc}", flush=True)
-        for job in greedy_first:
-            launch(job, None)
 
-    search = threading.Thread(target=search_then_launch, daemon=True)
-    if greedy_first or greedy_second:
-        search.start()
+    searching = threading.Thread(target=search, daemon=True)
+    if any(j.greedy for j in jobs):
+        searching.start()
+    reaped: set[str] = set()
     dense = next((j for j in jobs if j.name == "dense"), None)
-    if dense is not None:
-        reap(dense)
-    dense_hf = str(Path(args.out) / "runs" / "dense" / "hf")
-    for job in second:
-        if not dense_done():
-            print(f"[finetune] {job.name} SKIPPED: the dense job failed", flush=True)
-        elif job not in greedy_second:
-            launch(job, dense_hf)
-    if search.ident is not None:
-        search.join()
-    for job in greedy_second:
-        if dense_done():
-            launch(job, dense_hf)
-    for job in jobs:
-        if job is not dense and job.proc is not None:
-            reap(job)
+    while True:
+        for job in jobs:
+            if job.proc is not None and job.name not in reaped and job.proc.poll() is not None:
+                reap(job)
+                reaped.add(job.name)
+        dense_ended = dense is None or dense.name in reaped
+        for job in list(waiting):
+            if job.greedy and searching.is_alive():
+                continue
+            if job.second_stage and not dense_ended:
+                continue
+            waiting.remove(job)
+            if job.second_stage and not dense_done():
+                print(f"[finetune] {job.name} SKIPPED: the dense job failed", flush=True)
+            else:
+                launch(job, dense_hf if job.second_stage else None)
+        if not waiting and all(j.proc is None or j.name in reaped for j in jobs):
+            return
+        time.sleep(1.0)
 
 
 def print_table(results: dict[str, dict[str, Any]], title: str) -> None:
