@@ -27,12 +27,20 @@ model, which is then never loaded (for 7B: the 13.5 GB of bf16 weights and the t
 forward activations per GPU are saved; the cost is ``K * (2 + 4) + 4`` bytes of disk per
 token, 388 bytes at K = 64). The KL is then taken over the K kept tokens plus one bucket for
 the rest of the mass (:func:`sparse_kl_distill_loss`).
+
+Another teacher (``distill.teacher_path=FOLDER``): a transformers checkpoint folder, e.g. the
+``hf/`` export of a dense fine-tuning run, is loaded as the frozen teacher instead of the
+run's own base weights (``null``, the default). It must share the student's vocabulary; a
+folder exported with qsparse settings is loaded with them (a sparse teacher).
+:func:`check_teacher_path` checks the folder before a run writes anything.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,11 +48,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dtypes import dtype_names, torch_dtype
+from ..errors import UserError
 from ..models.builder import build_model
 from ..models.checkpointing import decoder_layer_list
 
 DISTILL_MODES = ("none", "logits", "logits+hidden")
 TEACHER_DTYPES = ("auto", *dtype_names())
+_HF_MODEL = "qsparse.models.pretrained.hf_model"
 
 
 @dataclass
@@ -64,6 +74,8 @@ class DistillConfig:
             top-K logits from it instead of running the teacher (``None``: run it).
         teacher_top_k: K, the logits kept per position by ``qsparse-teacher-logits`` (and
             expected in ``teacher_logits``), >= 1.
+        teacher_path: a transformers checkpoint folder loaded as the teacher (e.g. a dense
+            fine-tuned export ``RUN/hf``); ``None``: the run's own ``model`` spec.
     """
 
     mode: str = "none"
@@ -74,6 +86,7 @@ class DistillConfig:
     teacher_dtype: str = "auto"
     teacher_logits: str | None = None
     teacher_top_k: int = 64
+    teacher_path: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,6 +133,11 @@ class DistillConfig:
         k = self.teacher_top_k
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"distill.teacher_top_k={k!r} must be an int >= 1")
+        if self.teacher_path is not None and not self.enabled:
+            raise ValueError(
+                "distill.teacher_path is set but distill.mode='none': choose a distilling "
+                "preset (e.g. distill=lm_logits) or drop distill.teacher_path"
+            )
         if self.teacher_logits is not None and self.mode != "logits":
             raise ValueError(
                 f"distill.teacher_logits is set but distill.mode={self.mode!r}: stored logits "
@@ -138,6 +156,53 @@ class DistillConfig:
         if unknown:
             raise ValueError(f"distill: unknown keys {unknown}; known keys: {sorted(known)}")
         return cls(**data)
+
+
+class TeacherPathError(UserError):
+    """``distill.teacher_path`` names no usable checkpoint folder for this run."""
+
+
+def teacher_spec(spec: Mapping[str, Any], teacher_path: str | None) -> dict[str, Any]:
+    """The model spec the teacher is built from: ``spec`` itself without ``teacher_path``,
+    else :func:`qsparse.models.pretrained.hf_model` on that folder (the student's
+    ``model_class`` / ``attn_implementation`` when it is an ``hf_model`` spec too; no
+    tokenizer needed, no gradient checkpointing)."""
+    if teacher_path is None:
+        return dict(spec)
+    base = dict(spec) if spec.get("_target_") == _HF_MODEL else {}
+    return {
+        "_target_": _HF_MODEL,
+        "path": str(teacher_path),
+        "model_class": base.get("model_class", "transformers"),
+        "attn_implementation": base.get("attn_implementation", "sdpa"),
+        "require_tokenizer": False,
+    }
+
+
+def check_teacher_path(container: Mapping[str, Any]) -> None:
+    """Before a run writes anything: ``distill.teacher_path`` (when set) is a loadable
+    checkpoint folder with the vocabulary of the student's ``model.path`` (when that is a
+    folder too). Raises :class:`TeacherPathError` naming the setting and the fix."""
+    from ..models.hf import CheckpointError, check_hf_checkpoint
+
+    path = (container.get("distill") or {}).get("teacher_path")
+    if path is None:
+        return
+    fix = "give a transformers folder, e.g. the hf/ export of a dense fine-tuning run, or null"
+    try:
+        teacher = check_hf_checkpoint(path)
+    except CheckpointError as exc:
+        raise TeacherPathError(f"distill.teacher_path={path}: {exc}; {fix}") from None
+    student_path = (container.get("model") or {}).get("path")
+    if student_path is None or not (Path(student_path) / "config.json").is_file():
+        return
+    student = json.loads((Path(student_path) / "config.json").read_text())
+    if teacher.get("vocab_size") != student.get("vocab_size"):
+        raise TeacherPathError(
+            f"distill.teacher_path={path} has vocab_size {teacher.get('vocab_size')}, the "
+            f"student model.path={student_path} {student.get('vocab_size')}: the teacher "
+            f"must share the student's vocabulary; {fix}"
+        )
 
 
 def _predicting(
@@ -298,12 +363,13 @@ class Teacher:
     def build(
         self, spec: Mapping[str, Any], student: nn.Module | None, device: torch.device
     ) -> nn.Module:
-        """The dense model of ``spec``, frozen, in eval mode, on ``device``, in
+        """The dense model of ``spec`` (or of the folder ``cfg.teacher_path``:
+        :func:`teacher_spec`), frozen, in eval mode, on ``device``, in
         ``cfg.teacher_dtype`` (``auto``: bf16 on CUDA, fp32 elsewhere); built once. With
         hidden-state distillation, hooks on the layers of ``student`` and teacher."""
         if self.model is not None:
             return self.model
-        teacher = build_model(spec)
+        teacher = build_model(teacher_spec(spec, self.cfg.teacher_path))
         dtype = self.cfg.teacher_dtype
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"

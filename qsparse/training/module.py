@@ -36,7 +36,7 @@ from qsparse.nn.sites import dynamic_sparsity
 
 from .distill import DistillConfig
 from .optim import no_decay_names, param_groups, total_grad_norm
-from .site_allocation import allocate_at_build
+from .site_allocation import allocate_at_build, note_replaced_table
 from .teacher_store import make_teacher
 
 
@@ -221,6 +221,8 @@ class LMModule(L.LightningModule):
                 )  # fmt: skip
                 self._sparsity, self.hparams["sparsity"] = sparsity, sparsity.to_dict()
                 self.sparsify_report = convert(sparsity=sparsity)
+            elif not next(model.parameters()).is_meta:
+                note_replaced_table(self.hparams["model"].get("path"), sparsity)
         if self._method is not None:
             self._method.on_model_configured(model)
         # weight decay is decided by name on the unwrapped model (FSDP1 flattens parameters)

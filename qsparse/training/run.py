@@ -42,6 +42,7 @@ from .callbacks import RunSummary, StepProgressBar, best_checkpoint
 from .checkpoint import AtomicCheckpointIO
 from .config import ConfigError, check_accelerator, validate_config
 from .console import no_transformers_progress_bars, say
+from .distill import check_teacher_path
 from .logging import TrimResumedMetrics, build_loggers, finish_wandb, git_sha, log_run_config
 from .module import LMModule
 from .rundir import check_run_dir, prepare_run_dir
@@ -190,6 +191,7 @@ def check_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         message = str(exc).splitlines()[0].split("resolving interpolation: ")[-1]
         raise ConfigError(message) from exc
     check_accelerator(container.get("trainer") or {})
+    check_teacher_path(container)  # distill.teacher_path: a checkpoint folder, same vocabulary
     _check_conversion(container)
     return container
 

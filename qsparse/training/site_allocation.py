@@ -7,11 +7,19 @@ rank: same weights, same text, so every rank computes the same table). The searc
 parameters, calibrated on ``sparsity.calibration``); this module only checks that the run can
 calibrate, finds the tokenizer, and reports the result. The module keeps the table in its
 hyperparameters, so a resumed run or a checkpoint loads it instead of calibrating again.
+
+A run that starts from a qsparse export trained with a greedy table (``model.path=RUN/hf`` of
+a ``sparsity.allocation=greedy`` run: its ``config.json`` stores ``sparsity.sites``) keeps
+that table when it asks for greedy allocation at the same S (the weights were trained at
+those ratios; no search); at another S it searches again on the loaded weights.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -31,14 +39,23 @@ def allocate_at_build(
     """``sparsity`` with ``sites`` filled for ``model`` (already sparsified with top-k).
 
     ``trainer``: the Lightning trainer (``None`` for a build outside fit, e.g. the meta build
-    of the config check, which returns ``sparsity`` unchanged); ``model_path``: the dense
-    checkpoint folder (tokenizer fallback and table cache key); ``with_method``: a ``method=``
-    is set (refused: methods choose their own sites)."""
+    of the config check, which returns ``sparsity`` unchanged unless ``model_path`` stores a
+    table at this S); ``model_path``: the checkpoint folder (stored table, tokenizer fallback
+    and table cache key); ``with_method``: a ``method=`` is set (refused: methods choose their
+    own sites)."""
     from qsparse.methods.allocation import allocate, check_calibration
 
-    check_calibration(sparsity.calibration)
     if with_method:
         raise ValueError("sparsity.allocation=greedy cannot be combined with method=")
+    stored = stored_sites(model_path)
+    if stored is not None and stored[0] == sparsity.ratio:
+        if trainer is not None:
+            say(
+                f"sparsity.allocation=greedy: the {len(stored[1])} site ratios stored in "
+                f"{model_path} at S={sparsity.ratio:g} (no search)"
+            )
+        return replace(sparsity, sites=stored[1])
+    check_calibration(sparsity.calibration)
     if next(model.parameters()).is_meta:
         if trainer is None:  # check_config's meta build: nothing to calibrate
             return sparsity
@@ -62,3 +79,26 @@ def allocate_at_build(
         f"({time.perf_counter() - start:.1f} s)"
     )
     return out
+
+
+def stored_sites(model_path: str | None) -> tuple[float, dict[str, float]] | None:
+    """``(S, sites)`` of the per-site table a qsparse export at ``model_path`` stores in its
+    ``config.json`` (``qsparse.sparsity``), or ``None`` (no folder, no table)."""
+    if model_path is None or not (Path(model_path) / "config.json").is_file():
+        return None
+    stored = json.loads((Path(model_path) / "config.json").read_text()).get("qsparse") or {}
+    spec = stored.get("sparsity") or {}
+    if not spec.get("sites"):
+        return None
+    return float(spec.get("ratio", 0.0)), {k: float(v) for k, v in spec["sites"].items()}
+
+
+def note_replaced_table(model_path: str | None, sparsity: SparsityConfig) -> None:
+    """Say so when the run's uniform top-k replaces a per-site table ``model_path`` stores."""
+    stored = stored_sites(model_path)
+    if stored is not None and sparsity.pattern != "none" and not sparsity.sites:
+        say(
+            f"{model_path} stores a per-site table at S={stored[0]:g}; this run's "
+            f"sparsity.allocation={sparsity.allocation} at S={sparsity.ratio:g} replaces it "
+            "(sparsity.allocation=greedy at the same S keeps it)"
+        )

@@ -112,7 +112,7 @@ def store_settings(container: Mapping[str, Any]) -> dict[str, Any]:
     """The settings that fix the samples, their order and the stored values, flattened to
     ``{"data.seq_len": 64, "model.path": ..., ...}``: the ``data`` and ``model`` nodes
     (without keys that change neither samples nor outputs), ``distill.temperature``,
-    ``distill.teacher_top_k`` and the world size (``trainer.devices x trainer.num_nodes``)."""
+    ``distill.teacher_top_k``, ``distill.teacher_path`` when set, and the world size (``trainer.devices x trainer.num_nodes``)."""
     out: dict[str, Any] = {}
     for group, ignored in (("data", _DATA_KEYS_IGNORED), ("model", _MODEL_KEYS_IGNORED)):
         node = container.get(group) or {}
@@ -120,6 +120,8 @@ def store_settings(container: Mapping[str, Any]) -> dict[str, Any]:
     distill = container.get("distill") or {}
     out["distill.temperature"] = float(distill.get("temperature", 1.0))
     out["distill.teacher_top_k"] = int(distill.get("teacher_top_k", 64))
+    if distill.get("teacher_path") is not None:  # another teacher's logits (distill.py)
+        out["distill.teacher_path"] = str(distill["teacher_path"])
     out["trainer.devices x trainer.num_nodes"] = world_size(container.get("trainer") or {})
     return out
 
