@@ -14,7 +14,7 @@ of |v|), exactly in int32 up to the final float scaling, with two kernels: one p
 the site input ``v`` (x, or its :class:`~qsparse.kernels.gemv.Producer`'s output), quantizes
 it, selects its top-k (from the carried threshold ``hint``) and lists the kept inputs with
 their int8 codes; the GEMV streams those rows (unpacking the 2-bit fields with shifts and
-masks, two outputs per int32 multiply: ``GemvConfig.swar``). Batch 1 only (decode keeps the
+masks, two outputs per int32 multiply). Batch 1 only (decode keeps the
 K-packed layout for batch 2-16 and for dense BitNet). It runs inside the custom op
 ``qsparse::ternary_rows_gemv`` (no ``torch.compile`` graph break) and, on CPU tensors, under
 ``TRITON_INTERPRET=1`` (tests). Reference: :func:`ternary_rows_gemv_reference`.
@@ -57,14 +57,14 @@ __all__ = [
 ]
 
 #: launch shape of the GEMV before the split is chosen (not yet tuned on a GPU:
-#: benchmarks/ternary_sparse_gemv.py sweeps block_k / block_n / warps / swar): tiles of 32
+#: benchmarks/ternary_sparse_gemv.py sweeps block_k / block_n / warps / stages): tiles of 64
 #: kept rows x 128 outputs (32 bytes of each row, one sector)
-ROWS_CONFIG = GemvConfig(block_k=32, block_n=128, num_warps=4, num_stages=3, swar=True)
+ROWS_CONFIG = GemvConfig(block_k=64, block_n=128, num_warps=4, num_stages=3)
 #: programs the GEMV aims for (about four per SM of an H200), by splitting the list
 ROWS_PROGRAMS = 528
 #: widest input the one-program list kernel takes (its scan packs two counts in an int32)
 MAX_IN = 32767
-#: tiles a SWAR row slot sums before its packed halves are decoded (128 * 128 < 2^15)
+#: tiles a row slot of the GEMV sums before its packed halves are decoded (128 * 128 < 2^15)
 FLUSH = 128
 
 
@@ -152,7 +152,7 @@ def ternary_rows_gemv(
     |v| (``None``: every input, read as a list). ``alpha``: a float or an fp32 [N'] tensor.
     ``cfg`` default: :func:`ternary_rows_config_for` the shape (``block_k``: kept rows per
     tile, ``block_n``: outputs per program, a power of two >= 16, ``split``: programs sharing
-    a column block, ``swar``). ``hint``: the site's threshold carry
+    a column block). ``hint``: the site's threshold carry
     (:func:`~qsparse.kernels.gemv.new_hint`, updated in place). ``n_out``: keep the first
     ``n_out`` columns (drops the padding).
     """
@@ -276,7 +276,6 @@ def ternary_rows_gemv_op(
         BN=cfg.block_n,
         SPLIT=split,
         STAGES=cfg.num_stages,
-        SWAR=cfg.swar,
         FLUSH=FLUSH,
         ALPHA_VEC=alpha_vec is not None,
         CMASK=words % bw != 0,
