@@ -124,12 +124,12 @@ def main(argv: list[str] | None = None) -> None:
                 "cublas": timed(F.linear, ws),
                 "ternary": timed(lambda x, p: G.ternary_gemv(x, p, 0.02, None, 8), packs),
                 "ternary_topk": timed(
-                    lambda x, p: G.ternary_gemv(x, p, 0.02, k, 8, hint=hints[0]), packs
+                    lambda x, p, k=k, h=hints[0]: G.ternary_gemv(x, p, 0.02, k, 8, hint=h), packs
                 ),
                 "rows": timed(
-                    lambda x, p: TR.ternary_rows_gemv(x, p, 0.02, k, hint=hints[1]), rows
+                    lambda x, p, k=k, h=hints[1]: TR.ternary_rows_gemv(x, p, 0.02, k, hint=h), rows
                 ),
-                "rows_nohint": timed(lambda x, p: TR.ternary_rows_gemv(x, p, 0.02, k), rows),
+                "rows_nohint": timed(lambda x, p, k=k: TR.ternary_rows_gemv(x, p, 0.02, k), rows),
             }
             best = t["rows"]
             if sweep:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                     hint = G.new_hint(1, DEVICE)
                     try:
                         tv = timed(
-                            lambda x, p, c=cfg, h=hint: TR.ternary_rows_gemv(
+                            lambda x, p, c=cfg, h=hint, k=k: TR.ternary_rows_gemv(
                                 x, p, 0.02, k, cfg=c, hint=h
                             ),
                             rows,

@@ -98,11 +98,19 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
     for x, p, k, cfg, prod in [  # input-major sparse ternary GEMV: default, split, plain, fused
         (x4[:1], rows, 819, None, G.NO_PRODUCER),
         (x11, down, 4403, None, G.NO_PRODUCER),
-        (x11, down, 4403, G.GemvConfig(block_k=64, block_n=256, split=8, num_warps=8), G.NO_PRODUCER),
+        (
+            x11,
+            down,
+            4403,
+            G.GemvConfig(block_k=64, block_n=256, split=8, num_warps=8),
+            G.NO_PRODUCER,
+        ),
         (x4[:1], rows, 819, G.GemvConfig(block_k=16, block_n=64, num_stages=1), G.NO_PRODUCER),
         (x4[:1], rows, 819, None, norm),
     ]:
-        TR.ternary_rows_gemv(x, p, torch.ones(p.shape[1] * 16), k, cfg=cfg, hint=G.new_hint(1), producer=prod)
+        TR.ternary_rows_gemv(
+            x, p, torch.ones(p.shape[1] * 16), k, cfg=cfg, hint=G.new_hint(1), producer=prod
+        )
     return launches
 
 

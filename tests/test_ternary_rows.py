@@ -27,7 +27,9 @@ needs_triton = pytest.mark.skipif(
 
 
 def test_pack_rows_round_trips_and_puts_output_j_at_bits_2j():
-    codes = torch.randint(-1, 2, (37, 21), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    codes = torch.randint(
+        -1, 2, (37, 21), dtype=torch.int8, generator=torch.Generator().manual_seed(0)
+    )
     packed = TR.pack_ternary_rows(codes)
     assert packed.shape == (21, 16) and packed.dtype == torch.int32  # 37 outputs -> 256
     assert torch.equal(TR.unpack_ternary_rows(packed, 37), codes)
@@ -123,32 +125,29 @@ def check(x, codes, alpha, k, bits, cfg, hint=None, producer=G.NO_PRODUCER, alig
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
-for kin, n, k in ((80, 72, 30), (300, 40, 120), (37, 130, 10)):
+for kin, n, k in ((80, 72, 30), (37, 130, 10)):
     codes = torch.randint(-1, 2, (n, kin), dtype=torch.int8)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         x = torch.randn(1, kin)
         x[:, :20] = x[:, 3:4]  # ties at the threshold: lower index kept
         x = x.to(dtype)
-        for alpha in (0.7, torch.linspace(0.5, 1.5, n)):
-            for bits in (8, 4):
-                check(x, codes, alpha, k, bits, G.GemvConfig(block_k=4, block_n=32), tol=tol)
+        alpha = torch.linspace(0.5, 1.5, n) if dtype == torch.float32 else 0.7
+        check(x, codes, alpha, k, 8, G.GemvConfig(block_k=4, block_n=32), tol=tol)
+        check(x, codes, 0.7, k, 4, G.GemvConfig(block_k=8, block_n=32, num_stages=1), tol=tol)
         check(x, codes, 0.7, None, 8, G.GemvConfig(block_k=8, block_n=16, split=3), tol=tol)
         # split list summed by the last program; masked words (align 16: 3 or 5 words, 2 per
-        # program); one stage (no cp.async pipeline)
-        check(x, codes, 0.7, k, 8, G.GemvConfig(block_k=2, block_n=32, split=3), tol=tol)
-        check(x, codes, 0.7, k, 8, G.GemvConfig(block_k=4, block_n=32), align=16, tol=tol)
-        check(x, codes, 0.7, k, 8, G.GemvConfig(block_k=4, block_n=64, num_stages=1), tol=tol)
+        # program)
+        check(x, codes, 0.7, k, 8, G.GemvConfig(block_k=4, block_n=32, split=3), align=16, tol=tol)
     check(torch.randn(1, kin), codes, 0.7, k, 8, None)  # cfg=None: shape-chosen
 
 # the packed halves decoded every FLUSH tiles: sums far past 2^15 (all q = +-127, equal codes)
 TR.FLUSH = 2
 for sign in (1, -1):
-    codes = torch.full((48, 400), sign, dtype=torch.int8)
+    codes = torch.full((32, 600), sign, dtype=torch.int8)
     codes[5], codes[7] = -sign, 0
-    x = torch.ones(1, 400)
+    x = torch.ones(1, 600)
     x[0, ::7] = -1.0
-    check(x, codes, 1.0, 390, 8, G.GemvConfig(block_k=2, block_n=16, split=2))
-    check(x, codes, 1.0, 390, 8, G.GemvConfig(block_k=4, block_n=32))
+    check(x, codes, 1.0, 590, 8, G.GemvConfig(block_k=8, block_n=16, split=2), align=16)
 TR.FLUSH = 128
 
 # fused producers (the selection kernel computes the site input) and the carried threshold
@@ -156,13 +155,14 @@ for dtype in (torch.bfloat16, torch.float32):
     for kind in ("rmsnorm", "relu2_glu", "silu_glu"):
         w = (torch.rand(300) + 0.5).to(dtype) if kind == "rmsnorm" else None
         prod = G.Producer(kind, w, 1e-6)
-        codes = torch.randint(-1, 2, (72, 300), dtype=torch.int8)
+        codes = torch.randint(-1, 2, (32, 300), dtype=torch.int8)
         hint = G.new_hint(1)
         for step in range(2):
             x = (torch.randn(1, prod.width(300)) * (1 + 0.1 * step)).to(dtype)
             tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
-            check(x, codes, 0.5, 120, 8, G.GemvConfig(block_k=8, block_n=32), hint, prod, tol=tol)
-    codes = torch.randint(-1, 2, (64, 300), dtype=torch.int8)
+            cfg = G.GemvConfig(block_k=32, block_n=32)
+            check(x, codes, 0.5, 120, 8, cfg, hint, prod, align=32, tol=tol)
+    codes = torch.randint(-1, 2, (32, 300), dtype=torch.int8)
     for shift in (None, 0, -14, 14, -(2**20)):  # carried: none, in the band, off it
         x = torch.randn(1, 300).to(dtype)
         hint = G.new_hint(1)
@@ -170,7 +170,7 @@ for dtype in (torch.bfloat16, torch.float32):
             low = 31 - G.KEY_BITS[dtype]
             kth = x.float().abs().topk(120).values[:, -1].view(torch.int32)
             hint[:1] = (kth >> low) + shift
-        check(x, codes, 0.5, 120, 8, G.GemvConfig(block_k=8, block_n=32), hint, tol=1e-2)
+        check(x, codes, 0.5, 120, 8, G.GemvConfig(block_k=32, block_n=32), hint, align=32, tol=1e-2)
 
 # a custom op: dynamo traces the call whole
 rows = TR.pack_ternary_rows(torch.randint(-1, 2, (72, 80), dtype=torch.int8))
@@ -178,6 +178,26 @@ cfg = G.GemvConfig(block_k=8, block_n=32)
 step = lambda x: TR.ternary_rows_gemv(x, rows, 0.5, 30, cfg=cfg, n_out=72) * 2
 xs = torch.randn(1, 80, dtype=torch.bfloat16)
 torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="eager")(xs), step(xs))
+
+print("TERNARY ROWS OK")
+"""
+
+
+@needs_triton
+def test_kernels_match_the_reference_in_the_triton_interpreter():
+    """Against the K-packed reference: fp32 to float summation order, bf16 to its rounding;
+    ties, act_bits 4, per-output alpha, k = K, split lists, masked words, one stage, many
+    flushes of the packed sums, fused producers, carried thresholds; the custom op under
+    dynamo."""
+    from conftest import run_interpreted
+
+    assert "TERNARY ROWS OK" in run_interpreted(INTERPRETER_SCRIPT, timeout=900)
+
+
+ENGINE_SCRIPT = """
+import torch
+import qsparse.decode_view as DV
+from qsparse.kernels import ternary_rows as TR
 
 # the decode engine with the input-major layout on: BitNet + Q-Sparse at batch 1 on it (batch
 # 2 on the K-packed kernel), greedy tokens equal to plain forwards, compiled too
@@ -205,19 +225,17 @@ for batch in (1, 2):
     if batch == 1:
         compiled = DecodeEngine(model, compile="aot_eager").generate(ids, 3).tokens
         assert torch.equal(compiled, ref), ("compiled", compiled, ref)
-print("TERNARY ROWS OK")
+print("ENGINE ROWS OK")
 """
 
 
 @needs_triton
-def test_kernels_match_the_reference_in_the_triton_interpreter():
-    """Against the K-packed reference: fp32 to float summation order, bf16 to its rounding;
-    ties, act_bits 4, per-output alpha, k = K, split lists, masked words, one stage, many
-    flushes of the packed sums, fused producers, carried thresholds; the custom op under
-    dynamo; the decode engine on it (~2 min)."""
+def test_decode_engine_on_the_input_major_layout_matches_plain_forward():
+    """``TERNARY_ROWS`` on: BitNet + Q-Sparse decodes batch 1 through the kernel (batch 2
+    through the K-packed one), greedy tokens equal to plain forwards, compiled too (~30 s)."""
     from conftest import run_interpreted
 
-    assert "TERNARY ROWS OK" in run_interpreted(INTERPRETER_SCRIPT, timeout=900)
+    assert "ENGINE ROWS OK" in run_interpreted(ENGINE_SCRIPT, timeout=600)
 
 
 BENCH_SCRIPT = """
