@@ -83,7 +83,7 @@ def _cat16(v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15)
     c = tl.join(tl.join(v8, v9), tl.join(v10, v11))
     d = tl.join(tl.join(v12, v13), tl.join(v14, v15))
     out = tl.join(tl.join(a, b), tl.join(c, d))
-    return tl.reshape(out, [out.numel])
+    return tl.reshape(out, [16 * v0.shape[0]])
 
 
 @triton.jit
