@@ -13,7 +13,8 @@ per call:
 - ``rows``: :func:`~qsparse.kernels.ternary_rows.ternary_rows_gemv` with the same ``k`` and
   a carried threshold, selection included, default launch shape
   (:func:`~qsparse.kernels.ternary_rows.ternary_rows_config_for`); ``rows_nohint`` without
-  the carry; with ``--sweep`` (default on the 7B shapes) every launch shape of ``VARIANTS``
+  the carry; ``rows_list`` the list kernel alone (carried threshold) and ``rows_gemv`` the
+  GEMV given a list (where the time goes); with ``--sweep`` (default on the 7B shapes) every launch shape of ``VARIANTS``
   (block_k, block_n, warps, stages, target programs), and ``rows_best`` the fastest.
 
 Before timing, the kernel is checked against
@@ -131,6 +132,17 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 "rows_nohint": timed(lambda x, p, k=k: TR.ternary_rows_gemv(x, p, 0.02, k), rows),
             }
+            # the two halves alone: the list kernel (carried threshold), the GEMV given a list
+            t["rows_list"] = timed(
+                lambda x, p, k=k, h=hints[1]: TR.ternary_rows_list(x, k, hint=h), rows
+            )
+            lists = [TR.ternary_rows_list(x, k) for x in xs]
+            t["rows_gemv"] = time_graph(
+                [
+                    lambda p=p, x=x, r=r, k=k: TR.ternary_rows_gemv(x, p, 0.02, k, rows=r)
+                    for p, x, r in zip(rows, xs, lists, strict=True)
+                ]
+            )
             best = t["rows"]
             if sweep:
                 for v in VARIANTS:
@@ -167,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{t['cublas']:.1f}",
                     f"{t['ternary']:.1f}",
                     f"{t['ternary_topk']:.1f}",
-                    f"{t['rows']:.1f} (no hint {t['rows_nohint']:.1f})",
+                    f"{t['rows']:.1f} (no hint {t['rows_nohint']:.1f}; list "
+                    f"{t['rows_list']:.1f} + GEMV {t['rows_gemv']:.1f})",
                     f"{best:.1f}",
                     f"{t['ternary'] / t['rows']:.2f}x",
                     f"{t['ternary_topk'] / t['rows']:.2f}x",

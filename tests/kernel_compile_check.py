@@ -111,6 +111,8 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
         TR.ternary_rows_gemv(
             x, p, torch.ones(p.shape[1] * 16), k, cfg=cfg, hint=G.new_hint(1), producer=prod
         )
+    given = (torch.zeros(2048, dtype=torch.int32),) * 2 + (torch.ones(1),)
+    TR.ternary_rows_gemv(x4[:1], rows, 0.5, 819, rows=given)  # list given: no PDL
     return launches
 
 

@@ -172,6 +172,20 @@ for dtype in (torch.bfloat16, torch.float32):
             hint[:1] = (kth >> low) + shift
         check(x, codes, 0.5, 120, 8, G.GemvConfig(block_k=32, block_n=32), hint, align=32, tol=1e-2)
 
+# the list alone (idx ascending, int8 codes, scale), and the GEMV given it
+from qsparse.nn.topk import topk_mask
+x = torch.randn(1, 80, dtype=torch.bfloat16)
+idx, qv, scale = TR.ternary_rows_list(x, 30, hint=G.new_hint(1))
+keep = topk_mask(x, 30)[0].nonzero().flatten()
+assert torch.equal(idx[:30].long(), keep)
+gamma = x.float().abs().max()
+assert torch.equal(qv[:30], (x.float()[0, keep] * (127 / gamma)).round().int())
+assert torch.allclose(scale, gamma / 127)
+rows = TR.pack_ternary_rows(torch.randint(-1, 2, (72, 80), dtype=torch.int8))
+cfg = G.GemvConfig(block_k=8, block_n=32)
+given = TR.ternary_rows_gemv(x, rows, 0.5, 30, cfg=cfg, rows=(idx, qv, scale))
+assert torch.equal(given, TR.ternary_rows_gemv(x, rows, 0.5, 30, cfg=cfg))
+
 # a custom op: dynamo traces the call whole
 rows = TR.pack_ternary_rows(torch.randint(-1, 2, (72, 80), dtype=torch.int8))
 cfg = G.GemvConfig(block_k=8, block_n=32)

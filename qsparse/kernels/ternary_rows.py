@@ -53,6 +53,7 @@ __all__ = [
     "ternary_rows_config_for",
     "ternary_rows_gemv",
     "ternary_rows_gemv_reference",
+    "ternary_rows_list",
     "unpack_ternary_rows",
 ]
 
@@ -142,6 +143,7 @@ def ternary_rows_gemv(
     hint: torch.Tensor | None = None,
     producer: Producer = NO_PRODUCER,
     n_out: int | None = None,
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``y[1, N'] = alpha * (Q(v) * M) @ T`` for one token, ``T = unpack_ternary_rows(packed).T``
     ([K, N']), ``v = producer.reference(x)`` (x itself by default; an RMSNorm of x, or
@@ -154,7 +156,8 @@ def ternary_rows_gemv(
     tile, ``block_n``: outputs per program, a power of two >= 16, ``split``: programs sharing
     a column block). ``hint``: the site's threshold carry
     (:func:`~qsparse.kernels.gemv.new_hint`, updated in place). ``n_out``: keep the first
-    ``n_out`` columns (drops the padding).
+    ``n_out`` columns (drops the padding). ``rows``: :func:`ternary_rows_list` of the same
+    ``(x, k, act_bits)`` when already computed (the selection is then skipped).
     """
     if producer.kind != "none" and not producer.fuses(x):
         x, producer = producer.reference(x), NO_PRODUCER
@@ -196,6 +199,7 @@ def ternary_rows_gemv(
         code,
         w,
         eps,
+        *(rows if rows is not None else (None, None, None)),
     )
     return y[:, :n_out] if n_out is not None else y
 
@@ -214,44 +218,24 @@ def ternary_rows_gemv_op(
     prod: int,
     prod_w: torch.Tensor,
     eps: float,
+    idx: torch.Tensor | None,
+    qv: torch.Tensor | None,
+    scale: torch.Tensor | None,
 ) -> torch.Tensor:
     """Launch behind :func:`ternary_rows_gemv` (validated arguments; ``alpha_vec`` None: the
     scalar ``alpha_f``; ``cfg``: ``_cfg_ints``; ``hint`` updated in place, empty: none;
-    ``prod``/``prod_w``/``eps``: the fused producer). Returns [1, N'] in ``out_dtype``."""
+    ``prod``/``prod_w``/``eps``: the fused producer; ``idx``/``qv``/``scale``: the list when
+    given, else the list kernel runs). Returns [1, N'] in ``out_dtype``."""
     import triton
 
-    from ._ternary_rows_triton import _ternary_list_kernel, _ternary_rows_gemv_kernel
+    from ._ternary_rows_triton import _ternary_rows_gemv_kernel
 
     cfg = _cfg_from_ints(cfg)
     k_in, words = packed.shape
     interp = _interpreted(x)
-    pdl = cfg.pdl and _pdl_ok(x)
-    idx = torch.empty(k_in, dtype=torch.int32, device=x.device)
-    qv = torch.empty(k_in, dtype=torch.int32, device=x.device)
-    scale = torch.empty(1, dtype=torch.float32, device=x.device)
-    low, ndig = _radix_digits(x.dtype, cfg.digit_bits)
-    extra = {"launch_pdl": True} if pdl else {}
-    _ternary_list_kernel[(1,)](
-        x,
-        idx,
-        qv,
-        scale,
-        hint if hint.numel() else idx,
-        prod_w if prod_w.numel() else idx,
-        eps,
-        k_in,
-        k,
-        BLOCK=triton.next_power_of_2(k_in),
-        QMAX=2 ** (act_bits - 1) - 1,
-        LOW=low,
-        NDIG=ndig,
-        DBITS=cfg.digit_bits,
-        HINT=hint.numel() > 0,
-        PROD=prod,
-        BF16=x.dtype == torch.bfloat16,
-        PDL=pdl,
-        num_warps=select_warps_for(k_in, cfg.select_warps),
-    )
+    pdl = cfg.pdl and idx is None and _pdl_ok(x)
+    if idx is None:
+        idx, qv, scale = _list_launch(x, k_in, k, act_bits, cfg, hint, prod, prod_w, eps, pdl)
     n = 16 * words
     bw = cfg.block_n // 16
     split = max(1, cfg.split)
@@ -260,6 +244,7 @@ def ternary_rows_gemv_op(
     y = torch.empty(1, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
     part = torch.empty(split, 1, n, dtype=torch.float32, device=x.device) if split > 1 else y
     sem = _semaphores(x.device, grid[0]) if split > 1 else idx
+    extra = {"launch_pdl": True} if pdl else {}
     _ternary_rows_gemv_kernel[grid](
         idx,
         qv,
@@ -290,6 +275,79 @@ def ternary_rows_gemv_op(
 
 @ternary_rows_gemv_op.register_fake
 def _ternary_rows_gemv_fake(
-    x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, cfg, hint, prod, prod_w, eps
+    x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, cfg, hint, prod, prod_w, eps, *rows
 ):
     return x.new_empty((1, 16 * packed.shape[1]), dtype=out_dtype)
+
+
+def _list_launch(
+    x: torch.Tensor,
+    k_in: int,
+    k: int,
+    act_bits: int,
+    cfg: GemvConfig,
+    hint: torch.Tensor,
+    prod: int,
+    prod_w: torch.Tensor,
+    eps: float,
+    pdl: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The list kernel (:func:`~qsparse.kernels._ternary_rows_triton._ternary_list_kernel`):
+    (idx int32 [K], qv int32 [K], scale fp32 [1]), the first ``k`` entries used."""
+    import triton
+
+    from ._ternary_rows_triton import _ternary_list_kernel
+
+    idx = torch.empty(k_in, dtype=torch.int32, device=x.device)
+    qv = torch.empty(k_in, dtype=torch.int32, device=x.device)
+    scale = torch.empty(1, dtype=torch.float32, device=x.device)
+    low, ndig = _radix_digits(x.dtype, cfg.digit_bits)
+    _ternary_list_kernel[(1,)](
+        x,
+        idx,
+        qv,
+        scale,
+        hint if hint.numel() else idx,
+        prod_w if prod_w.numel() else idx,
+        eps,
+        k_in,
+        k,
+        BLOCK=triton.next_power_of_2(k_in),
+        QMAX=2 ** (act_bits - 1) - 1,
+        LOW=low,
+        NDIG=ndig,
+        DBITS=cfg.digit_bits,
+        HINT=hint.numel() > 0,
+        PROD=prod,
+        BF16=x.dtype == torch.bfloat16,
+        PDL=pdl,
+        num_warps=select_warps_for(k_in, cfg.select_warps),
+    )
+    return idx, qv, scale
+
+
+def ternary_rows_list(
+    x: torch.Tensor,
+    k: int,
+    act_bits: int = 8,
+    cfg: GemvConfig = ROWS_CONFIG,
+    hint: torch.Tensor | None = None,
+    producer: Producer = NO_PRODUCER,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selection half of :func:`ternary_rows_gemv` alone, for ``rows=`` (one token,
+    ``x``: [1, K], or what ``producer`` reads): (idx int32 [K], qv int32 [K], scale fp32 [1]):
+    ``idx[:k]`` the kept inputs ascending, ``qv[:k]`` their int8 absmax codes, ``scale =
+    gamma / Q``. ``cfg``: its ``digit_bits`` and ``select_warps``."""
+    if producer.kind != "none" and not producer.fuses(x):
+        x, producer = producer.reference(x), NO_PRODUCER
+    k_in = x.shape[-1] // 2 if producer.kind.endswith("_glu") else x.shape[-1]
+    _check_x(x, producer.width(k_in))
+    if x.shape[0] != 1 or k_in > MAX_IN or not 2 <= act_bits <= 8:
+        raise ValueError(
+            f"ternary_rows_list takes one token of up to {MAX_IN} inputs and act_bits in "
+            f"[2, 8], got x {tuple(x.shape)}, act_bits {act_bits}"
+        )
+    _check_k(k, k_in)
+    code, w, eps = _prod_args(producer, x)
+    hint = _hint_arg(hint, 1, x.device)
+    return _list_launch(x.contiguous(), k_in, k, act_bits, cfg, hint, code, w, eps, False)
