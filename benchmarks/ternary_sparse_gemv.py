@@ -22,10 +22,16 @@ Before timing, the kernel is checked against
 (fresh inputs; bf16 and fp32, with and without a carried threshold).
 
     PYTHONPATH=$PWD python3 benchmarks/ternary_sparse_gemv.py [--presets 7B,1.3B] [--no-sweep]
+        [--decode 1.3B,7B [--decode-compile inductor]]
+
+``--decode``: also greedy decode end to end at batch 1 (:func:`decode`): BitNet b1.58, and
+BitNet + Q-Sparse with ``qsparse.decode_view.TERNARY_ROWS`` off / on.
 
 ``FIGURE`` lines under ``ternary_sparse_gemv.<preset>_<shape>``: ``<kernel>_us`` and the
 ratios ``rows_vs_ternary`` (ternary dense time / rows time), ``rows_vs_ternary_topk``,
-``rows_vs_cublas`` (and ``best_vs_*`` for the fastest swept shape).
+``rows_vs_cublas`` (and ``best_vs_*`` for the fastest swept shape); with ``--decode`` under
+``ternary_sparse_gemv.decode_<preset>``: ``<run>.tokens_per_s``, ``rows_vs_k_packed``,
+``rows_vs_bitnet``, ``k_packed_vs_bitnet``, ``rows_token_agreement``.
 """
 
 from __future__ import annotations
@@ -87,6 +93,49 @@ def check(kin: int, n: int, k: int) -> None:
                 assert err < tol, (kin, n, dtype, err)
 
 
+def decode(preset: str, new_tokens: int, backend: str | None) -> None:
+    """End to end (``--decode PRESET``): greedy decode tokens/s at batch 1 (random weights,
+    bf16, CUDA graph, ``--decode-compile`` backend) of BitNet b1.58, and of BitNet + Q-Sparse
+    S=0.6 with :data:`qsparse.decode_view.TERNARY_ROWS` off and on, in one process; the
+    fraction of greedy tokens the two BitNet + Q-Sparse runs agree on."""
+    import gc
+
+    import qsparse.decode_view as DV
+    from qsparse.generate import DecodeEngine, convert
+    from qsparse.models import LlamaForCausalLM
+
+    cfg = LlamaConfig.from_preset(preset)
+    ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    rates, tokens = {}, {}
+    for name, mode, rows in (
+        ("bitnet", "bitnet", False),
+        ("bitnet_qsparse", "bitnet_qsparse", False),
+        ("bitnet_qsparse_rows", "bitnet_qsparse", True),
+    ):
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            model = LlamaForCausalLM(cfg)
+        model = convert(model.to(torch.bfloat16).eval(), mode, 0.6)
+        DV.TERNARY_ROWS = rows
+        engine = DecodeEngine(model, compile=backend)
+        engine.generate(ids, new_tokens)  # warm-up: kernels, compiled step, CUDA graph
+        res = engine.generate(ids, new_tokens)
+        rates[name], tokens[name] = res.tokens_per_s, res.tokens.cpu()
+        print(f"# decode {preset} {name}: {res.tokens_per_s:.1f} tokens/s", flush=True)
+        del engine, model, res
+        gc.collect()
+        torch.cuda.empty_cache()
+    DV.TERNARY_ROWS = False
+    key = f"ternary_sparse_gemv.decode_{preset}"
+    for name, tps in rates.items():
+        emit(f"{key}.{name}.tokens_per_s", tps, "tokens/s")
+    emit(f"{key}.rows_vs_k_packed", rates["bitnet_qsparse_rows"] / rates["bitnet_qsparse"])
+    emit(f"{key}.rows_vs_bitnet", rates["bitnet_qsparse_rows"] / rates["bitnet"])
+    emit(f"{key}.k_packed_vs_bitnet", rates["bitnet_qsparse"] / rates["bitnet"])
+    same = (tokens["bitnet_qsparse_rows"] == tokens["bitnet_qsparse"]).float().mean().item()
+    emit(f"{key}.rows_token_agreement", 100 * same, "%")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", default="7B,1.3B")
@@ -94,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--buffers", type=int, default=8)
     ap.add_argument("--sweep-presets", default="7B", help="presets whose shapes are swept")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--decode", default="", help="also decode end to end: comma list of presets")
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--decode-compile", default=None, help="torch.compile backend of the step")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.time()
@@ -192,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
             del ws, packs, rows
     print("\n".join(table))
     print(f"# S={args.sparsity}, batch 1, {args.buffers} weight copies; {time.time() - t0:.0f} s")
+    for preset in filter(None, args.decode.split(",")):
+        decode(preset, args.decode_tokens, args.decode_compile)
+        print(f"# decode {preset} done; {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -283,3 +283,24 @@ def test_benchmark_checks_the_kernel_and_emits_its_figures():
     from conftest import run_interpreted
 
     assert "BENCH OK" in run_interpreted(BENCH_SCRIPT, timeout=600)
+
+
+def test_benchmark_decode_rows_reports_every_run(monkeypatch, capsys):
+    """The end-to-end part of the benchmark (``--decode``) on CPU, tiny preset (no kernels
+    there: the plumbing and the keys; the GPU run compares the two layouts)."""
+    from benchmarks import _figures
+    from benchmarks import ternary_sparse_gemv as B
+
+    monkeypatch.setattr(B, "DEVICE", "cpu")
+    B.decode("tiny", 3, None)
+    figs = _figures.parse(capsys.readouterr().out)
+    key = "ternary_sparse_gemv.decode_tiny"
+    rates = {r: figs[f"{key}.{r}.tokens_per_s"]["value"] for r in ("bitnet", "bitnet_qsparse")}
+    assert all(v > 0 for v in rates.values())
+    assert figs[f"{key}.k_packed_vs_bitnet"]["value"] == pytest.approx(
+        rates["bitnet_qsparse"] / rates["bitnet"], rel=1e-4
+    )
+    assert figs[f"{key}.rows_token_agreement"]["value"] == 100.0
+    import qsparse.decode_view as DV
+
+    assert DV.TERNARY_ROWS is False  # left off again
