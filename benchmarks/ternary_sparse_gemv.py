@@ -70,6 +70,12 @@ def shapes(preset: str) -> dict[str, tuple[int, int]]:
     return {"qkv": (d, qkv), "o": (d, d), "gate_up": (d, 2 * f), "down": (f, d)}
 
 
+def emit_ratios(key: str, **ratios: float) -> None:
+    """One ``FIGURE <key>.<name> <ratio> x`` line per ratio."""
+    for name, value in ratios.items():
+        emit(f"{key}.{name}", value)
+
+
 def variant_config(v: tuple[int, int, int, int, int], n: int, k: int) -> G.GemvConfig:
     bk, bn, warps, stages, programs = v
     base = G.GemvConfig(block_k=bk, block_n=bn, num_warps=warps, num_stages=stages)
@@ -129,9 +135,11 @@ def decode(preset: str, new_tokens: int, backend: str | None) -> None:
     key = f"ternary_sparse_gemv.decode_{preset}"
     for name, tps in rates.items():
         emit(f"{key}.{name}.tokens_per_s", tps, "tokens/s")
-    emit(f"{key}.rows_vs_k_packed", rates["bitnet_qsparse_rows"] / rates["bitnet_qsparse"])
-    emit(f"{key}.rows_vs_bitnet", rates["bitnet_qsparse_rows"] / rates["bitnet"])
-    emit(f"{key}.k_packed_vs_bitnet", rates["bitnet_qsparse"] / rates["bitnet"])
+    rows, k_packed, bitnet = (rates[r] for r in ("bitnet_qsparse_rows", "bitnet_qsparse", "bitnet"))
+    emit_ratios(
+        key, rows_vs_k_packed=rows / k_packed, rows_vs_bitnet=rows / bitnet,
+        k_packed_vs_bitnet=k_packed / bitnet,
+    )  # fmt: skip
     same = (tokens["bitnet_qsparse_rows"] == tokens["bitnet_qsparse"]).float().mean().item()
     emit(f"{key}.rows_token_agreement", 100 * same, "%")
 
@@ -219,12 +227,14 @@ def main(argv: list[str] | None = None) -> None:
             key = f"ternary_sparse_gemv.{preset}_{name}"
             for what, us in t.items():
                 emit(f"{key}.{what}_us", us, "us")
-            emit(f"{key}.rows_vs_ternary", t["ternary"] / t["rows"])
-            emit(f"{key}.rows_vs_ternary_topk", t["ternary_topk"] / t["rows"])
-            emit(f"{key}.rows_vs_cublas", t["cublas"] / t["rows"])
-            emit(f"{key}.best_vs_ternary", t["ternary"] / best)
-            emit(f"{key}.best_vs_ternary_topk", t["ternary_topk"] / best)
-            emit(f"{key}.best_vs_cublas", t["cublas"] / best)
+            for tag, us in (("rows", t["rows"]), ("best", best)):
+                emit_ratios(
+                    key,
+                    **{
+                        f"{tag}_vs_{base}": t[base] / us
+                        for base in ("ternary", "ternary_topk", "cublas")
+                    },
+                )
             table.append(
                 row(
                     f"{preset} {name} {kin}->{n}",
