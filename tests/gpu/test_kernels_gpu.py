@@ -423,8 +423,8 @@ def test_ternary_split_and_tensor_core_gemv_match_dp4a_and_reference(batch, kin,
 def test_ternary_rows_gemv_matches_reference(dtype, shape):
     """The input-major sparse ternary GEMV (batch 1, S=0.6) against the K-packed reference on
     the same codes, fresh inputs with ties: exact int32 sums, so only the float scaling and
-    the output rounding differ; every launch shape the benchmark sweeps, a carried threshold,
-    and the fused RMSNorm."""
+    the output rounding differ (fp32: 1e-4 leaves room for a TF32 reference); launch shapes
+    from the benchmark's sweep, a carried threshold, and the fused RMSNorm."""
     from qsparse.kernels import ternary_rows as TR
 
     kin, n = shape
@@ -432,7 +432,7 @@ def test_ternary_rows_gemv_matches_reference(dtype, shape):
     codes = torch.randint(-1, 2, (n, kin), dtype=torch.int8, device="cuda")
     rows, packed = TR.pack_ternary_rows(codes), G.pack_ternary(codes)
     alpha = torch.rand(16 * rows.shape[1], device="cuda") + 0.5
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
     cfgs = [None] + [
         TR.ternary_rows_config_for(
             16 * rows.shape[1],
@@ -459,4 +459,4 @@ def test_ternary_rows_gemv_matches_reference(dtype, shape):
     x = fresh((1, kin), dtype)
     ref = G.ternary_gemv_reference(norm.reference(x), packed, alpha[:n], k, 8)
     got = TR.ternary_rows_gemv(x, rows, alpha, k, hint=hint, producer=norm, n_out=n)
-    assert rel_err(got, ref) <= max(tol, 1e-4)
+    assert rel_err(got, ref) <= tol
