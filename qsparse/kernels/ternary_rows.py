@@ -74,7 +74,7 @@ def ternary_rows_config_for(
 ) -> GemvConfig:
     """``cfg`` with the list of ``k`` kept rows split over up to 16 programs per column block
     so that ``n`` outputs give about ``programs`` programs, each keeping at least two tiles
-    (7B at S = 0.6: down 16, o 16, q|k|v 5, gate|up 3 with the default shape)."""
+    (7B at S = 0.6 with the default shape: down 16, o 13, q|k|v 5, gate|up 3)."""
     blocks = -(-n // cfg.block_n)
     tiles = -(-k // cfg.block_k)
     return replace(cfg, split=max(1, min(16, programs // blocks, tiles // 2)))
