@@ -88,7 +88,7 @@ def check(kin: int, n: int, k: int) -> None:
     codes = torch.randint(-1, 2, (n, kin), dtype=torch.int8, device=DEVICE)
     rows, packed = TR.pack_ternary_rows(codes), G.pack_ternary(codes)
     alpha = torch.rand(16 * rows.shape[1], device=DEVICE) + 0.5
-    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-4)):
         hint = G.new_hint(1, DEVICE)
         for _ in range(3):
             x = torch.randn(1, kin, device=DEVICE, dtype=dtype)
