@@ -81,8 +81,7 @@ class GemvConfig:
     threshold (``hint=``) and row-major weights, the GEMV sums the inputs above the carried band while
     the selection still runs and only the rest after it (docs/decode.md). Off by default: on
     an H200 it was slower than the list GEMV on every 7B shape but the down projection
-    (benchmarks/README.md). ``swar``: the input-major sparse ternary GEMV
-    (:mod:`qsparse.kernels.ternary_rows`) multiplies two packed outputs per int32 product.
+    (benchmarks/README.md).
     """
 
     block_k: int = 128
@@ -97,7 +96,6 @@ class GemvConfig:
     digit_bits: int = 5  # radix digit width: 2^digit_bits histogram bins per pass
     pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
     carry: bool = False  # sparse, batch 1, ``hint=``: start before the selection (measured slower)
-    swar: bool = True  # input-major ternary GEMV (ternary_rows): two outputs per int32 multiply
 
 
 #: tuned on an H100 at 4096 -> 11008, batch 1 (benchmarks/README.md): dense activations ...
