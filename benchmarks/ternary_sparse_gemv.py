@@ -14,8 +14,9 @@ per call:
   a carried threshold, selection included, default launch shape
   (:func:`~qsparse.kernels.ternary_rows.ternary_rows_config_for`); ``rows_nohint`` without
   the carry; ``rows_list`` the list kernel alone (carried threshold) and ``rows_gemv`` the
-  GEMV given a list (where the time goes); with ``--sweep`` (default on the 7B shapes) every launch shape of ``VARIANTS``
-  (block_k, block_n, warps, stages, target programs), and ``rows_best`` the fastest.
+  GEMV given a list (where the time goes); on the ``--sweep-presets`` shapes (7B; none with
+  ``--no-sweep``) every launch shape of ``VARIANTS`` (block_k, block_n, warps, stages, target
+  programs), and ``rows_best`` the fastest.
 
 Before timing, the kernel is checked against
 :func:`~qsparse.kernels.gemv.ternary_gemv_reference` on the K-packed copy of the same codes

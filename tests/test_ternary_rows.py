@@ -270,7 +270,8 @@ for shape in ("o", "down"):
     t = {w: figs[f"{key}.{w}_us"]["value"] for w in ("cublas", "ternary", "ternary_topk", "rows")}
     assert abs(figs[f"{key}.rows_vs_ternary_topk"]["value"] - t["ternary_topk"] / t["rows"]) < 1e-4
     assert len([f for f in figs if f.startswith(f"{key}.variant.")]) == len(B.VARIANTS)
-    best = min(figs[f]["value"] for f in figs if f.startswith(f"{key}.variant.") or f == f"{key}.rows_us")
+    swept = [f for f in figs if f.startswith(f"{key}.variant.")] + [f"{key}.rows_us"]
+    best = min(figs[f]["value"] for f in swept)
     assert figs[f"{key}.rows_best_us"]["value"] == best
 print("BENCH OK")
 """

@@ -53,7 +53,8 @@ def _ternary_list_kernel(
     """Batch 1: v = the site input (:func:`_produce`), ``q = clamp(round(v * Q / gamma))``
     with ``gamma = max(max |v|, 1e-5)`` (the arithmetic of the dense ternary activation
     kernel), the top-k of |v| (ties to the lower index), and for the k kept inputs in
-    ascending order ``idx[p]``, ``qv[p]`` (int32); ``scale[0] = gamma / Q``. PDL: let the GEMV launched next start (it waits for these writes)."""
+    ascending order ``idx[p]``, ``qv[p]`` (int32); ``scale[0] = gamma / Q``. PDL: let the
+    GEMV launched next start (it waits for these writes)."""
     if PDL:
         gdc_launch_dependents()
     i = tl.arange(0, BLOCK)
