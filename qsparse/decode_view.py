@@ -13,7 +13,12 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
   gate|up compute the layer's RMSNorm themselves (:class:`~qsparse.kernels.gemv.Producer`;
   the layer then skips its own norm);
 - ternary weights (BitNet b1.58, int8 absmax activations), optionally top-k sparse:
-  :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit packed weights, up to 16 tokens.
+  :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit weights packed along K, up to 16 tokens.
+  With :data:`TERNARY_ROWS` on, a top-k ternary site (BitNet + Q-Sparse) also keeps its codes
+  packed along N (:func:`qsparse.kernels.ternary_rows.pack_ternary_rows`; both layouts, 2/8 of
+  the bf16 bytes together) and decodes one token with
+  :func:`~qsparse.kernels.ternary_rows.ternary_rows_gemv`, which reads only the kept inputs'
+  rows and computes the layer's RMSNorm in its selection kernel, as the sparse site does.
 
 Elsewhere (no kernels, prompt prefill, batch sizes or settings the kernels do not cover) a site
 runs the model's own sparsifier and linear modules. Without kernels on a qsparse model the view
@@ -22,22 +27,30 @@ is the model itself.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .kernels import gemv as G
 from .kernels import kernels_available
+from .kernels import ternary_rows as TR
 from .models.config import LlamaConfig
 from .models.hf_config import from_hf_config
 from .models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
 
-__all__ = ["SPARSE_MAX_ROWS", "TERNARY_MAX_ROWS", "decoder_view"]
+__all__ = ["SPARSE_MAX_ROWS", "TERNARY_MAX_ROWS", "TERNARY_ROWS", "decoder_view"]
 
 #: most tokens per call for the sparse-input GEMV (beyond: top-k, then a dense GEMM; the
 #: union of kept rows of 2+ tokens is most of W) and for the ternary GEMV
 SPARSE_MAX_ROWS = 1
 TERNARY_MAX_ROWS = 16
+#: batch-1 BitNet + Q-Sparse sites decode on the input-major sparse ternary GEMV
+#: (:mod:`qsparse.kernels.ternary_rows`); off until measured end to end on an H200.
+#: ``QSPARSE_TERNARY_ROWS=1`` in the environment (read at import) or setting this before
+#: :func:`decoder_view` turns it on
+TERNARY_ROWS: bool = os.environ.get("QSPARSE_TERNARY_ROWS", "0") == "1"
 
 
 class _Projection(nn.Module):
@@ -67,6 +80,7 @@ class _Projection(nn.Module):
         rescale = bool(getattr(site, "rescale", False)) if site is not None else False
         norm = getattr(site, "norm", None) if site is not None else None
         self.mode = "reference"
+        self.rows = False  # batch 1 on the input-major ternary layout (TERNARY_ROWS)
         self.pre: nn.Module | None = None  # producer module fused into the selection
         self.producer = G.NO_PRODUCER
         if not use_kernels or pattern != "token_topk" or rescale:
@@ -101,15 +115,23 @@ class _Projection(nn.Module):
         pad = -sum(self.sizes) % 64
         codes.append(codes[0].new_zeros(pad, codes[0].shape[1]))
         alphas.append(alphas[0].new_zeros(pad))
-        self.register_buffer("packed", G.pack_ternary(torch.cat(codes, 0)), persistent=False)
+        codes = torch.cat(codes, 0)
+        self.register_buffer("packed", G.pack_ternary(codes), persistent=False)
         self.register_buffer("alpha", torch.cat(alphas).float(), persistent=False)
+        if TERNARY_ROWS and self.k is not None and self.k < codes.shape[1] <= TR.MAX_IN:
+            rows = TR.pack_ternary_rows(codes)  # outputs padded to a multiple of 256
+            alpha = self.alpha.new_zeros(16 * rows.shape[1])
+            alpha[: self.alpha.numel()] = self.alpha
+            self.register_buffer("packed_rows", rows, persistent=False)
+            self.register_buffer("alpha_rows", alpha, persistent=False)
+            self.rows = True
 
     def fuse_producer(self, norm: nn.Module) -> bool:
         """Take over the layer's RMSNorm in front of this site when the selection kernel can
-        compute it (sparse bf16/fp32 site without SubLN:
-        :class:`~qsparse.kernels.gemv.Producer`). True when taken: the caller must then hand
-        this site the norm's input instead of its output."""
-        if self.mode != "sparse" or self.site.norm is not None:
+        compute it (sparse, or ternary on the input-major layout at batch 1, bf16/fp32 site
+        without SubLN: :class:`~qsparse.kernels.gemv.Producer`). True when taken: the caller
+        must then hand this site the norm's input instead of its output."""
+        if not (self.mode == "sparse" or self.rows) or self.site.norm is not None:
             return False
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
         if not isinstance(norm, RMSNorm) and type(norm).__name__ != "LlamaRMSNorm":
@@ -139,6 +161,21 @@ class _Projection(nn.Module):
         if self.mode == "reference" or rows > TERNARY_MAX_ROWS or not kernels_available(x):
             return self.reference(x)
         lead, x2, n = x.shape[:-1], x.reshape(rows, x.shape[-1]), sum(self.sizes)
+        if self.rows and rows == 1:
+            # one token, input-major ternary layout: the list kernel computes the RMSNorm
+            if self.site.norm is not None:
+                x2 = self.site.norm(x2)
+            y = TR.ternary_rows_gemv(
+                x2,
+                self.packed_rows,
+                self.alpha_rows,
+                self.k,
+                self.act_bits,
+                hint=self.hint,
+                producer=self.producer,
+                n_out=n,
+            )
+            return y.reshape(*lead, n)
         if self.mode != "sparse":
             x2 = self._pre(x2)
         if self.site.norm is not None:

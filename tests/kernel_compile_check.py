@@ -32,6 +32,7 @@ except Exception as err:  # noqa: BLE001
     sys.exit(3)
 
 import qsparse.kernels.gemv as G  # noqa: E402
+import qsparse.kernels.ternary_rows as TR  # noqa: E402
 from qsparse.kernels import _topk_triton as T  # noqa: E402
 from qsparse.kernels import quant as Q  # noqa: E402
 
@@ -88,6 +89,30 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
         T.launch_token_topk(xt, torch.empty_like(xt), None, 819, 0, 1e-5, True)
         T.launch_block_topk(xt, torch.empty_like(xt), mask, 16, 32, 0, 1e-5)
     Q._launch(torch.randn(300, 70, dtype=bf16), 1e-5)
+    TR._pdl_ok = lambda x: True
+    TR._interpreted = lambda x: False
+    rows = TR.pack_ternary_rows(codes)  # 2048 -> 5460 (5632 padded)
+    x11 = torch.randn(1, 11008, dtype=bf16)
+    down = TR.pack_ternary_rows(torch.zeros(4096, 11008, dtype=torch.int8))
+    norm = G.Producer("rmsnorm", torch.ones(2048, dtype=bf16))
+    for x, p, k, cfg, prod in [  # input-major sparse ternary GEMV: default, split, plain, fused
+        (x4[:1], rows, 819, None, G.NO_PRODUCER),
+        (x11, down, 4403, None, G.NO_PRODUCER),
+        (
+            x11,
+            down,
+            4403,
+            G.GemvConfig(block_k=64, block_n=256, split=8, num_warps=8),
+            G.NO_PRODUCER,
+        ),
+        (x4[:1], rows, 819, G.GemvConfig(block_k=16, block_n=64, num_stages=1), G.NO_PRODUCER),
+        (x4[:1], rows, 819, None, norm),
+    ]:
+        TR.ternary_rows_gemv(
+            x, p, torch.ones(p.shape[1] * 16), k, cfg=cfg, hint=G.new_hint(1), producer=prod
+        )
+    given = (torch.zeros(2048, dtype=torch.int32),) * 2 + (torch.ones(1),)
+    TR.ternary_rows_gemv(x4[:1], rows, 0.5, 819, rows=given)  # list given: no PDL
     return launches
 
 

@@ -416,3 +416,47 @@ def test_ternary_split_and_tensor_core_gemv_match_dp4a_and_reference(batch, kin,
             assert rel_err(y, ref) <= 1e-2
     y = G.ternary_gemv(x, packed, 0.5, k, 8, cfg=G.ternary_split_config(n, kin))
     assert rel_err(y, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(11008, 4096), (4096, 22016), (5460, 2048), (2048, 10920)])
+def test_ternary_rows_gemv_matches_reference(dtype, shape):
+    """The input-major sparse ternary GEMV (batch 1, S=0.6) against the K-packed reference on
+    the same codes, fresh inputs with ties: exact int32 sums, so only the float scaling and
+    the output rounding differ (fp32: 1e-4 leaves room for a TF32 reference); launch shapes
+    from the benchmark's sweep, a carried threshold, and the fused RMSNorm."""
+    from qsparse.kernels import ternary_rows as TR
+
+    kin, n = shape
+    k = int(0.4 * kin)
+    codes = torch.randint(-1, 2, (n, kin), dtype=torch.int8, device="cuda")
+    rows, packed = TR.pack_ternary_rows(codes), G.pack_ternary(codes)
+    alpha = torch.rand(16 * rows.shape[1], device="cuda") + 0.5
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    cfgs = [None] + [
+        TR.ternary_rows_config_for(
+            16 * rows.shape[1],
+            k,
+            G.GemvConfig(block_k=bk, block_n=bn, num_warps=w, num_stages=s),
+            p,
+        )
+        for bk, bn, w, s, p in [
+            (64, 128, 4, 3, 528),
+            (128, 256, 8, 3, 528),
+            (128, 128, 8, 1, 528),
+            (32, 128, 4, 3, 1056),
+        ]
+    ]
+    hint = G.new_hint(1, "cuda")
+    for cfg in cfgs:
+        for _ in range(2):
+            x = fresh((1, kin), dtype, ties=True)
+            ref = G.ternary_gemv_reference(x, packed, alpha[:n], k, 8)
+            for h in (None, hint):
+                got = TR.ternary_rows_gemv(x, rows, alpha, k, cfg=cfg, hint=h, n_out=n)
+                assert got.dtype == dtype and rel_err(got, ref) <= tol, (cfg, rel_err(got, ref))
+    norm = G.Producer("rmsnorm", (torch.rand(kin, device="cuda") + 0.5).to(dtype), 1e-6)
+    x = fresh((1, kin), dtype)
+    ref = G.ternary_gemv_reference(norm.reference(x), packed, alpha[:n], k, 8)
+    got = TR.ternary_rows_gemv(x, rows, alpha, k, hint=hint, producer=norm, n_out=n)
+    assert rel_err(got, ref) <= tol
