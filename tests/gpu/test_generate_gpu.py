@@ -52,7 +52,7 @@ def test_compiled_cuda_graph_step_matches_eager(mode, path):
 
 
 def assert_greedy_under_plain_forward(
-    model: LlamaForCausalLM, tokens: torch.Tensor, prompt_len: int, rel_tol: float = 1e-2
+    model: LlamaForCausalLM, tokens: torch.Tensor, prompt_len: int, rel_tol: float = 0.1
 ) -> None:
     """Every generated token of ``tokens`` (batch, prompt_len + new) is the argmax of a plain
     full forward over the tokens before it, up to ``rel_tol`` x the std of those logits.
@@ -60,8 +60,10 @@ def assert_greedy_under_plain_forward(
     Exact token equality with ``model.generate`` is too strict for random weights: a near-tie
     (BitNet, batch 3: top-2 margin 1.4e-4 against a logit std of 0.32, measured on the H200)
     flips when the fused kernel rounds the int8 activation scale one ulp differently, and the
-    sequences part from there. A wrong kernel (wrong rows, wrong scale) picks tokens whose
-    logits sit about one std below the maximum, far outside the tolerance."""
+    sequences part from there. Even ``model.generate``'s own BitNet tokens sit up to 0.023 std
+    below the argmax of one full forward over the same tokens on the H200 (int8 activation
+    buckets flip between launch shapes), hence 0.1 std. A wrong kernel (wrong rows, wrong
+    scale) picks tokens whose logits sit about one std below the maximum."""
     with torch.no_grad():
         logits = model(tokens.cuda()).logits.float()[:, prompt_len - 1 : -1]
     chosen = logits.gather(-1, tokens.cuda()[:, prompt_len:, None]).squeeze(-1)
