@@ -28,7 +28,9 @@ def _digest(module: torch.nn.Module) -> dict[str, str]:
 class RankProbe(pl.Callback):
     """Writes ``<out_dir>/rank<r>.json``: ``batches`` (each training batch's ``input_ids`` as
     lists), ``initial`` and ``final`` (parameter digests before the first and after the last
-    optimizer step), ``ratios`` (site -> [ratio, target_ratio] at the last validation)."""
+    optimizer step), ``ratios`` (site -> [ratio, target_ratio] at the last validation) and
+    ``sites`` (the module's per-site table, ``hparams["sparsity"]["sites"]``: filled at build
+    by ``sparsity.allocation=greedy``)."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
@@ -55,6 +57,7 @@ class RankProbe(pl.Callback):
             "initial": self.initial,
             "final": _digest(pl_module),
             "ratios": self.ratios,
+            "sites": dict(pl_module.hparams.get("sparsity", {}).get("sites") or {}),
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
