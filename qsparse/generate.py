@@ -2,8 +2,8 @@
 path of the project (``LlamaForCausalLM.generate`` and ``qsparse-generate`` both run it).
 
 :class:`DecodeEngine` runs the model's own forward (:class:`qsparse.models.llama.LlamaModel`:
-its decoder layers, :class:`~qsparse.models.llama.RotaryEmbedding` and attention) over the
-model's :class:`~qsparse.models.llama.KVCache` in ``static`` mode: the write position is a
+its decoder layers, :class:`~qsparse.models.rope.RotaryEmbedding` and attention) over the
+model's :class:`~qsparse.models.kv_cache.KVCache` in ``static`` mode: the write position is a
 device tensor and attention covers the whole buffer under a mask, so every decode step has the
 same shapes and one CUDA graph serves them all. Per step (batch B, one token each)::
 

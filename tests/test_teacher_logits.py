@@ -15,7 +15,7 @@ from conftest import TINY_VOCAB, compose_train
 from qsparse.cli.teacher_logits import main as teacher_logits_main
 from qsparse.cli.teacher_logits import write_teacher_logits
 from qsparse.training.callbacks import SimulatedCrash
-from qsparse.training.distill import kl_distill_loss, sparse_kl_distill_loss
+from qsparse.training.distill_loss import kl_distill_loss, sparse_kl_distill_loss
 from qsparse.training.metrics_csv import read_metrics
 from qsparse.training.module import LMModule
 from qsparse.training.run import _build_datamodule, train

@@ -13,7 +13,7 @@ batches of ``data.batch_size`` on each of ``trainer.devices x trainer.num_nodes`
 (:func:`~qsparse.training.teacher_store.visited_samples`), each sample written once. The
 teacher is the dense ``model`` in ``distill.teacher_dtype`` on one device (the first CUDA GPU,
 else the CPU). File format, sample key and checks: :mod:`qsparse.training.teacher_store`;
-the loss: :func:`~qsparse.training.distill.sparse_kl_distill_loss`. A killed writer is
+the loss: :func:`~qsparse.training.distill_loss.sparse_kl_distill_loss`. A killed writer is
 restarted by the same command and continues after its last whole shard. A user's mistake
 prints one line ``qsparse-teacher-logits: <what is wrong and how to fix it>`` (status 2)
 before anything is written.

@@ -8,10 +8,11 @@ storing its activations, with non-reentrant ``torch.utils.checkpoint``:
 - qsparse's :class:`~qsparse.models.llama.LlamaForCausalLM`, which is no transformers
   ``PreTrainedModel``, gets the same ``checkpoint`` call around each layer's ``forward``.
 
-The run-level ``gradient_checkpointing: true`` (``LMModule``) and the ``model=hf`` builder's
-``gradient_checkpointing`` both call it. Under FSDP, Lightning's own
-``activation_checkpointing_policy`` (``trainer.strategy.activation_checkpointing``) wraps the
-layers instead; turn on one of the two.
+Three settings reach it, all this one call: the run-level ``gradient_checkpointing: true``
+(``LMModule``), the ``model=hf`` builder's ``gradient_checkpointing``, and, under FSDP,
+``trainer.strategy.activation_checkpointing``
+(:class:`~qsparse.training.strategies.FSDP2Strategy`, before it shards the layers). The call
+is idempotent, so turning on more than one of them changes nothing.
 """
 
 from __future__ import annotations

