@@ -82,7 +82,7 @@ def cpu_check() -> None:
 def measure(name: str, ws: list, wts: list, sparse_wts: list, h: torch.Tensor, keep: float):
     """One row: the four kernels on the same kept entries of ``h`` (experts of 32)."""
     from benchmarks._figures import emit
-    from benchmarks._timing import row, time_graph
+    from benchmarks._timing import row, sweep, time_graph
     from qsparse.kernels import gemv as G
 
     f, d = wts[0].shape
@@ -99,7 +99,8 @@ def measure(name: str, ws: list, wts: list, sparse_wts: list, h: torch.Tensor, k
     def expert_calls(cfg: ExpertGemvConfig) -> list:
         return [lambda wt=wt: expert_gemv(h, wt, sel, EXPERT_SIZE, cfg, out) for wt in wts]
 
-    best = min((time_graph(expert_calls(c), reps=2, replays=10), c) for c in CONFIGS)[1]
+    # the fastest launch shape by time alone (configs do not order; equal times are common)
+    best = sweep(CONFIGS, expert_calls, f"{name} keep {keep}", top=1)
     t_exp = time_graph(expert_calls(best))
     t_dense = time_graph([lambda w=w: F.linear(h, w) for w in ws])
     listed = G.compact_rows(hk, k)
@@ -110,7 +111,6 @@ def measure(name: str, ws: list, wts: list, sparse_wts: list, h: torch.Tensor, k
     cells = [f"{t:.1f}" for t in (t_dense, t_ex, t_in, t_exp)]
     ratios = [f"{t / t_exp:.2f}x" for t in (t_dense, t_ex, t_in)]
     print(row(name, keep, *cells, *ratios), flush=True)
-    print(f"# best expert config {best}")
     key = f"expert_gemv.{name}_keep{keep}"
     emit(f"{key}.vs_cublas", t_dense / t_exp)
     emit(f"{key}.vs_sparse_excl", t_ex / t_exp)

@@ -481,3 +481,30 @@ def test_sparse_gemv_7b_emits_every_key_its_rows_read(
         assert run_all.fill(row.value, figures) is not None, row.value
         if row.goal:
             assert {row.goal.key, row.goal.baseline} <= set(figures), row.goal
+
+
+def test_sweep_picks_the_fastest_config_by_time_alone(monkeypatch, capsys) -> None:
+    """Equal times must not compare the configs (frozen dataclasses do not order); a config
+    the compiler rejects is skipped."""
+    from dataclasses import dataclass
+
+    from benchmarks import _timing
+
+    @dataclass(frozen=True)
+    class Cfg:
+        n: int
+
+    times = {1: 3.0, 2: 2.0, 3: 2.0, 4: None, 5: 2.5}
+
+    def fake_time_graph(calls, reps=4, replays=20):
+        t = times[calls[0]]
+        if t is None:
+            raise RuntimeError("launch shape rejected")
+        return t
+
+    monkeypatch.setattr(_timing, "time_graph", fake_time_graph)
+    best = _timing.sweep([Cfg(n) for n in times], lambda c: [c.n], "ties", top=2)
+    assert best == Cfg(2)
+    out = capsys.readouterr().out
+    assert "Cfg(n=4): RuntimeError" in out
+    assert out.count("# sweep ties:") == 2
