@@ -243,6 +243,7 @@ print("ENGINE ROWS OK")
 """
 
 
+@pytest.mark.slow  # an opt-in path (measured slower on the H200); the kernel test stays default
 @needs_triton
 def test_decode_engine_on_the_input_major_layout_matches_plain_forward():
     """``TERNARY_ROWS`` on: BitNet + Q-Sparse decodes batch 1 through the kernel (batch 2
