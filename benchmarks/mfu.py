@@ -26,6 +26,7 @@ import torch
 
 from benchmarks._figures import emit
 from qsparse.data.random_tokens import RandomTokenDataModule
+from qsparse.nn.config import QUANT_PRESETS
 from qsparse.training.callbacks import TokenThroughputMonitor
 from qsparse.training.module import LMModule
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
         num_val=args.batch,
     )
     sparsity = {"ratio": args.sparsity, "pattern": "token_topk"} if args.sparsity > 0 else None
-    quant = {"weights": "ternary", "act_bits": 8, "subln": True} if args.bitnet else None
+    quant = dict(QUANT_PRESETS["bitnet"]) if args.bitnet else None
     module = LMModule(
         model={"preset": args.preset, "max_position_embeddings": max(args.seq, 128)},
         sparsity=sparsity,
