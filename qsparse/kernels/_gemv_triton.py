@@ -753,9 +753,7 @@ def _ternary_prep_kernel(
     i = tl.arange(0, BLOCK)
     valid = i < K
     xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
-    gamma = tl.maximum(tl.max(tl.abs(xf), axis=0), 1e-5)
-    s = tl.div_rn(1.0, gamma) * QMAX
-    q = tl.minimum(tl.maximum(round_half_even(xf * s), -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
+    q, gamma = _act_codes(xf, QMAX)
     if SPARSE:
         key = tl.where(valid, _abs_key(xf), -1)
         thr, need = _threshold_hinted(key, valid, K, k, hint_ptr + b, BLOCK, LOW, NDIG, DBITS, HINT)
@@ -765,6 +763,17 @@ def _ternary_prep_kernel(
     tl.store(qsum_ptr + b, tl.sum(q, axis=0))
     tl.store(scale_ptr + b, gamma / QMAX)
     tl.store(xq_ptr + b * KP + i, q.to(tl.int8), mask=i < KP)
+
+
+@triton.jit
+def _act_codes(xf, QMAX: tl.constexpr):
+    """BitNet b1.58 activation codes of one row ``xf`` [BLOCK] (fp32): ``(q, gamma)`` with
+    ``gamma = max(max |x|, 1e-5)`` and ``q = clamp(round_half_even(x * Q / gamma), -Q - 1, Q)``
+    (int32); the row's scale is ``gamma / Q``."""
+    gamma = tl.maximum(tl.max(tl.abs(xf), axis=0), 1e-5)
+    s = tl.div_rn(1.0, gamma) * QMAX
+    q = tl.minimum(tl.maximum(round_half_even(xf * s), -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
+    return q, gamma
 
 
 @triton.jit

@@ -25,8 +25,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import round_half_even
-from ._gemv_triton import _abs_key, _produce, _store_out, _threshold_hinted
+from ._gemv_triton import (
+    _abs_key,
+    _act_codes,
+    _list_kept,
+    _produce,
+    _store_out,
+    _threshold_hinted,
+)
 
 
 @triton.jit
@@ -60,18 +66,10 @@ def _ternary_list_kernel(
     i = tl.arange(0, BLOCK)
     valid = i < K
     xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
-    gamma = tl.maximum(tl.max(tl.abs(xf), axis=0), 1e-5)
-    s = tl.div_rn(1.0, gamma) * QMAX
-    q = tl.minimum(tl.maximum(round_half_even(xf * s), -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
+    q, gamma = _act_codes(xf, QMAX)
     key = tl.where(valid, _abs_key(xf), -1)
     thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, HINT)
-    gt = key > thr
-    eq = key == thr
-    cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)  # K <= 32767
-    keep = gt | (eq & ((cs & 65535) <= need))
-    pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
-    tl.store(idx_ptr + pos, i, mask=keep)
-    tl.store(qv_ptr + pos, q, mask=keep)
+    _list_kept(key, q, i, thr, need, idx_ptr, qv_ptr)  # K <= 32767 (packed scan)
     tl.store(scale_ptr, gamma / QMAX)
 
 
