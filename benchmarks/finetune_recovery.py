@@ -36,7 +36,6 @@ fine-tuning measured in the same run; the issue's goal is <= 1.05 at S = 0.4. Re
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import signal
 import subprocess
@@ -98,16 +97,11 @@ def plan_jobs(kinds: list[str], variants: list[str], sparsity: float) -> list[Jo
 
 
 def validation_curve(run_dir: Path) -> dict[int, float]:
-    """``{step: val/loss}`` of every validation in the run's ``csv/metrics.csv``."""
-    path = run_dir / "csv" / "metrics.csv"
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as f:
-        return {
-            int(row["step"]): float(row["val/loss"])
-            for row in csv.DictReader(f)
-            if row.get("val/loss") and row.get("step")
-        }
+    """``{step: val/loss}`` of every validation in the run's CSV log (``csv/metrics.csv``,
+    read by :func:`qsparse.training.metrics_csv.read_metrics`; empty before the first)."""
+    from qsparse.training.metrics_csv import read_metrics
+
+    return dict(read_metrics(run_dir / "csv").get("val/loss", []))
 
 
 def job_result(job: Job, run_dir: Path, rc: int) -> dict[str, Any] | None:
