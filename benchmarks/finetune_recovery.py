@@ -109,14 +109,15 @@ def job_result(job: Job, run_dir: Path, rc: int) -> dict[str, Any] | None:
     overrides it ran with and the teacher it distilled from (its ``config.yaml``)."""
     from omegaconf import OmegaConf
 
+    from qsparse.training.site_allocation import stored_sites
+
     summary_path = run_dir / "summary.json"
     if rc != 0 or not summary_path.is_file():
         return None
     summary = json.loads(summary_path.read_text())
     distill = OmegaConf.load(run_dir / "config.yaml").get("distill") or {}
-    export = run_dir / "hf" / "config.json"  # the table a greedy run searched at build
-    stored = json.loads(export.read_text()).get("qsparse") or {} if export.is_file() else {}
-    sites = (stored.get("sparsity") or {}).get("sites") or {}
+    stored = stored_sites(str(run_dir / "hf"))  # the table a greedy run searched at build
+    sites = stored[1] if stored else {}
     return {
         "S": job.sparsity,
         "val_loss": summary.get("val_loss"),
