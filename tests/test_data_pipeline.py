@@ -50,6 +50,9 @@ def test_streaming_setting_picks_the_pipeline(
     assert dm.streaming is (pipeline is StreamingPipeline)
     # the iterable loader has no sampler: only streaming moves the epoch at the last batch
     assert dm._epoch_from_last_batch is (pipeline is StreamingPipeline)
+    if pipeline is StreamingPipeline:  # a stream is not counted ahead: say so, not assert
+        with pytest.raises(ValueError, match="use streaming=false to count the blocks"):
+            _ = dm.num_train_blocks
 
 
 @pytest.mark.parametrize("value", ["maybe", "1", "null"])
