@@ -170,11 +170,12 @@ def test_split_is_deterministic_and_by_content(cache: Path) -> None:
     b.setup("fit")
     assert a.cache_path == b.cache_path
     va = np.load(a.cache_path / "val.npy")
-    assert a._meta["val_documents"] > 0 and a._meta["train_documents"] > 0
+    meta = a.pipeline.meta
+    assert meta["val_documents"] > 0 and meta["train_documents"] > 0
     # the assignment of a document depends on its text only, not on max_documents
     docs = _wiki_texts(cache, 120)
     val_docs = [d for d in docs[:80] if split_fraction(d, 1234) < 0.2]
-    assert a._meta["val_documents"] == len(val_docs)
+    assert meta["val_documents"] == len(val_docs)
     val_docs_120 = [d for d in docs if split_fraction(d, 1234) < 0.2]
     assert val_docs_120[: len(val_docs)] == val_docs
     # a different seed gives a different split
@@ -218,7 +219,8 @@ def test_local_text_and_parquet_files(tmp_path: Path, cache: Path) -> None:
         data_files=str(txt), vocab_size=400, seq_len=16, batch_size=2, cache_dir=str(tmp_path / "c")
     )
     dm.setup("fit")
-    assert dm._meta["train_documents"] + dm._meta["val_documents"] == 30  # one per paragraph
+    meta = dm.pipeline.meta
+    assert meta["train_documents"] + meta["val_documents"] == 30  # one per paragraph
 
     import pyarrow as pa
     import pyarrow.parquet as pq

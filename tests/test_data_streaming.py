@@ -15,7 +15,8 @@ import torch
 import torch.multiprocessing as mp
 
 from qsparse.data import PretrainDataModule, resolve_corpus
-from qsparse.data.streaming import BlockPacker, StreamCursor
+from qsparse.data.stream_source import StreamCursor
+from qsparse.data.streaming import BlockPacker
 
 
 @pytest.fixture(scope="module")

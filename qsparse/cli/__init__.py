@@ -1,12 +1,31 @@
 """Command-line entry points (Hydra): ``qsparse-train`` and friends, one module per command.
 
-:func:`add_measure_arguments` and :func:`add_compare_arguments` are the one definition of the
-options that ``qsparse-eval`` and ``qsparse-compare`` share.
+:func:`add_checkpoint_arguments`, :func:`add_measure_arguments` and
+:func:`add_compare_arguments` are the one definition of the arguments that ``qsparse-eval``
+and ``qsparse-compare`` share.
 """
 
 from __future__ import annotations
 
 import argparse
+
+
+def add_checkpoint_arguments(p: argparse.ArgumentParser, *, text_required: bool) -> None:
+    """Add ``PATH`` (the checkpoint folder measured) and ``--text TEXT ...`` (parsed to
+    ``texts``: corpus names or local text files whose perplexity is measured; ``None`` when
+    not given, which only ``text_required=False`` allows)."""
+    p.add_argument(
+        "path", help="checkpoint folder (transformers Llama/Mistral/Qwen2, or exported by qsparse)"
+    )
+    p.add_argument(
+        "--text",
+        dest="texts",
+        metavar="TEXT",
+        nargs="+",
+        required=text_required,
+        default=None,
+        help="corpus name(s) or local text file(s) for perplexity",
+    )
 
 
 def add_measure_arguments(p: argparse.ArgumentParser) -> None:

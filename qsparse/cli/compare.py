@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_compare_arguments, add_measure_arguments
+from . import add_checkpoint_arguments, add_compare_arguments, add_measure_arguments
 
 DEFAULT_METHODS = ("qsparse", "teal", "cats")
 
@@ -45,15 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qsparse-compare",
         description="Dense vs every training-free sparsity method: ppl, sparsity, params, cost.",
     )
-    p.add_argument("path", help="checkpoint folder (transformers Llama/Mistral/Qwen2 or qsparse)")
-    p.add_argument(
-        "--text",
-        dest="texts",
-        metavar="TEXT",
-        nargs="+",
-        required=True,
-        help="corpus name(s) or text file(s)",
-    )
+    add_checkpoint_arguments(p, text_required=True)
     p.add_argument(
         "--calibration",
         default=None,

@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import add_compare_arguments, add_measure_arguments
+from . import add_checkpoint_arguments, add_compare_arguments, add_measure_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qsparse-eval",
         description="Evaluate a (sparsified) checkpoint: ppl, sparsity, activated params, lm-eval.",
     )
-    p.add_argument("path", help="checkpoint folder (exported by qsparse or plain transformers)")
-    p.add_argument(
-        "--text",
-        nargs="+",
-        default=None,
-        help="local text file(s) or corpus name(s) for perplexity",
-    )
+    add_checkpoint_arguments(p, text_required=False)
     add_measure_arguments(p)
     p.add_argument(
         "--sparsity",
@@ -109,13 +103,13 @@ def render(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry (``qsparse-eval``); exit status 0 on success, 2 on bad input."""
     args = build_parser().parse_args(argv)
-    if args.text is None and not args.tasks:
+    if args.texts is None and not args.tasks:
         print(
             "qsparse-eval: note: neither --text nor --tasks given; measuring sparsity on a "
             "probe sentence only",
             file=sys.stderr,
         )
-    texts = args.text or []
+    texts = args.texts or []
     if len(texts) > 1 or len(args.sparsity or []) > 1 or args.checkpoints:
         return _compare(args)
     from qsparse.evaluation import evaluate_checkpoint
@@ -157,7 +151,7 @@ def _compare(args: argparse.Namespace) -> int:
     try:
         rows = compare_models(
             args.path,
-            texts=args.text or [],
+            texts=args.texts or [],
             sparsities=args.sparsity or [],
             checkpoints=args.checkpoints,
             labels=args.labels,

@@ -2,7 +2,8 @@
 
 Public API::
 
-    PretrainDataModule(corpus="wiki_en" | data_files=..., tokenizer=None | path, seq_len, ...)
+    PretrainDataModule(corpus="wiki_en" | data_files=..., tokenizer=None | path, seq_len,
+                       streaming=False | True, ...)   # token cache | streamed files
     SFTDataModule(corpus="wiki_qa" | data_files=..., tokenizer=None | path, packing, ...)
     resolve_corpus(...), available_corpora(), sft_corpus_file(name)
     read_documents(corpus or file), load_documents(spec)   # the one document reader

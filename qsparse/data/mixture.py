@@ -28,7 +28,8 @@ import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from transformers import PreTrainedTokenizerBase
 
-from .pretrain import PackedTokenBlocks, PretrainDataModule
+from .packed import PackedTokenBlocks
+from .pretrain import PretrainDataModule
 from .resumable import ResumableDataModule
 
 __all__ = ["MixedBlocks", "MixtureDataModule", "mixture_counts"]

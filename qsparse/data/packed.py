@@ -13,26 +13,35 @@
 4. Block ``i`` is ``tokens[i*T:(i+1)*T]`` (the tail shorter than ``T`` is dropped); items are
    ``{"input_ids": LongTensor[T], "labels": LongTensor[T]}`` with ``labels == input_ids``
    (the model shifts them). Order, sharding and resume: :mod:`qsparse.data.resumable`.
+
+:class:`CachedPipeline` runs these steps for ``PretrainDataModule(streaming=False)``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from ..cache import stable_hash
+from ..cache import CACHE_FORMAT_VERSION, stable_hash
 from ..io import atomic_save_npy, atomic_write_text
 from .documents import load_documents, split_fraction
 from .local_files import CorpusSpec
+from .pretrain_pipeline import PretrainPipeline
+from .tokenizer import tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    from .pretrain import PretrainDataModule
 
 __all__ = [
+    "CachedPipeline",
     "PackedTokenBlocks",
     "build_token_cache",
     "documents_with_split_key",
@@ -182,3 +191,95 @@ def build_token_cache(
             counts = np.bincount(tokens, minlength=len(tok))
             meta["unigram_entropy"] = unigram_entropy_from_counts(counts)
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
+
+
+class CachedPipeline(PretrainPipeline):
+    """The cached pipeline (the module docstring) of a
+    :class:`~qsparse.data.pretrain.PretrainDataModule` ``dm``.
+
+    ``prepare`` trains or loads the tokenizer on the training split and writes the token cache
+    (``dm.cache_path``, skipped when it exists); ``setup`` memory-maps it as
+    ``dm._train_dataset`` / ``dm._val_dataset`` (:class:`PackedTokenBlocks`) and sets
+    ``dm.num_train_tokens`` / ``dm.num_val_tokens``; the loaders are the DataModule's map-style
+    resumable ones (training batches also carry ``sample_index``). ``meta``: the cache's
+    ``meta.json`` (token and document counts, unigram entropy).
+    """
+
+    def __init__(self, dm: PretrainDataModule) -> None:
+        super().__init__(dm)
+        self.meta: dict[str, Any] = {}
+
+    def prepare(self) -> None:
+        dm = self.dm
+        if dm.cache_path is not None and (dm.cache_path / "meta.json").is_file():
+            return
+        docs_cache: dict[str, Any] = {}
+
+        def split_docs() -> tuple[Any, Any]:
+            if "split" not in docs_cache:
+                docs = documents_with_split_key(
+                    dm.spec, dm.cache_dir, dm.text_sample_by, dm.max_documents, dm.seed,
+                    self.split_key(),
+                )  # fmt: skip
+                docs_cache["split"] = split_documents(docs, dm.val_fraction)
+            return docs_cache["split"]
+
+        def train_texts() -> Iterable[str]:
+            for batch in split_docs()[0].iter(batch_size=1000):
+                yield from batch["text"]
+
+        if dm.tokenizer is None:
+            dm.tokenizer = self.resolve_tokenizer(train_texts)
+        key = stable_hash(
+            CACHE_FORMAT_VERSION, "packed", self.split_key(), tokenizer_fingerprint(dm.tokenizer)
+        )
+        dm.cache_path = dm.cache_dir / "packed" / f"{dm.spec.name}-{key}"
+        if not (dm.cache_path / "meta.json").is_file():
+            build_token_cache(*split_docs(), dm.tokenizer, dm.cache_path)
+
+    def setup(self) -> None:
+        dm = self.dm
+        if dm._train_dataset is not None:
+            return
+        assert dm.cache_path is not None
+        self.meta = json.loads((dm.cache_path / "meta.json").read_text())
+        train = PackedTokenBlocks(dm.cache_path / "train.npy", dm.seq_len)
+        val = PackedTokenBlocks(dm.cache_path / "val.npy", dm.seq_len)
+        if len(train) == 0:
+            raise ValueError(
+                f"the training split has {self.meta['train_tokens']} tokens, fewer than "
+                f"seq_len={dm.seq_len}; lower seq_len or raise max_documents"
+            )
+        if dm.val_fraction > 0 and len(val) == 0:
+            raise ValueError(
+                f"the validation split has {self.meta['val_tokens']} tokens, fewer than "
+                f"seq_len={dm.seq_len}; raise val_fraction or max_documents, or lower seq_len"
+            )
+        dm._train_dataset, dm._val_dataset = train, val
+        dm.num_train_tokens = len(train) * dm.seq_len
+        dm.num_val_tokens = len(val) * dm.seq_len
+
+    def train_loader(self) -> DataLoader:
+        return self.dm._split_loader(train=True)
+
+    def val_loader(self) -> DataLoader:
+        return self.dm._split_loader(train=False)
+
+    def num_train_blocks(self) -> int:
+        if self.dm._train_dataset is None:
+            self.dm.setup("fit")
+        return len(self.dm._train_dataset)
+
+    def unigram_entropy(self, max_tokens: int) -> float:
+        """Exact, over the whole training stream (stored in ``meta.json``; ``max_tokens`` is
+        not needed)."""
+        if self.dm._train_dataset is None:
+            self.dm.setup("fit")
+        return float(self.meta["unigram_entropy"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the position alone says where the sampler resumes."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to read back (the DataModule restored the position)."""

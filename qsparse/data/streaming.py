@@ -7,7 +7,7 @@ The stream of rank ``r`` of ``W``:
    there are several) read with ``datasets`` streaming, then
    ``datasets.distributed.split_dataset_by_node(ds, r, W)`` (whole files per rank when the
    file count divides by ``W``, else every ``W``-th row).
-2. Chunks: consecutive windows of ``window`` rows of that stream (``shuffle_buffer``). Chunk
+2. Chunks (:class:`~qsparse.data.stream_source.ChunkSource`): consecutive windows of ``window`` rows of that stream (``shuffle_buffer``). Chunk
    ``c`` is cleaned and split (:mod:`qsparse.data.documents`), its documents permuted with
    ``(seed, epoch, c)`` when shuffling, tokenized, EOS appended to each, and concatenated.
    DataLoader worker ``w`` of ``n`` tokenizes the chunks ``c`` with ``(c - c0) % n == w``
@@ -20,151 +20,38 @@ The stream of rank ``r`` of ``W``:
 4. Ranks stay in step: with ``W > 1`` every batch is preceded by a one-element all-reduce
    (minimum of "this rank has a batch"), so all ranks end an epoch at the same batch.
 
-Resume: after each batch the packer records a :class:`StreamCursor` (the chunk holding the
+Resume: after each batch the packer records a
+:class:`~qsparse.data.stream_source.StreamCursor` (the chunk holding the
 next token, the tokens of it already used, and ``datasets``' ``state_dict`` at that chunk's
-start). ``PretrainDataModule.state_dict`` gathers the cursor of every rank at the position
+start). :meth:`StreamingPipeline.state_dict` gathers the cursor of every rank at the position
 the training loop reached; on resume each rank restarts ``datasets`` from its cursor's state
 (files before it are not opened again; within the current file rows are skipped by
 ``datasets`` without tokenization), re-tokenizes that one chunk and drops its first
 ``offset`` tokens. A checkpoint without cursors (or from another world size) falls back to
 re-reading the epoch and skipping the consumed batches.
+
+:class:`StreamingPipeline` runs these steps for ``PretrainDataModule(streaming=True)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from transformers import PreTrainedTokenizerBase
+from torch.utils.data import DataLoader
 
-from .documents import load_documents, split_fraction
-from .local_files import CorpusSpec
-from .resumable import ResumableDataLoader
+from .packed import unigram_entropy_from_counts
+from .pretrain_pipeline import PretrainPipeline
+from .resumable import ResumableDataLoader, world_info
+from .stream_source import ChunkSource, StreamCursor
 
-__all__ = ["BlockPacker", "ChunkSource", "StreamCursor", "StreamingLoader"]
+if TYPE_CHECKING:
+    from .pretrain import PretrainDataModule
 
-
-@dataclass
-class StreamCursor:
-    """Where a rank's token stream stands: the next token is token ``offset`` of chunk
-    ``chunk``, and ``source_state`` (``datasets`` ``state_dict``, ``None`` = start of the
-    files) reads from that chunk's first row."""
-
-    chunk: int = 0
-    offset: int = 0
-    source_state: dict[str, Any] | None = field(default=None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StreamCursor:
-        return cls(int(d["chunk"]), int(d["offset"]), d.get("source_state"))
-
-
-class ChunkSource(IterableDataset):
-    """Yields ``{"chunk": c, "tokens": int32[L], "state": dict|None, "next_state": dict}`` per
-    chunk of this rank's documents (this worker's share only; see the module docstring)."""
-
-    def __init__(
-        self,
-        spec: CorpusSpec,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        split: str,
-        val_fraction: float,
-        seed: int,
-        cache_dir: Path,
-        max_documents: int | None,
-        text_sample_by: str,
-        shuffle: bool,
-        window: int,
-        world_size: int = 1,
-        rank: int = 0,
-    ) -> None:
-        super().__init__()
-        if window < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1 (documents per chunk), got {window}")
-        self.spec = spec
-        self.tokenizer = tokenizer
-        self.split = split
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.cache_dir = cache_dir
-        self.max_documents = max_documents
-        self.text_sample_by = text_sample_by
-        self.shuffle = shuffle and split == "train"
-        self.window = window
-        self.world_size = world_size
-        self.rank = rank
-        self.epoch = 0
-        self.start = StreamCursor()
-
-    def rows(self) -> Any:
-        """This rank's rows as an Arrow-formatted ``datasets`` IterableDataset."""
-        from datasets.distributed import split_dataset_by_node
-
-        files = list(self.spec.data_files)
-        if self.shuffle and len(files) > 1:
-            order = np.random.default_rng(self.seed + self.epoch).permutation(len(files))
-            files = [files[i] for i in order]
-        ds = load_documents(
-            self.spec,
-            self.cache_dir,
-            True,
-            self.text_sample_by,
-            self.max_documents,
-            data_files=files,
-        )
-        if self.world_size > 1:
-            ds = split_dataset_by_node(ds, self.rank, self.world_size)
-        return ds.select_columns(["text"]).with_format("arrow")
-
-    def documents(self, texts: list[Any], chunk: int) -> list[str]:
-        """The documents of a chunk's rows that belong to this split, in training order."""
-        want_val = self.split == "val"
-        docs = [t for t in texts if (split_fraction(t, self.seed) < self.val_fraction) == want_val]
-        if self.shuffle and len(docs) > 1:
-            rng = np.random.default_rng([self.seed, self.epoch, chunk])
-            docs = [docs[i] for i in rng.permutation(len(docs))]
-        return docs
-
-    def tokenize(self, docs: list[str]) -> np.ndarray:
-        """``concat(ids(d) + [eos] for d in docs)`` as int32."""
-        if not docs:
-            return np.zeros(0, dtype=np.int32)
-        eos = self.tokenizer.eos_token_id
-        ids = self.tokenizer(docs, add_special_tokens=False)["input_ids"]
-        lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-        out = np.empty(int(lengths.sum()), dtype=np.int32)
-        pos = 0
-        for x in ids:
-            out[pos : pos + len(x)] = x
-            out[pos + len(x)] = eos
-            pos += len(x) + 1
-        return out
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        n, w = (info.num_workers, info.id) if info is not None else (1, 0)
-        ds = self.rows()
-        state = self.start.source_state
-        if state is not None:
-            ds.load_state_dict(state)
-        column = "text"  # load_documents renames the corpus text_field
-        for i, table in enumerate(ds.iter(batch_size=self.window)):
-            next_state = ds.state_dict()
-            if i % n == w:
-                c = self.start.chunk + i
-                docs = self.documents(table.column(column).to_pylist(), c)
-                yield {"chunk": c, "tokens": self.tokenize(docs), "state": state,
-                       "next_state": next_state}  # fmt: skip
-            state = next_state
+__all__ = ["BlockPacker", "StreamingLoader", "StreamingPipeline"]
 
 
 def _as_is(item: Any) -> Any:
@@ -285,3 +172,170 @@ class StreamingLoader(ResumableDataLoader):
         packer = self._prepare()
         self.packer = packer
         return packer.batches(DataLoader.__iter__(self))
+
+
+class StreamingPipeline(PretrainPipeline):
+    """The streaming pipeline (the module docstring) of a
+    :class:`~qsparse.data.pretrain.PretrainDataModule` ``dm``.
+
+    Nothing is built ahead but the tokenizer (a BPE is trained on the training documents as
+    streamed). Each ``train_loader()`` is a :class:`StreamingLoader` whose pass starts at
+    ``dm.position``: from this rank's cursor saved in the checkpoint, else from the one this
+    process recorded there, else by re-reading the epoch and skipping the consumed batches.
+    ``state_dict`` adds ``cursors`` (every rank's :class:`StreamCursor` at the position).
+    """
+
+    epoch_from_last_batch = True
+    tokenizer_key = ("streaming",)
+
+    def __init__(self, dm: PretrainDataModule) -> None:
+        super().__init__(dm)
+        self.loader: StreamingLoader | None = None  # the current training pass's loader
+        self.restored: dict[str, Any] | None = None  # checkpoint cursors and their position
+
+    def source(self, split: str, world: int = 1, rank: int = 0) -> ChunkSource:
+        """The chunks of ``split`` for rank ``rank`` of ``world``."""
+        dm = self.dm
+        assert dm.spec is not None
+        return ChunkSource(
+            dm.spec,
+            dm.tokenizer,  # type: ignore[arg-type]  (None only while training the BPE)
+            split=split,
+            val_fraction=dm.val_fraction,
+            seed=dm.seed,
+            cache_dir=dm.cache_dir,
+            max_documents=dm.max_documents,
+            text_sample_by=dm.text_sample_by,
+            shuffle=dm.shuffle,
+            window=dm.shuffle_buffer,
+            world_size=world,
+            rank=rank,
+        )
+
+    def prepare(self) -> None:
+        if self.dm.tokenizer is not None:
+            return
+
+        def stream_texts() -> Iterable[str]:
+            source = self.source("train")
+            source.shuffle = False
+            for table in source.rows().iter(batch_size=1000):
+                yield from source.documents(table.column(0).to_pylist(), 0)
+
+        self.dm.tokenizer = self.resolve_tokenizer(stream_texts)
+
+    def setup(self) -> None:
+        """Nothing to load: the loaders read the files as they iterate."""
+
+    def num_train_blocks(self) -> int:
+        raise ValueError(
+            "num_train_blocks is not known ahead with streaming=true (the files are read as "
+            "training goes); use streaming=false to count the blocks"
+        )
+
+    def unigram_entropy(self, max_tokens: int) -> float:
+        """Estimated from the first ``max_tokens`` training tokens, in file order."""
+        self.dm.prepare_data()
+        counts = np.zeros(self.dm.vocab_size, dtype=np.int64)
+        source = self.source("train")
+        source.shuffle = False
+        for item in source:
+            counts += np.bincount(item["tokens"], minlength=len(counts))
+            if counts.sum() >= max_tokens:
+                break
+        return unigram_entropy_from_counts(counts)
+
+    def val_loader(self) -> DataLoader:
+        dm = self.dm
+        dm.prepare_data()
+        world, rank = world_info(dm.trainer)
+        lockstep = world > 1 and torch.distributed.is_initialized()
+        seq_len, bs = dm.seq_len, dm.val_batch_size
+        return StreamingLoader(
+            self.source("val", world, rank),
+            dm.num_workers,
+            lambda: BlockPacker(seq_len, bs, StreamCursor(), lockstep=lockstep),
+        )
+
+    def train_loader(self) -> DataLoader:
+        dm = self.dm
+        dm.prepare_data()
+        world, rank = world_info(dm.trainer)
+        lockstep = world > 1 and torch.distributed.is_initialized()
+        source = self.source("train", world, rank)
+        dm._global_batch_size = dm.batch_size * world
+
+        def prepare() -> BlockPacker:
+            pos = dm.position
+            pos.global_batch_size = dm._global_batch_size
+            start, skip = self._start_cursor(world, rank)
+            source.epoch, source.start = pos.epoch, start
+            k = pos.batches_consumed
+            return BlockPacker(dm.seq_len, dm.batch_size, start, k - skip, skip, lockstep)
+
+        loader = StreamingLoader(source, dm.num_workers, prepare)
+        loader._position = dm.position
+        self.loader = loader
+        return loader
+
+    def _start_cursor(self, world: int, rank: int) -> tuple[StreamCursor, int]:
+        """This rank's cursor for the current position, and the batches still to skip
+        (0 with a cursor; ``batches_consumed`` when re-reading from the epoch start)."""
+        pos = self.dm.position
+        if pos.batches_consumed == 0:
+            return StreamCursor(), 0
+        restored = self.restored
+        if (
+            restored is not None
+            and restored["epoch"] == pos.epoch
+            and restored["batches_consumed"] == pos.batches_consumed
+        ):
+            cursors = restored["cursors"]
+            if len(cursors) == world:
+                return StreamCursor.from_dict(cursors[rank]), 0
+            warnings.warn(
+                f"the checkpoint's stream cursors are for {len(cursors)} ranks, this run has "
+                f"{world}: re-reading epoch {pos.epoch} up to batch {pos.batches_consumed}",
+                stacklevel=2,
+            )
+        cursor = self._cursor_at(pos.epoch, pos.batches_consumed)
+        if cursor is not None:
+            return cursor, 0
+        return StreamCursor(), pos.batches_consumed
+
+    def _cursor_at(self, epoch: int, k: int) -> StreamCursor | None:
+        """The cursor this process recorded after ``k`` batches of ``epoch``, if any."""
+        if k == 0:
+            return StreamCursor()
+        loader = self.loader
+        packer = loader.packer if loader is not None else None
+        if packer is None or loader.dataset.epoch != epoch:  # type: ignore[union-attr]
+            return None
+        return packer.cursors.get(k)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"cursors": [cursor of rank r, ...]}`` at the position (gathered from all ranks, so
+        call it on every rank as Lightning does); ``{}`` when a rank has none recorded."""
+        pos = self.dm.position
+        cursor = self._cursor_at(pos.epoch, pos.batches_consumed)
+        mine = cursor.to_dict() if cursor is not None else None
+        world, _ = world_info(self.dm.trainer)
+        dist = torch.distributed
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            cursors: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(cursors, mine)
+        else:
+            cursors = [mine]
+        return {"cursors": cursors} if all(c is not None for c in cursors) else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the checkpoint's ``cursors`` for the next pass that starts at its position."""
+        cursors = state_dict.get("cursors")
+        pos = self.dm.position
+        self.restored = None
+        if cursors:
+            self.restored = {
+                "epoch": pos.epoch,
+                "batches_consumed": pos.batches_consumed,
+                "cursors": list(cursors),
+            }
