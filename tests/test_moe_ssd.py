@@ -63,7 +63,9 @@ def test_ssd_switches_each_way_with_continuous_loss(tmp_path: Path) -> None:
     kinds = [e["to"] for e in cb.events]
     assert kinds[:2] == ["sparse", "dense"], cb.events
     assert phases[-1] == "dense" and not isinstance(model.model.layers[0].mlp, MoEFeedForward)
-    for e in cb.events[:2]:  # the probe loss barely moves at a switch (ReLU² is sparse already)
+    # the probe loss barely moves at a switch: 4 steps from init on random tokens the FFN changes
+    # little of the output (a trained model jumps at k < E: docs/moe.md, the H200 run)
+    for e in cb.events[:2]:
         assert abs(e["loss_after"] - e["loss_before"]) < 0.02 * e["loss_before"], e
     first = cb.events[0]
     assert first["stability"] >= 0.5 and first["activation_sparsity"] >= 0.3
