@@ -311,13 +311,14 @@ def _prepare_once(recipe: str, overrides: list[str]) -> None:
 
 def _search_table(recipe: str, overrides: list[str], args: argparse.Namespace) -> None:
     """Search and cache the greedy per-site table of these overrides on the recipe's
-    ``model.path`` (:func:`recovery._greedy_sparsity`), where the jobs look it up."""
-    from recovery import _compose, _greedy_sparsity
+    ``model.path`` (:func:`recovery._allocated_sparsity`), where the jobs look it up."""
+    from recovery import _allocated_sparsity, _compose
 
     overrides = [o for o in overrides if DENSE_HF not in o]
     base = str(_compose(recipe, overrides).model.path)
     t0 = time.perf_counter()
-    table = _greedy_sparsity(recipe, overrides, argparse.Namespace(base=base, device=args.device))
+    ns = argparse.Namespace(base=base, device=args.device)
+    table = _allocated_sparsity(recipe, overrides, ns, "greedy")
     ratios = table["sites"].values()
     print(
         f"[finetune] greedy table at S={table['ratio']:g}: {len(ratios)} sites in "

@@ -14,6 +14,9 @@ measures, on every ``--eval-text`` (whole sources the recipe neither trains nor 
 * ``free_greedy``: top-k with per-site ratios from the greedy allocation
   (``sparsity.allocation=greedy``, calibrated on the recipe's ``sparsity.calibration``
   corpora) at each S of ``--free-greedy-sparsities``, no training;
+* ``free_cross_layer``: the same with ``sparsity.allocation=cross_layer`` (layer sparsities
+  differ too, at the same activated parameters) at each S of
+  ``--free-cross-layer-sparsities``, no training;
 * ``distill``: ``--recipe`` (distillation) at each S of ``--sparsities``;
 * ``lm``: the same recipe with ``distill=none`` and the paper's continued-training settings
   (``optim.lr=5e-5``, polynomial decay; same steps, data and batch) at ``--lm-sparsities``.
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--free-sparsities", type=float, nargs="*", default=None)
     p.add_argument("--lm-sparsities", type=float, nargs="*", default=[0.4, 0.5])
     p.add_argument("--free-greedy-sparsities", type=float, nargs="*", default=[])
+    p.add_argument("--free-cross-layer-sparsities", type=float, nargs="*", default=[])
     p.add_argument("--lm-lr", type=float, default=5e-5, help="the paper's continued-training LR")
     p.add_argument(
         "--variant",
@@ -265,11 +269,18 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
 
-    # before the jobs start: their sparsity.allocation=greedy finds these tables in the cache
-    for s in args.free_greedy_sparsities:
-        if ("free_greedy", s) not in done:
-            table = _greedy_sparsity(args.recipe, [*common, f"sparsity.ratio={s}"], args)
-            add_row("free_greedy", s, measure(f"greedy S={s:g}", args.base, sparsity=table))
+    # before the jobs start: their sparsity.allocation=greedy|cross_layer finds these tables
+    # in the cache
+    for allocation, free_alloc in (
+        ("greedy", args.free_greedy_sparsities),
+        ("cross_layer", args.free_cross_layer_sparsities),
+    ):
+        for s in free_alloc:
+            if (f"free_{allocation}", s) not in done:
+                overrides = [*common, f"sparsity.ratio={s}"]
+                table = _allocated_sparsity(args.recipe, overrides, args, allocation)
+                row = measure(f"{allocation} S={s:g}", args.base, sparsity=table)
+                add_row(f"free_{allocation}", s, row)
     if args.parallel > 1:
         while jobs and len(procs) < args.parallel:
             launch_next()
@@ -322,17 +333,20 @@ def _prepare_data(recipe: str, overrides: list[str]) -> None:
     dm.prepare_data()
 
 
-def _greedy_sparsity(recipe: str, overrides: list[str], args: argparse.Namespace) -> dict:
-    """The recipe's sparsity settings with ``allocation=greedy``, its per-site table
-    calibrated on the dense base (float32) as training does, and cached where the training
-    jobs look (:func:`qsparse.methods.allocation.allocate`): a SparsityConfig dict."""
+def _allocated_sparsity(
+    recipe: str, overrides: list[str], args: argparse.Namespace, allocation: str
+) -> dict:
+    """The recipe's sparsity settings with ``sparsity.allocation=allocation`` (``greedy`` or
+    ``cross_layer``), its per-site table calibrated on the dense base (float32) as training
+    does, and cached where the training jobs look
+    (:func:`qsparse.methods.allocation.allocate`): a SparsityConfig dict."""
     from omegaconf import OmegaConf
 
     from qsparse.evaluation.runner import load_for_eval
     from qsparse.methods.allocation import allocate
     from qsparse.nn import SparsityConfig
 
-    cfg = _compose(recipe, [*overrides, "sparsity.allocation=greedy"])
+    cfg = _compose(recipe, [*overrides, f"sparsity.allocation={allocation}"])
     spec = OmegaConf.to_container(cfg.sparsity, resolve=True)
     sparsity = SparsityConfig.from_dict(dict(spec))  # type: ignore[arg-type]
     model, tokenizer = load_for_eval(

@@ -82,6 +82,9 @@ def test_site_table_reaches_every_layer_and_the_export(batches, tmp_path: Path) 
         ({"calibration_tokens": 10}, "calibration_tokens=10 must be an integer >= 64"),
         ({"allocation_step": 0.0}, r"allocation_step=0.0 must be in \(0, 1\]"),
         ({"sites": {"layers.0.mlp.gate_up": 1.0}}, r"sites.layers.0.mlp.gate_up=1.0 is outside"),
+        ({"allocation": "cross_layer", "down": 0.3}, "allocation=cross_layer computes"),
+        ({"allocation": "cross_layer", "layer_cap": 0.4}, "layer_cap=0.4 is below sparsity"),
+        ({"layer_cap": 1.0}, r"sparsity.layer_cap=1.0 must be in \(0, 1\)"),
     ],
 )
 def test_bad_allocation_settings_raise(kwargs, match) -> None:
@@ -112,13 +115,14 @@ def _recipe(ckpt: Path, tmp_path: Path, *extra: str):
         ("sparsity.calibration=[no_such_corpus]", "sparsity.calibration: 'no_such_corpus'"),
         ("++sparsity.sites={layers.9.mlp.gate_up:0.5}", "'layers.9.mlp.gate_up', not a site"),
         ("sparsity.allocation=greedy_please", "sparsity.allocation='greedy_please'"),
+        ("sparsity.allocation=cross_layer sparsity.layer_cap=0.3", "sparsity.layer_cap=0.3 is"),
     ],
 )
 def test_bad_settings_fail_before_the_run_dir_is_written(
     tiny_hf_checkpoint, tmp_path: Path, override: str, match: str
 ) -> None:
     ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
-    cfg = _recipe(ckpt, tmp_path, "sparsity.allocation=greedy", override)
+    cfg = _recipe(ckpt, tmp_path, "sparsity.allocation=greedy", *override.split())
     with pytest.raises(UserError, match=match) as err:
         train(cfg)
     assert "\n" not in str(err.value)
@@ -132,14 +136,18 @@ def test_recipe_composes_with_the_training_corpora_as_calibration(tiny_hf_checkp
     assert container["sparsity"]["calibration"] == ["wiki_en", "kjv"]
 
 
-def test_greedy_recipe_trains_at_the_allocated_ratios(tiny_hf_checkpoint, tmp_path: Path) -> None:
-    """Two steps of recipe=continue/recovery_tiny with sparsity.allocation=greedy: the table
-    is calibrated before the first step, trained at, checkpointed and exported."""
+@pytest.mark.parametrize("allocation", ["greedy", "cross_layer"])
+def test_recipe_trains_at_the_allocated_ratios(
+    tiny_hf_checkpoint, tmp_path: Path, allocation: str
+) -> None:
+    """Two steps of recipe=continue/recovery_tiny with sparsity.allocation=greedy or
+    cross_layer: the table is calibrated before the first step, trained at, checkpointed and
+    exported, at uniform S's activated parameters."""
     ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
     cfg = _recipe(
         ckpt,
         tmp_path,
-        "sparsity.allocation=greedy",
+        f"sparsity.allocation={allocation}",
         "sparsity.ratio=0.5",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
@@ -148,6 +156,7 @@ def test_greedy_recipe_trains_at_the_allocated_ratios(tiny_hf_checkpoint, tmp_pa
     summary = train(cfg)
     assert summary["step"] == 2
     config = json.loads((Path(summary["export_dir"]) / "config.json").read_text())
+    assert config["qsparse"]["sparsity"]["allocation"] == allocation
     table = config["qsparse"]["sparsity"]["sites"]
     assert len(table) == 8 and len(set(table.values())) > 1
     loaded = qsparse.load(summary["export_dir"])
@@ -160,15 +169,21 @@ def test_greedy_recipe_trains_at_the_allocated_ratios(tiny_hf_checkpoint, tmp_pa
     assert ckpt_hp["sparsity"]["sites"] == pytest.approx(table)
 
 
+def _cached_tiny(tiny_hf_checkpoint, tmp_path: Path, monkeypatch):
+    """A tiny checkpoint folder and its model top-k'ed at S=0.5, the cache under tmp_path."""
+    monkeypatch.setenv("QSPARSE_CACHE", str(tmp_path / "cache"))
+    ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
+    model = qsparse.load(ckpt)
+    qsparse.sparsify(model, SparsityConfig(ratio=0.5))
+    return ckpt, model
+
+
 def test_allocation_is_cached_per_checkpoint_and_settings(
     tiny_hf_checkpoint, tmp_path: Path, monkeypatch
 ) -> None:
     from qsparse.methods import allocation
 
-    monkeypatch.setenv("QSPARSE_CACHE", str(tmp_path / "cache"))
-    ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
-    model = qsparse.load(ckpt)
-    qsparse.sparsify(model, SparsityConfig(ratio=0.5))
+    ckpt, model = _cached_tiny(tiny_hf_checkpoint, tmp_path, monkeypatch)
     settings = SparsityConfig(
         ratio=0.5, allocation="greedy", calibration_tokens=512, allocation_step=0.5
     )
@@ -185,3 +200,41 @@ def test_allocation_is_cached_per_checkpoint_and_settings(
         allocation.allocate(model, replace(settings, ratio=0.4), str(ckpt), checkpoint=str(ckpt))
     with pytest.raises(AssertionError, match="searched again"):  # no checkpoint: no cache
         allocation.allocate(model, settings, str(ckpt))
+
+
+def test_cache_keys_differ_from_greedy_and_curves_are_shared(
+    tiny_hf_checkpoint, tmp_path: Path, monkeypatch
+) -> None:
+    from qsparse.methods import allocation, layer_allocation
+
+    ckpt, model = _cached_tiny(tiny_hf_checkpoint, tmp_path, monkeypatch)
+    settings = SparsityConfig(
+        ratio=0.5,
+        allocation="cross_layer",
+        calibration_tokens=256,
+        allocation_step=0.5,
+        layer_cap=0.7,
+    )
+    greedy = replace(settings, allocation="greedy")
+    key = allocation._cache_path
+    assert key(model, settings, str(ckpt)) != key(model, greedy, str(ckpt))
+    assert key(model, settings, str(ckpt)) != key(
+        model, replace(settings, layer_cap=0.8), str(ckpt)
+    )
+    curves = key(model, settings, str(ckpt), curves=True)
+    assert curves == key(model, replace(settings, ratio=0.4), str(ckpt), curves=True)
+    assert curves != key(model, settings, str(ckpt))
+    first = allocation.allocate(model, settings, str(ckpt), checkpoint=str(ckpt))
+    assert curves.is_file() and key(model, settings, str(ckpt)).is_file()
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(layer_allocation, "layer_curves", no_search)
+    assert (
+        allocation.allocate(model, settings, str(ckpt), checkpoint=str(ckpt)).sites == first.sites
+    )
+    other = allocation.allocate(
+        model, replace(settings, ratio=0.4), str(ckpt), checkpoint=str(ckpt)
+    )
+    assert other.sites != first.sites  # another S from the same cached curves, no search

@@ -106,6 +106,8 @@ def test_finetune_keeps_the_table_of_a_greedy_export(tiny_hf_checkpoint, tmp_pat
     assert greedy.hparams["sparsity"]["sites"] == pytest.approx(sites)
     with pytest.raises(ValueError, match="sparsity.calibration: 'nope'"):
         built(ratio=0.5, pattern="token_topk", allocation="greedy", calibration=["nope"])
+    with pytest.raises(ValueError, match="sparsity.calibration: 'nope'"):  # another allocation
+        built(ratio=0.4, pattern="token_topk", allocation="cross_layer", calibration=["nope"])
     assert built(ratio=0.4, pattern="token_topk").sparsity.sites == {}
 
 

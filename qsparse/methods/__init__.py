@@ -37,6 +37,7 @@ from .base import (
 )
 from .calibration import MagnitudeHistogram, calibration_batches, collect_histograms
 from .cats import CATS, GateThreshold
+from .layer_allocation import cross_layer_budgets, cross_layer_table, layer_curves
 from .prosparse import FATReLU, ProSparse, sine_schedule
 from .qsparse import QSparse
 from .teal import TEAL
@@ -58,8 +59,11 @@ __all__ = [
     "calibration_batches",
     "collect_histograms",
     "corrected_attribution",
+    "cross_layer_budgets",
+    "cross_layer_table",
     "greedy_allocation",
     "head_attribution",
+    "layer_curves",
     "magnitude_mask",
     "method_from_spec",
     "register",

@@ -51,6 +51,7 @@ def greedy_allocation(
     target: float,
     step: float = STEP,
     max_sparsity: float = 0.99,
+    trace: list[tuple[dict[str, float], float]] | None = None,
 ) -> tuple[dict[str, float], list[tuple[str, float]]]:
     """TEAL's greedy per-block allocation (module docstring).
 
@@ -58,6 +59,8 @@ def greedy_allocation(
         error: block output error for a dict site -> sparsity.
         weights: site -> weight share ``w`` (any unit; steps are ``step / w``).
         target: the weighted sparsity ``Σ s·w / Σ w`` to reach.
+        trace: when given, ``(site -> sparsity, error)`` is appended after every step: the
+            layer's error curve along the search (:mod:`qsparse.methods.layer_allocation`).
 
     Returns:
         the final site -> sparsity and the trajectory ``[(site raised, error), ...]``.
@@ -86,6 +89,8 @@ def greedy_allocation(
         err, site, inc = best
         s[site] += inc
         history.append((site, err))
+        if trace is not None:
+            trace.append((dict(s), err))
     return s, history
 
 
@@ -117,12 +122,20 @@ def block_error(
     apply: Callable[[dict[str, float]], None],
     inputs: list[tuple[tuple, dict]],
     error_fraction: float = ERROR_FRACTION,
+    relative: bool = False,
 ) -> Callable[[dict[str, float]], float]:
     """``s -> mean_tokens ||layer(x; s) - layer(x; 0)||₂`` over the last ``error_fraction``
-    of every captured sequence; ``apply(s)`` sets the layer's sites to sparsities ``s``."""
+    of every captured sequence; ``apply(s)`` sets the layer's sites to sparsities ``s``.
+    ``relative``: divided by ``mean_tokens ||layer(x; 0)||₂`` over the same tokens (one
+    constant per layer, so the greedy's choices within the layer do not change)."""
     apply({k: 0.0 for k in sites})
     with torch.no_grad():
         dense = [layer_output(layer(*a, **k)) for a, k in inputs]
+    scale = 1.0
+    if relative:
+        tails = [ref[..., int(ref.shape[-2] * (1 - error_fraction)) :, :] for ref in dense]
+        norms = torch.cat([t.float().norm(dim=-1).flatten() for t in tails])
+        scale = float(norms.mean()) if norms.numel() else 1.0
 
     @torch.no_grad()
     def error(s: dict[str, float]) -> float:
@@ -134,7 +147,7 @@ def block_error(
             norms = (out[..., start:, :] - ref[..., start:, :]).float().norm(dim=-1)
             total += float(norms.sum())
             count += norms.numel()
-        return total / max(count, 1)
+        return total / max(count, 1) / scale
 
     return error
 
@@ -161,6 +174,52 @@ def corpus_batches(
 
 
 @torch.no_grad()
+def layer_searches(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    search: Callable[[Callable[[dict[str, float]], float], dict[str, float], float], Any],
+    error_fraction: float = ERROR_FRACTION,
+    relative: bool = False,
+) -> list[tuple[dict[str, str], Any]]:
+    """Run ``search(error, weights, site_cap)`` once per decoder layer of a
+    :func:`qsparse.sparsify`-ed (``token_topk``) model: ``error`` is the layer's
+    :func:`block_error` on its dense inputs (captured once from ``batches``, LongTensor[B, T]
+    token ids; every other site dense), ``weights`` its :func:`layer_sites` shares, and
+    ``site_cap`` the largest ratio that keeps k >= 1 at every site. Returns per layer
+    ``(site -> metric name, search result)``; the model's ratios are restored afterwards."""
+    named = sparsifiers(model)
+    saved = {name: (sp.ratio, sp.target_ratio) for name, sp in named.items()}
+    by_id = {id(sp): name for name, sp in named.items()}
+    layers = layer_sites(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[tuple[dict[str, str], Any]] = []
+    try:
+        for sp in named.values():
+            sp.ratio = 0.0
+        inputs = capture_layer_inputs(
+            model, [lay[0] for lay in layers], [b.to(device) for b in batches]
+        )
+        for (layer, sites, weights, _), layer_inputs in zip(layers, inputs, strict=True):
+            # k >= 1 at every site: cap each site below 1 - 1/d
+            cap = min(0.99, 1.0 - 1.5 / min(sp.dim for sp in sites.values()))
+
+            def apply(s: dict[str, float], sites: dict = sites) -> None:
+                for site, sp in sites.items():
+                    sp.ratio = s[site]
+
+            err = block_error(layer, sites, apply, layer_inputs, error_fraction, relative)
+            result = search(err, weights, cap)
+            apply({k: 0.0 for k in sites})
+            out.append(({k: by_id[id(sp)] for k, sp in sites.items()}, result))
+    finally:
+        for name, sp in named.items():
+            sp.ratio, sp.target_ratio = saved[name]
+        model.train(was_training)
+    return out
+
+
 def topk_site_ratios(
     model: nn.Module,
     batches: list[torch.Tensor],
@@ -171,36 +230,13 @@ def topk_site_ratios(
     """Greedy per-site top-k ratios of a :func:`qsparse.sparsify`-ed (``token_topk``) model
     at the budget of uniform ``target``: site metric name -> S (module docstring). The model's
     ratios are restored afterwards; ``batches`` are LongTensor[B, T] token ids."""
-    named = sparsifiers(model)
-    saved = {name: (sp.ratio, sp.target_ratio) for name, sp in named.items()}
-    by_id = {id(sp): name for name, sp in named.items()}
-    layers = layer_sites(model)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for sp in named.values():
-            sp.ratio = 0.0
-        inputs = capture_layer_inputs(
-            model, [lay[0] for lay in layers], [b.to(device) for b in batches]
-        )
-        table: dict[str, float] = {}
-        for (layer, sites, weights, _), layer_inputs in zip(layers, inputs, strict=True):
-            # k >= 1 at every site: cap each site below 1 - 1/d
-            cap = min(0.99, 1.0 - 1.5 / min(sp.dim for sp in sites.values()))
 
-            def apply(s: dict[str, float], sites: dict = sites) -> None:
-                for site, sp in sites.items():
-                    sp.ratio = s[site]
+    def search(err: Callable, weights: dict[str, float], cap: float) -> dict[str, float]:
+        return greedy_allocation(err, weights, target, step, cap)[0]
 
-            err = block_error(layer, sites, apply, layer_inputs, error_fraction)
-            s, _ = greedy_allocation(err, weights, target, step, cap)
-            apply({k: 0.0 for k in sites})
-            table.update({by_id[id(sites[k])]: round(v, 6) for k, v in s.items()})
-    finally:
-        for name, sp in named.items():
-            sp.ratio, sp.target_ratio = saved[name]
-        model.train(was_training)
+    table: dict[str, float] = {}
+    for names, s in layer_searches(model, batches, search, error_fraction):
+        table.update({names[k]: round(v, 6) for k, v in s.items()})
     return table
 
 
@@ -221,42 +257,65 @@ def check_calibration(sources: Sequence[str]) -> None:
 def allocate(
     model: nn.Module, sparsity: SparsityConfig, tokenizer: Any, checkpoint: str | None = None
 ) -> SparsityConfig:
-    """``sparsity`` with ``sites`` filled by :func:`topk_site_ratios` at ``sparsity.ratio`` in
-    steps of ``sparsity.allocation_step`` on ``sparsity.calibration_tokens`` tokens of
-    ``sparsity.calibration`` (``tokenizer``: an HF tokenizer or a local folder). ``model`` is
-    already sparsified with top-k. With the dense ``checkpoint`` folder the model was loaded
-    from, the table is cached (``<cache root>/allocation/``, keyed by the folder's files, the
-    model's dtype and these settings): the jobs of a study and a resumed run calibrate once."""
+    """``sparsity`` with ``sites`` filled at ``sparsity.ratio``'s budget by the search
+    ``sparsity.allocation`` names: ``greedy`` (:func:`topk_site_ratios`, every layer at S) or
+    ``cross_layer`` (:func:`qsparse.methods.layer_allocation.cross_layer_site_ratios`, layer
+    sparsities up to ``sparsity.layer_cap``), in steps of ``sparsity.allocation_step`` on
+    ``sparsity.calibration_tokens`` tokens of ``sparsity.calibration`` (``tokenizer``: an HF
+    tokenizer or a local folder). ``model`` is already sparsified with top-k. With the dense
+    ``checkpoint`` folder the model was loaded from, the table is cached (``<cache
+    root>/allocation/``, keyed by the folder's files, the model's dtype and these settings;
+    the cross-layer curves also without the ratio): the jobs of a study and a resumed run
+    calibrate once."""
     check_calibration(sparsity.calibration)
     path = _cache_path(model, sparsity, checkpoint)
     if path is not None and path.is_file():
         return replace(sparsity, sites=json.loads(path.read_text()))
-    if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    batches = corpus_batches(tokenizer, sparsity.calibration, sparsity.calibration_tokens)
-    table = topk_site_ratios(model, batches, sparsity.ratio, sparsity.allocation_step)
+    def batches() -> list[torch.Tensor]:
+        tok = tokenizer
+        if isinstance(tok, str):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tok, local_files_only=True)
+        return corpus_batches(tok, sparsity.calibration, sparsity.calibration_tokens)
+
+    if sparsity.allocation == "cross_layer":
+        from .layer_allocation import cross_layer_site_ratios
+
+        curves = _cache_path(model, sparsity, checkpoint, curves=True)
+        table = cross_layer_site_ratios(
+            model, batches, sparsity.ratio, sparsity.layer_cap, sparsity.allocation_step, curves
+        )
+    else:
+        table = topk_site_ratios(model, batches(), sparsity.ratio, sparsity.allocation_step)
     if path is not None:
         atomic_write_text(path, json.dumps(table, indent=1))
     return replace(sparsity, sites=table)
 
 
-def _cache_path(model: nn.Module, sparsity: SparsityConfig, checkpoint: str | None) -> Path | None:
+def _cache_path(
+    model: nn.Module, sparsity: SparsityConfig, checkpoint: str | None, curves: bool = False
+) -> Path | None:
+    """The cache file of :func:`allocate`'s table (``curves``: of the cross-layer curves,
+    which do not depend on the ratio); ``None`` without a checkpoint folder of weights."""
     if checkpoint is None or not Path(checkpoint).is_dir():
         return None
     weights = sorted(p for p in Path(checkpoint).iterdir() if p.suffix in (".safetensors", ".bin"))
     if not weights:
         return None
     files = [Path(c) for c in sparsity.calibration if Path(c).expanduser().is_file()]
+    # greedy's key is the one it had before cross_layer existed (its cached tables stay valid)
+    search = () if sparsity.allocation == "greedy" else (sparsity.allocation, sparsity.layer_cap)
     key = stable_hash(
         CACHE_FORMAT_VERSION,
         file_fingerprint([*weights, *files]),
         str(next(model.parameters()).dtype),
-        sparsity.ratio,
+        "curves" if curves else sparsity.ratio,
         list(sparsity.calibration),
         sparsity.calibration_tokens,
         sparsity.allocation_step,
         ERROR_FRACTION,
+        *search,
     )
     return resolve_cache_dir() / "allocation" / f"{key}.json"

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PATTERNS = ("none", "token_topk", "block_topk", "threshold")
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("uniform", "greedy", "cross_layer")
 WEIGHT_QUANT = ("none", "ternary")
 SITES = ("qkv", "o", "gate_up", "down")
 
@@ -53,8 +53,11 @@ class SparsityConfig:
             ``calibration_tokens`` tokens of the ``calibration`` corpora (names or files,
             :func:`qsparse.data.read_documents`: the training corpora, never the evaluation
             text), in steps of ``allocation_step`` (TEAL's 0.05; in d² units of weight, so
-            a site of weight share ``w`` moves ``step / w``). :func:`qsparse.sparsify` itself
-            applies ``sites`` and ignores these four.
+            a site of weight share ``w`` moves ``step / w``). ``"cross_layer"``: the same
+            budget, but the layers' own sparsities differ too (each at most ``layer_cap``;
+            :mod:`qsparse.methods.layer_allocation`), each layer's sites then split by the
+            greedy. :func:`qsparse.sparsify` itself applies ``sites`` and ignores these five.
+        layer_cap: the largest sparsity ``cross_layer`` gives one layer, in (ratio, 1).
     """
 
     ratio: float = 0.0
@@ -71,6 +74,7 @@ class SparsityConfig:
     calibration: list[str] = field(default_factory=lambda: ["wiki_en"])
     calibration_tokens: int = 4096
     allocation_step: float = 0.05
+    layer_cap: float = 0.9
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,15 +107,24 @@ class SparsityConfig:
                 raise ValueError(f"sparsity.sites.{name}={value} is outside [0, 1)")
         check_choice("sparsity.allocation", self.allocation, ALLOCATIONS)
         overrides = [k for k in SITES if getattr(self, k) is not None]
-        if self.allocation == "greedy" and overrides:
+        searched = self.allocation != "uniform"
+        if searched and overrides:
             raise ValueError(
-                "sparsity.allocation=greedy computes the per-site ratios itself; drop "
-                f"sparsity.{overrides[0]} (or set sparsity.allocation=uniform)"
+                f"sparsity.allocation={self.allocation} computes the per-site ratios itself; "
+                f"drop sparsity.{overrides[0]} (or set sparsity.allocation=uniform)"
             )
-        if self.allocation == "greedy" and self.pattern != "token_topk":
+        if searched and self.pattern != "token_topk":
             raise ValueError(
-                f"sparsity.allocation=greedy needs sparsity.pattern=token_topk, not "
+                f"sparsity.allocation={self.allocation} needs sparsity.pattern=token_topk, not "
                 f"{self.pattern!r} (sparsity=topk)"
+            )
+        cap = self.layer_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < 1:
+            raise ValueError(f"sparsity.layer_cap={cap!r} must be in (0, 1)")
+        if self.allocation == "cross_layer" and self.ratio > cap:
+            raise ValueError(
+                f"sparsity.layer_cap={cap} is below sparsity.ratio={self.ratio}: no layer may "
+                "exceed the cap, so the budget cannot be met; raise sparsity.layer_cap"
             )
         if isinstance(self.calibration, str) or not all(
             isinstance(c, str) and c for c in self.calibration
@@ -120,10 +133,10 @@ class SparsityConfig:
                 f"sparsity.calibration must be a list of corpus names or files, e.g. "
                 f"[wiki_en], got {self.calibration!r}"
             )
-        if self.allocation == "greedy" and not self.calibration:
+        if searched and not self.calibration:
             raise ValueError(
-                "sparsity.allocation=greedy needs sparsity.calibration: the training corpora, "
-                "e.g. [wiki_en]"
+                f"sparsity.allocation={self.allocation} needs sparsity.calibration: the "
+                "training corpora, e.g. [wiki_en]"
             )
         tokens = self.calibration_tokens
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 64:

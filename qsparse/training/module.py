@@ -214,7 +214,7 @@ class LMModule(L.LightningModule):
                 modules_to_not_convert=tuple(self.hparams["modules_to_not_convert"]),
             )
             self.sparsify_report = convert(sparsity=sparsity)
-            if sparsity.allocation == "greedy" and not sparsity.sites:
+            if sparsity.allocation != "uniform" and not sparsity.sites:
                 sparsity = allocate_at_build(
                     model, sparsity, self._trainer, self.hparams["model"].get("path"),
                     with_method=self._method is not None,

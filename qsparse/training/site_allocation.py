@@ -1,17 +1,19 @@
-"""``sparsity.allocation=greedy`` at model build: the per-site top-k table for a training run.
+"""``sparsity.allocation=greedy|cross_layer`` at model build: the per-site top-k table for a
+training run.
 
 :class:`~qsparse.training.module.LMModule` calls :func:`allocate_at_build` in
 ``configure_model`` when the table is empty, with the weights just built (the same on every
 rank: same weights, same text, so every rank computes the same table). The search itself is
-:func:`qsparse.methods.allocation.allocate` (TEAL's greedy at uniform S's activated
-parameters, calibrated on ``sparsity.calibration``); this module only checks that the run can
-calibrate, finds the tokenizer, and reports the result. The module keeps the table in its
-hyperparameters, so a resumed run or a checkpoint loads it instead of calibrating again.
+:func:`qsparse.methods.allocation.allocate` (TEAL's greedy, or the cross-layer allocation, at
+uniform S's activated parameters, calibrated on ``sparsity.calibration``); this module only
+checks that the run can calibrate, finds the tokenizer, and reports the result. The module
+keeps the table in its hyperparameters, so a resumed run or a checkpoint loads it instead of
+calibrating again.
 
-A run that starts from a qsparse export trained with a greedy table (``model.path=RUN/hf`` of
-a ``sparsity.allocation=greedy`` run: its ``config.json`` stores ``sparsity.sites``) keeps
-that table when it asks for greedy allocation at the same S (the weights were trained at
-those ratios; no search); at another S it searches again on the loaded weights.
+A run that starts from a qsparse export trained with a searched table (``model.path=RUN/hf``
+of a ``sparsity.allocation=greedy`` run: its ``config.json`` stores ``sparsity.sites``) keeps
+that table when it asks for the same allocation at the same S (the weights were trained at
+those ratios; no search); at another S or allocation it searches again on the loaded weights.
 """
 
 from __future__ import annotations
@@ -45,13 +47,14 @@ def allocate_at_build(
     own sites)."""
     from qsparse.methods.allocation import allocate, check_calibration
 
+    name = f"sparsity.allocation={sparsity.allocation}"
     if with_method:
-        raise ValueError("sparsity.allocation=greedy cannot be combined with method=")
+        raise ValueError(f"{name} cannot be combined with method=")
     stored = stored_sites(model_path)
-    if stored is not None and stored[0] == sparsity.ratio:
+    if stored is not None and stored[0] == sparsity.ratio and stored[2] == sparsity.allocation:
         if trainer is not None:
             say(
-                f"sparsity.allocation=greedy: the {len(stored[1])} site ratios stored in "
+                f"{name}: the {len(stored[1])} site ratios stored in "
                 f"{model_path} at S={sparsity.ratio:g} (no search)"
             )
         return replace(sparsity, sites=stored[1])
@@ -60,37 +63,40 @@ def allocate_at_build(
         if trainer is None:  # check_config's meta build: nothing to calibrate
             return sparsity
         raise ValueError(
-            "sparsity.allocation=greedy needs the weights when the model is built; this "
+            f"{name} needs the weights when the model is built; this "
             "strategy builds it on the meta device (trainer=fsdp): set sparsity.sites"
         )
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
     tokenizer = getattr(dm, "tokenizer", None) or model_path
     if tokenizer is None:
         raise ValueError(
-            "sparsity.allocation=greedy needs a tokenizer for sparsity.calibration: "
+            f"{name} needs a tokenizer for sparsity.calibration: "
             "a datamodule with one, or a model.path checkpoint"
         )
     start = time.perf_counter()
     out = allocate(model, sparsity, tokenizer, model_path)
     ratios = out.sites.values()
     say(
-        f"sparsity.allocation=greedy: {len(ratios)} site ratios in "
+        f"{name}: {len(ratios)} site ratios in "
         f"{min(ratios):.3f}..{max(ratios):.3f} at S={sparsity.ratio:g} "
         f"({time.perf_counter() - start:.1f} s)"
     )
     return out
 
 
-def stored_sites(model_path: str | None) -> tuple[float, dict[str, float]] | None:
-    """``(S, sites)`` of the per-site table a qsparse export at ``model_path`` stores in its
-    ``config.json`` (``qsparse.sparsity``), or ``None`` (no folder, no table)."""
+def stored_sites(model_path: str | None) -> tuple[float, dict[str, float], str] | None:
+    """``(S, sites, allocation)`` of the per-site table a qsparse export at ``model_path``
+    stores in its ``config.json`` (``qsparse.sparsity``; an export from before
+    ``allocation`` was stored counts as ``greedy``), or ``None`` (no folder, no table)."""
     if model_path is None or not (Path(model_path) / "config.json").is_file():
         return None
     stored = json.loads((Path(model_path) / "config.json").read_text()).get("qsparse") or {}
     spec = stored.get("sparsity") or {}
     if not spec.get("sites"):
         return None
-    return float(spec.get("ratio", 0.0)), {k: float(v) for k, v in spec["sites"].items()}
+    sites = {k: float(v) for k, v in spec["sites"].items()}
+    allocation = spec.get("allocation") or "greedy"
+    return float(spec.get("ratio", 0.0)), sites, "greedy" if allocation == "uniform" else allocation
 
 
 def note_replaced_table(model_path: str | None, sparsity: SparsityConfig) -> None:
@@ -100,5 +106,5 @@ def note_replaced_table(model_path: str | None, sparsity: SparsityConfig) -> Non
         say(
             f"{model_path} stores a per-site table at S={stored[0]:g}; this run's "
             f"sparsity.allocation={sparsity.allocation} at S={sparsity.ratio:g} replaces it "
-            "(sparsity.allocation=greedy at the same S keeps it)"
+            f"(sparsity.allocation={stored[2]} at the same S keeps it)"
         )
