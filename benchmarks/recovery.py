@@ -339,11 +339,11 @@ def _allocated_sparsity(
     """The recipe's sparsity settings with ``sparsity.allocation=allocation`` (``greedy`` or
     ``cross_layer``), its per-site table calibrated on the dense base (float32) as training
     does, and cached where the training jobs look
-    (:func:`qsparse.methods.allocation.allocate`): a SparsityConfig dict."""
+    (:func:`qsparse.methods.site_table.allocate`): a SparsityConfig dict."""
     from omegaconf import OmegaConf
 
     from qsparse.evaluation.runner import load_for_eval
-    from qsparse.methods.allocation import allocate
+    from qsparse.methods.site_table import allocate
     from qsparse.nn import SparsityConfig
 
     cfg = _compose(recipe, [*overrides, f"sparsity.allocation={allocation}"])

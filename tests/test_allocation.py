@@ -181,7 +181,7 @@ def _cached_tiny(tiny_hf_checkpoint, tmp_path: Path, monkeypatch):
 def test_allocation_is_cached_per_checkpoint_and_settings(
     tiny_hf_checkpoint, tmp_path: Path, monkeypatch
 ) -> None:
-    from qsparse.methods import allocation
+    from qsparse.methods import site_table as allocation
 
     ckpt, model = _cached_tiny(tiny_hf_checkpoint, tmp_path, monkeypatch)
     settings = SparsityConfig(
@@ -205,7 +205,8 @@ def test_allocation_is_cached_per_checkpoint_and_settings(
 def test_cache_keys_differ_from_greedy_and_curves_are_shared(
     tiny_hf_checkpoint, tmp_path: Path, monkeypatch
 ) -> None:
-    from qsparse.methods import allocation, layer_allocation
+    from qsparse.methods import layer_allocation
+    from qsparse.methods import site_table as allocation
 
     ckpt, model = _cached_tiny(tiny_hf_checkpoint, tmp_path, monkeypatch)
     settings = SparsityConfig(

@@ -4,7 +4,7 @@ training run.
 :class:`~qsparse.training.module.LMModule` calls :func:`allocate_at_build` in
 ``configure_model`` when the table is empty, with the weights just built (the same on every
 rank: same weights, same text, so every rank computes the same table). The search itself is
-:func:`qsparse.methods.allocation.allocate` (TEAL's greedy, or the cross-layer allocation, at
+:func:`qsparse.methods.site_table.allocate` (TEAL's greedy, or the cross-layer allocation, at
 uniform S's activated parameters, calibrated on ``sparsity.calibration``); this module only
 checks that the run can calibrate, finds the tokenizer, and reports the result. The module
 keeps the table in its hyperparameters, so a resumed run or a checkpoint loads it instead of
@@ -45,7 +45,8 @@ def allocate_at_build(
     table at this S); ``model_path``: the checkpoint folder (stored table, tokenizer fallback
     and table cache key); ``with_method``: a ``method=`` is set (refused: methods choose their
     own sites)."""
-    from qsparse.methods.allocation import allocate, check_calibration
+    from qsparse.methods.allocation import check_calibration
+    from qsparse.methods.site_table import allocate
 
     name = f"sparsity.allocation={sparsity.allocation}"
     if with_method:
