@@ -27,9 +27,10 @@ def allocate(
     model: nn.Module, sparsity: SparsityConfig, tokenizer: Any, checkpoint: str | None = None
 ) -> SparsityConfig:
     """``sparsity`` with ``sites`` filled at ``sparsity.ratio``'s budget by the search
-    ``sparsity.allocation`` names: ``greedy`` (:func:`~qsparse.methods.allocation.topk_site_ratios`, every layer at S) or
-    ``cross_layer`` (:func:`~qsparse.methods.layer_allocation.cross_layer_site_ratios`, layer
-    sparsities up to ``sparsity.layer_cap``), in steps of ``sparsity.allocation_step`` on
+    ``sparsity.allocation`` names: ``greedy``
+    (:func:`~qsparse.methods.allocation.topk_site_ratios`, every layer at S) or ``cross_layer``
+    (:func:`~qsparse.methods.layer_allocation.cross_layer_site_ratios`, layer sparsities up
+    to ``sparsity.layer_cap``), in steps of ``sparsity.allocation_step`` on
     ``sparsity.calibration_tokens`` tokens of ``sparsity.calibration`` (``tokenizer``: an HF
     tokenizer or a local folder). ``model`` is already sparsified with top-k. With the dense
     ``checkpoint`` folder the model was loaded from, the table is cached (``<cache
