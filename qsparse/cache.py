@@ -152,10 +152,11 @@ def distribution_data_file(distribution: str, relative_path: str) -> Path:
             flat = Path(dist.locate_file("")) / name.lstrip("./")
             if flat.is_file():
                 return flat.resolve()
-            # some pip versions record the absolute path of their temporary --target folder
-            tail = Path(dist.locate_file("")) / relative_path.strip("/")
-            if tail.is_file():
-                return tail.resolve()
+    # some pip versions record --target data files under the absolute path of their temporary
+    # folder, others leave them out of RECORD altogether: DIR/<relative_path> is the file
+    tail = Path(dist.locate_file("")) / relative_path.strip("/")
+    if tail.is_file():
+        return tail.resolve()
     raise FileNotFoundError(
         f"distribution {distribution!r} has no installed file {relative_path!r}; reinstall it "
         f"with `pip install --no-deps --force-reinstall {pip_name}`"

@@ -153,12 +153,13 @@ def test_distribution_data_file_errors_name_the_pip_command() -> None:
 
 
 @pytest.mark.parametrize(
-    "recorded", ["../../share/fake/data.txt", "/tmp/pip-target-x1y2/share/fake/data.txt"]
+    "recorded", ["../../share/fake/data.txt", "/tmp/pip-target-x1y2/share/fake/data.txt", None]
 )
 def test_distribution_data_file_after_pip_install_target(tmp_path, monkeypatch, recorded) -> None:
     """`pip install --target DIR` records data files as ../../share/... (or, in some pip
-    versions, under the absolute path of its temporary folder) but writes them to
-    DIR/share/...: the file is still found (how the GPU machine installs the corpora)."""
+    versions, under the absolute path of its temporary folder, or not at all: the H200 image's
+    pip) but writes them to DIR/share/...: the file is still found (how the GPU machine
+    installs the corpora)."""
     import sys
 
     from qsparse.cache import distribution_data_file
@@ -166,7 +167,8 @@ def test_distribution_data_file_after_pip_install_target(tmp_path, monkeypatch, 
     info = tmp_path / "fake_corpus_dist-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-corpus-dist\nVersion: 1.0\n")
-    (info / "RECORD").write_text(f"{recorded},,\nfake_corpus_dist-1.0.dist-info/METADATA,,\n")
+    lines = ([f"{recorded},,"] if recorded else []) + ["fake_corpus_dist-1.0.dist-info/METADATA,,"]
+    (info / "RECORD").write_text("\n".join(lines) + "\n")
     data = tmp_path / "share" / "fake" / "data.txt"
     data.parent.mkdir(parents=True)
     data.write_text("hello")
