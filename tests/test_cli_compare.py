@@ -160,3 +160,35 @@ def test_compare_adds_lm_eval_columns(tiny_hf_checkpoint, tmp_path: Path) -> Non
     assert main(args) == 0
     rows = json.loads(out.read_text())
     assert all(0.0 <= r["tasks"]["qsparse_wiki_cloze"]["acc"] <= 1.0 for r in rows)
+
+
+def _rows_file(path: Path, dense_ppl: float, labels: list[str]) -> Path:
+    from qsparse.evaluation.compare import CompareRow
+
+    rows = [CompareRow("dense", "m", 0.0, ppl={"kjv": dense_ppl}, measured_sparsity=0.0)]
+    rows += [
+        CompareRow(lab, "m", 0.5, ppl={"kjv": 2 * dense_ppl}, measured_sparsity=0.4, method="x")
+        for lab in labels
+    ]
+    path.write_text(json.dumps([r.to_dict() for r in rows]))
+    return path
+
+
+def test_merge_keeps_one_dense_row_and_refuses_another_comparison(tmp_path, capsys) -> None:
+    """--merge: the first file's dense row, then the others' rows in file order, a repeated
+    label once; a file whose dense perplexity differs is refused with its name (exit 2)."""
+    from qsparse.evaluation.compare import merge_rows
+
+    a = _rows_file(tmp_path / "a.json", 10.0, ["teal S=0.5", "cats S=0.5"])
+    b = _rows_file(tmp_path / "b.json", 10.0, ["cats S=0.5", "qsparse S=0.5"])
+    rows = merge_rows([a, b])
+    assert [r.label for r in rows] == ["dense", "teal S=0.5", "cats S=0.5", "qsparse S=0.5"]
+    out = tmp_path / "all.json"
+    assert main(["--merge", str(a), str(b), "--json", str(out)]) == 0
+    assert [r["label"] for r in json.loads(out.read_text())] == [r.label for r in rows]
+    other = _rows_file(tmp_path / "other.json", 11.0, ["teal S=0.7"])
+    assert main(["--merge", str(a), str(other)]) == 2
+    assert "other.json" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        merge_rows([a, tmp_path / "bad.json"])

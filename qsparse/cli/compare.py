@@ -22,6 +22,11 @@ per batch, the model's weights once more in memory, no logits kept across batche
 Q-Sparse continued-trained exports beside the training-free rows, as ``qsparse-eval
 --compare`` does (same :func:`~qsparse.evaluation.compare.measure_model`).
 
+A comparison split across processes (one per method, as on a GPU) is put back together with
+``qsparse-compare --merge a.json teal.json cats.json --json all.json --plot all.png``: the rows
+of every file after the first file's dense row (files whose dense rows differ are refused),
+printed as one table (:func:`~qsparse.evaluation.compare.merge_rows`).
+
 Held-out text: calibration reads ``--calibration`` (a corpus name or file); without it, the
 documents of the first ``--text`` are split in two, perplexity is measured on the first half
 and calibration reads the second, so no calibration document is evaluated.
@@ -222,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..evaluation.compare import render_comparison
     from ..models.hf import CheckpointError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--merge":
+        return merge_main(argv[1:])
     args = build_parser().parse_args(argv)
 
     def write_json(rows: list) -> None:
@@ -236,6 +244,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qsparse-compare: {err}", file=sys.stderr)
         return 2
     render_comparison(rows, title=f"qsparse-compare {args.path}")
+    if args.plot:
+        plot_rows(rows, args.plot)
+    return 0
+
+
+def merge_main(argv: list[str]) -> int:
+    """``qsparse-compare --merge FILE ... [--json OUT] [--plot PNG]`` (module docstring)."""
+    from ..evaluation.compare import merge_rows, render_comparison
+
+    p = argparse.ArgumentParser(
+        prog="qsparse-compare --merge", description="One table from several --json files."
+    )
+    p.add_argument("files", nargs="+", help="qsparse-compare --json files of one comparison")
+    p.add_argument("--json", dest="json_out", default=None, help="write the merged rows")
+    p.add_argument("--plot", default=None, help="write ppl vs measured sparsity (png)")
+    args = p.parse_args(argv)
+    try:
+        rows = merge_rows(args.files)
+    except ValueError as err:
+        print(f"qsparse-compare: {err}", file=sys.stderr)
+        return 2
+    render_comparison(rows, title="qsparse-compare --merge " + " ".join(args.files))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
     if args.plot:
         plot_rows(rows, args.plot)
     return 0

@@ -196,6 +196,44 @@ def measure_model(
     return row
 
 
+def merge_rows(files: Sequence[str | os.PathLike[str]]) -> list[CompareRow]:
+    """The rows of several ``qsparse-compare --json`` files of one comparison, split across
+    processes (e.g. one per method): the first file's dense row, then every other row in file
+    order; a label seen before is dropped (its first occurrence is kept).
+
+    Raises ``ValueError`` naming the file when a file is not such a list, does not start with
+    a dense row, or its dense perplexities differ from the first file's (relative 1e-6): then
+    the files measured different models or texts and are not one comparison.
+    """
+    import json
+
+    merged: list[CompareRow] = []
+    seen: set[str] = set()
+    for path in files:
+        try:
+            data = json.loads(open(path, encoding="utf-8").read())
+            rows = [CompareRow(**item) for item in data]
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: not a qsparse-compare --json file ({err})") from None
+        if not rows or rows[0].method is not None or rows[0].sparsity_setting:
+            raise ValueError(f"{path}: its first row is not the dense model")
+        if merged:
+            ref = merged[0].ppl
+            if set(rows[0].ppl) != set(ref) or any(
+                abs(rows[0].ppl[t] / ref[t] - 1.0) > 1e-6 for t in ref
+            ):
+                raise ValueError(
+                    f"{path}: dense perplexity {rows[0].ppl} differs from {files[0]}'s {ref}: "
+                    "not the same model and text; merge only files of one comparison"
+                )
+            rows = rows[1:]
+        for row in rows:
+            if row.label not in seen:
+                seen.add(row.label)
+                merged.append(row)
+    return merged
+
+
 def render_comparison(
     rows: Sequence[CompareRow], title: str = "qsparse-eval: dense vs training-free vs trained"
 ) -> None:
