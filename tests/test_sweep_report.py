@@ -213,3 +213,17 @@ def test_report_logs_table_and_plots_to_the_sweep_group_offline(tmp_path: Path) 
         "loss_vs_sparsity",
     ]
     assert list(Path(report.wandb_dir).rglob("*.table.json"))  # the job table
+
+
+def test_sparsity_plot_ylim_clips_the_extrapolated_blow_up():
+    from qsparse.analysis.report_plots import sparsity_plot_ylim
+
+    grid = np.linspace(0.0, 0.9, 10)
+    flat = np.full(10, 3.0)
+    flat[2] = 2.8  # the minimum, at S=0.2
+    exploding = np.array([3.4, 3.3, 3.35, 3.5, 3.9, 5.0, 9.0, 50.0, 1e4, 1e6])
+    lo, hi = sparsity_plot_ylim(grid, [flat, exploding], [0.5, 0.4])
+    # lowest predicted loss 2.8; highest inside the measured range (S <= 0.5 / 0.4): 3.9 at S=0.4
+    assert lo == pytest.approx(2.8 - 0.05 * 1.1)
+    assert hi == pytest.approx(3.9 + 0.05 * 1.1)
+    assert sparsity_plot_ylim(grid, [np.full(10, np.nan)], [0.5]) is None
