@@ -615,12 +615,13 @@ REGISTRY: list[Bench] = [
         rows=tuple(
             Row(
                 "decode",
-                f"TEAL threshold on 7B {name} {kin}->{n}, batch 1, S={s}: threshold list + "
-                "sparse GEMV / top-k selection + sparse GEMV / same, threshold carried / the "
-                "GEMV on a ready list, vs cuBLAS (equal kept fraction)",
+                f"TEAL threshold on 7B {name} {kin}->{n}, batch 1, S={s}: threshold_gemv (list "
+                "kernel + sparse GEMV) / the list built by PyTorch ops / top-k selection + "
+                "sparse GEMV / same, threshold carried / the GEMV on a ready list, vs cuBLAS "
+                "(equal kept fraction)",
                 " / ".join(
                     f"{{{_TL}.{name}_S{s}.{p}|.2f}}x"
-                    for p in ("threshold", "topk", "topk_carry", "list_only")
+                    for p in ("threshold", "threshold_torch", "topk", "topk_carry", "list_only")
                 )
                 + f" (cuBLAS {{{_TL}.{name}_S{s}.dense_us|.1f}} us, kept "
                 f"{{{_TL}.{name}_S{s}.kept_pct|.1f}}%)",

@@ -3,34 +3,36 @@ kept fraction, on the 7B projection shapes (bf16, batch 1, S = 0.4 and 0.5: TEAL
 
 A TEAL site keeps ``|x| > t`` with ``t`` calibrated once (the S-quantile of ``|x|``); Q-Sparse
 keeps the top ``k = int((1 - S) K)`` per token, which needs a selection pass (a radix select)
-before the GEMV. The threshold needs none: its kept list is a compare, a prefix sum and a
-scatter (:func:`threshold_rows`, device-only, no host sync), handed to the same public
-:func:`qsparse.kernels.gemv.sparse_gemv` through ``rows=``. Per shape and S, each call inside a
-CUDA graph over ``--buffers`` weight copies (L2 cannot serve them), times per call:
+before the GEMV. The threshold needs none: its kept list is one compare and one prefix sum.
+Per shape and S, each call inside a CUDA graph over ``--buffers`` weight copies (L2 cannot
+serve them), times per call:
 
 - ``dense``: ``F.linear(x, W)`` (cuBLAS), the baseline;
 - ``topk``: ``sparse_gemv(x, Wt, k)``: top-k selection + list + GEMV;
 - ``topk_carry``: the same with the threshold carried from the previous call (``hint=``);
-- ``threshold``: :func:`threshold_rows` then ``sparse_gemv(x, Wt, n, rows=...)``;
-- ``list_only``: ``sparse_gemv`` on a list built beforehand: the GEMV alone, what a threshold
-  fused into the list kernel could reach.
+- ``threshold``: :func:`qsparse.kernels.threshold_gemv.threshold_gemv`, the public path: the
+  one-program list kernel, then the GEMV reading the list's length on the device (no host
+  sync; the count differs from token to token);
+- ``threshold_torch``: the same list built by PyTorch ops (:func:`threshold_rows_torch`: a
+  compare, a cumsum, two scatters) and the count passed from the host, what the threshold
+  path was before the list kernel;
+- ``list_only``: ``sparse_gemv`` on a list built beforehand: the GEMV alone, the bound a
+  threshold path can reach.
 
 ``t`` is the S-quantile of ``|x|`` over ``--calibration`` draws of the same distribution
 (TEAL's calibration), so a call keeps about ``1 - S`` of its inputs; the kept fraction the
-threshold calls reached is printed (``kept``). At batch 1 the public ``sparse_gemv`` takes the
-number of listed rows from the caller (``k``): here each fixed input's count is computed on the
-host before timing. Decode would need the kernel to read the count from the list instead (its
-batch > 1 path already does): a one-line change in ``qsparse.kernels.gemv`` (not made here).
+threshold calls reached is printed (``kept``).
 
-Before timing, the threshold path is checked against ``(x · 1[|x| > t]) Wᵀ`` in fp32; on CPU
-under ``TRITON_INTERPRET=1`` (``--device cpu --check-only``) that check is all it runs.
+Before timing, both threshold paths are checked against ``(x · 1[|x| > t]) Wᵀ`` in fp32; on
+CPU under ``TRITON_INTERPRET=1`` (``--device cpu --check-only``) that check is all it runs.
 
     PYTHONPATH=$PWD python3 benchmarks/teal_gemv.py [--json out.json]
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python3 benchmarks/teal_gemv.py --device cpu --check-only
 
 FIGURE lines per shape and S under ``teal_gemv.<shape>_S<S>``: ``dense_us``, ``topk`` /
 ``topk_us``, ``topk_carry`` / ``topk_carry_us``, ``threshold`` / ``threshold_us``,
-``list_only`` / ``list_only_us``, ``kept_pct`` (kept inputs, %); a ratio is cuBLAS time over the path's.
+``threshold_torch`` / ``threshold_torch_us``, ``list_only`` / ``list_only_us``, ``kept_pct``
+(kept inputs, %); a ratio is cuBLAS time over the path's.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 from benchmarks._figures import emit
 from benchmarks._timing import row, time_graph
 from qsparse.kernels import gemv as G
+from qsparse.kernels.threshold_gemv import threshold_gemv
 
 SHAPES = {  # name: (in, out) of the fused 7B projections (as benchmarks/sparse_gemv_7b.py)
     "qkv": (4096, 12288),
@@ -55,7 +58,9 @@ CPU_SHAPES = {"qkv": (256, 192), "down": (320, 128)}
 SPARSITIES = (0.4, 0.5)
 
 
-def threshold_rows(x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def threshold_rows_torch(
+    x: torch.Tensor, t: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kept list of ``x[1, K]`` under ``|x| > t`` in :func:`~qsparse.kernels.gemv.
     compact_rows`' format: (idx int32 [K], val fp32 [1, K], cnt int32 [1]); ``idx[:cnt]``
     ascending, ``val[0, p] = x[0, idx[p]]``. Entries past ``cnt`` are 0. No host sync."""
@@ -85,12 +90,15 @@ def check(kin: int, n: int, t: float, device: str) -> None:
         x = torch.randn(1, kin, device=device, dtype=torch.bfloat16)
         masked = x.float() * (x.float().abs() > t)
         ref = masked @ w.float().t()
-        rows = threshold_rows(x, t)
+        rows = threshold_rows_torch(x, t)
         count = int(rows[2])
         assert torch.equal(rows[0][:count].long(), masked[0].nonzero().flatten())
-        got = G.sparse_gemv(x, wt, count, n_out=n, rows=rows).float()
-        err = ((got - ref).norm() / ref.norm()).item()
-        assert err < 1e-2, (kin, n, err)
+        for path, got in (
+            ("threshold_torch", G.sparse_gemv(x, wt, count, n_out=n, rows=rows)),
+            ("threshold", threshold_gemv(x, wt, t, n_out=n)),
+        ):
+            err = ((got.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (path, kin, n, err)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = []
     head = ("shape", "S", "dense us", "top-k us (x)", "top-k carry us (x)", "threshold us (x)")
-    print(row(*head, "list only us (x)", "kept"))
-    print(row(*["---"] * 8))
+    print(row(*head, "threshold, torch list us (x)", "list only us (x)", "kept"))
+    print(row(*["---"] * 9))
     for name, (kin, n) in SHAPES.items():
         ws = [
             torch.randn(n, kin, device=args.device, dtype=torch.bfloat16) * 0.02
@@ -138,7 +146,8 @@ def measure(name: str, ws: list[torch.Tensor], s: float, draws: int, device: str
     check(kin, n, t, device)
     xs = [torch.randn(1, kin, device=device, dtype=torch.bfloat16) for _ in ws]
     counts = [int((x.float().abs() > t).sum()) for x in xs]  # host-known (docstring)
-    lists = [threshold_rows(x, t) for x in xs]
+    lists = [threshold_rows_torch(x, t) for x in xs]
+    t_dev = torch.tensor([t], dtype=torch.float32, device=device)
     hint = G.new_hint(16, device)
 
     def timed(fn, weights):
@@ -154,7 +163,11 @@ def measure(name: str, ws: list[torch.Tensor], s: float, draws: int, device: str
         "topk": timed(lambda x, wt, c, r: G.sparse_gemv(x, wt, k, n_out=n), wts),
         "topk_carry": timed(lambda x, wt, c, r: G.sparse_gemv(x, wt, k, n_out=n, hint=hint), wts),
         "threshold": timed(
-            lambda x, wt, c, r: G.sparse_gemv(x, wt, c, n_out=n, rows=threshold_rows(x, t)), wts
+            lambda x, wt, c, r: threshold_gemv(x, wt, t_dev, n_out=n, expected_kept=k), wts
+        ),
+        "threshold_torch": timed(
+            lambda x, wt, c, r: G.sparse_gemv(x, wt, c, n_out=n, rows=threshold_rows_torch(x, t)),
+            wts,
         ),
         "list_only": timed(lambda x, wt, c, r: G.sparse_gemv(x, wt, c, n_out=n, rows=r), wts),
     }

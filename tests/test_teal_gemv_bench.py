@@ -21,7 +21,7 @@ def test_threshold_rows_list_the_kept_inputs_by_hand() -> None:
     import torch
 
     x = torch.tensor([[0.5, -2.0, 0.1, 1.5, -0.3]])
-    idx, val, cnt = tg.threshold_rows(x, 0.4)  # keeps |x| > 0.4: inputs 0, 1, 3
+    idx, val, cnt = tg.threshold_rows_torch(x, 0.4)  # keeps |x| > 0.4: inputs 0, 1, 3
     assert int(cnt[0]) == 3 and idx[:3].tolist() == [0, 1, 3]
     assert val[0, :3].tolist() == [0.5, -2.0, 1.5] and val[0, 3:].tolist() == [0.0, 0.0]
 

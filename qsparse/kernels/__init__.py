@@ -12,7 +12,8 @@ Each returns ``None`` when no kernel applies (CPU tensor, Triton missing, unsupp
 shape, ``QSPARSE_KERNELS=0``), so the caller runs the reference. Setting ``TRITON_INTERPRET=1``
 before import also routes CPU tensors through the kernels (Triton's interpreter; tests only).
 
-Inference kernels (sparse-input GEMV, 2-bit ternary GEMV) live in :mod:`qsparse.kernels.gemv`.
+Inference kernels (sparse-input GEMV, 2-bit ternary GEMV) live in :mod:`qsparse.kernels.gemv`;
+a fixed-threshold site's GEMV (TEAL) in :mod:`qsparse.kernels.threshold_gemv`.
 """
 
 from __future__ import annotations

@@ -299,6 +299,22 @@ def _band_list_kernel(
 
 
 @triton.jit
+def _threshold_list_kernel(x_ptr, t_ptr, idx_ptr, val_ptr, cnt_ptr, K, BLOCK: tl.constexpr):
+    """Batch 1, a fixed threshold (TEAL): the inputs of x[K] with ``|x| > t[0]`` as a list,
+    ``idx`` ascending, ``val`` fp32, ``cnt[0]`` entries; one compare, one prefix sum, no
+    selection. :func:`_compact_gemv_kernel` then reads ``cnt`` itself (``n_fixed = -1``)."""
+    i = tl.arange(0, BLOCK)
+    valid = i < K
+    xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    keep = (tl.abs(xf) > tl.load(t_ptr)) & valid
+    kept = keep.to(tl.int32)
+    pos = tl.cumsum(kept, axis=0) - 1
+    tl.store(idx_ptr + pos, i, mask=keep)
+    tl.store(val_ptr + pos, xf, mask=keep)
+    tl.store(cnt_ptr, tl.sum(kept, axis=0))
+
+
+@triton.jit
 def _round_to(xf, BF16: tl.constexpr):
     """fp32 ``xf`` rounded to the nearest bf16 value (ties to even) and kept in fp32, as a
     torch op with bf16 output rounds it; identity unless ``BF16``. Integer form, since the

@@ -460,3 +460,34 @@ def test_ternary_rows_gemv_matches_reference(dtype, shape):
     ref = G.ternary_gemv_reference(norm.reference(x), packed, alpha[:n], k, 8)
     got = TR.ternary_rows_gemv(x, rows, alpha, k, hint=hint, producer=norm, n_out=n)
     assert rel_err(got, ref) <= tol
+
+
+@pytest.mark.parametrize(("kin", "n"), [(4096, 12288), (11008, 4096), (2048, 6144), (576, 1536)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_threshold_gemv_matches_reference(kin, n, dtype):
+    """The TEAL decode path (list kernel + GEMV reading the count on the device) on the real
+    presets' shapes, thresholds keeping ~0%, ~40%, ~60% and 100% of the inputs, inside a CUDA
+    graph replayed on a new input (the count changes without a host sync)."""
+    from qsparse.kernels.threshold_gemv import threshold_gemv, threshold_gemv_reference
+
+    w = fresh((n, kin), dtype) * 0.02
+    wt = G.prepare_dense(w)
+    for t_val in (100.0, 0.84, 0.52, -1.0):
+        t = torch.tensor([t_val], device="cuda")
+        x = fresh((1, kin), dtype)
+        got = threshold_gemv(x, wt, t, n_out=n)
+        ref = threshold_gemv_reference(x, w, t)
+        if ref.norm() == 0:
+            assert got.float().abs().max() == 0
+        else:
+            assert rel_err(got, ref) < 1e-2, (t_val, rel_err(got, ref))
+    x_static = fresh((1, kin), dtype)
+    t = torch.tensor([0.52], device="cuda")
+    threshold_gemv(x_static, wt, t, n_out=n)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = threshold_gemv(x_static, wt, t, n_out=n)
+    for _ in range(3):
+        x_static.copy_(fresh((1, kin), dtype))
+        graph.replay()
+        assert rel_err(y_static, threshold_gemv_reference(x_static, w, t)) < 1e-2
