@@ -13,7 +13,9 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
   gate|up compute the layer's RMSNorm themselves (:class:`~qsparse.kernels.gemv.Producer`;
   the layer then skips its own norm);
 - ternary weights (BitNet b1.58, int8 absmax activations), optionally top-k sparse:
-  :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit weights packed along K, up to 16 tokens.
+  :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit weights packed along K, up to 16 tokens
+  (a site whose ``QuantConfig.eps`` is not the kernels' :data:`~qsparse.kernels.gemv.ACT_EPS`
+  runs the reference path).
   With :data:`TERNARY_ROWS` on, a top-k ternary site (BitNet + Q-Sparse) also keeps its codes
   packed along N (:func:`qsparse.kernels.ternary_rows.pack_ternary_rows`; both layouts, 2/8 of
   the bf16 bytes together) and decodes one token with
@@ -88,7 +90,9 @@ class _Projection(nn.Module):
         dev = linears[0].weight.device
         with torch.no_grad():
             if quant[0] == "ternary":
-                if self.act_bits is not None and 2 <= self.act_bits <= 8:
+                # the kernels' int8 activation codes floor gamma at their own constant
+                eps_ok = getattr(site, "eps", G.ACT_EPS) == G.ACT_EPS
+                if self.act_bits is not None and 2 <= self.act_bits <= 8 and eps_ok:
                     self._prepare_ternary(linears)
                     self.mode = "ternary"
                     self.register_buffer("hint", G.new_hint(16, dev), persistent=False)

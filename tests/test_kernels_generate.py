@@ -78,6 +78,30 @@ def test_fused_view_without_kernels_matches_the_model():
         torch.testing.assert_close(view(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_ternary_decode_kernels_serve_only_their_own_activation_eps():
+    """The ternary GEMVs floor the activation absmax at the kernel constant
+    :data:`~qsparse.kernels.gemv.ACT_EPS`: a site with another ``QuantConfig.eps`` decodes on
+    the model's own modules (the kernels would quantize with 1e-5 and differ from the model
+    where a token's max |x| is below eps), one with that eps on the kernels."""
+    from qsparse import sparsify
+    from qsparse.decode_view import decoder_view
+    from qsparse.kernels.gemv import ACT_EPS
+    from qsparse.nn.config import QuantConfig, SparsityConfig
+
+    for eps, expect in ((ACT_EPS, "ternary"), (0.01, "reference")):
+        model = tiny()
+        quant = QuantConfig(**{**QuantConfig.preset("bitnet").to_dict(), "eps": eps})
+        sparsify(model, sparsity=SparsityConfig(ratio=0.5), quant=quant)
+        view = decoder_view(model, use_kernels=True)  # CPU: modes chosen, kernels fall back
+        modes = set()
+        for layer in view.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            modes |= {p.mode for p in (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down_proj)}
+        assert modes == {expect}, (eps, modes)
+        ids = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(view(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 ENGINE_INTERPRETER_SCRIPT = """
 import torch
 from qsparse.generate import MODES, DecodeEngine, convert

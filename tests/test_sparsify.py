@@ -235,6 +235,10 @@ def test_sparsity_counters_are_integers_that_survive_a_dtype_cast():
         model(ids)
     assert int(sp.values_seen) == 20 * 3 * 13 * 96
     assert int(sp.zeros_seen) == 20 * 3 * 13 * 48
+    # past 2**24 (where fp32 stops counting odd numbers) a count still moves by exactly one
+    sp.values_seen.fill_(2**24 + 1)
+    model(torch.randint(0, 97, (1, 1)))
+    assert int(sp.values_seen) == 2**24 + 1 + 96
 
 
 def _warmup_graphs(backend: str, steps: int) -> int:

@@ -98,6 +98,11 @@ class GemvConfig:
     carry: bool = False  # sparse, batch 1, ``hint=``: start before the selection (measured slower)
 
 
+#: the floor of the activation absmax ``gamma = max(max |x|, ACT_EPS)`` in the ternary GEMVs'
+#: int8 quantization (:func:`ternary_gemv`, :mod:`qsparse.kernels.ternary_rows`): a constant
+#: of the kernels, ``QuantConfig.eps``'s default; a site with another eps does not use them
+#: (:mod:`qsparse.decode_view`)
+ACT_EPS = 1e-5
 #: tuned on an H100 at 4096 -> 11008, batch 1 (benchmarks/README.md): dense activations ...
 TERNARY_CONFIG = GemvConfig(block_k=64, block_n=16, num_warps=2, num_stages=3)
 #: ... and with top-k (the longer activation kernel hides more weight loads behind it)
