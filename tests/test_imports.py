@@ -142,21 +142,44 @@ def test_deferred_imports_close_no_new_cycles() -> None:
     assert found <= ALLOWED_DEFERRED_CYCLES, sorted(map(sorted, found - ALLOWED_DEFERRED_CYCLES))
 
 
+#: modules that import an optional extra's package when loaded -> that package
+OPTIONAL_AT_IMPORT = {
+    "qsparse.evaluation.lm_eval_model": "lm_eval",
+    "qsparse.kernels._gemv_triton": "triton",
+    "qsparse.kernels._topk_triton": "triton",
+    "qsparse.kernels._quant_triton": "triton",
+    "qsparse.kernels._ternary_rows_triton": "triton",
+    "qsparse.kernels._common": "triton",
+}
+
+
 def _importable() -> list[str]:
     """Every module except those needing an optional extra that is not installed."""
-    optional = {
-        "qsparse.evaluation.lm_eval_model": "lm_eval",
-        "qsparse.kernels._gemv_triton": "triton",
-        "qsparse.kernels._topk_triton": "triton",
-        "qsparse.kernels._quant_triton": "triton",
-        "qsparse.kernels._common": "triton",
-    }
     names = []
     for mod in _modules():
-        need = optional.get(mod)
+        need = OPTIONAL_AT_IMPORT.get(mod)
         if need is None or importlib.util.find_spec(need) is not None:
             names.append(mod)
     return names
+
+
+def test_modules_importing_triton_when_loaded_are_listed_as_optional() -> None:
+    """Every module with a top-level ``import triton``/``from triton ...`` is in
+    OPTIONAL_AT_IMPORT, so test_every_module_imports leaves it out where the 'kernels' extra
+    is not installed (a missing entry fails there with ModuleNotFoundError)."""
+    needs = set()
+    for mod, (path, _) in _modules().items():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n.split(".")[0] == "triton" for n in names):
+                needs.add(mod)
+    listed = {m for m, package in OPTIONAL_AT_IMPORT.items() if package == "triton"}
+    assert needs and needs == listed, (sorted(needs - listed), sorted(listed - needs))
 
 
 def test_every_module_imports() -> None:

@@ -3,6 +3,7 @@ router target, the dynamic-k rule, the Hoyer gradient and cost counting on hand 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -180,7 +181,13 @@ def test_d2dmoe_and_ssd_match_qsparse_and_survive_export(tiny_hf_checkpoint, tmp
         assert torch.equal(back(ids).logits, model(ids).logits)
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="Triton is not installed (the optional 'kernels' extra: pip install -e '.[kernels]')",
+)
 def test_expert_gemv_kernel_matches_references_in_the_interpreter() -> None:
+    """benchmarks/expert_gemv.py --cpu-check: the expert GEMV kernel under the Triton
+    interpreter matches its references (needs the 'kernels' extra)."""
     from conftest import run_interpreted
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "expert_gemv.py"

@@ -10,6 +10,7 @@ from qsparse.nn import (
     QSparseLinear,
     QuantConfig,
     SparsityConfig,
+    absmax_quantize,
     absmean_ternarize,
 )
 
@@ -151,9 +152,11 @@ def test_qkv_share_one_sparsifier_call_and_its_subln_weights():
         assert torch.equal(q, k) and torch.equal(q, v)
 
 
-def test_bitnet_ternary_weights_in_forward():
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_bitnet_ternary_weights_in_forward(act_bits: int | None) -> None:
     """The forward of a ternary model equals the dense model with every projection weight
-    replaced by absmean_ternarize(W) (per tensor); the lm head stays dense."""
+    replaced by absmean_ternarize(W) (per tensor) and, with ``act_bits``, every projection
+    input by its per-token absmax quantization, both computed here; the lm head stays dense."""
     ids = torch.randint(0, 97, (2, 10))
     model, ref = tiny(), tiny()
     dense = model(ids).logits
@@ -161,10 +164,19 @@ def test_bitnet_ternary_weights_in_forward():
         for name, mod in ref.named_modules():
             if isinstance(mod, torch.nn.Linear) and name.endswith("_proj"):
                 mod.weight.copy_(absmean_ternarize(mod.weight, ste=False))
-    qsparse.sparsify(model, 0.0, quant=QuantConfig(weights="ternary"))
+    ternary_only = ref(ids).logits
+    if act_bits is not None:
+        for name, mod in ref.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.endswith("_proj"):
+                mod.register_forward_pre_hook(
+                    lambda m, args: (absmax_quantize(args[0], act_bits, ste=False),)
+                )
+    qsparse.sparsify(model, 0.0, quant=QuantConfig(weights="ternary", act_bits=act_bits))
     out = model(ids).logits
     assert torch.allclose(out, ref(ids).logits, atol=1e-5)
     assert not torch.allclose(out, dense, atol=1e-2)
+    if act_bits is not None:  # the activation quantization is visible in the logits
+        assert not torch.allclose(out, ternary_only, atol=1e-4)
     w = model.model.layers[0].mlp.up_proj.quantized_weight()
     assert len(torch.unique(w)) == 3
 
