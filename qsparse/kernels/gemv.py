@@ -168,6 +168,16 @@ def sparse_config_for(k_in: int, n: int, k: int, batch: int = 1, carry: bool = F
     return GemvConfig(block_n=block_n, split=split)
 
 
+def sparse_config_for_weights(wt: torch.Tensor, k: int, batch: int = 1) -> GemvConfig:
+    """:func:`sparse_config_for` the shape of ``wt`` (:func:`prepare_dense`'s layout) at ``k``
+    kept inputs, its program width narrowed to divide the panel width of a panel layout."""
+    k_in, n_pad, panel = _wt_dims(wt)
+    cfg = sparse_config_for(k_in, n_pad, k, batch)
+    if panel is not None:  # the program width must divide the panel width
+        cfg = replace(cfg, block_n=math.gcd(cfg.block_n, panel))
+    return cfg
+
+
 def select_warps_for(width: int, warps: int = 0) -> int:
     """Warps of the one-program selection kernels for rows of ``width`` inputs: ``warps`` if
     set, else one per 512 padded inputs, 8 to 16 (measured on an H100, benchmarks/README.md)."""
@@ -575,10 +585,7 @@ def sparse_gemv(
     ):
         x, producer = producer.reference(x), NO_PRODUCER
     if cfg is None:
-        k_in, n_pad, panel = _wt_dims(wt)
-        cfg = sparse_config_for(k_in, n_pad, k if k is not None else k_in, x.shape[0])
-        if panel is not None:  # the program width must divide the panel width
-            cfg = replace(cfg, block_n=math.gcd(cfg.block_n, panel))
+        cfg = sparse_config_for_weights(wt, k if k is not None else _wt_dims(wt)[0], x.shape[0])
     k_in, _, _, _, _, _ = _panels(wt, cfg)
     _check_x(x, producer.width(k_in))
     _check_k(k, k_in)

@@ -27,7 +27,7 @@ from .gemv import (
     _sparse_gemv_launch,
     _wt_dims,
     dense_layout,
-    sparse_config_for,
+    sparse_config_for_weights,
 )
 
 __all__ = ["threshold_gemv", "threshold_gemv_reference", "threshold_rows"]
@@ -90,21 +90,16 @@ def threshold_gemv(
     """``y[B, N] = (x · 1[|x| > t]) @ W^T`` for ``x[B, K]`` and ``wt =`` :func:`~qsparse.kernels.
     gemv.prepare_dense` ``(W)``. Batch 1 on CUDA (or under ``TRITON_INTERPRET=1``): the list
     kernel then the sparse-input GEMV, which reads the list's length itself. ``cfg=None``:
-    :func:`~qsparse.kernels.gemv.sparse_config_for` at ``expected_kept`` inputs (default K/2;
+    :func:`~qsparse.kernels.gemv.sparse_config_for_weights` at ``expected_kept`` inputs (default K/2;
     the launch shape only, any count is computed exactly). Elsewhere, and for batch > 1: the
     masked input through a dense product. ``n_out``: keep the first ``n_out`` columns. Runs
     inside the custom op ``qsparse::threshold_gemv`` (``torch.compile`` traces it whole)."""
-    k_in, n_pad, panel = _wt_dims(wt)
+    k_in = _wt_dims(wt)[0]
     _check_x(x, k_in)
     out_dtype = out_dtype or x.dtype
     t_vec = _threshold_tensor(t, x.device)
     if cfg is None:
-        cfg = sparse_config_for(k_in, n_pad, expected_kept or max(1, k_in // 2), x.shape[0])
-        if panel is not None:
-            import math
-            from dataclasses import replace
-
-            cfg = replace(cfg, block_n=math.gcd(cfg.block_n, panel))
+        cfg = sparse_config_for_weights(wt, expected_kept or max(1, k_in // 2), x.shape[0])
     y = threshold_gemv_op(x.contiguous(), wt, t_vec, out_dtype, _cfg_ints(cfg))
     return y[:, :n_out] if n_out is not None else y
 
