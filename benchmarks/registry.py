@@ -458,7 +458,7 @@ REGISTRY: list[Bench] = [
                 Row(
                     "decode",
                     f"7B shapes, batch {b}: ternary 2-bit GEMV with int8 activations (BitNet "
-                    "b1.58), dp4a kernel with one program per column block (the default) / int8 "
+                    "b1.58), dp4a kernel with one program per column block / int8 "
                     "tensor-core kernel (opt-in); then with top-k S=0.6 (BitNet+Q-Sparse) the same two, vs "
                     "cuBLAS bf16: qkv; o; gate_up; down",
                     "; ".join(
@@ -475,8 +475,8 @@ REGISTRY: list[Bench] = [
                 Row(
                     "decode",
                     f"same, batch {b}, dp4a with the words split over programs on narrow "
-                    "outputs (`ternary_split_config`, opt-in: o 2, down 4 programs per column "
-                    "block), dense / top-k: o; down",
+                    "outputs (`ternary_split_config`: o 2, down 4 programs per column block; the "
+                    "default from 2026-12-02), dense / top-k: o; down",
                     "; ".join(
                         f"{{{_S7}.{p}_b{b}_S0.6.ternary_split|.2f}}x / "
                         f"{{{_S7}.{p}_b{b}_S0.6.ternary_split_topk|.2f}}x"

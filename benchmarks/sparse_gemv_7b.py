@@ -24,10 +24,10 @@ copies (L2 cannot serve them), times per call:
   ``site_fused``: the selection kernel computing the producer itself (``producer=``), with the
   carried threshold, then the list GEMV (batch 1) or one cuBLAS GEMM (batch > 1);
 - ``ternary`` (batch > 1): the 2-bit ternary GEMV with int8 activations (BitNet b1.58), dense
-  and with top-k (BitNet + Q-Sparse): ``dp4a`` the default (one program per column block,
-  ``TERNARY_BATCH_CONFIG``), ``split`` its words split over programs on narrow outputs
-  (``ternary_split_config``, opt-in), ``dot`` on int8 tensor cores (``TERNARY_MMA_CONFIG``,
-  opt-in), vs the same cuBLAS bf16 baseline.
+  and with top-k (BitNet + Q-Sparse): ``split`` the default (``ternary_split_config``: the
+  words split over programs on narrow outputs), ``dp4a`` one program per column block
+  (``TERNARY_BATCH_CONFIG``, the default until 2026-12-02), ``dot`` on int8 tensor cores
+  (``TERNARY_MMA_CONFIG``, opt-in), vs the same cuBLAS bf16 baseline.
 
 Before timing, every kernel is checked against its PyTorch reference on fresh inputs.
 
@@ -200,8 +200,8 @@ def main() -> None:
             if batch > 1:  # BitNet (+ Q-Sparse): ternary GEMV, tensor cores vs dp4a
                 packs = [G.pack_ternary(G.ternarize(w)[0]) for w in ws]
                 for tag, cfg in (
-                    ("split", G.ternary_split_config(n, kin)),  # words split (opt-in)
-                    ("dp4a", None),  # the default: one program per column block
+                    ("split", None),  # the default: words split on narrow outputs
+                    ("dp4a", G.TERNARY_BATCH_CONFIG),  # one program per column block
                     ("dot", G.TERNARY_MMA_CONFIG),  # int8 tensor cores
                 ):
                     for sfx, kk in (("", None), ("_topk", k)):

@@ -470,6 +470,14 @@ PRODUCER_SCRIPT = textwrap.dedent(
                     if split == 1:
                         assert torch.equal(y, dp4a)
                     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # the default launch at batch > 1 splits the words of a narrow output over programs
+    packed = G.pack_ternary(torch.randint(-1, 2, (32, 4096), dtype=torch.int8))
+    assert G.ternary_config_for(3, False, 32, 4096).split == 2
+    x = torch.randn(3, 4096)
+    for k in (None, 1500):
+        y = G.ternary_gemv(x, packed, 0.7, k, 8)
+        ref = G.ternary_gemv_reference(x, packed, 0.7, k, 8)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     print("PRODUCER OK")
     """
 )

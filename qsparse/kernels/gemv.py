@@ -18,8 +18,9 @@ kernels read.
   int32 along K ([ceil(K/16), N]: 1/8 of the bf16 bytes) and int8 activations (per-row absmax,
   BitNet b1.58 inference) multiplied with ``dp4a`` in int32; with ``k`` set, also top-k sparse
   (BitNet + Q-Sparse). ``act_bits=None`` (float activations) has no kernel: it dequantizes.
-  Batch 2-16: dp4a by default, int8 tensor cores (:data:`TERNARY_MMA_CONFIG`) or the words
-  split over programs (:func:`ternary_split_config`) on request.
+  Batch 2-16: dp4a with the words split over programs on narrow outputs
+  (:func:`ternary_split_config`) by default, int8 tensor cores (:data:`TERNARY_MMA_CONFIG`)
+  on request.
 
 References: :func:`sparse_gemv_reference`, :func:`ternary_gemv_reference` (pure PyTorch, any
 device). The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
@@ -109,7 +110,8 @@ TERNARY_CONFIG = GemvConfig(block_k=64, block_n=16, num_warps=2, num_stages=3)
 TERNARY_SPARSE_CONFIG = GemvConfig(block_k=128, block_n=32, num_warps=4, num_stages=3)
 #: batch 2-16: the dp4a kernel (benchmarks/ternary_gemv.py: 2.22x / 1.82x / 1.51x cuBLAS at
 #: batch 2/4/8 on an H100; the batch-1 configs hold [B, block_k, block_n] int32 accumulators
-#: in 64 threads and spill); :func:`ternary_split_config` splits its words (opt-in)
+#: in 64 threads and spill), one program per column block; the default at batch > 1 is
+#: :func:`ternary_split_config`, which splits its words over programs on narrow outputs
 TERNARY_BATCH_CONFIG = GemvConfig(block_k=16, block_n=32, num_warps=4, use_dot=False)
 #: batch 2-16 on int8 tensor cores (``use_dot=True``, opt-in): the codes unpacked to an int8
 #: operand per tile, one ``mma`` per tile. Slower than dp4a on every 7B shape at batch 2-8 on
@@ -119,10 +121,17 @@ TERNARY_MMA_CONFIG = GemvConfig(block_k=8, block_n=64, num_warps=4, num_stages=4
 TERNARY_PROGRAMS = 528
 
 
-def ternary_config_for(batch: int, sparse: bool) -> GemvConfig:
-    """Launch shape :func:`ternary_gemv` uses when given no ``cfg``."""
+def ternary_config_for(
+    batch: int, sparse: bool, n: int | None = None, k_in: int | None = None
+) -> GemvConfig:
+    """Launch shape :func:`ternary_gemv` uses when given no ``cfg``: batch 1
+    :data:`TERNARY_CONFIG` (or :data:`TERNARY_SPARSE_CONFIG` with top-k); batch > 1
+    :func:`ternary_split_config` for ``n`` (padded) outputs and ``k_in`` inputs, or
+    :data:`TERNARY_BATCH_CONFIG` when the problem size is not given."""
     if batch > 1:
-        return TERNARY_BATCH_CONFIG
+        if n is None or k_in is None:
+            return TERNARY_BATCH_CONFIG
+        return ternary_split_config(n, k_in)
     return TERNARY_SPARSE_CONFIG if sparse else TERNARY_CONFIG
 
 
@@ -131,9 +140,11 @@ def ternary_split_config(n: int, k_in: int) -> GemvConfig:
     programs, so that ``n`` outputs give about :data:`TERNARY_PROGRAMS` programs, each
     keeping at least 8 tiles of the ``k_in`` inputs (7B: o 2, down 4, q|k|v and gate|up 1).
     For the narrow outputs, where one program per column block leaves the dp4a kernel
-    latency-bound at batch 2-8 (7B down at batch 8: 43.8 us, 0.65x cuBLAS). Opt-in: checked
-    on an H200 (correct), its speed not measured yet (benchmarks/sparse_gemv_7b.py
-    ``ternary_split``)."""
+    latency-bound at batch 2-8. The default at batch > 1 (:func:`ternary_config_for`):
+    on an H200 (benchmarks/sparse_gemv_7b.py, ``ternary_split`` vs ``ternary_dp4a``, commit
+    0762a01) it took the 7B down projection from 0.73x / 0.69x / 0.66x cuBLAS to 1.63x /
+    1.34x / 0.84x at batch 2 / 4 / 8, and o from 1.16x / 0.95x / 0.85x to 1.35x / 1.18x /
+    0.96x; q|k|v and gate|up keep one program per column block (split 1)."""
     blocks = -(-n // TERNARY_BATCH_CONFIG.block_n)
     tiles = -(-k_in // (16 * TERNARY_BATCH_CONFIG.block_k))
     split = max(1, min(8, TERNARY_PROGRAMS // blocks, tiles // 8))
@@ -848,19 +859,19 @@ def ternary_gemv(
     quantizes (and selects) and writes the int8 codes; the GEMV streams the packed weights
     once for the whole batch (on Hopper it starts during the first kernel, ``cfg.pdl``).
     ``cfg`` default: :func:`ternary_config_for` (batch 1: :data:`TERNARY_CONFIG`, or
-    :data:`TERNARY_SPARSE_CONFIG` with top-k; batch > 1: :data:`TERNARY_BATCH_CONFIG`). The
+    :data:`TERNARY_SPARSE_CONFIG` with top-k; batch > 1: :func:`ternary_split_config`). The
     kernels run inside the custom op ``qsparse::ternary_gemv`` (no ``torch.compile`` graph
     break). ``hint``: the site's threshold carry with top-k (:func:`new_hint`, see
     :func:`compact_rows`).
     """
     sparse_in = k is not None and x.dim() == 2 and k < x.shape[-1]
-    cfg = cfg or ternary_config_for(x.shape[0] if x.dim() == 2 else 1, sparse_in)
     if packed.dtype != torch.int32 or packed.dim() != 2:
         raise ValueError(f"packed must be a 2-D int32 tensor (pack_ternary), got {packed.dtype}")
     g, n = packed.shape
     if x.dim() == 2 and -(-x.shape[1] // 16) != g:
         raise ValueError(f"x has {x.shape[1]} features, the packed weight expects {16 * g}")
     k_in = x.shape[-1] if x.dim() == 2 else 16 * g
+    cfg = cfg or ternary_config_for(x.shape[0] if x.dim() == 2 else 1, sparse_in, n, k_in)
     _check_x(x, k_in)
     _check_k(k, k_in)
     out_dtype = out_dtype or x.dtype

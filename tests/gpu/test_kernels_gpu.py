@@ -246,7 +246,7 @@ def test_ternary_gemv_default_batch_config(batch, k_frac):
     packed = G.pack_ternary(G.ternarize(fresh((n, kin), torch.bfloat16))[0])
     x = fresh((batch, kin), torch.bfloat16)
     k = None if k_frac is None else int(k_frac * kin)
-    y = G.ternary_gemv(x, packed, 0.5, k, 8)  # cfg=None: TERNARY_BATCH_CONFIG
+    y = G.ternary_gemv(x, packed, 0.5, k, 8)  # cfg=None: ternary_split_config
     assert rel_err(y, G.ternary_gemv_reference(x, packed, 0.5, k, 8)) <= 1e-2
 
 
