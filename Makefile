@@ -40,8 +40,10 @@ test-gpu: $(STAMP)
 # the benchmarks behind the README figures, on the CUDA machine's own Python (no .venv: the GPU
 # image brings torch and Triton): GROUP=core (one device call; default all = five calls' worth),
 # BUDGET=500 stops starting benchmarks that would not fit in 500 s, ONLY=id1,id2 runs a subset
-# (groups, ids and estimates: python3 benchmarks/run_all.py list). QSPARSE_COMMIT=<sha> names
-# the commit measured where the tree has no .git of its own (a copy shipped to a GPU machine).
+# (groups, ids and estimates: python3 benchmarks/run_all.py list). Where the tree has no .git of
+# its own (a copy shipped to a GPU machine), QSPARSE_MANIFEST=<file> names the manifest written
+# here by `python3 benchmarks/run_all.py manifest <file>` (commit + clean check), or
+# QSPARSE_COMMIT=<sha> the commit alone.
 GROUP ?= all
 bench-gpu:
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/run_all.py run --group $(GROUP) \

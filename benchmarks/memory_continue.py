@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -150,13 +150,20 @@ def main() -> None:
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--seq", type=int, default=2048)
     r.add_argument("--steps", type=int, default=12)
-    r.add_argument("--run-dir", default=os.path.join("/tmp", "qsparse-memory-continue"))
+    r.add_argument(
+        "--run-dir",
+        default=None,
+        help="run folder (must not hold a run); default: a new temporary folder per run, so "
+        "that the variants of one benchmark session never meet each other's finished runs",
+    )
     r.add_argument("--json", default=None, help="append the result as a json line")
     r.add_argument("--trainer", default="gpu", choices=("gpu", "cpu"), help="cpu: smoke test")
     args = p.parse_args()
     if args.cmd == "make":
         make_checkpoint(args.path, args.preset)
     else:
+        if args.run_dir is None:
+            args.run_dir = tempfile.mkdtemp(prefix="qsparse-memory-continue-")
         Path(args.run_dir).mkdir(parents=True, exist_ok=True)
         run(args)
 

@@ -4,6 +4,7 @@ results as JSON, and regenerate the results tables from that JSON.
     PYTHONPATH=$PWD python3 benchmarks/run_all.py run --group core --budget 500    # on a GPU
     PYTHONPATH=$PWD python3 benchmarks/run_all.py run [--only ID,...] [--repeat N]
     PYTHONPATH=$PWD python3 benchmarks/run_all.py tables [--check]                  # anywhere
+    python3 benchmarks/run_all.py manifest .gpu/manifest   # here; QSPARSE_MANIFEST=... there
     python3 benchmarks/run_all.py list                     # groups, ids, GPU-time estimates
 
 ``run`` executes the benchmarks of :data:`benchmarks.registry.REGISTRY` in the groups named by
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -83,25 +85,73 @@ def _git(*args: str) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
+def _generated(path: str) -> bool:
+    """Files a benchmark run itself rewrites (results, generated tables): never "dirty"."""
+    return path.startswith("benchmarks/results/") or path in ("benchmarks/README.md", "README.md")
+
+
+def write_manifest(out: Path) -> str:
+    """Write the manifest of this checkout's HEAD to ``out``: a ``commit <sha>`` line, then
+    ``<blob sha1> <path>`` per tracked regular file (``git ls-tree -r HEAD``). Refuses a
+    dirty tree (the manifest would not describe the files shipped). Returns the commit."""
+    head, dirty = _git("rev-parse", "HEAD"), commit_state()[1]
+    listing = _git("ls-tree", "-r", "HEAD")
+    if head is None or listing is None:
+        raise SystemExit(f"manifest: {ROOT} is not a git checkout")
+    if dirty:
+        raise SystemExit("manifest: tracked files differ from HEAD; commit them first")
+    lines = [f"commit {head}"]
+    for row in listing.splitlines():
+        meta, path = row.split("\t", 1)
+        mode, kind, sha = meta.split()
+        if kind == "blob" and mode != "120000":  # regular files (not links, submodules)
+            lines.append(f"{sha} {path}")
+    out.write_text("\n".join(lines) + "\n")
+    return head
+
+
+def _blob_sha(path: Path) -> str:
+    """git's object id of the file's bytes (``git hash-object``)."""
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def manifest_state(manifest: Path) -> tuple[str, bool]:
+    """``(commit, dirty)`` of this tree against a manifest (:func:`write_manifest`): dirty when
+    a listed file other than the results and generated tables is missing or differs."""
+    lines = manifest.read_text().splitlines()
+    if not lines or not lines[0].startswith("commit "):
+        raise ValueError(f"QSPARSE_MANIFEST={manifest}: not a run_all manifest (no commit line)")
+    commit = lines[0].split()[1]
+    for line in lines[1:]:
+        sha, path = line.split(" ", 1)
+        if _generated(path):
+            continue
+        file = ROOT / path
+        if not file.is_file() or _blob_sha(file) != sha:
+            return commit, True
+    return commit, False
+
+
 def commit_state() -> tuple[str, bool | None]:
-    """``(commit, dirty)``. ``QSPARSE_COMMIT``, when set, names the commit measured: a tree
-    shipped to a GPU machine may have no ``.git``, sit inside another checkout, or carry a
-    stale ``.git`` whose HEAD is some other commit; the tree state is then unknown (``None``)
-    unless git's HEAD is that same commit. Without it, git's HEAD of this checkout (dirty:
-    tracked files other than the results and the generated tables differ from it), else
-    ``"unknown"``."""
+    """``(commit, dirty)``. ``QSPARSE_MANIFEST``, when set, is a manifest written here by
+    ``run_all.py manifest`` and shipped with the tree: the commit is its commit and the tree
+    is checked file by file against it (a GPU machine's copy has no usable ``.git``).
+    ``QSPARSE_COMMIT``, when set, names the commit measured: a tree shipped to a GPU machine
+    may have no ``.git``, sit inside another checkout, or carry a stale ``.git`` whose HEAD is
+    some other commit; the tree state is then unknown (``None``) unless git's HEAD is that
+    same commit. Without either, git's HEAD of this checkout (dirty: tracked files other than
+    the results and the generated tables differ from it), else ``"unknown"``."""
+    manifest = os.environ.get("QSPARSE_MANIFEST", "").strip()
+    if manifest:
+        return manifest_state(Path(manifest))
     wanted = os.environ.get("QSPARSE_COMMIT", "").strip().lower()
     top = _git("rev-parse", "--show-toplevel")
     head = _git("rev-parse", "HEAD") if top and Path(top).resolve() == ROOT else None
     if head is None or (wanted and not head.startswith(wanted)):
         return wanted or "unknown", None
     status = _git("status", "--porcelain", "--untracked-files=no") or ""
-    dirty = [
-        line
-        for line in status.splitlines()
-        if "benchmarks/results/" not in line
-        and not line.endswith(("benchmarks/README.md", " README.md"))
-    ]
+    dirty = [line for line in status.splitlines() if not _generated(line[3:].strip())]
     return head, bool(dirty)
 
 
@@ -457,6 +507,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = sub.add_parser("tables", help="regenerate the tables from the results JSON")
     t.add_argument("--check", action="store_true", help="exit 1 if the tables are stale")
     ls = sub.add_parser("list", help="print the groups, benchmarks and GPU-time estimates")
+    m = sub.add_parser(
+        "manifest",
+        help="write HEAD's file manifest, to ship with a tree copied without .git and name "
+        "in QSPARSE_MANIFEST there (its records then say the commit and whether it is clean)",
+    )
+    m.add_argument("out", type=Path)
     for p in (r, t, ls):
         p.add_argument("--results", type=Path, default=RESULTS)
     for p in (r, t):
@@ -468,6 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"and {TOP_README})",
         )
     args = ap.parse_args(argv)
+    if args.cmd == "manifest":
+        print(f"{args.out}: manifest of {write_manifest(args.out)}")
+        return 0
     if args.cmd == "list":
         print(list_groups(args.results))
         return 0

@@ -508,3 +508,49 @@ def test_sweep_picks_the_fastest_config_by_time_alone(monkeypatch, capsys) -> No
     out = capsys.readouterr().out
     assert "Cfg(n=4): RuntimeError" in out
     assert out.count("# sweep ties:") == 2
+
+
+def test_manifest_names_the_commit_and_checks_the_copied_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tree copied without .git with HEAD's manifest: clean while every listed file matches
+    its blob (results and generated tables may differ), dirty after any other edit or a missing
+    file."""
+    import hashlib
+
+    files = {"qsparse/a.py": b"x = 1\n", "README.md": b"# r\n", "benchmarks/results/b.json": b"{}"}
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    sha = {n: hashlib.sha1(b"blob %d\0" % len(d) + d).hexdigest() for n, d in files.items()}
+    manifest = tmp_path / "manifest"
+    manifest.write_text("commit abc123\n" + "".join(f"{sha[n]} {n}\n" for n in files))
+    monkeypatch.setattr(run_all, "ROOT", tmp_path)
+    monkeypatch.setattr(run_all, "_git", lambda *args: None)
+    monkeypatch.setenv("QSPARSE_MANIFEST", str(manifest))
+    assert run_all.commit_state() == ("abc123", False)
+    (tmp_path / "README.md").write_text("# regenerated tables\n")
+    (tmp_path / "benchmarks/results/b.json").write_text('{"new": 1}')
+    assert run_all.commit_state() == ("abc123", False)
+    (tmp_path / "qsparse/a.py").write_text("x = 2\n")
+    assert run_all.commit_state() == ("abc123", True)
+    (tmp_path / "qsparse/a.py").unlink()
+    assert run_all.commit_state() == ("abc123", True)
+    manifest.write_text("not a manifest\n")
+    with pytest.raises(ValueError, match="QSPARSE_MANIFEST"):
+        run_all.commit_state()
+
+
+def test_manifest_of_this_checkout_matches_git() -> None:
+    """The manifest written here lists git's own blob ids: this checkout checks clean against
+    it exactly when git says so."""
+    if run_all._git("rev-parse", "HEAD") is None:
+        pytest.skip("not a git checkout")
+    import tempfile
+
+    if run_all.commit_state()[1]:
+        pytest.skip("tracked files differ from HEAD")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "manifest"
+        head = run_all.write_manifest(out)
+        assert run_all.manifest_state(out) == (head, False)
