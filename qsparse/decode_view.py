@@ -15,7 +15,10 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
 - ternary weights (BitNet b1.58, int8 absmax activations), optionally top-k sparse:
   :func:`qsparse.kernels.gemv.ternary_gemv` on 2-bit weights packed along K, up to 16 tokens
   (a site whose ``QuantConfig.eps`` is not the kernels' :data:`~qsparse.kernels.gemv.ACT_EPS`
-  runs the reference path).
+  runs the reference path). Its activation kernel computes the site input from the raw one:
+  the layer's RMSNorm in front of q|k|v and gate|up (the layer then skips its own) and the
+  site's SubLN (:class:`~qsparse.kernels.gemv.SubLN`), so neither norm runs as a kernel of
+  its own.
   With :data:`TERNARY_ROWS` on, a top-k ternary site (BitNet + Q-Sparse) also keeps its codes
   packed along N (:func:`qsparse.kernels.ternary_rows.pack_ternary_rows`; both layouts, 2/8 of
   the bf16 bytes together) and decodes one token with
@@ -85,6 +88,7 @@ class _Projection(nn.Module):
         self.rows = False  # batch 1 on the input-major ternary layout (TERNARY_ROWS)
         self.pre: nn.Module | None = None  # producer module fused into the selection
         self.producer = G.NO_PRODUCER
+        self.subln: G.SubLN | None = None  # the site's SubLN, computed by the ternary kernel
         if not use_kernels or pattern != "token_topk" or rescale:
             return
         dev = linears[0].weight.device
@@ -96,6 +100,13 @@ class _Projection(nn.Module):
                     self._prepare_ternary(linears)
                     self.mode = "ternary"
                     self.register_buffer("hint", G.new_hint(16, dev), persistent=False)
+                    weight = getattr(norm, "weight", None)
+                    if (
+                        isinstance(norm, nn.RMSNorm)
+                        and isinstance(norm.eps, float)
+                        and weight is not None
+                    ):
+                        self.subln = G.SubLN(weight, norm.eps)
             elif self.act_bits is None and self.k is not None:
                 weight = torch.cat([lin.weight.detach() for lin in linears], 0)
                 self.register_buffer("wt", G.prepare_dense(weight), persistent=False)
@@ -131,11 +142,15 @@ class _Projection(nn.Module):
             self.rows = True
 
     def fuse_producer(self, norm: nn.Module) -> bool:
-        """Take over the layer's RMSNorm in front of this site when the selection kernel can
-        compute it (sparse, or ternary on the input-major layout at batch 1, bf16/fp32 site
-        without SubLN: :class:`~qsparse.kernels.gemv.Producer`). True when taken: the caller
-        must then hand this site the norm's input instead of its output."""
-        if not (self.mode == "sparse" or self.rows) or self.site.norm is not None:
+        """Take over the layer's RMSNorm in front of this site when the site's first kernel can
+        compute it (:class:`~qsparse.kernels.gemv.Producer`): the sparse selection, or the
+        ternary activation kernel (followed there by the site's SubLN, which that kernel then
+        computes too; on the input-major layout only without SubLN). True when taken: the
+        caller must then hand this site the norm's input instead of its output."""
+        ternary = self.mode == "ternary" and not self.rows
+        if not (self.mode == "sparse" or self.rows or ternary):
+            return False
+        if self.site.norm is not None and not (ternary and self.subln is not None):
             return False
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
         if not isinstance(norm, RMSNorm) and type(norm).__name__ != "LlamaRMSNorm":
@@ -180,6 +195,21 @@ class _Projection(nn.Module):
                 n_out=n,
             )
             return y.reshape(*lead, n)
+        if self.mode == "ternary" and not self.rows:
+            # the activation kernel computes the layer's norm (producer) and the SubLN itself
+            if self.site.norm is not None and self.subln is None:
+                x2 = self.site.norm(x2)
+            y = G.ternary_gemv(
+                x2,
+                self.packed,
+                self.alpha,
+                self.k,
+                self.act_bits,
+                hint=self.hint,
+                producer=self.producer,
+                subln=self.subln,
+            )
+            return y[:, :n].reshape(*lead, n)
         if self.mode != "sparse":
             x2 = self._pre(x2)
         if self.site.norm is not None:

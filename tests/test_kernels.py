@@ -478,6 +478,29 @@ PRODUCER_SCRIPT = textwrap.dedent(
         y = G.ternary_gemv(x, packed, 0.7, k, 8)
         ref = G.ternary_gemv_reference(x, packed, 0.7, k, 8)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # the ternary activation kernel computes the site input itself: the layer's producer,
+    # then BitNet's SubLN (torch.nn.RMSNorm's arithmetic): the same codes, the same output
+    for dtype in (torch.float32, torch.bfloat16):
+        for kind in ("none", "rmsnorm", "silu_glu"):
+            K, N = 200, 96
+            packed = G.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8))
+            w = (torch.rand(K) + 0.5).to(dtype) if kind == "rmsnorm" else None
+            prod = G.Producer(kind, w, 1e-6)
+            norm = torch.nn.RMSNorm(K, eps=1e-6).to(dtype)
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand(K) * 2)
+            sub = G.SubLN(norm.weight.detach(), 1e-6)
+            for bsz in (1, 3):
+                x = (torch.randn(bsz, prod.width(K)) * 3).to(dtype)
+                v = norm(prod.reference(x)).detach()
+                for k in (None, 90):
+                    ref = G.ternary_gemv(v, packed, 0.7, k, 8)
+                    got = G.ternary_gemv(x, packed, 0.7, k, 8, producer=prod, subln=sub)
+                    if dtype == torch.bfloat16:  # v rounded to bf16 both ways: same codes
+                        assert torch.equal(got, ref), (dtype, kind, bsz, k)
+                    else:  # fp32 sum order: a code at a rounding boundary may move by one
+                        step = 0.7 * v.abs().amax(-1, keepdim=True) / 127
+                        assert ((got - ref).abs() <= 2.01 * step).all(), (kind, bsz, k)
     print("PRODUCER OK")
     """
 )

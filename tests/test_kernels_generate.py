@@ -111,11 +111,19 @@ expect = {"dense": "dense", "qsparse": "sparse", "bitnet": "ternary", "bitnet_qs
 for mode in MODES:
     torch.manual_seed(0)
     model = convert(LlamaForCausalLM(LlamaConfig.from_preset("tiny")).eval(), mode, 0.5)
+    with torch.no_grad():  # SubLN weights away from their initial ones
+        for m in model.modules():
+            if isinstance(getattr(m, "norm", None), torch.nn.RMSNorm):
+                m.norm.weight.uniform_(0.5, 1.5)
     for batch in (1, 2) if mode != "dense" else (1,):
         ids = torch.randint(0, 256, (batch, 3), generator=torch.Generator().manual_seed(batch))
         engine = DecodeEngine(model)
         modes = {layer.self_attn.qkv.mode for layer in engine.decoder.model.layers}
         assert modes == {expect[mode]}, (mode, modes)
+        if mode.startswith("bitnet"):  # the ternary kernel computes layer norm and SubLN
+            layer = engine.decoder.model.layers[0]
+            assert isinstance(layer.input_layernorm, torch.nn.Identity), mode
+            assert layer.self_attn.qkv.subln is not None and layer.mlp.down_proj.subln is not None
         got = engine.generate(ids, 3).tokens
         ref = model.generate(ids, max_new_tokens=3, use_cache=False)
         assert torch.equal(got, ref), (mode, batch, got, ref)

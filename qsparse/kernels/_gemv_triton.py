@@ -757,18 +757,33 @@ def _ternary_prep_kernel(
     DBITS: tl.constexpr = 8,
     PDL: tl.constexpr = False,
     HINT: tl.constexpr = False,
+    w_ptr=None,
+    eps=0.0,
+    nw_ptr=None,
+    neps=0.0,
+    PROD: tl.constexpr = 0,
+    SUBLN: tl.constexpr = False,
+    BF16: tl.constexpr = False,
 ):
-    """Row b of x[B, K] -> int8 activation codes xq[b, :KP] (KP = K padded to 16, zeros past
-        K; read as int32 words, word 4g + s holds inputs 16g + 4s .. 16g + 4s + 3), qsum[b] = sum
-        of the codes, scale[b] = max(gamma, eps) / Q. With SPARSE, codes outside the row's top-k
-        are 0. PDL: let the GEMV launched after it start loading weights meanwhile. HINT: ``hint[b]``
-    carries row b's threshold from call to call (:func:`_threshold_hinted`)."""
+    """Row b of the site input v[B, K] -> int8 activation codes xq[b, :KP] (KP = K padded to
+    16, zeros past K; read as int32 words, word 4g + s holds inputs 16g + 4s .. 16g + 4s +
+    3), qsum[b] = sum of the codes, scale[b] = max(gamma, eps) / Q. With SPARSE, codes
+    outside the row's top-k are 0. PDL: let the GEMV launched after it start loading
+    weights meanwhile. HINT: ``hint[b]`` carries row b's threshold from call to call
+    (:func:`_threshold_hinted`). ``v`` is computed from x: the producer PROD
+    (:func:`_produce`, weight ``w``, ``eps``), then with SUBLN BitNet's SubLN as
+    ``torch.nn.RMSNorm`` computes it, ``round(v / sqrt(mean(v^2) + neps) * nw)`` in fp32
+    rounded once to x's dtype (BF16)."""
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     valid = i < K
-    xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
+    xf = _produce(x_ptr, w_ptr, b, i, valid, K, eps, PROD, BF16)
+    if SUBLN:
+        var = tl.sum(xf * xf, axis=0) / K
+        nw = tl.load(nw_ptr + i, mask=valid, other=0.0).to(tl.float32)
+        xf = _round_to(xf * tl.math.rsqrt(var + neps) * nw, BF16)
     q, gamma = _act_codes(xf, QMAX)
     if SPARSE:
         key = tl.where(valid, _abs_key(xf), -1)

@@ -284,6 +284,26 @@ class Producer:
 NO_PRODUCER = Producer()
 
 
+@dataclass(frozen=True)
+class SubLN:
+    """BitNet's SubLN (``ActivationSparsifier.norm``, a ``torch.nn.RMSNorm``) in front of a
+    ternary site's activation quantization, computed by :func:`ternary_gemv`'s activation
+    kernel after the site's :class:`Producer`: ``round(v / sqrt(mean(v^2) + eps) * weight)``
+    over the K inputs of each row, in fp32, rounded once to the activation dtype (torch's own
+    arithmetic: ``torch.nn.functional.rms_norm``)."""
+
+    weight: torch.Tensor
+    eps: float
+
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether the kernel computes it for ``x`` (fp32 or bf16, weight of x's dtype)."""
+        return x.dtype in (torch.float32, torch.bfloat16) and self.weight.dtype == x.dtype
+
+    def reference(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` [B, K] normalized by torch."""
+        return F.rms_norm(v, (v.shape[-1],), self.weight, self.eps)
+
+
 def _prod_args(prod: Producer, x: torch.Tensor) -> tuple[int, torch.Tensor, float]:
     """(code, weight or an empty tensor, eps): what the custom ops take for ``prod``."""
     w = prod.weight if prod.weight is not None else x.new_empty(0)
@@ -849,8 +869,13 @@ def ternary_gemv(
     cfg: GemvConfig | None = None,
     out_dtype: torch.dtype | None = None,
     hint: torch.Tensor | None = None,
+    producer: Producer = NO_PRODUCER,
+    subln: SubLN | None = None,
 ) -> torch.Tensor:
-    """``y[B, N] = alpha * (Q(x) * M) @ T`` with ``T = unpack_ternary(packed, K).T`` ([K, N]).
+    """``y[B, N] = alpha * (Q(v) * M) @ T`` with ``T = unpack_ternary(packed, K).T`` ([K, N])
+    and the site input ``v = subln(producer(x))`` (each optional, computed inside the
+    activation kernel: ``x`` is then what the producer reads, e.g. the layer's input before its
+    RMSNorm; a producer or SubLN the kernel cannot compute for x's dtype runs in PyTorch first).
 
     ``Q``: per-row absmax quantization to ``act_bits`` (2..8 bits; ``None``: float
     activations, served by a dequantized cuBLAS product, no kernel), ``M``: top-``k`` of |x|
@@ -864,15 +889,25 @@ def ternary_gemv(
     break). ``hint``: the site's threshold carry with top-k (:func:`new_hint`, see
     :func:`compact_rows`).
     """
-    sparse_in = k is not None and x.dim() == 2 and k < x.shape[-1]
+    if (producer.kind != "none" or subln is not None) and (
+        x.dim() != 2
+        or act_bits is None
+        or not producer.fuses(x)
+        or (subln is not None and not subln.fuses(x))
+    ):
+        x = producer.reference(x)
+        x = subln.reference(x) if subln is not None else x
+        producer, subln = NO_PRODUCER, None
+    width = x.shape[-1] // 2 if producer.kind.endswith("_glu") else x.shape[-1]
+    sparse_in = k is not None and x.dim() == 2 and k < width
     if packed.dtype != torch.int32 or packed.dim() != 2:
         raise ValueError(f"packed must be a 2-D int32 tensor (pack_ternary), got {packed.dtype}")
     g, n = packed.shape
-    if x.dim() == 2 and -(-x.shape[1] // 16) != g:
-        raise ValueError(f"x has {x.shape[1]} features, the packed weight expects {16 * g}")
-    k_in = x.shape[-1] if x.dim() == 2 else 16 * g
+    if x.dim() == 2 and -(-width // 16) != g:
+        raise ValueError(f"x has {width} features, the packed weight expects {16 * g}")
+    k_in = width if x.dim() == 2 else 16 * g
     cfg = cfg or ternary_config_for(x.shape[0] if x.dim() == 2 else 1, sparse_in, n, k_in)
-    _check_x(x, k_in)
+    _check_x(x, producer.width(k_in))
     _check_k(k, k_in)
     out_dtype = out_dtype or x.dtype
     if act_bits is not None and not 2 <= act_bits <= 8:
@@ -884,6 +919,9 @@ def ternary_gemv(
     alpha_vec, alpha_f = _alpha_arg(alpha, packed.shape[1], x.device)
     _radix_digits(x.dtype, cfg.digit_bits)  # validates digit_bits
     hint = _hint_arg(hint, x.shape[0], x.device)
+    code, w, eps = _prod_args(producer, x)
+    nw = subln.weight.contiguous() if subln is not None else x.new_empty(0)
+    neps = float(subln.eps) if subln is not None else 0.0
     return ternary_gemv_op(
         x.contiguous(),
         packed,
@@ -894,6 +932,11 @@ def ternary_gemv(
         out_dtype,
         _cfg_ints(cfg),
         hint,
+        code,
+        w,
+        eps,
+        nw,
+        neps,
     )
 
 
@@ -908,17 +951,23 @@ def ternary_gemv_op(
     out_dtype: torch.dtype,
     cfg: list[int],
     hint: torch.Tensor,
+    prod: int,
+    prod_w: torch.Tensor,
+    eps: float,
+    subln_w: torch.Tensor,
+    subln_eps: float,
 ) -> torch.Tensor:
     """Ternary GEMV launch behind :func:`ternary_gemv` (validated arguments; ``k`` -1: dense;
     ``alpha_vec`` None: the scalar ``alpha_f``; ``cfg``: :func:`_cfg_ints`; ``hint`` updated
-    in place, empty: none). Returns [B, N] in ``out_dtype``."""
+    in place, empty: none; ``prod``: :attr:`Producer.code`, ``prod_w`` its weight or empty;
+    ``subln_w``: the SubLN weight, empty: none). Returns [B, N] in ``out_dtype``."""
     import triton
 
     from ._gemv_triton import _ternary_dp4a_kernel, _ternary_mma_kernel, _ternary_prep_kernel
 
     cfg = _cfg_from_ints(cfg)
     g, n = packed.shape
-    k_in = x.shape[1]
+    k_in = x.shape[1] // 2 if prod >= 2 else x.shape[1]
     k = None if k < 0 else k
     bsz = x.shape[0]
     interp = _interpreted(x)
@@ -946,6 +995,13 @@ def ternary_gemv_op(
         DBITS=cfg.digit_bits,
         PDL=pdl,
         HINT=use_hint,
+        w_ptr=prod_w if prod_w.numel() else None,
+        eps=eps,
+        nw_ptr=subln_w if subln_w.numel() else None,
+        neps=subln_eps,
+        PROD=prod,
+        SUBLN=subln_w.numel() > 0,
+        BF16=x.dtype == torch.bfloat16,
         num_warps=select_warps_for(k_in, cfg.select_warps),
     )
     y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
@@ -1003,7 +1059,9 @@ def ternary_gemv_op(
 
 
 @ternary_gemv_op.register_fake
-def _ternary_gemv_fake(x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, cfg, hint):
+def _ternary_gemv_fake(
+    x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, cfg, hint, prod, prod_w, eps, sw, seps
+):
     return x.new_empty((x.shape[0], packed.shape[1]), dtype=out_dtype)
 
 

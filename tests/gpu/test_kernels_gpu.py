@@ -418,6 +418,26 @@ def test_ternary_split_and_tensor_core_gemv_match_dp4a_and_reference(batch, kin,
     assert rel_err(y, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kin, n", [(4096, 12288), (4096, 4096), (11008, 4096)])
+@pytest.mark.parametrize("kind", ["none", "rmsnorm"])
+@pytest.mark.parametrize("k_frac", [None, 0.4])
+def test_ternary_gemv_computes_producer_and_subln(batch, kin, n, kind, k_frac):
+    """BitNet decode sites: the activation kernel computes the layer's RMSNorm and the SubLN
+    from the raw input; against the same GEMV on the input normalized by torch."""
+    packed = G.pack_ternary(G.ternarize(fresh((n, kin), torch.bfloat16))[0])
+    w = fresh((kin,), torch.bfloat16).abs() + 0.5 if kind == "rmsnorm" else None
+    prod = G.Producer(kind, w, 1e-6)
+    sub = G.SubLN(fresh((kin,), torch.bfloat16).abs() + 0.5, 1e-6)
+    x = fresh((batch, kin), torch.bfloat16) * 3
+    k = None if k_frac is None else int(k_frac * kin)
+    v = sub.reference(prod.reference(x))
+    ref = G.ternary_gemv(v, packed, 0.5, k, 8)
+    got = G.ternary_gemv(x, packed, 0.5, k, 8, producer=prod, subln=sub)
+    assert rel_err(got, ref) <= 1e-2
+    assert rel_err(got, G.ternary_gemv_reference(v, packed, 0.5, k, 8)) <= 2e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(11008, 4096), (4096, 22016), (5460, 2048), (2048, 10920)])
 def test_ternary_rows_gemv_matches_reference(dtype, shape):
