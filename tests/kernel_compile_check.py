@@ -74,6 +74,12 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
     for x, k in [(x4[:1], None), (x4[:1], 819), (x4, None), (x4, 819)]:
         G.ternary_gemv(x, packed, alpha, k, 8)
     G.ternary_gemv(x4, packed, alpha, 819, 8, hint=G.new_hint(4))
+    subln = G.SubLN(torch.ones(2048, dtype=bf16), 1e-6)  # BitNet decode: norms in the kernel
+    layer_norm = G.Producer("rmsnorm", torch.ones(2048, dtype=bf16), 1e-6)
+    G.ternary_gemv(
+        x4[:1], packed, alpha, 819, 8, hint=G.new_hint(1), producer=layer_norm, subln=subln
+    )
+    G.ternary_gemv(x4, packed, alpha, None, 8, subln=subln)
     G.select_rows(x4, 819)
     G.masked_topk(x4, 819, G.new_hint(4))  # batch 2-16: top-k from carried thresholds
     w11 = G.prepare_dense(torch.zeros(4096, 11008, dtype=bf16))

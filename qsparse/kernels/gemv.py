@@ -995,9 +995,9 @@ def ternary_gemv_op(
         DBITS=cfg.digit_bits,
         PDL=pdl,
         HINT=use_hint,
-        w_ptr=prod_w if prod_w.numel() else None,
+        w_ptr=prod_w if prod_w.numel() else x,  # x: a pointer the kernel never reads
         eps=eps,
-        nw_ptr=subln_w if subln_w.numel() else None,
+        nw_ptr=subln_w if subln_w.numel() else x,
         neps=subln_eps,
         PROD=prod,
         SUBLN=subln_w.numel() > 0,
