@@ -71,6 +71,3 @@ __all__ = [
     "sine_schedule",
     "topk_site_ratios",
 ]
-
-# the MoE-based methods (d2dmoe, ssd) live in qsparse.moe; importing it registers them
-from .. import moe as _moe  # noqa: E402, F401

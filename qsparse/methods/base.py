@@ -188,7 +188,10 @@ def method_from_spec(spec: Any) -> SparsityMethod | None:
 
 def restore_method(model: nn.Module, info: dict[str, Any]) -> None:
     """Rebuild the modules of the method recorded in ``info`` (``{"name": ...}``)."""
-    from . import METHODS as known  # importing the package registers every method
+    # importing the packages registers every method: these, and the MoE-based ones (d2dmoe,
+    # ssd) of qsparse.moe, which builds on this package (so this one does not import it)
+    from .. import moe  # noqa: F401
+    from . import METHODS as known
 
     name = info.get("name")
     if name not in known:
