@@ -21,6 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import KEY_BITS
 from ._common import round_half_even
 
 
@@ -137,14 +138,6 @@ def _block_topk_kernel(
     tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _key_bits(dtype_bits: int, mantissa: int) -> int:
-    """Bits of the fp32 key that can be non-zero for an input of this float format."""
-    return 31 - (23 - mantissa) if dtype_bits < 32 else 31
-
-
-KEY_BITS = {"bfloat16": _key_bits(16, 7), "float16": _key_bits(16, 10), "float32": 31}
-
-
 def _launch(kernel, x, out, mask, k: int, eps: float, rows: int, num_warps: int, **meta) -> None:
     """Launch ``kernel`` on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None), ``rows``
     rows per program; ``meta``: the kernel's own constexprs."""
@@ -158,7 +151,7 @@ def _launch(kernel, x, out, mask, k: int, eps: float, rows: int, num_warps: int,
         k,
         eps,
         ROWS=rows,
-        KEY_BITS=KEY_BITS[str(x.dtype).removeprefix("torch.")],
+        KEY_BITS=KEY_BITS[x.dtype],
         WRITE_MASK=mask is not None,
         num_warps=num_warps,
         **meta,
