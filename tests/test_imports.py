@@ -21,8 +21,8 @@ ALLOWED_DEFERRED_CYCLES = {
     # LlamaForCausalLM.generate runs the one decoder, qsparse.generate.DecodeEngine, which is
     # built on the model's own modules (qsparse.decode_view subclasses its attention and MLP)
     frozenset({"qsparse.decode_view", "qsparse.generate", "qsparse.models.llama"}),
-    # importing qsparse.methods registers every method (qsparse.moe's d2dmoe and ssd too);
-    # base.py looks names up there
+    # restore_method (methods/base.py) looks a checkpoint's method up in the registry, which
+    # importing qsparse.methods and qsparse.moe (d2dmoe, ssd: built on qsparse.methods) fills
     frozenset(
         {
             "qsparse.methods",

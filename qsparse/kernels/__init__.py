@@ -28,10 +28,6 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ENABLED: bool = os.environ.get("QSPARSE_KERNELS", "1") != "0"
 MAX_ROW = 32768  # widest row the token kernel holds in registers
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# The top-k kernels sort by the fp32 bits of |x| read as an integer (the key). For an input
-# of a narrower format only 31 - (23 - mantissa bits) of them can be non-zero, the radix
-# passes look at no others: bf16 (7 mantissa bits) 15, fp16 (10) 18, fp32 31.
-KEY_BITS: dict[torch.dtype, int] = {torch.bfloat16: 15, torch.float16: 18, torch.float32: 31}
 
 
 def kernels_available(x: torch.Tensor) -> bool:

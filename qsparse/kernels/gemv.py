@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..nn.quant import absmax_quantize
 from ..nn.topk import topk_mask
-from . import KEY_BITS
+from .topk import KEY_BITS
 
 
 def _radix_digits(dtype: torch.dtype, digit_bits: int = 8) -> tuple[int, int]:
