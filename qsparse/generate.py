@@ -305,3 +305,54 @@ def generate(
     """Greedy decoding of ``input_ids`` [B, T] with :class:`DecodeEngine` (see module doc)."""
     engine = DecodeEngine(model, use_kernels=use_kernels, cuda_graph=cuda_graph, compile=compile)
     return engine.generate(input_ids, max_new_tokens)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``LlamaForCausalLM.generate`` (its docstring has the arguments): ``input_ids`` [B, T] ->
+    [B, T + n], n <= ``max_new_tokens``, in eval mode. With the cache: :class:`DecodeEngine`
+    over the model's own modules (no kernels, no CUDA graph); ``use_cache=False`` recomputes
+    the whole prefix at each step (reference path)."""
+    config = model.config
+    check_request(
+        input_ids, max_new_tokens, temperature, top_k, config.vocab_size, min_new_tokens=0
+    )
+    b, t = input_ids.shape
+    total = t + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds "
+            f"max_position_embeddings={config.max_position_embeddings}."
+        )
+    if max_new_tokens == 0:
+        return input_ids
+
+    was_training = model.training
+    model.eval()
+    try:
+        if use_cache:  # the project's one decode path, over this model's own modules
+            engine = DecodeEngine(model, use_kernels=False, cuda_graph=False)
+            res = engine.generate(
+                input_ids, max_new_tokens, temperature, top_k, eos_token_id, generator
+            )
+            return res.tokens
+        out = input_ids
+        finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            nxt = pick_next(model(out).logits[:, -1].float(), temperature, top_k, generator)
+            nxt, finished = stop_at_eos(nxt, finished, eos_token_id)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        return out
+    finally:
+        model.train(was_training)

@@ -35,6 +35,7 @@ import qsparse.kernels.gemv as G  # noqa: E402
 import qsparse.kernels.ternary_rows as TR  # noqa: E402
 from qsparse.kernels import _topk_triton as T  # noqa: E402
 from qsparse.kernels import quant as Q  # noqa: E402
+from qsparse.kernels.topk import KEY_BITS  # noqa: E402
 
 DTYPES = {
     torch.bfloat16: "bf16",
@@ -91,9 +92,9 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
     for dtype in (bf16, torch.float32):
         xt = torch.randn(64, 2048, dtype=dtype)
         mask = torch.empty(64, 2048, dtype=torch.bool)
-        T.launch_token_topk(xt, torch.empty_like(xt), mask, 819, 127, 1e-5, True)
-        T.launch_token_topk(xt, torch.empty_like(xt), None, 819, 0, 1e-5, True)
-        T.launch_block_topk(xt, torch.empty_like(xt), mask, 16, 32, 0, 1e-5)
+        T.launch_token_topk(xt, torch.empty_like(xt), mask, 819, 127, 1e-5, True, KEY_BITS[dtype])
+        T.launch_token_topk(xt, torch.empty_like(xt), None, 819, 0, 1e-5, True, KEY_BITS[dtype])
+        T.launch_block_topk(xt, torch.empty_like(xt), mask, 16, 32, 0, 1e-5, KEY_BITS[dtype])
     Q._launch(torch.randn(300, 70, dtype=bf16), 1e-5)
     TR._pdl_ok = lambda x: True
     TR._interpreted = lambda x: False

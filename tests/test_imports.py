@@ -21,22 +21,6 @@ ALLOWED_DEFERRED_CYCLES = {
     # LlamaForCausalLM.generate runs the one decoder, qsparse.generate.DecodeEngine, which is
     # built on the model's own modules (qsparse.decode_view subclasses its attention and MLP)
     frozenset({"qsparse.decode_view", "qsparse.generate", "qsparse.models.llama"}),
-    # importing qsparse.methods registers every method (qsparse.moe's d2dmoe and ssd too);
-    # base.py looks names up there
-    frozenset(
-        {
-            "qsparse.methods",
-            "qsparse.methods.attribution",
-            "qsparse.methods.base",
-            "qsparse.methods.cats",
-            "qsparse.methods.prosparse",
-            "qsparse.methods.qsparse",
-            "qsparse.methods.teal",
-            "qsparse.moe",
-            "qsparse.moe.d2dmoe",
-            "qsparse.moe.ssd_moe",
-        }
-    ),
 }
 
 

@@ -21,8 +21,10 @@ from qsparse.nn import SparsityConfig
 from qsparse.training.run import train
 
 RECIPE_ROOT = Path(__file__).resolve().parents[1] / "qsparse" / "conf" / "recipe"
-RECIPES = sorted(
-    str(p.relative_to(RECIPE_ROOT).with_suffix("")) for p in RECIPE_ROOT.rglob("*.yaml")
+RECIPES = sorted(  # _<name>.yaml: keys recipes share (their defaults list it), not a recipe
+    str(p.relative_to(RECIPE_ROOT).with_suffix(""))
+    for p in RECIPE_ROOT.rglob("*.yaml")
+    if not p.name.startswith("_")
 )
 FROM_SCRATCH_TINY = [r for r in RECIPES if r.startswith("from_scratch/") and r.endswith("_tiny")]
 #: recipes whose two-step run repeats a CPU-sized sibling's code path at more cost (the

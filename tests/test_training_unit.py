@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from qsparse.models import LlamaConfig, LlamaForCausalLM
+from qsparse.models.flops import model_flops_per_token
 from qsparse.training.checkpoint import atomic_torch_save
 from qsparse.training.config import paper_lr, validate_config
-from qsparse.training.flops import model_flops_per_token, peak_flops, peak_flops_for_name
+from qsparse.training.flops import peak_flops, peak_flops_for_name
 from qsparse.training.metrics_csv import read_metrics
 from qsparse.training.optim import TwoStageSchedule, lr_factor, param_groups, warmup_decay
 from qsparse.training.plots import plot_loss_curve

@@ -137,17 +137,12 @@ def _block_topk_kernel(
     tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _key_bits(dtype_bits: int, mantissa: int) -> int:
-    """Bits of the fp32 key that can be non-zero for an input of this float format."""
-    return 31 - (23 - mantissa) if dtype_bits < 32 else 31
-
-
-KEY_BITS = {"bfloat16": _key_bits(16, 7), "float16": _key_bits(16, 10), "float32": 31}
-
-
-def _launch(kernel, x, out, mask, k: int, eps: float, rows: int, num_warps: int, **meta) -> None:
+def _launch(
+    kernel, x, out, mask, k: int, eps: float, rows: int, num_warps: int, key_bits: int, **meta
+) -> None:
     """Launch ``kernel`` on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None), ``rows``
-    rows per program; ``meta``: the kernel's own constexprs."""
+    rows per program; ``key_bits``: ``qsparse.kernels.topk.KEY_BITS[x.dtype]``; ``meta``: the
+    kernel's own constexprs."""
     n_rows, d = x.shape
     kernel[(triton.cdiv(n_rows, rows),)](
         x,
@@ -158,14 +153,16 @@ def _launch(kernel, x, out, mask, k: int, eps: float, rows: int, num_warps: int,
         k,
         eps,
         ROWS=rows,
-        KEY_BITS=KEY_BITS[str(x.dtype).removeprefix("torch.")],
+        KEY_BITS=key_bits,
         WRITE_MASK=mask is not None,
         num_warps=num_warps,
         **meta,
     )
 
 
-def launch_token_topk(x, out, mask, k: int, qmax: int, eps: float, select: bool) -> None:
+def launch_token_topk(
+    x, out, mask, k: int, qmax: int, eps: float, select: bool, key_bits: int
+) -> None:
     """Run the token kernel on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None)."""
     block_d = triton.next_power_of_2(x.shape[1])
     # keep about 4K values per program: several rows for narrow layers, one row otherwise
@@ -180,13 +177,16 @@ def launch_token_topk(x, out, mask, k: int, qmax: int, eps: float, select: bool)
         eps,
         rows,
         num_warps,
+        key_bits,
         BLOCK_D=block_d,
         QMAX=qmax,
         SELECT=select,
     )
 
 
-def launch_block_topk(x, out, mask, k: int, block_size: int, qmax: int, eps: float) -> None:
+def launch_block_topk(
+    x, out, mask, k: int, block_size: int, qmax: int, eps: float, key_bits: int
+) -> None:
     """Run the block kernel on 2-D contiguous ``x`` (d divisible by ``block_size``)."""
     nblk = triton.next_power_of_2(x.shape[1] // block_size)
     rows = max(1, min(16, 4096 // (nblk * block_size)))
@@ -200,6 +200,7 @@ def launch_block_topk(x, out, mask, k: int, block_size: int, qmax: int, eps: flo
         eps,
         rows,
         num_warps,
+        key_bits,
         NBLK=nblk,
         BS=block_size,
         QMAX=qmax,

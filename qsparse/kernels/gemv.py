@@ -37,8 +37,7 @@ import torch.nn.functional as F
 
 from ..nn.quant import absmax_quantize
 from ..nn.topk import topk_mask
-
-KEY_BITS = {torch.bfloat16: 15, torch.float16: 18, torch.float32: 31}
+from .topk import KEY_BITS
 
 
 def _radix_digits(dtype: torch.dtype, digit_bits: int = 8) -> tuple[int, int]:

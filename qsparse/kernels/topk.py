@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import torch
 
+# The top-k kernels (these and the decode GEMV's, qsparse.kernels.gemv) sort by the fp32 bits
+# of |x| read as an integer (the key). For an input of a narrower format only
+# 31 - (23 - mantissa bits) of them can be non-zero, and the radix passes look at no others:
+# bf16 (7 mantissa bits) 15, fp16 (10) 18, fp32 31.
+KEY_BITS: dict[torch.dtype, int] = {torch.bfloat16: 15, torch.float16: 18, torch.float32: 31}
+
 
 def _empty_mask(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((0,), dtype=torch.bool)
@@ -37,7 +43,9 @@ def token_topk_op(
     out = _out_buffer(x)
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if want_mask else None
     if x.numel():
-        launch_token_topk(x, out, mask, k, qmax, eps, select=k < x.shape[-1])
+        launch_token_topk(
+            x, out, mask, k, qmax, eps, select=k < x.shape[-1], key_bits=KEY_BITS[x.dtype]
+        )
     return out.to(x.dtype), mask if mask is not None else _empty_mask(x)
 
 
@@ -59,7 +67,7 @@ def block_topk_op(
     out = _out_buffer(x)
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if want_mask else None
     if x.numel():
-        launch_block_topk(x, out, mask, k, block_size, qmax, eps)
+        launch_block_topk(x, out, mask, k, block_size, qmax, eps, key_bits=KEY_BITS[x.dtype])
     return out.to(x.dtype), mask if mask is not None else _empty_mask(x)
 
 

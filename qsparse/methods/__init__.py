@@ -33,13 +33,13 @@ from .base import (
     SparsityMethod,
     method_from_spec,
     register,
-    restore_method,
 )
 from .calibration import MagnitudeHistogram, calibration_batches, collect_histograms
 from .cats import CATS, GateThreshold
 from .layer_allocation import cross_layer_budgets, cross_layer_table, layer_curves
 from .prosparse import FATReLU, ProSparse, sine_schedule
 from .qsparse import QSparse
+from .restore import restore_method
 from .teal import TEAL
 
 __all__ = [
@@ -71,6 +71,3 @@ __all__ = [
     "sine_schedule",
     "topk_site_ratios",
 ]
-
-# the MoE-based methods (d2dmoe, ssd) live in qsparse.moe; importing it registers them
-from .. import moe as _moe  # noqa: E402, F401

@@ -11,8 +11,8 @@ activated one *in place*, through :func:`qsparse.sparsify`'s sites, so the metri
     qsparse.load("out/teal50")                   # same thresholds, same logits
 
 ``apply`` records ``{"name": ..., **what restore needs}`` under the model's qsparse settings
-(``config.json["qsparse"]["method"]``); :func:`restore_method` rebuilds the method's modules
-on load, before the saved tensors (thresholds) are loaded into them.
+(``config.json["qsparse"]["method"]``); :func:`qsparse.methods.restore.restore_method`
+rebuilds the method's modules on load, before the saved tensors (thresholds) are loaded into them.
 
 Training (``qsparse-train method=<name>``): :class:`~qsparse.training.LMModule` builds the
 method from ``cfg.method`` (:func:`method_from_spec`) and calls its training hooks, so a method
@@ -50,7 +50,8 @@ class MethodConfigError(UserError):
     """A ``method=`` setting that cannot run: the message names the setting and the fix."""
 
 
-#: name -> method class (filled by ``register``)
+#: name -> method class, filled by ``register`` as the modules defining the methods are imported
+#: (qsparse.moe's d2dmoe and ssd once qsparse.moe is; restore_method imports them all)
 METHODS: dict[str, type[SparsityMethod]] = {}
 
 
@@ -157,7 +158,8 @@ class SparsityMethod:
 
 
 def register(cls: type[SparsityMethod]) -> type[SparsityMethod]:
-    """Class decorator: make ``cls`` known to :func:`restore_method` and the CLIs by name."""
+    """Class decorator: make ``cls`` known by name to
+    :func:`~qsparse.methods.restore.restore_method` and the CLIs."""
     METHODS[cls.name] = cls
     return cls
 
@@ -184,21 +186,6 @@ def method_from_spec(spec: Any) -> SparsityMethod | None:
             f"config error: method._target_={target!r} is not a qsparse.methods.SparsityMethod"
         )
     return method
-
-
-def restore_method(model: nn.Module, info: dict[str, Any]) -> None:
-    """Rebuild the modules of the method recorded in ``info`` (``{"name": ...}``)."""
-    from . import METHODS as known  # importing the package registers every method
-
-    name = info.get("name")
-    if name not in known:
-        raise ValueError(
-            f"unknown sparsity method {name!r} in the checkpoint; known: {sorted(known)}"
-        )
-    known[name].restore(model, info)
-    settings = get_settings(model)
-    if settings is not None:
-        settings["method"] = dict(info)
 
 
 def _rss_mib() -> float:

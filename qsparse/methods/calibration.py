@@ -120,6 +120,18 @@ def calibration_batches(
     return [w[None] for w in stream.split(seq_len) if w.numel() >= 2]
 
 
+def take_tokens(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """The first of ``batches`` (in order) until they hold at least ``tokens`` elements: a
+    smaller calibration set cut from a larger one."""
+    out, seen = [], 0
+    for b in batches:
+        if seen >= tokens:
+            break
+        out.append(b)
+        seen += b.numel()
+    return out
+
+
 def site_input(sp: ActivationSparsifier, x: torch.Tensor) -> torch.Tensor:
     """What the mask of ``sp`` sees for input ``x``: ``x`` after its SubLN norm if any."""
     return sp.norm(x) if sp.norm is not None else x

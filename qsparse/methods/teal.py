@@ -53,6 +53,7 @@ from .calibration import (
     collect_histograms,
     sequential_thresholds,
     set_threshold,
+    take_tokens,
 )
 
 __all__ = ["TEAL", "greedy_allocation"]
@@ -123,7 +124,7 @@ class TEAL(SparsityMethod):
         layers = layer_sites(model)
         allocation: dict[str, float] = {}
         if self.greedy and self.sparsity > 0:
-            greedy_batches = _take_tokens(batches, self.greedy_tokens)
+            greedy_batches = take_tokens(batches, self.greedy_tokens)
             inputs = capture_layer_inputs(model, [lay[0] for lay in layers], greedy_batches)
             for (layer, sites, weights, _), layer_inputs in zip(layers, inputs, strict=True):
                 local = {k: hists[by_id[id(sp)]] for k, sp in sites.items()}
@@ -187,13 +188,3 @@ class TEAL(SparsityMethod):
                 sp.threshold.fill_(hists[site].icdf(s[site]))
 
         return block_error(layer, sites, apply, inputs, self.error_fraction)
-
-
-def _take_tokens(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
-    out, seen = [], 0
-    for b in batches:
-        if seen >= tokens:
-            break
-        out.append(b)
-        seen += b.numel()
-    return out

@@ -14,7 +14,9 @@ the real model.
 
 from __future__ import annotations
 
-__all__ = ["training_flops_per_token"]
+import torch
+
+__all__ = ["model_flops_per_token", "training_flops_per_token"]
 
 
 def training_flops_per_token(
@@ -24,3 +26,28 @@ def training_flops_per_token(
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}.")
     return 6.0 * matmul_params + 12.0 * num_layers * hidden_size * seq_len
+
+
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float | None:
+    """Dense training FLOPs per token of ``model`` at context ``seq_len``.
+
+    Uses the model's own helper when it has one (``model.flops_per_token(seq_len)`` or
+    ``model.config.flops_per_token(seq_len)``); otherwise the same formula,
+    :func:`training_flops_per_token`, with ``N`` the weights of every
+    ``nn.Linear`` (lm_head included; embeddings are lookups) and the layer count and hidden
+    size of ``model.config`` (no attention term without them).
+    """
+    for owner in (model, getattr(model, "config", None)):
+        fn = getattr(owner, "flops_per_token", None)
+        if callable(fn):
+            try:
+                return float(fn(seq_len))
+            except TypeError:
+                return float(fn(seq_len=seq_len))
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not (layers and hidden):
+        layers = hidden = 0
+    return training_flops_per_token(n, layers, hidden, seq_len)

@@ -381,38 +381,8 @@ class LlamaForCausalLM(nn.Module):
         CUDA graph; ``qsparse.generate.generate`` is the fast path). ``use_cache=False``
         recomputes the whole prefix at each step (reference path).
         """
-        from qsparse.generate import DecodeEngine, check_request, pick_next, stop_at_eos
+        from qsparse.generate import generate_tokens  # generate imports this module
 
-        check_request(
-            input_ids, max_new_tokens, temperature, top_k, self.config.vocab_size, min_new_tokens=0
+        return generate_tokens(
+            self, input_ids, max_new_tokens, temperature, top_k, eos_token_id, use_cache, generator
         )
-        b, t = input_ids.shape
-        total = t + max_new_tokens
-        if total > self.config.max_position_embeddings:
-            raise ValueError(
-                f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds "
-                f"max_position_embeddings={self.config.max_position_embeddings}."
-            )
-        if max_new_tokens == 0:
-            return input_ids
-
-        was_training = self.training
-        self.eval()
-        try:
-            if use_cache:  # the project's one decode path, over this model's own modules
-                engine = DecodeEngine(self, use_kernels=False, cuda_graph=False)
-                res = engine.generate(
-                    input_ids, max_new_tokens, temperature, top_k, eos_token_id, generator
-                )
-                return res.tokens
-            out = input_ids
-            finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-            for _ in range(max_new_tokens):
-                nxt = pick_next(self(out).logits[:, -1].float(), temperature, top_k, generator)
-                nxt, finished = stop_at_eos(nxt, finished, eos_token_id)
-                out = torch.cat([out, nxt[:, None]], dim=1)
-                if eos_token_id is not None and bool(finished.all()):
-                    break
-            return out
-        finally:
-            self.train(was_training)

@@ -29,8 +29,7 @@ from torch import nn
 
 from ..convert import sparsify
 from ..methods.base import MethodResult, SparsityMethod, register
-from ..methods.calibration import calibration_batches
-from ..methods.teal import _take_tokens
+from ..methods.calibration import calibration_batches, take_tokens
 from ..nn import SparsityConfig, keep_count
 from ..nn.sites import sparsifiers
 from ..stats import total_parameters
@@ -160,7 +159,7 @@ class D2DMoE(SparsityMethod):
         tau = self.tau
         if tau is None:
             target = qsparse_activated(model, self.sparsity)
-            probe = _take_tokens(batches, self.match_tokens)
+            probe = take_tokens(batches, self.match_tokens)
 
             def cost(t: float) -> float:
                 for m in layers.values():

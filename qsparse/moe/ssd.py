@@ -25,7 +25,7 @@ The last ``final_dense_steps`` steps are dense. At every switch the callback log
 the probe loss just before and after the switch (``ssd/switch_loss_before`` / ``_after``: the
 loss continuity), and appends the event to ``<run_dir>/ssd.json``. Training FLOPs are counted
 per phase (``ssd/flops_dense``, ``ssd/flops_sparse``, ``ssd/flops_vs_dense`` = total over an
-all-dense run of the same tokens): per token ``6 N`` dense (:func:`qsparse.training.flops.
+all-dense run of the same tokens): per token ``6 N`` dense (:func:`qsparse.models.flops.
 model_flops_per_token`), and in the sparse phase ``6 (1 - k/E)`` of the FFN weights fewer plus
 the router's ``2 E d`` per layer (forward only: its vectors are computed from the weights).
 At the end the final dense model is also evaluated as an MoE (same conversion, validation
@@ -45,7 +45,7 @@ from torch import nn
 
 from ..io import atomic_write_text
 from ..methods.calibration import model_forward
-from ..training.flops import model_flops_per_token
+from ..models.flops import model_flops_per_token
 from .convert import MoEConfig, ffn_layers, moe_layers, moefy
 from .convert import demoefy as merge_dense
 from .layer import CentroidRouter

@@ -19,8 +19,7 @@ from torch import nn
 
 from ..convert import sparsify
 from ..methods.base import MethodResult, SparsityMethod, register
-from ..methods.calibration import calibration_batches
-from ..methods.teal import _take_tokens
+from ..methods.calibration import calibration_batches, take_tokens
 from ..nn import SparsityConfig
 from ..nn.sites import sparsifiers
 from .convert import MoEConfig, ffn_layers, moe_layers, moefy
@@ -74,7 +73,7 @@ class SSDMoE(SparsityMethod):
                 batches = calibration_batches(
                     tokenizer, self.calibration, self.calibration_tokens, self.seq_len
                 )
-            probe = _take_tokens(batches, self.calibration_tokens)
+            probe = take_tokens(batches, self.calibration_tokens)
             target = qsparse_activated(model, self.sparsity)
 
             def cost(kk: float) -> float:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from qsparse.models.flops import training_flops_per_token
-
 # (substring of torch.cuda.get_device_name(), dtype) -> peak dense FLOP/s (no 2:4 sparsity).
 # "fp32" on tensor-core GPUs means TF32 (what float32 matmuls use with high precision off).
 _PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
@@ -64,28 +62,3 @@ def peak_flops_for_name(name: str, dtype: str) -> float | None:
         if key.lower() in name.lower():
             return peaks.get(dtype)
     return None
-
-
-def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float | None:
-    """Dense training FLOPs per token of ``model`` at context ``seq_len``.
-
-    Uses the model's own helper when it has one (``model.flops_per_token(seq_len)`` or
-    ``model.config.flops_per_token(seq_len)``); otherwise the same formula,
-    :func:`qsparse.models.flops.training_flops_per_token`, with ``N`` the weights of every
-    ``nn.Linear`` (lm_head included; embeddings are lookups) and the layer count and hidden
-    size of ``model.config`` (no attention term without them).
-    """
-    for owner in (model, getattr(model, "config", None)):
-        fn = getattr(owner, "flops_per_token", None)
-        if callable(fn):
-            try:
-                return float(fn(seq_len))
-            except TypeError:
-                return float(fn(seq_len=seq_len))
-    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    cfg = getattr(model, "config", None)
-    layers = getattr(cfg, "num_hidden_layers", None)
-    hidden = getattr(cfg, "hidden_size", None)
-    if not (layers and hidden):
-        layers = hidden = 0
-    return training_flops_per_token(n, layers, hidden, seq_len)

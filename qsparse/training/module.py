@@ -35,7 +35,7 @@ from qsparse.nn import QuantConfig, SparsityConfig
 from qsparse.nn.sites import dynamic_sparsity
 
 from .distill import DistillConfig
-from .optim import no_decay_names, param_groups, total_grad_norm
+from .optim import configure_optimization, no_decay_names, total_grad_norm
 from .site_allocation import allocate_at_build, note_replaced_table
 from .teacher_store import make_teacher
 
@@ -377,46 +377,13 @@ class LMModule(L.LightningModule):
 
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
-        from hydra.utils import instantiate
-
         if self.model is None:
             self.configure_model()
-        spec = self.hparams["optim"]
-        if spec is None:
-            spec = {
-                "_target_": "torch.optim.AdamW",
-                "_partial_": True,
-                "lr": 3e-4,
-                "betas": [0.9, 0.95],
-                "weight_decay": 0.1,
-            }
-        if callable(spec):
-            factory, wd = spec, getattr(spec, "keywords", {}).get("weight_decay", 0.0)
-        else:
-            spec = dict(spec)
-            wd = float(spec.get("weight_decay", 0.0))
-            if spec.get("fused") is None and "fused" in spec:
-                # fused AdamW is the fast path on CUDA; it needs every param on CUDA
-                spec["fused"] = self.device.type == "cuda" or None
-            if spec.get("betas") is not None:
-                spec["betas"] = tuple(spec["betas"])
-            spec["_partial_"] = True
-            factory = instantiate(spec, _convert_="all")
-        optimizer = factory(param_groups(self.model, wd, self.no_decay_names))
-        sched_spec = self.hparams["scheduler"]
-        if sched_spec is None:
-            return {"optimizer": optimizer}
-        if callable(sched_spec):
-            sched_factory, total = sched_spec, None
-        else:
-            sched_spec = dict(sched_spec)
-            total = sched_spec.pop("total_steps", None)
-            sched_spec["_partial_"] = True
-            sched_factory = instantiate(sched_spec, _convert_="all")
-        if total is None:
-            total = int(self.trainer.estimated_stepping_batches)
-        scheduler = sched_factory(optimizer, total_steps=int(total))
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        return configure_optimization(
+            self.model,
+            self.hparams["optim"],
+            self.hparams["scheduler"],
+            self.no_decay_names,
+            on_cuda=self.device.type == "cuda",
+            total_steps=lambda: int(self.trainer.estimated_stepping_batches),
+        )

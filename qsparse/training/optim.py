@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,6 +99,70 @@ def param_groups(
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return groups
+
+
+# the optimizer when the run's config has none (optim: null)
+DEFAULT_OPTIM = {
+    "_target_": "torch.optim.AdamW",
+    "_partial_": True,
+    "lr": 3e-4,
+    "betas": [0.9, 0.95],
+    "weight_decay": 0.1,
+}
+
+
+def configure_optimization(
+    model: nn.Module,
+    optim: Any,
+    scheduler: Any,
+    no_decay: frozenset[str] | None,
+    on_cuda: bool,
+    total_steps: Callable[[], int],
+) -> dict[str, Any]:
+    """Lightning's ``configure_optimizers`` answer for ``model``.
+
+    ``optim``/``scheduler``: Hydra nodes (``optim=``/``scheduler=`` configs; ``optim: null``
+    is :data:`DEFAULT_OPTIM`, ``scheduler: null`` none) or factories ``f(param_groups)`` /
+    ``f(optimizer, total_steps=...)``. Weight decay goes to :func:`param_groups`' decay group;
+    ``fused: null`` turns fused AdamW on where every parameter is on CUDA (``on_cuda``). A
+    scheduler's ``total_steps`` defaults to ``total_steps()`` (the trainer's estimate), and it
+    steps every optimizer step.
+    """
+    from hydra.utils import instantiate
+
+    spec = DEFAULT_OPTIM if optim is None else optim
+    if callable(spec):
+        factory, wd = spec, getattr(spec, "keywords", {}).get("weight_decay", 0.0)
+    else:
+        spec = dict(spec)
+        wd = float(spec.get("weight_decay", 0.0))
+        if spec.get("fused") is None and "fused" in spec:
+            # fused AdamW is the fast path on CUDA; it needs every param on CUDA
+            spec["fused"] = on_cuda or None
+        if spec.get("betas") is not None:
+            spec["betas"] = tuple(spec["betas"])
+        spec["_partial_"] = True
+        factory = instantiate(spec, _convert_="all")
+    optimizer = factory(param_groups(model, wd, no_decay))
+    if scheduler is None:
+        return {"optimizer": optimizer}
+    if callable(scheduler):
+        sched_factory, total = scheduler, None
+    else:
+        sched_spec = dict(scheduler)
+        total = sched_spec.pop("total_steps", None)
+        sched_spec["_partial_"] = True
+        sched_factory = instantiate(sched_spec, _convert_="all")
+    if total is None:
+        total = total_steps()
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {
+            "scheduler": sched_factory(optimizer, total_steps=int(total)),
+            "interval": "step",
+            "frequency": 1,
+        },
+    }
 
 
 def lr_factor(

@@ -23,7 +23,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from ..flops import model_flops_per_token, peak_flops, precision_dtype
+from ...models.flops import model_flops_per_token
+from ..flops import peak_flops, precision_dtype
 from ._model import inner_model
 
 
