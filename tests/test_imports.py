@@ -174,3 +174,15 @@ def test_every_module_imports() -> None:
     names = _importable()
     script = f"import importlib\nfor name in {names!r}:\n    importlib.import_module(name)\n"
     assert run_interpreted(script + "print('all imported')\n").strip() == "all imported"
+
+
+def test_method_registry_is_complete_from_a_fresh_import() -> None:
+    """``qsparse.methods.METHODS`` lists every method, qsparse.moe's too, without the caller
+    importing qsparse.moe first (a fresh interpreter: nothing imported before)."""
+    import subprocess
+    import sys
+
+    code = "import qsparse.methods as m; print(' '.join(sorted(m.METHODS)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    names = set(out.stdout.split())
+    assert {"qsparse", "teal", "cats", "prosparse", "attribution", "d2dmoe", "ssd"} <= names

@@ -27,7 +27,6 @@ from .attribution import (
     magnitude_mask,
 )
 from .base import (
-    METHODS,
     MethodConfigError,
     MethodResult,
     SparsityMethod,
@@ -39,7 +38,7 @@ from .cats import CATS, GateThreshold
 from .layer_allocation import cross_layer_budgets, cross_layer_table, layer_curves
 from .prosparse import FATReLU, ProSparse, sine_schedule
 from .qsparse import QSparse
-from .restore import restore_method
+from .restore import registry, restore_method
 from .teal import TEAL
 
 __all__ = [
@@ -67,7 +66,16 @@ __all__ = [
     "magnitude_mask",
     "method_from_spec",
     "register",
+    "registry",
     "restore_method",
     "sine_schedule",
     "topk_site_ratios",
 ]
+
+
+def __getattr__(name: str):
+    """``METHODS``: every registered method by name, qsparse.moe's D2DMoE and SSD included
+    (:func:`registry` imports the modules that register them on first use)."""
+    if name == "METHODS":
+        return registry()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

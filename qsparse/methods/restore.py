@@ -16,14 +16,21 @@ from torch import nn
 from ..nn.sites import get_settings
 from .base import METHODS
 
-__all__ = ["restore_method"]
+__all__ = ["registry", "restore_method"]
+
+
+def registry() -> dict[str, type]:
+    """:data:`~qsparse.methods.base.METHODS` complete: the modules that register a method
+    (this package's and qsparse.moe's) imported first."""
+    from .. import moe  # noqa: F401  (registers d2dmoe and ssd)
+    from . import attribution, cats, prosparse, qsparse, teal  # noqa: F401  (register theirs)
+
+    return METHODS
 
 
 def restore_method(model: nn.Module, info: dict[str, Any]) -> None:
     """Rebuild the modules of the method recorded in ``info`` (``{"name": ...}``)."""
-    from .. import moe  # noqa: F401  (registers d2dmoe and ssd)
-    from . import attribution, cats, prosparse, qsparse, teal  # noqa: F401  (register theirs)
-
+    registry()
     name = info.get("name")
     if name not in METHODS:
         raise ValueError(
