@@ -8,6 +8,8 @@ reported).
 
     PYTHONPATH=$PWD python3 benchmarks/decode_modes.py --json decode.json
     python3 benchmarks/decode_modes.py --plot decode.json docs/decode_modes.png   # no GPU
+    python3 benchmarks/decode_modes.py --plot benchmarks/results/decode_modes_*.json \
+        benchmarks/decode_modes_h200.png    # from the run_all records (commits in titles)
     PYTHONPATH=$PWD python3 benchmarks/decode_modes.py --presets tiny --batches 1 \\
         --new-tokens 2 --compile-backend eager -- --device cpu --no-kernels --no-graph
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -179,12 +182,44 @@ def run(args: argparse.Namespace, generate_args: Sequence[str] = ()) -> None:
                 _save(args.json, rows)
 
 
-def plot(src: str, dst: str) -> None:
-    """Bar chart of tokens/s per mode, one panel per preset, bars grouped by batch."""
+_RECORD_KEY = re.compile(r"decode_modes\.(.+)\.b(\d+)\.(compile|eager)\.(\w+)\.tokens_per_s")
+
+
+def rows_from_records(records: Sequence[dict]) -> list[dict]:
+    """The rows :func:`plot` draws, from ``benchmarks/run_all.py`` records of this script
+    (``benchmarks/results/decode_modes_*.json``): one per preset, batch and mode, with the
+    commit each was measured at."""
+    rows = []
+    for rec in records:
+        for key, fig in rec.get("figures", {}).items():
+            m = _RECORD_KEY.fullmatch(key)
+            if m:
+                preset, batch, how, mode = m.groups()
+                rows.append(
+                    dict(
+                        preset=preset,
+                        batch=int(batch),
+                        mode=mode,
+                        tokens_per_s=fig["value"],
+                        compiled=how == "compile",
+                        commit=str(rec.get("commit", "unknown"))[:7],
+                    )
+                )
+    return rows
+
+
+def plot(src: str | Sequence[str], dst: str) -> None:
+    """Bar chart of tokens/s per mode, one panel per preset, bars grouped by batch. ``src``:
+    a JSON file of rows (``--json``), or run_all record files (:func:`rows_from_records`)."""
     from qsparse.extras import pyplot
 
     plt = pyplot(feature="the decode-modes plot")
-    rows = json.loads(Path(src).read_text())
+    files = [src] if isinstance(src, str) else list(src)
+    loaded = [json.loads(Path(f).read_text()) for f in files]
+    if all(isinstance(d, dict) and "figures" in d for d in loaded):
+        rows = rows_from_records(loaded)
+    else:
+        rows = [r for d in loaded for r in d]
     presets = list(dict.fromkeys(r["preset"] for r in rows))
     fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4), squeeze=False)
     for ax, preset in zip(axes[0], presets, strict=True):
@@ -207,7 +242,9 @@ def plot(src: str, dst: str) -> None:
             ]
         )
         ax.set_ylabel("tokens/s")
-        ax.set_title(f"{preset} preset, greedy decode, H200")
+        commits = sorted({r["commit"] for r in sub if r.get("commit")})
+        at = f" ({', '.join(commits)})" if commits else ""
+        ax.set_title(f"{preset} preset, greedy decode, H200{at}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(dst, dpi=120)
@@ -225,12 +262,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     ap.add_argument("--hf-batches", default="1", help="batch sizes with the transformers row")
     ap.add_argument("--json", help="write the rows here (after each measurement)")
-    ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only plot a JSON file")
+    ap.add_argument(
+        "--plot",
+        nargs="+",
+        metavar="FILE",
+        help="only plot: JSON files (a --json file, or benchmarks/results/decode_modes_*.json "
+        "records), then the PNG to write",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:cut])
     if args.plot:
-        plot(*args.plot)
+        if len(args.plot) < 2:
+            ap.error("--plot: give one or more JSON files, then the PNG to write")
+        plot(args.plot[:-1], args.plot[-1])
     else:
         run(args, argv[cut + 1 :])
 

@@ -554,3 +554,26 @@ def test_manifest_of_this_checkout_matches_git() -> None:
         out = Path(tmp) / "manifest"
         head = run_all.write_manifest(out)
         assert run_all.manifest_state(out) == (head, False)
+
+
+def test_decode_plot_rows_come_from_run_all_records() -> None:
+    """benchmarks/decode_modes.py --plot reads run_all records: one row per preset, batch and
+    mode with its tokens/s, whether the step was compiled and the record's commit."""
+    from benchmarks.decode_modes import rows_from_records
+
+    record = {
+        "commit": "d59dc26d56e6",
+        "figures": {
+            "decode_modes.1.3B.b1.compile.bitnet.tokens_per_s": _fig(837.5, 837.5, 837.5, 1),
+            "decode_modes.1.3B.b1.compile.bitnet.ratio": _fig(1.3, 1.3, 1.3, 1),
+            "decode_modes.7B.b8.eager.dense.tokens_per_s": _fig(1165.3, 1165.3, 1165.3, 1),
+            "decode_modes.7B.b1.transformers.tokens_per_s": _fig(19.1, 19.1, 19.1, 1),
+        },
+    }
+    rows = sorted(rows_from_records([record]), key=lambda r: r["preset"])
+    assert rows == [
+        dict(preset="1.3B", batch=1, mode="bitnet", tokens_per_s=837.5, compiled=True,
+             commit="d59dc26"),
+        dict(preset="7B", batch=8, mode="dense", tokens_per_s=1165.3, compiled=False,
+             commit="d59dc26"),
+    ]  # fmt: skip
