@@ -94,11 +94,10 @@ def write_manifest(out: Path) -> str:
     """Write the manifest of this checkout's HEAD to ``out``: a ``commit <sha>`` line, then
     ``<blob sha1> <path>`` per tracked regular file (``git ls-tree -r HEAD``). Refuses a
     dirty tree (the manifest would not describe the files shipped). Returns the commit."""
-    head, dirty = _git("rev-parse", "HEAD"), commit_state()[1]
-    listing = _git("ls-tree", "-r", "HEAD")
+    head, listing = _git("rev-parse", "HEAD"), _git("ls-tree", "-r", "HEAD")
     if head is None or listing is None:
         raise SystemExit(f"manifest: {ROOT} is not a git checkout")
-    if dirty:
+    if _git_dirty():  # git's own state: a QSPARSE_MANIFEST in the environment does not count
         raise SystemExit("manifest: tracked files differ from HEAD; commit them first")
     lines = [f"commit {head}"]
     for row in listing.splitlines():
@@ -150,9 +149,13 @@ def commit_state() -> tuple[str, bool | None]:
     head = _git("rev-parse", "HEAD") if top and Path(top).resolve() == ROOT else None
     if head is None or (wanted and not head.startswith(wanted)):
         return wanted or "unknown", None
+    return head, _git_dirty()
+
+
+def _git_dirty() -> bool:
+    """Tracked files other than the results and the generated tables differ from HEAD."""
     status = _git("status", "--porcelain", "--untracked-files=no") or ""
-    dirty = [line for line in status.splitlines() if not _generated(line[3:].strip())]
-    return head, bool(dirty)
+    return any(not _generated(line[3:].strip()) for line in status.splitlines())
 
 
 def device_name() -> str:

@@ -328,6 +328,13 @@ def _round_to(xf, BF16: tl.constexpr):
 
 
 @triton.jit
+def _inv_rms(xf, K, eps):
+    """``1 / sqrt(mean(x^2) + eps)`` of one row ``xf`` (fp32, zeros past K): the RMSNorm
+    scale, shared by Llama's norm (:func:`_produce`) and BitNet's SubLN (the ternary prep)."""
+    return tl.math.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
+
+
+@triton.jit
 def _produce(x_ptr, w_ptr, row, i, valid, K, eps, PROD: tl.constexpr, BF16: tl.constexpr):
     """Row ``row`` of the site's input, computed from what its producer read (fp32, each
     step rounded to the activation dtype as the torch modules round it):
@@ -342,8 +349,7 @@ def _produce(x_ptr, w_ptr, row, i, valid, K, eps, PROD: tl.constexpr, BF16: tl.c
         y = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
     elif PROD == 1:
         xf = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
-        var = tl.sum(xf * xf, axis=0) / K
-        y = _round_to(xf * tl.math.rsqrt(var + eps), BF16)
+        y = _round_to(xf * _inv_rms(xf, K, eps), BF16)
         w = tl.load(w_ptr + i, mask=valid, other=0.0).to(tl.float32)
         y = _round_to(w * y, BF16)
     else:
@@ -781,9 +787,8 @@ def _ternary_prep_kernel(
     valid = i < K
     xf = _produce(x_ptr, w_ptr, b, i, valid, K, eps, PROD, BF16)
     if SUBLN:
-        var = tl.sum(xf * xf, axis=0) / K
         nw = tl.load(nw_ptr + i, mask=valid, other=0.0).to(tl.float32)
-        xf = _round_to(xf * tl.math.rsqrt(var + neps) * nw, BF16)
+        xf = _round_to(xf * _inv_rms(xf, K, neps) * nw, BF16)
     q, gamma = _act_codes(xf, QMAX)
     if SPARSE:
         key = tl.where(valid, _abs_key(xf), -1)
