@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..cache import CACHE_FORMAT_VERSION, file_fingerprint, stable_hash
 from .checks import check_positive_or_none
-from .corpus_module import CorpusDataModule
+from .corpus_module import CorpusDataModule, corpus_args
 from .documents import split_fraction
 from .local_files import builder_for_files, load_local_dataset
 from .sft_batches import ExampleDataset, ExampleRows, PackedBlocks, pad_collate
@@ -87,22 +87,7 @@ class SFTDataModule(CorpusDataModule):
         val_batch_size: int | None = None,
         num_proc: int | None = None,
     ) -> None:
-        super().__init__(
-            corpus=corpus,
-            data_files=data_files,
-            tokenizer=tokenizer,
-            vocab_size=vocab_size,
-            seq_len=seq_len,
-            val_fraction=val_fraction,
-            cache_dir=cache_dir,
-            batch_size=batch_size,
-            seed=seed,
-            num_workers=num_workers,
-            shuffle=shuffle,
-            val_batch_size=val_batch_size,
-            default_corpus="wiki_qa",
-            purpose="fine-tune",
-        )
+        super().__init__(**corpus_args(locals()), default_corpus="wiki_qa", purpose="fine-tune")
         check_positive_or_none("num_proc", num_proc)
         if format not in ("auto", "openorca", "messages"):
             raise ValueError(f"format must be 'auto', 'openorca' or 'messages', got {format!r}")
