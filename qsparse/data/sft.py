@@ -89,12 +89,11 @@ class SFTDataModule(CorpusDataModule):
     ) -> None:
         super().__init__(**corpus_args(locals()), default_corpus="wiki_qa", purpose="fine-tune")
         check_positive_or_none("num_proc", num_proc)
+        check_positive_or_none("max_examples", max_examples)
         if format not in ("auto", "openorca", "messages"):
             raise ValueError(f"format must be 'auto', 'openorca' or 'messages', got {format!r}")
         if template not in ("auto", "chat", "plain"):
             raise ValueError(f"template must be 'auto', 'chat' or 'plain', got {template!r}")
-        if max_examples is not None and max_examples < 1:
-            raise ValueError(f"max_examples must be >= 1 or null, got {max_examples!r}")
         self.packing = packing
         self.max_examples = max_examples
         self.format = format
