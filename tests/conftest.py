@@ -210,6 +210,23 @@ def compose_train(overrides: list[str], return_hydra_config: bool = False):
         return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
+def tiny_run_config(recipe: str, ckpt: Path, tmp_path: Path, *overrides: str, run: str = "run"):
+    """The train config of ``recipe`` on the tiny checkpoint ``ckpt``: the run in
+    ``tmp_path/run``, the data cache in ``tmp_path/cache``, a CSV log, no progress bar, then
+    ``overrides``."""
+    return compose_train(
+        [
+            f"recipe={recipe}",
+            f"model.path={ckpt}",
+            f"run_dir={tmp_path / run}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ]
+    )
+
+
 def smollm2_run_config(
     recipe: str, run_dir: Path, steps: int, val_batches: int, overrides: list[str]
 ):

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_hf_model, build_tiny_tokenizer
-from hydra import compose, initialize_config_module
+from conftest import build_tiny_hf_model, build_tiny_tokenizer, tiny_run_config
 
 import qsparse
 from qsparse.errors import UserError
@@ -93,20 +92,9 @@ def test_bad_allocation_settings_raise(kwargs, match) -> None:
 
 
 def _recipe(ckpt: Path, tmp_path: Path, *extra: str):
-    with initialize_config_module("qsparse.conf", version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                "recipe=continue/recovery_tiny",
-                f"model.path={ckpt}",
-                f"run_dir={tmp_path / 'run'}",
-                f"data.cache_dir={tmp_path / 'cache'}",
-                "logger=csv",
-                "trainer.enable_progress_bar=false",
-                "data.max_documents=200",
-                *extra,
-            ],
-        )
+    return tiny_run_config(
+        "continue/recovery_tiny", ckpt, tmp_path, "data.max_documents=200", *extra
+    )
 
 
 @pytest.mark.parametrize(

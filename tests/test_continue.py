@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_from_config, compose_train, validation_loss
+from conftest import build_from_config, compose_train, tiny_run_config, validation_loss
 from lightning.pytorch.trainer.states import TrainerFn
 
 import qsparse
@@ -266,17 +266,12 @@ def test_adamw8bit_errors_clearly_without_cuda(tiny_hf_checkpoint, tmp_path: Pat
     with pytest.raises(RuntimeError, match="needs a CUDA GPU.*optim=adamw"):
         adamw8bit(layer.parameters(), lr=1e-3)
     # through the recipe: the run stops at optimizer creation with the same message
-    cfg = compose_train(
-        [
-            "recipe=continue/tiny",
-            f"model.path={tiny_hf_checkpoint('llama')}",
-            f"run_dir={tmp_path / 'run'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "data.max_documents=50",
-            "optim=adamw8bit",
-            "logger=csv",
-            "trainer.enable_progress_bar=false",
-        ],
+    cfg = tiny_run_config(
+        "continue/tiny",
+        tiny_hf_checkpoint("llama"),
+        tmp_path,
+        "data.max_documents=50",
+        "optim=adamw8bit",
     )
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         train(cfg)

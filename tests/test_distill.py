@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import tiny_run_config
 
 import qsparse
 from qsparse.training import config as _schemas  # noqa: F401  (registers train_schema)
@@ -21,21 +21,6 @@ from qsparse.training.distill import (
 )
 from qsparse.training.module import LMModule
 from qsparse.training.run import train
-
-
-def _recipe(recipe: str, ckpt: Path, tmp_path: Path, *extra: str):
-    """The composed ``recipe`` on the tiny checkpoint, writing under ``tmp_path``."""
-    return compose_train(
-        [
-            f"recipe={recipe}",
-            f"model.path={ckpt}",
-            f"run_dir={tmp_path / 'run'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "logger=csv",
-            "trainer.enable_progress_bar=false",
-            *extra,
-        ]
-    )
 
 
 def _kl_by_hand(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, temp: float) -> float:
@@ -156,7 +141,7 @@ def test_recovery_recipe_two_steps(tiny_hf_checkpoint, tmp_path: Path) -> None:
     best checkpoint by val_ood/loss restored and exported."""
     ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
     run_dir = tmp_path / "run"
-    cfg = _recipe(
+    cfg = tiny_run_config(
         "continue/recovery_tiny",
         ckpt,
         tmp_path,
@@ -181,7 +166,7 @@ def test_early_stopping_on_the_out_of_domain_set(tiny_hf_checkpoint, tmp_path: P
     """Lightning's EarlyStopping on val_ood/loss, added from the command line, ends the run
     at the first validation that does not improve by min_delta (here: any)."""
     ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
-    cfg = _recipe(
+    cfg = tiny_run_config(
         "continue/recovery_tiny",
         ckpt,
         tmp_path,
@@ -219,7 +204,7 @@ def test_finetune_recipe_with_distillation(tiny_hf_checkpoint, tmp_path: Path) -
     """distill= plugs into the SFT recipes: KL on response tokens beside the LM loss."""
     ckpt = tiny_hf_checkpoint("qwen2", max_position_embeddings=512)
     run_dir = tmp_path / "run"
-    cfg = _recipe(
+    cfg = tiny_run_config(
         "finetune/tiny",
         ckpt,
         tmp_path,

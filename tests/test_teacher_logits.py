@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VOCAB, compose_train
+from conftest import TINY_VOCAB, tiny_run_config
 
 from qsparse.cli.teacher_logits import main as teacher_logits_main
 from qsparse.cli.teacher_logits import write_teacher_logits
@@ -24,27 +24,23 @@ from qsparse.training.teacher_store import TeacherLogitsError, visited_samples
 
 def _cfg(ckpt: Path, tmp_path: Path, *extra: str, run: str = "run"):
     """recipe=continue/tiny with distill=logits_from_disk on the tiny checkpoint."""
-    return compose_train(
-        [
-            "recipe=continue/tiny",
-            f"model.path={ckpt}",
-            f"run_dir={tmp_path / run}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "data.max_documents=200",
-            "data.seq_len=32",
-            "data.batch_size=4",
-            "distill=logits_from_disk",
-            f"distill.teacher_logits={tmp_path / 'teacher'}",
-            "logger=csv",
-            "export=false",
-            "trainer.max_steps=6",
-            "trainer.val_check_interval=6",
-            "trainer.limit_val_batches=2",
-            "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false",
-            "callbacks.checkpoint.every_n_train_steps=3",
-            *extra,
-        ]
+    return tiny_run_config(
+        "continue/tiny",
+        ckpt,
+        tmp_path,
+        "data.max_documents=200",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "distill=logits_from_disk",
+        f"distill.teacher_logits={tmp_path / 'teacher'}",
+        "export=false",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=6",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        "callbacks.checkpoint.every_n_train_steps=3",
+        *extra,
+        run=run,
     )
 
 
@@ -297,23 +293,19 @@ def test_finetune_recipe_padded_batches_from_disk(tiny_hf_checkpoint, tmp_path: 
     the entries (right-padded, checksummed over the attention mask) still match."""
     ckpt = tiny_hf_checkpoint("qwen2", max_position_embeddings=512)
     overrides = [
-        "recipe=finetune/tiny",
-        f"model.path={ckpt}",
-        f"run_dir={tmp_path / 'run'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "logger=csv",
         "export=false",
         "sparsity.ratio=0.4",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
         "distill=logits_from_disk",
         f"distill.teacher_logits={tmp_path / 't'}",
         "distill.teacher_top_k=32",
     ]
-    write_teacher_logits(compose_train(overrides), shard_samples=3)
-    summary = train(compose_train(overrides))
+    write_teacher_logits(
+        tiny_run_config("finetune/tiny", ckpt, tmp_path, *overrides), shard_samples=3
+    )
+    summary = train(tiny_run_config("finetune/tiny", ckpt, tmp_path, *overrides))
     assert summary["step"] == 2
     kl = dict(read_metrics(tmp_path / "run")["train/kl"])
     assert sorted(kl) == [0, 1] and all(math.isfinite(v) and v >= -1e-6 for v in kl.values())

@@ -9,7 +9,8 @@ Subclasses (:class:`~qsparse.data.pretrain.PretrainDataModule`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from ..cache import resolve_cache_dir
 from .checks import check_source
 from .resumable import ResumableDataModule
 
-__all__ = ["CorpusDataModule"]
+__all__ = ["CorpusDataModule", "corpus_args"]
 
 
 class CorpusDataModule(ResumableDataModule):
@@ -39,6 +40,9 @@ class CorpusDataModule(ResumableDataModule):
             :class:`~qsparse.data.resumable.ResumableDataModule`.
         default_corpus, purpose: the corpus used when no source is given, and what the data
             is for (named in the error message).
+
+    A subclass declares the other arguments in its own signature (its defaults) and passes
+    them on with :func:`corpus_args`.
     """
 
     def __init__(
@@ -59,13 +63,7 @@ class CorpusDataModule(ResumableDataModule):
         default_corpus: str,
         purpose: str,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            seed=seed,
-            num_workers=num_workers,
-            shuffle=shuffle,
-            val_batch_size=val_batch_size,
-        )
+        super().__init__(batch_size, seed, num_workers, shuffle, val_batch_size)
         self.corpus = check_source(
             corpus, data_files, default_corpus, seq_len, val_fraction, purpose
         )
@@ -94,9 +92,23 @@ class CorpusDataModule(ResumableDataModule):
     ) -> DataLoader:
         """The loader of the training split (resumable, ``batch_size``) or the validation
         split (fixed order, ``val_batch_size``); runs ``setup`` first when needed."""
-        if self._train_dataset is None:
-            self.setup("fit")
-        dataset = self._train_dataset if train else self._val_dataset
+        train_set = self._train_set()
+        dataset = train_set if train else self._val_dataset
         assert dataset is not None
         batch_size = self.batch_size if train else self.val_batch_size
         return self._loader(dataset, train, batch_size, collate_fn)
+
+
+#: the parameters a subclass takes under the same names and hands on (all but its own two)
+_SHARED = tuple(
+    name
+    for name, p in inspect.signature(CorpusDataModule.__init__).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name not in ("default_corpus", "purpose")
+)
+
+
+def corpus_args(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`CorpusDataModule` arguments among a subclass's ``arguments`` (its
+    ``__init__``'s ``locals()``, whose parameters carry the same names), so each subclass
+    keeps its own signature and defaults without naming every argument again to pass it on."""
+    return {name: arguments[name] for name in _SHARED}

@@ -119,13 +119,7 @@ class MixtureDataModule(ResumableDataModule):
         shuffle: bool = True,
         val_batch_size: int | None = None,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            seed=seed,
-            num_workers=num_workers,
-            shuffle=shuffle,
-            val_batch_size=val_batch_size,
-        )
+        super().__init__(batch_size, seed, num_workers, shuffle, val_batch_size)
         if not isinstance(sources, Mapping) or not sources:
             raise ValueError(
                 "data.sources must map corpus names or files to weights, e.g. "
@@ -218,10 +212,7 @@ class MixtureDataModule(ResumableDataModule):
 
     @property
     def num_train_blocks(self) -> int:
-        if self._train_dataset is None:
-            self.setup("fit")
-        assert self._train_dataset is not None
-        return len(self._train_dataset)
+        return len(self._train_set())
 
     def unigram_entropy(self) -> float:
         """Unigram entropy (nats) of the first source's training tokens."""
@@ -229,27 +220,19 @@ class MixtureDataModule(ResumableDataModule):
 
     def mixture_table(self) -> list[dict[str, Any]]:
         """Per source: weight, training blocks available and blocks drawn per epoch."""
-        if self._train_dataset is None:
-            self.setup("fit")
-        assert self._train_dataset is not None
+        counts = self._train_set().counts
         return [
             {"source": s, "weight": w, "blocks": len(dm._train_dataset), "per_epoch": c}
-            for (s, w), dm, c in zip(
-                self.sources.items(), self._parts, self._train_dataset.counts, strict=True
-            )
+            for (s, w), dm, c in zip(self.sources.items(), self._parts, counts, strict=True)
         ]
 
     # --------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
-        if self._train_dataset is None:
-            self.setup("fit")
-        assert self._train_dataset is not None
-        return self._loader(self._train_dataset, True, self.batch_size)
+        return self._loader(self._train_set(), True, self.batch_size)
 
     def val_dataloader(self) -> list[DataLoader]:
         """``[in-domain, out-of-domain]`` (the second only with ``ood_val``)."""
-        if self._val_datasets is None:
-            self.setup("fit")
+        self._train_set()  # setup builds the validation sets with it
         assert self._val_datasets is not None
         return [self._loader(d, False, self.val_batch_size) for d in self._val_datasets]
 

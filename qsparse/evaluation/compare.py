@@ -84,15 +84,13 @@ def compare_models(
     sparsities: Sequence[float] = (),
     checkpoints: Sequence[str | os.PathLike] = (),
     labels: Sequence[str] | None = None,
-    seq_len: int = 512,
-    max_tokens: int | None = 65536,
-    batch_size: int = 4,
-    dtype: str = "float32",
-    device: str = "cpu",
-    sparsity_tokens: int = 8192,
+    **measure: Any,
 ) -> list[CompareRow]:
     """Measure the dense ``base``, ``base`` at each training-free ``sparsities`` ratio, and
     each of ``checkpoints`` (labelled by ``labels`` or their paths) on every text.
+    ``measure``: the options of :func:`measure_model` every row shares (``seq_len``,
+    ``max_tokens``, ``batch_size``, ``dtype``, ``device``, ``sparsity_tokens``, ...; its
+    defaults where not given).
 
     Raises:
         ValueError: no text, or ``labels`` of the wrong length.
@@ -104,21 +102,7 @@ def compare_models(
     plan: list[tuple[str, str, float | None]] = [("dense", str(base), None)]
     plan += [(f"training-free S={s:g}", str(base), float(s)) for s in sparsities]
     plan += [(lab, str(c), None) for lab, c in zip(labels, checkpoints, strict=True)]
-    return [
-        measure_model(
-            label,
-            path,
-            docs,
-            ratio,
-            seq_len,
-            max_tokens,
-            batch_size,
-            dtype,
-            device,
-            sparsity_tokens,
-        )
-        for label, path, ratio in plan
-    ]
+    return [measure_model(label, path, docs, ratio, **measure) for label, path, ratio in plan]
 
 
 def checkpoint_labels(
