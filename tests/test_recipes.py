@@ -182,3 +182,17 @@ def test_missing_checkpoint_path_is_a_config_error_naming_the_key(tmp_path: Path
     with pytest.raises(ConfigError, match=r"model\.path is required"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_recovery_mixture_and_calibration_follow_the_sources() -> None:
+    """The recovery recipe trains on seven corpora and calibrates its per-site allocation on
+    exactly those; dropping the unlicensed news corpus (``~data.sources.news_en``, as
+    docs/corpora.md says) drops it from both, and never touches the held-out texts."""
+    seven = {"wiki_en", "factbook", "recipes", "kjv", "fortunes", "news_en", "shakespeare"}
+    cfg = compose_train(["recipe=continue/recovery_smollm2"])
+    assert set(cfg.data.sources) == seven
+    assert set(cfg.sparsity.calibration) == seven
+    held_out = {"convention_speeches", "python_docs", *cfg.data.ood_val}
+    assert not held_out & seven
+    cfg = compose_train(["recipe=continue/recovery_smollm2", "~data.sources.news_en"])
+    assert set(cfg.data.sources) == set(cfg.sparsity.calibration) == seven - {"news_en"}
