@@ -26,13 +26,13 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._gemv_triton import (
-    _abs_key,
     _act_codes,
     _list_kept,
     _produce,
     _store_out,
     _threshold_hinted,
 )
+from ._topk_rule import abs_key
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def _ternary_list_kernel(
     valid = i < K
     xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
     q, gamma = _act_codes(xf, QMAX)
-    key = tl.where(valid, _abs_key(xf), -1)
+    key = tl.where(valid, abs_key(xf), -1)
     thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, HINT)
     _list_kept(key, q, i, thr, need, idx_ptr, qv_ptr)  # K <= 32767 (packed scan)
     tl.store(scale_ptr, gamma / QMAX)

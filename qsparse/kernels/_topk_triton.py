@@ -3,14 +3,9 @@
 Imported only when a kernel is about to run (CUDA tensor, or CPU under ``TRITON_INTERPRET=1``),
 so CPU users never need Triton's GPU backend.
 
-Selection (same rule as :mod:`qsparse.nn.topk`): keep the ``k`` largest ``|x|`` of a row,
-compared in fp32; among equal magnitudes the lower index wins; exactly ``k`` kept. The fp32 bit
-pattern of ``|x|`` read as an int32 ``key`` is monotonic in ``|x|`` (NaN above +inf, as in
-``torch.topk``), so the threshold ``T`` = the k-th largest key is found by bisection on the
-bits: starting from ``T = 0``, for each bit ``b`` from 30 down, set it if
-``count(key >= T | 2^b) >= k``. bf16/fp16 inputs widen to fp32 with their low 16/13 mantissa
-bits zero, so only the top 15 (bf16) or 18 (fp16) bits need a pass. Then
-``keep = key > T  or  (key == T and rank_among_equals <= k - count(key > T))``.
+Selection: the top-k rule of :mod:`._topk_rule` (the same as :mod:`qsparse.nn.topk`): the
+``k`` largest ``|x|`` of a row (token) or block, ties to the lower index, exactly ``k`` kept;
+bisection on the key bits, one bit per pass over the whole tile.
 
 Quantization (Eq. 4-7): ``q = clamp(rint(x * s), -Q-1, Q) / s`` with ``s = Q * (1 / max(gamma, eps))``,
 gamma = max|x| of the token (the whole row, also for block top-k), ``Q = 2^(b-1) - 1``.
@@ -22,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_half_even
+from ._topk_rule import abs_key, topk_mask
 
 
 @triton.jit
@@ -39,23 +35,10 @@ def _quantize(xf, gamma, eps, QMAX: tl.constexpr):
 
 @triton.jit
 def _topk_keep(xf, valid, k, KEY_BITS: tl.constexpr):
-    """The selection rule of the module docstring along the last axis of fp32 ``xf``
-    ([R, D] rows or [R, NBLK, BS] blocks; ``valid`` masks padding): True for the ``k``
+    """The selection rule (:mod:`._topk_rule`, one bit per pass) along the last axis of fp32
+    ``xf`` ([R, D] rows or [R, NBLK, BS] blocks; ``valid`` masks padding): True for the ``k``
     largest ``|x|`` of each row/block, ties to the lower index."""
-    key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    key = tl.where(valid, key, -1)
-    # bisection on the key bits, from bit 30 down (the first pass starts from T = 0)
-    thr = tl.where(tl.sum((key >= (1 << 30)).to(tl.int32), axis=-1) >= k, 1 << 30, 0)
-    for i in tl.static_range(1, KEY_BITS):
-        cand = thr | (1 << (30 - i))
-        cnt = tl.sum((key >= tl.expand_dims(cand, -1)).to(tl.int32), axis=-1)
-        thr = tl.where(cnt >= k, cand, thr)
-    thr = tl.expand_dims(thr, -1)
-    gt = key > thr
-    eq = key == thr
-    need = k - tl.sum(gt.to(tl.int32), axis=-1)
-    rank = tl.cumsum(eq.to(tl.int32), axis=-1)
-    return gt | (eq & (rank <= tl.expand_dims(need, -1)))
+    return topk_mask(tl.where(valid, abs_key(xf), -1), k, KEY_BITS)
 
 
 @triton.jit
