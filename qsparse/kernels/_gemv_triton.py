@@ -11,10 +11,11 @@ Sparse input, float weights (``y[b, n] = sum_i xs[b, i] * Wt[i, n]``, ``Wt`` = [
    is launched as a programmatic dependent of (1) (PDL): its programs are already resident
    when the list is written and only then wait (``gdc_wait``).
 
-Selection rule (same as the training kernels and :func:`qsparse.nn.topk.topk_mask`): key =
-fp32 bits of |x| as int32; ``thr`` = k-th largest key (radix select on ``DBITS``-bit digits, or
-bisection on the bits); entry i kept iff ``key_i > thr`` or (``key_i == thr`` and ``i <= cut``),
-``cut`` = index of the last tie kept.
+Selection rule: :mod:`._topk_rule` (shared with the training kernels; same as
+:func:`qsparse.nn.topk.topk_mask`): key = fp32 bits of |x| as int32; ``thr`` = k-th largest
+key (radix select on ``DBITS``-bit digits, or the rule's bisection on the bits); entry i kept
+iff ``key_i > thr`` or (``key_i == thr`` and ``i <= cut``), ``cut`` = index of the last tie
+kept.
 
 Ternary weights (BitNet b1.58 inference, int8 activations): codes ``c = w + 1`` in {0, 1, 2}
 packed 16 inputs per int32 word ``P[g, n]`` (input group g = inputs 16g..16g+15, output n):
@@ -204,15 +205,25 @@ def _list_one_row(
     eps=0.0,
     PROD: tl.constexpr = 0,
     BF16: tl.constexpr = False,
+    QMAX: tl.constexpr = 0,
+    scale_ptr=None,
 ):
     """Batch 1: radix top-k of the site input v[K] (x, or its producer's output:
-    :func:`_produce`), then idx[p] / val[p] for the k kept inputs (:func:`_list_kept`)."""
+    :func:`_produce`), then idx[p] / val[p] for the k kept inputs (:func:`_list_kept`):
+    val = v (fp32), or with ``QMAX > 0`` its int8 absmax codes (:func:`_act_codes`, int32)
+    and ``scale[0] = gamma / Q``."""
     i = tl.arange(0, BLOCK)
     valid = i < K
     xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
+    if QMAX > 0:
+        val, gamma = _act_codes(xf, QMAX)
+    else:
+        val = xf
     key = tl.where(valid, abs_key(xf), -1)
     thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, HINT)
-    _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr)
+    _list_kept(key, val, i, thr, need, idx_ptr, val_ptr)
+    if QMAX > 0:
+        tl.store(scale_ptr, gamma / QMAX)
 
 
 @triton.jit

@@ -42,6 +42,42 @@ def _topk_keep(xf, valid, k, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
+def _topk_tile(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    offs,
+    valid,
+    k,
+    eps,
+    KEY_BITS: tl.constexpr,
+    QMAX: tl.constexpr,
+    SELECT: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+):
+    """One program's tile ([R, D] rows or [R, NBLK, BS] blocks at ``offs``, ``valid`` masks
+    padding): ``out`` = x fake-quantized (``QMAX > 0``, gamma per row over the whole row)
+    and, with SELECT, zeroed outside the top-k of each row/block (the keep mask written to
+    ``mask`` if WRITE_MASK)."""
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0)
+    xf = x.to(tl.float32)
+    if QMAX > 0:
+        if len(xf.shape) == 2:
+            gamma = tl.max(tl.abs(xf), axis=1)[:, None]
+        else:
+            gamma = tl.max(tl.max(tl.abs(xf), axis=2), axis=1)[:, None, None]
+        val = _quantize(xf, gamma, eps, QMAX)
+    else:
+        val = xf
+    if SELECT:
+        keep = _topk_keep(xf, valid, k, KEY_BITS)
+        val = tl.where(keep, val, 0.0)
+        if WRITE_MASK:
+            tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)
+    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
 def _token_topk_kernel(
     x_ptr,
     out_ptr,
@@ -66,19 +102,7 @@ def _token_topk_kernel(
     cols = tl.arange(0, BLOCK_D)
     valid = (rows < n_rows)[:, None] & (cols < d)[None, :]
     offs = rows.to(tl.int64)[:, None] * d + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0)
-    xf = x.to(tl.float32)
-    if QMAX > 0:
-        gamma = tl.max(tl.abs(xf), axis=1)
-        val = _quantize(xf, gamma[:, None], eps, QMAX)
-    else:
-        val = xf
-    if SELECT:
-        keep = _topk_keep(xf, valid, k, KEY_BITS)
-        val = tl.where(keep, val, 0.0)
-        if WRITE_MASK:
-            tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)
-    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=valid)
+    _topk_tile(x_ptr, out_ptr, mask_ptr, offs, valid, k, eps, KEY_BITS, QMAX, SELECT, WRITE_MASK)
 
 
 @triton.jit
@@ -106,27 +130,19 @@ def _block_topk_kernel(
     col = blk[:, None] * BS + lane[None, :]  # [NBLK, BS]
     valid = (rows < n_rows)[:, None, None] & (col < d)[None, :, :]
     offs = rows.to(tl.int64)[:, None, None] * d + col[None, :, :]
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0)
-    xf = x.to(tl.float32)
-    if QMAX > 0:
-        gamma = tl.max(tl.max(tl.abs(xf), axis=2), axis=1)
-        val = _quantize(xf, gamma[:, None, None], eps, QMAX)
-    else:
-        val = xf
-    keep = _topk_keep(xf, valid, k, KEY_BITS)
-    val = tl.where(keep, val, 0.0)
-    if WRITE_MASK:
-        tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)
-    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=valid)
+    _topk_tile(x_ptr, out_ptr, mask_ptr, offs, valid, k, eps, KEY_BITS, QMAX, True, WRITE_MASK)
 
 
 def _launch(
-    kernel, x, out, mask, k: int, eps: float, rows: int, num_warps: int, key_bits: int, **meta
+    kernel, x, out, mask, k: int, eps: float, key_bits: int, width: int, wide_warps: int, **meta
 ) -> None:
-    """Launch ``kernel`` on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None), ``rows``
-    rows per program; ``key_bits``: ``qsparse.kernels.topk.KEY_BITS[x.dtype]``; ``meta``: the
-    kernel's own constexprs."""
+    """Launch ``kernel`` on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None);
+    ``key_bits``: ``qsparse.kernels.topk.KEY_BITS[x.dtype]``; ``meta``: the kernel's own
+    constexprs. A program holds about 4K values: ``4096 // width`` rows of ``width`` (the
+    padded row) for narrow layers (at most 16), one row otherwise, with 4 warps, or
+    ``wide_warps`` when that tile holds more than 4096 values."""
     n_rows, d = x.shape
+    rows = max(1, min(16, 4096 // width))
     kernel[(triton.cdiv(n_rows, rows),)](
         x,
         out,
@@ -138,7 +154,7 @@ def _launch(
         ROWS=rows,
         KEY_BITS=key_bits,
         WRITE_MASK=mask is not None,
-        num_warps=num_warps,
+        num_warps=4 if width * rows <= 4096 else wide_warps,
         **meta,
     )
 
@@ -148,23 +164,9 @@ def launch_token_topk(
 ) -> None:
     """Run the token kernel on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None)."""
     block_d = triton.next_power_of_2(x.shape[1])
-    # keep about 4K values per program: several rows for narrow layers, one row otherwise
-    rows = max(1, min(16, 4096 // block_d))
-    num_warps = 4 if block_d * rows <= 4096 else (8 if block_d <= 8192 else 16)
-    _launch(
-        _token_topk_kernel,
-        x,
-        out,
-        mask,
-        k,
-        eps,
-        rows,
-        num_warps,
-        key_bits,
-        BLOCK_D=block_d,
-        QMAX=qmax,
-        SELECT=select,
-    )
+    wide = 8 if block_d <= 8192 else 16
+    meta = {"BLOCK_D": block_d, "QMAX": qmax, "SELECT": select}
+    _launch(_token_topk_kernel, x, out, mask, k, eps, key_bits, block_d, wide, **meta)
 
 
 def launch_block_topk(
@@ -172,19 +174,5 @@ def launch_block_topk(
 ) -> None:
     """Run the block kernel on 2-D contiguous ``x`` (d divisible by ``block_size``)."""
     nblk = triton.next_power_of_2(x.shape[1] // block_size)
-    rows = max(1, min(16, 4096 // (nblk * block_size)))
-    num_warps = 4 if nblk * block_size * rows <= 4096 else 8
-    _launch(
-        _block_topk_kernel,
-        x,
-        out,
-        mask,
-        k,
-        eps,
-        rows,
-        num_warps,
-        key_bits,
-        NBLK=nblk,
-        BS=block_size,
-        QMAX=qmax,
-    )
+    meta = {"NBLK": nblk, "BS": block_size, "QMAX": qmax}
+    _launch(_block_topk_kernel, x, out, mask, k, eps, key_bits, nblk * block_size, 8, **meta)
