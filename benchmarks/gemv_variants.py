@@ -26,7 +26,8 @@ import triton.language as tl
 from benchmarks._figures import emit, slug
 from benchmarks._timing import kernel_times, time_graph
 from qsparse.kernels import gemv as G
-from qsparse.kernels._gemv_triton import _abs_key, _list_kept, _threshold_radix
+from qsparse.kernels._gemv_triton import _list_kept, _threshold_radix
+from qsparse.kernels._topk_rule import abs_key as _abs_key
 
 
 @triton.jit

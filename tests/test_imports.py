@@ -133,6 +133,7 @@ OPTIONAL_AT_IMPORT = {
     "qsparse.kernels._topk_triton": "triton",
     "qsparse.kernels._quant_triton": "triton",
     "qsparse.kernels._ternary_rows_triton": "triton",
+    "qsparse.kernels._topk_rule": "triton",
     "qsparse.kernels._common": "triton",
 }
 

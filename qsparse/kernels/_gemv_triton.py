@@ -11,10 +11,11 @@ Sparse input, float weights (``y[b, n] = sum_i xs[b, i] * Wt[i, n]``, ``Wt`` = [
    is launched as a programmatic dependent of (1) (PDL): its programs are already resident
    when the list is written and only then wait (``gdc_wait``).
 
-Selection rule (same as the training kernels and :func:`qsparse.nn.topk.topk_mask`): key =
-fp32 bits of |x| as int32; ``thr`` = k-th largest key (radix select on ``DBITS``-bit digits, or
-bisection on the bits); entry i kept iff ``key_i > thr`` or (``key_i == thr`` and ``i <= cut``),
-``cut`` = index of the last tie kept.
+Selection rule: :mod:`._topk_rule` (shared with the training kernels; same as
+:func:`qsparse.nn.topk.topk_mask`): key = fp32 bits of |x| as int32; ``thr`` = k-th largest
+key (radix select on ``DBITS``-bit digits, or the rule's bisection on the bits); entry i kept
+iff ``key_i > thr`` or (``key_i == thr`` and ``i <= cut``), ``cut`` = index of the last tie
+kept.
 
 Ternary weights (BitNet b1.58 inference, int8 activations): codes ``c = w + 1`` in {0, 1, 2}
 packed 16 inputs per int32 word ``P[g, n]`` (input group g = inputs 16g..16g+15, output n):
@@ -34,31 +35,21 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._common import _HW_RINT, libdevice, round_half_even
+from ._topk_rule import abs_key, ties_kept, ties_needed, topk_keep, topk_threshold
 
 
 @triton.jit
 def _threshold(key, idx, k, KEY_BITS: tl.constexpr, BPP: tl.constexpr = 1):
-    """(thr, cut) of the top-k rule for one row of int32 keys (invalid entries: key = -1).
-
-    Bisection from bit 30 down, ``BPP`` bits per pass: each pass counts ``key >= cand`` for
-    the 2^BPP candidates at once (one vector reduction), so 15 bf16 bits take 8 passes at
-    BPP = 2. Needs ``BPP * ceil(KEY_BITS / BPP) <= 31``.
-    """
-    thr = tl.zeros([], dtype=tl.int32)
-    j = tl.arange(0, 1 << BPP)
-    for t in tl.static_range((KEY_BITS + BPP - 1) // BPP):
-        sh = 31 - BPP * (t + 1)
-        cand = thr | (j << sh)
-        cnt = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), axis=0)
-        thr = thr | (tl.max(tl.where(cnt >= k, j, 0), axis=0) << sh)
-    return thr, _tie_cut(key, idx, thr, k - tl.sum((key > thr).to(tl.int32), axis=0))
+    """(thr, cut) of the top-k rule for one row of int32 keys (invalid entries: key = -1),
+    ``thr`` by bisection, ``BPP`` bits per pass (:func:`._topk_rule.topk_threshold`)."""
+    thr = topk_threshold(key, k, KEY_BITS, BPP)
+    return thr, _tie_cut(key, idx, thr, ties_needed(key, thr, k))
 
 
 @triton.jit
 def _tie_cut(key, idx, thr, need):
     """Index of the last entry equal to ``thr`` that is kept (the first ``need`` ties)."""
-    eq = key == thr
-    return tl.max(tl.where(eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need), idx, -1), axis=0)
+    return tl.max(tl.where(ties_kept(key, thr, need), idx, -1), axis=0)
 
 
 @triton.jit
@@ -159,11 +150,6 @@ def _threshold_hinted(
 
 
 @triton.jit
-def _abs_key(xf):
-    return xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-
-
-@triton.jit
 def _select_kernel(
     x_ptr,
     thr_ptr,
@@ -182,7 +168,7 @@ def _select_kernel(
     xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
     tl.store(gamma_ptr + b, tl.max(tl.abs(xf), axis=0))
     if SELECT:
-        thr, cut = _threshold(tl.where(valid, _abs_key(xf), -1), i, k, KEY_BITS)
+        thr, cut = _threshold(tl.where(valid, abs_key(xf), -1), i, k, KEY_BITS)
         tl.store(thr_ptr + b, thr)
         tl.store(cut_ptr + b, cut)
 
@@ -219,15 +205,25 @@ def _list_one_row(
     eps=0.0,
     PROD: tl.constexpr = 0,
     BF16: tl.constexpr = False,
+    QMAX: tl.constexpr = 0,
+    scale_ptr=None,
 ):
     """Batch 1: radix top-k of the site input v[K] (x, or its producer's output:
-    :func:`_produce`), then idx[p] / val[p] for the k kept inputs (:func:`_list_kept`)."""
+    :func:`_produce`), then idx[p] / val[p] for the k kept inputs (:func:`_list_kept`):
+    val = v (fp32), or with ``QMAX > 0`` its int8 absmax codes (:func:`_act_codes`, int32)
+    and ``scale[0] = gamma / Q``."""
     i = tl.arange(0, BLOCK)
     valid = i < K
     xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
-    key = tl.where(valid, _abs_key(xf), -1)
+    if QMAX > 0:
+        val, gamma = _act_codes(xf, QMAX)
+    else:
+        val = xf
+    key = tl.where(valid, abs_key(xf), -1)
     thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, HINT)
-    _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr)
+    _list_kept(key, val, i, thr, need, idx_ptr, val_ptr)
+    if QMAX > 0:
+        tl.store(scale_ptr, gamma / QMAX)
 
 
 @triton.jit
@@ -269,7 +265,7 @@ def _band_list_kernel(
     i = tl.arange(0, BLOCK)
     valid = i < K
     xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
-    key = tl.where(valid, _abs_key(xf), -1)
+    key = tl.where(valid, abs_key(xf), -1)
     thr, need = _threshold_hinted(
         key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, True, STORE=False
     )
@@ -393,10 +389,9 @@ def _masked_topk_kernel(
     i = tl.arange(0, BLOCK)
     valid = i < K
     xf = _produce(x_ptr, w_ptr, b, i, valid, K, eps, PROD, BF16)
-    key = tl.where(valid, _abs_key(xf), -1)
+    key = tl.where(valid, abs_key(xf), -1)
     thr, need = _threshold_hinted(key, valid, K, k, hint_ptr + b, BLOCK, LOW, NDIG, DBITS, HINT)
-    eq = key == thr
-    keep = (key > thr) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
+    keep = topk_keep(key, thr, need)
     tl.store(out_ptr + b * K + i, tl.where(keep, xf, 0.0).to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -459,7 +454,7 @@ def _compact_kernel(
     else:
         for b in range(B):
             xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
-            key = tl.where(valid, _abs_key(xf), -1)
+            key = tl.where(valid, abs_key(xf), -1)
             if RADIX:
                 thr, need = _threshold_hinted(
                     key, valid, K, k, hint_ptr + b, BLOCK, LOW, NDIG, DBITS, HINT
@@ -479,7 +474,7 @@ def _compact_kernel(
             thr = tl.sum(tl.where(slot == b, thrs, 0), axis=0)
             cut = tl.sum(tl.where(slot == b, cuts, 0), axis=0)
             xf = tl.load(x_ptr + b * K + i, mask=valid, other=0.0).to(tl.float32)
-            key = _abs_key(xf)
+            key = abs_key(xf)
             keep = _kept(key, i, thr, cut)
             tl.store(val_ptr + b * K + pos, tl.where(keep, xf, 0.0), mask=listed)
 
@@ -695,7 +690,7 @@ def _carry_gemv_kernel(
     for p0 in tl.range(lo1, hi1, BK, num_stages=STAGES):
         r = p0 + tl.arange(0, BK)
         xv = tl.load(x_ptr + r, mask=r < hi1, other=0.0).to(tl.float32)
-        m = (r < hi1) & (_abs_key(xv) > hi)
+        m = (r < hi1) & (abs_key(xv) > hi)
         w = _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK)
         acc2 += xv[:, None] * w.to(tl.float32)
     if PDL:
@@ -791,10 +786,9 @@ def _ternary_prep_kernel(
         xf = _round_to(xf * _inv_rms(xf, K, neps) * nw, BF16)
     q, gamma = _act_codes(xf, QMAX)
     if SPARSE:
-        key = tl.where(valid, _abs_key(xf), -1)
+        key = tl.where(valid, abs_key(xf), -1)
         thr, need = _threshold_hinted(key, valid, K, k, hint_ptr + b, BLOCK, LOW, NDIG, DBITS, HINT)
-        eq = key == thr
-        keep = (key > thr) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
+        keep = topk_keep(key, thr, need)
         q = tl.where(keep, q, 0)
     tl.store(qsum_ptr + b, tl.sum(q, axis=0))
     tl.store(scale_ptr + b, gamma / QMAX)

@@ -25,14 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._gemv_triton import (
-    _abs_key,
-    _act_codes,
-    _list_kept,
-    _produce,
-    _store_out,
-    _threshold_hinted,
-)
+from ._gemv_triton import _list_one_row, _store_out
 
 
 @triton.jit
@@ -59,18 +52,15 @@ def _ternary_list_kernel(
     """Batch 1: v = the site input (:func:`_produce`), ``q = clamp(round(v * Q / gamma))``
     with ``gamma = max(max |v|, 1e-5)`` (the arithmetic of the dense ternary activation
     kernel), the top-k of |v| (ties to the lower index), and for the k kept inputs in
-    ascending order ``idx[p]``, ``qv[p]`` (int32); ``scale[0] = gamma / Q``. PDL: let the
-    GEMV launched next start (it waits for these writes)."""
+    ascending order ``idx[p]``, ``qv[p]`` (int32); ``scale[0] = gamma / Q``
+    (:func:`._gemv_triton._list_one_row`). PDL: let the GEMV launched next start (it waits
+    for these writes)."""
     if PDL:
         gdc_launch_dependents()
-    i = tl.arange(0, BLOCK)
-    valid = i < K
-    xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
-    q, gamma = _act_codes(xf, QMAX)
-    key = tl.where(valid, _abs_key(xf), -1)
-    thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, HINT)
-    _list_kept(key, q, i, thr, need, idx_ptr, qv_ptr)  # K <= 32767 (packed scan)
-    tl.store(scale_ptr, gamma / QMAX)
+    _list_one_row(  # K <= 32767 (packed scan)
+        x_ptr, idx_ptr, qv_ptr, hint_ptr, K, k, BLOCK, LOW, NDIG, DBITS, HINT,
+        w_ptr, eps, PROD, BF16, QMAX, scale_ptr,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -3,14 +3,9 @@
 Imported only when a kernel is about to run (CUDA tensor, or CPU under ``TRITON_INTERPRET=1``),
 so CPU users never need Triton's GPU backend.
 
-Selection (same rule as :mod:`qsparse.nn.topk`): keep the ``k`` largest ``|x|`` of a row,
-compared in fp32; among equal magnitudes the lower index wins; exactly ``k`` kept. The fp32 bit
-pattern of ``|x|`` read as an int32 ``key`` is monotonic in ``|x|`` (NaN above +inf, as in
-``torch.topk``), so the threshold ``T`` = the k-th largest key is found by bisection on the
-bits: starting from ``T = 0``, for each bit ``b`` from 30 down, set it if
-``count(key >= T | 2^b) >= k``. bf16/fp16 inputs widen to fp32 with their low 16/13 mantissa
-bits zero, so only the top 15 (bf16) or 18 (fp16) bits need a pass. Then
-``keep = key > T  or  (key == T and rank_among_equals <= k - count(key > T))``.
+Selection: the top-k rule of :mod:`._topk_rule` (the same as :mod:`qsparse.nn.topk`): the
+``k`` largest ``|x|`` of a row (token) or block, ties to the lower index, exactly ``k`` kept;
+bisection on the key bits, one bit per pass over the whole tile.
 
 Quantization (Eq. 4-7): ``q = clamp(rint(x * s), -Q-1, Q) / s`` with ``s = Q * (1 / max(gamma, eps))``,
 gamma = max|x| of the token (the whole row, also for block top-k), ``Q = 2^(b-1) - 1``.
@@ -22,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_half_even
+from ._topk_rule import abs_key, topk_mask
 
 
 @triton.jit
@@ -39,23 +35,46 @@ def _quantize(xf, gamma, eps, QMAX: tl.constexpr):
 
 @triton.jit
 def _topk_keep(xf, valid, k, KEY_BITS: tl.constexpr):
-    """The selection rule of the module docstring along the last axis of fp32 ``xf``
-    ([R, D] rows or [R, NBLK, BS] blocks; ``valid`` masks padding): True for the ``k``
+    """The selection rule (:mod:`._topk_rule`, one bit per pass) along the last axis of fp32
+    ``xf`` ([R, D] rows or [R, NBLK, BS] blocks; ``valid`` masks padding): True for the ``k``
     largest ``|x|`` of each row/block, ties to the lower index."""
-    key = xf.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    key = tl.where(valid, key, -1)
-    # bisection on the key bits, from bit 30 down (the first pass starts from T = 0)
-    thr = tl.where(tl.sum((key >= (1 << 30)).to(tl.int32), axis=-1) >= k, 1 << 30, 0)
-    for i in tl.static_range(1, KEY_BITS):
-        cand = thr | (1 << (30 - i))
-        cnt = tl.sum((key >= tl.expand_dims(cand, -1)).to(tl.int32), axis=-1)
-        thr = tl.where(cnt >= k, cand, thr)
-    thr = tl.expand_dims(thr, -1)
-    gt = key > thr
-    eq = key == thr
-    need = k - tl.sum(gt.to(tl.int32), axis=-1)
-    rank = tl.cumsum(eq.to(tl.int32), axis=-1)
-    return gt | (eq & (rank <= tl.expand_dims(need, -1)))
+    return topk_mask(tl.where(valid, abs_key(xf), -1), k, KEY_BITS)
+
+
+@triton.jit
+def _topk_tile(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    offs,
+    valid,
+    k,
+    eps,
+    KEY_BITS: tl.constexpr,
+    QMAX: tl.constexpr,
+    SELECT: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+):
+    """One program's tile ([R, D] rows or [R, NBLK, BS] blocks at ``offs``, ``valid`` masks
+    padding): ``out`` = x fake-quantized (``QMAX > 0``, gamma per row over the whole row)
+    and, with SELECT, zeroed outside the top-k of each row/block (the keep mask written to
+    ``mask`` if WRITE_MASK)."""
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0)
+    xf = x.to(tl.float32)
+    if QMAX > 0:
+        if len(xf.shape) == 2:
+            gamma = tl.max(tl.abs(xf), axis=1)[:, None]
+        else:
+            gamma = tl.max(tl.max(tl.abs(xf), axis=2), axis=1)[:, None, None]
+        val = _quantize(xf, gamma, eps, QMAX)
+    else:
+        val = xf
+    if SELECT:
+        keep = _topk_keep(xf, valid, k, KEY_BITS)
+        val = tl.where(keep, val, 0.0)
+        if WRITE_MASK:
+            tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)
+    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -83,19 +102,7 @@ def _token_topk_kernel(
     cols = tl.arange(0, BLOCK_D)
     valid = (rows < n_rows)[:, None] & (cols < d)[None, :]
     offs = rows.to(tl.int64)[:, None] * d + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0)
-    xf = x.to(tl.float32)
-    if QMAX > 0:
-        gamma = tl.max(tl.abs(xf), axis=1)
-        val = _quantize(xf, gamma[:, None], eps, QMAX)
-    else:
-        val = xf
-    if SELECT:
-        keep = _topk_keep(xf, valid, k, KEY_BITS)
-        val = tl.where(keep, val, 0.0)
-        if WRITE_MASK:
-            tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)
-    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=valid)
+    _topk_tile(x_ptr, out_ptr, mask_ptr, offs, valid, k, eps, KEY_BITS, QMAX, SELECT, WRITE_MASK)
 
 
 @triton.jit
@@ -123,27 +130,19 @@ def _block_topk_kernel(
     col = blk[:, None] * BS + lane[None, :]  # [NBLK, BS]
     valid = (rows < n_rows)[:, None, None] & (col < d)[None, :, :]
     offs = rows.to(tl.int64)[:, None, None] * d + col[None, :, :]
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0)
-    xf = x.to(tl.float32)
-    if QMAX > 0:
-        gamma = tl.max(tl.max(tl.abs(xf), axis=2), axis=1)
-        val = _quantize(xf, gamma[:, None, None], eps, QMAX)
-    else:
-        val = xf
-    keep = _topk_keep(xf, valid, k, KEY_BITS)
-    val = tl.where(keep, val, 0.0)
-    if WRITE_MASK:
-        tl.store(mask_ptr + offs, keep.to(tl.int1), mask=valid)
-    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=valid)
+    _topk_tile(x_ptr, out_ptr, mask_ptr, offs, valid, k, eps, KEY_BITS, QMAX, True, WRITE_MASK)
 
 
 def _launch(
-    kernel, x, out, mask, k: int, eps: float, rows: int, num_warps: int, key_bits: int, **meta
+    kernel, x, out, mask, k: int, eps: float, key_bits: int, width: int, wide_warps: int, **meta
 ) -> None:
-    """Launch ``kernel`` on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None), ``rows``
-    rows per program; ``key_bits``: ``qsparse.kernels.topk.KEY_BITS[x.dtype]``; ``meta``: the
-    kernel's own constexprs."""
+    """Launch ``kernel`` on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None);
+    ``key_bits``: ``qsparse.kernels.topk.KEY_BITS[x.dtype]``; ``meta``: the kernel's own
+    constexprs. A program holds about 4K values: ``4096 // width`` rows of ``width`` (the
+    padded row) for narrow layers (at most 16), one row otherwise, with 4 warps, or
+    ``wide_warps`` when that tile holds more than 4096 values."""
     n_rows, d = x.shape
+    rows = max(1, min(16, 4096 // width))
     kernel[(triton.cdiv(n_rows, rows),)](
         x,
         out,
@@ -155,7 +154,7 @@ def _launch(
         ROWS=rows,
         KEY_BITS=key_bits,
         WRITE_MASK=mask is not None,
-        num_warps=num_warps,
+        num_warps=4 if width * rows <= 4096 else wide_warps,
         **meta,
     )
 
@@ -165,23 +164,9 @@ def launch_token_topk(
 ) -> None:
     """Run the token kernel on 2-D contiguous ``x`` -> ``out`` (and ``mask`` if not None)."""
     block_d = triton.next_power_of_2(x.shape[1])
-    # keep about 4K values per program: several rows for narrow layers, one row otherwise
-    rows = max(1, min(16, 4096 // block_d))
-    num_warps = 4 if block_d * rows <= 4096 else (8 if block_d <= 8192 else 16)
-    _launch(
-        _token_topk_kernel,
-        x,
-        out,
-        mask,
-        k,
-        eps,
-        rows,
-        num_warps,
-        key_bits,
-        BLOCK_D=block_d,
-        QMAX=qmax,
-        SELECT=select,
-    )
+    wide = 8 if block_d <= 8192 else 16
+    meta = {"BLOCK_D": block_d, "QMAX": qmax, "SELECT": select}
+    _launch(_token_topk_kernel, x, out, mask, k, eps, key_bits, block_d, wide, **meta)
 
 
 def launch_block_topk(
@@ -189,19 +174,5 @@ def launch_block_topk(
 ) -> None:
     """Run the block kernel on 2-D contiguous ``x`` (d divisible by ``block_size``)."""
     nblk = triton.next_power_of_2(x.shape[1] // block_size)
-    rows = max(1, min(16, 4096 // (nblk * block_size)))
-    num_warps = 4 if nblk * block_size * rows <= 4096 else 8
-    _launch(
-        _block_topk_kernel,
-        x,
-        out,
-        mask,
-        k,
-        eps,
-        rows,
-        num_warps,
-        key_bits,
-        NBLK=nblk,
-        BS=block_size,
-        QMAX=qmax,
-    )
+    meta = {"NBLK": nblk, "BS": block_size, "QMAX": qmax}
+    _launch(_block_topk_kernel, x, out, mask, k, eps, key_bits, nblk * block_size, 8, **meta)

@@ -566,6 +566,18 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     return sem
 
 
+def _gemv_outputs(
+    x: torch.Tensor, rows: int, n: int, out_dtype: torch.dtype, split: int, interp: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, part) of a decode GEMV launch: ``y`` [rows, n] in ``out_dtype`` (fp32 under the
+    interpreter, which casts to bf16/fp16 by truncation) and, for ``split > 1``, the fp32
+    partial sums [split, rows, n] its programs sum (``_store_out``); else ``y`` stands in
+    (never read)."""
+    y = torch.empty(rows, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
+    part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    return y, part
+
+
 def _wt_dims(wt: torch.Tensor) -> tuple[int, int, int | None]:
     """(K, N (padded), panel width; None for row-major) of a :func:`prepare_dense` result."""
     if wt.dim() == 3:
@@ -705,10 +717,8 @@ def _sparse_gemv_launch(
     use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
     bb = max(16, triton.next_power_of_2(bsz)) if use_dot else 1
     split = max(1, cfg.split)
-    # the interpreter casts to bf16/fp16 by truncation: it writes fp32
-    y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
+    y, part = _gemv_outputs(x, bsz, n, out_dtype, split, interp)
     grid = (triton.cdiv(n, block_n), split)
-    part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device) if split > 1 else y
     sem = _semaphores(x.device, grid[0]) if split > 1 else cnt
     _compact_gemv_kernel[grid](
         idx,
@@ -778,8 +788,7 @@ def _carry_gemv_launch(
     )
     split = max(1, cfg.split)
     grid = (triton.cdiv(n, block_n), split)
-    y = torch.empty(1, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
-    part = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    y, part = _gemv_outputs(x, 1, n, out_dtype, split, interp)
     sem = _semaphores(x.device, grid[0] + 1)
     _carry_gemv_kernel[grid](
         x,
@@ -1003,10 +1012,9 @@ def ternary_gemv_op(
         BF16=x.dtype == torch.bfloat16,
         num_warps=select_warps_for(k_in, cfg.select_warps),
     )
-    y = torch.empty(bsz, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
     alpha_arg = alpha_vec if alpha_vec is not None else scale
     split = max(1, cfg.split)
-    part = torch.empty(split, bsz, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    y, part = _gemv_outputs(x, bsz, n, out_dtype, split, interp)
     sem = _semaphores(x.device, triton.cdiv(n, cfg.block_n)) if split > 1 else qsum
     if bsz > 1 and cfg.use_dot:
         # tensor cores: int8 codes x int8 activations, batch padded to 16

@@ -35,6 +35,8 @@ from .gemv import (
     _cfg_ints,
     _check_k,
     _check_x,
+    _gemv_launch_opts,
+    _gemv_outputs,
     _hint_arg,
     _interpreted,
     _pdl_ok,
@@ -240,11 +242,8 @@ def ternary_rows_gemv_op(
     bw = cfg.block_n // 16
     split = max(1, cfg.split)
     grid = (triton.cdiv(words, bw), split)
-    # the interpreter casts to bf16/fp16 by truncation: it writes fp32
-    y = torch.empty(1, n, dtype=torch.float32 if interp else out_dtype, device=x.device)
-    part = torch.empty(split, 1, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    y, part = _gemv_outputs(x, 1, n, out_dtype, split, interp)
     sem = _semaphores(x.device, grid[0]) if split > 1 else idx
-    extra = {"launch_pdl": True} if pdl else {}
     _ternary_rows_gemv_kernel[grid](
         idx,
         qv,
@@ -264,11 +263,7 @@ def ternary_rows_gemv_op(
         FLUSH=FLUSH,
         ALPHA_VEC=alpha_vec is not None,
         CMASK=words % bw != 0,
-        PDL=pdl,
-        ASM=not interp,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **extra,
+        **_gemv_launch_opts(cfg, pdl, interp),
     )
     return y.to(out_dtype)
 
