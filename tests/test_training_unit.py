@@ -14,7 +14,7 @@ from qsparse.models import LlamaConfig, LlamaForCausalLM
 from qsparse.models.flops import model_flops_per_token
 from qsparse.training.checkpoint import atomic_torch_save
 from qsparse.training.config import paper_lr, validate_config
-from qsparse.training.flops import peak_flops, peak_flops_for_name
+from qsparse.training.flops import peak_flops, peak_flops_for_name, precision_dtype
 from qsparse.training.metrics_csv import read_metrics
 from qsparse.training.optim import TwoStageSchedule, lr_factor, param_groups, warmup_decay
 from qsparse.training.plots import plot_loss_curve
@@ -108,6 +108,11 @@ def test_peak_flops_table() -> None:
     assert peak_flops_for_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak_flops_for_name("NVIDIA H100 PCIe", "bf16") == 756e12
     assert peak_flops_for_name("NVIDIA H200", "bf16") == 989e12
+    # the names of qsparse.dtypes, canonical or alias, and what a Lightning precision maps to
+    assert peak_flops_for_name("NVIDIA H200", "bfloat16") == 989e12
+    assert peak_flops_for_name("NVIDIA H200", precision_dtype("bf16-mixed")) == 989e12
+    assert peak_flops_for_name("NVIDIA H200", precision_dtype("32-true")) == 494e12
+    assert precision_dtype(16) == "float16"
     assert peak_flops_for_name("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert peak_flops_for_name("Some Unknown GPU", "bf16") is None
     assert peak_flops("cpu", "fp32") is None
