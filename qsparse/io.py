@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_dir",
     "atomic_write_jsonl",
     "atomic_write_text",
+    "swap_in",
     "temporary_sibling",
 ]
 
@@ -106,19 +107,43 @@ def atomic_write_dir(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this pid
     try:
         tmp.mkdir()
         fill(tmp)
-        if replace and path.exists():
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if replace or not path.exists():
-                raise
+        if replace:
+            swap_in(tmp, path)
+        else:
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if not path.exists():
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def swap_in(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Make the finished temporary folder ``tmp`` the folder ``path``.
+
+    What ``path`` held is moved aside first (a folder, to ``.<name>.old-<random>``, deleted
+    once the new one is in place, put back if the rename fails) or removed (a file), then
+    ``tmp`` is renamed to ``path``.
+    :func:`atomic_write_dir` and the sharded FSDP checkpoint
+    (:meth:`qsparse.training.strategies.FSDP2Strategy.save_checkpoint`, on rank zero after
+    every rank has written its shard) both swap folders in with it.
+    """
+    tmp, path = Path(tmp), Path(path)
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    if path.is_dir() and not path.is_symlink():
+        os.replace(path, old)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # the rename failed: the old content back in place
+        raise
+    shutil.rmtree(old, ignore_errors=True)

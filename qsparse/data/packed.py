@@ -9,7 +9,9 @@
    ``<cache>/packed/<corpus>-<hash>/{train,val}.npy`` with a ``meta.json``; the hash covers
    the corpus files, split settings and tokenizer, so a second run memory-maps them and skips
    tokenization. ``seq_len`` is applied at load time (a view), so every block length reuses
-   one cache.
+   one cache. The concatenation is not the ``group_texts`` map of the ``datasets`` recipes,
+   which stores one row per block of a fixed length: one flat array serves every ``seq_len``
+   and is memory-mapped without Arrow.
 4. Block ``i`` is ``tokens[i*T:(i+1)*T]`` (the tail shorter than ``T`` is dropped); items are
    ``{"input_ids": LongTensor[T], "labels": LongTensor[T]}`` with ``labels == input_ids``
    (the model shifts them). Order, sharding and resume: :mod:`qsparse.data.resumable`.

@@ -12,6 +12,13 @@ selected by an index array, read one at a time, so memory does not grow with the
   to the earlier ones (plain causal attention), as in common SFT packing. Only the block
   boundaries (``int64[num_blocks + 1]``) are kept; :class:`PackedBlocks` assembles a block
   when it is read.
+
+Not TRL's packing (``trl.pack_dataset``, what ``SFTTrainer(packing=True)`` runs): TRL is no
+dependency of qsparse; its default best-fit strategy reorders examples and keeps them apart
+through ``position_ids`` for padding-free attention kernels, which qsparse's attention (SDPA
+with a causal mask) does not read; and it writes the packed rows out as a new dataset, where
+this module keeps only the block boundaries and a fixed block order that exact resume
+(:mod:`qsparse.data.resumable`) indexes into.
 """
 
 from __future__ import annotations

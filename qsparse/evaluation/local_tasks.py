@@ -52,11 +52,9 @@ def _wiki_rows() -> list[dict]:
 
 
 def _kjv_verses() -> list[dict]:
-    from ..data.corpora import resolve_corpus
+    from ..data.packaged_corpora import kjv_verses
 
-    spec = resolve_corpus("kjv_verses")
-    with open(spec.data_files[0], encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return list(kjv_verses())
 
 
 def wiki_cloze(n: int, seed: int = 0) -> list[dict]:

@@ -13,6 +13,13 @@ Three settings reach it, all this one call: the run-level ``gradient_checkpointi
 ``trainer.strategy.activation_checkpointing``
 (:class:`~qsparse.training.strategies.FSDP2Strategy`, before it shards the layers). The call
 is idempotent, so turning on more than one of them changes nothing.
+
+Not Lightning's or torch's wrappers: Lightning offers activation checkpointing only as an
+argument of its FSDP strategy (``activation_checkpointing_policy``), while this switch must
+also work on one device and under DDP; torch's ``checkpoint_wrapper`` /
+``apply_activation_checkpointing`` wrap each layer in a module, which inserts
+``_checkpoint_wrapped_module`` into parameter and module names (sparsity site names,
+optimizer groups, checkpoints), whereas patching ``forward`` keeps every name.
 """
 
 from __future__ import annotations

@@ -14,40 +14,44 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import ALIASES, DTYPES, dtype_names
+
 # (substring of torch.cuda.get_device_name(), dtype) -> peak dense FLOP/s (no 2:4 sparsity).
-# "fp32" on tensor-core GPUs means TF32 (what float32 matmuls use with high precision off).
+# "float32" on tensor-core GPUs means TF32 (what float32 matmuls use with high precision off).
 _PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
-    ("GH200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
-    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),  # SXM
-    ("H800", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
-    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "fp32": 1100e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
-    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
-    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
-    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
-    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
-    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
+    ("H200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    ("GH200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    ("H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
+    ("H100 NVL", {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12}),
+    ("H100", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),  # SXM
+    ("H800", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    ("B200", {"bfloat16": 2250e12, "float16": 2250e12, "float32": 1100e12}),
+    ("A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
+    ("A10G", {"bfloat16": 70e12, "float16": 70e12, "float32": 35e12}),
+    ("L40S", {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12}),
+    ("L4", {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
+    ("RTX 4090", {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12}),
+    ("V100", {"float16": 125e12, "float32": 15.7e12}),
+    ("T4", {"float16": 65e12, "float32": 8.1e12}),
 )
 
 
 def precision_dtype(precision: str | int | None) -> str:
-    """Map a Lightning precision setting (``"bf16-mixed"``, ``"32-true"``, 16, ...) to a
-    key of the peak table: ``"bf16"``, ``"fp16"`` or ``"fp32"``."""
+    """Map a Lightning precision setting (``"bf16-mixed"``, ``"32-true"``, 16, ...) to the
+    dtype name (:mod:`qsparse.dtypes`) its matrix multiplies run in: ``"bfloat16"``,
+    ``"float16"`` or ``"float32"``."""
     p = str(precision or "32").lower()
     if "bf16" in p:
-        return "bf16"
+        return "bfloat16"
     if p.startswith("16"):
-        return "fp16"
-    return "fp32"
+        return "float16"
+    return "float32"
 
 
 def peak_flops(device: torch.device | str, dtype: str) -> float | None:
-    """Peak FLOP/s of one device for ``dtype`` (``bf16``/``fp16``/``fp32``), ``None`` when
-    unknown (CPU, unlisted GPU): then no MFU is reported rather than a made-up one."""
+    """Peak FLOP/s of one device for ``dtype`` (a name of :mod:`qsparse.dtypes`:
+    ``bfloat16``/``float16``/``float32`` or ``bf16``/``fp16``/``fp32``), ``None`` when unknown
+    (CPU, unlisted GPU): then no MFU is reported rather than a made-up one."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
@@ -56,9 +60,10 @@ def peak_flops(device: torch.device | str, dtype: str) -> float | None:
 
 def peak_flops_for_name(name: str, dtype: str) -> float | None:
     """Look ``name`` (e.g. ``"NVIDIA H100 80GB HBM3"``) up in the peak table."""
-    if dtype not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"dtype={dtype!r} must be one of bf16, fp16, fp32")
-    for key, peaks in _PEAKS:
-        if key.lower() in name.lower():
-            return peaks.get(dtype)
+    key = ALIASES.get(dtype, dtype)
+    if key not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be one of {dtype_names()}")
+    for device, peaks in _PEAKS:
+        if device.lower() in name.lower():
+            return peaks.get(key)
     return None

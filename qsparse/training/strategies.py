@@ -41,6 +41,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from ..io import swap_in
+
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
 
 
@@ -166,13 +168,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("qsparse-ckpt-written")
         if self.is_global_zero:
-            old = path.with_name(f"{path.name}.old-{os.getpid()}")
-            if path.is_dir():
-                path.rename(old)
-            elif path.exists():
-                path.unlink()
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
+            swap_in(tmp, path)
         self.barrier("qsparse-ckpt-swapped")
 
     def remove_checkpoint(self, filepath: Any) -> None:
