@@ -379,6 +379,45 @@ def test_kernels_match_references_in_the_triton_interpreter():
     assert "INTERPRETER OK" in run_interpreted(INTERPRETER_SCRIPT, timeout=300)
 
 
+BISECTION_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from qsparse.kernels import gemv as G
+    from qsparse.nn.topk import topk_mask
+
+    torch.manual_seed(1)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for b in (1, 3):
+            x = ((torch.randn(b, 80) * 3).round() / 2).to(dt)  # many ties
+            x[0, :5] = 0  # zeros and exact ties at the threshold
+            for k in (1, 30, 79):
+                mask = topk_mask(x, k)
+                for bits in (1, 2, 3):  # one or several candidate bits per bisection pass
+                    idx, val, cnt = G.compact_rows(x, k, radix=False, bits_per_pass=bits)
+                    n = int(cnt)
+                    assert torch.equal(idx[:n].long(), mask.any(0).nonzero().flatten()), (dt, b, k, bits)
+                    assert torch.equal(val[:, :n], (x.float() * mask)[:, idx[:n].long()])
+                thr, cut, gamma = G.select_rows(x, k)
+                key = x.float().abs().view(torch.int32).long()
+                i = torch.arange(x.shape[1])
+                kept = (key > thr[:, None]) | ((key == thr[:, None]) & (i <= cut[:, None]))
+                assert torch.equal(kept, mask), (dt, b, k)
+                assert torch.equal(gamma, x.float().abs().amax(-1))
+    print("BISECTION OK")
+    """
+)
+
+
+@needs_triton
+def test_bisection_selection_matches_topk_in_the_triton_interpreter():
+    """The bisection path of the shared top-k rule (``compact_rows(radix=False)`` at 1-3 bits
+    per pass, ``select_rows``) keeps exactly ``topk_mask``'s entries, ties to the lower index,
+    in every dtype and at batch 1 and 3."""
+    from conftest import run_interpreted
+
+    assert "BISECTION OK" in run_interpreted(BISECTION_SCRIPT, timeout=300)
+
+
 @needs_triton
 def test_every_kernel_launch_compiles_for_hopper_without_a_gpu():
     """The installed Triton (the one the pinned torch brings) builds every launch qsparse makes
