@@ -119,7 +119,7 @@ def main() -> None:
         try:
             big = train(out, "fsdp_7b", [
                 "model=7B", "quant=bitnet", "trainer=fsdp", "trainer.devices=2",
-                "trainer.strategy.activation_checkpointing=true", "trainer.max_steps=5",
+                "gradient_checkpointing=true", "trainer.max_steps=5",
                 "data.batch_size=1", "trainer.limit_val_batches=0", "callbacks.checkpoint=null",
                 "export=false",
             ], timeout=400)  # fmt: skip

@@ -185,7 +185,7 @@ def _grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]
 
 
 def test_checkpointing_keeps_gradients_of_sparsified_hf_model(tiny_hf_checkpoint) -> None:
-    """transformers' checkpointing (model.gradient_checkpointing) and the run-level wrapper
+    """transformers' checkpointing (hf_model(gradient_checkpointing=True)) and the run-level wrapper
     (gradient_checkpointing: true) recompute the top-k layers exactly: same gradients."""
     from qsparse.models.checkpointing import enable_gradient_checkpointing
 

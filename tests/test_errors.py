@@ -222,6 +222,25 @@ def test_block_size_that_does_not_divide_fails_before_anything_is_written(tmp_pa
     assert not (tmp_path / "r").exists()
 
 
+# --- checkpointing has one switch ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("+model.gradient_checkpointing=true", r"model\.gradient_checkpointing=True"),
+        ("+trainer.strategy.activation_checkpointing=true", r"activation_checkpointing=True"),
+    ],
+)
+def test_second_checkpointing_switch_is_refused_naming_the_run_level_one(
+    tmp_path: Path, override: str, key: str
+) -> None:
+    cfg = compose_train([*FAST, override, f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(ConfigError, match=key + r".*run-level gradient_checkpointing=true"):
+        train(cfg)
+    assert not (tmp_path / "r").exists()
+
+
 # --- resume / load of missing or damaged files -------------------------------------------------
 
 

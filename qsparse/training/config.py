@@ -219,6 +219,26 @@ def _int_at_least(section: Mapping[str, Any], prefix: str, key: str, minimum: in
         )
 
 
+def _one_checkpointing_switch(cfg: Mapping[str, Any]) -> None:
+    """Refuse the loader's and the FSDP strategy's own checkpointing keys: the run-level
+    ``gradient_checkpointing`` is the one switch (it wraps each decoder layer before any
+    strategy shards the model, HF and native models alike)."""
+    model = cfg.get("model") or {}
+    strategy = (cfg.get("trainer") or {}).get("strategy")
+    for key, value in (
+        ("model.gradient_checkpointing", model.get("gradient_checkpointing")),
+        (
+            "trainer.strategy.activation_checkpointing",
+            strategy.get("activation_checkpointing") if isinstance(strategy, Mapping) else None,
+        ),
+    ):
+        if value is not None:
+            raise ConfigError(
+                f"{key}={value}: checkpointing has one switch, the run-level "
+                f"gradient_checkpointing=true (drop {key})"
+            )
+
+
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     """Range-check a composed training config; raise ``ValueError`` naming the key.
 
@@ -242,6 +262,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
         key = getattr(exc, "full_key", None) or "?"
         first = str(exc).splitlines()[0]
         raise ValueError(f"config error: {key}: {first}") from exc
+    _one_checkpointing_switch(cfg)
     run_name = cfg.get("run_name")
     _require(
         isinstance(run_name, str) and run_name.strip() != "" and ".." not in run_name,
