@@ -127,23 +127,28 @@ def atomic_write_dir(
 def swap_in(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
     """Make the finished temporary folder ``tmp`` the folder ``path``.
 
-    What ``path`` held is moved aside first (a folder, to ``.<name>.old-<random>``, deleted
-    once the new one is in place, put back if the rename fails) or removed (a file), then
-    ``tmp`` is renamed to ``path``.
+    What ``path`` held (a folder, a file or a link) is moved aside first, to
+    ``.<name>.old-<random>``, then ``tmp`` is renamed to ``path``; the old entry is deleted once
+    the new one is in place and put back if the rename fails, so a failure never leaves
+    ``path`` without what it held.
     :func:`atomic_write_dir` and the sharded FSDP checkpoint
     (:meth:`qsparse.training.strategies.FSDP2Strategy.save_checkpoint`, on rank zero after
     every rank has written its shard) both swap folders in with it.
     """
     tmp, path = Path(tmp), Path(path)
     old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    if path.is_dir() and not path.is_symlink():
+    moved = path.exists() or path.is_symlink()
+    if moved:
         os.replace(path, old)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
     try:
         os.replace(tmp, path)
     except OSError:
-        if old.exists() and not path.exists():
+        if moved and not (path.exists() or path.is_symlink()):
             os.replace(old, path)  # the rename failed: the old content back in place
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if not moved:
+        return
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)

@@ -238,6 +238,13 @@ def test_swap_in_replaces_a_folder_or_file_and_keeps_the_old_one_on_failure(
         swap_in(tmp, path)
     assert (path / "shard").read_text() == "2"  # the old folder is back in place
 
+    other = tmp_path / "export"  # a file where a folder goes is kept too when the swap fails
+    other.write_text("the user's file")
+    tmp = finished("4")
+    with pytest.raises(OSError, match="rename failed"):
+        swap_in(tmp, other)
+    assert other.read_text() == "the user's file"
+
 
 def test_read_metrics_keeps_latest_value_per_step_and_plots(tmp_path: Path) -> None:
     d = tmp_path / "csv"
