@@ -180,10 +180,12 @@ def run_module(module: str, args: list[str], cwd: Path, timeout: int = 300) -> s
     return proc.stdout
 
 
-def ddp_recovery_overrides(ckpt: Path, run_dir: Path, cache_dir: Path, steps: int) -> list[str]:
+def ddp_recovery_overrides(
+    ckpt: Path, run_dir: Path, cache_dir: Path, steps: int, trainer: str = "ddp_cpu"
+) -> list[str]:
     """``qsparse-train`` overrides of a ``steps``-step recipe=continue/recovery_tiny run of
-    ``ckpt`` on two gloo CPU processes (trainer=ddp_cpu, 200 documents), validated at the last
-    step, logged to CSV every step."""
+    ``ckpt`` on two gloo CPU processes (``trainer``: ddp_cpu or fsdp_cpu, 200 documents),
+    validated at the last step, logged to CSV every step."""
     return [
         "recipe=continue/recovery_tiny",
         f"model.path={ckpt}",
@@ -191,7 +193,7 @@ def ddp_recovery_overrides(ckpt: Path, run_dir: Path, cache_dir: Path, steps: in
         f"data.cache_dir={cache_dir}",
         "data.max_documents=200",
         "logger=csv",
-        "trainer=ddp_cpu",
+        f"trainer={trainer}",
         f"trainer.max_steps={steps}",
         f"trainer.val_check_interval={steps}",
         "trainer.log_every_n_steps=1",

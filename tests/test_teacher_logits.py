@@ -264,16 +264,18 @@ def test_continue_recipe_two_steps_from_disk(tiny_hf_checkpoint, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_two_ddp_ranks_read_their_samples(tiny_hf_checkpoint, tmp_path: Path) -> None:
-    """trainer=ddp_cpu (2 gloo processes): the folder covers both ranks' samples (3 steps x
-    8 x 2) and the run trains against it (about a minute on 2 cores)."""
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp_cpu"])
+def test_two_ranks_read_their_samples(tiny_hf_checkpoint, tmp_path: Path, trainer: str) -> None:
+    """trainer=ddp_cpu / fsdp_cpu (2 gloo processes): the folder covers both ranks' samples
+    (3 steps x 8 x 2) and the run trains against it, its parameters replicated (DDP) or
+    sharded (FSDP2) (about a minute each on 2 cores)."""
     import json
 
     from conftest import ddp_recovery_overrides, run_module
 
     ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
     args = [
-        *ddp_recovery_overrides(ckpt, tmp_path / "run", tmp_path / "cache", steps=3),
+        *ddp_recovery_overrides(ckpt, tmp_path / "run", tmp_path / "cache", 3, trainer),
         "distill=logits_from_disk",
         f"distill.teacher_logits={tmp_path / 't'}",
         "distill.teacher_top_k=16",
@@ -286,6 +288,9 @@ def test_two_ddp_ranks_read_their_samples(tiny_hf_checkpoint, tmp_path: Path) ->
     assert summary["world_size"] == 2 and summary["step"] == 3
     kl = dict(read_metrics(tmp_path / "run")["train/kl"])
     assert sorted(kl) == [0, 1, 2]
+    # FSDP2 writes its checkpoint sharded (a folder), DDP one file
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() == (trainer == "fsdp_cpu"), sorted(p.name for p in last.parent.iterdir())
 
 
 def test_finetune_recipe_padded_batches_from_disk(tiny_hf_checkpoint, tmp_path: Path) -> None:
