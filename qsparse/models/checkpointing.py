@@ -8,10 +8,11 @@ storing its activations, with non-reentrant ``torch.utils.checkpoint``:
 - qsparse's :class:`~qsparse.models.llama.LlamaForCausalLM`, which is no transformers
   ``PreTrainedModel``, gets the same ``checkpoint`` call around each layer's ``forward``.
 
-Three settings reach it, all this one call: the run-level ``gradient_checkpointing: true``
-(``LMModule``), the ``model=hf`` builder's ``gradient_checkpointing``, and, under FSDP,
-``trainer.strategy.activation_checkpointing``
-(:class:`~qsparse.training.strategies.FSDP2Strategy`, before it shards the layers). The call
+In a training config one setting reaches it: the run-level ``gradient_checkpointing: true``
+(``LMModule``, before any strategy shards the layers); ``model.gradient_checkpointing`` and
+``trainer.strategy.activation_checkpointing`` are refused by the config check, naming it. The
+Python APIs keep their own arguments, all this one call (``hf_model(gradient_checkpointing=)``,
+:func:`~qsparse.training.strategies.fsdp_strategy`'s ``activation_checkpointing``); the call
 is idempotent, so turning on more than one of them changes nothing.
 
 Not Lightning's or torch's wrappers: Lightning offers activation checkpointing only as an
