@@ -12,6 +12,8 @@ reported).
         benchmarks/decode_modes_h200.png    # from the run_all records (commits in titles)
     PYTHONPATH=$PWD python3 benchmarks/decode_modes.py --presets tiny --batches 1 \\
         --new-tokens 2 --compile-backend eager -- --device cpu --no-kernels --no-graph
+    # BitNet modes also with the weight-only int8 lm head (rows bitnet_int8head, ...)
+    PYTHONPATH=$PWD python3 benchmarks/decode_modes.py --head-bits 8 --hf-batches ''
 
 Arguments after ``--`` go to every ``qsparse-generate`` run (the last line: a CPU check).
 Rows are appended to the JSON file after every measurement, so a run cut short keeps what it
@@ -21,7 +23,9 @@ For ``benchmarks/run_all.py`` it prints ``FIGURE`` lines per preset, batch and s
 ``eager`` or ``compile``, as in ``benchmarks/decode.py``), under
 ``decode_modes.<preset>.b<batch>.<tag>``: ``<mode>.tokens_per_s`` and ``<mode>.ratio`` (to
 dense), ``min.ratio`` (the slowest mode other than dense, vs dense) and
-``bitnet_qsparse.vs_bitnet`` (BitNet + Q-Sparse vs BitNet alone); and under
+``bitnet_qsparse.vs_bitnet`` (BitNet + Q-Sparse vs BitNet alone); with ``--head-bits 8`` the
+BitNet modes are measured a second time with the int8 lm head (``<mode>_int8head``, ratio to
+the same dense run) and ``<mode>_int8head.vs_<mode>`` is the head's own gain; and under
 ``decode_modes.<preset>.b<batch>``: ``transformers_<cache>.tokens_per_s`` and ``.ratio`` (to
 qsparse's dense run), ``transformers.*`` for the best cache.
 """
@@ -29,6 +33,7 @@ qsparse's dense run), ``transformers.*`` for the best cache.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import re
@@ -118,6 +123,9 @@ def emit_summary(key: str, measured: Sequence[tuple[str, float, float | None]]) 
         emit(f"{key}.min.ratio", min(others))
     if tps.get("bitnet") and "bitnet_qsparse" in tps:
         emit(f"{key}.bitnet_qsparse.vs_bitnet", tps["bitnet_qsparse"] / tps["bitnet"])
+    for mode in ("bitnet", "bitnet_qsparse"):
+        if tps.get(mode) and f"{mode}_int8head" in tps:
+            emit(f"{key}.{mode}_int8head.vs_{mode}", tps[f"{mode}_int8head"] / tps[mode])
 
 
 def emit_transformers(key: str, rates: dict[str, float], dense: float | None) -> None:
@@ -144,13 +152,20 @@ def run(args: argparse.Namespace, generate_args: Sequence[str] = ()) -> None:
             if compiled:
                 argv += ["--compile", args.compile_backend]
             gen_args = _parser().parse_args([*argv, *generate_args])
+            runs = []  # (mode, args): with --head-bits, BitNet modes again on the int8 head
+            for mode in modes:
+                runs.append((mode, gen_args))
+                if args.head_bits and mode.startswith("bitnet"):
+                    head = copy.copy(gen_args)
+                    head.head_bits = args.head_bits
+                    runs.append((mode, head))
             start = time.perf_counter()
             key = f"decode_modes.{preset}.b{batch}"
             step_key = f"{key}.{'compile' if compiled else 'eager'}"
             measured: list[tuple[str, float, float | None]] = []
             dense_tps = None
-            for mode in modes:  # one at a time: a run cut short keeps the modes it measured
-                ((_, tps, _),) = measure(gen_args, [mode])
+            for mode, run_args in runs:  # one at a time: a cut-short run keeps what it measured
+                ((mode, tps, _),) = measure(run_args, [mode])
                 dense_tps = tps if mode == "dense" else dense_tps
                 ratio = tps / dense_tps if dense_tps else None
                 measured.append((mode, tps, ratio))
@@ -261,6 +276,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--compile-batches", default="1", help="batch sizes run with --compile")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     ap.add_argument("--hf-batches", default="1", help="batch sizes with the transformers row")
+    ap.add_argument(
+        "--head-bits",
+        type=int,
+        default=None,
+        help="8: measure the BitNet modes also with the int8 lm head (<mode>_int8head rows)",
+    )
     ap.add_argument("--json", help="write the rows here (after each measurement)")
     ap.add_argument(
         "--plot",
@@ -272,6 +293,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:cut])
+    from qsparse.decode_view import check_head_bits
+
+    try:
+        check_head_bits(args.head_bits, "--head-bits")
+    except ValueError as err:
+        ap.error(str(err))
     if args.plot:
         if len(args.plot) < 2:
             ap.error("--plot: give one or more JSON files, then the PNG to write")

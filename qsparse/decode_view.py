@@ -28,6 +28,11 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
 Elsewhere (no kernels, prompt prefill, batch sizes or settings the kernels do not cover) a site
 runs the model's own sparsifier and linear modules. Without kernels on a qsparse model the view
 is the model itself.
+
+``head_bits=8`` (opt-in) replaces the lm head by :class:`Int8Head`: per-row symmetric int8
+weights quantized once here (:func:`qsparse.kernels.int8_gemv.quantize_int8_rows`), logits by
+:func:`qsparse.kernels.int8_gemv.int8_gemv` (the Triton GEMV at 1-16 tokens where kernels run,
+else its fp32 PyTorch reference, which is also what runs without kernels).
 """
 
 from __future__ import annotations
@@ -39,13 +44,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import gemv as G
+from .kernels import int8_gemv as I8
 from .kernels import kernels_available
 from .kernels import ternary_rows as TR
 from .models.config import LlamaConfig
 from .models.hf_config import from_hf_config
 from .models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
 
-__all__ = ["SPARSE_MAX_ROWS", "TERNARY_MAX_ROWS", "TERNARY_ROWS", "decoder_view"]
+__all__ = [
+    "HEAD_BITS",
+    "SPARSE_MAX_ROWS",
+    "TERNARY_MAX_ROWS",
+    "TERNARY_ROWS",
+    "Int8Head",
+    "check_head_bits",
+    "decoder_view",
+]
 
 #: most tokens per call for the sparse-input GEMV (beyond: top-k, then a dense GEMM; the
 #: union of kept rows of 2+ tokens is most of W) and for the ternary GEMV
@@ -56,6 +70,47 @@ TERNARY_MAX_ROWS = 16
 #: ``QSPARSE_TERNARY_ROWS=1`` in the environment (read at import) or setting this before
 #: :func:`decoder_view` turns it on
 TERNARY_ROWS: bool = os.environ.get("QSPARSE_TERNARY_ROWS", "0") == "1"
+#: the values ``head_bits`` takes: None (the model's own lm head) or 8 (:class:`Int8Head`)
+HEAD_BITS = (None, 8)
+
+
+def check_head_bits(head_bits: object, name: str = "head_bits") -> int | None:
+    """``head_bits`` if it is one of :data:`HEAD_BITS`, else ``ValueError`` naming ``name``."""
+    if head_bits is None or (type(head_bits) is int and head_bits == 8):
+        return head_bits
+    raise ValueError(
+        f"{name}={head_bits!r} is not supported: use 8 (int8 weight-only lm head) "
+        "or leave it unset (None: the model's own lm head)"
+    )
+
+
+class Int8Head(nn.Module):
+    """Weight-only int8 lm head: ``logits[..., v] = scale[v] * sum_d h[..., d] * q[v, d]``.
+
+    ``q`` int8 [V, D] (row-major) and ``scale`` fp32 [V] are quantized once from ``weight``
+    [V, D] (:func:`~qsparse.kernels.int8_gemv.quantize_int8_rows`: ``scale = max|W[v]| / 127``,
+    round to nearest); ``h`` [..., D] -> [..., V] in h's dtype, fp32 sums. Up to
+    :data:`~qsparse.kernels.int8_gemv.MAX_ROWS` tokens on the Triton kernel where kernels run,
+    otherwise (no kernels, prompt prefill) :func:`~qsparse.kernels.int8_gemv.int8_gemv_reference`.
+    Holds V * D bytes beside the model's own head (a tied embedding keeps its weight)."""
+
+    def __init__(self, weight: torch.Tensor, use_kernels: bool = True):
+        super().__init__()
+        q, scale = I8.quantize_int8_rows(weight)
+        self.register_buffer("q", q, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.use_kernels = use_kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if not (self.use_kernels and rows <= I8.MAX_ROWS and kernels_available(x)):
+            return I8.int8_gemv_reference(x, self.q, self.scale)
+        y = I8.int8_gemv(x.reshape(rows, x.shape[-1]), self.q, self.scale)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
 class _Projection(nn.Module):
@@ -264,17 +319,22 @@ class _FusedMLP(LlamaMLP):
         return tuple(self.gate_up(x).split(self.gate_up.sizes, dim=-1))
 
 
-def decoder_view(model: nn.Module, use_kernels: bool) -> LlamaForCausalLM:
+def decoder_view(
+    model: nn.Module, use_kernels: bool, head_bits: int | None = None
+) -> LlamaForCausalLM:
     """The :class:`LlamaForCausalLM` the engine runs for ``model`` (an HF or qsparse Llama,
-    converted or not): ``model`` itself for a qsparse model without kernels, else a model that
-    shares ``model``'s embedding, norms, lm head and projection weights (no copy) and fuses the
-    projections of each input site (:class:`_Projection`; kernel layouts are built here)."""
+    converted or not): ``model`` itself for a qsparse model without kernels and
+    ``head_bits=None``, else a model that shares ``model``'s embedding, norms, lm head and
+    projection weights (no copy) and fuses the projections of each input site
+    (:class:`_Projection`; kernel layouts are built here). ``head_bits=8``: the lm head is an
+    :class:`Int8Head` quantized from the model's (:func:`check_head_bits`)."""
+    check_head_bits(head_bits)
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         raise ValueError(
             f"{type(model).__name__} is not a Llama-style causal LM (model.layers + lm_head)"
         )
-    if isinstance(model, LlamaForCausalLM) and not use_kernels:
+    if isinstance(model, LlamaForCausalLM) and not use_kernels and head_bits is None:
         return model
     cfg = model.config
     if not isinstance(cfg, LlamaConfig):
@@ -282,7 +342,10 @@ def decoder_view(model: nn.Module, use_kernels: bool) -> LlamaForCausalLM:
     with torch.device("meta"):
         view = LlamaForCausalLM(cfg)
     view.model.embed_tokens, view.model.norm = inner.embed_tokens, inner.norm
-    view.lm_head = model.lm_head
+    if head_bits is None:
+        view.lm_head = model.lm_head
+    else:
+        view.lm_head = Int8Head(model.lm_head.weight, use_kernels)
     for i, (src, dst) in enumerate(zip(inner.layers, view.model.layers, strict=True)):
         dst.self_attn = _FusedAttention(src.self_attn, cfg, i, use_kernels)
         dst.mlp = _FusedMLP(src.mlp, use_kernels)

@@ -16,7 +16,8 @@ The engine decodes through :func:`qsparse.decode_view.decoder_view`: with ``use_
 input site run fused on the GEMV kernels, else the model itself. ``compile`` runs the step
 through ``torch.compile(fullgraph=True, dynamic=False)`` before the CUDA-graph capture (the
 GEMV kernels are custom ops and trace without a graph break); the compiled step is
-specialised to one (batch, length) shape.
+specialised to one (batch, length) shape. ``head_bits=8`` decodes with a weight-only int8 lm
+head (:class:`qsparse.decode_view.Int8Head`; docs/decode.md), off by default.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .decode_view import decoder_view
+from .decode_view import check_head_bits, decoder_view
 from .kernels import HAS_TRITON, kernels_available
 from .models.kv_cache import KVCache
 
@@ -160,6 +161,10 @@ class DecodeEngine(nn.Module):
         compile: ``False``/``None`` (eager step), ``True`` (= ``"inductor"``) or a
             ``torch.compile`` backend name: :meth:`step` runs through
             ``torch.compile(fullgraph=True, dynamic=False)``, also inside the CUDA graph.
+        head_bits: None (the model's own lm head) or 8: a weight-only int8 lm head, per-row
+            symmetric (:class:`qsparse.decode_view.Int8Head`), quantized once here; its logits
+            are ``scale[v] * sum_d h[d] * q[v, d]`` (fp32 sums). Built without kernels too
+            (then the PyTorch reference computes them).
     """
 
     def __init__(
@@ -168,13 +173,15 @@ class DecodeEngine(nn.Module):
         use_kernels: bool = True,
         cuda_graph: bool = True,
         compile: bool | str | None = False,
+        head_bits: int | None = None,
     ):
         super().__init__()
         self.compile_backend = compile_backend(compile)
+        self.head_bits = check_head_bits(head_bits)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         kernels = bool(use_kernels and HAS_TRITON and kernels_available(param))
-        self.decoder = decoder_view(model, kernels)
+        self.decoder = decoder_view(model, kernels, head_bits)
         self.cuda_graph = bool(cuda_graph and self.device.type == "cuda")
         if self.cuda_graph and self.compile_backend == "cudagraphs":
             raise ValueError("compile='cudagraphs' captures its own graphs: use cuda_graph=False")
@@ -301,9 +308,12 @@ def generate(
     use_kernels: bool = True,
     cuda_graph: bool = True,
     compile: bool | str | None = False,
+    head_bits: int | None = None,
 ) -> DecodeResult:
     """Greedy decoding of ``input_ids`` [B, T] with :class:`DecodeEngine` (see module doc)."""
-    engine = DecodeEngine(model, use_kernels=use_kernels, cuda_graph=cuda_graph, compile=compile)
+    engine = DecodeEngine(
+        model, use_kernels=use_kernels, cuda_graph=cuda_graph, compile=compile, head_bits=head_bits
+    )
     return engine.generate(input_ids, max_new_tokens)
 
 

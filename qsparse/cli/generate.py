@@ -8,6 +8,8 @@ Examples::
     qsparse-generate --checkpoint out/export --prompt "The capital of France is"
     # the same with the step compiled by torch.compile (inductor) before the CUDA-graph capture
     qsparse-generate --preset 1.3B --mode all --compile
+    # BitNet modes with a weight-only int8 lm head (rows labelled bitnet_int8head, ...)
+    qsparse-generate --preset 1.3B --mode dense,bitnet,bitnet_qsparse --head-bits 8
 
 For each mode the same random weights (same seed) are converted with :func:`qsparse.sparsify`
 and decoded by :class:`qsparse.generate.DecodeEngine`; the table reports tokens/s and the ratio
@@ -22,6 +24,7 @@ import sys
 
 import torch
 
+from ..decode_view import check_head_bits
 from ..dtypes import dtype_names, torch_dtype
 from ..generate import MODES, DecodeEngine, compile_backend, convert
 
@@ -54,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
         help="torch.compile the decode step (fullgraph, static shapes); BACKEND defaults to "
         "inductor (aot_eager, eager: debugging)",
     )
+    ap.add_argument(
+        "--head-bits",
+        type=int,
+        default=None,
+        help="8: weight-only int8 lm head (per-row symmetric) in every mode but dense, which "
+        "stays the bf16 baseline; rows are labelled <mode>_int8head (default: the model's head)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     return ap
 
@@ -73,6 +83,10 @@ def _validate(args: argparse.Namespace) -> list[str]:
         compile_backend(args.compile)
     except ValueError as err:
         raise SystemExit(f"--compile: {err}") from None
+    try:
+        check_head_bits(args.head_bits, "--head-bits")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.mode == "all":
         return ["checkpoint"] if args.checkpoint else list(MODES)
     modes = args.mode.split(",")
@@ -118,11 +132,13 @@ def measure(args: argparse.Namespace, modes: list[str]) -> list[tuple[str, float
         else:
             gen = torch.Generator().manual_seed(args.seed)
             ids = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=gen)
+        head_bits = getattr(args, "head_bits", None) if mode != "dense" else None
         engine = DecodeEngine(
             model,
             use_kernels=not args.no_kernels,
             cuda_graph=not args.no_graph,
             compile=args.compile,
+            head_bits=head_bits,
         )
         # warm-up at the timed shape: kernel compilation, the compiled step (specialised to
         # the (batch, length) shape) and the CUDA graph are built once, before the timed run
@@ -131,9 +147,10 @@ def measure(args: argparse.Namespace, modes: list[str]) -> list[tuple[str, float
         if mode == "dense":
             dense_tps = res.tokens_per_s
         ratio = res.tokens_per_s / dense_tps if dense_tps else None
-        rows.append((mode, res.tokens_per_s, ratio))
+        label = f"{mode}_int8head" if head_bits else mode
+        rows.append((label, res.tokens_per_s, ratio))
         shown = f"{ratio:.2f}x" if ratio else "-"
-        print(f"{mode}: {res.tokens_per_s:.1f} tokens/s (batch {args.batch}), vs dense {shown}")
+        print(f"{label}: {res.tokens_per_s:.1f} tokens/s (batch {args.batch}), vs dense {shown}")
         if tokenizer is not None:
             print(tokenizer.decode(res.tokens[0].tolist(), skip_special_tokens=True))
         del engine, model
@@ -154,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         f"kernels={'on' if on_cuda and not args.no_kernels else 'off'}, "
         f"cuda_graph={on_cuda and not args.no_graph}, "
         f"compile={args.compile or 'off'}"
+        + (f", head_bits={args.head_bits} (not dense)" if args.head_bits else "")
     )
     print("| mode | tokens/s | vs dense |\n| --- | --- | --- |")
     for mode, tps, ratio in rows:
