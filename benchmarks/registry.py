@@ -630,6 +630,29 @@ REGISTRY: list[Bench] = [
             for s in ("0.4", "0.5")
         ),
     ),
+    # issue 11: the lm head in BitNet modes, int8 weight-only vs the cuBLAS bf16 head
+    Bench(
+        "int8_head_gemv",
+        "int8_head_gemv.py",
+        ("--quick",),
+        repeat=3,
+        group="decode_extra",
+        est_s=75,
+        rows=tuple(
+            _ratio_row(
+                "decode",
+                f"int8 weight-only lm head GEMV {v} x {d} ({name}), per-row scales, batch 1, "
+                "vs cuBLAS bf16 head (weights rotated past L2)",
+                f"int8_head.{name}_b1.int8",
+                f"int8_head.{name}_b1.int8_us",
+            )
+            for name, (v, d) in (
+                ("1.3B", (32000, 2048)),
+                ("7B", (32000, 4096)),
+                ("smollm2", (49152, 576)),
+            )
+        ),
+    ),
     # issue 15: two GPUs (run on nvidia-h200-x2 with NVLink multicast off, see README)
     Bench(
         "fsdp_scaling",
