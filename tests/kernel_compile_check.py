@@ -32,6 +32,7 @@ except Exception as err:  # noqa: BLE001
     sys.exit(3)
 
 import qsparse.kernels.gemv as G  # noqa: E402
+import qsparse.kernels.int8_gemv as I8  # noqa: E402
 import qsparse.kernels.ternary_rows as TR  # noqa: E402
 from qsparse.kernels import _topk_triton as T  # noqa: E402
 from qsparse.kernels import quant as Q  # noqa: E402
@@ -120,6 +121,13 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
         )
     given = (torch.zeros(2048, dtype=torch.int32),) * 2 + (torch.ones(1),)
     TR.ternary_rows_gemv(x4[:1], rows, 0.5, 819, rows=given)  # list given: no PDL
+    I8._interpreted = lambda x: False  # bf16 dots at batch > 1
+    q, scale = I8.quantize_int8_rows(torch.randn(1000, 2048))  # the int8 lm head
+    for x in (x4[:1], x4, x4[:1].float(), x4.float()):
+        for cfg in (None, I8.Int8GemvConfig(16, 512, 4, 3), I8.Int8GemvConfig(128, 64, 8, 3)):
+            cfg = cfg or I8.int8_config_for(x.shape[0])
+            ints = [cfg.block_v, cfg.block_d, cfg.num_warps, cfg.num_stages]
+            I8.int8_gemv_op(x, q, scale, x.dtype, ints)
     return launches
 
 

@@ -130,6 +130,7 @@ def test_deferred_imports_close_no_new_cycles() -> None:
 OPTIONAL_AT_IMPORT = {
     "qsparse.evaluation.lm_eval_model": "lm_eval",
     "qsparse.kernels._gemv_triton": "triton",
+    "qsparse.kernels._int8_gemv_triton": "triton",
     "qsparse.kernels._topk_triton": "triton",
     "qsparse.kernels._quant_triton": "triton",
     "qsparse.kernels._ternary_rows_triton": "triton",

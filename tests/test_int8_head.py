@@ -166,6 +166,9 @@ for mode in ("bitnet", "bitnet_qsparse"):
         out = engine.generate(ids, 3).tokens
         ref = fake.generate(ids, max_new_tokens=3, use_cache=False)
         assert torch.equal(out, ref), (mode, batch, out, ref)
+        if batch == 1 and mode == "bitnet_qsparse":  # the head kernel as a custom op, compiled
+            compiled = DecodeEngine(model, compile="aot_eager", head_bits=8)
+            assert torch.equal(compiled.generate(ids, 3).tokens, ref), mode
 assert 1 in calls and 3 in calls, calls
 print("INT8 ENGINE OK")
 """
@@ -175,7 +178,7 @@ print("INT8 ENGINE OK")
 def test_engine_int8_head_under_the_interpreter() -> None:
     """BitNet modes with kernels on (ternary GEMVs and the int8 head GEMV in the Triton
     interpreter), batch 1 and 3: logits close to the fake-quantized model's, same greedy
-    tokens."""
+    tokens; also the step compiled (aot_eager, fullgraph)."""
     from conftest import run_interpreted
 
     assert "INT8 ENGINE OK" in run_interpreted(ENGINE_SCRIPT)

@@ -100,6 +100,11 @@ def int8_gemv_reference(
     return y.to(out_dtype or x.dtype)
 
 
+def _interpreted(x: torch.Tensor) -> bool:
+    """CPU tensors reach the kernel only under the Triton interpreter (fp32 dots there)."""
+    return x.device.type == "cpu"
+
+
 def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
     if q.dtype != torch.int8 or q.dim() != 2:
         raise ValueError(f"q must be a 2-D int8 tensor [V, D], got {q.dtype} {tuple(q.shape)}")
@@ -160,7 +165,7 @@ def int8_gemv_op(
         BB=1 if bsz == 1 else max(16, triton.next_power_of_2(bsz)),
         BV=c.block_v,
         BD=c.block_d,
-        DOT_F32=x.device.type == "cpu" or x.dtype == torch.float32,
+        DOT_F32=_interpreted(x) or x.dtype == torch.float32,
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )
