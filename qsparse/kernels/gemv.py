@@ -8,7 +8,9 @@ kernels read.
   inputs (the union over the batch), a second streams exactly those weight rows in full tiles:
   batch 1 reads ``k * N`` weights. ``hint=`` carries each row's threshold from call to call
   (one radix pass when it moved little); ``GemvConfig(carry=True)`` instead starts the GEMV on
-  the inputs above the carried band before the selection is known (measured slower, opt-in).
+  the inputs above the carried band before the selection is known (measured slower, opt-in);
+  ``GemvConfig(split_select=True)`` spreads the batch-1 selection over many programs and lets
+  each GEMV program list its own slice of K (opt-in, not measured yet).
 - :func:`masked_topk`: ``x * M`` from carried thresholds, what decode runs before a dense GEMM
   at batch 2-16.
 - :class:`Producer`: the op that makes a site's input (RMSNorm, or ``act(g) * u`` of a GLU),
