@@ -834,9 +834,9 @@ def _chunk_gemv_kernel(
     K,
     N,
     per,
+    chunk,
     row_stride,
     block_stride,
-    CH: tl.constexpr,
     SB: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
@@ -849,7 +849,7 @@ def _chunk_gemv_kernel(
 ):
     """Batch 1, y[n] = sum_i keep_i x_i Wt[i, n], after :func:`_chunk_select_kernel` (its
     programmatic dependent on Hopper): program (j, s) owns columns j*BN.. and the K-slice
-    ``[s * per, (s + 1) * per)`` (``per``: a multiple of the selection's chunk ``CH``, at most
+    ``[s * per, (s + 1) * per)`` (``per``: a multiple of the selection's ``chunk``, at most
     ``SB``). It lists the slice's kept inputs itself from ``meta`` (threshold ``thr``, ``need``
     ties kept, the ties before its first chunk): ``key > thr``, or ``key == thr`` with a rank
     among all ties <= ``need``; writes them to its own row of ``list`` ([programs, SB] int32),
@@ -871,7 +871,7 @@ def _chunk_gemv_kernel(
     if PDL:
         gdc_wait()
     thr = tl.load(meta_ptr)
-    room = tl.load(meta_ptr + 1) - tl.load(meta_ptr + 2 + lo // CH, mask=lo < K, other=0)
+    room = tl.load(meta_ptr + 1) - tl.load(meta_ptr + 2 + lo // chunk, mask=lo < K, other=0)
     gt = key > thr
     eq = key == thr
     cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)  # SB < 65536
