@@ -324,6 +324,9 @@ def _split_variants(base: G.GemvConfig) -> dict[str, G.GemvConfig]:
     out["split_select c256 2x split"] = replace(
         base, split_select=True, select_chunk=256, split=2 * max(1, base.split)
     )
+    out["split_select c256 sel 4 warps"] = replace(
+        base, split_select=True, select_chunk=256, select_warps=4
+    )
     return out
 
 

@@ -77,7 +77,8 @@ class GemvConfig:
     ``block_k``: kept rows per tile (sparse) or 16-input groups per tile (ternary);
     ``block_n``: output columns per program; ``split``: programs sharing one column block
     (sparse, and ternary at batch > 1; > 1: the last one to finish sums their fp32
-    partials); ``select_warps``: warps of the one-program selection kernel; ``use_dot``:
+    partials); ``select_warps``: warps of the one-program selection kernel (with
+    ``split_select``: of its chunk programs, :func:`split_select_warps`); ``use_dot``:
     tensor-core dot with the batch padded to 16 (sparse; None: when batch > 1; ternary at
     batch > 1: opt-in, :data:`TERNARY_MMA_CONFIG`); ``carry``: at batch 1 with a carried
     threshold (``hint=``) and row-major weights, the GEMV sums the inputs above the carried band while
@@ -847,6 +848,16 @@ def _carry_gemv_launch(
     return y.to(out_dtype)
 
 
+def split_select_warps(k_in: int, warps: int = 0) -> int:
+    """Warps of :func:`_chunk_select_kernel` for rows of ``k_in`` inputs: ``warps`` if set,
+    else one per 1024 padded inputs, 4 to 16, so that the last program's full radix select (a
+    miss: the whole row in one program) keeps at most 32 inputs per thread (8 warps at 11008
+    inputs spill on sm_90)."""
+    import triton
+
+    return warps or max(4, min(16, triton.next_power_of_2(k_in) // 1024))
+
+
 def _split_select_launch(
     x: torch.Tensor,
     wt: torch.Tensor,
@@ -900,7 +911,7 @@ def _split_select_launch(
         HINT=hint is not None,
         PDL=pdl,
         ASM=not interp,
-        num_warps=cfg.select_warps or 4,
+        num_warps=split_select_warps(k_in, cfg.select_warps),
     )
     y, part = _gemv_outputs(x, 1, n, out_dtype, split, interp)
     _chunk_gemv_kernel[grid](
