@@ -94,6 +94,8 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
         wsel = G.prepare_dense(torch.zeros(n, kin, dtype=bf16))  # split_select: 7B down, q|k|v
         cfg = replace(G.sparse_config_for(kin, n, k), split_select=True)
         G.sparse_gemv(torch.randn(1, kin, dtype=bf16), wsel, k, cfg, hint=hint)
+    cfg = G.GemvConfig(split_select=True)  # one 11008-wide slice: listed in 4 pieces
+    G.sparse_gemv(torch.randn(1, 11008, dtype=bf16), w11, 4403, cfg)
     for dtype in (bf16, torch.float32):
         xt = torch.randn(64, 2048, dtype=dtype)
         mask = torch.empty(64, 2048, dtype=torch.bool)

@@ -89,6 +89,20 @@ SPLIT_SELECT_SCRIPT = textwrap.dedent(
             y = G.sparse_gemv(x, G.prepare_dense(w, 32), k, cfg, n_out=72).float()
             ref = G.sparse_gemv_reference(x, wt, k).float()
             torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+    # slices listed in several pieces (SPLIT_SELECT_PIECE lowered from 4096)
+    G.SPLIT_SELECT_PIECE = 128
+    for kin, chunk, split in ((1000, 64, 1), (1000, 256, 3)):
+        x = planted(kin, 400, torch.bfloat16)
+        eye = G.prepare_dense(torch.eye(kin, dtype=torch.bfloat16))
+        t = kth_bits(x, 400, torch.bfloat16)
+        cfg = G.GemvConfig(
+            block_k=64, block_n=1024, split=split, split_select=True, select_chunk=chunk
+        )
+        for s in (None, t, t + 300):
+            hint = None if s is None else torch.tensor([s], dtype=torch.int32)
+            y = G.sparse_gemv(x, eye, 400, cfg, n_out=kin, hint=hint)
+            assert torch.equal(y, x * topk_mask(x, 400)), (kin, chunk, split, s)
+    G.SPLIT_SELECT_PIECE = 4096
     # the hint carried from call to call, hits and a jump
     hint = G.new_hint(1)
     base = torch.randn(1, 1000)

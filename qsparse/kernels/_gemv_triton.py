@@ -838,6 +838,7 @@ def _chunk_gemv_kernel(
     row_stride,
     block_stride,
     SB: tl.constexpr,
+    LB: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
     PPP: tl.constexpr,
@@ -852,8 +853,8 @@ def _chunk_gemv_kernel(
     ``[s * per, (s + 1) * per)`` (``per``: a multiple of the selection's ``chunk``, at most
     ``SB``). It lists the slice's kept inputs itself from ``meta`` (threshold ``thr``, ``need``
     ties kept, the ties before its first chunk): ``key > thr``, or ``key == thr`` with a rank
-    among all ties <= ``need``; writes them to its own row of ``list`` ([programs, SB] int32),
-    then streams those weight rows in full tiles of ``BK`` (values read back from x by index).
+    among all ties <= ``need``, in pieces of ``LB`` inputs (the first loaded before the wait);
+    writes them to its own row of ``list`` ([programs, SB] int32), then streams those weight rows in full tiles of ``BK`` (values read back from x by index).
     Weight addressing as :func:`_compact_gemv_kernel` (row-major or column panels); SPLIT > 1
     sums the fp32 partials in order in the last program per column block (:func:`_store_out`).
     """
@@ -864,24 +865,35 @@ def _chunk_gemv_kernel(
     w_ptr = w_ptr + (pid_n // PPP).to(tl.int64) * block_stride + (pid_n % PPP) * BN
     wc = tl.arange(0, BN)
     lo = pid_s * per
-    i = lo + tl.arange(0, SB)
-    valid = (i < K) & (i < lo + per)
-    xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
-    key = tl.where(valid, abs_key(xf), -1)
+    own = list_ptr + (pid_n * SPLIT + pid_s).to(tl.int64) * SB
+    i0 = lo + tl.arange(0, LB)
+    valid0 = (i0 < K) & (i0 < lo + per)
+    key0 = tl.where(valid0, abs_key(tl.load(x_ptr + i0, mask=valid0, other=0.0).to(tl.float32)), -1)
     if PDL:
         gdc_wait()
     thr = tl.load(meta_ptr)
     room = tl.load(meta_ptr + 1) - tl.load(meta_ptr + 2 + lo // chunk, mask=lo < K, other=0)
-    gt = key > thr
-    eq = key == thr
-    cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)  # SB < 65536
-    tie_kept = tl.maximum(tl.minimum(cs & 65535, room), 0)  # ties kept up to here
-    keep = gt | (eq & ((cs & 65535) <= room))
-    own = list_ptr + (pid_n * SPLIT + pid_s).to(tl.int64) * SB
-    tl.store(own + (cs >> 16) + tie_kept - 1, i, mask=keep)
-    n_kept = tl.sum(gt.to(tl.int32), axis=0) + tl.maximum(
-        tl.minimum(tl.sum(eq.to(tl.int32), axis=0), room), 0
-    )
+    n_gt = tl.zeros([], dtype=tl.int32)  # kept above thr, and ties, in the pieces so far
+    n_eq = tl.zeros([], dtype=tl.int32)
+    for c0 in tl.static_range(0, SB, LB):  # pieces of LB inputs: bounded registers
+        if c0 == 0:
+            key = key0
+        else:
+            i = lo + c0 + tl.arange(0, LB)
+            valid = (i < K) & (i < lo + per)
+            key = tl.where(
+                valid, abs_key(tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)), -1
+            )
+        gt = key > thr
+        eq = key == thr
+        cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)  # LB < 65536
+        rank = n_eq + (cs & 65535)  # among the slice's ties
+        keep = gt | (eq & (rank <= room))
+        pos = n_gt + (cs >> 16) + tl.maximum(tl.minimum(rank, room), 0) - 1
+        tl.store(own + pos, lo + c0 + tl.arange(0, LB), mask=keep)
+        n_gt += tl.sum(gt.to(tl.int32), axis=0)
+        n_eq += tl.sum(eq.to(tl.int32), axis=0)
+    n_kept = n_gt + tl.maximum(tl.minimum(n_eq, room), 0)
     tl.debug_barrier()  # the list, written by all of this program's threads, read back below
     acc2 = tl.zeros([BK, BN], dtype=tl.float32)
     for p0 in tl.range(0, n_kept, BK, num_stages=STAGES):

@@ -848,6 +848,11 @@ def _carry_gemv_launch(
     return y.to(out_dtype)
 
 
+#: ``split_select``: inputs of its K-slice a GEMV program lists per step (a power of two; a
+#: slice of up to 4096 inputs in one step, 32 per thread at 4 warps; more in several)
+SPLIT_SELECT_PIECE = 4096
+
+
 def split_select_warps(k_in: int, warps: int = 0) -> int:
     """Warps of :func:`_chunk_select_kernel` for rows of ``k_in`` inputs: ``warps`` if set,
     else one per 1024 padded inputs, 4 to 16, so that the last program's full radix select (a
@@ -929,6 +934,7 @@ def _split_select_launch(
         row_stride,
         block_stride,
         SB=sb,
+        LB=min(sb, SPLIT_SELECT_PIECE),
         BK=cfg.block_k,
         BN=block_n,
         PPP=ppp,
