@@ -302,6 +302,7 @@ def loop_variants() -> None:
         print(f"RATIO {t_dense / t:.2f} ({t:.2f} us) {name}")
 
 
+DEVICE = "cuda"  # the split part's device (a CPU dry run under TRITON_INTERPRET=1 swaps it)
 #: (name, in, out) of the fused projections: 7B preset, then 1.3B
 SPLIT_SHAPES = [
     ("7B.qkv", 4096, 12288),
@@ -333,9 +334,9 @@ def _split_variants(base: G.GemvConfig) -> dict[str, G.GemvConfig]:
 def _split_shape(name: str, kin: int, n: int) -> None:
     """One shape of :func:`split_select_rows`."""
     copies = max(8, int(120e6 // (kin * n * 2)))
-    ws = [torch.randn(n, kin, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    ws = [torch.randn(n, kin, device=DEVICE, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     wts = [G.prepare_dense(w) for w in ws]
-    x = torch.randn(1, kin, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, kin, device=DEVICE, dtype=torch.bfloat16)
     k = int(0.4 * kin)
     base = G.sparse_config_for_weights(wts[0], k)
     variants = {"default list": base, **_split_variants(base)}
@@ -345,7 +346,7 @@ def _split_shape(name: str, kin: int, n: int) -> None:
     emit(f"variants.split.{name}.cublas_us", t_dense, "us")
     t_default = None
     for label, cfg in variants.items():
-        hint = G.new_hint(1, "cuda")
+        hint = G.new_hint(1, DEVICE)
         for _ in range(2):  # the second call starts from the carried threshold
             y = G.sparse_gemv(x, wts[0], k, cfg, n_out=n, hint=hint).float()
             err = ((y - ref).norm() / ref.norm()).item()
@@ -355,7 +356,7 @@ def _split_shape(name: str, kin: int, n: int) -> None:
         )
         t_default = t_default or t
         print(
-            f"  {label:28s} {t:6.2f} us  {t_dense / t:.2f}x cuBLAS  "
+            f"  {label:30s} {t:6.2f} us  {t_dense / t:.2f}x cuBLAS  "
             f"{t_default / t:.2f}x default  ({cfg.block_n} cols, split {cfg.split}, "
             f"rel err {err:.1e})",
             flush=True,

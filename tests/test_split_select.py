@@ -144,3 +144,27 @@ def test_split_select_errors_name_the_field(cfg, batch, match):
     wt = G.prepare_dense(torch.randn(64, 128))
     with pytest.raises(ValueError, match=match):
         G.sparse_gemv(torch.randn(batch, 128), wt, 40, cfg)
+
+
+BENCH_DRY_RUN = textwrap.dedent(
+    """
+    import benchmarks.gemv_variants as GV
+
+    GV.DEVICE = "cpu"
+    GV.SPLIT_SHAPES = [("small", 300, 72)]
+    GV.time_graph = lambda calls: (calls[0](), 1.0)[1]
+    GV.emit = lambda *a, **k: None
+    GV.split_select_rows()  # checks every variant against the reference before timing
+    print("BENCH OK")
+    """
+)
+
+
+@needs_triton
+def test_split_select_benchmark_part_runs_in_the_triton_interpreter():
+    """``benchmarks/gemv_variants.py split`` on a small shape on CPU, timing stubbed: every
+    variant it times is built and checked against the reference."""
+    from conftest import run_interpreted
+
+    out = run_interpreted(BENCH_DRY_RUN, timeout=300)
+    assert "BENCH OK" in out and "split_select c256 2x split" in out
