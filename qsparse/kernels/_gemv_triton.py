@@ -854,9 +854,10 @@ def _chunk_gemv_kernel(
     ``SB``). It lists the slice's kept inputs itself from ``meta`` (threshold ``thr``, ``need``
     ties kept, the ties before its first chunk): ``key > thr``, or ``key == thr`` with a rank
     among all ties <= ``need``, in pieces of ``LB`` inputs (the first loaded before the wait);
-    writes them to its own row of ``list`` ([programs, SB] int32), then streams those weight rows in full tiles of ``BK`` (values read back from x by index).
-    Weight addressing as :func:`_compact_gemv_kernel` (row-major or column panels); SPLIT > 1
-    sums the fp32 partials in order in the last program per column block (:func:`_store_out`).
+    writes them to its own row of ``list`` ([programs, SB] int32), then streams those weight
+    rows in full tiles of ``BK`` (values read back from x by index). Weight addressing as
+    :func:`_compact_gemv_kernel` (row-major or column panels); SPLIT > 1 sums the fp32
+    partials in order in the last program per column block (:func:`_store_out`).
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
