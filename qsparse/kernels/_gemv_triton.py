@@ -722,6 +722,196 @@ def _carry_gemv_kernel(
 
 
 @triton.jit
+def _radix_chunk_ties(
+    x_ptr,
+    K,
+    k,
+    CH: tl.constexpr,
+    PB: tl.constexpr,
+    BLOCK: tl.constexpr,
+    LOW: tl.constexpr,
+    NDIG: tl.constexpr,
+    DBITS: tl.constexpr,
+):
+    """(thr, need, ties [PB]) of x[K] by the full radix select (:func:`_threshold_radix`),
+    ``ties[c]``: the entries equal to ``thr`` in chunk ``c`` (``x[c*CH : (c+1)*CH]``)."""
+    j = tl.arange(0, BLOCK)
+    valid = j < K
+    key = tl.where(valid, abs_key(tl.load(x_ptr + j, mask=valid, other=0.0).to(tl.float32)), -1)
+    thr, need = _threshold_radix(key, valid, K, k, BLOCK, LOW, NDIG, DBITS)
+    ties = tl.histogram(tl.minimum(j // CH, PB - 1), PB, mask=valid & (key == thr))
+    return thr, need, ties
+
+
+@triton.jit
+def _chunk_select_kernel(
+    x_ptr,
+    hint_ptr,
+    hist_ptr,
+    meta_ptr,
+    sem_ptr,
+    K,
+    k,
+    CH: tl.constexpr,
+    PB: tl.constexpr,
+    BLOCK: tl.constexpr,
+    LOW: tl.constexpr,
+    NDIG: tl.constexpr,
+    DBITS: tl.constexpr,
+    HINT: tl.constexpr,
+    PDL: tl.constexpr = False,
+    ASM: tl.constexpr = True,
+):
+    """Batch 1, the selection spread over ``cdiv(K, CH)`` programs (``GemvConfig.
+    split_select``): the exact threshold of the top-k of x[K], no list.
+
+    Program c histograms its chunk ``x[c*CH : (c+1)*CH]`` into the ``2^DBITS`` bins of
+    :func:`_threshold_hinted` around the carried ``hint[0]`` (``HINT``; bin 0 below the band,
+    the last bin above it) and stores it in ``hist[c]`` ([PB, 2^DBITS] int32). The last program
+    to arrive (``sem[0]``, an atomic counter, reset to 0 after) sums the chunks' histograms: on
+    a hit (the k-th largest key in an inner bin) that bin's key is the threshold and
+    ``hist[:, bin]`` counts each chunk's ties; on a miss (or without ``HINT``) it reads the
+    whole row and runs the full radix select (:func:`_threshold_radix`) and counts the ties per
+    chunk itself. It writes ``meta = [thr, need, ties before chunk 0, 1, ...]`` (``need``: the
+    ties kept, in index order) and the new hint (every program read the old one before it
+    arrived). :func:`_chunk_gemv_kernel` lists each K-slice's kept rows from ``meta``."""
+    if PDL:
+        gdc_launch_dependents()
+    NB: tl.constexpr = 1 << DBITS
+    c = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    bins = tl.arange(0, NB)
+    if HINT:
+        base = tl.load(hint_ptr) - (NB // 2 - 1)  # key value of bin 1
+        i = c * CH + tl.arange(0, CH)
+        valid = i < K
+        xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
+        dig = tl.minimum(tl.maximum((abs_key(xf) >> LOW) - base + 1, 0), NB - 1)
+        tl.store(hist_ptr + c * NB + bins, tl.histogram(dig, NB, mask=valid))
+    _fence(bins, ASM)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == nprog - 1:
+        _fence(bins, ASM)
+        chunks = tl.arange(0, PB)
+        cvalid = chunks < nprog
+        if HINT:
+            base = tl.load(hint_ptr) - (NB // 2 - 1)
+            hc = tl.load(
+                hist_ptr + chunks[:, None] * NB + bins[None, :],
+                mask=cvalid[:, None],
+                other=0,
+                cache_modifier=".cg",
+            )
+            h = tl.sum(hc, axis=0)
+            suf = K - tl.cumsum(h, axis=0) + h  # entries with bin >= j
+            best = tl.max(tl.where(suf >= k, bins, 0), axis=0)
+            if (best > 0) & (best < NB - 1):
+                thr = (base + best - 1) << LOW
+                need = k - tl.sum(tl.where(bins == best, suf - h, 0), axis=0)
+                ties = tl.sum(tl.where(bins[None, :] == best, hc, 0), axis=1)  # [PB]
+            else:
+                thr, need, ties = _radix_chunk_ties(x_ptr, K, k, CH, PB, BLOCK, LOW, NDIG, DBITS)
+        else:
+            thr, need, ties = _radix_chunk_ties(x_ptr, K, k, CH, PB, BLOCK, LOW, NDIG, DBITS)
+        tl.store(meta_ptr, thr)
+        tl.store(meta_ptr + 1, need)
+        tl.store(meta_ptr + 2 + chunks, tl.cumsum(ties, axis=0) - ties, mask=cvalid)
+        if HINT:
+            tl.store(hint_ptr, thr >> LOW)
+        tl.atomic_xchg(sem_ptr, 0)  # ready for the next call on this stream
+
+
+@triton.jit
+def _chunk_gemv_kernel(
+    x_ptr,
+    meta_ptr,
+    list_ptr,
+    w_ptr,
+    y_ptr,
+    part_ptr,
+    sem_ptr,
+    K,
+    N,
+    per,
+    chunk,
+    row_stride,
+    block_stride,
+    SB: tl.constexpr,
+    LB: tl.constexpr,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+    PPP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    STAGES: tl.constexpr,
+    CMASK: tl.constexpr = True,
+    PDL: tl.constexpr = False,
+    ASM: tl.constexpr = True,
+):
+    """Batch 1, y[n] = sum_i keep_i x_i Wt[i, n], after :func:`_chunk_select_kernel` (its
+    programmatic dependent on Hopper): program (j, s) owns columns j*BN.. and the K-slice
+    ``[s * per, (s + 1) * per)`` (``per``: a multiple of the selection's ``chunk``, at most
+    ``SB``). It lists the slice's kept inputs itself from ``meta`` (threshold ``thr``, ``need``
+    ties kept, the ties before its first chunk): ``key > thr``, or ``key == thr`` with a rank
+    among all ties <= ``need``, in pieces of ``LB`` inputs (the first loaded before the wait);
+    writes them to its own row of ``list`` ([programs, SB] int32), then streams those weight
+    rows in full tiles of ``BK`` (values read back from x by index). Weight addressing as
+    :func:`_compact_gemv_kernel` (row-major or column panels); SPLIT > 1 sums the fp32
+    partials in order in the last program per column block (:func:`_store_out`).
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    w_ptr = w_ptr + (pid_n // PPP).to(tl.int64) * block_stride + (pid_n % PPP) * BN
+    wc = tl.arange(0, BN)
+    lo = pid_s * per
+    own = list_ptr + (pid_n * SPLIT + pid_s).to(tl.int64) * SB
+    i0 = lo + tl.arange(0, LB)
+    valid0 = (i0 < K) & (i0 < lo + per)
+    key0 = tl.where(valid0, abs_key(tl.load(x_ptr + i0, mask=valid0, other=0.0).to(tl.float32)), -1)
+    if PDL:
+        gdc_wait()
+    thr = tl.load(meta_ptr)
+    room = tl.load(meta_ptr + 1) - tl.load(meta_ptr + 2 + lo // chunk, mask=lo < K, other=0)
+    n_gt = tl.zeros([], dtype=tl.int32)  # kept above thr, and ties, in the pieces so far
+    n_eq = tl.zeros([], dtype=tl.int32)
+    for c0 in tl.static_range(0, SB, LB):  # pieces of LB inputs: bounded registers
+        if c0 == 0:
+            key = key0
+        else:
+            i = lo + c0 + tl.arange(0, LB)
+            valid = (i < K) & (i < lo + per)
+            key = tl.where(
+                valid, abs_key(tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)), -1
+            )
+        gt = key > thr
+        eq = key == thr
+        cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)  # LB < 65536
+        rank = n_eq + (cs & 65535)  # among the slice's ties
+        keep = gt | (eq & (rank <= room))
+        pos = n_gt + (cs >> 16) + tl.maximum(tl.minimum(rank, room), 0) - 1
+        tl.store(own + pos, lo + c0 + tl.arange(0, LB), mask=keep)
+        n_gt += tl.sum(gt.to(tl.int32), axis=0)
+        n_eq += tl.sum(eq.to(tl.int32), axis=0)
+    n_kept = n_gt + tl.maximum(tl.minimum(n_eq, room), 0)
+    tl.debug_barrier()  # the list, written by all of this program's threads, read back below
+    acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+    for p0 in tl.range(0, n_kept, BK, num_stages=STAGES):
+        p = p0 + tl.arange(0, BK)
+        pm = p < n_kept
+        r = tl.load(own + p, mask=pm, other=0)
+        v = tl.load(x_ptr + r, mask=pm, other=0.0).to(tl.float32)
+        acc2 += v[:, None] * _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK).to(tl.float32)
+    acc = tl.sum(acc2, axis=0)[None, :]
+    rb = tl.arange(0, 1)
+    _store_out(
+        acc, y_ptr, part_ptr, sem_ptr, pid_n, pid_s, 1, N, rb, cols, cmask[None, :], SPLIT, 1,
+        BN, ASM,
+    )  # fmt: skip
+
+
+@triton.jit
 def _dp4a(a, b, c, ASM: tl.constexpr):
     """c + sum_j a.byte_j * b.byte_j (signed bytes) elementwise on int32 tensors."""
     if ASM:

@@ -511,3 +511,54 @@ def test_threshold_gemv_matches_reference(kin, n, dtype):
         x_static.copy_(fresh((1, kin), dtype))
         graph.replay()
         assert rel_err(y_static, threshold_gemv_reference(x_static, w, t)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "kin, n", [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (5632, 2048)]
+)
+@pytest.mark.parametrize("chunk", [128, 512])
+def test_split_select_matches_reference_and_the_one_program_path(dtype, kin, n, chunk):
+    """``GemvConfig(split_select=True)`` on the 7B shapes (and 1.3B down), fresh inputs: the
+    kept set is the reference's (an identity weight makes y the masked input), the output
+    matches the reference and the one-program path, and the carried hint ends where the
+    one-program path leaves it, through a hit, a jump far above / below and a tie-heavy row."""
+    k = int(0.4 * kin)
+    w = fresh((n, kin), dtype) * 0.02
+    wt = G.prepare_dense(w)
+    cfg = replace(G.sparse_config_for_weights(wt, k), split_select=True, select_chunk=chunk)
+    hint, hint1 = G.new_hint(1, "cuda"), G.new_hint(1, "cuda")
+    eye = G.prepare_dense(torch.eye(kin, device="cuda", dtype=dtype))
+    eye_cfg = replace(G.sparse_config_for_weights(eye, k), split_select=True, select_chunk=chunk)
+    base = fresh((1, kin), dtype)
+    for scale, ties in ((1.0, False), (1.01, False), (1.0, True), (5.0, False), (0.2, False)):
+        x = fresh((1, kin), dtype, ties=True) if ties else (base.float() * scale).to(dtype)
+        y = G.sparse_gemv(x, wt, k, cfg, n_out=n, hint=hint)
+        assert rel_err(y, G.sparse_gemv_reference(x, wt, k)[:, :n]) <= 1e-2
+        assert rel_err(y, G.sparse_gemv(x, wt, k, n_out=n, hint=hint1)) <= 1e-3
+        assert int(hint[0]) == int(hint1[0])
+        h = hint.clone()
+        assert torch.equal(
+            G.sparse_gemv(x, eye, k, eye_cfg, n_out=kin, hint=h), x * topk_mask(x, k)
+        )
+        assert torch.equal(G.sparse_gemv(x, eye, k, eye_cfg, n_out=kin), x * topk_mask(x, k))
+
+
+def test_split_select_replays_in_a_cuda_graph():
+    """The split selection (atomic counter, hint updated by the last selection program, PDL)
+    captured once and replayed on new inputs."""
+    wt = G.prepare_dense(fresh((4096, 11008), torch.bfloat16) * 0.02)
+    x = fresh((1, 11008), torch.bfloat16)
+    hint, k = G.new_hint(1, "cuda"), 4403
+    cfg = replace(G.sparse_config_for_weights(wt, k), split_select=True)
+    G.sparse_gemv(x, wt, k, cfg, hint=hint)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = G.sparse_gemv(x, wt, k, cfg, hint=hint)
+    base = fresh((1, 11008), torch.bfloat16)
+    for scale in (1.0, 1.01, 0.99, 3.0, 1.0):
+        x.copy_((base.float() * scale).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, G.sparse_gemv_reference(x, wt, k)) <= 1e-2
