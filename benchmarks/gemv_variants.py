@@ -11,19 +11,12 @@
    loads issued back to back per step; both with and without ``evict_first`` on the weights,
    on row-major weights and on 64-wide column panels.
 
-3. ``split``: the batch-1 selection over many programs (``GemvConfig(split_select=True)``,
-   docs/decode.md) against the default one-program selection + list GEMV and cuBLAS, selection
-   included, threshold carried (``hint=``), on the 7B (q|k|v, o, gate|up, down) and 1.3B
-   projection shapes, S=0.6 bf16: ratios to cuBLAS and to the default path, same run (CUDA
-   graph over weight copies, at least 8 and 120 MB). About a minute on an H200.
-
-    PYTHONPATH=$PWD python3 benchmarks/gemv_variants.py [sel] [gemv] [split]
+    PYTHONPATH=$PWD python3 benchmarks/gemv_variants.py [sel] [gemv]
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -302,77 +295,6 @@ def loop_variants() -> None:
         print(f"RATIO {t_dense / t:.2f} ({t:.2f} us) {name}")
 
 
-DEVICE = "cuda"  # the split part's device (a CPU dry run under TRITON_INTERPRET=1 swaps it)
-#: (name, in, out) of the fused projections: 7B preset, then 1.3B
-SPLIT_SHAPES = [
-    ("7B.qkv", 4096, 12288),
-    ("7B.o", 4096, 4096),
-    ("7B.gate_up", 4096, 22016),
-    ("7B.down", 11008, 4096),
-    ("1.3B.qkv", 2048, 6144),
-    ("1.3B.o", 2048, 2048),
-    ("1.3B.gate_up", 2048, 11264),
-    ("1.3B.down", 5632, 2048),
-]
-
-
-def _split_variants(base: G.GemvConfig) -> dict[str, G.GemvConfig]:
-    """The split-selection launch shapes timed per shape, from the default config ``base``."""
-    out = {
-        f"split_select c{c}": replace(base, split_select=True, select_chunk=c)
-        for c in (128, 256, 512)
-    }
-    out["split_select c256 2x split"] = replace(
-        base, split_select=True, select_chunk=256, split=2 * max(1, base.split)
-    )
-    out["split_select c256 sel 4 warps"] = replace(
-        base, split_select=True, select_chunk=256, select_warps=4
-    )
-    return out
-
-
-def _split_shape(name: str, kin: int, n: int) -> None:
-    """One shape of :func:`split_select_rows`."""
-    copies = max(8, int(120e6 // (kin * n * 2)))
-    ws = [torch.randn(n, kin, device=DEVICE, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-    wts = [G.prepare_dense(w) for w in ws]
-    x = torch.randn(1, kin, device=DEVICE, dtype=torch.bfloat16)
-    k = int(0.4 * kin)
-    base = G.sparse_config_for_weights(wts[0], k)
-    variants = {"default list": base, **_split_variants(base)}
-    ref = G.sparse_gemv_reference(x, wts[0], k)[:, :n].float()
-    t_dense = time_graph([lambda w=w: F.linear(x, w) for w in ws])
-    print(f"{name} {kin}->{n} ({copies} copies): cuBLAS {t_dense:.2f} us", flush=True)
-    emit(f"variants.split.{name}.cublas_us", t_dense, "us")
-    t_default = None
-    for label, cfg in variants.items():
-        hint = G.new_hint(1, DEVICE)
-        for _ in range(2):  # the second call starts from the carried threshold
-            y = G.sparse_gemv(x, wts[0], k, cfg, n_out=n, hint=hint).float()
-            err = ((y - ref).norm() / ref.norm()).item()
-            assert err < 1e-2, (name, label, err)
-        t = time_graph(
-            [lambda wt=wt, c=cfg, h=hint: G.sparse_gemv(x, wt, k, c, hint=h) for wt in wts]
-        )
-        t_default = t_default or t
-        print(
-            f"  {label:30s} {t:6.2f} us  {t_dense / t:.2f}x cuBLAS  "
-            f"{t_default / t:.2f}x default  ({cfg.block_n} cols, split {cfg.split}, "
-            f"rel err {err:.1e})",
-            flush=True,
-        )
-        emit(f"variants.split.{name}.{slug(label)}.us", t, "us")
-        emit(f"variants.split.{name}.{slug(label)}", t_dense / t)
-
-
-def split_select_rows() -> None:
-    """Default (one-program selection + list GEMV) vs ``split_select`` vs cuBLAS, batch 1."""
-    print("## batch-1 selection over many programs (split_select), S=0.6 bf16, hint carried")
-    for name, kin, n in SPLIT_SHAPES:
-        _split_shape(name, kin, n)
-        torch.cuda.empty_cache()
-
-
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["sel", "gemv"]
     torch.manual_seed(0)
@@ -381,5 +303,3 @@ if __name__ == "__main__":
         selection_breakdown()
     if "gemv" in parts:
         loop_variants()
-    if "split" in parts:
-        split_select_rows()

@@ -506,9 +506,9 @@ REGISTRY: list[Bench] = [
         Bench(
             f"decode_modes_{preset.lower()}_b1",
             "decode_modes.py",
-            ("--presets", preset, "--batches", "1", "--hf-batches", ""),
+            ("--presets", preset, "--batches", "1", "--hf-batches", "", "--head-bits", "8"),
             group="core" if preset == "1.3B" else "decode",
-            est_s=200 if preset == "1.3B" else 280,
+            est_s=260 if preset == "1.3B" else 360,
             rows=(
                 Row(
                     "decode",
@@ -546,6 +546,13 @@ REGISTRY: list[Bench] = [
                         f"{_DM}.{preset}.b1.compile.bitnet.tokens_per_s",
                     ),
                     "same: BitNet+Q-Sparse vs BitNet alone",
+                ),
+                Row(
+                    "decode",
+                    "same, the lm head int8 weight-only (`--head-bits 8`, opt-in): BitNet b1.58 / "
+                    "BitNet+Q-Sparse S=0.6 vs the same mode with the bf16 head",
+                    f"{{{_DM}.{preset}.b1.compile.bitnet_int8head.vs_bitnet|.3f}}x / "
+                    f"{{{_DM}.{preset}.b1.compile.bitnet_qsparse_int8head.vs_bitnet_qsparse|.3f}}x",
                 ),
             ),
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -91,12 +90,6 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
         G.GemvConfig(block_k=64, block_n=32, split=1, carry=True),
     ):
         G.sparse_gemv(torch.randn(1, 11008, dtype=bf16), w11, 4403, c, hint=G.new_hint(1))
-    for kin, n, k, hint in [(11008, 4096, 4403, G.new_hint(1)), (4096, 12288, 1638, None)]:
-        wsel = G.prepare_dense(torch.zeros(n, kin, dtype=bf16))  # split_select: 7B down, q|k|v
-        cfg = replace(G.sparse_config_for(kin, n, k), split_select=True)
-        G.sparse_gemv(torch.randn(1, kin, dtype=bf16), wsel, k, cfg, hint=hint)
-    cfg = G.GemvConfig(split_select=True)  # one 11008-wide slice: listed in 4 pieces
-    G.sparse_gemv(torch.randn(1, 11008, dtype=bf16), w11, 4403, cfg)
     for dtype in (bf16, torch.float32):
         xt = torch.randn(64, 2048, dtype=dtype)
         mask = torch.empty(64, 2048, dtype=torch.bool)

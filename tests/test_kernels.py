@@ -447,7 +447,6 @@ def test_gemv_config_round_trips_through_the_custom_op_encoding():
     for cfg in (
         G.GemvConfig(),
         G.GemvConfig(use_dot=True, radix=False, pdl=False),
-        G.GemvConfig(split_select=True, select_chunk=512),
         G.TERNARY_CONFIG,
     ):
         assert G._cfg_from_ints(G._cfg_ints(cfg)) == cfg

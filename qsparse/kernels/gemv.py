@@ -8,9 +8,7 @@ kernels read.
   inputs (the union over the batch), a second streams exactly those weight rows in full tiles:
   batch 1 reads ``k * N`` weights. ``hint=`` carries each row's threshold from call to call
   (one radix pass when it moved little); ``GemvConfig(carry=True)`` instead starts the GEMV on
-  the inputs above the carried band before the selection is known (measured slower, opt-in);
-  ``GemvConfig(split_select=True)`` spreads the batch-1 selection over many programs and lets
-  each GEMV program list its own slice of K (opt-in, not measured yet).
+  the inputs above the carried band before the selection is known (measured slower, opt-in).
 - :func:`masked_topk`: ``x * M`` from carried thresholds, what decode runs before a dense GEMM
   at batch 2-16.
 - :class:`Producer`: the op that makes a site's input (RMSNorm, or ``act(g) * u`` of a GLU),
@@ -77,18 +75,13 @@ class GemvConfig:
     ``block_k``: kept rows per tile (sparse) or 16-input groups per tile (ternary);
     ``block_n``: output columns per program; ``split``: programs sharing one column block
     (sparse, and ternary at batch > 1; > 1: the last one to finish sums their fp32
-    partials); ``select_warps``: warps of the one-program selection kernel (with
-    ``split_select``: of its chunk programs, :func:`split_select_warps`); ``use_dot``:
+    partials); ``select_warps``: warps of the one-program selection kernel; ``use_dot``:
     tensor-core dot with the batch padded to 16 (sparse; None: when batch > 1; ternary at
     batch > 1: opt-in, :data:`TERNARY_MMA_CONFIG`); ``carry``: at batch 1 with a carried
     threshold (``hint=``) and row-major weights, the GEMV sums the inputs above the carried band while
     the selection still runs and only the rest after it (docs/decode.md). Off by default: on
     an H200 it was slower than the list GEMV on every 7B shape but the down projection
-    (benchmarks/README.md). ``split_select``: at batch 1, the selection spread over
-    ``cdiv(K, select_chunk)`` programs (each histograms its chunk around the carried
-    threshold, the last to finish finds the exact threshold), and each GEMV program lists its
-    own slice of K's kept rows (docs/decode.md, "Batch 1: the selection over many programs");
-    opt-in, not measured on a GPU yet. ``select_chunk``: a power of two in [32, 4096].
+    (benchmarks/README.md).
     """
 
     block_k: int = 128
@@ -103,8 +96,6 @@ class GemvConfig:
     digit_bits: int = 5  # radix digit width: 2^digit_bits histogram bins per pass
     pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
     carry: bool = False  # sparse, batch 1, ``hint=``: start before the selection (measured slower)
-    split_select: bool = False  # sparse, batch 1: the selection spread over many programs
-    select_chunk: int = 256  # split_select: inputs histogrammed per selection program
 
 
 #: the floor of the activation absmax ``gamma = max(max |x|, ACT_EPS)`` in the ternary GEMVs'
@@ -647,8 +638,6 @@ def sparse_gemv(
         return y[:, :n_out] if n_out is not None else y
     if cfg.use_dot is False and x.shape[0] > 1:
         raise ValueError("cfg.use_dot=False supports batch 1 only")
-    if cfg.split_select is not False:
-        _check_split_select(cfg, x, rows, producer)
     _radix_digits(x.dtype, cfg.digit_bits)  # validates digit_bits
     hint = _hint_arg(hint, x.shape[0], x.device)
     idx, val, cnt = rows if rows is not None else (None, None, None)
@@ -657,26 +646,6 @@ def sparse_gemv(
         x.contiguous(), wt, k, idx, val, cnt, out_dtype, _cfg_ints(cfg), hint, code, w, eps
     )
     return y[:, :n_out] if n_out is not None else y
-
-
-def _check_split_select(
-    cfg: GemvConfig,
-    x: torch.Tensor,
-    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-    producer: Producer,
-) -> None:
-    """Refuse ``GemvConfig.split_select`` where it does not apply, in one line naming it."""
-    if cfg.split_select is not True:
-        raise ValueError(f"GemvConfig.split_select must be a bool, got {cfg.split_select!r}")
-    c = cfg.select_chunk
-    if not isinstance(c, int) or isinstance(c, bool) or not 32 <= c <= 4096 or c & (c - 1):
-        raise ValueError(f"GemvConfig.select_chunk must be a power of two in [32, 4096], got {c!r}")
-    if x.shape[0] != 1:
-        raise ValueError(f"GemvConfig.split_select is for batch 1 only, got batch {x.shape[0]}")
-    if rows is not None or producer.kind != "none" or not cfg.radix or cfg.carry:
-        raise ValueError(
-            "GemvConfig.split_select selects itself: no rows=, no producer, radix=True, carry=False"
-        )
 
 
 @torch.library.custom_op("qsparse::sparse_gemv", mutates_args=("hint",))
@@ -738,8 +707,6 @@ def _sparse_gemv_launch(
         and triton.next_power_of_2(k_in) <= 16384  # the list kernel's packed scan
     ):
         return _carry_gemv_launch(x, wt, k, cfg, out_dtype, hint, pdl, interp)
-    if cfg.split_select and bsz == 1 and rows is None and prod[0] == 0:
-        return _split_select_launch(x, wt, k, cfg, out_dtype, hint, interp)
     idx, val, cnt = (
         rows
         if rows is not None
@@ -842,104 +809,6 @@ def _carry_gemv_launch(
         STAGES=cfg.num_stages,
         LOW=low,
         DBITS=cfg.digit_bits,
-        CMASK=n % block_n != 0,
-        **_gemv_launch_opts(cfg, pdl, interp),
-    )
-    return y.to(out_dtype)
-
-
-#: ``split_select``: inputs of its K-slice a GEMV program lists per step (a power of two; a
-#: slice of up to 4096 inputs in one step, 32 per thread at 4 warps; more in several)
-SPLIT_SELECT_PIECE = 4096
-
-
-def split_select_warps(k_in: int, warps: int = 0) -> int:
-    """Warps of :func:`_chunk_select_kernel` for rows of ``k_in`` inputs: ``warps`` if set,
-    else one per 1024 padded inputs, 4 to 16, so that the last program's full radix select (a
-    miss: the whole row in one program) keeps at most 32 inputs per thread (8 warps at 11008
-    inputs spill on sm_90)."""
-    import triton
-
-    return warps or max(4, min(16, triton.next_power_of_2(k_in) // 1024))
-
-
-def _split_select_launch(
-    x: torch.Tensor,
-    wt: torch.Tensor,
-    k: int,
-    cfg: GemvConfig,
-    out_dtype: torch.dtype,
-    hint: torch.Tensor | None,
-    interp: bool,
-) -> torch.Tensor:
-    """Batch 1, ``cfg.split_select``: :func:`_chunk_select_kernel` (``cdiv(K, select_chunk)``
-    programs; the exact threshold, starting from ``hint[0]`` when given, which it updates) and
-    :func:`_chunk_gemv_kernel` (grid ``(cdiv(N, block_n), split)``, each program listing and
-    streaming the kept rows of its slice of K), a programmatic dependent on Hopper. x: [1, K],
-    ``wt``: :func:`prepare_dense`'s layout; returns [1, N (padded)] in ``out_dtype``."""
-    import triton
-
-    from ._gemv_triton import _chunk_gemv_kernel, _chunk_select_kernel
-
-    k_in, n, block_n, row_stride, block_stride, ppp = _panels(wt, cfg)
-    chunk = cfg.select_chunk
-    nchunk = triton.cdiv(k_in, chunk)
-    pb = max(2, triton.next_power_of_2(nchunk))
-    nb = 1 << cfg.digit_bits
-    low, ndig = _radix_digits(x.dtype, cfg.digit_bits)
-    split = max(1, cfg.split)
-    grid = (triton.cdiv(n, block_n), split)
-    per = triton.cdiv(triton.cdiv(k_in, split), chunk) * chunk  # a K-slice: whole chunks
-    sb = triton.next_power_of_2(per)
-    if sb >= 65536:
-        raise ValueError(f"GemvConfig.split_select: K slices of {per} inputs (split more)")
-    dev = x.device
-    hist = torch.empty(pb, nb, dtype=torch.int32, device=dev)
-    meta = torch.empty(2 + pb, dtype=torch.int32, device=dev)
-    lists = torch.empty(grid[0] * split, sb, dtype=torch.int32, device=dev)
-    sem = _semaphores(dev, grid[0] + 1)  # [0, grid0): the GEMV's column blocks; grid0: select
-    pdl = cfg.pdl and _pdl_ok(x)
-    _chunk_select_kernel[(nchunk,)](
-        x,
-        hint if hint is not None else meta,
-        hist,
-        meta,
-        sem[grid[0] :],
-        k_in,
-        k,
-        CH=chunk,
-        PB=pb,
-        BLOCK=triton.next_power_of_2(k_in),
-        LOW=low,
-        NDIG=ndig,
-        DBITS=cfg.digit_bits,
-        HINT=hint is not None,
-        PDL=pdl,
-        ASM=not interp,
-        num_warps=split_select_warps(k_in, cfg.select_warps),
-    )
-    y, part = _gemv_outputs(x, 1, n, out_dtype, split, interp)
-    _chunk_gemv_kernel[grid](
-        x,
-        meta,
-        lists,
-        wt,
-        y,
-        part,
-        sem,
-        k_in,
-        n,
-        per,
-        chunk,
-        row_stride,
-        block_stride,
-        SB=sb,
-        LB=min(sb, SPLIT_SELECT_PIECE),
-        BK=cfg.block_k,
-        BN=block_n,
-        PPP=ppp,
-        SPLIT=split,
-        STAGES=cfg.num_stages,
         CMASK=n % block_n != 0,
         **_gemv_launch_opts(cfg, pdl, interp),
     )
