@@ -236,6 +236,8 @@ def plot(src: str | Sequence[str], dst: str) -> None:
     else:
         rows = [r for d in loaded for r in d]
     presets = list(dict.fromkeys(r["preset"] for r in rows))
+    # one colour per mode across the panels (a preset may lack some modes)
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["mode"] for r in rows))}
     fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4), squeeze=False)
     for ax, preset in zip(axes[0], presets, strict=True):
         sub = [r for r in rows if r["preset"] == preset]
@@ -247,7 +249,8 @@ def plot(src: str | Sequence[str], dst: str) -> None:
                 next((r["tokens_per_s"] for r in sub if r["batch"] == b and r["mode"] == mode), 0)
                 for b in batches
             ]
-            ax.bar([i + j * width for i in range(len(batches))], vals, width, label=mode)
+            xs = [i + j * width for i in range(len(batches))]
+            ax.bar(xs, vals, width, label=mode, color=colours[mode])
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))])
         ax.set_xticklabels(
             [
