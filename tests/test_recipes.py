@@ -196,3 +196,8 @@ def test_recovery_mixture_and_calibration_follow_the_sources() -> None:
     assert not held_out & seven
     cfg = compose_train(["recipe=continue/recovery_smollm2", "~data.sources.news_en"])
     assert set(cfg.data.sources) == set(cfg.sparsity.calibration) == seven - {"news_en"}
+    # the packaged technical-prose corpus, not in the recipe until measured, is one override
+    cfg = compose_train(["recipe=continue/recovery_smollm2", "+data.sources.aws_docs=0.15"])
+    assert cfg.data.sources.aws_docs == 0.15
+    assert set(cfg.sparsity.calibration) == seven | {"aws_docs"}
+    assert not held_out & set(cfg.data.sources)
