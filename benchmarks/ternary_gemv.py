@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from benchmarks._timing import emit_vs_dense, gemv_setup, row, sweep, time_graph
 from qsparse.kernels import gemv as G
 
-SWEEP = [  # block_k (16-input groups per tile), block_n, num_warps, num_stages
+SWEEP = [  # block_k (16-input groups per tile), block_n, num_warps, num_stages[, split]
+    # the words of a column block split over 2-4 programs (more loads in flight at batch 1:
+    # the kernel streams about 1.5 TB/s of the card's ~4.3), and wider column blocks
+    (64, 32, 4, 3, 2),
+    (64, 32, 4, 3, 4),
+    (32, 32, 4, 3, 4),
+    (64, 64, 4, 3, 2),
+    (32, 128, 4, 3),
+    (64, 128, 8, 3),
     (64, 32, 4, 3),
     (256, 16, 4, 3),
     (256, 32, 8, 3),
@@ -73,8 +81,9 @@ def main() -> None:
                     select_warps=sw,
                     pdl=pdl,
                     digit_bits=db,
+                    split=sp[0] if sp else 1,
                 )
-                for bg, bn, nw, ns in SWEEP
+                for bg, bn, nw, ns, *sp in SWEEP
                 for pdl in (True, False)
                 for sw, db in (
                     ((8, 5), (4, 5), (8, 8), (4, 4)) if (bg, bn) == (128, 32) and k else ((8, 5),)
