@@ -76,7 +76,7 @@ HEAD_BITS = (None, 8)
 
 def check_head_bits(head_bits: object, name: str = "head_bits") -> int | None:
     """``head_bits`` if it is one of :data:`HEAD_BITS`, else ``ValueError`` naming ``name``."""
-    if head_bits is None or (type(head_bits) is int and head_bits == 8):
+    if head_bits is None or (type(head_bits) is int and head_bits in HEAD_BITS):
         return head_bits
     raise ValueError(
         f"{name}={head_bits!r} is not supported: use 8 (int8 weight-only lm head) "
@@ -103,10 +103,10 @@ class Int8Head(nn.Module):
         self.use_kernels = use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if not (self.use_kernels and rows <= I8.MAX_ROWS and kernels_available(x)):
+        if not self.use_kernels:
             return I8.int8_gemv_reference(x, self.q, self.scale)
-        y = I8.int8_gemv(x.reshape(rows, x.shape[-1]), self.q, self.scale)
+        # int8_gemv itself falls back to the reference past MAX_ROWS or without kernels
+        y = I8.int8_gemv(x.reshape(-1, x.shape[-1]), self.q, self.scale)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

