@@ -18,10 +18,11 @@ measures, on every ``--eval-text`` (whole sources the recipe neither trains nor 
 * ``free_cross_layer``: the same with ``sparsity.allocation=cross_layer`` (layer sparsities
   differ too, at the same activated parameters) at each S of
   ``--free-cross-layer-sparsities``, no training;
-* ``distill``: ``--recipe`` as it ships (greedy per-site ratios, CE + KL) at each S of
-  ``--sparsities``;
-* ``lm``: the same recipe with ``distill=none`` (LM loss only, the recipe's allocation;
-  ``optim.lr`` from ``--lm-lr``) at ``--lm-sparsities``;
+* ``lm``: ``--recipe`` with ``distill=none`` (LM loss only, the recipe's greedy per-site
+  ratios; ``optim.lr`` from ``--lm-lr``: the recovery recipe as it ships) at each S of
+  ``--lm-sparsities``;
+* ``distill``: the same recipe with ``distill=lm_logits`` (CE + KL to the frozen dense model)
+  at ``--sparsities``;
 * ``paper``: the paper's recipe on the same data, steps and batch: uniform S
   (``sparsity.allocation=uniform``), LM loss only, ``--lm-lr``, at ``--paper-sparsities``.
 
@@ -77,9 +78,9 @@ def _plot(results: list[dict[str, Any]], text: str, path: Path) -> None:
         "free": ("o--", "training-free top-k, uniform S"),
         "free_greedy": ("o:", "training-free, greedy per-site ratios"),
         "paper": ("s--", "continued training, paper's recipe (uniform S, LM loss)"),
-        "lm": ("s-", "continued training, LM loss only (distill=none)"),
+        "lm": ("s-", "continued training, LM loss, greedy ratios (recovery recipe)"),
         "distill_kl": ("v-", "continued training, KL to the dense model only"),
-        "distill": ("^-", "continued training, LM + KL (recovery recipe)"),
+        "distill": ("^-", "continued training, LM + KL to the dense model (distill=lm_logits)"),
     }
     kinds = list(styles) + sorted({r["kind"] for r in results} - set(styles) - {"dense"})
     for kind in kinds:
@@ -132,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=None, help="dense checkpoint (default: SmolLM2-135M)")
     p.add_argument("--recipe", default="continue/recovery_smollm2")
     p.add_argument("--eval-text", nargs="+", default=["convention_speeches", "python_docs"])
-    p.add_argument("--sparsities", type=float, nargs="*", default=[0.25, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--sparsities", type=float, nargs="*", default=[0.4, 0.5])
     p.add_argument("--free-sparsities", type=float, nargs="*", default=None)
-    p.add_argument("--lm-sparsities", type=float, nargs="*", default=[0.4, 0.5])
+    p.add_argument("--lm-sparsities", type=float, nargs="*", default=[0.25, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--paper-sparsities", type=float, nargs="*", default=[0.4, 0.5])
     p.add_argument("--free-greedy-sparsities", type=float, nargs="*", default=[])
     p.add_argument("--free-cross-layer-sparsities", type=float, nargs="*", default=[])
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         common.append(f"trainer.max_steps={args.steps}")
     lm_extra = ["distill=none", f"optim.lr={args.lm_lr}", "scheduler.min_lr=1e-6"]
     extras = {
-        "distill": [],
+        "distill": ["distill=lm_logits"],
         "lm": lm_extra,
         "paper": [*lm_extra, "sparsity.allocation=uniform"],
         **{k: v[1] for k, v in variants.items()},
