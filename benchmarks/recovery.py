@@ -24,7 +24,11 @@ measures, on every ``--eval-text`` (whole sources the recipe neither trains nor 
 * ``distill``: the same recipe with ``distill=lm_logits`` (CE + KL to the frozen dense model)
   at ``--sparsities``;
 * ``paper``: the paper's recipe on the same data, steps and batch: uniform S
-  (``sparsity.allocation=uniform``), LM loss only, ``--lm-lr``, at ``--paper-sparsities``.
+  (``sparsity.allocation=uniform``), LM loss only, ``--lm-lr``, at ``--paper-sparsities``;
+* ``dense_cont`` (``--dense-control``): the same recipe with no sparsity (``sparsity=none``,
+  no warm-up), LM loss, ``--lm-lr``: what the continued training alone does to held-out text,
+  and the dense start of a fine-tuning control (``benchmarks/finetune_recovery.py``
+  ``--variant 'densecont@0=model.path=OUT/runs/dense_cont_S0/hf sparsity=none'``).
 
 Each training is a normal ``qsparse-train`` job (``<out>/runs/<name>``); results are appended
 to ``<out>/recovery.json`` after every job (a killed study keeps what it measured), and
@@ -78,6 +82,7 @@ def _plot(results: list[dict[str, Any]], text: str, path: Path) -> None:
         "free": ("o--", "training-free top-k, uniform S"),
         "free_greedy": ("o:", "training-free, greedy per-site ratios"),
         "paper": ("s--", "continued training, paper's recipe (uniform S, LM loss)"),
+        "dense_cont": ("k*", "dense model, continued training (no sparsity)"),
         "lm": ("s-", "continued training, LM loss, greedy ratios (recovery recipe)"),
         "distill_kl": ("v-", "continued training, KL to the dense model only"),
         "distill": ("^-", "continued training, LM + KL to the dense model (distill=lm_logits)"),
@@ -140,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--free-greedy-sparsities", type=float, nargs="*", default=[])
     p.add_argument("--free-cross-layer-sparsities", type=float, nargs="*", default=[])
     p.add_argument("--lm-lr", type=float, default=5e-5, help="the paper's continued-training LR")
+    p.add_argument(
+        "--dense-control",
+        action="store_true",
+        help="also continue the dense model on the recipe's data (kind dense_cont)",
+    )
     p.add_argument(
         "--variant",
         action="append",
@@ -213,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         "distill": ["distill=lm_logits"],
         "lm": lm_extra,
         "paper": [*lm_extra, "sparsity.allocation=uniform"],
+        "dense_cont": [
+            *lm_extra,
+            "sparsity=none",
+            "sparsity.allocation=uniform",
+            "++callbacks.sparsity_warmup=null",  # (null: skipped; a recipe may not have one)
+        ],
         **{k: v[1] for k, v in variants.items()},
     }
 
@@ -252,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [("distill", s) for s in args.sparsities]
     jobs += [("lm", s) for s in args.lm_sparsities]
     jobs += [("paper", s) for s in args.paper_sparsities]
+    jobs += [("dense_cont", 0.0)] if args.dense_control else []
     jobs += [
         (name, s) for name, (vs, _) in variants.items() for s in (vs or args.variant_sparsities)
     ]

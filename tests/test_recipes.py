@@ -212,3 +212,39 @@ def test_recovery_recipe_trains_on_the_lm_loss_and_distills_on_request() -> None
     cfg = compose_train(["recipe=continue/recovery_smollm2", "distill=lm_logits"])
     assert cfg.distill.mode == "logits"
     assert (cfg.distill.lm_weight, cfg.distill.kl_weight) == (1.0, 1.0)
+
+
+def test_dense_control_of_a_warmup_recipe_is_refused_before_anything_is_written(
+    tiny_hf_checkpoint, tmp_path: Path
+) -> None:
+    """sparsity=none on a recipe with a sparsity warm-up: a one-line config error naming the
+    callback and the fix, before the run directory exists; with the fix it validates."""
+    from qsparse.training.config import validate_config
+
+    run_dir = tmp_path / "dense"
+    warmup = [
+        "+callbacks.sparsity_warmup._target_=qsparse.training.sparsity_warmup.SparsityWarmup",
+        "+callbacks.sparsity_warmup.steps=5",
+    ]
+    overrides = [
+        "recipe=continue/recovery_tiny",
+        f"model.path={tiny_hf_checkpoint('llama')}",
+        "sparsity=none",
+        f"run_dir={run_dir}",
+    ]
+    with pytest.raises(ValueError, match=r"~callbacks\.sparsity_warmup") as err:
+        train(compose_train([*overrides, *warmup]))
+    assert "\n" not in str(err.value) and not run_dir.exists()
+    validate_config(compose_train(overrides))
+    # the GPU recipe ships the callback: its dense control drops it the same way
+    validate_config(
+        compose_train(
+            [
+                "recipe=continue/recovery_smollm2",
+                "model.path=/models/smollm2",
+                "sparsity=none",
+                "sparsity.allocation=uniform",
+                "~callbacks.sparsity_warmup",
+            ]
+        )
+    )

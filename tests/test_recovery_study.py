@@ -37,3 +37,32 @@ def test_plot_only_reproduces_the_docs_table(tmp_path: Path, capsys) -> None:
             for text in ("convention_speeches", "python_docs"):
                 ratio = rows[s]["ppl"][text] / dense[text]
                 assert f"{ratio:.3f}x" in doc, (kind, s, text)
+
+
+def test_a_cpu_study_with_the_dense_control(tiny_hf_checkpoint, tmp_path: Path) -> None:
+    """A two-step study on the tiny recipe: dense, training-free and the recipe (lm) at S=0.5,
+    and the dense control (--dense-control: continued without sparsity, no warm-up callback,
+    even where the recipe has one), all in recovery.json, each a ratio to dense."""
+    ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
+    out = tmp_path / "study"
+    argv = [
+        *("--base", str(ckpt), "--recipe", "continue/recovery_tiny"),
+        *("--eval-text", "python_docs", "--device", "cpu", "--max-tokens", "1024"),
+        *("--sparsities", "--lm-sparsities", "0.5", "--paper-sparsities", "--free-sparsities"),
+        *("--dense-control", "--out", str(out), "--"),
+        *("data.max_documents=200", "trainer.max_steps=2", "trainer.val_check_interval=1"),
+        "+callbacks.sparsity_warmup._target_=qsparse.training.sparsity_warmup.SparsityWarmup",
+        "+callbacks.sparsity_warmup.steps=1",
+    ]
+    assert _load_script().main(argv) == 0
+    results = {
+        (r["kind"], r["S"]): r for r in json.loads((out / "recovery.json").read_text())["results"]
+    }
+    assert set(results) == {("dense", 0.0), ("free", 0.5), ("lm", 0.5), ("dense_cont", 0.0)}
+    dense_cont, lm = results[("dense_cont", 0.0)], results[("lm", 0.5)]
+    assert dense_cont["measured_sparsity"] == 0.0
+    assert dense_cont["activated_parameters"] == results[("dense", 0.0)]["activated_parameters"]
+    free = results[("free", 0.5)]["measured_sparsity"]
+    assert lm["measured_sparsity"] > 0.2 and abs(lm["measured_sparsity"] - free) < 0.02
+    assert "++callbacks.sparsity_warmup=null" in dense_cont["overrides"]
+    assert (out / "recovery-python_docs.png").is_file()

@@ -207,6 +207,21 @@ def _require(cond: bool, key: str, value: Any, rule: str) -> None:
         raise ValueError(f"config error: {key}={value!r} {rule}")
 
 
+def _warmup_needs_sites(cfg: Mapping[str, Any]) -> None:
+    """A sparsity warm-up callback with ``sparsity=none`` (and no ``method``) has no top-k
+    site to ramp: refuse it here, before the run writes anything (e.g. the dense control of
+    a recovery recipe needs ``~callbacks.sparsity_warmup`` too)."""
+    warmup = (cfg.get("callbacks") or {}).get("sparsity_warmup")
+    target = str((warmup or {}).get("_target_", ""))
+    pattern = (cfg.get("sparsity") or {}).get("pattern")
+    if target.endswith("SparsityWarmup") and pattern == "none" and not cfg.get("method"):
+        raise ValueError(
+            "config error: callbacks.sparsity_warmup ramps the top-k ratio, but sparsity=none "
+            "gives the model no top-k sites; drop the callback with ~callbacks.sparsity_warmup "
+            "or set a sparsity"
+        )
+
+
 def _int_at_least(section: Mapping[str, Any], prefix: str, key: str, minimum: int) -> None:
     """``<prefix>.<key>``, where set (not null), is an int >= ``minimum``."""
     v = section.get(key)
@@ -263,6 +278,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
         first = str(exc).splitlines()[0]
         raise ValueError(f"config error: {key}: {first}") from exc
     _one_checkpointing_switch(cfg)
+    _warmup_needs_sites(cfg)
     run_name = cfg.get("run_name")
     _require(
         isinstance(run_name, str) and run_name.strip() != "" and ".." not in run_name,
