@@ -25,6 +25,7 @@ from qsparse.errors import UserError
 from qsparse.nn import QuantConfig, SparsityConfig
 
 from .distill import DistillConfig
+from .freeze import check_freeze_patterns
 
 
 class ConfigError(UserError):
@@ -70,6 +71,7 @@ class TrainSchema:
     export: bool = True
     float32_matmul_precision: str = "high"
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
+    freeze: list[str] = field(default_factory=list)
     model: Any = None
     data: Any = None
     # the library dataclasses themselves are the schemas of these two groups
@@ -279,6 +281,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
         raise ValueError(f"config error: {key}: {first}") from exc
     _one_checkpointing_switch(cfg)
     _warmup_needs_sites(cfg)
+    check_freeze_patterns(cfg.get("freeze"))
     run_name = cfg.get("run_name")
     _require(
         isinstance(run_name, str) and run_name.strip() != "" and ".." not in run_name,

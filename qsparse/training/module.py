@@ -35,6 +35,7 @@ from qsparse.nn import QuantConfig, SparsityConfig
 from qsparse.nn.sites import dynamic_sparsity
 
 from .distill import DistillConfig
+from .freeze import check_freeze_patterns, freeze_parameters
 from .optim import configure_optimization, no_decay_names, total_grad_norm
 from .site_allocation import allocate_at_build, note_replaced_table
 from .teacher_store import make_teacher
@@ -80,6 +81,8 @@ class LMModule(L.LightningModule):
         compile: ``torch.compile`` the model in place (state-dict names unchanged).
         gradient_checkpointing: recompute decoder layers in backward.
         modules_to_not_convert: module names ``sparsify`` leaves dense.
+        freeze: ``fnmatch`` patterns of parameter names to keep fixed (``requires_grad``
+            off before any wrapping; :mod:`qsparse.training.freeze`); empty = train all.
         distill: :class:`~qsparse.training.distill.DistillConfig` (or its dict): train
             against the frozen dense model built from the same ``model`` spec (the teacher,
             built at fit start, never checkpointed), or against its top-K logits read from
@@ -103,6 +106,7 @@ class LMModule(L.LightningModule):
         modules_to_not_convert: Sequence[str] = ("lm_head",),
         distill: DistillConfig | Mapping[str, Any] | None = None,
         method: Mapping[str, Any] | None = None,
+        freeze: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if activation not in ACTIVATION_CHOICES:
@@ -129,11 +133,13 @@ class LMModule(L.LightningModule):
                 "modules_to_not_convert": list(modules_to_not_convert),
                 "distill": self._distill.to_dict(),
                 "method": _plain(method) or None,
+                "freeze": check_freeze_patterns(_plain(freeze)),
             }
         )
         self.model: nn.Module | None = None
         self.sparsify_report: Any = None
         self.no_decay_names: frozenset[str] | None = None
+        self.frozen_names: list[str] = []
         self.last_val_step: int = -1
         self.last_val_loss: float | None = None
         self._grad_norm: torch.Tensor | None = None
@@ -225,6 +231,14 @@ class LMModule(L.LightningModule):
                 note_replaced_table(self.hparams["model"].get("path"), sparsity)
         if self._method is not None:
             self._method.on_model_configured(model)
+        self.frozen_names = freeze_parameters(model, self.hparams.get("freeze") or [])
+        if self.frozen_names:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            count = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+            rank_zero_info(
+                f"freeze: {count:,} parameters kept fixed ({', '.join(self.frozen_names)})"
+            )
         # weight decay is decided by name on the unwrapped model (FSDP1 flattens parameters)
         self.no_decay_names = no_decay_names(model)
         if self.hparams["gradient_checkpointing"]:

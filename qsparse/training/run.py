@@ -209,6 +209,7 @@ def _module(container: Mapping[str, Any], model_spec: Mapping[str, Any]) -> LMMo
         modules_to_not_convert=tuple(container.get("modules_to_not_convert", ("lm_head",))),
         distill=container.get("distill"),
         method=container.get("method"),
+        freeze=tuple(container.get("freeze") or ()),
     )
 
 
