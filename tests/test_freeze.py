@@ -65,3 +65,21 @@ def test_a_tied_head_is_frozen_with_its_embedding() -> None:
     model["norm"] = nn.LayerNorm(4)
     assert freeze_parameters(model, ["lm_head.*"]) == ["embed_tokens.weight", "lm_head.weight"]
     assert not emb.weight.requires_grad and model["norm"].weight.requires_grad
+
+
+def test_frozen_embeddings_under_fsdp_on_two_cpu_processes(
+    tiny_hf_checkpoint, tmp_path: Path
+) -> None:
+    """FSDP2 shards a model whose frozen and trained parameters share units: the run trains,
+    and its export keeps the frozen embedding as loaded."""
+    from conftest import ddp_recovery_overrides, run_module
+
+    ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=256)
+    run_dir = tmp_path / "fsdp"
+    args = ddp_recovery_overrides(ckpt, run_dir, tmp_path / "cache", 2, trainer="fsdp_cpu")
+    run_module("qsparse.cli.train", [*args, "freeze=[*embed_tokens*]", "optim.lr=1e-2"], tmp_path)
+    before, after = _weights(ckpt), _weights(run_dir / "hf")
+    key = "model.embed_tokens.weight"
+    assert torch.equal(before[key], after[key].to(before[key].dtype))
+    moved = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.allclose(before[moved], after[moved].to(before[moved].dtype))
