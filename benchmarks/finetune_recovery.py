@@ -97,11 +97,11 @@ def plan_jobs(kinds: list[str], variants: list[str], sparsity: float) -> list[Jo
 
 
 def validation_curve(run_dir: Path) -> dict[int, float]:
-    """``{step: val/loss}`` of every validation in the run's CSV log (``csv/metrics.csv``,
-    read by :func:`qsparse.training.metrics_csv.read_metrics`; empty before the first)."""
-    from qsparse.training.metrics_csv import read_metrics
+    """``{step: val/loss}`` of every validation in the run's CSV log (``csv/metrics.csv``;
+    empty before the first): :func:`recovery.val_curves` for ``val/loss``."""
+    from recovery import val_curves
 
-    return dict(read_metrics(run_dir / "csv").get("val/loss", []))
+    return val_curves(run_dir, ("val/loss",)).get("val/loss", {})
 
 
 def job_result(job: Job, run_dir: Path, rc: int) -> dict[str, Any] | None:

@@ -117,6 +117,17 @@ KEEP = (
 )
 
 
+def val_curves(
+    run_dir: Path, metrics: tuple[str, ...] = ("val/loss", "val_ood/loss")
+) -> dict[str, dict[int, float]]:
+    """``{metric: {step: value}}`` of every validation in a run's CSV log (``csv/``), for each
+    of ``metrics`` it logged (the last step is the re-validation of the chosen checkpoint)."""
+    from qsparse.training.metrics_csv import read_metrics
+
+    logged = read_metrics(run_dir / "csv")
+    return {m: dict(logged[m]) for m in metrics if logged.get(m)}
+
+
 def _parse_variant(text: str) -> tuple[str, tuple[list[float] | None, list[str]]]:
     """``NAME[@S1,S2]=override override ...`` -> (NAME, (sparsities or None, overrides))."""
     head, sep, rest = text.partition("=")
@@ -241,7 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         summary = _train(args.recipe, overrides)
         row = measure(f"{kind} S={s:g}", summary["export_dir"])
         info = {k: summary.get(k) for k in KEEP}
-        return {"kind": kind, "S": s, **row.to_dict(), **info, "overrides": extras[kind]}
+        curves = val_curves(run_dir)
+        return {
+            "kind": kind,
+            "S": s,
+            **row.to_dict(),
+            **info,
+            "overrides": extras[kind],
+            "curves": curves,
+        }
 
     if args.job:  # one job in its own process (--parallel): its result goes next to its run
         kind, s = args.job[0], float(args.job[1])

@@ -65,4 +65,7 @@ def test_a_cpu_study_with_the_dense_control(tiny_hf_checkpoint, tmp_path: Path) 
     free = results[("free", 0.5)]["measured_sparsity"]
     assert lm["measured_sparsity"] > 0.2 and abs(lm["measured_sparsity"] - free) < 0.02
     assert "++callbacks.sparsity_warmup=null" in dense_cont["overrides"]
+    for row in (lm, dense_cont):  # each job's validation curves, in-domain and held-out
+        assert set(row["curves"]) == {"val/loss", "val_ood/loss"}
+        assert all(v > 0 for curve in row["curves"].values() for v in curve.values())
     assert (out / "recovery-python_docs.png").is_file()
