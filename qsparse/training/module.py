@@ -236,9 +236,11 @@ class LMModule(L.LightningModule):
             from lightning.pytorch.utilities import rank_zero_info
 
             count = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-            rank_zero_info(
-                f"freeze: {count:,} parameters kept fixed ({', '.join(self.frozen_names)})"
+            names = self.frozen_names
+            shown = ", ".join(names[:6]) + (
+                f", ... {len(names) - 6} more" if len(names) > 6 else ""
             )
+            rank_zero_info(f"freeze: {count:,} parameters kept fixed ({shown})")
         # weight decay is decided by name on the unwrapped model (FSDP1 flattens parameters)
         self.no_decay_names = no_decay_names(model)
         if self.hparams["gradient_checkpointing"]:
