@@ -58,7 +58,8 @@ def freeze_parameters(model: nn.Module, patterns: Sequence[str]) -> list[str]:
             f"config error: freeze pattern(s) {missing} match no parameter of the model "
             f"(names look like {example!r}); use fnmatch patterns such as '*embed_tokens*'"
         )
-    frozen_ids = {id(p) for n, p in named if any(n in names for names in hits.values())}
+    matched = {n for names in hits.values() for n in names}
+    frozen_ids = {id(p) for n, p in named if n in matched}
     if all(id(p) in frozen_ids for _, p in named):
         raise ValueError(
             f"config error: freeze={patterns} freezes every parameter; nothing would train"
