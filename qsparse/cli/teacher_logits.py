@@ -133,7 +133,7 @@ def write_teacher_logits(
     spec = dict(container["model"])
     if "vocab_size" in spec and spec["vocab_size"] is None:
         spec["vocab_size"] = int(dm.vocab_size)
-    order = visited_samples(len(dataset), dm.batch_size, world, dm.shuffle, dm.seed, micro)
+    order = visited_samples(len(dataset), dm.batch_size, world, dm.shuffle, dm.shuffle_seed, micro)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher = Teacher(DistillConfig(mode="logits", kl_weight=1.0, teacher_dtype=dcfg.teacher_dtype))
     model = teacher.build(spec, None, dev)

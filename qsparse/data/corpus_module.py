@@ -36,8 +36,8 @@ class CorpusDataModule(ResumableDataModule):
             :attr:`vocab_size` property is ``len(tokenizer)``).
         seq_len, val_fraction, cache_dir: tokens per example/block, expected validation
             fraction in [0, 1), cache root (default ``$QSPARSE_CACHE`` or ``./.cache/qsparse``).
-        batch_size, seed, num_workers, shuffle, val_batch_size: as in
-            :class:`~qsparse.data.resumable.ResumableDataModule`.
+        batch_size, seed, num_workers, shuffle, val_batch_size, shuffle_seed: as in
+            :class:`~qsparse.data.resumable.ResumableDataModule` (``seed`` keys the split).
         default_corpus, purpose: the corpus used when no source is given, and what the data
             is for (named in the error message).
 
@@ -60,10 +60,11 @@ class CorpusDataModule(ResumableDataModule):
         num_workers: int,
         shuffle: bool,
         val_batch_size: int | None,
+        shuffle_seed: int | None,
         default_corpus: str,
         purpose: str,
     ) -> None:
-        super().__init__(batch_size, seed, num_workers, shuffle, val_batch_size)
+        super().__init__(batch_size, seed, num_workers, shuffle, val_batch_size, shuffle_seed)
         self.corpus = check_source(
             corpus, data_files, default_corpus, seq_len, val_fraction, purpose
         )

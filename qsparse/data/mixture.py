@@ -7,7 +7,7 @@ tokenizer) and mixes the training blocks by weight:
 * With ``n_i`` training blocks in source ``i`` and weights normalised to ``p_i``, an epoch has
   ``N = sum_i n_i`` blocks, of which ``c_i = round(p_i N)`` (largest remainders, so
   ``sum c_i = N``) come from source ``i``: its blocks in an order drawn from
-  ``numpy.random.default_rng([seed, i])``, repeated when ``c_i > n_i`` (up-sampling) and cut
+  ``numpy.random.default_rng([shuffle_seed, i])``, repeated when ``c_i > n_i`` (up-sampling) and cut
   when ``c_i < n_i``. The list is fixed, so the resumable sampler's exact resume holds.
 * ``val`` (logged ``val/loss``, ``val/ppl``): every source's validation split, concatenated.
 * ``ood`` (logged ``val_ood/loss``, ``val_ood/ppl``): sources never trained on, read whole
@@ -95,6 +95,8 @@ class MixtureDataModule(ResumableDataModule):
         text_field, vocab_size, seq_len, batch_size, val_fraction, num_workers, seed,
             cache_dir, max_documents, text_sample_by, shuffle, val_batch_size: as for
             :class:`~qsparse.data.pretrain.PretrainDataModule`, applied to every source.
+        shuffle_seed: the blocks drawn from each source and the shuffle (``None``: ``seed``,
+            which keys every source's split).
 
     Attributes: ``val_set_names`` = ``["val"]`` or ``["val", "val_ood"]``: the metric prefix
     of each validation loader, read by :class:`~qsparse.training.LMModule`.
@@ -118,8 +120,9 @@ class MixtureDataModule(ResumableDataModule):
         text_sample_by: str = "paragraph",
         shuffle: bool = True,
         val_batch_size: int | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size, seed, num_workers, shuffle, val_batch_size)
+        super().__init__(batch_size, seed, num_workers, shuffle, val_batch_size, shuffle_seed)
         if not isinstance(sources, Mapping) or not sources:
             raise ValueError(
                 "data.sources must map corpus names or files to weights, e.g. "
@@ -201,7 +204,9 @@ class MixtureDataModule(ResumableDataModule):
         for dm in self._parts + self._ood:
             dm.setup(stage)
         self._train_dataset = MixedBlocks(
-            [dm._train_dataset for dm in self._parts], list(self.sources.values()), self.seed
+            [dm._train_dataset for dm in self._parts],
+            list(self.sources.values()),
+            self.shuffle_seed,
         )
         vals: list[Dataset] = [ConcatDataset([dm._val_dataset for dm in self._parts])]
         if self._ood:

@@ -57,7 +57,8 @@ class PretrainDataModule(CorpusDataModule):
         batch_size: blocks per batch per rank ``B``.
         val_fraction: expected fraction of documents in validation, in [0, 1).
         num_workers: DataLoader workers (streaming: they tokenize chunks in parallel).
-        seed: split key, shuffle seed (``seed + epoch``).
+        seed: split key (and the shuffle's, unless ``shuffle_seed`` is given).
+        shuffle_seed: base of the training shuffle (``shuffle_seed + epoch``; ``None``: ``seed``).
         cache_dir: cache root (default ``$QSPARSE_CACHE`` or ``./.cache/qsparse``).
         max_documents: keep only the first N documents (tiny runs, tests).
         streaming: ``True``: read files lazily and pack on the fly (large inputs; no token
@@ -92,6 +93,7 @@ class PretrainDataModule(CorpusDataModule):
         shuffle: bool = True,
         shuffle_buffer: int = 10_000,
         val_batch_size: int | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(**corpus_args(locals()), default_corpus="wiki_en", purpose="train")
         check_positive_or_none("max_documents", max_documents)

@@ -242,7 +242,10 @@ class ResumableDataModule(pl.LightningDataModule):
     (:meth:`_train_set` runs it when something asks for the data first) and build their
     loaders with :meth:`_loader`.
     ``batch_size``/``val_batch_size`` (default ``batch_size``): per-rank training/evaluation
-    batch sizes; ``seed``: base of the per-epoch shuffle; ``num_workers``: DataLoader workers.
+    batch sizes; ``seed``: the data's own seed (subclasses key their train/validation split
+    on it); ``shuffle_seed``: base of the per-epoch shuffle (``None``: ``seed``; the configs
+    pass the run's top-level ``seed``, so ``seed=N`` changes the order and never the split);
+    ``num_workers``: DataLoader workers.
     """
 
     def __init__(
@@ -252,13 +255,18 @@ class ResumableDataModule(pl.LightningDataModule):
         num_workers: int,
         shuffle: bool = True,
         val_batch_size: int | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         check_loader_args(batch_size, num_workers)
         check_positive_or_none("val_batch_size", val_batch_size)
+        for name, value in (("seed", seed), ("shuffle_seed", shuffle_seed)):
+            if isinstance(value, bool) or not isinstance(value, int | None):
+                raise ValueError(f"data.{name}={value!r} must be an integer")
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.seed = int(seed)
+        self.shuffle_seed = self.seed if shuffle_seed is None else int(shuffle_seed)
         self.num_workers = num_workers
         self.shuffle = shuffle
         self.position = DataPosition()
@@ -343,7 +351,7 @@ class ResumableDataModule(pl.LightningDataModule):
                 batch_size,
                 self.position,
                 shuffle=self.shuffle,
-                seed=self.seed,
+                seed=self.shuffle_seed,
                 num_replicas=world,
                 rank=rank,
                 drop_last=True,

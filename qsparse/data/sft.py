@@ -50,7 +50,8 @@ class SFTDataModule(CorpusDataModule):
         batch_size: examples (padding) or blocks (packing) per batch per rank.
         packing: pack examples into ``seq_len`` blocks instead of padding each batch.
         val_fraction: expected fraction of examples in validation, in [0, 1).
-        num_workers, seed, cache_dir, shuffle, val_batch_size: as in ``PretrainDataModule``.
+        num_workers, seed, cache_dir, shuffle, val_batch_size, shuffle_seed: as in
+            ``PretrainDataModule`` (``seed`` keys the split, ``shuffle_seed`` the order).
         max_examples: keep only the first N rows (tiny runs, tests).
         format: ``"auto"`` (from the columns), ``"openorca"`` or ``"messages"``.
         template: ``"auto"`` (chat template if the tokenizer has one), ``"chat"`` or ``"plain"``.
@@ -86,6 +87,7 @@ class SFTDataModule(CorpusDataModule):
         shuffle: bool = True,
         val_batch_size: int | None = None,
         num_proc: int | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(**corpus_args(locals()), default_corpus="wiki_qa", purpose="fine-tune")
         check_positive_or_none("num_proc", num_proc)

@@ -52,6 +52,7 @@ class ChunkSource(IterableDataset):
         val_fraction: float,
         seed: int,
         cache_dir: Path,
+        shuffle_seed: int | None = None,
         max_documents: int | None,
         text_sample_by: str,
         shuffle: bool,
@@ -66,7 +67,8 @@ class ChunkSource(IterableDataset):
         self.tokenizer = tokenizer
         self.split = split
         self.val_fraction = val_fraction
-        self.seed = seed
+        self.seed = seed  # the split key
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.cache_dir = cache_dir
         self.max_documents = max_documents
         self.text_sample_by = text_sample_by
@@ -83,7 +85,7 @@ class ChunkSource(IterableDataset):
 
         files = list(self.spec.data_files)
         if self.shuffle and len(files) > 1:
-            order = np.random.default_rng(self.seed + self.epoch).permutation(len(files))
+            order = np.random.default_rng(self.shuffle_seed + self.epoch).permutation(len(files))
             files = [files[i] for i in order]
         ds = load_documents(
             self.spec,
@@ -102,7 +104,7 @@ class ChunkSource(IterableDataset):
         want_val = self.split == "val"
         docs = [t for t in texts if (split_fraction(t, self.seed) < self.val_fraction) == want_val]
         if self.shuffle and len(docs) > 1:
-            rng = np.random.default_rng([self.seed, self.epoch, chunk])
+            rng = np.random.default_rng([self.shuffle_seed, self.epoch, chunk])
             docs = [docs[i] for i in rng.permutation(len(docs))]
         return docs
 

@@ -203,6 +203,7 @@ class StreamingPipeline(PretrainPipeline):
             split=split,
             val_fraction=dm.val_fraction,
             seed=dm.seed,
+            shuffle_seed=dm.shuffle_seed,
             cache_dir=dm.cache_dir,
             max_documents=dm.max_documents,
             text_sample_by=dm.text_sample_by,
