@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (trainer=gpu) or cpu (trainer=cpu)")
     p.add_argument("--parallel", action="store_true", help="run the jobs at once")
     p.add_argument("--out", default="outputs/finetune_recovery")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each job's checkpoints/ (by default removed once the job is recorded; "
+        "its export hf/ stays, the start of a later fine-tuning or a teacher)",
+    )
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -196,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results[job.name] = result
             print(f"[finetune] {job.name} val_loss={result['val_loss']}", flush=True)
+            if not args.keep_checkpoints:
+                from recovery import prune_checkpoints
+
+                prune_checkpoints(run_dir(job))
         record()
 
     def stop(signum: int, frame: Any) -> None:

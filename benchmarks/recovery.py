@@ -30,7 +30,8 @@ measures, on every ``--eval-text`` (whole sources the recipe neither trains nor 
   and the dense start of a fine-tuning control (``benchmarks/finetune_recovery.py``
   ``--variant 'densecont@0=model.path=OUT/runs/dense_cont_S0/hf sparsity=none'``).
 
-Each training is a normal ``qsparse-train`` job (``<out>/runs/<name>``); results are appended
+Each training is a normal ``qsparse-train`` job (``<out>/runs/<name>``; its ``checkpoints/``
+are removed once its export ``hf/`` is measured, unless ``--keep-checkpoints``); results are appended
 to ``<out>/recovery.json`` after every job (a killed study keeps what it measured), and
 ``<out>/recovery.png`` plots perplexity against S. The table printed last gives every
 perplexity as a ratio to dense measured in the same run.
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -128,6 +130,19 @@ def val_curves(
     return {m: dict(logged[m]) for m in metrics if logged.get(m)}
 
 
+def prune_checkpoints(run_dir: Path) -> int:
+    """Remove ``run_dir/checkpoints`` (a study's own job, once its export ``hf/`` has been
+    measured) and return the bytes freed. A SmolLM2 job's Lightning checkpoints hold the
+    weights and optimizer state, about 0.75 GB each: eight jobs a call filled a 64 GB disk by
+    the second study on one machine. The export, logs, ``summary.json`` and the CSV stay."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir() or not (run_dir / "hf" / "config.json").is_file():
+        return 0
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    shutil.rmtree(folder)
+    return size
+
+
 def _parse_variant(text: str) -> tuple[str, tuple[list[float] | None, list[str]]]:
     """``NAME[@S1,S2]=override override ...`` -> (NAME, (sparsities or None, overrides))."""
     head, sep, rest = text.partition("=")
@@ -186,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="re-plot and print a recovery.json (no measuring); kinds: dense, free, "
         "free_greedy, paper, lm, distill_kl, distill and the --variant names",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each job's checkpoints/ (by default removed once its export is measured)",
     )
     p.add_argument("--job", nargs=2, metavar=("KIND", "S"), help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
@@ -253,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(f"{kind} S={s:g}", summary["export_dir"])
         info = {k: summary.get(k) for k in KEEP}
         curves = val_curves(run_dir)
+        if not args.keep_checkpoints:
+            prune_checkpoints(run_dir)
         return {
             "kind": kind,
             "S": s,

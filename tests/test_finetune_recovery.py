@@ -156,3 +156,6 @@ def test_two_stage_study_on_the_tiny_recipe(tiny_hf_checkpoint, tmp_path: Path) 
     for name in ("greedy_S0.5", "gkd_S0.5"):  # both found the table the parent searched
         line = re.search(r"site ratios in .* \((\d+\.\d) s\)", (out / f"{name}.log").read_text())
         assert line and float(line.group(1)) < 2.0, name  # a cache hit; searching takes seconds
+    for name in results:  # each job's export stays (the teacher of the second stage)
+        assert (out / "runs" / name / "hf" / "config.json").is_file(), name
+        assert not (out / "runs" / name / "checkpoints").exists(), name

@@ -69,3 +69,18 @@ def test_a_cpu_study_with_the_dense_control(tiny_hf_checkpoint, tmp_path: Path) 
         assert set(row["curves"]) == {"val/loss", "val_ood/loss"}
         assert all(v > 0 for curve in row["curves"].values() for v in curve.values())
     assert (out / "recovery-python_docs.png").is_file()
+    for job in ("lm_S0.5", "dense_cont_S0"):  # the exports stay, the checkpoints are pruned
+        assert (out / "runs" / job / "hf" / "config.json").is_file()
+        assert not (out / "runs" / job / "checkpoints").exists()
+
+
+def test_prune_checkpoints_needs_the_export(tmp_path: Path) -> None:
+    prune = _load_script().prune_checkpoints
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "last.ckpt").write_bytes(b"x" * 10)
+    assert prune(tmp_path) == 0 and (ckpt / "last.ckpt").is_file()  # no hf/ export: kept
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert prune(tmp_path) == 10 and not ckpt.exists()
+    assert prune(tmp_path) == 0
