@@ -111,3 +111,21 @@ def test_mixture_bad_settings_name_the_key(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         _dm(tokenizer_dir, tmp_path, **kw)
+
+
+def test_mixture_shuffle_seed_draws_other_blocks_on_the_same_split(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """``shuffle_seed`` (the run's ``seed`` in the configs) picks which blocks the down-sampled
+    source contributes and their order; the validation set is ``seed``'s alone."""
+    a = _dm(tokenizer_dir, tmp_path, shuffle_seed=1)
+    b = _dm(tokenizer_dir, tmp_path, shuffle_seed=2)
+    for dm in (a, b):
+        dm.setup("fit")
+    assert not np.array_equal(a._train_dataset.index, b._train_dataset.index)
+    (val_a,), (val_b,) = a.val_dataloader(), b.val_dataloader()  # one loader: no ood_val
+    assert torch.equal(
+        torch.cat([batch["input_ids"] for batch in val_a]),
+        torch.cat([batch["input_ids"] for batch in val_b]),
+    )
+    assert _dm(tokenizer_dir, tmp_path).shuffle_seed == 1234  # None: seed
