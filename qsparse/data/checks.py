@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["check_loader_args", "check_positive_or_none", "check_source"]
+__all__ = ["check_loader_args", "check_positive_or_none", "check_seeds", "check_source"]
 
 
 def check_source(
@@ -38,6 +38,13 @@ def check_loader_args(batch_size: object, num_workers: object) -> None:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+
+
+def check_seeds(seed: object, shuffle_seed: object) -> None:
+    """``seed`` an int, ``shuffle_seed`` an int or ``None`` (bools are refused)."""
+    for name, value, optional in (("seed", seed, False), ("shuffle_seed", shuffle_seed, True)):
+        if isinstance(value, bool) or not (isinstance(value, int) or (optional and value is None)):
+            raise ValueError(f"data.{name}={value!r} must be an integer")
 
 
 def check_positive_or_none(name: str, value: object) -> None:

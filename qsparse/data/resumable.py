@@ -51,7 +51,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
-from .checks import check_loader_args, check_positive_or_none
+from .checks import check_loader_args, check_positive_or_none, check_seeds
 
 __all__ = [
     "DataPosition",
@@ -260,9 +260,7 @@ class ResumableDataModule(pl.LightningDataModule):
         super().__init__()
         check_loader_args(batch_size, num_workers)
         check_positive_or_none("val_batch_size", val_batch_size)
-        for name, value in (("seed", seed), ("shuffle_seed", shuffle_seed)):
-            if isinstance(value, bool) or not isinstance(value, int | None):
-                raise ValueError(f"data.{name}={value!r} must be an integer")
+        check_seeds(seed, shuffle_seed)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.seed = int(seed)

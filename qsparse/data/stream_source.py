@@ -51,8 +51,8 @@ class ChunkSource(IterableDataset):
         split: str,
         val_fraction: float,
         seed: int,
+        shuffle_seed: int,
         cache_dir: Path,
-        shuffle_seed: int | None = None,
         max_documents: int | None,
         text_sample_by: str,
         shuffle: bool,
@@ -68,7 +68,7 @@ class ChunkSource(IterableDataset):
         self.split = split
         self.val_fraction = val_fraction
         self.seed = seed  # the split key
-        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
+        self.shuffle_seed = shuffle_seed  # the order of files and of documents in a chunk
         self.cache_dir = cache_dir
         self.max_documents = max_documents
         self.text_sample_by = text_sample_by
