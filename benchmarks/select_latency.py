@@ -11,7 +11,16 @@ each stage of that kernel, all made of the same ``@triton.jit`` helpers:
 - ``norm``: the producer too (``RMSNorm``: a block reduction, the weight read, two roundings);
 - ``thresh``: then the keys and the threshold from the carried hint (one 32-bin histogram);
 - ``list``: then the kept list (one packed scan over the row, two scattered stores) - the
-  whole selection, as :func:`qsparse.kernels.gemv.compact_rows` runs it (also timed: ``real``).
+  whole selection, as :func:`qsparse.kernels.gemv.compact_rows` runs it (also timed: ``real``);
+- ``scan``: the threshold and the scan, but no list written (what the stores cost);
+- ``packed``: the list as one int32 per kept input (``bf16 bits << 16 | index``);
+- ``idx``: the list of indices only (the GEMV would read the values from the input row);
+- ``list1`` / ``packed1``: ``list`` / ``packed`` with the row read through offsets the
+  compiler cannot prove contiguous (``i % (K + 1)``), so one input per thread and lane: the
+  layout the scattered stores want, with no conversion before them.
+
+``--producer none`` selects from the row itself (the o and down sites) instead of its RMSNorm
+(q|k|v and gate|up); then ``norm`` equals ``load``.
 
 Each call sits in a CUDA graph cycling 8 input rows (S = 0.6, Gaussian inputs, the threshold
 carried from call to call as decode carries it). Ratios are against ``real`` of the same K.
@@ -34,7 +43,7 @@ from qsparse.kernels import gemv as G
 from qsparse.kernels._gemv_triton import _list_kept, _produce, _threshold_hinted
 from qsparse.kernels._topk_rule import abs_key
 
-STAGES = ("empty", "load", "norm", "thresh", "list")
+STAGES = ("empty", "load", "norm", "thresh", "list", "scan", "packed", "idx", "list1", "packed1")
 
 
 @triton.jit
@@ -51,6 +60,7 @@ def _stage_kernel(
     LOW: tl.constexpr,
     NDIG: tl.constexpr,
     STAGE: tl.constexpr,
+    PROD: tl.constexpr,
 ):
     """The batch-1 selection cut after stage ``STAGE`` (index into :data:`STAGES`)."""
     i = tl.arange(0, BLOCK)
@@ -61,16 +71,30 @@ def _stage_kernel(
         xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
         tl.store(val_ptr + i, xf, mask=valid)
     elif STAGE == 2:
-        xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, 1, True)
+        xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, True)
         tl.store(val_ptr + i, xf, mask=valid)
     else:
-        xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, 1, True)
+        off = i % (K + 1) if STAGE >= 8 else i
+        xf = _produce(x_ptr, w_ptr, 0, off, valid, K, eps, PROD, True)
         key = tl.where(valid, abs_key(xf), -1)
         thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, 5, True)
         if STAGE == 3:
             tl.store(idx_ptr, thr + need)
-        else:
+        elif STAGE == 4 or STAGE == 8:
             _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr)
+        else:
+            gt = key > thr
+            eq = key == thr
+            cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
+            keep = gt | (eq & ((cs & 65535) <= need))
+            pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
+            if STAGE == 5:
+                tl.store(idx_ptr, tl.max(tl.where(keep, pos, 0), axis=0))
+            elif STAGE == 6 or STAGE == 9:
+                word = (xf.to(tl.int32, bitcast=True) & -65536) | i
+                tl.store(idx_ptr + pos, word, mask=keep)
+            else:
+                tl.store(idx_ptr + pos, i, mask=keep)
 
 
 def main() -> None:
@@ -78,9 +102,11 @@ def main() -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[2048, 4096, 5632, 11008])
     ap.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     ap.add_argument("--sparsity", type=float, default=0.6)
+    ap.add_argument("--producer", choices=("none", "rmsnorm"), default="rmsnorm")
     args = ap.parse_args()
     torch.manual_seed(0)
     low, ndig = G._radix_digits(torch.bfloat16, 5)
+    prod = 1 if args.producer == "rmsnorm" else 0
     print(row("K", "warps", *STAGES, "real", *(f"{s}/real" for s in STAGES[1:])))
     print(row(*["---"] * (3 + 2 * len(STAGES))))
     for width in args.widths:
@@ -95,12 +121,12 @@ def main() -> None:
             for s, name in enumerate(STAGES):
                 hint = G.new_hint(1, "cuda")
                 launch = _stage_kernel[(1,)]
-                opts = dict(BLOCK=block, LOW=low, NDIG=ndig, STAGE=s, num_warps=warps)
+                opts = dict(BLOCK=block, LOW=low, NDIG=ndig, STAGE=s, PROD=prod, num_warps=warps)
                 times[name] = time_graph(
                     [partial(launch, x, w, idx, val, hint, width, k, 1e-5, **opts) for x in xs]
                 )
             hint = G.new_hint(1, "cuda")
-            opts = dict(hint=hint, prod=1, prod_w=w, eps=1e-5)
+            opts = dict(hint=hint, prod=prod, prod_w=w, eps=1e-5)
             times["real"] = time_graph([partial(G.compact_rows, x, k, warps, **opts) for x in xs])
             real = times["real"]
             print(
@@ -113,7 +139,7 @@ def main() -> None:
                 flush=True,
             )
             for name, t in times.items():
-                emit(f"select_latency.K{width}_w{warps}.{name}_us", t, "us")
+                emit(f"select_latency.{args.producer}_K{width}_w{warps}.{name}_us", t, "us")
 
 
 if __name__ == "__main__":
