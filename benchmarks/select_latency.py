@@ -19,6 +19,12 @@ each stage of that kernel, all made of the same ``@triton.jit`` helpers:
   compiler cannot prove contiguous (``i % (K + 1)``), so one input per thread and lane: the
   layout the scattered stores want, with no conversion before them.
 
+- ``thresh_band``: ``thresh`` with only the entries inside the carried band histogrammed,
+  those above it counted by a reduction;
+- ``thresh2d`` / ``scan2d`` / ``packed2d`` (``--producer none`` only; ``_c256``, ``_c512``):
+  the row read as [K / C, C] so that each C-wide piece is scanned inside one warp, the
+  pieces' offsets by a scan of their totals; the threshold over the flattened keys.
+
 ``--producer none`` selects from the row itself (the o and down sites) instead of its RMSNorm
 (q|k|v and gate|up); then ``norm`` equals ``load``.
 
@@ -40,10 +46,74 @@ import triton.language as tl
 from benchmarks._figures import emit
 from benchmarks._timing import row, time_graph
 from qsparse.kernels import gemv as G
-from qsparse.kernels._gemv_triton import _list_kept, _produce, _threshold_hinted
+from qsparse.kernels._gemv_triton import (
+    _list_kept,
+    _produce,
+    _threshold_hinted,
+    _threshold_radix,
+)
 from qsparse.kernels._topk_rule import abs_key
 
-STAGES = ("empty", "load", "norm", "thresh", "list", "scan", "packed", "idx", "list1", "packed1")
+STAGES = (
+    "empty", "load", "norm", "thresh", "list", "scan", "packed", "idx", "list1", "packed1",
+    "thresh_band",
+)  # fmt: skip
+STAGES_2D = ("thresh2d", "scan2d", "packed2d")
+
+
+@triton.jit
+def _threshold_band(key, valid, n_valid, k, hint_ptr, BLOCK: tl.constexpr, LOW: tl.constexpr,
+                    NDIG: tl.constexpr):  # fmt: skip
+    """:func:`_threshold_hinted` (32 bins) with only the entries inside the hint's band in
+    the histogram; those above it are counted by one reduction instead of piling into bin 31
+    (Triton 3.9 lowers ``tl.histogram`` to one shared-memory atomic per entry)."""
+    hint = tl.load(hint_ptr)
+    base = hint - 15
+    dig = (key >> LOW) - base + 1
+    above = tl.sum((valid & (dig >= 31)).to(tl.int32), axis=0)
+    inband = valid & (dig > 0) & (dig < 31)
+    h = tl.histogram(tl.minimum(tl.maximum(dig, 0), 31), 32, mask=inband)
+    bins = tl.arange(0, 32)
+    suf = above + tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
+    best = tl.max(tl.where(suf >= k, bins, 0), axis=0)
+    if (best > 0) & (best < 31):
+        thr = (base + best - 1) << LOW
+        need = k - tl.sum(tl.where(bins == best, suf - h, 0), axis=0)
+    else:
+        thr, need = _threshold_radix(key, valid, n_valid, k, BLOCK, LOW, NDIG, 5)
+    tl.store(hint_ptr, thr >> LOW)
+    return thr, need
+
+
+@triton.jit
+def _rows2d_kernel(
+    x_ptr, idx_ptr, hint_ptr, K, k,
+    BLOCK: tl.constexpr, C: tl.constexpr, LOW: tl.constexpr, NDIG: tl.constexpr,
+    STAGE: tl.constexpr,
+):  # fmt: skip
+    """The selection (no producer) on the row viewed as [BLOCK / C, C]: the threshold over
+    the flattened keys, the list positions by a scan along each C-wide piece (inside one warp
+    when C = 8 x 32) plus the exclusive scan of the pieces' totals. ``STAGE`` indexes
+    :data:`STAGES_2D`."""
+    i = tl.arange(0, BLOCK // C)[:, None] * C + tl.arange(0, C)[None, :]
+    valid = i < K
+    xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    key = tl.where(valid, abs_key(xf), -1)
+    flat = tl.reshape(key, [BLOCK], can_reorder=True)
+    thr, need = _threshold_hinted(flat, flat >= 0, K, k, hint_ptr, BLOCK, LOW, NDIG, 5, True)
+    if STAGE == 0:
+        tl.store(idx_ptr, thr + need)
+    else:
+        packed = (key > thr).to(tl.int32) * 65536 + (key == thr).to(tl.int32)
+        tot = tl.sum(packed, axis=1)
+        cs = tl.cumsum(packed, axis=1) + (tl.cumsum(tot, axis=0) - tot)[:, None]
+        keep = (key > thr) | ((key == thr) & ((cs & 65535) <= need))
+        pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
+        if STAGE == 1:
+            tl.store(idx_ptr, tl.max(tl.max(tl.where(keep, pos, 0), axis=1), axis=0))
+        else:
+            word = (xf.to(tl.int32, bitcast=True) & -65536) | i
+            tl.store(idx_ptr + pos, word, mask=keep)
 
 
 @triton.jit
@@ -77,8 +147,11 @@ def _stage_kernel(
         off = i % (K + 1) if STAGE >= 8 else i
         xf = _produce(x_ptr, w_ptr, 0, off, valid, K, eps, PROD, True)
         key = tl.where(valid, abs_key(xf), -1)
-        thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, 5, True)
-        if STAGE == 3:
+        if STAGE == 10:
+            thr, need = _threshold_band(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG)
+        else:
+            thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, 5, True)
+        if STAGE == 3 or STAGE == 10:
             tl.store(idx_ptr, thr + need)
         elif STAGE == 4 or STAGE == 8:
             _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr)
@@ -107,8 +180,9 @@ def main() -> None:
     torch.manual_seed(0)
     low, ndig = G._radix_digits(torch.bfloat16, 5)
     prod = 1 if args.producer == "rmsnorm" else 0
-    print(row("K", "warps", *STAGES, "real", *(f"{s}/real" for s in STAGES[1:])))
-    print(row(*["---"] * (3 + 2 * len(STAGES))))
+    names = [*STAGES] + ([f"{n}_c{c}" for c in (256, 512) for n in STAGES_2D] if not prod else [])
+    print(row("K", "warps", *names, "real", *(f"{s}/real" for s in names[1:])))
+    print(row(*["---"] * (1 + 2 * len(names))))
     for width in args.widths:
         k = max(1, round((1 - args.sparsity) * width))
         xs = [torch.randn(1, width, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
@@ -125,6 +199,14 @@ def main() -> None:
                 times[name] = time_graph(
                     [partial(launch, x, w, idx, val, hint, width, k, 1e-5, **opts) for x in xs]
                 )
+            for c in (256, 512) if not prod else ():
+                for s, name in enumerate(STAGES_2D):
+                    hint = G.new_hint(1, "cuda")
+                    launch = _rows2d_kernel[(1,)]
+                    opts = dict(BLOCK=block, C=c, LOW=low, NDIG=ndig, STAGE=s, num_warps=warps)
+                    times[f"{name}_c{c}"] = time_graph(
+                        [partial(launch, x, idx, hint, width, k, **opts) for x in xs]
+                    )
             hint = G.new_hint(1, "cuda")
             opts = dict(hint=hint, prod=prod, prod_w=w, eps=1e-5)
             times["real"] = time_graph([partial(G.compact_rows, x, k, warps, **opts) for x in xs])
@@ -133,8 +215,8 @@ def main() -> None:
                 row(
                     width,
                     warps,
-                    *(f"{times[n]:.2f}" for n in (*STAGES, "real")),
-                    *(f"{times[n] / real:.2f}" for n in STAGES[1:]),
+                    *(f"{times[n]:.2f}" for n in (*names, "real")),
+                    *(f"{times[n] / real:.2f}" for n in names[1:]),
                 ),
                 flush=True,
             )
