@@ -13,7 +13,8 @@ copies (L2 cannot serve them), times per call:
   the carried GEMV (``GemvConfig(carry=True)``: the inputs above the carried band summed
   while the selection runs; measured slower, not the default), and ``carry_list`` what
   :mod:`qsparse.generate` runs (the selection from the carried threshold, then the list
-  GEMV), plus a sweep of the carried GEMV's launch shapes on o and down (``carry_sweep``:
+  GEMV; ``two_lists``: the same with ``GemvConfig(packed=False)``, an index list and an
+  fp32 value list instead of one packed word per kept input), plus a sweep of the carried GEMV's launch shapes on o and down (``carry_sweep``:
   split x block_k); at batch > 1 the default path with the hint;
 - ``topk+gemm`` (batch > 1): :func:`qsparse.kernels.gemv.masked_topk` from carried
   thresholds, then one cuBLAS GEMM on the masked input, and ``bisect+gemm`` the training
@@ -164,6 +165,18 @@ def main() -> None:
                         x, wt, k, c, n_out=n, hint=h
                     ),
                     wts,
+                )
+                two = replace(cfg, packed=False)  # the list as it was until 2026-12-03
+                extra["two_lists"] = timed(
+                    lambda x, wt, k=k, n=n, h=hint, c=two: G.sparse_gemv(
+                        x, wt, k, c, n_out=n, hint=h
+                    ),
+                    wts,
+                )
+                print(
+                    f"# {name} batch 1 list GEMV, carried threshold: packed list {carry_list:.1f}"
+                    f" us, two lists {extra['two_lists']:.1f} us "
+                    f"({extra['two_lists'] / carry_list:.2f}x)"
                 )
                 bn = G.sparse_config_for(kin, wts[0].shape[1], k, carry=True).block_n
                 for split, bk in SWEEP if name in SWEEP_SHAPES and args.sweep else ():

@@ -68,6 +68,7 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
         (G.prepare_dense(torch.randn(2048, 5460, dtype=bf16)), x5460, 2184, None),  # split 4
         (G.prepare_dense(w, None, 1), x4, 819, None),  # batch 4: dot, masked columns
         (G.prepare_dense(w, 64), x4[:1], 819, G.GemvConfig(split=3)),  # panels, split list
+        (G.prepare_dense(w, 64), x4[:1], 819, G.GemvConfig(packed=False)),  # two lists
     ]:
         G.sparse_gemv(x, wt, k, cfg)
         G.sparse_gemv(x, wt, k, cfg, hint=G.new_hint(4))  # threshold carried over

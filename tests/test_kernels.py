@@ -379,6 +379,59 @@ def test_kernels_match_references_in_the_triton_interpreter():
     assert "INTERPRETER OK" in run_interpreted(INTERPRETER_SCRIPT, timeout=300)
 
 
+PACKED_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from qsparse.kernels import gemv as G
+
+    torch.manual_seed(3)
+    for width, k in ((300, 120), (1000, 1)):
+        x = torch.randn(1, width)
+        x[:, :40] = x[:, 5:6]  # ties at the threshold
+        x = x.to(torch.bfloat16)
+        norm_w = (1 + 0.1 * torch.randn(width)).to(torch.bfloat16)
+        glu = torch.randn(1, 2 * width, dtype=torch.bfloat16)
+        for xin, prod, pw in ((x, 0, None), (x, 1, norm_w), (glu, 2, None), (glu, 3, None)):
+            idx, val, _ = G.compact_rows(xin, k, hint=G.new_hint(1), prod=prod, prod_w=pw, eps=1e-6)
+            words, empty, cnt = G.compact_rows(
+                xin, k, hint=G.new_hint(1), prod=prod, prod_w=pw, eps=1e-6, packed=True
+            )
+            assert int(cnt) == k and empty.numel() == 0
+            assert torch.equal(words[:k] & 65535, idx[:k]), prod
+            assert torch.equal((words[:k] & -65536).view(torch.float32), val[0, :k]), prod
+        wd = torch.randn(72, width, dtype=torch.bfloat16)
+        wt = G.prepare_dense(wd)
+        ref = G.sparse_gemv_reference(x, G.prepare_dense(wd, None, align=1), k)
+        ys = []
+        for packed in (True, False):
+            hint = G.new_hint(1)
+            for _ in range(2):  # no hint yet, then the carried one
+                y = G.sparse_gemv(x, wt, k, G.GemvConfig(packed=packed), n_out=72, hint=hint)
+                torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+            ys.append(y)
+        assert torch.equal(ys[0], ys[1])  # the same values summed in the same order
+    for bad in (torch.randn(1, 64), torch.randn(2, 64, dtype=torch.bfloat16)):
+        try:
+            G.compact_rows(bad, 8, packed=True)
+        except ValueError as e:
+            assert "packed=True" in str(e)
+        else:
+            raise AssertionError("packed=True accepted " + str((bad.dtype, bad.shape)))
+    print("PACKED OK")
+    """
+)
+
+
+@needs_triton
+def test_packed_kept_list_matches_the_two_lists_in_the_triton_interpreter():
+    """Batch 1, bf16: the list as one word per kept input (``GemvConfig.packed``, the default)
+    holds the indices and values of the two-list form for every producer, and the GEMV on it
+    gives the same output bit for bit; other inputs are refused by name."""
+    from conftest import run_interpreted
+
+    assert "PACKED OK" in run_interpreted(PACKED_SCRIPT, timeout=300)
+
+
 BISECTION_SCRIPT = textwrap.dedent(
     """
     import torch

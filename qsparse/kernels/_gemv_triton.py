@@ -174,18 +174,29 @@ def _select_kernel(
 
 
 @triton.jit
-def _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr):
+def _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr, PACKED: tl.constexpr = False):
     """idx[p] = i, val[p] = xf for the kept entries of one row, ascending (``i``: the
     positions of ``key``/``xf``): every key above ``thr`` and the first ``need`` keys equal to
     it. One packed scan (``65536 * above + equal``) gives both the tie rank (low half) and
-    the list position (high half plus the kept ties)."""
+    the list position (high half plus the kept ties). ``PACKED``: one int32 word per kept
+    input instead, ``idx[p] = bf16 bits of xf << 16 | i`` (``xf`` must hold a bf16 value and
+    ``i`` < 65536; :func:`_unpack_kept`): one scattered store instead of two."""
     gt = key > thr
     eq = key == thr
     cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
     keep = gt | (eq & ((cs & 65535) <= need))
     pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
-    tl.store(idx_ptr + pos, i, mask=keep)
-    tl.store(val_ptr + pos, xf, mask=keep)
+    if PACKED:
+        tl.store(idx_ptr + pos, (xf.to(tl.int32, bitcast=True) & -65536) | i, mask=keep)
+    else:
+        tl.store(idx_ptr + pos, i, mask=keep)
+        tl.store(val_ptr + pos, xf, mask=keep)
+
+
+@triton.jit
+def _unpack_kept(word):
+    """(input index, value as fp32) of a packed list word (:func:`_list_kept`)."""
+    return word & 65535, (word & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -207,11 +218,13 @@ def _list_one_row(
     BF16: tl.constexpr = False,
     QMAX: tl.constexpr = 0,
     scale_ptr=None,
+    PACKED: tl.constexpr = False,
 ):
     """Batch 1: radix top-k of the site input v[K] (x, or its producer's output:
     :func:`_produce`), then idx[p] / val[p] for the k kept inputs (:func:`_list_kept`):
     val = v (fp32), or with ``QMAX > 0`` its int8 absmax codes (:func:`_act_codes`, int32)
-    and ``scale[0] = gamma / Q``."""
+    and ``scale[0] = gamma / Q``; ``PACKED`` (bf16 v, QMAX = 0): one word per kept input in
+    idx."""
     i = tl.arange(0, BLOCK)
     valid = i < K
     xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
@@ -221,7 +234,7 @@ def _list_one_row(
         val = xf
     key = tl.where(valid, abs_key(xf), -1)
     thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, DBITS, HINT)
-    _list_kept(key, val, i, thr, need, idx_ptr, val_ptr)
+    _list_kept(key, val, i, thr, need, idx_ptr, val_ptr, PACKED)
     if QMAX > 0:
         tl.store(scale_ptr, gamma / QMAX)
 
@@ -419,11 +432,13 @@ def _compact_kernel(
     eps=0.0,
     PROD: tl.constexpr = 0,
     BF16: tl.constexpr = False,
+    PACKED: tl.constexpr = False,
 ):
     """x[B, K] -> idx[K] (first cnt entries used), val[B, K] (fp32), cnt[1]; one program.
     PDL: let the GEMV launched after it start (it waits for this kernel's writes). HINT (radix
     only): ``hint[b]`` carries row b's threshold from call to call (:func:`_threshold_hinted`).
-    PROD (radix, batch 1 only): select from x's producer output (:func:`_produce`)."""
+    PROD (radix, batch 1 only): select from x's producer output (:func:`_produce`). PACKED
+    (radix, batch 1, bf16): idx holds packed words (:func:`_list_kept`), val is not written."""
     if PDL:
         gdc_launch_dependents()
     i = tl.arange(0, BLOCK)
@@ -449,6 +464,7 @@ def _compact_kernel(
             eps,
             PROD,
             BF16,
+            PACKED=PACKED,
         )
         tl.store(cnt_ptr, k)
     else:
@@ -577,9 +593,11 @@ def _compact_gemv_kernel(
     CMASK: tl.constexpr = True,
     PDL: tl.constexpr = False,
     ASM: tl.constexpr = True,
+    PACKED: tl.constexpr = False,
 ):
     """y[b, n] = sum_p val[b, p] * Wt[idx[p], n] over the listed inputs p < cnt (``n_fixed``
-    instead of cnt when >= 0).
+    instead of cnt when >= 0). PACKED (batch 1, no dot): idx[p] holds both (the packed words
+    of :func:`_list_kept`) and val is not read.
 
     Program j's weight element (i, j * BN + c) sits at ``(j // PPP) * block_stride +
     (j % PPP) * BN + i * row_stride + c``: row-major [K, N] (PPP = 1, block_stride = BN,
@@ -618,6 +636,8 @@ def _compact_gemv_kernel(
         p = p0 + tl.arange(0, BK)
         pm = p < hi
         r = tl.load(idx_ptr + p, mask=pm, other=0)
+        if PACKED:
+            r, v = _unpack_kept(r)
         w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
         if USE_DOT:
             v = tl.load(
@@ -630,7 +650,8 @@ def _compact_gemv_kernel(
             else:
                 acc = tl.dot(v.to(w.dtype), w, acc)
         else:
-            v = tl.load(val_ptr + p, mask=pm, other=0.0)
+            if not PACKED:
+                v = tl.load(val_ptr + p, mask=pm, other=0.0)
             acc2 += v[:, None] * w.to(tl.float32)
     if not USE_DOT:
         acc = tl.sum(acc2, axis=0)[None, :]

@@ -81,7 +81,9 @@ class GemvConfig:
     threshold (``hint=``) and row-major weights, the GEMV sums the inputs above the carried band while
     the selection still runs and only the rest after it (docs/decode.md). Off by default: on
     an H200 it was slower than the list GEMV on every 7B shape but the down projection
-    (benchmarks/README.md).
+    (benchmarks/README.md). ``packed``: at batch 1 with a bf16 input, the selection lists each
+    kept input as one int32 word (``bf16 bits << 16 | index``) that the GEMV unpacks, instead
+    of an index list and an fp32 value list (one scattered store per kept input, not two).
     """
 
     block_k: int = 128
@@ -96,6 +98,7 @@ class GemvConfig:
     digit_bits: int = 5  # radix digit width: 2^digit_bits histogram bins per pass
     pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
     carry: bool = False  # sparse, batch 1, ``hint=``: start before the selection (measured slower)
+    packed: bool = True  # sparse, batch 1, bf16 input: the list as one word per kept input
 
 
 #: the floor of the activation absmax ``gamma = max(max |x|, ACT_EPS)`` in the ternary GEMVs'
@@ -371,6 +374,7 @@ def compact_rows(
     prod: int = 0,
     prod_w: torch.Tensor | None = None,
     eps: float = 0.0,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kept inputs of ``x[B, K]`` as a list: (idx int32 [K], val fp32 [B, K], cnt int32 [1]).
 
@@ -381,7 +385,9 @@ def compact_rows(
     site and updated in place (radix only; one pass instead of several when the row's
     distribution moved little, the same selection either way). ``prod``: a
     :attr:`Producer.code` (batch 1, radix): select from the producer's output of x (then x is
-    [1, 2K] for a GLU), ``prod_w``/``eps`` its RMSNorm weight and epsilon.
+    [1, 2K] for a GLU), ``prod_w``/``eps`` its RMSNorm weight and epsilon. ``packed`` (batch 1,
+    radix, bf16 x, K <= 65536): ``idx[p] = bf16 bits of the value << 16 | index`` instead, and
+    ``val`` is empty (:attr:`GemvConfig.packed`).
     """
     import triton
 
@@ -392,15 +398,20 @@ def compact_rows(
         if bsz != 1 or not radix:
             raise ValueError("a fused producer needs batch 1 and the radix selection")
         width = width // 2 if prod >= 2 else width
+    if packed and not _packs(x, width, radix):
+        raise ValueError(
+            "packed=True needs batch 1, the radix selection, a bf16 x and at most 65536 inputs; "
+            f"got batch {bsz}, radix={radix}, {x.dtype}, {width} inputs"
+        )
     idx = torch.empty(width, dtype=torch.int32, device=x.device)
-    val = torch.empty(bsz, width, dtype=torch.float32, device=x.device)
+    val = torch.empty(0 if packed else bsz, width, dtype=torch.float32, device=x.device)
     cnt = torch.empty(1, dtype=torch.int32, device=x.device)
     low, ndig = _radix_digits(x.dtype, digit_bits)
     use_hint = hint is not None and radix
     _compact_kernel[(1,)](
         x,
         idx,
-        val,
+        idx if packed else val,  # packed: val is empty and never written
         cnt,
         hint if use_hint else cnt,
         bsz,
@@ -420,9 +431,17 @@ def compact_rows(
         eps=float(eps),
         PROD=prod,
         BF16=x.dtype == torch.bfloat16,
+        PACKED=packed,
         num_warps=select_warps_for(width, num_warps),
     )
     return idx, val, cnt
+
+
+def _packs(x: torch.Tensor, width: int, radix: bool) -> bool:
+    """Whether :func:`compact_rows` can pack the list of ``x`` (``width`` site inputs): batch 1,
+    radix selection, bf16 values (the site input is rounded to bf16 either way) and indices
+    that fit 16 bits."""
+    return x.shape[0] == 1 and radix and x.dtype == torch.bfloat16 and width <= 65536
 
 
 def masked_topk(
@@ -707,14 +726,24 @@ def _sparse_gemv_launch(
         and triton.next_power_of_2(k_in) <= 16384  # the list kernel's packed scan
     ):
         return _carry_gemv_launch(x, wt, k, cfg, out_dtype, hint, pdl, interp)
+    use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
+    packed = cfg.packed and rows is None and not use_dot and _packs(x, k_in, cfg.radix)
     idx, val, cnt = (
         rows
         if rows is not None
         else compact_rows(
-            x, k, cfg.select_warps, cfg.radix, cfg.bits_per_pass, cfg.digit_bits, pdl, hint, *prod
+            x,
+            k,
+            cfg.select_warps,
+            cfg.radix,
+            cfg.bits_per_pass,
+            cfg.digit_bits,
+            pdl,
+            hint,
+            *prod,
+            packed=packed,
         )
     )
-    use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
     bb = max(16, triton.next_power_of_2(bsz)) if use_dot else 1
     split = max(1, cfg.split)
     y, part = _gemv_outputs(x, bsz, n, out_dtype, split, interp)
@@ -722,7 +751,7 @@ def _sparse_gemv_launch(
     sem = _semaphores(x.device, grid[0]) if split > 1 else cnt
     _compact_gemv_kernel[grid](
         idx,
-        val,
+        idx if packed else val,  # packed: val is empty and never read
         cnt,
         wt,
         y,
@@ -743,6 +772,7 @@ def _sparse_gemv_launch(
         DOT_F32=interp,
         STAGES=cfg.num_stages,
         CMASK=n % block_n != 0,
+        PACKED=packed,
         **_gemv_launch_opts(cfg, pdl, interp),
     )
     return y.to(out_dtype)
