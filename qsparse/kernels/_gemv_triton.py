@@ -5,7 +5,9 @@ Sparse input, float weights (``y[b, n] = sum_i xs[b, i] * Wt[i, n]``, ``Wt`` = [
 
 1. :func:`_compact_kernel` (one program) selects the top-k of every row and writes the *union*
    of kept inputs as a compact list: ``idx[p]`` (input index, ascending), ``val[b, p]`` (row b's
-   value there, 0 where row b dropped it) and the list length ``cnt``. Batch 1: ``cnt = k``.
+   value there, 0 where row b dropped it) and the list length ``cnt``. Batch 1: ``cnt = k``,
+   and with bf16 values (``PACKED``) one word per kept input instead, ``idx[p] = bf16 bits of
+   the value << 16 | index`` (:func:`_list_kept`, :func:`_unpack_kept`).
 2. :func:`_compact_gemv_kernel` streams only the listed weight rows: full tiles of ``BK`` kept
    rows x ``BN`` columns, no masked-off lanes, so the read is ``cnt * N`` weights. On Hopper it
    is launched as a programmatic dependent of (1) (PDL): its programs are already resident
