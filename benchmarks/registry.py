@@ -697,6 +697,9 @@ REGISTRY: list[Bench] = [
     Bench("sparse_gemv_shapes", "sparse_gemv_shapes.py", est_s=90),
     Bench("gemv_profile", "gemv_profile.py", est_s=60),
     Bench("select_latency", "select_latency.py", ("--warps", "8", "16"), est_s=150),
+    Bench(
+        "select_latency_ternary", "select_latency.py", ("--ternary", "--warps", "8", "16"), est_s=90
+    ),
     Bench("ternary_sparse_gemv", "ternary_sparse_gemv.py", ("--decode", "1.3B"), est_s=150),
     Bench(
         "expert_gemv",

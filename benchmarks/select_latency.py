@@ -25,6 +25,12 @@ each stage of that kernel, all made of the same ``@triton.jit`` helpers:
   the row read as [K / C, C] so that each C-wide piece is scanned inside one warp, the
   pieces' offsets by a scan of their totals; the threshold over the flattened keys.
 
+``--ternary`` times instead the BitNet b1.58 activation kernel (``_ternary_prep_kernel``:
+int8 absmax codes of the row, and with top-k the selection from the carried threshold) per
+width and warp count: ``dense`` (no top-k), ``topk`` (carried threshold), ``topk_nohint``
+(the full radix select every call), each with the SubLN computed in the kernel (``_subln``)
+or not; ratios against ``dense``.
+
 ``--producer none`` selects from the row itself (the o and down sites) instead of its RMSNorm
 (q|k|v and gate|up); then ``norm`` equals ``load``.
 
@@ -49,6 +55,7 @@ from qsparse.kernels import gemv as G
 from qsparse.kernels._gemv_triton import (
     _list_kept,
     _produce,
+    _ternary_prep_kernel,
     _threshold_hinted,
     _threshold_radix,
 )
@@ -170,13 +177,59 @@ def _stage_kernel(
                 tl.store(idx_ptr + pos, i, mask=keep)
 
 
+def _ternary(args: argparse.Namespace) -> None:
+    """The ternary activation kernel with and without top-k (``--ternary``)."""
+    low, ndig = G._radix_digits(torch.bfloat16, 5)
+    names = [f"{n}{s}" for s in ("", "_subln") for n in ("dense", "topk", "topk_nohint")]
+    print(row("K", "warps", *names, *(f"{n}/dense" for n in names[1:])))
+    print(row(*["---"] * (1 + 2 * len(names))))
+    for width in args.widths:
+        k = max(1, round((1 - args.sparsity) * width))
+        kp = 16 * triton.cdiv(width, 16)
+        xs = [torch.randn(1, width, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        nw = 1.0 + 0.1 * torch.randn(width, device="cuda", dtype=torch.bfloat16)
+        xq = torch.empty(1, kp, dtype=torch.int8, device="cuda")
+        qsum = torch.empty(1, dtype=torch.int32, device="cuda")
+        scale = torch.empty(1, dtype=torch.float32, device="cuda")
+        for warps in args.warps:
+            times: dict[str, float] = {}
+            for name in names:
+                hint = G.new_hint(1, "cuda")
+                sparse, subln = name.startswith("topk"), name.endswith("_subln")
+                opts = dict(
+                    BLOCK=triton.next_power_of_2(kp), SPARSE=sparse, QMAX=127, LOW=low,
+                    NDIG=ndig, DBITS=5, HINT=sparse and "nohint" not in name, w_ptr=nw,
+                    nw_ptr=nw, neps=1e-6, SUBLN=subln, BF16=True, num_warps=warps,
+                )  # fmt: skip
+                launch = _ternary_prep_kernel[(1,)]
+                times[name] = time_graph(
+                    [partial(launch, x, xq, qsum, scale, hint, width, kp, k, **opts) for x in xs]
+                )
+            base = times["dense"]
+            print(
+                row(
+                    width,
+                    warps,
+                    *(f"{times[n]:.2f}" for n in names),
+                    *(f"{times[n] / base:.2f}" for n in names[1:]),
+                ),
+                flush=True,
+            )
+            for name, t in times.items():
+                emit(f"select_latency.ternary_K{width}_w{warps}.{name}_us", t, "us")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[2048, 4096, 5632, 11008])
     ap.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     ap.add_argument("--sparsity", type=float, default=0.6)
     ap.add_argument("--producer", choices=("none", "rmsnorm"), default="rmsnorm")
+    ap.add_argument("--ternary", action="store_true", help="the ternary activation kernel")
     args = ap.parse_args()
+    if args.ternary:
+        _ternary(args)
+        return
     torch.manual_seed(0)
     low, ndig = G._radix_digits(torch.bfloat16, 5)
     prod = 1 if args.producer == "rmsnorm" else 0
