@@ -191,14 +191,16 @@ def sparse_config_for_weights(wt: torch.Tensor, k: int, batch: int = 1) -> GemvC
     return cfg
 
 
-def select_warps_for(width: int, warps: int = 0) -> int:
+def select_warps_for(width: int, warps: int = 0, lanes_per_warp: int = 512) -> int:
     """Warps of the one-program selection kernels for rows of ``width`` inputs: ``warps`` if
-    set, else one per 512 padded inputs, 8 to 16 (measured on an H100, benchmarks/README.md)."""
+    set, else one per ``lanes_per_warp`` padded inputs, 8 to 16 (512: measured on an H100,
+    benchmarks/README.md; the batch-1 list kernel takes 1024, measured on an H200 by
+    ``benchmarks/select_latency.py``: 8 warps beat 16 at 8192 lanes, 16 beat 8 at 16384)."""
     if warps:
         return warps
     import triton
 
-    return max(8, min(16, triton.next_power_of_2(width) // 512))
+    return max(8, min(16, triton.next_power_of_2(width) // lanes_per_warp))
 
 
 def _cfg_ints(cfg: GemvConfig) -> list[int]:
@@ -432,7 +434,7 @@ def compact_rows(
         PROD=prod,
         BF16=x.dtype == torch.bfloat16,
         PACKED=packed,
-        num_warps=select_warps_for(width, num_warps),
+        num_warps=select_warps_for(width, num_warps, 1024 if bsz == 1 and radix else 512),
     )
     return idx, val, cnt
 
