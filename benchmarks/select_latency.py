@@ -53,8 +53,11 @@ from benchmarks._figures import emit
 from benchmarks._timing import row, time_graph
 from qsparse.kernels import gemv as G
 from qsparse.kernels._gemv_triton import (
+    _kept_slots,
     _list_kept,
+    _pack_kept,
     _produce,
+    _scan_terms,
     _ternary_prep_kernel,
     _threshold_hinted,
     _threshold_radix,
@@ -111,16 +114,14 @@ def _rows2d_kernel(
     if STAGE == 0:
         tl.store(idx_ptr, thr + need)
     else:
-        packed = (key > thr).to(tl.int32) * 65536 + (key == thr).to(tl.int32)
-        tot = tl.sum(packed, axis=1)
-        cs = tl.cumsum(packed, axis=1) + (tl.cumsum(tot, axis=0) - tot)[:, None]
-        keep = (key > thr) | ((key == thr) & ((cs & 65535) <= need))
-        pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
+        terms = _scan_terms(key, thr)
+        tot = tl.sum(terms, axis=1)
+        cs = tl.cumsum(terms, axis=1) + (tl.cumsum(tot, axis=0) - tot)[:, None]
+        keep, pos = _kept_slots(key, thr, need, cs)
         if STAGE == 1:
             tl.store(idx_ptr, tl.max(tl.max(tl.where(keep, pos, 0), axis=1), axis=0))
         else:
-            word = (xf.to(tl.int32, bitcast=True) & -65536) | i
-            tl.store(idx_ptr + pos, word, mask=keep)
+            tl.store(idx_ptr + pos, _pack_kept(xf, i), mask=keep)
 
 
 @triton.jit
@@ -163,18 +164,22 @@ def _stage_kernel(
         elif STAGE == 4 or STAGE == 8:
             _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr)
         else:
-            gt = key > thr
-            eq = key == thr
-            cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
-            keep = gt | (eq & ((cs & 65535) <= need))
-            pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
+            keep, pos = _kept_slots(key, thr, need, tl.cumsum(_scan_terms(key, thr), axis=0))
             if STAGE == 5:
                 tl.store(idx_ptr, tl.max(tl.where(keep, pos, 0), axis=0))
             elif STAGE == 6 or STAGE == 9:
-                word = (xf.to(tl.int32, bitcast=True) & -65536) | i
-                tl.store(idx_ptr + pos, word, mask=keep)
+                tl.store(idx_ptr + pos, _pack_kept(xf, i), mask=keep)
             else:
                 tl.store(idx_ptr + pos, i, mask=keep)
+
+
+def _report(key: str, cells: tuple, times: dict[str, float], names: list[str], base: str) -> None:
+    """One table row (``cells``, the times of ``names``, then each time over ``base``'s but
+    ``base`` itself) and the figures ``select_latency.<key>.<name>_us``."""
+    ratios = (f"{times[n] / times[base]:.2f}" for n in names if n != base)
+    print(row(*cells, *(f"{times[n]:.2f}" for n in names), *ratios), flush=True)
+    for name, t in times.items():
+        emit(f"select_latency.{key}.{name}_us", t, "us")
 
 
 def _ternary(args: argparse.Namespace) -> None:
@@ -205,18 +210,7 @@ def _ternary(args: argparse.Namespace) -> None:
                 times[name] = time_graph(
                     [partial(launch, x, xq, qsum, scale, hint, width, kp, k, **opts) for x in xs]
                 )
-            base = times["dense"]
-            print(
-                row(
-                    width,
-                    warps,
-                    *(f"{times[n]:.2f}" for n in names),
-                    *(f"{times[n] / base:.2f}" for n in names[1:]),
-                ),
-                flush=True,
-            )
-            for name, t in times.items():
-                emit(f"select_latency.ternary_K{width}_w{warps}.{name}_us", t, "us")
+            _report(f"ternary_K{width}_w{warps}", (width, warps), times, names, "dense")
 
 
 def main() -> None:
@@ -227,15 +221,15 @@ def main() -> None:
     ap.add_argument("--producer", choices=("none", "rmsnorm"), default="rmsnorm")
     ap.add_argument("--ternary", action="store_true", help="the ternary activation kernel")
     args = ap.parse_args()
+    torch.manual_seed(0)
     if args.ternary:
         _ternary(args)
         return
-    torch.manual_seed(0)
     low, ndig = G._radix_digits(torch.bfloat16, 5)
     prod = 1 if args.producer == "rmsnorm" else 0
     names = [*STAGES] + ([f"{n}_c{c}" for c in (256, 512) for n in STAGES_2D] if not prod else [])
-    print(row("K", "warps", *names, "real", *(f"{s}/real" for s in names[1:])))
-    print(row(*["---"] * (1 + 2 * len(names))))
+    print(row("K", "warps", *names, "real", *(f"{s}/real" for s in names)))
+    print(row(*["---"] * (3 + 2 * len(names))))
     for width in args.widths:
         k = max(1, round((1 - args.sparsity) * width))
         xs = [torch.randn(1, width, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
@@ -263,18 +257,8 @@ def main() -> None:
             hint = G.new_hint(1, "cuda")
             opts = dict(hint=hint, prod=prod, prod_w=w, eps=1e-5)
             times["real"] = time_graph([partial(G.compact_rows, x, k, warps, **opts) for x in xs])
-            real = times["real"]
-            print(
-                row(
-                    width,
-                    warps,
-                    *(f"{times[n]:.2f}" for n in (*names, "real")),
-                    *(f"{times[n] / real:.2f}" for n in names[1:]),
-                ),
-                flush=True,
-            )
-            for name, t in times.items():
-                emit(f"select_latency.{args.producer}_K{width}_w{warps}.{name}_us", t, "us")
+            key = f"{args.producer}_K{width}_w{warps}"
+            _report(key, (width, warps), times, [*names, "real"], "real")
 
 
 if __name__ == "__main__":

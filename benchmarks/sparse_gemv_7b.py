@@ -14,8 +14,9 @@ copies (L2 cannot serve them), times per call:
   while the selection runs; measured slower, not the default), and ``carry_list`` what
   :mod:`qsparse.generate` runs (the selection from the carried threshold, then the list
   GEMV; ``two_lists``: the same with ``GemvConfig(packed=False)``, an index list and an
-  fp32 value list instead of one packed word per kept input), plus a sweep of the carried GEMV's launch shapes on o and down (``carry_sweep``:
-  split x block_k); at batch > 1 the default path with the hint;
+  fp32 value list instead of one packed word per kept input), plus a sweep of the carried
+  GEMV's launch shapes on o and down (``carry_sweep``: split x block_k); at batch > 1 the
+  default path with the hint;
 - ``topk+gemm`` (batch > 1): :func:`qsparse.kernels.gemv.masked_topk` from carried
   thresholds, then one cuBLAS GEMM on the masked input, and ``bisect+gemm`` the training
   top-k kernel (bit bisection) in its place;
@@ -140,14 +141,15 @@ def main() -> None:
                 calls = [lambda w=w, x=x: fn(x, w) for w, x in zip(weights, xs, strict=True)]
                 return time_graph(calls)
 
+            def hinted(cfg, k=k, n=n, h=hint, wts=wts):
+                """``sparse_gemv`` with ``cfg`` and the threshold carried, timed."""
+                return timed(lambda x, wt: G.sparse_gemv(x, wt, k, cfg, n_out=n, hint=h), wts)
+
             dense = timed(F.linear, ws)
             sparse = timed(lambda x, wt, k=k, n=n: G.sparse_gemv(x, wt, k, n_out=n), wts)
             # batch 1: the carried GEMV (GemvConfig.carry, not the default); else the default
             ccfg = G.sparse_config_for(kin, wts[0].shape[1], k, carry=True) if batch == 1 else None
-            carry = timed(
-                lambda x, wt, k=k, n=n, h=hint, c=ccfg: G.sparse_gemv(x, wt, k, c, n_out=n, hint=h),
-                wts,
-            )
+            carry = hinted(ccfg)
             masked = bisect = carry_list = None
             extra = {}
             if batch > 1:
@@ -160,40 +162,29 @@ def main() -> None:
                 )
             else:
                 cfg = replace(G.sparse_config_for(kin, wts[0].shape[1], k), carry=False)
-                carry_list = timed(
-                    lambda x, wt, k=k, n=n, h=hint, c=cfg: G.sparse_gemv(
-                        x, wt, k, c, n_out=n, hint=h
-                    ),
-                    wts,
-                )
-                two = replace(cfg, packed=False)  # the list as it was until 2026-12-03
-                extra["two_lists"] = timed(
-                    lambda x, wt, k=k, n=n, h=hint, c=two: G.sparse_gemv(
-                        x, wt, k, c, n_out=n, hint=h
-                    ),
-                    wts,
-                )
+                carry_list = hinted(cfg)
+                # the list as it was until 2026-12-03: index and fp32 value lists
+                extra["two_lists"] = hinted(replace(cfg, packed=False))
                 print(
                     f"# {name} batch 1 list GEMV, carried threshold: packed list {carry_list:.1f}"
                     f" us, two lists {extra['two_lists']:.1f} us "
                     f"({extra['two_lists'] / carry_list:.2f}x)"
                 )
                 bn = G.sparse_config_for(kin, wts[0].shape[1], k, carry=True).block_n
-                for split, bk in SWEEP if name in SWEEP_SHAPES and args.sweep else ():
-                    c = G.GemvConfig(block_k=bk, block_n=bn, split=split, carry=True)
-                    extra[f"s{split}_k{bk}"] = timed(
-                        lambda x, wt, k=k, n=n, h=hint, c=c: G.sparse_gemv(
-                            x, wt, k, c, n_out=n, hint=h
-                        ),
-                        wts,
+                swept = {
+                    f"s{split}_k{bk}": hinted(
+                        G.GemvConfig(block_k=bk, block_n=bn, split=split, carry=True)
                     )
-                if extra:
-                    best = min(extra, key=extra.__getitem__)
+                    for split, bk in (SWEEP if name in SWEEP_SHAPES and args.sweep else ())
+                }
+                if swept:
+                    best = min(swept, key=swept.__getitem__)
                     print(
                         f"# {name} carried GEMV sweep (block_n {bn}): "
-                        + ", ".join(f"{c} {t:.1f} us" for c, t in extra.items())
+                        + ", ".join(f"{c} {t:.1f} us" for c, t in swept.items())
                         + f"; best {best}"
                     )
+                extra.update(swept)
             prod = producer(name, kin)
             if prod is not None:  # the whole site: producer + selection + product
                 pxs = [

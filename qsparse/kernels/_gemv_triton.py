@@ -176,29 +176,48 @@ def _select_kernel(
 
 
 @triton.jit
-def _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr, PACKED: tl.constexpr = False):
-    """idx[p] = i, val[p] = xf for the kept entries of one row, ascending (``i``: the
-    positions of ``key``/``xf``): every key above ``thr`` and the first ``need`` keys equal to
-    it. One packed scan (``65536 * above + equal``) gives both the tie rank (low half) and
-    the list position (high half plus the kept ties). ``PACKED``: one int32 word per kept
-    input instead, ``idx[p] = bf16 bits of xf << 16 | i`` (``xf`` must hold a bf16 value and
-    ``i`` < 65536; :func:`_unpack_kept`): one scattered store instead of two."""
-    gt = key > thr
-    eq = key == thr
-    cs = tl.cumsum(gt.to(tl.int32) * 65536 + eq.to(tl.int32), axis=0)
-    keep = gt | (eq & ((cs & 65535) <= need))
+def _scan_terms(key, thr):
+    """``65536 * (key > thr) + (key == thr)``: one int32 per entry whose running sum along the
+    row counts the entries above the threshold (high half) and the ties so far (low half)."""
+    return (key > thr).to(tl.int32) * 65536 + (key == thr).to(tl.int32)
+
+
+@triton.jit
+def _kept_slots(key, thr, need, cs):
+    """(keep, pos) of the top-k rule from ``cs``, the inclusive running sum of
+    :func:`_scan_terms` along the row: every key above ``thr`` and the first ``need`` keys
+    equal to it are kept, ``pos`` is a kept entry's place in the ascending list."""
+    keep = (key > thr) | ((key == thr) & ((cs & 65535) <= need))
     pos = (cs >> 16) + tl.minimum(cs & 65535, need) - 1
-    if PACKED:
-        tl.store(idx_ptr + pos, (xf.to(tl.int32, bitcast=True) & -65536) | i, mask=keep)
-    else:
-        tl.store(idx_ptr + pos, i, mask=keep)
-        tl.store(val_ptr + pos, xf, mask=keep)
+    return keep, pos
+
+
+@triton.jit
+def _pack_kept(xf, i):
+    """A packed list word: ``bf16 bits of xf << 16 | i`` (``xf`` holds a bf16 value, ``i`` <
+    65536); :func:`_unpack_kept` reverses it."""
+    return (xf.to(tl.int32, bitcast=True) & -65536) | i
 
 
 @triton.jit
 def _unpack_kept(word):
-    """(input index, value as fp32) of a packed list word (:func:`_list_kept`)."""
+    """(input index, value as fp32) of a packed list word (:func:`_pack_kept`)."""
     return word & 65535, (word & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr, PACKED: tl.constexpr = False):
+    """idx[p] = i, val[p] = xf for the kept entries of one row, ascending (``i``: the
+    positions of ``key``/``xf``): every key above ``thr`` and the first ``need`` keys equal to
+    it. One packed scan (:func:`_scan_terms`) gives both the tie rank and the list position
+    (:func:`_kept_slots`). ``PACKED``: one word per kept input in idx instead
+    (:func:`_pack_kept`): one scattered store instead of two."""
+    keep, pos = _kept_slots(key, thr, need, tl.cumsum(_scan_terms(key, thr), axis=0))
+    if PACKED:
+        tl.store(idx_ptr + pos, _pack_kept(xf, i), mask=keep)
+    else:
+        tl.store(idx_ptr + pos, i, mask=keep)
+        tl.store(val_ptr + pos, xf, mask=keep)
 
 
 @triton.jit
