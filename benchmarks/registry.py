@@ -700,6 +700,23 @@ REGISTRY: list[Bench] = [
     Bench(
         "select_latency_ternary", "select_latency.py", ("--ternary", "--warps", "8", "16"), est_s=90
     ),
+    Bench(
+        "select_latency_spread",
+        "select_latency.py",
+        (
+            "--producer",
+            "none",
+            "--spread",
+            "0.2",
+            "--widths",
+            "4096",
+            "11008",
+            "--warps",
+            "8",
+            "16",
+        ),
+        est_s=60,
+    ),
     Bench("ternary_sparse_gemv", "ternary_sparse_gemv.py", ("--decode", "1.3B"), est_s=150),
     Bench(
         "expert_gemv",

@@ -21,6 +21,8 @@ each stage of that kernel, all made of the same ``@triton.jit`` helpers:
 
 - ``thresh_band``: ``thresh`` with only the entries inside the carried band histogrammed,
   those above it counted by a reduction;
+- ``packed_w1``: ``packed`` with the carried band fixed at one key value per bin (before the
+  band could widen): against ``packed`` with ``--spread``, what the widening saves;
 - ``thresh2d`` / ``scan2d`` / ``packed2d`` (``--producer none`` only; ``_c256``, ``_c512``):
   the row read as [K / C, C] so that each C-wide piece is scanned inside one warp, the
   pieces' offsets by a scan of their totals; the threshold over the flattened keys.
@@ -35,7 +37,9 @@ or not; ratios against ``dense``.
 (q|k|v and gate|up); then ``norm`` equals ``load``.
 
 Each call sits in a CUDA graph cycling 8 input rows (S = 0.6, Gaussian inputs, the threshold
-carried from call to call as decode carries it). Ratios are against ``real`` of the same K.
+carried from call to call as decode carries it). ``--spread s`` scales row j by ``2^(s z_j)``
+(z standard normal), so that the threshold moves from call to call (0.2: about +-35 bf16 key
+values, as the down projection's input moves in a random-weight 1.3B decode). Ratios are against ``real`` of the same K.
 
     PYTHONPATH=$PWD python3 benchmarks/select_latency.py [--widths 4096 11008] [--warps 4 8 16]
 """
@@ -53,6 +57,7 @@ from benchmarks._figures import emit
 from benchmarks._timing import row, time_graph
 from qsparse.kernels import gemv as G
 from qsparse.kernels._gemv_triton import (
+    _band_pass,
     _kept_slots,
     _list_kept,
     _pack_kept,
@@ -66,7 +71,7 @@ from qsparse.kernels._topk_rule import abs_key
 
 STAGES = (
     "empty", "load", "norm", "thresh", "list", "scan", "packed", "idx", "list1", "packed1",
-    "thresh_band",
+    "thresh_band", "packed_w1",
 )  # fmt: skip
 STAGES_2D = ("thresh2d", "scan2d", "packed2d")
 
@@ -89,6 +94,22 @@ def _threshold_band(key, valid, n_valid, k, hint_ptr, BLOCK: tl.constexpr, LOW: 
     if (best > 0) & (best < 31):
         thr = (base + best - 1) << LOW
         need = k - tl.sum(tl.where(bins == best, suf - h, 0), axis=0)
+    else:
+        thr, need = _threshold_radix(key, valid, n_valid, k, BLOCK, LOW, NDIG, 5)
+    tl.store(hint_ptr, thr >> LOW)
+    return thr, need
+
+
+@triton.jit
+def _threshold_one_width(key, valid, n_valid, k, hint_ptr, BLOCK: tl.constexpr,
+                         LOW: tl.constexpr, NDIG: tl.constexpr):  # fmt: skip
+    """The carried threshold before the band could widen: one 32-bin pass of single key
+    values around the hint (a plain key word), else the full radix select."""
+    h = tl.load(hint_ptr)
+    best, above = _band_pass(key >> LOW, valid, n_valid, k, h - 15, h * 0, 32)
+    if (best > 0) & (best < 31):
+        thr = (h - 15 + best - 1) << LOW
+        need = k - above
     else:
         thr, need = _threshold_radix(key, valid, n_valid, k, BLOCK, LOW, NDIG, 5)
     tl.store(hint_ptr, thr >> LOW)
@@ -157,6 +178,8 @@ def _stage_kernel(
         key = tl.where(valid, abs_key(xf), -1)
         if STAGE == 10:
             thr, need = _threshold_band(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG)
+        elif STAGE == 11:
+            thr, need = _threshold_one_width(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG)
         else:
             thr, need = _threshold_hinted(key, valid, K, k, hint_ptr, BLOCK, LOW, NDIG, 5, True)
         if STAGE == 3 or STAGE == 10:
@@ -167,10 +190,16 @@ def _stage_kernel(
             keep, pos = _kept_slots(key, thr, need, tl.cumsum(_scan_terms(key, thr), axis=0))
             if STAGE == 5:
                 tl.store(idx_ptr, tl.max(tl.where(keep, pos, 0), axis=0))
-            elif STAGE == 6 or STAGE == 9:
+            elif STAGE == 6 or STAGE == 9 or STAGE == 11:
                 tl.store(idx_ptr + pos, _pack_kept(xf, i), mask=keep)
             else:
                 tl.store(idx_ptr + pos, i, mask=keep)
+
+
+def _rows(width: int, spread: float) -> list[torch.Tensor]:
+    """The 8 input rows [1, width] (bf16, Gaussian), row j scaled by ``2^(spread z_j)``."""
+    scales = torch.exp2(spread * torch.randn(8)).tolist()
+    return [(torch.randn(1, width, device="cuda") * s).to(torch.bfloat16) for s in scales]
 
 
 def _report(key: str, cells: tuple, times: dict[str, float], names: list[str], base: str) -> None:
@@ -191,7 +220,7 @@ def _ternary(args: argparse.Namespace) -> None:
     for width in args.widths:
         k = max(1, round((1 - args.sparsity) * width))
         kp = 16 * triton.cdiv(width, 16)
-        xs = [torch.randn(1, width, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        xs = _rows(width, args.spread)
         nw = 1.0 + 0.1 * torch.randn(width, device="cuda", dtype=torch.bfloat16)
         xq = torch.empty(1, kp, dtype=torch.int8, device="cuda")
         qsum = torch.empty(1, dtype=torch.int32, device="cuda")
@@ -220,6 +249,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.6)
     ap.add_argument("--producer", choices=("none", "rmsnorm"), default="rmsnorm")
     ap.add_argument("--ternary", action="store_true", help="the ternary activation kernel")
+    ap.add_argument("--spread", type=float, default=0.0, help="log2 std of the rows' scales")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.ternary:
@@ -232,7 +262,7 @@ def main() -> None:
     print(row(*["---"] * (3 + 2 * len(names))))
     for width in args.widths:
         k = max(1, round((1 - args.sparsity) * width))
-        xs = [torch.randn(1, width, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        xs = _rows(width, args.spread)
         w = 1.0 + 0.1 * torch.randn(width, device="cuda", dtype=torch.bfloat16)
         idx = torch.empty(width, dtype=torch.int32, device="cuda")
         val = torch.empty(width, dtype=torch.float32, device="cuda")

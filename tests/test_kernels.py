@@ -367,6 +367,100 @@ def test_topk_kernels_use_the_configured_eps_in_the_triton_interpreter():
     assert "EPS OK" in run_interpreted(EPS_SCRIPT, timeout=300)
 
 
+BAND_WIDTH_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from qsparse.kernels import gemv as G
+    from qsparse.nn.topk import topk_mask
+
+    K, k, half = 300, 120, 15  # 32 bins: bins 1..30 hold 2^e key values each
+
+    def fits(d, e):
+        return -(half << e) <= d < (half << e)
+
+    def need(d):  # the narrowest band (0..3) that holds a threshold d keys away
+        return next((e for e in range(3) if fits(d, e)), 3)
+
+    def key_of(x):
+        kth = x.float().abs().topk(k, dim=1).values[:, -1].view(torch.int32)
+        return (kth >> (31 - G.KEY_BITS[x.dtype])).tolist()
+
+    def check(x, hint):
+        idx, val, cnt = G.compact_rows(x, k, hint=hint)
+        m = topk_mask(x, k).bool()
+        n = int(cnt)
+        assert torch.equal(idx[:n].long(), m.any(0).nonzero().flatten())
+        assert torch.equal(val[:, :n], torch.where(m, x.float(), 0)[:, idx[:n].long()])
+
+    torch.manual_seed(0)
+    x = torch.randn(1, K)
+    x[:, :40] = x[:, 5:6]  # ties at the threshold
+    x = x.to(torch.bfloat16)
+    (t,) = key_of(x)
+    # a carried word with a wide band: a hit inside it (two passes) or off it (radix), exact
+    # either way; the new word holds the exact key and the width the rule gives
+    for e in (1, 2, 3):
+        w = half << e
+        for d in (half << (e - 1), -(half << (e - 1)) - 1, w - 1, -w, w, -w - 1):
+            hint = G.new_hint(1)
+            hint[0] = (e << 28) | (t - d)
+            check(x, hint)
+            key, e_new, calm = (int(f[0]) for f in G.hint_fields(hint, x.dtype))
+            assert key == t, (e, d, key, t)
+            grown = max(e, need(d))
+            assert e_new == grown, (e, d, e_new)
+            assert calm == (1 if grown == e and fits(d, e - 1) else 0), (e, d, calm)
+    # carried from call to call: no hint (radix, width 0), a jump (the band widens at once),
+    # then steady calls (narrower by one after 8 in a row that a half-width band held)
+    hint = G.new_hint(1)
+    check(x, hint)
+    assert [int(f[0]) for f in G.hint_fields(hint, x.dtype)] == [t, 0, 0]
+    big = (x.float() * 1.5).to(torch.bfloat16)
+    (t2,) = key_of(big)
+    e = need(t2 - t)
+    assert e >= 2, t2 - t
+    check(big, hint)
+    assert [int(f[0]) for f in G.hint_fields(hint, x.dtype)] == [t2, e, 0]
+    for want in range(e - 1, -1, -1):
+        for step in range(8):
+            check(big, hint)
+        key, e_now, calm = (int(f[0]) for f in G.hint_fields(hint, x.dtype))
+        assert (key, e_now, calm) == (t2, want, 0), (key, e_now, calm, want)
+    # every kernel that selects reads and writes the same word: ternary activations and the
+    # batched top-k (one word per row)
+    packed = G.pack_ternary(torch.randint(-1, 2, (64, K)).to(torch.int8))
+    hint = G.new_hint(4)
+    rows = torch.randn(3, K).to(torch.bfloat16)
+    for scale in (1.0, 1.6, 1.6, 0.7):
+        xb = (rows.float() * scale).to(torch.bfloat16)
+        assert torch.equal(G.masked_topk(xb, k, hint), xb * topk_mask(xb, k))
+    assert G.hint_fields(hint, torch.bfloat16)[1][:3].max() >= 2  # widened by the jumps
+    h1 = G.new_hint(1)
+    for scale in (1.0, 1.6, 1.6, 0.7):
+        x1 = (rows[:1].float() * scale).to(torch.bfloat16)
+        y = G.ternary_gemv(x1, packed, 0.5, k, 8, hint=h1)
+        r = G.ternary_gemv_reference(x1, packed, 0.5, k, 8)
+        torch.testing.assert_close(y.float(), r.float(), rtol=2e-2, atol=2e-2)
+    # fp32 keys fill the word: the band stays one key value wide
+    x32 = torch.randn(1, K)
+    hint = G.new_hint(1)
+    for scale in (1.0, 1.5, 1.5):
+        check(x32 * scale, hint)
+    assert int(hint[0]) == key_of(x32 * 1.5)[0]
+    print("BAND OK")
+    """
+)
+
+
+@needs_triton
+def test_carried_band_widens_for_moving_thresholds_in_the_triton_interpreter():
+    """The carried threshold's band: exact kept sets whatever the width and the hit, and the
+    width rule (grow at once, shrink after 8 calm calls) read back from the hint word."""
+    from conftest import run_interpreted
+
+    assert "BAND OK" in run_interpreted(BAND_WIDTH_SCRIPT, timeout=300)
+
+
 @needs_triton
 def test_threshold_carry_matches_reference_in_the_triton_interpreter():
     from conftest import run_interpreted

@@ -106,6 +106,27 @@ def _threshold_radix(
 
 
 @triton.jit
+def _band_pass(kp, valid, n_valid, k, base, e, NB: tl.constexpr):
+    """One histogram of the keys ``kp`` (``key >> LOW``) in ``NB`` bins: bin 0 below ``base``,
+    bins 1..NB-2 of ``2^e`` key values each from ``base`` up, bin NB-1 everything above.
+    Returns (best, above): the highest bin holding the k-th largest key (0 or NB-1: outside
+    the band) and how many valid entries lie in bins above it."""
+    dig = tl.minimum(tl.maximum(((kp - base) >> e) + 1, 0), NB - 1)
+    bins = tl.arange(0, NB)
+    h = tl.histogram(dig, NB, mask=valid)
+    suf = n_valid - tl.cumsum(h, axis=0) + h  # entries with bin >= j
+    best = tl.max(tl.where(suf >= k, bins, 0), axis=0)
+    return best, tl.sum(tl.where(bins == best, suf - h, 0), axis=0)
+
+
+@triton.jit
+def _band_fits(d, e, HALF: tl.constexpr):
+    """1 when a threshold key ``d`` away from the carried one lies inside the band of bin
+    width ``2^e`` (``-HALF 2^e <= d < HALF 2^e``), else 0 (int32)."""
+    return ((d >= -(HALF << e)) & (d < (HALF << e))).to(tl.int32)
+
+
+@triton.jit
 def _threshold_hinted(
     key,
     valid,
@@ -120,32 +141,65 @@ def _threshold_hinted(
     STORE: tl.constexpr = True,
 ):
     """:func:`_threshold_radix`, first trying the threshold carried over from the previous
-    call at this site (``HINT``: ``hint_ptr`` holds it as ``thr >> LOW``, and receives the
-    new one unless ``STORE`` is off: then whoever reads the hint concurrently updates it).
+    call at this site (``HINT``: ``hint_ptr`` holds it, and receives the new one unless
+    ``STORE`` is off: then whoever reads the hint concurrently updates it).
 
-    One ``2^DBITS``-bin histogram around the hint h: bins 1..NB-2 hold the single key values
-    ``h - NB/2 + 1 .. h + NB/2 - 2`` (bf16: about +-8% of |x| around the old threshold), bin 0
-    everything below, bin NB-1 everything above. When the k-th largest key falls in an inner
-    bin it is that bin's value, exact after one pass instead of NDIG; otherwise (the first
+    The hint word: bits 0..23 the old threshold key ``h = thr >> LOW``; for 16-bit inputs
+    (``LOW >= 8``) also a band width ``2^e`` in bits 28..29 and a counter in bits 24..26
+    (:func:`qsparse.kernels.gemv.hint_fields`); fp32 keys fill the word, e = 0. One
+    ``2^DBITS``-bin histogram around h: bins 1..NB-2 hold ``2^e`` key values each, from
+    ``h - HALF 2^e`` to ``h + HALF 2^e - 1`` (HALF = NB/2 - 1; bf16 at e = 0: about +-8% of
+    |x| around the old threshold), bin 0 everything below, bin NB-1 everything above. When the
+    k-th largest key falls in an inner bin, a second pass of single-value bins inside it (e >
+    0) gives the exact threshold: one or two passes instead of NDIG. Otherwise (the first
     call, a moved distribution) the full radix select runs. Same (thr, need) either way.
+
+    The width follows the site: e rises at once to the smallest e in 0..3 whose band would
+    have held the new threshold, and falls by one after 8 calls in a row that a band half as
+    wide would have held (the down projection's input moves by +-90 bf16 key values from
+    token to token, the others' by about +-15).
     """
     if HINT:
         NB: tl.constexpr = 1 << DBITS
-        hint = tl.load(hint_ptr)
-        base = hint - (NB // 2 - 1)  # key value of bin 1
+        HALF: tl.constexpr = NB // 2 - 1
+        ADAPT: tl.constexpr = (LOW >= 8) and (DBITS >= 4)  # room in the word; a bin of 8 fits
+        word = tl.load(hint_ptr)
+        if ADAPT:
+            h = word & 0xFFFFFF
+            e = (word >> 28) & 3
+            cnt = (word >> 24) & 7
+        else:
+            h = word
+            e = word * 0
+            cnt = e
         kp = key >> LOW
-        dig = tl.minimum(tl.maximum(kp - base + 1, 0), NB - 1)
-        bins = tl.arange(0, NB)
-        h = tl.histogram(dig, NB, mask=valid)
-        suf = n_valid - tl.cumsum(h, axis=0) + h  # entries with bin >= j
-        best = tl.max(tl.where(suf >= k, bins, 0), axis=0)
+        base = h - (HALF << e)  # first key value of bin 1
+        best, above = _band_pass(kp, valid, n_valid, k, base, e, NB)
         if (best > 0) & (best < NB - 1):
-            thr = (base + best - 1) << LOW
-            need = k - tl.sum(tl.where(bins == best, suf - h, 0), axis=0)
+            lo = base + ((best - 1) << e)  # first key value of the bin holding the k-th
+            if e > 0:  # that bin's single key values, starting at its first
+                best2, above = _band_pass(kp, valid, n_valid, k, lo, e * 0, NB)
+                lo = lo + best2 - 1
+            thr = lo << LOW
+            need = k - above
         else:
             thr, need = _threshold_radix(key, valid, n_valid, k, BLOCK, LOW, NDIG, DBITS)
         if STORE:
-            tl.store(hint_ptr, thr >> LOW)
+            t = thr >> LOW
+            if ADAPT:
+                d = t - h
+                fit_lower = _band_fits(d, tl.maximum(e - 1, 0), HALF)
+                # smallest e' in 0..3 whose band around h held t
+                e_need = (
+                    3 - _band_fits(d, 0, HALF) - _band_fits(d, 1, HALF) - _band_fits(d, 2, HALF)
+                )
+                grow = (e_need > e) & (h > 0)
+                calm = (e > 0) & (fit_lower > 0) & (h > 0)
+                cnt = tl.where(calm & ~grow, cnt + 1, 0)
+                e = tl.where(grow, e_need, tl.where(cnt >= 8, e - 1, e))
+                cnt = tl.where(cnt >= 8, 0, cnt)
+                t = t | (e << 28) | (cnt << 24)
+            tl.store(hint_ptr, t)
     else:
         thr, need = _threshold_radix(key, valid, n_valid, k, BLOCK, LOW, NDIG, DBITS)
     return thr, need
@@ -266,6 +320,8 @@ def _band_top(h, DBITS: tl.constexpr, LOW: tl.constexpr):
     (``thr >> LOW``), or -1 when there is no hint yet (``h == 0``): with the exact threshold
     at or below it, every input whose key is above it is kept."""
     NB: tl.constexpr = 1 << DBITS
+    if LOW >= 8:  # the key bits of the hint word (:func:`_threshold_hinted`)
+        h = h & 0xFFFFFF
     return tl.where(h > 0, (h + (NB // 2 - 2)) << LOW, -1)
 
 

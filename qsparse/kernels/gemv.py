@@ -523,8 +523,20 @@ def _masked_topk_fake(x, k, digit_bits, hint, prod, prod_w, eps) -> torch.Tensor
 def new_hint(batch: int = 16, device: torch.device | str | None = None) -> torch.Tensor:
     """A threshold-carry buffer for ``hint=`` of :func:`sparse_gemv` / :func:`ternary_gemv`
     (one per input site, for up to ``batch`` rows; zeros: the first call runs the full
-    radix select)."""
+    radix select). Each entry is a word :func:`hint_fields` reads."""
     return torch.zeros(batch, dtype=torch.int32, device=device)
+
+
+def hint_fields(hint: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The fields of carried-threshold words (:func:`new_hint`) for inputs of ``dtype``:
+    ``(key, e, calm)``, int32 tensors of ``hint``'s shape. ``key``: the last threshold's key
+    ``thr >> LOW`` (:func:`_radix_digits`); ``e``: the band's bin width ``2^e`` of the next
+    call's first pass; ``calm``: calls in a row a band half as wide would have held (the width
+    shrinks at 8). fp32 keys fill the word (``e`` and ``calm`` 0); 16-bit dtypes keep the key
+    in bits 0..23, ``calm`` in 24..26 and ``e`` in 28..29."""
+    if 31 - KEY_BITS[dtype] < 8:
+        return hint, torch.zeros_like(hint), torch.zeros_like(hint)
+    return hint & 0xFFFFFF, (hint >> 28) & 3, (hint >> 24) & 7
 
 
 def _hint_arg(hint: torch.Tensor | None, bsz: int, device: torch.device) -> torch.Tensor:
