@@ -13,13 +13,17 @@ fixed-width passes over widening passes, per site kind (q|k|v, o, gate|up, down)
 
     PYTHONPATH=$PWD python3 benchmarks/hint_band.py --preset 1.3B --mode qsparse --steps 24
 
-Runs on the CPU (bf16, the model's own forward without a cache: about 1 min at 1.3B).
+    PYTHONPATH=$PWD python3 benchmarks/hint_band.py --checkpoint PATH --prompt 64   # real weights
+
+Runs on the CPU (bf16, the model's own forward without a cache: about 1 min at 1.3B). A
+checkpoint decodes after the first ``--prompt`` tokens of the bundled ``--text`` corpus.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -56,11 +60,28 @@ def passes(moves: list[int], widen: bool) -> list[int]:
     return out
 
 
-def threshold_keys(preset: str, mode: str, steps: int, prompt: int) -> dict[str, list[int]]:
-    """Per site (module name): the bf16 key of its k-th largest |v| at each decode step."""
+def threshold_keys(
+    preset: str, mode: str, steps: int, prompt: int, checkpoint: str | None, text: str
+) -> dict[str, list[int]]:
+    """Per site (module name): the bf16 key of its k-th largest |v| at each decode step. A
+    ``checkpoint`` decodes after the first ``prompt`` tokens of the corpus ``text``; a preset
+    (random weights) after random tokens."""
     torch.manual_seed(0)
-    cfg = LlamaConfig.from_preset(preset)
-    model = convert(LlamaForCausalLM(cfg).to(torch.bfloat16).eval(), mode, 0.6)
+    if checkpoint:
+        from transformers import AutoTokenizer
+
+        from qsparse.data.documents import read_documents
+        from qsparse.models.hf import load
+
+        model = convert(load(checkpoint, dtype=torch.bfloat16).eval(), mode, 0.6)
+        tok = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+        ids = tok("\n\n".join(read_documents(text)[:20]), return_tensors="pt").input_ids
+        ids = ids[:, :prompt]
+    else:
+        cfg = LlamaConfig.from_preset(preset)
+        model = convert(LlamaForCausalLM(cfg).to(torch.bfloat16).eval(), mode, 0.6)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=gen)
     keys: dict[str, list[int]] = defaultdict(list)
 
     def hook(name: str):
@@ -74,7 +95,6 @@ def threshold_keys(preset: str, mode: str, steps: int, prompt: int) -> dict[str,
     for name, mod in model.named_modules():
         if isinstance(mod, ActivationSparsifier):
             mod.register_forward_pre_hook(hook(name))
-    ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for _ in range(steps + 1):  # the first forward is the prompt's
             nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
@@ -88,8 +108,14 @@ def main() -> None:
     ap.add_argument("--mode", default="qsparse", choices=("qsparse", "bitnet_qsparse"))
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--checkpoint", default=None, help="a local HF folder instead of a preset")
+    ap.add_argument("--text", default="convention_speeches", help="the checkpoint's prompt")
     args = ap.parse_args()
-    keys = threshold_keys(args.preset, args.mode, args.steps, args.prompt)
+    keys = threshold_keys(
+        args.preset, args.mode, args.steps, args.prompt, args.checkpoint, args.text
+    )
+    if args.checkpoint:
+        args.preset = Path(args.checkpoint).name
     moves: dict[str, list[list[int]]] = defaultdict(list)
     for name, ks in keys.items():
         # the prompt's key and the first step's move from it are not decode moves
