@@ -440,7 +440,11 @@ def _print_table(results: list[dict[str, Any]], texts: list[str], base: str) -> 
             f"{Path(t).stem}={r['ppl'][t]:.3f} ({r['ppl'][t] / dense[t]:.3f}x)" for t in texts
         )
         wall = f"  train {r['wall_s']:.0f}s" if r.get("wall_s") else ""
-        print(f"{r['kind']:10s} S={r['S']:.2f}  {cells}  act={r['activated_parameters']:,}{wall}")
+        # measured on the held-out text: a threshold row's S holds on its training text only
+        got = r.get("measured_sparsity")
+        got = f" (measured {got:.3f})" if got is not None else ""
+        act = f"act={r['activated_parameters']:,}"
+        print(f"{r['kind']:10s} S={r['S']:.2f}{got}  {cells}  {act}{wall}")
 
 
 if __name__ == "__main__":

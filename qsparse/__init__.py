@@ -17,7 +17,7 @@ from .nn import (
     ReLUSquared,
     SparsityConfig,
 )
-from .nn.sites import get_settings, set_sparsity_ratio, sparsifiers
+from .nn.sites import get_settings, set_sparsity_ratio, sparsifiers, track_thresholds
 from .stats import (
     SparsityReport,
     activated_parameters,
@@ -74,4 +74,5 @@ __all__ = [
     "sparsify",
     "sparsity_report",
     "track_sparsity",
+    "track_thresholds",
 ]

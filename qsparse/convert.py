@@ -148,6 +148,9 @@ def _make_sparsifier(
         act_bits=quant.act_bits,
         subln=quant.subln,
         eps=quant.eps,
+        threshold_momentum=(
+            sparsity.threshold_momentum if sparsity.pattern == "threshold" else None
+        ),
     )
     reusable = (
         old is not None

@@ -25,6 +25,12 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
   :func:`~qsparse.kernels.ternary_rows.ternary_rows_gemv`, which reads only the kept inputs'
   rows and computes the layer's RMSNorm in its selection kernel, as the sparse site does.
 
+- a fixed per-site threshold (``pattern="threshold"``: TEAL, ``sparsity=threshold`` training),
+  float weights, no SubLN or activation quantization:
+  :func:`qsparse.kernels.threshold_gemv.threshold_gemv` (one compare-and-list program, then the
+  list GEMV, at batch 1; the masked input through one GEMM at batch 2-16), with the site's
+  threshold rounded to the activation dtype as its module compares.
+
 Elsewhere (no kernels, prompt prefill, batch sizes or settings the kernels do not cover) a site
 runs the model's own sparsifier and linear modules. Without kernels on a qsparse model the view
 is the model itself.
@@ -47,6 +53,7 @@ from .kernels import gemv as G
 from .kernels import int8_gemv as I8
 from .kernels import kernels_available
 from .kernels import ternary_rows as TR
+from .kernels import threshold_gemv as TG
 from .models.config import LlamaConfig
 from .models.hf_config import from_hf_config
 from .models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
@@ -144,6 +151,14 @@ class _Projection(nn.Module):
         self.pre: nn.Module | None = None  # producer module fused into the selection
         self.producer = G.NO_PRODUCER
         self.subln: G.SubLN | None = None  # the site's SubLN, computed by the ternary kernel
+        threshold = pattern == "threshold" and quant[0] == "none" and self.act_bits is None
+        if use_kernels and threshold and norm is None and not rescale:
+            # a fixed per-site threshold (TEAL, CATS's sites, sparsity=threshold training)
+            weight = torch.cat([lin.weight.detach() for lin in linears], 0)
+            self.register_buffer("wt", G.prepare_dense(weight), persistent=False)
+            self.expected_kept = max(1, round((1 - float(site.ratio)) * weight.shape[1]))
+            self.mode = "threshold"
+            return
         if not use_kernels or pattern != "token_topk" or rescale:
             return
         dev = linears[0].weight.device
@@ -267,6 +282,12 @@ class _Projection(nn.Module):
             return y[:, :n].reshape(*lead, n)
         if self.mode != "sparse":
             x2 = self._pre(x2)
+        if self.mode == "threshold":
+            # the site's own compare, |x| > t with t in x's dtype, then the list GEMV (batch 1)
+            # or the masked input through one GEMM
+            t = self.site.threshold.to(x2.dtype)
+            y = TG.threshold_gemv(x2, self.wt, t, n_out=n, expected_kept=self.expected_kept)
+            return y.reshape(*lead, n)
         if self.site.norm is not None:
             x2 = self.site.norm(x2)
         if self.mode == "sparse" and rows > SPARSE_MAX_ROWS:

@@ -143,6 +143,45 @@ def test_engine_with_kernels_under_the_interpreter_matches_plain_forward():
     assert "ENGINE INTERPRETER OK" in run_interpreted(ENGINE_INTERPRETER_SCRIPT)
 
 
+THRESHOLD_ENGINE_SCRIPT = """
+import torch
+import qsparse
+from qsparse.generate import DecodeEngine
+from qsparse.models import LlamaConfig, LlamaForCausalLM
+from qsparse.nn import SparsityConfig
+
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig.from_preset("tiny"))
+qsparse.sparsify(model, sparsity=SparsityConfig(ratio=0.5, pattern="threshold"))
+model.train()  # one tracked batch sets every site's threshold at its ratio's quantile
+with torch.no_grad():
+    model(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
+assert qsparse.track_thresholds(model) == 4 * model.config.num_hidden_layers
+model.eval()
+for batch in (1, 2):
+    ids = torch.randint(0, 256, (batch, 3), generator=torch.Generator().manual_seed(batch))
+    engine = DecodeEngine(model)
+    layer = engine.decoder.model.layers[0]
+    modes = {layer.self_attn.qkv.mode, layer.self_attn.o_proj.mode, layer.mlp.gate_up.mode,
+             layer.mlp.down_proj.mode}
+    assert modes == {"threshold"}, modes
+    got = engine.generate(ids, 4).tokens
+    ref = model.generate(ids, max_new_tokens=4, use_cache=False)
+    assert torch.equal(got, ref), (batch, got, ref)
+print("THRESHOLD ENGINE OK")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_threshold_sites_decode_through_the_threshold_gemv_under_the_interpreter():
+    """A model with fixed per-site thresholds (TEAL, ``sparsity=threshold`` training) decodes
+    through the threshold list GEMV (batch 1) and the masked GEMM (batch 2), greedy tokens
+    equal to plain forwards."""
+    from conftest import run_interpreted
+
+    assert "THRESHOLD ENGINE OK" in run_interpreted(THRESHOLD_ENGINE_SCRIPT)
+
+
 def test_engine_rejects_bad_arguments():
     eng = DecodeEngine(tiny())
     with pytest.raises(ValueError, match="input_ids"):

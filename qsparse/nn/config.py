@@ -31,9 +31,10 @@ class SparsityConfig:
         ratio: S, fraction of each projection input zeroed, in [0, 1).
         pattern: ``"token_topk"`` (k largest |x| per token over the hidden dim),
             ``"block_topk"`` (k largest per block of ``block_size`` consecutive values,
-            N:M-friendly), ``"threshold"`` (``x * 1[|x| > t]`` with a calibrated per-site
-            magnitude threshold ``t``, TEAL/CATS, :mod:`qsparse.methods`; ``ratio`` is then the
-            calibration target) or ``"none"`` (dense).
+            N:M-friendly), ``"threshold"`` (``x * 1[|x| > t]`` with a per-site magnitude
+            threshold ``t``: calibrated by a method, TEAL/CATS, :mod:`qsparse.methods`, or
+            tracked to ``ratio`` while training, ``threshold_momentum``; ``ratio`` is then
+            the target on average, not per token) or ``"none"`` (dense).
         block_size: B for ``block_topk``; must divide every sparsified input dimension.
         ste: straight-through estimator: the gradient reaches every input entry
             (``dL/dX = dL/d(X*M)``). ``False`` masks the gradient (``dL/d(X*M) * M``).
@@ -47,7 +48,8 @@ class SparsityConfig:
             others ``ratio_for`` their kind. Exports record it, so a loaded model gets it back.
         allocation: how training fills ``sites``: ``"uniform"`` (leave it as given) or
             ``"greedy"``: when ``sites`` is empty, before the first step, TEAL's greedy
-            per-layer allocation with top-k at each site
+            per-layer allocation with top-k at each site (also for ``pattern="threshold"``,
+            whose sites then track those ratios)
             (:func:`qsparse.methods.allocation.topk_site_ratios`) at the same activated
             parameters as every site at ``ratio``, calibrated on
             ``calibration_tokens`` tokens of the ``calibration`` corpora (names or files,
@@ -58,6 +60,12 @@ class SparsityConfig:
             :mod:`qsparse.methods.layer_allocation`), each layer's sites then split by the
             greedy. :func:`qsparse.sparsify` itself applies ``sites`` and ignores these five.
         layer_cap: the largest sparsity ``cross_layer`` gives one layer, in (ratio, 1).
+        threshold_momentum: with ``pattern="threshold"``, in training: after every training
+            batch each site's threshold moves to ``(1 - m) t + m q``, ``q`` the ``ratio``
+            quantile of that batch's |x| at the site (the first batch sets ``t = q``), so the
+            threshold tracks the site's ratio on the training text while each token keeps as
+            many inputs as exceed it. Outside training (and for calibrated methods) the
+            thresholds stay as they are. In (0, 1].
     """
 
     ratio: float = 0.0
@@ -75,6 +83,7 @@ class SparsityConfig:
     calibration_tokens: int = 4096
     allocation_step: float = 0.05
     layer_cap: float = 0.9
+    threshold_momentum: float = 0.1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,11 +122,14 @@ class SparsityConfig:
                 f"sparsity.allocation={self.allocation} computes the per-site ratios itself; "
                 f"drop sparsity.{overrides[0]} (or set sparsity.allocation=uniform)"
             )
-        if searched and self.pattern != "token_topk":
+        if searched and self.pattern not in ("token_topk", "threshold"):
             raise ValueError(
-                f"sparsity.allocation={self.allocation} needs sparsity.pattern=token_topk, not "
-                f"{self.pattern!r} (sparsity=topk)"
+                f"sparsity.allocation={self.allocation} needs sparsity.pattern=token_topk or "
+                f"threshold, not {self.pattern!r} (sparsity=topk)"
             )
+        m = self.threshold_momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
+            raise ValueError(f"sparsity.threshold_momentum={m!r} must be in (0, 1], e.g. 0.1")
         cap = self.layer_cap
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < 1:
             raise ValueError(f"sparsity.layer_cap={cap!r} must be in (0, 1)")

@@ -7,6 +7,8 @@ weight: ``Y = (Q(N(X)) * M) Q_w(W)^T + b`` with ``M = TopK(|N(X)|)`` (Eq. 4-10).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +48,7 @@ class ActivationSparsifier(nn.Module):
         subln: bool = False,
         eps: float = 1e-5,
         norm_eps: float = 1e-6,
+        threshold_momentum: float | None = None,
     ) -> None:
         super().__init__()
         check_choice("sparsity.pattern", pattern, PATTERNS)
@@ -64,6 +67,10 @@ class ActivationSparsifier(nn.Module):
         self.norm = nn.RMSNorm(dim, eps=norm_eps) if subln else None
         if pattern == "threshold":  # saved with the model (export's extra weights)
             self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
+        # tracked thresholds (training): the last training batch's |x| quantile at the ratio,
+        # applied by track_threshold() once the batch is done
+        self.threshold_momentum = threshold_momentum
+        self._batch_quantile: torch.Tensor | None = None
         self.target_ratio = float(ratio)
         self.ratio = ratio  # validates it against dim and sets k
         self.track_stats = False
@@ -135,12 +142,30 @@ class ActivationSparsifier(nn.Module):
         return apply_mask(x, mask, self.ste, values=values, rescale=self.rescale)
 
     def _thresholded(self, x: torch.Tensor) -> torch.Tensor:
-        """``x * 1[|x| > t]`` (TEAL/CATS), quantized first when ``act_bits`` is set."""
+        """``x * 1[|x| > t]`` (TEAL/CATS), quantized first when ``act_bits`` is set. In
+        training with ``threshold_momentum``, also notes the batch's |x| quantile at the ratio
+        for :meth:`track_threshold` (the mask uses ``t`` as it is: a recomputed forward, e.g.
+        under activation checkpointing, sees the same threshold)."""
+        tracking = self.training and self.threshold_momentum and self.ratio > 0
+        # an evaluation forward drops what a training batch left pending
+        self._batch_quantile = _abs_quantile(x.detach(), self.ratio) if tracking else None
         mask = x.detach().abs() > self.threshold.to(x.dtype)
         values = None
         if self.act_bits is not None:
             values = absmax_quantize(x, self.act_bits, self.eps, ste=True)
         return apply_mask(x, mask, self.ste, values=values, rescale=self.rescale)
+
+    def track_threshold(self) -> bool:
+        """Move the threshold towards the last training batch's quantile (``t = (1 - m) t +
+        m q``; the first batch, ``t = 0``, sets ``t = q``). True when it moved."""
+        q, self._batch_quantile = self._batch_quantile, None
+        if q is None:
+            return False
+        with torch.no_grad():
+            m = float(self.threshold_momentum)
+            t = self.threshold
+            t.copy_(torch.where(t > 0, (1 - m) * t + m * q.to(t.dtype), q.to(t.dtype)))
+        return True
 
     def reset_stats(self) -> None:
         self.zeros_seen.zero_()
@@ -233,3 +258,17 @@ class QSparseLinear(nn.Linear):
 
 
 __all__ = ["ActivationSparsifier", "QSparseLinear", "straight_through"]
+
+
+#: entries of |x| a tracked threshold's quantile reads at most (evenly strided beyond)
+QUANTILE_SAMPLE = 1 << 20
+
+
+def _abs_quantile(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The ``ratio`` quantile of |x| (fp32 scalar): the ``ceil(ratio n)``-th smallest of ``n``
+    entries, read every ``ceil(numel / 2^20)``-th entry of the flattened tensor."""
+    a = x.reshape(-1)
+    step = -(-a.numel() // QUANTILE_SAMPLE)
+    a = a[::step].float().abs()
+    kth = min(a.numel(), max(1, math.ceil(ratio * a.numel())))
+    return torch.kthvalue(a, kth).values

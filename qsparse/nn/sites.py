@@ -12,6 +12,7 @@ measurement in :mod:`qsparse.stats`; both read sites through this module.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "get_settings",
     "set_sparsity_ratio",
     "sparsifiers",
+    "track_thresholds",
 ]
 
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -104,3 +106,25 @@ def dynamic_sparsity() -> contextlib.AbstractContextManager:
     and is symbolic after (``tests/test_sparsify.py::test_ratio_changes_do_not_recompile``).
     """
     return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
+
+
+def track_thresholds(
+    model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> int:
+    """Apply every tracked threshold's pending training-batch quantile
+    (:meth:`ActivationSparsifier.track_threshold`, ``sparsity.pattern=threshold``); call once
+    per training batch. ``reduce`` maps the stacked quantiles [n] to the values every rank
+    uses (e.g. their mean over data-parallel ranks), so the thresholds stay equal across ranks.
+    Returns the number of thresholds moved."""
+    tracked = [
+        sp for sp in sparsifiers(model).values() if getattr(sp, "_batch_quantile", None) is not None
+    ]
+    if not tracked:
+        return 0
+    q = torch.stack([sp._batch_quantile.float() for sp in tracked])
+    if reduce is not None:
+        q = reduce(q)
+    for sp, value in zip(tracked, q, strict=True):
+        sp._batch_quantile = value
+        sp.track_threshold()
+    return len(tracked)

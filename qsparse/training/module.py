@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
 import lightning as L
@@ -32,7 +32,7 @@ from qsparse.methods import method_from_spec
 from qsparse.models.builder import build_model
 from qsparse.models.checkpointing import enable_gradient_checkpointing
 from qsparse.nn import QuantConfig, SparsityConfig
-from qsparse.nn.sites import dynamic_sparsity
+from qsparse.nn.sites import dynamic_sparsity, track_thresholds
 
 from .distill import DistillConfig
 from .freeze import check_freeze_patterns, freeze_parameters
@@ -219,13 +219,19 @@ class LMModule(L.LightningModule):
                 activation=activation,
                 modules_to_not_convert=tuple(self.hparams["modules_to_not_convert"]),
             )
-            self.sparsify_report = convert(sparsity=sparsity)
+            # thresholds take their sites' ratios from the top-k search
+            tracked = sparsity.pattern == "threshold"
+            search = replace(sparsity, pattern="token_topk") if tracked else sparsity
+            self.sparsify_report = convert(sparsity=search)
             if sparsity.allocation != "uniform" and not sparsity.sites:
-                sparsity = allocate_at_build(
-                    model, sparsity, self._trainer, self.hparams["model"].get("path"),
+                found = allocate_at_build(
+                    model, search, self._trainer, self.hparams["model"].get("path"),
                     with_method=self._method is not None,
                 )  # fmt: skip
+                sparsity = replace(found, pattern=sparsity.pattern)
                 self._sparsity, self.hparams["sparsity"] = sparsity, sparsity.to_dict()
+                self.sparsify_report = convert(sparsity=sparsity)
+            elif tracked:
                 self.sparsify_report = convert(sparsity=sparsity)
             elif not next(model.parameters()).is_meta:
                 note_replaced_table(self.hparams["model"].get("path"), sparsity)
@@ -335,6 +341,14 @@ class LMModule(L.LightningModule):
                 self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         # FSDP2: gradients are DTensor shards and the norm a DTensor; log the full value
         self._grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def on_after_backward(self) -> None:
+        # sparsity.pattern=threshold: each site's threshold moves towards this batch's quantile
+        # (the mean over data-parallel ranks, so every rank keeps the same thresholds). Here,
+        # not at the batch's end: a recomputed forward (activation checkpointing) is over, and
+        # a checkpoint saved at the batch's end (callbacks run first) holds the moved values.
+        world = self.trainer.world_size if self._trainer is not None else 1
+        track_thresholds(self.model, (lambda q: self.all_gather(q).mean(0)) if world > 1 else None)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._grad_norm is not None:

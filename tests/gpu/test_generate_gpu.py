@@ -89,3 +89,32 @@ def test_engine_matches_plain_forward(mode, batch):
     assert got.shape == expected.shape
     assert torch.equal(got[:, : ids.shape[1] + 1].cuda(), expected[:, : ids.shape[1] + 1])
     assert_greedy_under_plain_forward(model, got, ids.shape[1])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_threshold_sites_decode_like_plain_forward(batch):
+    """Fixed per-site thresholds (``pattern="threshold"``, set by one tracked batch): the sites
+    run the threshold GEMV (batch 1) or the masked GEMM (batch 3) in the CUDA graph, and each
+    greedy token is the argmax of a plain full forward."""
+    import qsparse
+    from qsparse.nn import SparsityConfig
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig.from_preset("debug"))
+    qsparse.sparsify(model, sparsity=SparsityConfig(ratio=0.5, pattern="threshold"))
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, model.config.vocab_size, (2, 64), device="cuda"))
+    assert qsparse.track_thresholds(model) == 4 * model.config.num_hidden_layers
+    model.eval()
+    ids = torch.randint(
+        0, model.config.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(2)
+    )
+    engine = DecodeEngine(model, use_kernels=True, cuda_graph=True)
+    assert {layer.mlp.down_proj.mode for layer in engine.decoder.model.layers} == {"threshold"}
+    expected = model.generate(ids.cuda(), max_new_tokens=10, use_cache=False)
+    got = engine.generate(ids, 10).tokens
+    assert torch.equal(got[:, : ids.shape[1] + 1].cuda(), expected[:, : ids.shape[1] + 1])
+    assert_greedy_under_plain_forward(model, got, ids.shape[1])
