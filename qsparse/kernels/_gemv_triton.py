@@ -156,8 +156,9 @@ def _threshold_hinted(
 
     The width follows the site: e rises at once to the smallest e in 0..3 whose band would
     have held the new threshold, and falls by one after 8 calls in a row that a band half as
-    wide would have held (the down projection's input moves by +-90 bf16 key values from
-    token to token, the others' by about +-15).
+    wide would have held (``benchmarks/hint_band.py``: on a random-weight preset the down
+    projection's input moves by up to about +-90 bf16 key values from token to token, the
+    other sites' by +-15; on SmolLM2 every site by up to about +-100).
     """
     if HINT:
         NB: tl.constexpr = 1 << DBITS
