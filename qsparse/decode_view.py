@@ -120,6 +120,12 @@ class Int8Head(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def _fused_weight(linears: list[nn.Module]) -> torch.Tensor:
+    """The weights of the linears sharing one input site, stacked along the output axis
+    ([sum(N_i), K], detached)."""
+    return torch.cat([lin.weight.detach() for lin in linears], 0)
+
+
 class _Projection(nn.Module):
     """One input site (optional sparsifier) feeding one or more linear layers, fused.
 
@@ -154,7 +160,7 @@ class _Projection(nn.Module):
         threshold = pattern == "threshold" and quant[0] == "none" and self.act_bits is None
         if use_kernels and threshold and norm is None and not rescale:
             # a fixed per-site threshold (TEAL, CATS's sites, sparsity=threshold training)
-            weight = torch.cat([lin.weight.detach() for lin in linears], 0)
+            weight = _fused_weight(linears)
             self.register_buffer("wt", G.prepare_dense(weight), persistent=False)
             self.expected_kept = max(1, round((1 - float(site.ratio)) * weight.shape[1]))
             self.mode = "threshold"
@@ -178,12 +184,12 @@ class _Projection(nn.Module):
                     ):
                         self.subln = G.SubLN(weight, norm.eps)
             elif self.act_bits is None and self.k is not None:
-                weight = torch.cat([lin.weight.detach() for lin in linears], 0)
+                weight = _fused_weight(linears)
                 self.register_buffer("wt", G.prepare_dense(weight), persistent=False)
                 self.register_buffer("hint", G.new_hint(16, dev), persistent=False)
                 self.mode = "sparse"
             elif self.k is None and self.act_bits is None and norm is None:
-                weight = torch.cat([lin.weight.detach() for lin in linears], 0)
+                weight = _fused_weight(linears)
                 self.register_buffer("weight", weight, persistent=False)
                 self.mode = "dense"  # the site is a no-op: one cuBLAS GEMV
 

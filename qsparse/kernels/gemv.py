@@ -534,7 +534,7 @@ def hint_fields(hint: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, .
     call's first pass; ``calm``: calls in a row a band half as wide would have held (the width
     shrinks at 8). fp32 keys fill the word (``e`` and ``calm`` 0); 16-bit dtypes keep the key
     in bits 0..23, ``calm`` in 24..26 and ``e`` in 28..29."""
-    if 31 - KEY_BITS[dtype] < 8:
+    if _radix_digits(dtype)[0] < 8:  # LOW: fp32 keys leave no room
         return hint, torch.zeros_like(hint), torch.zeros_like(hint)
     return hint & 0xFFFFFF, (hint >> 28) & 3, (hint >> 24) & 7
 

@@ -155,10 +155,17 @@ class ActivationSparsifier(nn.Module):
             values = absmax_quantize(x, self.act_bits, self.eps, ste=True)
         return apply_mask(x, mask, self.ste, values=values, rescale=self.rescale)
 
-    def track_threshold(self) -> bool:
-        """Move the threshold towards the last training batch's quantile (``t = (1 - m) t +
-        m q``; the first batch, ``t = 0``, sets ``t = q``). True when it moved."""
-        q, self._batch_quantile = self._batch_quantile, None
+    @property
+    def pending_quantile(self) -> torch.Tensor | None:
+        """The last training batch's |x| quantile at the ratio, not yet applied (or None)."""
+        return self._batch_quantile
+
+    def track_threshold(self, q: torch.Tensor | None = None) -> bool:
+        """Move the threshold towards ``q`` (default: :attr:`pending_quantile`; e.g. its mean
+        over data-parallel ranks): ``t = (1 - m) t + m q``, the first batch (``t = 0``) sets
+        ``t = q``. Clears the pending quantile. True when it moved."""
+        q = self._batch_quantile if q is None else q
+        self._batch_quantile = None
         if q is None:
             return False
         with torch.no_grad():

@@ -116,15 +116,12 @@ def track_thresholds(
     per training batch. ``reduce`` maps the stacked quantiles [n] to the values every rank
     uses (e.g. their mean over data-parallel ranks), so the thresholds stay equal across ranks.
     Returns the number of thresholds moved."""
-    tracked = [
-        sp for sp in sparsifiers(model).values() if getattr(sp, "_batch_quantile", None) is not None
-    ]
+    tracked = [sp for sp in sparsifiers(model).values() if sp.pending_quantile is not None]
     if not tracked:
         return 0
-    q = torch.stack([sp._batch_quantile.float() for sp in tracked])
+    q = torch.stack([sp.pending_quantile.float() for sp in tracked])
     if reduce is not None:
         q = reduce(q)
     for sp, value in zip(tracked, q, strict=True):
-        sp._batch_quantile = value
-        sp.track_threshold()
+        sp.track_threshold(value)
     return len(tracked)

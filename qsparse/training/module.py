@@ -219,19 +219,19 @@ class LMModule(L.LightningModule):
                 activation=activation,
                 modules_to_not_convert=tuple(self.hparams["modules_to_not_convert"]),
             )
-            # thresholds take their sites' ratios from the top-k search
-            tracked = sparsity.pattern == "threshold"
-            search = replace(sparsity, pattern="token_topk") if tracked else sparsity
-            self.sparsify_report = convert(sparsity=search)
-            if sparsity.allocation != "uniform" and not sparsity.sites:
+            searched = sparsity.allocation != "uniform" and not sparsity.sites
+            # a threshold run takes its sites' ratios from the top-k search
+            first = sparsity
+            if searched and sparsity.pattern == "threshold":
+                first = replace(sparsity, pattern="token_topk")
+            self.sparsify_report = convert(sparsity=first)
+            if searched:
                 found = allocate_at_build(
-                    model, search, self._trainer, self.hparams["model"].get("path"),
+                    model, first, self._trainer, self.hparams["model"].get("path"),
                     with_method=self._method is not None,
                 )  # fmt: skip
                 sparsity = replace(found, pattern=sparsity.pattern)
                 self._sparsity, self.hparams["sparsity"] = sparsity, sparsity.to_dict()
-                self.sparsify_report = convert(sparsity=sparsity)
-            elif tracked:
                 self.sparsify_report = convert(sparsity=sparsity)
             elif not next(model.parameters()).is_meta:
                 note_replaced_table(self.hparams["model"].get("path"), sparsity)
@@ -347,6 +347,8 @@ class LMModule(L.LightningModule):
         # (the mean over data-parallel ranks, so every rank keeps the same thresholds). Here,
         # not at the batch's end: a recomputed forward (activation checkpointing) is over, and
         # a checkpoint saved at the batch's end (callbacks run first) holds the moved values.
+        if self._sparsity.pattern != "threshold":
+            return
         world = self.trainer.world_size if self._trainer is not None else 1
         track_thresholds(self.model, (lambda q: self.all_gather(q).mean(0)) if world > 1 else None)
 
