@@ -91,6 +91,7 @@ _DECODE_MODES = (
     ("qsparse", "Q-Sparse S=0.6"),
     ("bitnet", "BitNet b1.58"),
     ("bitnet_qsparse", "BitNet+Q-Sparse S=0.6"),
+    ("qsparse_threshold", "Q-Sparse with a fixed threshold per site (sparsity=threshold) S=0.6"),
 )
 _CKPT = "/tmp/qsparse-llama1b"
 #: the training-stack benchmarks' model and batch (mfu.py, train_step.py)
@@ -565,7 +566,10 @@ REGISTRY: list[Bench] = [
         Bench(
             f"decode_modes_{preset.lower()}_b248",
             "decode_modes.py",
-            ("--presets", preset, "--batches", "2,4,8", "--hf-batches", ""),
+            (
+                *("--presets", preset, "--batches", "2,4,8", "--hf-batches", ""),
+                *("--modes", "dense,qsparse,bitnet,bitnet_qsparse"),
+            ),
             group="decode",
             est_s=90 if preset == "7B" else 70,
             rows=tuple(
@@ -623,12 +627,20 @@ REGISTRY: list[Bench] = [
             Row(
                 "decode",
                 f"TEAL threshold on 7B {name} {kin}->{n}, batch 1, S={s}: threshold_gemv (list "
-                "kernel + sparse GEMV) / the list built by PyTorch ops / top-k selection + "
-                "sparse GEMV / same, threshold carried / the GEMV on a ready list, vs cuBLAS "
-                "(equal kept fraction)",
+                "kernel + sparse GEMV as its programmatic dependent, packed list) / the same "
+                "list kernel launched alone, two lists / the list built by PyTorch ops / top-k "
+                "selection + sparse GEMV / same, threshold carried / the GEMV on a ready list, "
+                "vs cuBLAS (equal kept fraction)",
                 " / ".join(
                     f"{{{_TL}.{name}_S{s}.{p}|.2f}}x"
-                    for p in ("threshold", "threshold_torch", "topk", "topk_carry", "list_only")
+                    for p in (
+                        "threshold",
+                        "threshold_plain",
+                        "threshold_torch",
+                        "topk",
+                        "topk_carry",
+                        "list_only",
+                    )
                 )
                 + f" (cuBLAS {{{_TL}.{name}_S{s}.dense_us|.1f}} us, kept "
                 f"{{{_TL}.{name}_S{s}.kept_pct|.1f}}%)",

@@ -13,6 +13,9 @@ serve them), times per call:
 - ``threshold``: :func:`qsparse.kernels.threshold_gemv.threshold_gemv`, the public path: the
   one-program list kernel, then the GEMV reading the list's length on the device (no host
   sync; the count differs from token to token);
+- ``threshold_plain``: the same list kernel launched on its own, then the GEMV (no
+  programmatic dependent launch, an index list and a value list instead of packed words):
+  the public path before 2026-12-03, measured beside it;
 - ``threshold_torch``: the same list built by PyTorch ops (:func:`threshold_rows_torch`: a
   compare, a cumsum, two scatters) and the count passed from the host, what the threshold
   path was before the list kernel;
@@ -30,8 +33,8 @@ CPU under ``TRITON_INTERPRET=1`` (``--device cpu --check-only``) that check is a
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python3 benchmarks/teal_gemv.py --device cpu --check-only
 
 FIGURE lines per shape and S under ``teal_gemv.<shape>_S<S>``: ``dense_us``, ``topk`` /
-``topk_us``, ``topk_carry`` / ``topk_carry_us``, ``threshold`` / ``threshold_us``,
-``threshold_torch`` / ``threshold_torch_us``, ``list_only`` / ``list_only_us``, ``kept_pct``
+``topk_us``, ``topk_carry`` / ``topk_carry_us``, ``threshold`` / ``threshold_us``, ``threshold_plain`` /
+``threshold_plain_us``, ``threshold_torch`` / ``threshold_torch_us``, ``list_only`` / ``list_only_us``, ``kept_pct``
 (kept inputs, %); a ratio is cuBLAS time over the path's.
 """
 
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 from benchmarks._figures import emit
 from benchmarks._timing import row, time_graph
 from qsparse.kernels import gemv as G
-from qsparse.kernels.threshold_gemv import threshold_gemv
+from qsparse.kernels.threshold_gemv import threshold_gemv, threshold_rows
 
 SHAPES = {  # name: (in, out) of the fused 7B projections (as benchmarks/sparse_gemv_7b.py)
     "qkv": (4096, 12288),
@@ -96,6 +99,7 @@ def check(kin: int, n: int, t: float, device: str) -> None:
         for path, got in (
             ("threshold_torch", G.sparse_gemv(x, wt, count, n_out=n, rows=rows)),
             ("threshold", threshold_gemv(x, wt, t, n_out=n)),
+            ("threshold_plain", G.sparse_gemv(x, wt, count, n_out=n, rows=threshold_rows(x, t))),
         ):
             err = ((got.float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (path, kin, n, err)
@@ -121,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = []
     head = ("shape", "S", "dense us", "top-k us (x)", "top-k carry us (x)", "threshold us (x)")
-    print(row(*head, "threshold, torch list us (x)", "list only us (x)", "kept"))
-    print(row(*["---"] * 9))
+    tail = ("threshold, plain us (x)", "threshold, torch list us (x)", "list only us (x)")
+    print(row(*head, *tail, "kept"))
+    print(row(*["---"] * 10))
     for name, (kin, n) in SHAPES.items():
         ws = [
             torch.randn(n, kin, device=args.device, dtype=torch.bfloat16) * 0.02
@@ -164,6 +169,10 @@ def measure(name: str, ws: list[torch.Tensor], s: float, draws: int, device: str
         "topk_carry": timed(lambda x, wt, c, r: G.sparse_gemv(x, wt, k, n_out=n, hint=hint), wts),
         "threshold": timed(
             lambda x, wt, c, r: threshold_gemv(x, wt, t_dev, n_out=n, expected_kept=k), wts
+        ),
+        "threshold_plain": timed(
+            lambda x, wt, c, r: G.sparse_gemv(x, wt, c, n_out=n, rows=threshold_rows(x, t_dev)),
+            wts,
         ),
         "threshold_torch": timed(
             lambda x, wt, c, r: G.sparse_gemv(x, wt, c, n_out=n, rows=threshold_rows_torch(x, t)),

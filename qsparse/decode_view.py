@@ -27,8 +27,9 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
 
 - a fixed per-site threshold (``pattern="threshold"``: TEAL, ``sparsity=threshold`` training),
   float weights, no SubLN or activation quantization:
-  :func:`qsparse.kernels.threshold_gemv.threshold_gemv` (one compare-and-list program, then the
-  list GEMV, at batch 1; the masked input through one GEMM at batch 2-16), with the site's
+  :func:`qsparse.kernels.threshold_gemv.threshold_gemv` (one compare-and-list program, which
+  computes the layer's RMSNorm in front of q|k|v and gate|up as the top-k selection does, then
+  the list GEMV, at batch 1; the masked input through one GEMM at batch 2-16), with the site's
   threshold rounded to the activation dtype as its module compares.
 
 Elsewhere (no kernels, prompt prefill, batch sizes or settings the kernels do not cover) a site
@@ -224,7 +225,7 @@ class _Projection(nn.Module):
         computes too; on the input-major layout only without SubLN). True when taken: the
         caller must then hand this site the norm's input instead of its output."""
         ternary = self.mode == "ternary" and not self.rows
-        if not (self.mode == "sparse" or self.rows or ternary):
+        if not (self.mode in ("sparse", "threshold") or self.rows or ternary):
             return False
         if self.site.norm is not None and not (ternary and self.subln is not None):
             return False
@@ -286,13 +287,21 @@ class _Projection(nn.Module):
                 subln=self.subln,
             )
             return y[:, :n].reshape(*lead, n)
-        if self.mode != "sparse":
+        if self.mode not in ("sparse", "threshold"):
             x2 = self._pre(x2)
         if self.mode == "threshold":
-            # the site's own compare, |x| > t with t in x's dtype, then the list GEMV (batch 1)
-            # or the masked input through one GEMM
+            # the site's own compare, |x| > t with t in x's dtype, then the list GEMV (batch 1;
+            # the list kernel computes the layer's norm, the producer) or the masked input
+            # through one GEMM
             t = self.site.threshold.to(x2.dtype)
-            y = TG.threshold_gemv(x2, self.wt, t, n_out=n, expected_kept=self.expected_kept)
+            y = TG.threshold_gemv(
+                x2,
+                self.wt,
+                t,
+                n_out=n,
+                expected_kept=self.expected_kept,
+                producer=self.producer,
+            )
             return y.reshape(*lead, n)
         if self.site.norm is not None:
             x2 = self.site.norm(x2)

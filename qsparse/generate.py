@@ -35,7 +35,7 @@ from .decode_view import check_head_bits, decoder_view
 from .kernels import HAS_TRITON, kernels_available
 from .models.kv_cache import KVCache
 
-MODES = ("dense", "qsparse", "bitnet", "bitnet_qsparse")
+MODES = ("dense", "qsparse", "bitnet", "bitnet_qsparse", "qsparse_threshold")
 
 
 def compile_backend(compile: bool | str | None) -> str | None:
@@ -58,7 +58,11 @@ def convert(model: nn.Module, mode: str, sparsity: float = 0.6) -> nn.Module:
     """Apply one of :data:`MODES` to ``model`` in place with :func:`qsparse.sparsify`:
     ``qsparse`` = top-k at ``sparsity`` on every projection input, ``bitnet`` = BitNet b1.58 as
     everywhere in qsparse (``QUANT_PRESETS["bitnet"]``: ternary weights, int8 activations,
-    SubLN), ``bitnet_qsparse`` = both, ``dense`` = unchanged."""
+    SubLN), ``bitnet_qsparse`` = both, ``qsparse_threshold`` = a fixed magnitude threshold per
+    site (``sparsity=threshold``, what ``sparsity.pattern=threshold`` training leaves), set here
+    to each site's ``sparsity``-quantile of |x| over one batch of random tokens
+    (:func:`calibrate_thresholds`: right for timing, not for text; a trained checkpoint carries
+    its own), ``dense`` = unchanged."""
     from .convert import sparsify
     from .nn.config import QuantConfig, SparsityConfig
 
@@ -66,10 +70,31 @@ def convert(model: nn.Module, mode: str, sparsity: float = 0.6) -> nn.Module:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     if mode == "dense":
         return model
+    if mode == "qsparse_threshold":
+        sparsify(model, sparsity=SparsityConfig(ratio=sparsity, pattern="threshold"))
+        calibrate_thresholds(model)
+        return model
     sp = SparsityConfig(ratio=sparsity) if mode in ("qsparse", "bitnet_qsparse") else None
     quant = QuantConfig.preset("bitnet") if mode.startswith("bitnet") else None
     sparsify(model, sparsity=sp, quant=quant)
     return model
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, batch: int = 2, seq_len: int = 16) -> int:
+    """Set every threshold site of ``model`` (``pattern="threshold"``) to its ratio's quantile
+    of |x| over one forward of ``batch`` x ``seq_len`` random tokens (seeded), as the first
+    training batch of ``sparsity=threshold`` sets it (:func:`qsparse.track_thresholds`); the
+    model is left in eval mode. Returns the number of thresholds set."""
+    from .nn.sites import track_thresholds
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=gen)
+    model.train()
+    model(ids.to(device))
+    model.eval()
+    return track_thresholds(model)
 
 
 def pick_next(

@@ -107,7 +107,8 @@ import torch
 from qsparse.generate import MODES, DecodeEngine, convert
 from qsparse.models import LlamaConfig, LlamaForCausalLM
 
-expect = {"dense": "dense", "qsparse": "sparse", "bitnet": "ternary", "bitnet_qsparse": "ternary"}
+expect = {"dense": "dense", "qsparse": "sparse", "bitnet": "ternary", "bitnet_qsparse": "ternary",
+          "qsparse_threshold": "threshold"}
 for mode in MODES:
     torch.manual_seed(0)
     model = convert(LlamaForCausalLM(LlamaConfig.from_preset("tiny")).eval(), mode, 0.5)
@@ -158,16 +159,21 @@ with torch.no_grad():
     model(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
 assert qsparse.track_thresholds(model) == 4 * model.config.num_hidden_layers
 model.eval()
-for batch in (1, 2):
+for dtype, batch in ((torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 1)):
+    model.to(dtype)  # bf16: the list kernel writes packed words
     ids = torch.randint(0, 256, (batch, 3), generator=torch.Generator().manual_seed(batch))
     engine = DecodeEngine(model)
     layer = engine.decoder.model.layers[0]
     modes = {layer.self_attn.qkv.mode, layer.self_attn.o_proj.mode, layer.mlp.gate_up.mode,
              layer.mlp.down_proj.mode}
     assert modes == {"threshold"}, modes
+    # the list kernels of q|k|v and gate|up compute the layer's RMSNorm (the layer skips its own)
+    assert layer.self_attn.qkv.producer.kind == "rmsnorm", layer.self_attn.qkv.producer
+    assert layer.mlp.gate_up.producer.kind == "rmsnorm", layer.mlp.gate_up.producer
+    assert isinstance(layer.input_layernorm, torch.nn.Identity)
     got = engine.generate(ids, 4).tokens
     ref = model.generate(ids, max_new_tokens=4, use_cache=False)
-    assert torch.equal(got, ref), (batch, got, ref)
+    assert torch.equal(got, ref), (dtype, batch, got, ref)
 print("THRESHOLD ENGINE OK")
 """
 
@@ -175,8 +181,9 @@ print("THRESHOLD ENGINE OK")
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_threshold_sites_decode_through_the_threshold_gemv_under_the_interpreter():
     """A model with fixed per-site thresholds (TEAL, ``sparsity=threshold`` training) decodes
-    through the threshold list GEMV (batch 1) and the masked GEMM (batch 2), greedy tokens
-    equal to plain forwards."""
+    through the threshold list GEMV (batch 1, fp32 and bf16 with packed list words; the list
+    kernel computing the layer's RMSNorm) and the masked GEMM (batch 2), greedy tokens equal
+    to plain forwards."""
     from conftest import run_interpreted
 
     assert "THRESHOLD ENGINE OK" in run_interpreted(THRESHOLD_ENGINE_SCRIPT)

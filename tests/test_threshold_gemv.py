@@ -43,12 +43,14 @@ def test_threshold_must_be_one_value() -> None:
 @needs_triton
 def test_kernels_match_the_reference_under_the_interpreter() -> None:
     """The list by hand, then fresh random inputs: row-major and panel layouts, thresholds that
-    keep none, some and all inputs, a count that is not a multiple of the tile, bf16 inputs."""
+    keep none, some and all inputs, a count that is not a multiple of the tile, bf16 inputs;
+    packed list words; the site input computed by the list kernel from its producer (RMSNorm,
+    SiLU and ReLU^2 GLUs), equal to PyTorch's (SiLU in fp32: to the last bit)."""
     from conftest import run_interpreted
 
     script = """
 import torch
-from qsparse.kernels.gemv import GemvConfig, prepare_dense, sparse_config_for
+from qsparse.kernels.gemv import Producer, prepare_dense
 from qsparse.kernels.threshold_gemv import threshold_gemv, threshold_gemv_reference, threshold_rows
 
 x = torch.tensor([[0.5, -2.0, 0.1, 1.5, -0.3]])
@@ -67,7 +69,36 @@ for kin, n, block_n in ((96, 40, None), (200, 64, 32)):
             ref = threshold_gemv_reference(x, w.to(torch.bfloat16), t)
             assert torch.allclose(got.float(), ref, rtol=2e-2, atol=2e-2), (kin, t, got, ref)
             checked += 1
+# packed list words (bf16): value bits << 16 | index, the same list as the two-list form
+xb = torch.tensor([[0.5, -2.0, 0.1, 1.5, -0.3]], dtype=torch.bfloat16)
+words, empty, cnt = threshold_rows(xb, 0.4, packed=True)
+assert int(cnt[0]) == 3 and empty.numel() == 0, (cnt, empty)
+w3 = words[:3]
+assert (w3 & 65535).tolist() == [0, 1, 3], w3
+vals = (w3 & -65536).view(torch.float32)
+assert vals.tolist() == [0.5, -2.0, 1.5], vals
+# producers computed by the list kernel: the RMSNorm in front of the site, act(g) * u of a GLU
+for kind in ("rmsnorm", "silu_glu", "relu2_glu"):
+    for dtype in (torch.float32, torch.bfloat16):
+        kin, n = 96, 40
+        w = torch.randn(n, kin) * 0.1
+        wt = prepare_dense(w.to(dtype))
+        norm_w = (torch.rand(kin) + 0.5).to(dtype) if kind == "rmsnorm" else None
+        prod = Producer(kind, norm_w, 1e-5)
+        x = torch.randn(1, prod.width(kin)).to(dtype)
+        v = prod.reference(x)
+        mags = v.float().abs().sort().values[0]
+        t = float(mags[kin // 2 - 1] + mags[kin // 2]) / 2  # between two inputs: no ulp ties
+        got = threshold_gemv(x, wt, t, n_out=n, out_dtype=torch.float32, producer=prod)
+        ref = threshold_gemv_reference(v, w.to(dtype), t)
+        assert torch.allclose(got, ref, rtol=1e-2, atol=1e-2), (kind, dtype, got, ref)
+        idx, val, cnt = threshold_rows(x, t, producer=prod)
+        keep = (v.float().abs() > t)[0].nonzero().flatten()
+        assert idx[: int(cnt[0])].tolist() == keep.tolist(), (kind, dtype)
+        # the kernel's SiLU in fp32 may differ from torch's in the last bit
+        torch.testing.assert_close(val[0, : int(cnt[0])], v.float()[0, keep], rtol=1e-6, atol=0)
+        checked += 1
 print("threshold_gemv ok", checked)
 """
     out = run_interpreted(script, timeout=600)
-    assert "threshold_gemv ok 16" in out
+    assert "threshold_gemv ok 22" in out

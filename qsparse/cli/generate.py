@@ -2,7 +2,8 @@
 
 Examples::
 
-    # tokens/s of a randomly initialised 1.3B Llama in the four modes, batch 1
+    # tokens/s of a randomly initialised 1.3B Llama in every mode (dense, qsparse, bitnet,
+    # bitnet_qsparse, qsparse_threshold), batch 1
     qsparse-generate --preset 1.3B --mode all --batch 1 --new-tokens 128
     # continue a prompt with an exported checkpoint folder (its own qsparse settings)
     qsparse-generate --checkpoint out/export --prompt "The capital of France is"
@@ -12,6 +13,7 @@ Examples::
     qsparse-generate --preset 1.3B --mode dense,bitnet,bitnet_qsparse --head-bits 8
 
 For each mode the same random weights (same seed) are converted with :func:`qsparse.sparsify`
+(``qsparse_threshold``: thresholds set on random tokens, :func:`qsparse.generate.convert`)
 and decoded by :class:`qsparse.generate.DecodeEngine`; the table reports tokens/s and the ratio
 to the dense bf16 run made in the same process.
 """

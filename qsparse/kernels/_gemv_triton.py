@@ -386,18 +386,41 @@ def _band_list_kernel(
 
 
 @triton.jit
-def _threshold_list_kernel(x_ptr, t_ptr, idx_ptr, val_ptr, cnt_ptr, K, BLOCK: tl.constexpr):
-    """Batch 1, a fixed threshold (TEAL): the inputs of x[K] with ``|x| > t[0]`` as a list,
-    ``idx`` ascending, ``val`` fp32, ``cnt[0]`` entries; one compare, one prefix sum, no
-    selection. :func:`_compact_gemv_kernel` then reads ``cnt`` itself (``n_fixed = -1``)."""
+def _threshold_list_kernel(
+    x_ptr,
+    t_ptr,
+    idx_ptr,
+    val_ptr,
+    cnt_ptr,
+    K,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
+    PACKED: tl.constexpr = False,
+    w_ptr=None,
+    eps=0.0,
+    PROD: tl.constexpr = 0,
+    BF16: tl.constexpr = False,
+):
+    """Batch 1, a fixed threshold (TEAL): the site inputs v[K] with ``|v| > t[0]`` as a list,
+    ascending, ``cnt[0]`` entries; one compare, one prefix sum, no selection. ``v`` is x or
+    its producer's output (:func:`_produce`, ``PROD``). ``idx`` the indices and ``val`` the
+    values (fp32), or ``PACKED`` (bf16 v): one word per kept input in idx
+    (:func:`_pack_kept`), val not written. PDL: let the GEMV launched after it start (it
+    waits for these writes). :func:`_compact_gemv_kernel` then reads ``cnt`` itself
+    (``n_fixed = -1``)."""
+    if PDL:
+        gdc_launch_dependents()
     i = tl.arange(0, BLOCK)
     valid = i < K
-    xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
     keep = (tl.abs(xf) > tl.load(t_ptr)) & valid
     kept = keep.to(tl.int32)
     pos = tl.cumsum(kept, axis=0) - 1
-    tl.store(idx_ptr + pos, i, mask=keep)
-    tl.store(val_ptr + pos, xf, mask=keep)
+    if PACKED:
+        tl.store(idx_ptr + pos, _pack_kept(xf, i), mask=keep)
+    else:
+        tl.store(idx_ptr + pos, i, mask=keep)
+        tl.store(val_ptr + pos, xf, mask=keep)
     tl.store(cnt_ptr, tl.sum(kept, axis=0))
 
 

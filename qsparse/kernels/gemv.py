@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -720,7 +721,13 @@ def _sparse_gemv_launch(
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     hint: torch.Tensor | None = None,
     prod: tuple[int, torch.Tensor, float] = (0, None, 0.0),
+    list_rows: Callable[[bool, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    | None = None,
 ) -> torch.Tensor:
+    """The list kernel (unless ``rows`` are given), then the sparse-input GEMV. ``list_rows(pdl,
+    packed)``: launches a list kernel other than the top-k selection (:func:`compact_rows`'
+    output format; ``pdl``: as a programmatic primary of the GEMV, ``packed``: packed words),
+    e.g. the fixed-threshold list of :func:`qsparse.kernels.threshold_gemv.threshold_rows`."""
     import triton
 
     from ._gemv_triton import _compact_gemv_kernel
@@ -734,6 +741,7 @@ def _sparse_gemv_launch(
         and prod[0] == 0
         and hint is not None
         and rows is None
+        and list_rows is None
         and bsz == 1
         and cfg.radix
         and wt.dim() == 2
@@ -742,6 +750,8 @@ def _sparse_gemv_launch(
         return _carry_gemv_launch(x, wt, k, cfg, out_dtype, hint, pdl, interp)
     use_dot = bsz > 1 if cfg.use_dot is None else cfg.use_dot
     packed = cfg.packed and rows is None and not use_dot and _packs(x, k_in, cfg.radix)
+    if rows is None and list_rows is not None:
+        rows = list_rows(pdl, packed)
     idx, val, cnt = (
         rows
         if rows is not None

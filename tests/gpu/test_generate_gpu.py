@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qsparse.generate import DecodeEngine, convert
+from qsparse.generate import MODES, DecodeEngine, convert
 from qsparse.kernels import HAS_TRITON
 from qsparse.models import LlamaConfig, LlamaForCausalLM
 
@@ -31,7 +31,13 @@ def small_cuda(mode: str, dtype: torch.dtype) -> LlamaForCausalLM:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 @pytest.mark.parametrize(
-    "mode, path", [("dense", "dense"), ("qsparse", "sparse"), ("bitnet_qsparse", "ternary")]
+    "mode, path",
+    [
+        ("dense", "dense"),
+        ("qsparse", "sparse"),
+        ("bitnet_qsparse", "ternary"),
+        ("qsparse_threshold", "threshold"),
+    ],
 )
 def test_compiled_cuda_graph_step_matches_eager(mode, path):
     model = small_cuda(mode, torch.float32)
@@ -73,7 +79,7 @@ def assert_greedy_under_plain_forward(
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
-@pytest.mark.parametrize("mode", ["dense", "qsparse", "bitnet", "bitnet_qsparse"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_engine_matches_plain_forward(mode, batch):
     """Every mode, kernels on, CUDA graph, batch 1 (carried-threshold sparse GEMV) and 3
@@ -92,17 +98,20 @@ def test_engine_matches_plain_forward(mode, batch):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
-@pytest.mark.parametrize("batch", [1, 3])
-def test_threshold_sites_decode_like_plain_forward(batch):
+@pytest.mark.parametrize(
+    ("batch", "dtype"), [(1, torch.float32), (3, torch.float32), (1, torch.bfloat16)]
+)
+def test_threshold_sites_decode_like_plain_forward(batch, dtype):
     """Fixed per-site thresholds (``pattern="threshold"``, set by one tracked batch): the sites
-    run the threshold GEMV (batch 1) or the masked GEMM (batch 3) in the CUDA graph, and each
-    greedy token is the argmax of a plain full forward."""
+    run the threshold GEMV (batch 1; bf16: packed list words, the list kernel computing the
+    layer's RMSNorm) or the masked GEMM (batch 3) in the CUDA graph, and each greedy token is
+    the argmax of a plain full forward."""
     import qsparse
     from qsparse.nn import SparsityConfig
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig.from_preset("debug"))
+        model = LlamaForCausalLM(LlamaConfig.from_preset("debug")).to(dtype)
     qsparse.sparsify(model, sparsity=SparsityConfig(ratio=0.5, pattern="threshold"))
     model.train()
     with torch.no_grad():

@@ -491,7 +491,8 @@ def test_ternary_rows_gemv_matches_reference(dtype, shape):
 def test_threshold_gemv_matches_reference(kin, n, dtype):
     """The TEAL decode path (list kernel + GEMV reading the count on the device) on the real
     presets' shapes, thresholds keeping ~0%, ~40%, ~60% and 100% of the inputs, inside a CUDA
-    graph replayed on a new input (the count changes without a host sync)."""
+    graph replayed on a new input (the count changes without a host sync); bf16 runs the packed
+    list and the GEMV as the list's programmatic dependent; fused RMSNorm and GLU producers."""
     from qsparse.kernels.threshold_gemv import threshold_gemv, threshold_gemv_reference
 
     w = fresh((n, kin), dtype) * 0.02
@@ -515,3 +516,10 @@ def test_threshold_gemv_matches_reference(kin, n, dtype):
         x_static.copy_(fresh((1, kin), dtype))
         graph.replay()
         assert rel_err(y_static, threshold_gemv_reference(x_static, w, t)) < 1e-2
+    # the list kernel computing the site input from the RMSNorm in front of it (decode's q|k|v
+    # and gate|up sites), and from a GLU's gate|up output (down)
+    norm = G.Producer("rmsnorm", (torch.rand(kin, device="cuda") + 0.5).to(dtype), 1e-6)
+    for prod in (norm, G.Producer("silu_glu")):
+        x = fresh((1, prod.width(kin)), dtype)
+        got = threshold_gemv(x, wt, t, n_out=n, producer=prod)
+        assert rel_err(got, threshold_gemv_reference(prod.reference(x), w, t)) < 1e-2, prod.kind
