@@ -91,8 +91,8 @@ _DECODE_MODES = (
     ("qsparse", "Q-Sparse S=0.6"),
     ("bitnet", "BitNet b1.58"),
     ("bitnet_qsparse", "BitNet+Q-Sparse S=0.6"),
-    ("qsparse_threshold", "Q-Sparse with a fixed threshold per site (sparsity=threshold) S=0.6"),
 )
+_B1_MODES = ("--modes", "dense,qsparse,bitnet,bitnet_qsparse")
 _CKPT = "/tmp/qsparse-llama1b"
 #: the training-stack benchmarks' model and batch (mfu.py, train_step.py)
 _STACK_374M = ("--preset", "374M", "--batch", "8", "--seq", "2048")
@@ -507,7 +507,10 @@ REGISTRY: list[Bench] = [
         Bench(
             f"decode_modes_{preset.lower()}_b1",
             "decode_modes.py",
-            ("--presets", preset, "--batches", "1", "--hf-batches", "", "--head-bits", "8"),
+            (
+                *("--presets", preset, "--batches", "1", "--hf-batches", ""),
+                *("--head-bits", "8", *_B1_MODES),
+            ),
             group="core" if preset == "1.3B" else "decode",
             est_s=260 if preset == "1.3B" else 360,
             rows=(
@@ -568,7 +571,7 @@ REGISTRY: list[Bench] = [
             "decode_modes.py",
             (
                 *("--presets", preset, "--batches", "2,4,8", "--hf-batches", ""),
-                *("--modes", "dense,qsparse,bitnet,bitnet_qsparse"),
+                *_B1_MODES,
             ),
             group="decode",
             est_s=90 if preset == "7B" else 70,
@@ -614,6 +617,29 @@ REGISTRY: list[Bench] = [
                 f"{{{_DM}.{preset}.b1.compile.dense.tokens_per_s|.1f}} tokens/s)",
             )
             for preset in ("1.3B", "7B")
+        ),
+    ),
+    # fixed per-site thresholds (sparsity=threshold, TEAL) against per-token top-k, end to end
+    Bench(
+        "decode_modes_threshold_b1",
+        "decode_modes.py",
+        (
+            *("--presets", "1.3B,7B", "--batches", "1", "--hf-batches", ""),
+            *("--modes", "dense,qsparse,qsparse_threshold"),
+        ),
+        group="decode_extra",
+        est_s=300,
+        rows=tuple(
+            Row(
+                "decode",
+                f"{preset} decode, batch 1, {_NEW_TOKENS[preset]} tokens, compiled step + CUDA "
+                "graph, S=0.6: Q-Sparse top-k / a fixed threshold per site (`sparsity=threshold`"
+                ", thresholds set on random tokens) vs dense of the same run",
+                f"{{{_DM}.{preset}.b1.compile.qsparse.ratio|.2f}}x / "
+                f"{{{_DM}.{preset}.b1.compile.qsparse_threshold.ratio|.2f}}x (dense "
+                f"{{{_DM}.{preset}.b1.compile.dense.tokens_per_s|.1f}} tokens/s)",
+            )
+            for preset in ("7B", "1.3B")
         ),
     ),
     # issue 17: TEAL's threshold through the sparse-input GEMV (no selection pass)
