@@ -627,7 +627,7 @@ REGISTRY: list[Bench] = [
             *("--presets", "1.3B,7B", "--batches", "1", "--hf-batches", ""),
             *("--modes", "dense,qsparse,qsparse_threshold"),
         ),
-        group="decode_extra",
+        group="decode_threshold",
         est_s=300,
         rows=tuple(
             Row(
@@ -789,12 +789,13 @@ GROUPS = (
     "core",
     "decode",
     "decode_extra",
+    "decode_threshold",
     "training",
     "training_stack",
     "multi_gpu",
     "exploration",
 )
-ALL = ("core", "decode", "decode_extra", "training", "training_stack")
+ALL = ("core", "decode", "decode_extra", "decode_threshold", "training", "training_stack")
 
 
 def in_groups(names: Sequence[str], registry: Sequence[Bench] | None = None) -> list[Bench]:
