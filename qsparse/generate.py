@@ -54,15 +54,21 @@ def compile_backend(compile: bool | str | None) -> str | None:
     )
 
 
-def convert(model: nn.Module, mode: str, sparsity: float = 0.6) -> nn.Module:
+def convert(
+    model: nn.Module,
+    mode: str,
+    sparsity: float = 0.6,
+    calibration: torch.Tensor | None = None,
+    skip: int = 0,
+) -> nn.Module:
     """Apply one of :data:`MODES` to ``model`` in place with :func:`qsparse.sparsify`:
     ``qsparse`` = top-k at ``sparsity`` on every projection input, ``bitnet`` = BitNet b1.58 as
     everywhere in qsparse (``QUANT_PRESETS["bitnet"]``: ternary weights, int8 activations,
     SubLN), ``bitnet_qsparse`` = both, ``qsparse_threshold`` = a fixed magnitude threshold per
-    site (``sparsity=threshold``, what ``sparsity.pattern=threshold`` training leaves), set here
-    to each site's ``sparsity``-quantile of |x| over one batch of random tokens
-    (:func:`calibrate_thresholds`: right for timing, not for text; a trained checkpoint carries
-    its own), ``dense`` = unchanged."""
+    site (``sparsity=threshold``, what ``sparsity.pattern=threshold`` training leaves), each set
+    by :func:`calibrate_thresholds` on the token ids ``calibration`` [B, T] from position
+    ``skip`` on (default: 64 seeded random tokens: right for timing a random model, not for
+    text; a trained checkpoint carries its own), ``dense`` = unchanged."""
     from .convert import sparsify
     from .nn.config import QuantConfig, SparsityConfig
 
@@ -72,7 +78,10 @@ def convert(model: nn.Module, mode: str, sparsity: float = 0.6) -> nn.Module:
         return model
     if mode == "qsparse_threshold":
         sparsify(model, sparsity=SparsityConfig(ratio=sparsity, pattern="threshold"))
-        calibrate_thresholds(model)
+        if calibration is None:
+            gen = torch.Generator().manual_seed(0)
+            calibration = torch.randint(0, model.config.vocab_size, (1, 64), generator=gen)
+        calibrate_thresholds(model, calibration, skip)
         return model
     sp = SparsityConfig(ratio=sparsity) if mode in ("qsparse", "bitnet_qsparse") else None
     quant = QuantConfig.preset("bitnet") if mode.startswith("bitnet") else None
@@ -80,21 +89,70 @@ def convert(model: nn.Module, mode: str, sparsity: float = 0.6) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def calibrate_thresholds(model: nn.Module, batch: int = 2, seq_len: int = 16) -> int:
-    """Set every threshold site of ``model`` (``pattern="threshold"``) to its ratio's quantile
-    of |x| over one forward of ``batch`` x ``seq_len`` random tokens (seeded), as the first
-    training batch of ``sparsity=threshold`` sets it (:func:`qsparse.track_thresholds`); the
-    model is left in eval mode. Returns the number of thresholds set."""
-    from .nn.sites import track_thresholds
+def _threshold_sites(model: nn.Module) -> dict[str, nn.Module]:
+    from .nn.sites import sparsifiers
 
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=gen)
-    model.train()
-    model(ids.to(device))
-    model.eval()
-    return track_thresholds(model)
+    return {n: sp for n, sp in sparsifiers(model).items() if sp.pattern == "threshold"}
+
+
+@torch.no_grad()
+def _site_inputs(model: nn.Module, ids: torch.Tensor, skip: int, fn) -> dict[str, float]:
+    """``fn(site, x)`` for every threshold site's input ``x`` [B, T - skip, K] of one eval
+    forward of ``model`` over the token ids ``ids`` [B, T] (positions ``skip`` on), called just
+    before the site runs (so ``fn`` may set its threshold); the model is left in eval mode."""
+    sites = _threshold_sites(model)
+    if ids.dim() != 2 or not 0 <= skip < ids.shape[1]:
+        raise ValueError(
+            f"token ids [B, T] and 0 <= skip < T expected, got {tuple(ids.shape)}, skip={skip}"
+        )
+    out: dict[str, object] = {}
+    if not sites:
+        return out
+
+    def hook(name: str):
+        def record(site: nn.Module, args: tuple) -> None:
+            x = args[0]
+            out[name] = fn(site, x.reshape(ids.shape[0], -1, x.shape[-1])[:, skip:])
+
+        return record
+
+    handles = [sp.register_forward_pre_hook(hook(n)) for n, sp in sites.items()]
+    try:
+        model.eval()
+        model(ids.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def calibrate_thresholds(model: nn.Module, ids: torch.Tensor, skip: int = 0) -> int:
+    """Set every threshold site of ``model`` (``pattern="threshold"``) to its ratio's quantile
+    of |x| over one eval forward of the token ids ``ids`` [B, T], positions ``skip`` on, each
+    site as the forward reaches it, so its input already passed the thresholds set before it:
+    on these tokens every site then keeps ``1 - ratio`` of its inputs (up to ties). With
+    ``skip`` = the prompt length these are the positions a decode reads (the attention output's
+    magnitude falls with the context a random model averages over). Returns the number of
+    thresholds set."""
+    from .nn.linear import _abs_quantile
+
+    def set_threshold(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return site.threshold.copy_(_abs_quantile(x, site.ratio))
+
+    return len(_site_inputs(model, ids, skip, set_threshold))
+
+
+def kept_fraction(model: nn.Module, ids: torch.Tensor, skip: int = 0) -> float | None:
+    """Mean over the threshold sites of ``model`` of the fraction of inputs each keeps
+    (``|x| > t``) in one eval forward of ``ids`` [B, T], positions ``skip`` on; None without
+    threshold sites. What a decode of those tokens kept, for reporting beside its speed."""
+    found = _site_inputs(
+        model,
+        ids,
+        skip,
+        lambda sp, x: float((x.abs() > sp.threshold.to(x.dtype)).float().mean()),
+    )
+    return sum(found.values()) / len(found) if found else None
 
 
 def pick_next(

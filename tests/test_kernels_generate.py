@@ -11,9 +11,11 @@ from qsparse.cli.generate import main as cli_main
 from qsparse.generate import (
     MODES,
     DecodeEngine,
+    calibrate_thresholds,
     compile_backend,
     convert,
     generate,
+    kept_fraction,
 )
 from qsparse.kernels import HAS_TRITON
 from qsparse.models import LlamaConfig, LlamaForCausalLM
@@ -187,6 +189,32 @@ def test_threshold_sites_decode_through_the_threshold_gemv_under_the_interpreter
     from conftest import run_interpreted
 
     assert "THRESHOLD ENGINE OK" in run_interpreted(THRESHOLD_ENGINE_SCRIPT)
+
+
+def test_threshold_calibration_keeps_one_minus_ratio_at_the_decoded_positions():
+    """``convert(..., "qsparse_threshold", S, ids, skip)`` sets each site's threshold to its
+    S-quantile of |x| over positions ``skip`` on: there, every site keeps ``n - ceil(S n)`` of
+    its ``n`` inputs (no ties in fp32); the prompt positions before ``skip`` do not count."""
+    import math
+
+    from qsparse.generate import _site_inputs
+
+    model = tiny()
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+    convert(model, "qsparse_threshold", 0.6, ids, skip=5)
+    kept = _site_inputs(model, ids, 5, lambda sp, x: (int((x.abs() > sp.threshold).sum()), x))
+    assert len(kept) == 4 * model.config.num_hidden_layers
+    for name, (count, x) in kept.items():
+        n = x.numel()
+        assert x.shape[:2] == (2, 15), name
+        assert count == n - math.ceil(0.6 * n), (name, count, n)
+    frac = kept_fraction(model, ids, 5)
+    assert abs(frac - 0.4) < 0.01, frac
+    assert calibrate_thresholds(model, ids, 5) == len(kept)  # the same thresholds again
+    assert kept_fraction(model, ids, 5) == frac
+    assert kept_fraction(convert(tiny(), "qsparse", 0.6), ids) is None  # no threshold sites
+    with pytest.raises(ValueError, match="skip"):
+        kept_fraction(model, ids, 20)
 
 
 def test_engine_rejects_bad_arguments():

@@ -28,7 +28,7 @@ import torch
 
 from ..decode_view import check_head_bits
 from ..dtypes import dtype_names, torch_dtype
-from ..generate import MODES, DecodeEngine, compile_backend, convert
+from ..generate import MODES, DecodeEngine, compile_backend, convert, kept_fraction
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,18 +116,25 @@ def measure(args: argparse.Namespace, modes: list[str]) -> list[tuple[str, float
     rows = []
     dense_tps = None
     for mode in modes:
+        # qsparse_threshold: thresholds from the positions a decode reads (after a prompt of
+        # the same length), on other random tokens than the timed prompt
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        length = args.prompt_len + args.new_tokens
         if args.checkpoint:
             from ..models.hf import load
 
             model = load(args.checkpoint, dtype=dtype).to(args.device)
             if mode != "checkpoint":  # explicit --mode: convert the loaded model
-                convert(model, mode, args.sparsity)
+                cal = torch.randint(0, model.config.vocab_size, (1, length), generator=gen)
+                convert(model, mode, args.sparsity, cal, args.prompt_len)
             if args.prompt and tokenizer is None:
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
         else:
-            model = convert(_preset_model(args, dtype), mode, args.sparsity)
+            model = _preset_model(args, dtype)
+            cal = torch.randint(0, model.config.vocab_size, (1, length), generator=gen)
+            convert(model, mode, args.sparsity, cal, args.prompt_len)
         vocab = model.lm_head.out_features
         if tokenizer is not None:
             ids = tokenizer([args.prompt] * args.batch, return_tensors="pt").input_ids
@@ -152,7 +159,13 @@ def measure(args: argparse.Namespace, modes: list[str]) -> list[tuple[str, float
         label = f"{mode}_int8head" if head_bits else mode
         rows.append((label, res.tokens_per_s, ratio))
         shown = f"{ratio:.2f}x" if ratio else "-"
-        print(f"{label}: {res.tokens_per_s:.1f} tokens/s (batch {args.batch}), vs dense {shown}")
+        # a threshold site keeps what exceeds its threshold: say what this decode kept
+        kept = kept_fraction(model, res.tokens, ids.shape[1])
+        kept_note = f", threshold sites kept {100 * kept:.1f}% of inputs" if kept else ""
+        print(
+            f"{label}: {res.tokens_per_s:.1f} tokens/s (batch {args.batch}), vs dense {shown}"
+            + kept_note
+        )
         if tokenizer is not None:
             print(tokenizer.decode(res.tokens[0].tolist(), skip_special_tokens=True))
         del engine, model

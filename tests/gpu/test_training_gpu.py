@@ -39,3 +39,17 @@ def test_gpu_run_reports_peak_memory(tmp_path: Path) -> None:
     assert summary["step"] == 6
     assert 0 < summary["peak_memory_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
     assert summary["tokens_per_s"] > 0 and 0 < summary["mfu"] < 1
+
+
+def test_tracked_threshold_quantile_on_cuda_equals_the_cpu_one() -> None:
+    """The |x| quantile a threshold site tracks (``sparsity=threshold``): a sort on CUDA (not
+    ``torch.kthvalue``, one thread block per slice there), the same value as the CPU's
+    ``kthvalue``, on tensors below and above the sampling limit and with ties."""
+    from qsparse.nn.linear import QUANTILE_SAMPLE, _abs_quantile
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((4, 33, 96), (8, 512, 1536)):
+        x = torch.randn(shape, generator=gen).to(torch.bfloat16)  # bf16: many equal |x|
+        assert x.numel() < QUANTILE_SAMPLE or shape[1] == 512
+        for ratio in (0.05, 0.5, 0.6, 0.99):
+            assert _abs_quantile(x.cuda(), ratio).item() == _abs_quantile(x, ratio).item()
