@@ -653,25 +653,31 @@ REGISTRY: list[Bench] = [
             Row(
                 "decode",
                 f"TEAL threshold on 7B {name} {kin}->{n}, batch 1, S={s}: threshold_gemv (list "
-                "kernel + sparse GEMV as its programmatic dependent, packed list) / the same "
-                "list kernel launched alone, two lists / the list built by PyTorch ops / top-k "
-                "selection + sparse GEMV / same, threshold carried / the GEMV on a ready list, "
-                "vs cuBLAS (equal kept fraction)",
+                "kernel + sparse GEMV) / the list built by PyTorch ops / top-k selection + "
+                "sparse GEMV / same, threshold carried / the GEMV on a ready list, vs cuBLAS "
+                "(equal kept fraction)",
                 " / ".join(
                     f"{{{_TL}.{name}_S{s}.{p}|.2f}}x"
-                    for p in (
-                        "threshold",
-                        "threshold_plain",
-                        "threshold_torch",
-                        "topk",
-                        "topk_carry",
-                        "list_only",
-                    )
+                    for p in ("threshold", "threshold_torch", "topk", "topk_carry", "list_only")
                 )
                 + f" (cuBLAS {{{_TL}.{name}_S{s}.dense_us|.1f}} us, kept "
                 f"{{{_TL}.{name}_S{s}.kept_pct|.1f}}%)",
             )
             for name, (kin, n) in _SHAPES_7B.items()
+            for s in ("0.4", "0.5")
+        )
+        + tuple(
+            Row(
+                "decode",
+                f"same, S={s}, threshold_gemv (the GEMV as the list kernel's programmatic "
+                "dependent, packed list words) / the same list kernel launched alone with two "
+                "lists (before 2026-12-03), vs cuBLAS: qkv; o; gate_up; down",
+                "; ".join(
+                    f"{{{_TL}.{name}_S{s}.threshold|.2f}}x / "
+                    f"{{{_TL}.{name}_S{s}.threshold_plain|.2f}}x"
+                    for name in _SHAPES_7B
+                ),
+            )
             for s in ("0.4", "0.5")
         ),
     ),
