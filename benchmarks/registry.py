@@ -670,10 +670,12 @@ REGISTRY: list[Bench] = [
             Row(
                 "decode",
                 f"same, S={s}, threshold_gemv (the GEMV as the list kernel's programmatic "
-                "dependent, packed list words) / the same list kernel launched alone with two "
-                "lists (before 2026-12-03), vs cuBLAS: qkv; o; gate_up; down",
+                "dependent, packed list words) / no list kernel (each GEMV program lists its "
+                "own 512 inputs, `GemvConfig.local_range`, opt-in) / the list kernel launched "
+                "alone with two lists (before 2026-12-03), vs cuBLAS: qkv; o; gate_up; down",
                 "; ".join(
                     f"{{{_TL}.{name}_S{s}.threshold|.2f}}x / "
+                    f"{{{_TL}.{name}_S{s}.threshold_local|.2f}}x / "
                     f"{{{_TL}.{name}_S{s}.threshold_plain|.2f}}x"
                     for name in _SHAPES_7B
                 ),

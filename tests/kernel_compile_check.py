@@ -12,8 +12,10 @@ installed Triton cannot build fails here, on a CPU machine. Exit codes: 0 all co
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from dataclasses import replace
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -34,6 +36,7 @@ except Exception as err:  # noqa: BLE001
 import qsparse.kernels.gemv as G  # noqa: E402
 import qsparse.kernels.int8_gemv as I8  # noqa: E402
 import qsparse.kernels.ternary_rows as TR  # noqa: E402
+import qsparse.kernels.threshold_gemv as TG  # noqa: E402
 from qsparse.kernels import _topk_triton as T  # noqa: E402
 from qsparse.kernels import quant as Q  # noqa: E402
 from qsparse.kernels.topk import KEY_BITS  # noqa: E402
@@ -91,6 +94,24 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
         G.GemvConfig(block_k=64, block_n=32, split=1, carry=True),
     ):
         G.sparse_gemv(torch.randn(1, 11008, dtype=bf16), w11, 4403, c, hint=G.new_hint(1))
+    TG._pdl_ok = lambda x: True  # fixed-threshold sites: list kernel + GEMV, or no list
+    TG._interpreted = lambda x: False
+    t = torch.tensor([0.5])
+    for x, prod in ((x1, G.NO_PRODUCER), (x1, G.Producer("rmsnorm", torch.ones(4096, dtype=bf16)))):
+        wt = G.prepare_dense(torch.randn(4096, 4096, dtype=bf16))
+        cfg = G.sparse_config_for_weights(wt, 2048)
+        G._sparse_gemv_launch(
+            x,
+            wt,
+            -1,
+            cfg,
+            bf16,
+            None,
+            list_rows=functools.partial(TG.threshold_rows, x, t, producer=prod),
+        )
+        local = replace(cfg, local_range=512)
+        TG._local_launch(x, wt, t, local, bf16, prod)
+        TG._local_launch(x.float(), G.prepare_dense(torch.randn(4096, 4096)), t, local, bf16, prod)
     for dtype in (bf16, torch.float32):
         xt = torch.randn(64, 2048, dtype=dtype)
         mask = torch.empty(64, 2048, dtype=torch.bool)

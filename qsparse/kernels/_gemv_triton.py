@@ -425,6 +425,91 @@ def _threshold_list_kernel(
 
 
 @triton.jit
+def _threshold_local_gemv_kernel(
+    x_ptr,
+    t_ptr,
+    idx_ptr,
+    val_ptr,
+    w_ptr,
+    y_ptr,
+    part_ptr,
+    sem_ptr,
+    K,
+    N,
+    row_stride,
+    block_stride,
+    R: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+    PPP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    STAGES: tl.constexpr,
+    CMASK: tl.constexpr = True,
+    ASM: tl.constexpr = True,
+    PACKED: tl.constexpr = False,
+    nw_ptr=None,
+    eps=0.0,
+    PROD: tl.constexpr = 0,
+    BF16: tl.constexpr = False,
+):
+    """Batch 1, a fixed threshold, no list kernel: ``y[n] = sum_i v[i] 1[|v[i]| > t] Wt[i, n]``
+    with the inputs split into SPLIT ranges of R. Program (j, s) owns columns j*BN.. and
+    inputs s*R..: it compares its range itself, lists the kept ones in ``idx[s*R..]`` (the
+    programs of range s write the same list there; a barrier makes a program's own writes
+    visible to it), streams their weight rows and leaves its partial sums to
+    :func:`_store_out` (the last of the SPLIT programs of column block j sums them in order).
+    ``v`` = x, or its RMSNorm (``PROD == 1``: each program reads the whole row for the rms,
+    ``nw`` the norm weight; :func:`_produce`). Weight layout as in :func:`_compact_gemv_kernel`.
+    PACKED (bf16 v): one word per kept input in idx (:func:`_pack_kept`), val unused; else
+    the indices in idx and the fp32 values in ``val`` (both [SPLIT * R])."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    w_ptr = w_ptr + (pid_n // PPP).to(tl.int64) * block_stride + (pid_n % PPP) * BN
+    wc = tl.arange(0, BN)
+    i = pid_s * R + tl.arange(0, R)
+    valid = i < K
+    xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    if PROD == 1:
+        j = tl.arange(0, BLOCK)
+        row = tl.load(x_ptr + j, mask=j < K, other=0.0).to(tl.float32)
+        xf = _round_to(xf * _inv_rms(row, K, eps), BF16)
+        nw = tl.load(nw_ptr + i, mask=valid, other=0.0).to(tl.float32)
+        xf = _round_to(nw * xf, BF16)
+    keep = (tl.abs(xf) > tl.load(t_ptr)) & valid
+    kept = keep.to(tl.int32)
+    pos = tl.cumsum(kept, axis=0) - 1
+    n_kept = tl.sum(kept, axis=0)
+    base = idx_ptr + pid_s * R
+    vbase = val_ptr + pid_s * R
+    if PACKED:
+        tl.store(base + pos, _pack_kept(xf, i), mask=keep)
+    else:
+        tl.store(base + pos, i, mask=keep)
+        tl.store(vbase + pos, xf, mask=keep)
+    tl.debug_barrier()
+    acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+    for p0 in tl.range(0, n_kept, BK, num_stages=STAGES):
+        p = p0 + tl.arange(0, BK)
+        pm = p < n_kept
+        r = tl.load(base + p, mask=pm, other=0)
+        if PACKED:
+            r, v = _unpack_kept(r)
+        else:
+            v = tl.load(vbase + p, mask=pm, other=0.0)
+        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
+        acc2 += v[:, None] * w.to(tl.float32)
+    acc = tl.sum(acc2, axis=0)[None, :]
+    rb = tl.arange(0, 1)
+    omask = (rb < 1)[:, None] & cmask[None, :]
+    _store_out(
+        acc, y_ptr, part_ptr, sem_ptr, pid_n, pid_s, 1, N, rb, cols, omask, SPLIT, 1, BN, ASM
+    )
+
+
+@triton.jit
 def _round_to(xf, BF16: tl.constexpr):
     """fp32 ``xf`` rounded to the nearest bf16 value (ties to even) and kept in fp32, as a
     torch op with bf16 output rounds it; identity unless ``BF16``. Integer form, since the

@@ -100,6 +100,10 @@ class GemvConfig:
     pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
     carry: bool = False  # sparse, batch 1, ``hint=``: start before the selection (measured slower)
     packed: bool = True  # sparse, batch 1, bf16 input: the list as one word per kept input
+    #: fixed-threshold sites (:mod:`~qsparse.kernels.threshold_gemv`), batch 1: 0 = the
+    #: one-program list kernel, then the GEMV; R > 0 = no list kernel: each GEMV program
+    #: compares and lists its own range of R inputs (a power of two)
+    local_range: int = 0
 
 
 #: the floor of the activation absmax ``gamma = max(max |x|, ACT_EPS)`` in the ternary GEMVs'

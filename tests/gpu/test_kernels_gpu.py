@@ -523,3 +523,15 @@ def test_threshold_gemv_matches_reference(kin, n, dtype):
         x = fresh((1, prod.width(kin)), dtype)
         got = threshold_gemv(x, wt, t, n_out=n, producer=prod)
         assert rel_err(got, threshold_gemv_reference(prod.reference(x), w, t)) < 1e-2, prod.kind
+    # no list kernel: each GEMV program lists its own range of inputs (GemvConfig.local_range)
+    cfg = replace(G.sparse_config_for_weights(wt, kin // 2), local_range=512)
+    for prod in (G.NO_PRODUCER, norm):
+        for t_val in (100.0, 0.52, -1.0):
+            t = torch.tensor([t_val], device="cuda")
+            x = fresh((1, kin), dtype)
+            got = threshold_gemv(x, wt, t, cfg=cfg, n_out=n, producer=prod)
+            ref = threshold_gemv_reference(prod.reference(x), w, t)
+            if ref.norm() == 0:
+                assert got.float().abs().max() == 0
+            else:
+                assert rel_err(got, ref) < 1e-2, (prod.kind, t_val, rel_err(got, ref))
