@@ -34,11 +34,16 @@ CPU under ``TRITON_INTERPRET=1`` (``--device cpu --check-only``) that check is a
 
     PYTHONPATH=$PWD python3 benchmarks/teal_gemv.py [--json out.json]
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python3 benchmarks/teal_gemv.py --device cpu --check-only
+    # end to end instead: dense / top-k / thresholds with and without the list kernel
+    PYTHONPATH=$PWD python3 benchmarks/teal_gemv.py --decode 7B,1.3B --sparsity 0.6
 
 FIGURE lines per shape and S under ``teal_gemv.<shape>_S<S>``: ``dense_us``, ``topk`` /
-``topk_us``, ``topk_carry`` / ``topk_carry_us``, ``threshold`` / ``threshold_us``, ``threshold_plain`` /
-``threshold_plain_us``, ``threshold_local`` / ``threshold_local_us``, ``threshold_torch`` / ``threshold_torch_us``, ``list_only`` / ``list_only_us``, ``kept_pct``
-(kept inputs, %); a ratio is cuBLAS time over the path's.
+``topk_us``, ``topk_carry`` / ``topk_carry_us``, ``threshold`` / ``threshold_us``,
+``threshold_plain`` / ``threshold_plain_us``, ``threshold_local`` / ``threshold_local_us``,
+``threshold_torch`` / ``threshold_torch_us``, ``list_only`` / ``list_only_us``, ``kept_pct``
+(kept inputs, %); a ratio is cuBLAS time over the path's. With ``--decode``, per preset under
+``teal_gemv.decode_<preset>``: ``<path>`` (ratio to dense), ``<path>.tokens_per_s`` and, for
+the threshold paths, ``<path>.kept_pct``.
 """
 
 from __future__ import annotations
@@ -128,8 +133,19 @@ def main(argv: list[str] | None = None) -> None:
         "--check-only", action="store_true", help="the correctness check on small shapes only"
     )
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument(
+        "--decode",
+        default="",
+        help="only decode end to end: comma list of presets (dense / top-k / thresholds with "
+        "the list kernel / thresholds without it, batch 1, compiled step)",
+    )
+    ap.add_argument("--decode-tokens", type=int, default=64)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.decode:
+        for preset in args.decode.split(","):
+            decode(preset, args.decode_tokens, args.sparsity[-1], args.device)
+        return
     if args.check_only:
         for name, (kin, n) in CPU_SHAPES.items():
             for s in args.sparsity:
@@ -153,6 +169,60 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=1)
+
+
+def decode(preset: str, new_tokens: int, sparsity: float, device: str) -> None:
+    """End to end (``--decode PRESET``): greedy decode tokens/s at batch 1 (random weights,
+    bf16, compiled step, CUDA graph) of dense, Q-Sparse top-k and fixed thresholds at
+    ``sparsity`` (``qsparse_threshold``, calibrated on the decoded positions) with the list
+    kernel and without it (:data:`qsparse.decode_view.THRESHOLD_LOCAL_RANGE` =
+    :data:`LOCAL_RANGE`), in one process; the ratios to dense and what the threshold sites
+    kept."""
+    import gc
+
+    import qsparse.decode_view as DV
+    from qsparse.generate import DecodeEngine, convert, kept_fraction
+    from qsparse.models import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_preset(preset)
+    prompt = 16
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    cal = torch.randint(
+        0, cfg.vocab_size, (1, prompt + new_tokens), generator=torch.Generator().manual_seed(1)
+    )
+    rates = {}
+    key = f"teal_gemv.decode_{preset}"
+    for name, mode, local in (
+        ("dense", "dense", 0),
+        ("qsparse", "qsparse", 0),
+        ("threshold", "qsparse_threshold", 0),
+        ("threshold_local", "qsparse_threshold", LOCAL_RANGE),
+    ):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+        model = convert(model.to(torch.bfloat16).eval(), mode, sparsity, cal, prompt)
+        DV.THRESHOLD_LOCAL_RANGE = local
+        engine = DecodeEngine(model, compile=True)
+        engine.generate(ids, new_tokens)  # warm-up: kernels, compiled step, CUDA graph
+        res = engine.generate(ids, new_tokens)
+        rates[name] = res.tokens_per_s
+        kept = kept_fraction(model, res.tokens, prompt)
+        note = f", kept {100 * kept:.1f}%" if kept is not None else ""
+        print(f"# decode {preset} {name}: {res.tokens_per_s:.1f} tokens/s{note}", flush=True)
+        if kept is not None:
+            emit(f"{key}.{name}.kept_pct", 100 * kept, "%")
+        del engine, model, res
+        gc.collect()
+        torch.cuda.empty_cache()
+    DV.THRESHOLD_LOCAL_RANGE = 0
+    for name, tps in rates.items():
+        emit(f"{key}.{name}.tokens_per_s", tps, "tokens/s")
+        emit(f"{key}.{name}", tps / rates["dense"])
+    print(
+        f"RATIO teal_gemv decode {preset} S={sparsity:g} vs dense: "
+        + ", ".join(f"{n} {t / rates['dense']:.2f}x" for n, t in rates.items())
+    )
 
 
 def measure(name: str, ws: list[torch.Tensor], s: float, draws: int, device: str) -> dict:

@@ -45,6 +45,7 @@ else its fp32 PyTorch reference, which is also what runs without kernels).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,7 @@ __all__ = [
     "SPARSE_MAX_ROWS",
     "TERNARY_MAX_ROWS",
     "TERNARY_ROWS",
+    "THRESHOLD_LOCAL_RANGE",
     "Int8Head",
     "check_head_bits",
     "decoder_view",
@@ -78,6 +80,11 @@ TERNARY_MAX_ROWS = 16
 #: ``QSPARSE_TERNARY_ROWS=1`` in the environment (read at import) or setting this before
 #: :func:`decoder_view` turns it on
 TERNARY_ROWS: bool = os.environ.get("QSPARSE_TERNARY_ROWS", "0") == "1"
+#: batch-1 fixed-threshold sites: 0 = the one-program list kernel, then the list GEMV; R > 0 =
+#: no list kernel, each GEMV program lists its own R inputs (``GemvConfig.local_range``); 0
+#: until measured end to end. ``QSPARSE_THRESHOLD_LOCAL=R`` (read at import) or setting this
+#: before :func:`decoder_view` sets it
+THRESHOLD_LOCAL_RANGE: int = int(os.environ.get("QSPARSE_THRESHOLD_LOCAL", "0"))
 #: the values ``head_bits`` takes: None (the model's own lm head) or 8 (:class:`Int8Head`)
 HEAD_BITS = (None, 8)
 
@@ -163,7 +170,9 @@ class _Projection(nn.Module):
             # a fixed per-site threshold (TEAL, CATS's sites, sparsity=threshold training)
             weight = _fused_weight(linears)
             self.register_buffer("wt", G.prepare_dense(weight), persistent=False)
-            self.expected_kept = max(1, round((1 - float(site.ratio)) * weight.shape[1]))
+            kept = max(1, round((1 - float(site.ratio)) * weight.shape[1]))
+            cfg = G.sparse_config_for_weights(self.wt, kept)
+            self.threshold_cfg = replace(cfg, local_range=THRESHOLD_LOCAL_RANGE)
             self.mode = "threshold"
             return
         if not use_kernels or pattern != "token_topk" or rescale:
@@ -295,12 +304,7 @@ class _Projection(nn.Module):
             # through one GEMM
             t = self.site.threshold.to(x2.dtype)
             y = TG.threshold_gemv(
-                x2,
-                self.wt,
-                t,
-                n_out=n,
-                expected_kept=self.expected_kept,
-                producer=self.producer,
+                x2, self.wt, t, self.threshold_cfg, n_out=n, producer=self.producer
             )
             return y.reshape(*lead, n)
         if self.site.norm is not None:

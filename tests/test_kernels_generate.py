@@ -161,8 +161,12 @@ with torch.no_grad():
     model(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
 assert qsparse.track_thresholds(model) == 4 * model.config.num_hidden_layers
 model.eval()
-for dtype, batch in ((torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 1)):
+import qsparse.decode_view as DV
+runs = ((torch.float32, 1, 0), (torch.float32, 2, 0), (torch.bfloat16, 1, 0))
+runs += ((torch.float32, 1, 32), (torch.bfloat16, 1, 32))  # no list kernel: ranges of 32
+for dtype, batch, local in runs:
     model.to(dtype)  # bf16: the list kernel writes packed words
+    DV.THRESHOLD_LOCAL_RANGE = local
     ids = torch.randint(0, 256, (batch, 3), generator=torch.Generator().manual_seed(batch))
     engine = DecodeEngine(model)
     layer = engine.decoder.model.layers[0]
@@ -175,7 +179,7 @@ for dtype, batch in ((torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 1)
     assert isinstance(layer.input_layernorm, torch.nn.Identity)
     got = engine.generate(ids, 4).tokens
     ref = model.generate(ids, max_new_tokens=4, use_cache=False)
-    assert torch.equal(got, ref), (dtype, batch, got, ref)
+    assert torch.equal(got, ref), (dtype, batch, local, got, ref)
 print("THRESHOLD ENGINE OK")
 """
 
@@ -184,8 +188,8 @@ print("THRESHOLD ENGINE OK")
 def test_threshold_sites_decode_through_the_threshold_gemv_under_the_interpreter():
     """A model with fixed per-site thresholds (TEAL, ``sparsity=threshold`` training) decodes
     through the threshold list GEMV (batch 1, fp32 and bf16 with packed list words; the list
-    kernel computing the layer's RMSNorm) and the masked GEMM (batch 2), greedy tokens equal
-    to plain forwards."""
+    kernel computing the layer's RMSNorm; and with no list kernel, ``THRESHOLD_LOCAL_RANGE``)
+    and the masked GEMM (batch 2), greedy tokens equal to plain forwards."""
     from conftest import run_interpreted
 
     assert "THRESHOLD ENGINE OK" in run_interpreted(THRESHOLD_ENGINE_SCRIPT)
