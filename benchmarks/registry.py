@@ -438,6 +438,16 @@ REGISTRY: list[Bench] = [
                     for p in _SHAPES_7B
                 ),
             ),
+            Row(
+                "decode",
+                "same, carried GEMV whose first sweep lists each slice's inputs above the band "
+                "(`local_range`, opt-in) instead of row-masked tiles: qkv, o, gate_up, down",
+                "; ".join(
+                    f"{{{_S7}.{p}_b1_S0.6.carry_local|.2f}}x "
+                    f"({{{_S7}.{p}_b1_S0.6.carry_local_us|.1f}} us)"
+                    for p in _SHAPES_7B
+                ),
+            ),
             *(
                 Row(
                     "decode",

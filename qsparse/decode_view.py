@@ -66,6 +66,7 @@ __all__ = [
     "TERNARY_MAX_ROWS",
     "TERNARY_ROWS",
     "THRESHOLD_LOCAL_RANGE",
+    "CARRY_LOCAL",
     "Int8Head",
     "check_head_bits",
     "decoder_view",
@@ -85,6 +86,12 @@ TERNARY_ROWS: bool = os.environ.get("QSPARSE_TERNARY_ROWS", "0") == "1"
 #: until measured end to end. ``QSPARSE_THRESHOLD_LOCAL=R`` (read at import) or setting this
 #: before :func:`decoder_view` sets it
 THRESHOLD_LOCAL_RANGE: int = int(os.environ.get("QSPARSE_THRESHOLD_LOCAL", "0"))
+#: batch-1 top-k sites without a fused producer (o, down): the carried GEMV whose first sweep
+#: lists each slice's inputs above the carried band (``GemvConfig(carry=True,
+#: local_range=1)``) streams most kept rows while the selection still runs, instead of the
+#: list GEMV after it; off until measured end to end. ``QSPARSE_CARRY_LOCAL=1`` (read at
+#: import) or setting this before :func:`decoder_view` turns it on
+CARRY_LOCAL: bool = os.environ.get("QSPARSE_CARRY_LOCAL", "0") == "1"
 #: the values ``head_bits`` takes: None (the model's own lm head) or 8 (:class:`Int8Head`)
 HEAD_BITS = (None, 8)
 
@@ -198,6 +205,12 @@ class _Projection(nn.Module):
                 self.register_buffer("wt", G.prepare_dense(weight), persistent=False)
                 self.register_buffer("hint", G.new_hint(16, dev), persistent=False)
                 self.mode = "sparse"
+                self.carry_cfg = None  # CARRY_LOCAL: used where no producer is fused
+                if CARRY_LOCAL:
+                    cfg = G.sparse_config_for(
+                        self.wt.shape[0], self.wt.shape[1], self.k, carry=True
+                    )
+                    self.carry_cfg = replace(cfg, local_range=1)
             elif self.k is None and self.act_bits is None and norm is None:
                 weight = _fused_weight(linears)
                 self.register_buffer("weight", weight, persistent=False)
@@ -316,7 +329,10 @@ class _Projection(nn.Module):
             xs = G.masked_topk(x2, self.k, self.hint, producer=self.producer)
             return (xs @ self.wt)[:, :n].reshape(*lead, n)
         if self.mode == "sparse":
-            y = G.sparse_gemv(x2, self.wt, self.k, n_out=n, hint=self.hint, producer=self.producer)
+            cfg = self.carry_cfg if self.producer.kind == "none" else None
+            y = G.sparse_gemv(
+                x2, self.wt, self.k, cfg, n_out=n, hint=self.hint, producer=self.producer
+            )
         else:
             y = G.ternary_gemv(x2, self.packed, self.alpha, self.k, self.act_bits, hint=self.hint)
             y = y[:, :n]

@@ -92,6 +92,8 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
     for c in (  # the carried GEMV (GemvConfig.carry), 11008 wide
         G.sparse_config_for(11008, 4096, 4403, carry=True),
         G.GemvConfig(block_k=64, block_n=32, split=1, carry=True),
+        replace(G.sparse_config_for(11008, 4096, 4403, carry=True), local_range=1),
+        G.GemvConfig(block_k=64, block_n=32, split=1, carry=True, local_range=1),
     ):
         G.sparse_gemv(torch.randn(1, 11008, dtype=bf16), w11, 4403, c, hint=G.new_hint(1))
     TG._pdl_ok = lambda x: True  # fixed-threshold sites: list kernel + GEMV, or no list

@@ -184,6 +184,38 @@ print("THRESHOLD ENGINE OK")
 """
 
 
+CARRY_LOCAL_SCRIPT = """
+import torch
+import qsparse.decode_view as DV
+from qsparse.generate import DecodeEngine, convert
+from qsparse.models import LlamaConfig, LlamaForCausalLM
+
+DV.CARRY_LOCAL = True
+for dtype in (torch.float32, torch.bfloat16):
+    torch.manual_seed(0)
+    model = convert(LlamaForCausalLM(LlamaConfig.from_preset("tiny")).eval(), "qsparse", 0.5)
+    model.to(dtype)
+    ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(1))
+    engine = DecodeEngine(model)
+    layer = engine.decoder.model.layers[0]
+    assert layer.self_attn.o_proj.carry_cfg.carry and layer.mlp.down_proj.carry_cfg.local_range
+    assert layer.self_attn.qkv.producer.kind == "rmsnorm"  # fused producer: the list GEMV
+    got = engine.generate(ids, 4).tokens
+    ref = model.generate(ids, max_new_tokens=4, use_cache=False)
+    assert torch.equal(got, ref), (dtype, got, ref)
+print("CARRY LOCAL OK")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_carried_gemv_with_listed_first_sweep_decodes_like_plain_forward():
+    """``decode_view.CARRY_LOCAL``: the o and down sites decode on the carried GEMV whose first
+    sweep lists each slice's inputs above the band; greedy tokens equal plain forwards."""
+    from conftest import run_interpreted
+
+    assert "CARRY LOCAL OK" in run_interpreted(CARRY_LOCAL_SCRIPT)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_threshold_sites_decode_through_the_threshold_gemv_under_the_interpreter():
     """A model with fixed per-site thresholds (TEAL, ``sparsity=threshold`` training) decodes

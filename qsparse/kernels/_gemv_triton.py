@@ -870,6 +870,10 @@ def _carry_gemv_kernel(
     CMASK: tl.constexpr = True,
     PDL: tl.constexpr = False,
     ASM: tl.constexpr = True,
+    R: tl.constexpr = 0,
+    sidx_ptr=None,
+    sval_ptr=None,
+    PACKED: tl.constexpr = False,
 ):
     """Batch 1, y[n] = sum_i keep_i x_i Wt[i, n], started before the selection is known.
 
@@ -882,7 +886,11 @@ def _carry_gemv_kernel(
     j*BN.. and the s-th slice of K and of the list; SPLIT > 1 sums the fp32 partials in order
     in the last program per column block (``sem[j]``), as :func:`_compact_gemv_kernel`. The
     last program of the grid (``sem[cdiv(N, BN)]``) stores the new threshold in ``hint[0]``
-    for the next call (every program has read the old one by then)."""
+    for the next call (every program has read the old one by then).
+    ``R > 0`` (a power of two >= the slice): sweep 1 without row-masked tiles: the program
+    lists its slice's inputs above ``hi`` in ``sidx[s*R..]`` (packed words, or indices with
+    fp32 values in ``sval``; the programs of slice s write the same list, a barrier makes a
+    program's own writes visible to it) and streams only their rows."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -894,12 +902,37 @@ def _carry_gemv_kernel(
     per1 = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK
     lo1 = pid_s * per1
     hi1 = tl.where(hi >= 0, tl.minimum(lo1 + per1, K), lo1)  # no hint yet: nothing certain
-    for p0 in tl.range(lo1, hi1, BK, num_stages=STAGES):
-        r = p0 + tl.arange(0, BK)
-        xv = tl.load(x_ptr + r, mask=r < hi1, other=0.0).to(tl.float32)
-        m = (r < hi1) & (abs_key(xv) > hi)
-        w = _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK)
-        acc2 += xv[:, None] * w.to(tl.float32)
+    if R > 0:
+        i = lo1 + tl.arange(0, R)
+        xs = tl.load(x_ptr + i, mask=i < hi1, other=0.0).to(tl.float32)
+        m1 = (i < hi1) & (abs_key(xs) > hi)
+        pos = tl.cumsum(m1.to(tl.int32), axis=0) - 1
+        n1 = tl.sum(m1.to(tl.int32), axis=0)
+        base = sidx_ptr + pid_s * R
+        vbase = sval_ptr + pid_s * R
+        if PACKED:
+            tl.store(base + pos, _pack_kept(xs, i), mask=m1)
+        else:
+            tl.store(base + pos, i, mask=m1)
+            tl.store(vbase + pos, xs, mask=m1)
+        tl.debug_barrier()
+        for p0 in tl.range(0, n1, BK, num_stages=STAGES):
+            p = p0 + tl.arange(0, BK)
+            pm = p < n1
+            r = tl.load(base + p, mask=pm, other=0)
+            if PACKED:
+                r, xv = _unpack_kept(r)
+            else:
+                xv = tl.load(vbase + p, mask=pm, other=0.0)
+            w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
+            acc2 += xv[:, None] * w.to(tl.float32)
+    else:
+        for p0 in tl.range(lo1, hi1, BK, num_stages=STAGES):
+            r = p0 + tl.arange(0, BK)
+            xv = tl.load(x_ptr + r, mask=r < hi1, other=0.0).to(tl.float32)
+            m = (r < hi1) & (abs_key(xv) > hi)
+            w = _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK)
+            acc2 += xv[:, None] * w.to(tl.float32)
     if PDL:
         gdc_wait()
     n_list = tl.load(cnt_ptr)
