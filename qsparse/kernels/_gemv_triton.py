@@ -882,8 +882,9 @@ def _carry_gemv_kernel(
     kept for sure when the exact threshold is at or below it), row-masked tiles of the
     program's slice of K (masked rows are not read). Sweep 2 (after it): the list the
     selection wrote (the kept inputs at or below ``hi``; on a miss, the inputs sweep 1 summed
-    that are not kept, negated, or every kept input with sweep 1's sums dropped). Grid (cdiv(N, BN), SPLIT): program (j, s) owns columns
-    j*BN.. and the s-th slice of K and of the list; SPLIT > 1 sums the fp32 partials in order
+    that are not kept, negated, or every kept input with sweep 1's sums dropped). Grid
+    (cdiv(N, BN), SPLIT): program (j, s) owns columns j*BN.. and the s-th slice of K and of
+    the list; SPLIT > 1 sums the fp32 partials in order
     in the last program per column block (``sem[j]``), as :func:`_compact_gemv_kernel`. The
     last program of the grid (``sem[cdiv(N, BN)]``) stores the new threshold in ``hint[0]``
     for the next call (every program has read the old one by then).

@@ -7,11 +7,13 @@ advance, so its list of kept inputs is one compare and one prefix sum. Batch 1:
 computing the site input from its producer when given one: the RMSNorm in front of q|k|v and
 gate|up) and the sparse-input GEMV of :mod:`qsparse.kernels.gemv` streams exactly the listed
 weight rows, launched as the list's programmatic dependent (resident and waiting when the list
-is written, not launched after it) and reading the list's length on the device: no host sync, so the pair runs
-inside a CUDA graph and the number of kept inputs may differ from token to token. With bf16
-inputs the list holds one packed word per kept input (value bits and index), as the top-k
-list does. Batch > 1 (every row keeps a different set): the masked input through a dense
-product (cuBLAS).
+is written, not launched after it) and reading the list's length on the device: no host
+sync, so the pair runs inside a CUDA graph and the number of kept inputs may differ from
+token to token. With bf16 inputs the list holds one packed word per kept input (value bits
+and index), as the top-k list does. ``GemvConfig.local_range`` > 0 (opt-in): no list kernel,
+each GEMV program compares and lists its own range of inputs (``_threshold_local_gemv_kernel``).
+Batch > 1 (every row keeps a different set): the masked input through a dense product
+(cuBLAS).
 
 ``t`` is a one-element fp32 tensor on the input's device (a site's calibrated threshold kept
 as a buffer), or a Python float. Reference: :func:`threshold_gemv_reference` (pure PyTorch,
@@ -122,7 +124,8 @@ def threshold_gemv(
     of x (the RMSNorm in front of the site, or act(g) * u of x = [g | u]: computed by the list
     kernel at batch 1, by PyTorch elsewhere). Batch 1 on CUDA (or under
     ``TRITON_INTERPRET=1``): the list kernel, then the sparse-input GEMV as its programmatic
-    dependent, which reads the list's length itself (packed list words for bf16). ``cfg=None``:
+    dependent, which reads the list's length itself (packed list words for bf16; with
+    ``cfg.local_range`` > 0 one kernel, each program listing its own inputs). ``cfg=None``:
     :func:`~qsparse.kernels.gemv.sparse_config_for_weights` at ``expected_kept`` inputs
     (default K/2; the launch shape only, any count is computed exactly). Elsewhere, and for
     batch > 1: the masked input through a dense product. ``n_out``: keep the first ``n_out``
