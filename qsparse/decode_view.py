@@ -86,10 +86,11 @@ TERNARY_ROWS: bool = os.environ.get("QSPARSE_TERNARY_ROWS", "0") == "1"
 #: until measured end to end. ``QSPARSE_THRESHOLD_LOCAL=R`` (read at import) or setting this
 #: before :func:`decoder_view` sets it
 THRESHOLD_LOCAL_RANGE: int = int(os.environ.get("QSPARSE_THRESHOLD_LOCAL", "0"))
-#: batch-1 top-k sites without a fused producer (o, down): the carried GEMV whose first sweep
-#: lists each slice's inputs above the carried band (``GemvConfig(carry=True,
-#: local_range=1)``) streams most kept rows while the selection still runs, instead of the
-#: list GEMV after it; off until measured end to end. ``QSPARSE_CARRY_LOCAL=1`` (read at
+#: batch-1 top-k sites: the carried GEMV whose first sweep lists each slice's inputs above the
+#: carried band (``GemvConfig(carry=True, local_range=1)``) streams most kept rows while the
+#: selection still runs, instead of the list GEMV after it; the layer's RMSNorm then runs
+#: as its own (compiled) op in front of q|k|v and gate|up, since both kernels must read the
+#: same site input. Off until measured end to end. ``QSPARSE_CARRY_LOCAL=1`` (read at
 #: import) or setting this before :func:`decoder_view` turns it on
 CARRY_LOCAL: bool = os.environ.get("QSPARSE_CARRY_LOCAL", "0") == "1"
 #: the values ``head_bits`` takes: None (the model's own lm head) or 8 (:class:`Int8Head`)
@@ -205,7 +206,7 @@ class _Projection(nn.Module):
                 self.register_buffer("wt", G.prepare_dense(weight), persistent=False)
                 self.register_buffer("hint", G.new_hint(16, dev), persistent=False)
                 self.mode = "sparse"
-                self.carry_cfg = None  # CARRY_LOCAL: used where no producer is fused
+                self.carry_cfg = None  # CARRY_LOCAL: the carried GEMV, no fused producer
                 if CARRY_LOCAL:
                     cfg = G.sparse_config_for(
                         self.wt.shape[0], self.wt.shape[1], self.k, carry=True
@@ -249,6 +250,8 @@ class _Projection(nn.Module):
         ternary = self.mode == "ternary" and not self.rows
         if not (self.mode in ("sparse", "threshold") or self.rows or ternary):
             return False
+        if self.mode == "sparse" and self.carry_cfg is not None:
+            return False  # CARRY_LOCAL: the carried GEMV reads the normed input (no producer)
         if self.site.norm is not None and not (ternary and self.subln is not None):
             return False
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
@@ -329,9 +332,8 @@ class _Projection(nn.Module):
             xs = G.masked_topk(x2, self.k, self.hint, producer=self.producer)
             return (xs @ self.wt)[:, :n].reshape(*lead, n)
         if self.mode == "sparse":
-            cfg = self.carry_cfg if self.producer.kind == "none" else None
             y = G.sparse_gemv(
-                x2, self.wt, self.k, cfg, n_out=n, hint=self.hint, producer=self.producer
+                x2, self.wt, self.k, self.carry_cfg, n_out=n, hint=self.hint, producer=self.producer
             )
         else:
             y = G.ternary_gemv(x2, self.packed, self.alpha, self.k, self.act_bits, hint=self.hint)

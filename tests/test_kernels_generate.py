@@ -198,8 +198,11 @@ for dtype in (torch.float32, torch.bfloat16):
     ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(1))
     engine = DecodeEngine(model)
     layer = engine.decoder.model.layers[0]
-    assert layer.self_attn.o_proj.carry_cfg.carry and layer.mlp.down_proj.carry_cfg.local_range
-    assert layer.self_attn.qkv.producer.kind == "rmsnorm"  # fused producer: the list GEMV
+    for site in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up,
+                 layer.mlp.down_proj):
+        assert site.carry_cfg.carry and site.carry_cfg.local_range, site
+        assert site.producer.kind == "none"  # both kernels read the normed input
+    assert not isinstance(layer.input_layernorm, torch.nn.Identity)
     got = engine.generate(ids, 4).tokens
     ref = model.generate(ids, max_new_tokens=4, use_cache=False)
     assert torch.equal(got, ref), (dtype, got, ref)
@@ -209,8 +212,9 @@ print("CARRY LOCAL OK")
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_carried_gemv_with_listed_first_sweep_decodes_like_plain_forward():
-    """``decode_view.CARRY_LOCAL``: the o and down sites decode on the carried GEMV whose first
-    sweep lists each slice's inputs above the band; greedy tokens equal plain forwards."""
+    """``decode_view.CARRY_LOCAL``: every top-k site decodes on the carried GEMV whose first
+    sweep lists each slice's inputs above the band (the layer norms run as their own ops);
+    greedy tokens equal plain forwards."""
     from conftest import run_interpreted
 
     assert "CARRY LOCAL OK" in run_interpreted(CARRY_LOCAL_SCRIPT)

@@ -131,8 +131,9 @@ def test_threshold_sites_decode_like_plain_forward(batch, dtype):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_carried_gemv_with_listed_first_sweep_decodes_like_plain_forward(monkeypatch):
-    """``decode_view.CARRY_LOCAL``: the o and down sites run the carried GEMV with a listed
-    first sweep inside the CUDA graph; each greedy token is the argmax of a plain forward."""
+    """``decode_view.CARRY_LOCAL``: every top-k site runs the carried GEMV with a listed first
+    sweep inside the CUDA graph (the layer norms as their own ops); each greedy token is the
+    argmax of a plain forward."""
     import qsparse.decode_view as DV
 
     monkeypatch.setattr(DV, "CARRY_LOCAL", True)
