@@ -425,6 +425,50 @@ def _threshold_list_kernel(
 
 
 @triton.jit
+def _stream_listed(
+    acc2,
+    xv,
+    i,
+    m,
+    idx_ptr,
+    val_ptr,
+    w_ptr,
+    cmask,
+    row_stride,
+    wc,
+    BK: tl.constexpr,
+    STAGES: tl.constexpr,
+    CMASK: tl.constexpr,
+    PACKED: tl.constexpr,
+):
+    """``acc2`` [BK, BN] plus the products of the inputs ``i`` where ``m`` (values ``xv``,
+    fp32) with their weight rows, in full tiles: the program lists them first at ``idx``
+    (packed words, :func:`_pack_kept`; or indices, with the values at ``val``), a barrier
+    makes its own writes visible to it, then it streams the listed rows (programs that list
+    the same inputs at the same place may share it: they write the same words)."""
+    kept = m.to(tl.int32)
+    pos = tl.cumsum(kept, axis=0) - 1
+    n = tl.sum(kept, axis=0)
+    if PACKED:
+        tl.store(idx_ptr + pos, _pack_kept(xv, i), mask=m)
+    else:
+        tl.store(idx_ptr + pos, i, mask=m)
+        tl.store(val_ptr + pos, xv, mask=m)
+    tl.debug_barrier()
+    for p0 in tl.range(0, n, BK, num_stages=STAGES):
+        p = p0 + tl.arange(0, BK)
+        pm = p < n
+        r = tl.load(idx_ptr + p, mask=pm, other=0)
+        if PACKED:
+            r, v = _unpack_kept(r)
+        else:
+            v = tl.load(val_ptr + p, mask=pm, other=0.0)
+        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
+        acc2 += v[:, None] * w.to(tl.float32)
+    return acc2
+
+
+@triton.jit
 def _threshold_local_gemv_kernel(
     x_ptr,
     t_ptr,
@@ -479,28 +523,23 @@ def _threshold_local_gemv_kernel(
         nw = tl.load(nw_ptr + i, mask=valid, other=0.0).to(tl.float32)
         xf = _round_to(nw * xf, BF16)
     keep = (tl.abs(xf) > tl.load(t_ptr)) & valid
-    kept = keep.to(tl.int32)
-    pos = tl.cumsum(kept, axis=0) - 1
-    n_kept = tl.sum(kept, axis=0)
-    base = idx_ptr + pid_s * R
-    vbase = val_ptr + pid_s * R
-    if PACKED:
-        tl.store(base + pos, _pack_kept(xf, i), mask=keep)
-    else:
-        tl.store(base + pos, i, mask=keep)
-        tl.store(vbase + pos, xf, mask=keep)
-    tl.debug_barrier()
     acc2 = tl.zeros([BK, BN], dtype=tl.float32)
-    for p0 in tl.range(0, n_kept, BK, num_stages=STAGES):
-        p = p0 + tl.arange(0, BK)
-        pm = p < n_kept
-        r = tl.load(base + p, mask=pm, other=0)
-        if PACKED:
-            r, v = _unpack_kept(r)
-        else:
-            v = tl.load(vbase + p, mask=pm, other=0.0)
-        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
-        acc2 += v[:, None] * w.to(tl.float32)
+    acc2 = _stream_listed(
+        acc2,
+        xf,
+        i,
+        keep,
+        idx_ptr + pid_s * R,
+        val_ptr + pid_s * R,
+        w_ptr,
+        cmask,
+        row_stride,
+        wc,
+        BK,
+        STAGES,
+        CMASK,
+        PACKED,
+    )
     acc = tl.sum(acc2, axis=0)[None, :]
     rb = tl.arange(0, 1)
     omask = (rb < 1)[:, None] & cmask[None, :]
@@ -907,26 +946,22 @@ def _carry_gemv_kernel(
         i = lo1 + tl.arange(0, R)
         xs = tl.load(x_ptr + i, mask=i < hi1, other=0.0).to(tl.float32)
         m1 = (i < hi1) & (abs_key(xs) > hi)
-        pos = tl.cumsum(m1.to(tl.int32), axis=0) - 1
-        n1 = tl.sum(m1.to(tl.int32), axis=0)
-        base = sidx_ptr + pid_s * R
-        vbase = sval_ptr + pid_s * R
-        if PACKED:
-            tl.store(base + pos, _pack_kept(xs, i), mask=m1)
-        else:
-            tl.store(base + pos, i, mask=m1)
-            tl.store(vbase + pos, xs, mask=m1)
-        tl.debug_barrier()
-        for p0 in tl.range(0, n1, BK, num_stages=STAGES):
-            p = p0 + tl.arange(0, BK)
-            pm = p < n1
-            r = tl.load(base + p, mask=pm, other=0)
-            if PACKED:
-                r, xv = _unpack_kept(r)
-            else:
-                xv = tl.load(vbase + p, mask=pm, other=0.0)
-            w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
-            acc2 += xv[:, None] * w.to(tl.float32)
+        acc2 = _stream_listed(
+            acc2,
+            xs,
+            i,
+            m1,
+            sidx_ptr + pid_s * R,
+            sval_ptr + pid_s * R,
+            w_ptr,
+            cmask,
+            row_stride,
+            wc,
+            BK,
+            STAGES,
+            CMASK,
+            PACKED,
+        )
     else:
         for p0 in tl.range(lo1, hi1, BK, num_stages=STAGES):
             r = p0 + tl.arange(0, BK)
