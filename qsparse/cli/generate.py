@@ -160,7 +160,8 @@ def measure(args: argparse.Namespace, modes: list[str]) -> list[tuple[str, float
         rows.append((label, res.tokens_per_s, ratio))
         shown = f"{ratio:.2f}x" if ratio else "-"
         # a threshold site keeps what exceeds its threshold: say what this decode kept
-        kept = kept_fraction(model, res.tokens, ids.shape[1])
+        decoded = res.tokens.shape[1] > ids.shape[1]
+        kept = kept_fraction(model, res.tokens, ids.shape[1]) if decoded else None
         kept_note = f", threshold sites kept {100 * kept:.1f}% of inputs" if kept else ""
         print(
             f"{label}: {res.tokens_per_s:.1f} tokens/s (batch {args.batch}), vs dense {shown}"
