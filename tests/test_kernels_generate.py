@@ -292,6 +292,7 @@ def test_cli_runs_all_modes(capsys):
     out = capsys.readouterr().out
     for mode in MODES:
         assert f"| {mode} |" in out
+    assert out.count("threshold sites kept") == 1  # the qsparse_threshold row only
     with pytest.raises(SystemExit):
         cli_main(["--preset", "tiny", "--mode", "sparse"])
 
