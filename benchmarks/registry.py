@@ -631,23 +631,24 @@ REGISTRY: list[Bench] = [
     ),
     # fixed per-site thresholds (sparsity=threshold, TEAL) against per-token top-k, end to end
     Bench(
-        "decode_modes_threshold_b1",
-        "decode_modes.py",
-        (
-            *("--presets", "1.3B,7B", "--batches", "1", "--hf-batches", ""),
-            *("--modes", "dense,qsparse,qsparse_threshold"),
-        ),
+        "teal_decode",
+        "teal_gemv.py",
+        ("--decode", "7B,1.3B", "--sparsity", "0.6", "--decode-tokens", "64"),
         group="decode_threshold",
-        est_s=300,
+        est_s=360,
         rows=tuple(
             Row(
                 "decode",
-                f"{preset} decode, batch 1, {_NEW_TOKENS[preset]} tokens, compiled step + CUDA "
-                "graph, S=0.6: Q-Sparse top-k / a fixed threshold per site (`sparsity=threshold`"
-                ", thresholds set on random tokens) vs dense of the same run",
-                f"{{{_DM}.{preset}.b1.compile.qsparse.ratio|.2f}}x / "
-                f"{{{_DM}.{preset}.b1.compile.qsparse_threshold.ratio|.2f}}x (dense "
-                f"{{{_DM}.{preset}.b1.compile.dense.tokens_per_s|.1f}} tokens/s)",
+                f"{preset} decode, batch 1, 64 tokens, compiled step + CUDA graph, S=0.6: "
+                "Q-Sparse top-k / a fixed threshold per site (`qsparse_threshold`, calibrated "
+                "on the decoded positions of random tokens) / the same without a list kernel "
+                "(`THRESHOLD_LOCAL_RANGE=512`, opt-in) vs dense of the same run; share of "
+                "inputs the threshold sites kept",
+                f"{{{_TL}.decode_{preset}.qsparse|.2f}}x / "
+                f"{{{_TL}.decode_{preset}.threshold|.2f}}x / "
+                f"{{{_TL}.decode_{preset}.threshold_local|.2f}}x (dense "
+                f"{{{_TL}.decode_{preset}.dense.tokens_per_s|.1f}} tokens/s; kept "
+                f"{{{_TL}.decode_{preset}.threshold.kept_pct|.1f}}%)",
             )
             for preset in ("7B", "1.3B")
         ),
