@@ -107,6 +107,36 @@ def test_continue_recipe_trains_and_exports_tracked_thresholds(
         assert sp.ratio == pytest.approx(stored["sites"][name])
 
 
+def test_finetune_recipe_trains_tracked_thresholds(tiny_hf_checkpoint, tmp_path: Path) -> None:
+    """recipe=finetune/tiny with sparsity=threshold (response-token loss, padded SFT batches):
+    two steps set every site's threshold, and the export reloads them."""
+    import qsparse
+
+    ckpt = tiny_hf_checkpoint("llama", max_position_embeddings=512)
+    cfg = compose_train(
+        [
+            "recipe=finetune/tiny",
+            f"model.path={ckpt}",
+            f"run_dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "sparsity=threshold",
+            "sparsity.ratio=0.5",
+            "data.max_examples=60",
+            "data.batch_size=2",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "callbacks.checkpoint.every_n_train_steps=2",
+            "logger=csv",
+        ]
+    )
+    summary = train(cfg)
+    model = qsparse.load(str(summary["export_dir"]))
+    sites = sparsifiers(model)
+    assert sites and all(sp.pattern == "threshold" for sp in sites.values())
+    assert all(float(sp.threshold) > 0 for sp in sites.values())
+
+
 def test_tracked_thresholds_resume_exactly(tiny_hf_checkpoint, tmp_path: Path) -> None:
     """A run cut off after its checkpoint and resumed takes the same steps as one run: the
     checkpoint holds the thresholds as moved by the batch it was saved after."""
