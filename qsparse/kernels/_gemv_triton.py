@@ -261,6 +261,27 @@ def _unpack_kept(word):
 
 
 @triton.jit
+def _store_kept(xf, i, keep, pos, idx_ptr, val_ptr, PACKED: tl.constexpr):
+    """The list entries of the inputs ``i`` where ``keep``, at positions ``pos``: idx[p] = i
+    and val[p] = xf (fp32), or with ``PACKED`` one word per kept input in idx
+    (:func:`_pack_kept`; ``xf`` must hold bf16 values): one scattered store instead of two."""
+    if PACKED:
+        tl.store(idx_ptr + pos, _pack_kept(xf, i), mask=keep)
+    else:
+        tl.store(idx_ptr + pos, i, mask=keep)
+        tl.store(val_ptr + pos, xf, mask=keep)
+
+
+@triton.jit
+def _list_masked(xf, i, keep, idx_ptr, val_ptr, PACKED: tl.constexpr):
+    """List the inputs ``i`` where ``keep`` in ascending order (:func:`_store_kept`); returns
+    their count. One prefix sum, no selection (a fixed threshold, or a carried band)."""
+    kept = keep.to(tl.int32)
+    _store_kept(xf, i, keep, tl.cumsum(kept, axis=0) - 1, idx_ptr, val_ptr, PACKED)
+    return tl.sum(kept, axis=0)
+
+
+@triton.jit
 def _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr, PACKED: tl.constexpr = False):
     """idx[p] = i, val[p] = xf for the kept entries of one row, ascending (``i``: the
     positions of ``key``/``xf``): every key above ``thr`` and the first ``need`` keys equal to
@@ -268,11 +289,7 @@ def _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr, PACKED: tl.constexpr = F
     (:func:`_kept_slots`). ``PACKED``: one word per kept input in idx instead
     (:func:`_pack_kept`): one scattered store instead of two."""
     keep, pos = _kept_slots(key, thr, need, tl.cumsum(_scan_terms(key, thr), axis=0))
-    if PACKED:
-        tl.store(idx_ptr + pos, _pack_kept(xf, i), mask=keep)
-    else:
-        tl.store(idx_ptr + pos, i, mask=keep)
-        tl.store(val_ptr + pos, xf, mask=keep)
+    _store_kept(xf, i, keep, pos, idx_ptr, val_ptr, PACKED)
 
 
 @triton.jit
@@ -414,14 +431,7 @@ def _threshold_list_kernel(
     valid = i < K
     xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
     keep = (tl.abs(xf) > tl.load(t_ptr)) & valid
-    kept = keep.to(tl.int32)
-    pos = tl.cumsum(kept, axis=0) - 1
-    if PACKED:
-        tl.store(idx_ptr + pos, _pack_kept(xf, i), mask=keep)
-    else:
-        tl.store(idx_ptr + pos, i, mask=keep)
-        tl.store(val_ptr + pos, xf, mask=keep)
-    tl.store(cnt_ptr, tl.sum(kept, axis=0))
+    tl.store(cnt_ptr, _list_masked(xf, i, keep, idx_ptr, val_ptr, PACKED))
 
 
 @triton.jit
@@ -446,14 +456,7 @@ def _stream_listed(
     (packed words, :func:`_pack_kept`; or indices, with the values at ``val``), a barrier
     makes its own writes visible to it, then it streams the listed rows (programs that list
     the same inputs at the same place may share it: they write the same words)."""
-    kept = m.to(tl.int32)
-    pos = tl.cumsum(kept, axis=0) - 1
-    n = tl.sum(kept, axis=0)
-    if PACKED:
-        tl.store(idx_ptr + pos, _pack_kept(xv, i), mask=m)
-    else:
-        tl.store(idx_ptr + pos, i, mask=m)
-        tl.store(val_ptr + pos, xv, mask=m)
+    n = _list_masked(xv, i, m, idx_ptr, val_ptr, PACKED)
     tl.debug_barrier()
     for p0 in tl.range(0, n, BK, num_stages=STAGES):
         p = p0 + tl.arange(0, BK)
@@ -516,12 +519,10 @@ def _threshold_local_gemv_kernel(
     i = pid_s * R + tl.arange(0, R)
     valid = i < K
     xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
-    if PROD == 1:
+    if PROD == 1:  # the rms of the whole row, the norm of this program's range
         j = tl.arange(0, BLOCK)
         row = tl.load(x_ptr + j, mask=j < K, other=0.0).to(tl.float32)
-        xf = _round_to(xf * _inv_rms(row, K, eps), BF16)
-        nw = tl.load(nw_ptr + i, mask=valid, other=0.0).to(tl.float32)
-        xf = _round_to(nw * xf, BF16)
+        xf = _rms_scaled(xf, _inv_rms(row, K, eps), nw_ptr, i, valid, BF16)
     keep = (tl.abs(xf) > tl.load(t_ptr)) & valid
     acc2 = tl.zeros([BK, BN], dtype=tl.float32)
     acc2 = _stream_listed(
@@ -569,6 +570,14 @@ def _inv_rms(xf, K, eps):
 
 
 @triton.jit
+def _rms_scaled(xf, inv, w_ptr, i, valid, BF16: tl.constexpr):
+    """RMSNorm's output at the inputs ``i`` from their values ``xf`` and the row's ``inv =``
+    :func:`_inv_rms`: ``w * round(x * inv)``, rounded again (the torch module's roundings)."""
+    w = tl.load(w_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    return _round_to(w * _round_to(xf * inv, BF16), BF16)
+
+
+@triton.jit
 def _produce(x_ptr, w_ptr, row, i, valid, K, eps, PROD: tl.constexpr, BF16: tl.constexpr):
     """Row ``row`` of the site's input, computed from what its producer read (fp32, each
     step rounded to the activation dtype as the torch modules round it):
@@ -583,9 +592,7 @@ def _produce(x_ptr, w_ptr, row, i, valid, K, eps, PROD: tl.constexpr, BF16: tl.c
         y = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
     elif PROD == 1:
         xf = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
-        y = _round_to(xf * _inv_rms(xf, K, eps), BF16)
-        w = tl.load(w_ptr + i, mask=valid, other=0.0).to(tl.float32)
-        y = _round_to(w * y, BF16)
+        y = _rms_scaled(xf, _inv_rms(xf, K, eps), w_ptr, i, valid, BF16)
     else:
         g = tl.load(x_ptr + row * 2 * K + i, mask=valid, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + row * 2 * K + K + i, mask=valid, other=0.0).to(tl.float32)

@@ -855,7 +855,7 @@ def _carry_gemv_launch(
     if cfg.local_range > 0:
         per = triton.cdiv(triton.cdiv(k_in, split), cfg.block_k) * cfg.block_k
         r = triton.next_power_of_2(per)
-    packed = r > 0 and x.dtype == torch.bfloat16 and k_in <= 65536
+    packed = r > 0 and _packs(x, k_in, cfg.radix)
     sidx = torch.empty(split * r, dtype=torch.int32, device=x.device) if r else cnt
     sval = sidx if packed or not r else torch.empty(split * r, device=x.device)
     _carry_gemv_kernel[grid](

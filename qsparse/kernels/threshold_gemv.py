@@ -35,6 +35,7 @@ from .gemv import (
     _check_x,
     _gemv_outputs,
     _interpreted,
+    _packs,
     _panels,
     _pdl_ok,
     _prod_args,
@@ -194,7 +195,7 @@ def _local_launch(
     if r & (r - 1):
         raise ValueError(f"GemvConfig.local_range={r} must be a power of two")
     split = triton.cdiv(k_in, r)
-    packed = x.dtype == torch.bfloat16 and k_in <= 65536
+    packed = _packs(x, k_in, True)
     idx = torch.empty(split * r, dtype=torch.int32, device=x.device)
     val = idx if packed else torch.empty(split * r, dtype=torch.float32, device=x.device)
     interp = _interpreted(x)
