@@ -165,7 +165,7 @@ def run(args: argparse.Namespace, generate_args: Sequence[str] = ()) -> None:
             measured: list[tuple[str, float, float | None]] = []
             dense_tps = None
             for mode, run_args in runs:  # one at a time: a cut-short run keeps what it measured
-                ((mode, tps, _),) = measure(run_args, [mode])
+                ((mode, tps, _, _),) = measure(run_args, [mode])
                 dense_tps = tps if mode == "dense" else dense_tps
                 ratio = tps / dense_tps if dense_tps else None
                 measured.append((mode, tps, ratio))

@@ -173,55 +173,40 @@ def main(argv: list[str] | None = None) -> None:
 
 def decode(preset: str, new_tokens: int, sparsity: float, device: str) -> None:
     """End to end (``--decode PRESET``): greedy decode tokens/s at batch 1 (random weights,
-    bf16, compiled step, CUDA graph) of dense, Q-Sparse top-k and fixed thresholds at
+    bf16, compiled step, CUDA graph: ``qsparse-generate``'s own measurement,
+    :func:`qsparse.cli.generate.measure`) of dense, Q-Sparse top-k and fixed thresholds at
     ``sparsity`` (``qsparse_threshold``, calibrated on the decoded positions) with the list
-    kernel and without it (:data:`qsparse.decode_view.THRESHOLD_LOCAL_RANGE` =
+    kernel and then without it (:data:`qsparse.decode_view.THRESHOLD_LOCAL_RANGE` =
     :data:`LOCAL_RANGE`), in one process; the ratios to dense and what the threshold sites
     kept."""
-    import gc
-
     import qsparse.decode_view as DV
-    from qsparse.generate import DecodeEngine, convert, kept_fraction
-    from qsparse.models import LlamaConfig, LlamaForCausalLM
+    from qsparse.cli.generate import _parser
+    from qsparse.cli.generate import measure as decode_rows
 
-    cfg = LlamaConfig.from_preset(preset)
-    prompt = 16
-    ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
-    cal = torch.randint(
-        0, cfg.vocab_size, (1, prompt + new_tokens), generator=torch.Generator().manual_seed(1)
+    args = _parser().parse_args(
+        [
+            *("--preset", preset, "--device", device, "--batch", "1"),
+            *("--new-tokens", str(new_tokens), "--sparsity", str(sparsity), "--compile"),
+        ]
     )
-    rates = {}
+    rows = decode_rows(args, ["dense", "qsparse", "qsparse_threshold"])
+    DV.THRESHOLD_LOCAL_RANGE = LOCAL_RANGE
+    try:
+        ((_, tps, _, kept),) = decode_rows(args, ["qsparse_threshold"])
+    finally:
+        DV.THRESHOLD_LOCAL_RANGE = 0
+    names = ("dense", "qsparse", "threshold", "threshold_local")
+    found = {n: (r[1], r[3]) for n, r in zip(names, [*rows, (None, tps, None, kept)], strict=True)}
     key = f"teal_gemv.decode_{preset}"
-    for name, mode, local in (
-        ("dense", "dense", 0),
-        ("qsparse", "qsparse", 0),
-        ("threshold", "qsparse_threshold", 0),
-        ("threshold_local", "qsparse_threshold", LOCAL_RANGE),
-    ):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-        model = convert(model.to(torch.bfloat16).eval(), mode, sparsity, cal, prompt)
-        DV.THRESHOLD_LOCAL_RANGE = local
-        engine = DecodeEngine(model, compile=True)
-        engine.generate(ids, new_tokens)  # warm-up: kernels, compiled step, CUDA graph
-        res = engine.generate(ids, new_tokens)
-        rates[name] = res.tokens_per_s
-        kept = kept_fraction(model, res.tokens, prompt)
-        note = f", kept {100 * kept:.1f}%" if kept is not None else ""
-        print(f"# decode {preset} {name}: {res.tokens_per_s:.1f} tokens/s{note}", flush=True)
+    dense = found["dense"][0]
+    for name, (tps, kept) in found.items():
+        emit(f"{key}.{name}.tokens_per_s", tps, "tokens/s")
+        emit(f"{key}.{name}", tps / dense)
         if kept is not None:
             emit(f"{key}.{name}.kept_pct", 100 * kept, "%")
-        del engine, model, res
-        gc.collect()
-        torch.cuda.empty_cache()
-    DV.THRESHOLD_LOCAL_RANGE = 0
-    for name, tps in rates.items():
-        emit(f"{key}.{name}.tokens_per_s", tps, "tokens/s")
-        emit(f"{key}.{name}", tps / rates["dense"])
     print(
         f"RATIO teal_gemv decode {preset} S={sparsity:g} vs dense: "
-        + ", ".join(f"{n} {t / rates['dense']:.2f}x" for n, t in rates.items())
+        + ", ".join(f"{n} {t / dense:.2f}x" for n, (t, _) in found.items())
     )
 
 

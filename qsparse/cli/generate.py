@@ -108,9 +108,12 @@ def _preset_model(args, dtype):
     return model.to(dtype=dtype).eval()
 
 
-def measure(args: argparse.Namespace, modes: list[str]) -> list[tuple[str, float, float | None]]:
+def measure(
+    args: argparse.Namespace, modes: list[str]
+) -> list[tuple[str, float, float | None, float | None]]:
     """Decode ``args.new_tokens`` tokens in each mode; rows (mode, tokens/s, ratio to the dense
-    run of this call or None). Prints a line per mode (and the text with ``--prompt``)."""
+    run of this call or None, share of inputs the threshold sites kept over the decoded
+    positions or None). Prints a line per mode (and the text with ``--prompt``)."""
     dtype = torch_dtype(args.dtype, "--dtype")
     tokenizer = None
     rows = []
@@ -157,11 +160,11 @@ def measure(args: argparse.Namespace, modes: list[str]) -> list[tuple[str, float
             dense_tps = res.tokens_per_s
         ratio = res.tokens_per_s / dense_tps if dense_tps else None
         label = f"{mode}_int8head" if head_bits else mode
-        rows.append((label, res.tokens_per_s, ratio))
         shown = f"{ratio:.2f}x" if ratio else "-"
         # a threshold site keeps what exceeds its threshold: say what this decode kept
         decoded = res.tokens.shape[1] > ids.shape[1]
         kept = kept_fraction(model, res.tokens, ids.shape[1]) if decoded else None
+        rows.append((label, res.tokens_per_s, ratio, kept))
         kept_note = f", threshold sites kept {100 * kept:.1f}% of inputs" if kept else ""
         print(
             f"{label}: {res.tokens_per_s:.1f} tokens/s (batch {args.batch}), vs dense {shown}"
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f", head_bits={args.head_bits} (not dense)" if args.head_bits else "")
     )
     print("| mode | tokens/s | vs dense |\n| --- | --- | --- |")
-    for mode, tps, ratio in rows:
+    for mode, tps, ratio, _ in rows:
         print(f"| {mode} | {tps:.1f} | {f'{ratio:.2f}x' if ratio else '-'} |")
     return 0
 
