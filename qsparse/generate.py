@@ -134,12 +134,7 @@ def calibrate_thresholds(model: nn.Module, ids: torch.Tensor, skip: int = 0) -> 
     ``skip`` = the prompt length these are the positions a decode reads (the attention output's
     magnitude falls with the context a random model averages over). Returns the number of
     thresholds set."""
-    from .nn.linear import _abs_quantile
-
-    def set_threshold(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return site.threshold.copy_(_abs_quantile(x, site.ratio))
-
-    return len(_site_inputs(model, ids, skip, set_threshold))
+    return len(_site_inputs(model, ids, skip, lambda sp, x: sp.set_threshold_from(x)))
 
 
 def kept_fraction(model: nn.Module, ids: torch.Tensor, skip: int = 0) -> float | None:
@@ -150,7 +145,7 @@ def kept_fraction(model: nn.Module, ids: torch.Tensor, skip: int = 0) -> float |
         model,
         ids,
         skip,
-        lambda sp, x: float((x.abs() > sp.threshold.to(x.dtype)).float().mean()),
+        lambda sp, x: float(sp.threshold_mask(x).float().mean()),
     )
     return sum(found.values()) / len(found) if found else None
 

@@ -149,11 +149,21 @@ class ActivationSparsifier(nn.Module):
         tracking = self.training and self.threshold_momentum and self.ratio > 0
         # an evaluation forward drops what a training batch left pending
         self._batch_quantile = _abs_quantile(x.detach(), self.ratio) if tracking else None
-        mask = x.detach().abs() > self.threshold.to(x.dtype)
+        mask = self.threshold_mask(x)
         values = None
         if self.act_bits is not None:
             values = absmax_quantize(x, self.act_bits, self.eps, ste=True)
         return apply_mask(x, mask, self.ste, values=values, rescale=self.rescale)
+
+    def threshold_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """``|x| > t`` (bool, x's shape), the threshold rounded to x's dtype first."""
+        return x.detach().abs() > self.threshold.to(x.dtype)
+
+    @torch.no_grad()
+    def set_threshold_from(self, x: torch.Tensor) -> torch.Tensor:
+        """Set the threshold to the ratio's |x| quantile of ``x`` (a calibration pass); returns
+        it."""
+        return self.threshold.copy_(_abs_quantile(x, self.ratio))
 
     @property
     def pending_quantile(self) -> torch.Tensor | None:
