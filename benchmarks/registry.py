@@ -438,16 +438,6 @@ REGISTRY: list[Bench] = [
                     for p in _SHAPES_7B
                 ),
             ),
-            Row(
-                "decode",
-                "same, carried GEMV whose first sweep lists each slice's inputs above the band "
-                "(`local_range`, opt-in) instead of row-masked tiles: qkv, o, gate_up, down",
-                "; ".join(
-                    f"{{{_S7}.{p}_b1_S0.6.carry_local|.2f}}x "
-                    f"({{{_S7}.{p}_b1_S0.6.carry_local_us|.1f}} us)"
-                    for p in _SHAPES_7B
-                ),
-            ),
             *(
                 Row(
                     "decode",
@@ -641,12 +631,10 @@ REGISTRY: list[Bench] = [
                 "decode",
                 f"{preset} decode, batch 1, 64 tokens, compiled step + CUDA graph, S=0.6: "
                 "Q-Sparse top-k / a fixed threshold per site (`qsparse_threshold`, calibrated "
-                "on the decoded positions of random tokens) / the same without a list kernel "
-                "(`THRESHOLD_LOCAL_RANGE=512`, opt-in) vs dense of the same run; share of "
-                "inputs the threshold sites kept",
+                "on the decoded positions of random tokens) vs dense of the same run; share "
+                "of inputs the threshold sites kept",
                 f"{{{_TL}.decode_{preset}.qsparse|.2f}}x / "
-                f"{{{_TL}.decode_{preset}.threshold|.2f}}x / "
-                f"{{{_TL}.decode_{preset}.threshold_local|.2f}}x (dense "
+                f"{{{_TL}.decode_{preset}.threshold|.2f}}x (dense "
                 f"{{{_TL}.decode_{preset}.dense.tokens_per_s|.1f}} tokens/s; kept "
                 f"{{{_TL}.decode_{preset}.threshold.kept_pct|.1f}}%)",
             )
@@ -681,12 +669,10 @@ REGISTRY: list[Bench] = [
             Row(
                 "decode",
                 f"same, S={s}, threshold_gemv (the GEMV as the list kernel's programmatic "
-                "dependent, packed list words) / no list kernel (each GEMV program lists its "
-                "own 512 inputs, `GemvConfig.local_range`, opt-in) / the list kernel launched "
-                "alone with two lists (before 2026-12-03), vs cuBLAS: qkv; o; gate_up; down",
+                "dependent, packed list words) / the list kernel launched alone with two lists "
+                "(before 2026-12-03), vs cuBLAS: qkv; o; gate_up; down",
                 "; ".join(
                     f"{{{_TL}.{name}_S{s}.threshold|.2f}}x / "
-                    f"{{{_TL}.{name}_S{s}.threshold_local|.2f}}x / "
                     f"{{{_TL}.{name}_S{s}.threshold_plain|.2f}}x"
                     for name in _SHAPES_7B
                 ),

@@ -14,9 +14,7 @@ copies (L2 cannot serve them), times per call:
   while the selection runs; measured slower, not the default), and ``carry_list`` what
   :mod:`qsparse.generate` runs (the selection from the carried threshold, then the list
   GEMV; ``two_lists``: the same with ``GemvConfig(packed=False)``, an index list and an
-  fp32 value list instead of one packed word per kept input; ``carry_local``: the carried
-  GEMV with ``local_range``, its first sweep over each slice's own list of the inputs above
-  the band instead of row-masked tiles), plus a sweep of the carried
+  fp32 value list instead of one packed word per kept input), plus a sweep of the carried
   GEMV's launch shapes on o and down (``carry_sweep``: split x block_k); at batch > 1 the
   default path with the hint;
 - ``topk+gemm`` (batch > 1): :func:`qsparse.kernels.gemv.masked_topk` from carried
@@ -40,8 +38,7 @@ Before timing, every kernel is checked against its PyTorch reference on fresh in
 For ``benchmarks/run_all.py`` it prints ``FIGURE`` lines per shape, batch and sparsity, under
 ``sparse_gemv_7b.<shape>_b<batch>_S<S>`` (as ``benchmarks/sparse_gemv.py``): ``dense_us``
 (cuBLAS), ``incl`` / ``incl_us`` (selection included), ``carry`` / ``carry_us`` (selection
-included, threshold carried), at batch 1 ``carry_list`` / ``carry_list_us``,
-``carry_local`` / ``carry_local_us`` and
+included, threshold carried), at batch 1 ``carry_list`` / ``carry_list_us`` and
 ``carry_sweep.s<split>_k<block_k>_us`` (with ``--sweep``), at batch > 1 ``topk_gemm`` /
 ``topk_gemm_us`` and ``bisect_gemm`` / ``bisect_gemm_us``, and
 ``ternary_<split|dp4a|dot>[_topk]``
@@ -166,13 +163,6 @@ def main() -> None:
             else:
                 cfg = replace(G.sparse_config_for(kin, wts[0].shape[1], k), carry=False)
                 carry_list = hinted(cfg)
-                # the carried GEMV whose first sweep lists each slice's certain inputs
-                extra["carry_local"] = hinted(replace(ccfg, local_range=1))
-                print(
-                    f"# {name} batch 1 carried GEMV, first sweep listed: "
-                    f"{extra['carry_local']:.1f} us (row-masked {carry:.1f} us, list GEMV "
-                    f"{carry_list:.1f} us)"
-                )
                 # the list as it was until 2026-12-03: index and fp32 value lists
                 extra["two_lists"] = hinted(replace(cfg, packed=False))
                 print(

@@ -16,9 +16,6 @@ serve them), times per call:
 - ``threshold_plain``: the same list kernel launched on its own, then the GEMV (no
   programmatic dependent launch, an index list and a value list instead of packed words):
   the public path before 2026-12-03, measured beside it;
-- ``threshold_local``: no list kernel (``GemvConfig.local_range = 512``): each GEMV program
-  compares and lists its own 512 inputs, then streams their kept rows (opt-in, measured here
-  against the list kernel);
 - ``threshold_torch``: the same list built by PyTorch ops (:func:`threshold_rows_torch`: a
   compare, a cumsum, two scatters) and the count passed from the host, what the threshold
   path was before the list kernel;
@@ -34,13 +31,12 @@ CPU under ``TRITON_INTERPRET=1`` (``--device cpu --check-only``) that check is a
 
     PYTHONPATH=$PWD python3 benchmarks/teal_gemv.py [--json out.json]
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python3 benchmarks/teal_gemv.py --device cpu --check-only
-    # end to end instead: dense / top-k / thresholds with and without the list kernel
+    # end to end instead: dense / top-k / fixed thresholds
     PYTHONPATH=$PWD python3 benchmarks/teal_gemv.py --decode 7B,1.3B --sparsity 0.6
 
 FIGURE lines per shape and S under ``teal_gemv.<shape>_S<S>``: ``dense_us``, ``topk`` /
 ``topk_us``, ``topk_carry`` / ``topk_carry_us``, ``threshold`` / ``threshold_us``,
-``threshold_plain`` / ``threshold_plain_us``, ``threshold_local`` / ``threshold_local_us``,
-``threshold_torch`` / ``threshold_torch_us``, ``list_only`` / ``list_only_us``, ``kept_pct``
+``threshold_plain`` / ``threshold_plain_us``, ``threshold_torch`` / ``threshold_torch_us``, ``list_only`` / ``list_only_us``, ``kept_pct``
 (kept inputs, %); a ratio is cuBLAS time over the path's. With ``--decode``, per preset under
 ``teal_gemv.decode_<preset>``: ``<path>`` (ratio to dense), ``<path>.tokens_per_s`` and, for
 the threshold paths, ``<path>.kept_pct``.
@@ -50,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +63,6 @@ SHAPES = {  # name: (in, out) of the fused 7B projections (as benchmarks/sparse_
 }
 CPU_SHAPES = {"qkv": (256, 192), "down": (320, 128)}
 SPARSITIES = (0.4, 0.5)
-LOCAL_RANGE = 512  # inputs each program lists itself on the threshold_local path
 
 
 def threshold_rows_torch(
@@ -95,13 +89,6 @@ def calibrate(kin: int, sparsity: float, draws: int, device: str) -> float:
     return float(torch.quantile(x.flatten()[: 2**24], sparsity))
 
 
-def local_cfg(wt: torch.Tensor, local_range: int = LOCAL_RANGE) -> G.GemvConfig:
-    """The default launch of ``wt`` without the list kernel: each program lists its own
-    ``local_range`` inputs."""
-    k_in = G._wt_dims(wt)[0]
-    return replace(G.sparse_config_for_weights(wt, k_in // 2), local_range=local_range)
-
-
 def check(kin: int, n: int, t: float, device: str) -> None:
     """Threshold list + sparse GEMV vs ``(x · 1[|x| > t]) Wᵀ`` on fresh inputs."""
     w = torch.randn(n, kin, device=device, dtype=torch.bfloat16) * 0.02
@@ -117,7 +104,6 @@ def check(kin: int, n: int, t: float, device: str) -> None:
             ("threshold_torch", G.sparse_gemv(x, wt, count, n_out=n, rows=rows)),
             ("threshold", threshold_gemv(x, wt, t, n_out=n)),
             ("threshold_plain", G.sparse_gemv(x, wt, count, n_out=n, rows=threshold_rows(x, t))),
-            ("threshold_local", threshold_gemv(x, wt, t, local_cfg(wt), n_out=n)),
         ):
             err = ((got.float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (path, kin, n, err)
@@ -136,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--decode",
         default="",
-        help="only decode end to end: comma list of presets (dense / top-k / thresholds with "
-        "the list kernel / thresholds without it, batch 1, compiled step)",
+        help="only decode end to end: comma list of presets (dense / top-k / fixed thresholds, "
+        "batch 1, compiled step)",
     )
     ap.add_argument("--decode-tokens", type=int, default=64)
     args = ap.parse_args(argv)
@@ -154,10 +140,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = []
     head = ("shape", "S", "dense us", "top-k us (x)", "top-k carry us (x)", "threshold us (x)")
-    tail = ("threshold, plain us (x)", "threshold, no list kernel us (x)")
-    tail += ("threshold, torch list us (x)", "list only us (x)")
+    tail = ("threshold, plain us (x)", "threshold, torch list us (x)", "list only us (x)")
     print(row(*head, *tail, "kept"))
-    print(row(*["---"] * 11))
+    print(row(*["---"] * 10))
     for name, (kin, n) in SHAPES.items():
         ws = [
             torch.randn(n, kin, device=args.device, dtype=torch.bfloat16) * 0.02
@@ -175,11 +160,8 @@ def decode(preset: str, new_tokens: int, sparsity: float, device: str) -> None:
     """End to end (``--decode PRESET``): greedy decode tokens/s at batch 1 (random weights,
     bf16, compiled step, CUDA graph: ``qsparse-generate``'s own measurement,
     :func:`qsparse.cli.generate.measure`) of dense, Q-Sparse top-k and fixed thresholds at
-    ``sparsity`` (``qsparse_threshold``, calibrated on the decoded positions) with the list
-    kernel and then without it (:data:`qsparse.decode_view.THRESHOLD_LOCAL_RANGE` =
-    :data:`LOCAL_RANGE`), in one process; the ratios to dense and what the threshold sites
-    kept."""
-    import qsparse.decode_view as DV
+    ``sparsity`` (``qsparse_threshold``, calibrated on the decoded positions), in one process;
+    the ratios to dense and what the threshold sites kept."""
     from qsparse.cli.generate import _parser
     from qsparse.cli.generate import measure as decode_rows
 
@@ -190,13 +172,8 @@ def decode(preset: str, new_tokens: int, sparsity: float, device: str) -> None:
         ]
     )
     rows = decode_rows(args, ["dense", "qsparse", "qsparse_threshold"])
-    DV.THRESHOLD_LOCAL_RANGE = LOCAL_RANGE
-    try:
-        ((_, tps, _, kept),) = decode_rows(args, ["qsparse_threshold"])
-    finally:
-        DV.THRESHOLD_LOCAL_RANGE = 0
-    names = ("dense", "qsparse", "threshold", "threshold_local")
-    found = {n: (r[1], r[3]) for n, r in zip(names, [*rows, (None, tps, None, kept)], strict=True)}
+    names = ("dense", "qsparse", "threshold")
+    found = {n: (r[1], r[3]) for n, r in zip(names, rows, strict=True)}
     key = f"teal_gemv.decode_{preset}"
     dense = found["dense"][0]
     for name, (tps, kept) in found.items():
@@ -242,9 +219,6 @@ def measure(name: str, ws: list[torch.Tensor], s: float, draws: int, device: str
         "threshold_plain": timed(
             lambda x, wt, c, r: G.sparse_gemv(x, wt, c, n_out=n, rows=threshold_rows(x, t_dev)),
             wts,
-        ),
-        "threshold_local": timed(
-            lambda x, wt, c, r: threshold_gemv(x, wt, t_dev, local_cfg(wt), n_out=n), wts
         ),
         "threshold_torch": timed(
             lambda x, wt, c, r: G.sparse_gemv(x, wt, c, n_out=n, rows=threshold_rows_torch(x, t)),

@@ -45,7 +45,6 @@ else its fp32 PyTorch reference, which is also what runs without kernels).
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +64,6 @@ __all__ = [
     "SPARSE_MAX_ROWS",
     "TERNARY_MAX_ROWS",
     "TERNARY_ROWS",
-    "THRESHOLD_LOCAL_RANGE",
-    "CARRY_LOCAL",
     "Int8Head",
     "check_head_bits",
     "decoder_view",
@@ -81,18 +78,6 @@ TERNARY_MAX_ROWS = 16
 #: ``QSPARSE_TERNARY_ROWS=1`` in the environment (read at import) or setting this before
 #: :func:`decoder_view` turns it on
 TERNARY_ROWS: bool = os.environ.get("QSPARSE_TERNARY_ROWS", "0") == "1"
-#: batch-1 fixed-threshold sites: 0 = the one-program list kernel, then the list GEMV; R > 0 =
-#: no list kernel, each GEMV program lists its own R inputs (``GemvConfig.local_range``); 0
-#: until measured end to end. ``QSPARSE_THRESHOLD_LOCAL=R`` (read at import) or setting this
-#: before :func:`decoder_view` sets it
-THRESHOLD_LOCAL_RANGE: int = int(os.environ.get("QSPARSE_THRESHOLD_LOCAL", "0"))
-#: batch-1 top-k sites: the carried GEMV whose first sweep lists each slice's inputs above the
-#: carried band (``GemvConfig(carry=True, local_range=1)``) streams most kept rows while the
-#: selection still runs, instead of the list GEMV after it; the layer's RMSNorm then runs
-#: as its own (compiled) op in front of q|k|v and gate|up, since both kernels must read the
-#: same site input. Off until measured end to end. ``QSPARSE_CARRY_LOCAL=1`` (read at
-#: import) or setting this before :func:`decoder_view` turns it on
-CARRY_LOCAL: bool = os.environ.get("QSPARSE_CARRY_LOCAL", "0") == "1"
 #: the values ``head_bits`` takes: None (the model's own lm head) or 8 (:class:`Int8Head`)
 HEAD_BITS = (None, 8)
 
@@ -179,8 +164,7 @@ class _Projection(nn.Module):
             weight = _fused_weight(linears)
             self.register_buffer("wt", G.prepare_dense(weight), persistent=False)
             kept = max(1, round((1 - float(site.ratio)) * weight.shape[1]))
-            cfg = G.sparse_config_for_weights(self.wt, kept)
-            self.threshold_cfg = replace(cfg, local_range=THRESHOLD_LOCAL_RANGE)
+            self.threshold_cfg = G.sparse_config_for_weights(self.wt, kept)
             self.mode = "threshold"
             return
         if not use_kernels or pattern != "token_topk" or rescale:
@@ -206,12 +190,6 @@ class _Projection(nn.Module):
                 self.register_buffer("wt", G.prepare_dense(weight), persistent=False)
                 self.register_buffer("hint", G.new_hint(16, dev), persistent=False)
                 self.mode = "sparse"
-                self.carry_cfg = None  # CARRY_LOCAL: the carried GEMV, no fused producer
-                if CARRY_LOCAL:
-                    cfg = G.sparse_config_for(
-                        self.wt.shape[0], self.wt.shape[1], self.k, carry=True
-                    )
-                    self.carry_cfg = replace(cfg, local_range=1)
             elif self.k is None and self.act_bits is None and norm is None:
                 weight = _fused_weight(linears)
                 self.register_buffer("weight", weight, persistent=False)
@@ -250,8 +228,6 @@ class _Projection(nn.Module):
         ternary = self.mode == "ternary" and not self.rows
         if not (self.mode in ("sparse", "threshold") or self.rows or ternary):
             return False
-        if self.mode == "sparse" and self.carry_cfg is not None:
-            return False  # CARRY_LOCAL: the carried GEMV reads the normed input (no producer)
         if self.site.norm is not None and not (ternary and self.subln is not None):
             return False
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
@@ -332,9 +308,7 @@ class _Projection(nn.Module):
             xs = G.masked_topk(x2, self.k, self.hint, producer=self.producer)
             return (xs @ self.wt)[:, :n].reshape(*lead, n)
         if self.mode == "sparse":
-            y = G.sparse_gemv(
-                x2, self.wt, self.k, self.carry_cfg, n_out=n, hint=self.hint, producer=self.producer
-            )
+            y = G.sparse_gemv(x2, self.wt, self.k, n_out=n, hint=self.hint, producer=self.producer)
         else:
             y = G.ternary_gemv(x2, self.packed, self.alpha, self.k, self.act_bits, hint=self.hint)
             y = y[:, :n]

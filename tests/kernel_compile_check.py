@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import replace
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -92,11 +91,9 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
     for c in (  # the carried GEMV (GemvConfig.carry), 11008 wide
         G.sparse_config_for(11008, 4096, 4403, carry=True),
         G.GemvConfig(block_k=64, block_n=32, split=1, carry=True),
-        replace(G.sparse_config_for(11008, 4096, 4403, carry=True), local_range=1),
-        G.GemvConfig(block_k=64, block_n=32, split=1, carry=True, local_range=1),
     ):
         G.sparse_gemv(torch.randn(1, 11008, dtype=bf16), w11, 4403, c, hint=G.new_hint(1))
-    TG._pdl_ok = lambda x: True  # fixed-threshold sites: list kernel + GEMV, or no list
+    TG._pdl_ok = lambda x: True  # fixed-threshold sites: list kernel + GEMV
     TG._interpreted = lambda x: False
     t = torch.tensor([0.5])
     for x, prod in ((x1, G.NO_PRODUCER), (x1, G.Producer("rmsnorm", torch.ones(4096, dtype=bf16)))):
@@ -111,9 +108,6 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
             None,
             list_rows=functools.partial(TG.threshold_rows, x, t, producer=prod),
         )
-        local = replace(cfg, local_range=512)
-        TG._local_launch(x, wt, t, local, bf16, prod)
-        TG._local_launch(x.float(), G.prepare_dense(torch.randn(4096, 4096)), t, local, bf16, prod)
     for dtype in (bf16, torch.float32):
         xt = torch.randn(64, 2048, dtype=dtype)
         mask = torch.empty(64, 2048, dtype=torch.bool)

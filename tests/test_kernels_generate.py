@@ -161,12 +161,8 @@ with torch.no_grad():
     model(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
 assert qsparse.track_thresholds(model) == 4 * model.config.num_hidden_layers
 model.eval()
-import qsparse.decode_view as DV
-runs = ((torch.float32, 1, 0), (torch.float32, 2, 0), (torch.bfloat16, 1, 0))
-runs += ((torch.float32, 1, 32), (torch.bfloat16, 1, 32))  # no list kernel: ranges of 32
-for dtype, batch, local in runs:
+for dtype, batch in ((torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 1)):
     model.to(dtype)  # bf16: the list kernel writes packed words
-    DV.THRESHOLD_LOCAL_RANGE = local
     ids = torch.randint(0, 256, (batch, 3), generator=torch.Generator().manual_seed(batch))
     engine = DecodeEngine(model)
     layer = engine.decoder.model.layers[0]
@@ -179,53 +175,16 @@ for dtype, batch, local in runs:
     assert isinstance(layer.input_layernorm, torch.nn.Identity)
     got = engine.generate(ids, 4).tokens
     ref = model.generate(ids, max_new_tokens=4, use_cache=False)
-    assert torch.equal(got, ref), (dtype, batch, local, got, ref)
+    assert torch.equal(got, ref), (dtype, batch, got, ref)
 print("THRESHOLD ENGINE OK")
 """
-
-
-CARRY_LOCAL_SCRIPT = """
-import torch
-import qsparse.decode_view as DV
-from qsparse.generate import DecodeEngine, convert
-from qsparse.models import LlamaConfig, LlamaForCausalLM
-
-DV.CARRY_LOCAL = True
-for dtype in (torch.float32, torch.bfloat16):
-    torch.manual_seed(0)
-    model = convert(LlamaForCausalLM(LlamaConfig.from_preset("tiny")).eval(), "qsparse", 0.5)
-    model.to(dtype)
-    ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(1))
-    engine = DecodeEngine(model)
-    layer = engine.decoder.model.layers[0]
-    for site in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up,
-                 layer.mlp.down_proj):
-        assert site.carry_cfg.carry and site.carry_cfg.local_range, site
-        assert site.producer.kind == "none"  # both kernels read the normed input
-    assert not isinstance(layer.input_layernorm, torch.nn.Identity)
-    got = engine.generate(ids, 4).tokens
-    ref = model.generate(ids, max_new_tokens=4, use_cache=False)
-    assert torch.equal(got, ref), (dtype, got, ref)
-print("CARRY LOCAL OK")
-"""
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
-def test_carried_gemv_with_listed_first_sweep_decodes_like_plain_forward():
-    """``decode_view.CARRY_LOCAL``: every top-k site decodes on the carried GEMV whose first
-    sweep lists each slice's inputs above the band (the layer norms run as their own ops);
-    greedy tokens equal plain forwards."""
-    from conftest import run_interpreted
-
-    assert "CARRY LOCAL OK" in run_interpreted(CARRY_LOCAL_SCRIPT)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_threshold_sites_decode_through_the_threshold_gemv_under_the_interpreter():
     """A model with fixed per-site thresholds (TEAL, ``sparsity=threshold`` training) decodes
     through the threshold list GEMV (batch 1, fp32 and bf16 with packed list words; the list
-    kernel computing the layer's RMSNorm; and with no list kernel, ``THRESHOLD_LOCAL_RANGE``)
-    and the masked GEMM (batch 2), greedy tokens equal to plain forwards."""
+    kernel computing the layer's RMSNorm) and the masked GEMM (batch 2), greedy tokens equal to plain forwards."""
     from conftest import run_interpreted
 
     assert "THRESHOLD ENGINE OK" in run_interpreted(THRESHOLD_ENGINE_SCRIPT)

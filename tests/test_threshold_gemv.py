@@ -45,13 +45,11 @@ def test_kernels_match_the_reference_under_the_interpreter() -> None:
     """The list by hand, then fresh random inputs: row-major and panel layouts, thresholds that
     keep none, some and all inputs, a count that is not a multiple of the tile, bf16 inputs;
     packed list words; the site input computed by the list kernel from its producer (RMSNorm,
-    SiLU and ReLU^2 GLUs), equal to PyTorch's (SiLU in fp32: to the last bit); the GEMV with
-    no list kernel (``GemvConfig.local_range``), with and without the RMSNorm producer."""
+    SiLU and ReLU^2 GLUs), equal to PyTorch's (SiLU in fp32: to the last bit)."""
     from conftest import run_interpreted
 
     script = """
 import torch
-from dataclasses import replace
 from qsparse.kernels.gemv import Producer, prepare_dense, sparse_config_for_weights
 from qsparse.kernels.threshold_gemv import threshold_gemv, threshold_gemv_reference, threshold_rows
 
@@ -100,24 +98,7 @@ for kind in ("rmsnorm", "silu_glu", "relu2_glu"):
         # the kernel's SiLU in fp32 may differ from torch's in the last bit
         torch.testing.assert_close(val[0, : int(cnt[0])], v.float()[0, keep], rtol=1e-6, atol=0)
         checked += 1
-# no list kernel (GemvConfig.local_range): each GEMV program lists its own range of inputs
-for kin, n, block_n in ((96, 40, None), (200, 64, 32)):
-    w = torch.randn(n, kin) * 0.1
-    for dtype in (torch.float32, torch.bfloat16):
-        wt = prepare_dense(w.to(dtype), block_n=block_n)
-        cfg = replace(sparse_config_for_weights(wt, kin // 2), local_range=64, block_k=16)
-        for kind in ("none", "rmsnorm"):
-            norm_w = (torch.rand(kin) + 0.5).to(dtype) if kind == "rmsnorm" else None
-            prod = Producer(kind, norm_w, 1e-5)
-            for t in (10.0, 0.25, -1.0):  # none, some, all kept
-                x = torch.randn(1, kin).to(dtype)
-                got = threshold_gemv(
-                    x, wt, t, cfg=cfg, n_out=n, out_dtype=torch.float32, producer=prod
-                )
-                ref = threshold_gemv_reference(prod.reference(x), w.to(dtype), t)
-                assert torch.allclose(got, ref, rtol=1e-2, atol=1e-2), (kin, dtype, kind, t)
-                checked += 1
 print("threshold_gemv ok", checked)
 """
     out = run_interpreted(script, timeout=600)
-    assert "threshold_gemv ok 46" in out
+    assert "threshold_gemv ok 22" in out

@@ -435,121 +435,6 @@ def _threshold_list_kernel(
 
 
 @triton.jit
-def _stream_listed(
-    acc2,
-    xv,
-    i,
-    m,
-    idx_ptr,
-    val_ptr,
-    w_ptr,
-    cmask,
-    row_stride,
-    wc,
-    BK: tl.constexpr,
-    STAGES: tl.constexpr,
-    CMASK: tl.constexpr,
-    PACKED: tl.constexpr,
-):
-    """``acc2`` [BK, BN] plus the products of the inputs ``i`` where ``m`` (values ``xv``,
-    fp32) with their weight rows, in full tiles: the program lists them first at ``idx``
-    (packed words, :func:`_pack_kept`; or indices, with the values at ``val``), a barrier
-    makes its own writes visible to it, then it streams the listed rows (programs that list
-    the same inputs at the same place may share it: they write the same words)."""
-    n = _list_masked(xv, i, m, idx_ptr, val_ptr, PACKED)
-    tl.debug_barrier()
-    for p0 in tl.range(0, n, BK, num_stages=STAGES):
-        p = p0 + tl.arange(0, BK)
-        pm = p < n
-        r = tl.load(idx_ptr + p, mask=pm, other=0)
-        if PACKED:
-            r, v = _unpack_kept(r)
-        else:
-            v = tl.load(val_ptr + p, mask=pm, other=0.0)
-        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
-        acc2 += v[:, None] * w.to(tl.float32)
-    return acc2
-
-
-@triton.jit
-def _threshold_local_gemv_kernel(
-    x_ptr,
-    t_ptr,
-    idx_ptr,
-    val_ptr,
-    w_ptr,
-    y_ptr,
-    part_ptr,
-    sem_ptr,
-    K,
-    N,
-    row_stride,
-    block_stride,
-    R: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BK: tl.constexpr,
-    BN: tl.constexpr,
-    PPP: tl.constexpr,
-    SPLIT: tl.constexpr,
-    STAGES: tl.constexpr,
-    CMASK: tl.constexpr = True,
-    ASM: tl.constexpr = True,
-    PACKED: tl.constexpr = False,
-    nw_ptr=None,
-    eps=0.0,
-    PROD: tl.constexpr = 0,
-    BF16: tl.constexpr = False,
-):
-    """Batch 1, a fixed threshold, no list kernel: ``y[n] = sum_i v[i] 1[|v[i]| > t] Wt[i, n]``
-    with the inputs split into SPLIT ranges of R. Program (j, s) owns columns j*BN.. and
-    inputs s*R..: it compares its range itself, lists the kept ones in ``idx[s*R..]`` (the
-    programs of range s write the same list there; a barrier makes a program's own writes
-    visible to it), streams their weight rows and leaves its partial sums to
-    :func:`_store_out` (the last of the SPLIT programs of column block j sums them in order).
-    ``v`` = x, or its RMSNorm (``PROD == 1``: each program reads the whole row for the rms,
-    ``nw`` the norm weight; :func:`_produce`). Weight layout as in :func:`_compact_gemv_kernel`.
-    PACKED (bf16 v): one word per kept input in idx (:func:`_pack_kept`), val unused; else
-    the indices in idx and the fp32 values in ``val`` (both [SPLIT * R])."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < N
-    w_ptr = w_ptr + (pid_n // PPP).to(tl.int64) * block_stride + (pid_n % PPP) * BN
-    wc = tl.arange(0, BN)
-    i = pid_s * R + tl.arange(0, R)
-    valid = i < K
-    xf = tl.load(x_ptr + i, mask=valid, other=0.0).to(tl.float32)
-    if PROD == 1:  # the rms of the whole row, the norm of this program's range
-        j = tl.arange(0, BLOCK)
-        row = tl.load(x_ptr + j, mask=j < K, other=0.0).to(tl.float32)
-        xf = _rms_scaled(xf, _inv_rms(row, K, eps), nw_ptr, i, valid, BF16)
-    keep = (tl.abs(xf) > tl.load(t_ptr)) & valid
-    acc2 = tl.zeros([BK, BN], dtype=tl.float32)
-    acc2 = _stream_listed(
-        acc2,
-        xf,
-        i,
-        keep,
-        idx_ptr + pid_s * R,
-        val_ptr + pid_s * R,
-        w_ptr,
-        cmask,
-        row_stride,
-        wc,
-        BK,
-        STAGES,
-        CMASK,
-        PACKED,
-    )
-    acc = tl.sum(acc2, axis=0)[None, :]
-    rb = tl.arange(0, 1)
-    omask = (rb < 1)[:, None] & cmask[None, :]
-    _store_out(
-        acc, y_ptr, part_ptr, sem_ptr, pid_n, pid_s, 1, N, rb, cols, omask, SPLIT, 1, BN, ASM
-    )
-
-
-@triton.jit
 def _round_to(xf, BF16: tl.constexpr):
     """fp32 ``xf`` rounded to the nearest bf16 value (ties to even) and kept in fp32, as a
     torch op with bf16 output rounds it; identity unless ``BF16``. Integer form, since the
@@ -916,10 +801,6 @@ def _carry_gemv_kernel(
     CMASK: tl.constexpr = True,
     PDL: tl.constexpr = False,
     ASM: tl.constexpr = True,
-    R: tl.constexpr = 0,
-    sidx_ptr=None,
-    sval_ptr=None,
-    PACKED: tl.constexpr = False,
 ):
     """Batch 1, y[n] = sum_i keep_i x_i Wt[i, n], started before the selection is known.
 
@@ -933,11 +814,7 @@ def _carry_gemv_kernel(
     the list; SPLIT > 1 sums the fp32 partials in order
     in the last program per column block (``sem[j]``), as :func:`_compact_gemv_kernel`. The
     last program of the grid (``sem[cdiv(N, BN)]``) stores the new threshold in ``hint[0]``
-    for the next call (every program has read the old one by then).
-    ``R > 0`` (a power of two >= the slice): sweep 1 without row-masked tiles: the program
-    lists its slice's inputs above ``hi`` in ``sidx[s*R..]`` (packed words, or indices with
-    fp32 values in ``sval``; the programs of slice s write the same list, a barrier makes a
-    program's own writes visible to it) and streams only their rows."""
+    for the next call (every program has read the old one by then)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -949,33 +826,12 @@ def _carry_gemv_kernel(
     per1 = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK
     lo1 = pid_s * per1
     hi1 = tl.where(hi >= 0, tl.minimum(lo1 + per1, K), lo1)  # no hint yet: nothing certain
-    if R > 0:
-        i = lo1 + tl.arange(0, R)
-        xs = tl.load(x_ptr + i, mask=i < hi1, other=0.0).to(tl.float32)
-        m1 = (i < hi1) & (abs_key(xs) > hi)
-        acc2 = _stream_listed(
-            acc2,
-            xs,
-            i,
-            m1,
-            sidx_ptr + pid_s * R,
-            sval_ptr + pid_s * R,
-            w_ptr,
-            cmask,
-            row_stride,
-            wc,
-            BK,
-            STAGES,
-            CMASK,
-            PACKED,
-        )
-    else:
-        for p0 in tl.range(lo1, hi1, BK, num_stages=STAGES):
-            r = p0 + tl.arange(0, BK)
-            xv = tl.load(x_ptr + r, mask=r < hi1, other=0.0).to(tl.float32)
-            m = (r < hi1) & (abs_key(xv) > hi)
-            w = _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK)
-            acc2 += xv[:, None] * w.to(tl.float32)
+    for p0 in tl.range(lo1, hi1, BK, num_stages=STAGES):
+        r = p0 + tl.arange(0, BK)
+        xv = tl.load(x_ptr + r, mask=r < hi1, other=0.0).to(tl.float32)
+        m = (r < hi1) & (abs_key(xv) > hi)
+        w = _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK)
+        acc2 += xv[:, None] * w.to(tl.float32)
     if PDL:
         gdc_wait()
     n_list = tl.load(cnt_ptr)

@@ -100,12 +100,6 @@ class GemvConfig:
     pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
     carry: bool = False  # sparse, batch 1, ``hint=``: start before the selection (measured slower)
     packed: bool = True  # sparse, batch 1, bf16 input: the list as one word per kept input
-    #: fixed-threshold sites (:mod:`~qsparse.kernels.threshold_gemv`), batch 1: 0 = the
-    #: one-program list kernel, then the GEMV; R > 0 = no list kernel: each GEMV program
-    #: compares and lists its own range of R inputs (a power of two). With ``carry``: > 0 =
-    #: the carried GEMV's first sweep lists its slice's inputs above the band instead of
-    #: loading row-masked tiles (the slice width rounded up to a power of two)
-    local_range: int = 0
 
 
 #: the floor of the activation absmax ``gamma = max(max |x|, ACT_EPS)`` in the ternary GEMVs'
@@ -850,14 +844,6 @@ def _carry_gemv_launch(
     grid = (triton.cdiv(n, block_n), split)
     y, part = _gemv_outputs(x, 1, n, out_dtype, split, interp)
     sem = _semaphores(x.device, grid[0] + 1)
-    # local_range > 0: sweep 1 lists each slice's certain inputs instead of masking rows
-    r = 0
-    if cfg.local_range > 0:
-        per = triton.cdiv(triton.cdiv(k_in, split), cfg.block_k) * cfg.block_k
-        r = triton.next_power_of_2(per)
-    packed = r > 0 and _packs(x, k_in, cfg.radix)
-    sidx = torch.empty(split * r, dtype=torch.int32, device=x.device) if r else cnt
-    sval = sidx if packed or not r else torch.empty(split * r, device=x.device)
     _carry_gemv_kernel[grid](
         x,
         hint,
@@ -878,10 +864,6 @@ def _carry_gemv_launch(
         LOW=low,
         DBITS=cfg.digit_bits,
         CMASK=n % block_n != 0,
-        R=r,
-        sidx_ptr=sidx,
-        sval_ptr=sval,
-        PACKED=packed,
         **_gemv_launch_opts(cfg, pdl, interp),
     )
     return y.to(out_dtype)

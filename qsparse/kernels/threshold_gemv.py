@@ -10,9 +10,7 @@ weight rows, launched as the list's programmatic dependent (resident and waiting
 is written, not launched after it) and reading the list's length on the device: no host
 sync, so the pair runs inside a CUDA graph and the number of kept inputs may differ from
 token to token. With bf16 inputs the list holds one packed word per kept input (value bits
-and index), as the top-k list does. ``GemvConfig.local_range`` > 0 (opt-in): no list kernel,
-each GEMV program compares and lists its own range of inputs (``_threshold_local_gemv_kernel``).
-Batch > 1 (every row keeps a different set): the masked input through a dense product
+and index), as the top-k list does. Batch > 1 (every row keeps a different set): the masked input through a dense product
 (cuBLAS).
 
 ``t`` is a one-element fp32 tensor on the input's device (a site's calibrated threshold kept
@@ -33,13 +31,8 @@ from .gemv import (
     _cfg_from_ints,
     _cfg_ints,
     _check_x,
-    _gemv_outputs,
-    _interpreted,
-    _packs,
-    _panels,
     _pdl_ok,
     _prod_args,
-    _semaphores,
     _sparse_gemv_launch,
     _wt_dims,
     dense_layout,
@@ -125,8 +118,7 @@ def threshold_gemv(
     of x (the RMSNorm in front of the site, or act(g) * u of x = [g | u]: computed by the list
     kernel at batch 1, by PyTorch elsewhere). Batch 1 on CUDA (or under
     ``TRITON_INTERPRET=1``): the list kernel, then the sparse-input GEMV as its programmatic
-    dependent, which reads the list's length itself (packed list words for bf16; with
-    ``cfg.local_range`` > 0 one kernel, each program listing its own inputs). ``cfg=None``:
+    dependent, which reads the list's length itself (packed list words for bf16). ``cfg=None``:
     :func:`~qsparse.kernels.gemv.sparse_config_for_weights` at ``expected_kept`` inputs
     (default K/2; the launch shape only, any count is computed exactly). Elsewhere, and for
     batch > 1: the masked input through a dense product. ``n_out``: keep the first ``n_out``
@@ -162,9 +154,6 @@ def threshold_gemv_op(
     producer = Producer(PRODUCERS[prod], prod_w if prod == 1 else None, eps)
     width = x.shape[1] // producer.width(1)
     config = _cfg_from_ints(cfg)
-    local = config.local_range > 0 and producer.kind in ("none", "rmsnorm")
-    if x.shape[0] == 1 and local and kernels_available(x):
-        return _local_launch(x, wt, t, config, out_dtype, producer)
     if x.shape[0] == 1 and width <= MAX_LIST_WIDTH and kernels_available(x):
 
         def list_rows(pdl: bool, packed: bool):
@@ -174,65 +163,6 @@ def threshold_gemv_op(
     v = producer.reference(x)
     masked = v * (v.float().abs() > t).to(v.dtype)
     return (masked.to(wt.dtype) @ dense_layout(wt)).to(out_dtype)
-
-
-def _local_launch(
-    x: torch.Tensor,
-    wt: torch.Tensor,
-    t: torch.Tensor,
-    cfg: GemvConfig,
-    out_dtype: torch.dtype,
-    producer: Producer,
-) -> torch.Tensor:
-    """Batch 1 without a list kernel (``cfg.local_range`` = R > 0): one launch of
-    ``_threshold_local_gemv_kernel`` over (column blocks, ceil(K / R) input ranges)."""
-    import triton
-
-    from ._gemv_triton import _threshold_local_gemv_kernel
-
-    k_in, n, block_n, row_stride, block_stride, ppp = _panels(wt, cfg)
-    r = cfg.local_range
-    if r & (r - 1):
-        raise ValueError(f"GemvConfig.local_range={r} must be a power of two")
-    split = triton.cdiv(k_in, r)
-    packed = _packs(x, k_in, True)
-    idx = torch.empty(split * r, dtype=torch.int32, device=x.device)
-    val = idx if packed else torch.empty(split * r, dtype=torch.float32, device=x.device)
-    interp = _interpreted(x)
-    y, part = _gemv_outputs(x, 1, n, out_dtype, split, interp)
-    grid = (triton.cdiv(n, block_n), split)
-    sem = _semaphores(x.device, grid[0]) if split > 1 else idx
-    code, w, eps = _prod_args(producer, x)
-    _threshold_local_gemv_kernel[grid](
-        x,
-        t,
-        idx,
-        val,
-        wt,
-        y,
-        part,
-        sem,
-        k_in,
-        n,
-        row_stride,
-        block_stride,
-        R=r,
-        BLOCK=triton.next_power_of_2(k_in),
-        BK=cfg.block_k,
-        BN=block_n,
-        PPP=ppp,
-        SPLIT=split,
-        STAGES=cfg.num_stages,
-        CMASK=n % block_n != 0,
-        ASM=not interp,
-        PACKED=packed,
-        nw_ptr=w if w.numel() else t,
-        eps=eps,
-        PROD=code,
-        BF16=x.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps,
-    )
-    return y.to(out_dtype)
 
 
 @threshold_gemv_op.register_fake

@@ -127,23 +127,3 @@ def test_threshold_sites_decode_like_plain_forward(batch, dtype):
     got = engine.generate(ids, 10).tokens
     assert torch.equal(got[:, : ids.shape[1] + 1].cuda(), expected[:, : ids.shape[1] + 1])
     assert_greedy_under_plain_forward(model, got, ids.shape[1])
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
-def test_carried_gemv_with_listed_first_sweep_decodes_like_plain_forward(monkeypatch):
-    """``decode_view.CARRY_LOCAL``: every top-k site runs the carried GEMV with a listed first
-    sweep inside the CUDA graph (the layer norms as their own ops); each greedy token is the
-    argmax of a plain forward."""
-    import qsparse.decode_view as DV
-
-    monkeypatch.setattr(DV, "CARRY_LOCAL", True)
-    model = small_cuda("qsparse", torch.float32)
-    ids = torch.randint(
-        0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2)
-    )
-    engine = DecodeEngine(model, use_kernels=True, cuda_graph=True)
-    assert engine.decoder.model.layers[0].mlp.down_proj.carry_cfg is not None
-    expected = model.generate(ids.cuda(), max_new_tokens=10, use_cache=False)
-    got = engine.generate(ids, 10).tokens
-    assert torch.equal(got[:, : ids.shape[1] + 1].cuda(), expected[:, : ids.shape[1] + 1])
-    assert_greedy_under_plain_forward(model, got, ids.shape[1])

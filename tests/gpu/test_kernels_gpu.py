@@ -311,12 +311,10 @@ def test_decode_gemvs_compile_without_graph_break():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kin, n", [(4096, 4096), (11008, 4096)])
 @pytest.mark.parametrize("split", [None, 3])
-@pytest.mark.parametrize("local", [0, 1])
-def test_carried_gemv_matches_reference_through_hits_and_misses(dtype, kin, n, split, local):
+def test_carried_gemv_matches_reference_through_hits_and_misses(dtype, kin, n, split):
     """Batch 1 with ``hint=``: the GEMV that starts above the carried band before the selection
-    is known (hint absent, hit, threshold jumping above or below the band, ties; its first
-    sweep over row-masked tiles, or with ``local_range`` over each slice's own list) equals
-    the reference and leaves the exact new threshold in the hint."""
+    is known (hint absent, hit, threshold jumping above or below the band, ties) equals the
+    reference and leaves the exact new threshold in the hint."""
     k = int(0.4 * kin)
     wt = G.prepare_dense(fresh((n, kin), dtype) * 0.02)
     cfg = (
@@ -324,7 +322,6 @@ def test_carried_gemv_matches_reference_through_hits_and_misses(dtype, kin, n, s
         if split is None
         else G.GemvConfig(block_n=32, split=split, carry=True)
     )
-    cfg = replace(cfg, local_range=local)
     hint = G.new_hint(16, "cuda")
     low = 31 - G.KEY_BITS[dtype]
     base = fresh((1, kin), dtype)
@@ -350,17 +347,16 @@ def test_masked_topk_is_exact_with_and_without_carried_thresholds(dtype, batch):
             assert torch.equal(G.masked_topk(x, 4403, h), ref)
 
 
-@pytest.mark.parametrize("local", [0, 1])
-def test_carried_gemv_replays_in_a_cuda_graph(local):
+def test_carried_gemv_replays_in_a_cuda_graph():
     """The carried GEMV (programmatic dependent of its selection, semaphores, the hint updated
-    by the grid's last program; row-masked or listed first sweep) captured once and replayed
+    by the grid's last program) captured once and replayed
     on new inputs."""
     w = fresh((4096, 11008), torch.bfloat16) * 0.02
     wt = G.prepare_dense(w)
     x = fresh((1, 11008), torch.bfloat16)
     hint = G.new_hint(16, "cuda")
     k = 4403
-    cfg = replace(G.sparse_config_for(11008, wt.shape[1], k, carry=True), local_range=local)
+    cfg = G.sparse_config_for(11008, wt.shape[1], k, carry=True)
     G.sparse_gemv(x, wt, k, cfg, hint=hint)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -528,15 +524,3 @@ def test_threshold_gemv_matches_reference(kin, n, dtype):
         x = fresh((1, prod.width(kin)), dtype)
         got = threshold_gemv(x, wt, t, n_out=n, producer=prod)
         assert rel_err(got, threshold_gemv_reference(prod.reference(x), w, t)) < 1e-2, prod.kind
-    # no list kernel: each GEMV program lists its own range of inputs (GemvConfig.local_range)
-    cfg = replace(G.sparse_config_for_weights(wt, kin // 2), local_range=512)
-    for prod in (G.NO_PRODUCER, norm):
-        for t_val in (100.0, 0.52, -1.0):
-            t = torch.tensor([t_val], device="cuda")
-            x = fresh((1, kin), dtype)
-            got = threshold_gemv(x, wt, t, cfg=cfg, n_out=n, producer=prod)
-            ref = threshold_gemv_reference(prod.reference(x), w, t)
-            if ref.norm() == 0:
-                assert got.float().abs().max() == 0
-            else:
-                assert rel_err(got, ref) < 1e-2, (prod.kind, t_val, rel_err(got, ref))
