@@ -275,7 +275,7 @@ def _store_kept(xf, i, keep, pos, idx_ptr, val_ptr, PACKED: tl.constexpr):
 @triton.jit
 def _list_masked(xf, i, keep, idx_ptr, val_ptr, PACKED: tl.constexpr):
     """List the inputs ``i`` where ``keep`` in ascending order (:func:`_store_kept`); returns
-    their count. One prefix sum, no selection (a fixed threshold, or a carried band)."""
+    their count. One prefix sum, no selection (a fixed threshold)."""
     kept = keep.to(tl.int32)
     _store_kept(xf, i, keep, tl.cumsum(kept, axis=0) - 1, idx_ptr, val_ptr, PACKED)
     return tl.sum(kept, axis=0)
