@@ -36,8 +36,9 @@ CPU under ``TRITON_INTERPRET=1`` (``--device cpu --check-only``) that check is a
 
 FIGURE lines per shape and S under ``teal_gemv.<shape>_S<S>``: ``dense_us``, ``topk`` /
 ``topk_us``, ``topk_carry`` / ``topk_carry_us``, ``threshold`` / ``threshold_us``,
-``threshold_plain`` / ``threshold_plain_us``, ``threshold_torch`` / ``threshold_torch_us``, ``list_only`` / ``list_only_us``, ``kept_pct``
-(kept inputs, %); a ratio is cuBLAS time over the path's. With ``--decode``, per preset under
+``threshold_plain`` / ``threshold_plain_us``, ``threshold_torch`` / ``threshold_torch_us``,
+``list_only`` / ``list_only_us``, ``kept_pct`` (kept inputs, %); a ratio is cuBLAS time over
+the path's. With ``--decode``, per preset under
 ``teal_gemv.decode_<preset>``: ``<path>`` (ratio to dense), ``<path>.tokens_per_s`` and, for
 the threshold paths, ``<path>.kept_pct``.
 """

@@ -26,7 +26,9 @@ import functools
 import math
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +36,8 @@ from torch import nn
 from .decode_view import check_head_bits, decoder_view
 from .kernels import HAS_TRITON, kernels_available
 from .models.kv_cache import KVCache
+
+T = TypeVar("T")
 
 MODES = ("dense", "qsparse", "bitnet", "bitnet_qsparse", "qsparse_threshold")
 
@@ -96,7 +100,9 @@ def _threshold_sites(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def _site_inputs(model: nn.Module, ids: torch.Tensor, skip: int, fn) -> dict[str, float]:
+def _site_inputs(
+    model: nn.Module, ids: torch.Tensor, skip: int, fn: Callable[[nn.Module, torch.Tensor], T]
+) -> dict[str, T]:
     """``fn(site, x)`` for every threshold site's input ``x`` [B, T - skip, K] of one eval
     forward of ``model`` over the token ids ``ids`` [B, T] (positions ``skip`` on), called just
     before the site runs (so ``fn`` may set its threshold); the model is left in eval mode."""
@@ -105,7 +111,7 @@ def _site_inputs(model: nn.Module, ids: torch.Tensor, skip: int, fn) -> dict[str
         raise ValueError(
             f"token ids [B, T] and 0 <= skip < T expected, got {tuple(ids.shape)}, skip={skip}"
         )
-    out: dict[str, object] = {}
+    out: dict[str, T] = {}
     if not sites:
         return out
 

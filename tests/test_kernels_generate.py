@@ -184,7 +184,8 @@ print("THRESHOLD ENGINE OK")
 def test_threshold_sites_decode_through_the_threshold_gemv_under_the_interpreter():
     """A model with fixed per-site thresholds (TEAL, ``sparsity=threshold`` training) decodes
     through the threshold list GEMV (batch 1, fp32 and bf16 with packed list words; the list
-    kernel computing the layer's RMSNorm) and the masked GEMM (batch 2), greedy tokens equal to plain forwards."""
+    kernel computing the layer's RMSNorm) and the masked GEMM (batch 2), greedy tokens equal
+    to plain forwards."""
     from conftest import run_interpreted
 
     assert "THRESHOLD ENGINE OK" in run_interpreted(THRESHOLD_ENGINE_SCRIPT)

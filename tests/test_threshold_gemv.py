@@ -50,7 +50,7 @@ def test_kernels_match_the_reference_under_the_interpreter() -> None:
 
     script = """
 import torch
-from qsparse.kernels.gemv import Producer, prepare_dense, sparse_config_for_weights
+from qsparse.kernels.gemv import Producer, prepare_dense
 from qsparse.kernels.threshold_gemv import threshold_gemv, threshold_gemv_reference, threshold_rows
 
 x = torch.tensor([[0.5, -2.0, 0.1, 1.5, -0.3]])

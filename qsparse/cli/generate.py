@@ -108,6 +108,19 @@ def _preset_model(args, dtype):
     return model.to(dtype=dtype).eval()
 
 
+def _threshold_calibration(
+    args: argparse.Namespace, mode: str, vocab: int
+) -> tuple[torch.Tensor | None, int]:
+    """(token ids, skip) that ``convert`` sets a ``qsparse_threshold`` model's thresholds on:
+    random tokens (``args.seed + 1``, not the timed prompt) of the timed length, read from
+    position ``args.prompt_len`` on, the positions a decode reads; (None, 0) in other modes."""
+    if mode != "qsparse_threshold":
+        return None, 0
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    length = args.prompt_len + args.new_tokens
+    return torch.randint(0, vocab, (1, length), generator=gen), args.prompt_len
+
+
 def measure(
     args: argparse.Namespace, modes: list[str]
 ) -> list[tuple[str, float, float | None, float | None]]:
@@ -119,25 +132,19 @@ def measure(
     rows = []
     dense_tps = None
     for mode in modes:
-        # qsparse_threshold: thresholds from the positions a decode reads (after a prompt of
-        # the same length), on other random tokens than the timed prompt
-        gen = torch.Generator().manual_seed(args.seed + 1)
-        length = args.prompt_len + args.new_tokens
         if args.checkpoint:
             from ..models.hf import load
 
             model = load(args.checkpoint, dtype=dtype).to(args.device)
-            if mode != "checkpoint":  # explicit --mode: convert the loaded model
-                cal = torch.randint(0, model.config.vocab_size, (1, length), generator=gen)
-                convert(model, mode, args.sparsity, cal, args.prompt_len)
             if args.prompt and tokenizer is None:
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
         else:
             model = _preset_model(args, dtype)
-            cal = torch.randint(0, model.config.vocab_size, (1, length), generator=gen)
-            convert(model, mode, args.sparsity, cal, args.prompt_len)
+        if mode != "checkpoint":  # every preset mode; a checkpoint with an explicit --mode
+            calibration, skip = _threshold_calibration(args, mode, model.config.vocab_size)
+            convert(model, mode, args.sparsity, calibration, skip)
         vocab = model.lm_head.out_features
         if tokenizer is not None:
             ids = tokenizer([args.prompt] * args.batch, return_tensors="pt").input_ids

@@ -273,15 +273,6 @@ def _store_kept(xf, i, keep, pos, idx_ptr, val_ptr, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _list_masked(xf, i, keep, idx_ptr, val_ptr, PACKED: tl.constexpr):
-    """List the inputs ``i`` where ``keep`` in ascending order (:func:`_store_kept`); returns
-    their count. One prefix sum, no selection (a fixed threshold)."""
-    kept = keep.to(tl.int32)
-    _store_kept(xf, i, keep, tl.cumsum(kept, axis=0) - 1, idx_ptr, val_ptr, PACKED)
-    return tl.sum(kept, axis=0)
-
-
-@triton.jit
 def _list_kept(key, xf, i, thr, need, idx_ptr, val_ptr, PACKED: tl.constexpr = False):
     """idx[p] = i, val[p] = xf for the kept entries of one row, ascending (``i``: the
     positions of ``key``/``xf``): every key above ``thr`` and the first ``need`` keys equal to
@@ -431,7 +422,9 @@ def _threshold_list_kernel(
     valid = i < K
     xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
     keep = (tl.abs(xf) > tl.load(t_ptr)) & valid
-    tl.store(cnt_ptr, _list_masked(xf, i, keep, idx_ptr, val_ptr, PACKED))
+    kept = keep.to(tl.int32)
+    _store_kept(xf, i, keep, tl.cumsum(kept, axis=0) - 1, idx_ptr, val_ptr, PACKED)
+    tl.store(cnt_ptr, tl.sum(kept, axis=0))
 
 
 @triton.jit
@@ -455,14 +448,6 @@ def _inv_rms(xf, K, eps):
 
 
 @triton.jit
-def _rms_scaled(xf, inv, w_ptr, i, valid, BF16: tl.constexpr):
-    """RMSNorm's output at the inputs ``i`` from their values ``xf`` and the row's ``inv =``
-    :func:`_inv_rms`: ``w * round(x * inv)``, rounded again (the torch module's roundings)."""
-    w = tl.load(w_ptr + i, mask=valid, other=0.0).to(tl.float32)
-    return _round_to(w * _round_to(xf * inv, BF16), BF16)
-
-
-@triton.jit
 def _produce(x_ptr, w_ptr, row, i, valid, K, eps, PROD: tl.constexpr, BF16: tl.constexpr):
     """Row ``row`` of the site's input, computed from what its producer read (fp32, each
     step rounded to the activation dtype as the torch modules round it):
@@ -477,7 +462,9 @@ def _produce(x_ptr, w_ptr, row, i, valid, K, eps, PROD: tl.constexpr, BF16: tl.c
         y = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
     elif PROD == 1:
         xf = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
-        y = _rms_scaled(xf, _inv_rms(xf, K, eps), w_ptr, i, valid, BF16)
+        y = _round_to(xf * _inv_rms(xf, K, eps), BF16)
+        w = tl.load(w_ptr + i, mask=valid, other=0.0).to(tl.float32)
+        y = _round_to(w * y, BF16)
     else:
         g = tl.load(x_ptr + row * 2 * K + i, mask=valid, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + row * 2 * K + K + i, mask=valid, other=0.0).to(tl.float32)
@@ -811,8 +798,8 @@ def _carry_gemv_kernel(
     selection wrote (the kept inputs at or below ``hi``; on a miss, the inputs sweep 1 summed
     that are not kept, negated, or every kept input with sweep 1's sums dropped). Grid
     (cdiv(N, BN), SPLIT): program (j, s) owns columns j*BN.. and the s-th slice of K and of
-    the list; SPLIT > 1 sums the fp32 partials in order
-    in the last program per column block (``sem[j]``), as :func:`_compact_gemv_kernel`. The
+    the list; SPLIT > 1 sums the fp32 partials in order in the last program per column block
+    (``sem[j]``), as :func:`_compact_gemv_kernel`. The
     last program of the grid (``sem[cdiv(N, BN)]``) stores the new threshold in ``hint[0]``
     for the next call (every program has read the old one by then)."""
     pid_n = tl.program_id(0)

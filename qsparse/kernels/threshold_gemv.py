@@ -10,8 +10,8 @@ weight rows, launched as the list's programmatic dependent (resident and waiting
 is written, not launched after it) and reading the list's length on the device: no host
 sync, so the pair runs inside a CUDA graph and the number of kept inputs may differ from
 token to token. With bf16 inputs the list holds one packed word per kept input (value bits
-and index), as the top-k list does. Batch > 1 (every row keeps a different set): the masked input through a dense product
-(cuBLAS).
+and index), as the top-k list does. Batch > 1 (every row keeps a different set): the masked
+input through a dense product (cuBLAS).
 
 ``t`` is a one-element fp32 tensor on the input's device (a site's calibrated threshold kept
 as a buffer), or a Python float. Reference: :func:`threshold_gemv_reference` (pure PyTorch,
@@ -153,13 +153,14 @@ def threshold_gemv_op(
     (padded)] in ``out_dtype``."""
     producer = Producer(PRODUCERS[prod], prod_w if prod == 1 else None, eps)
     width = x.shape[1] // producer.width(1)
-    config = _cfg_from_ints(cfg)
     if x.shape[0] == 1 and width <= MAX_LIST_WIDTH and kernels_available(x):
 
         def list_rows(pdl: bool, packed: bool):
             return threshold_rows(x, t, pdl, packed, producer)
 
-        return _sparse_gemv_launch(x, wt, -1, config, out_dtype, None, list_rows=list_rows)
+        return _sparse_gemv_launch(
+            x, wt, -1, _cfg_from_ints(cfg), out_dtype, None, list_rows=list_rows
+        )
     v = producer.reference(x)
     masked = v * (v.float().abs() > t).to(v.dtype)
     return (masked.to(wt.dtype) @ dense_layout(wt)).to(out_dtype)

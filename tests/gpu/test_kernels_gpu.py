@@ -349,8 +349,7 @@ def test_masked_topk_is_exact_with_and_without_carried_thresholds(dtype, batch):
 
 def test_carried_gemv_replays_in_a_cuda_graph():
     """The carried GEMV (programmatic dependent of its selection, semaphores, the hint updated
-    by the grid's last program) captured once and replayed
-    on new inputs."""
+    by the grid's last program) captured once and replayed on new inputs."""
     w = fresh((4096, 11008), torch.bfloat16) * 0.02
     wt = G.prepare_dense(w)
     x = fresh((1, 11008), torch.bfloat16)
