@@ -25,7 +25,10 @@ For ``benchmarks/run_all.py`` it prints ``FIGURE`` lines per preset, batch and s
 dense), ``min.ratio`` (the slowest mode other than dense, vs dense) and
 ``bitnet_qsparse.vs_bitnet`` (BitNet + Q-Sparse vs BitNet alone); with ``--head-bits 8`` the
 BitNet modes are measured a second time with the int8 lm head (``<mode>_int8head``, ratio to
-the same dense run) and ``<mode>_int8head.vs_<mode>`` is the head's own gain; and under
+the same dense run) and ``<mode>_int8head.vs_<mode>`` is the head's own gain; with
+``--attention-ab`` every mode is measured a second time on the model's own attention path
+(``<mode>_sdpa``: ``qsparse.decode_view.FUSED_ATTENTION`` off) and ``<mode>.vs_<mode>_sdpa``
+is the fused decode attention's gain; and under
 ``decode_modes.<preset>.b<batch>``: ``transformers_<cache>.tokens_per_s`` and ``.ratio`` (to
 qsparse's dense run), ``transformers.*`` for the best cache.
 """
@@ -45,6 +48,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._figures import emit
+from qsparse import decode_view
 from qsparse.cli.generate import _parser, measure
 from qsparse.generate import MODES
 
@@ -116,9 +120,12 @@ def emit_mode(key: str, mode: str, tps: float, ratio: float | None) -> None:
 
 def emit_summary(key: str, measured: Sequence[tuple[str, float, float | None]]) -> None:
     """``FIGURE`` lines comparing the modes of one preset/batch/step: the slowest non-dense
-    mode's ratio to dense (``min.ratio``) and BitNet + Q-Sparse vs BitNet alone."""
+    mode's ratio to dense (``min.ratio``), BitNet + Q-Sparse vs BitNet alone, and each mode
+    on the fused decode attention vs the model's attention path (``--attention-ab``)."""
     tps = {mode: t for mode, t, _ in measured}
-    others = [r for mode, _, r in measured if mode != "dense" and r is not None]
+    others = [  # the --attention-ab rows measure the attention path, not a mode
+        r for mode, _, r in measured if mode != "dense" and not mode.endswith("_sdpa") and r
+    ]
     if others:
         emit(f"{key}.min.ratio", min(others))
     if tps.get("bitnet") and "bitnet_qsparse" in tps:
@@ -126,6 +133,9 @@ def emit_summary(key: str, measured: Sequence[tuple[str, float, float | None]]) 
     for mode in ("bitnet", "bitnet_qsparse"):
         if tps.get(mode) and f"{mode}_int8head" in tps:
             emit(f"{key}.{mode}_int8head.vs_{mode}", tps[f"{mode}_int8head"] / tps[mode])
+    for mode in MODES:
+        if tps.get(f"{mode}_sdpa") and mode in tps:
+            emit(f"{key}.{mode}.vs_{mode}_sdpa", tps[mode] / tps[f"{mode}_sdpa"])
 
 
 def emit_transformers(key: str, rates: dict[str, float], dense: float | None) -> None:
@@ -152,20 +162,28 @@ def run(args: argparse.Namespace, generate_args: Sequence[str] = ()) -> None:
             if compiled:
                 argv += ["--compile", args.compile_backend]
             gen_args = _parser().parse_args([*argv, *generate_args])
-            runs = []  # (mode, args): with --head-bits, BitNet modes again on the int8 head
+            # (label, mode, args, fused attention): with --head-bits, BitNet modes again on the
+            # int8 head; with --attention-ab, every mode again on the model's attention path
+            runs = []
             for mode in modes:
-                runs.append((mode, gen_args))
+                runs.append((mode, mode, gen_args, True))
                 if args.head_bits and mode.startswith("bitnet"):
                     head = copy.copy(gen_args)
                     head.head_bits = args.head_bits
-                    runs.append((mode, head))
+                    runs.append((f"{mode}_int8head", mode, head, True))
+                if args.attention_ab:
+                    runs.append((f"{mode}_sdpa", mode, gen_args, False))
             start = time.perf_counter()
             key = f"decode_modes.{preset}.b{batch}"
             step_key = f"{key}.{'compile' if compiled else 'eager'}"
             measured: list[tuple[str, float, float | None]] = []
             dense_tps = None
-            for mode, run_args in runs:  # one at a time: a cut-short run keeps what it measured
-                ((mode, tps, _, _),) = measure(run_args, [mode])
+            for mode, base_mode, run_args, fused in runs:  # one at a time: a run cut short
+                decode_view.FUSED_ATTENTION = fused  # keeps what it measured
+                try:
+                    ((_, tps, _, _),) = measure(run_args, [base_mode])
+                finally:
+                    decode_view.FUSED_ATTENTION = True
                 dense_tps = tps if mode == "dense" else dense_tps
                 ratio = tps / dense_tps if dense_tps else None
                 measured.append((mode, tps, ratio))
@@ -284,6 +302,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=int,
         default=None,
         help="8: measure the BitNet modes also with the int8 lm head (<mode>_int8head rows)",
+    )
+    ap.add_argument(
+        "--attention-ab",
+        action="store_true",
+        help="measure every mode also on the model's attention path (RoPE, index_copy_, SDPA; "
+        "<mode>_sdpa rows) instead of the fused decode attention kernel",
     )
     ap.add_argument("--json", help="write the rows here (after each measurement)")
     ap.add_argument(

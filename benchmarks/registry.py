@@ -509,10 +509,10 @@ REGISTRY: list[Bench] = [
             "decode_modes.py",
             (
                 *("--presets", preset, "--batches", "1", "--hf-batches", ""),
-                *("--head-bits", "8", *_B1_MODES),
+                *("--attention-ab", *_B1_MODES),
             ),
             group="core" if preset == "1.3B" else "decode",
-            est_s=260 if preset == "1.3B" else 360,
+            est_s=295 if preset == "1.3B" else 400,
             rows=(
                 Row(
                     "decode",
@@ -553,10 +553,14 @@ REGISTRY: list[Bench] = [
                 ),
                 Row(
                     "decode",
-                    "same, the lm head int8 weight-only (`--head-bits 8`, opt-in): BitNet b1.58 / "
-                    "BitNet+Q-Sparse S=0.6 vs the same mode with the bf16 head",
-                    f"{{{_DM}.{preset}.b1.compile.bitnet_int8head.vs_bitnet|.3f}}x / "
-                    f"{{{_DM}.{preset}.b1.compile.bitnet_qsparse_int8head.vs_bitnet_qsparse|.3f}}x",
+                    "same, each mode on the fused decode attention (RoPE, cache write and "
+                    "attention in one kernel, the default) vs the model's attention path "
+                    "(RoPE, `index_copy_`, SDPA) in the same run: dense / Q-Sparse / BitNet / "
+                    "BitNet+Q-Sparse",
+                    " / ".join(
+                        f"{{{_DM}.{preset}.b1.compile.{m}.vs_{m}_sdpa|.3f}}x"
+                        for m in ("dense", "qsparse", "bitnet", "bitnet_qsparse")
+                    ),
                 ),
             ),
         )

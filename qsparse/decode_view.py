@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import decode_attention as DA
 from .kernels import gemv as G
 from .kernels import int8_gemv as I8
 from .kernels import kernels_available
@@ -60,6 +61,7 @@ from .models.hf_config import from_hf_config
 from .models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
 
 __all__ = [
+    "FUSED_ATTENTION",
     "HEAD_BITS",
     "SPARSE_MAX_ROWS",
     "TERNARY_MAX_ROWS",
@@ -78,6 +80,11 @@ TERNARY_MAX_ROWS = 16
 #: ``QSPARSE_TERNARY_ROWS=1`` in the environment (read at import) or setting this before
 #: :func:`decoder_view` turns it on
 TERNARY_ROWS: bool = os.environ.get("QSPARSE_TERNARY_ROWS", "0") == "1"
+#: decode positions over a static cache run :func:`qsparse.kernels.decode_attention.decode_attention`
+#: (RoPE, cache write and attention in one kernel) where kernels run; ``QSPARSE_FUSED_ATTENTION=0``
+#: in the environment (read at import) or setting this to False before :func:`decoder_view`
+#: keeps the model's own path (RoPE, ``index_copy_``, SDPA), e.g. to measure the difference
+FUSED_ATTENTION: bool = os.environ.get("QSPARSE_FUSED_ATTENTION", "1") != "0"
 #: the values ``head_bits`` takes: None (the model's own lm head) or 8 (:class:`Int8Head`)
 HEAD_BITS = (None, 8)
 
@@ -325,6 +332,7 @@ class _FusedAttention(LlamaAttention):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.fused = kernels and FUSED_ATTENTION  # decode positions on the attention kernel
         site = getattr(attn, "qsparse_input", None)
         lins = [attn.q_proj, attn.k_proj, attn.v_proj]
         self.qkv = _Projection(site, lins, True, kernels)
@@ -333,6 +341,21 @@ class _FusedAttention(LlamaAttention):
 
     def project_qkv(self, hidden_states):
         return tuple(self.qkv(hidden_states).split(self.qkv.sizes, dim=-1))
+
+    def attend(self, q, k, v, position_embeddings, attention_mask=None, kv_cache=None):
+        """One decode position over a static cache with kernels (and :data:`FUSED_ATTENTION`):
+        :func:`qsparse.kernels.decode_attention.decode_attention` (RoPE, cache write and
+        attention in one kernel); otherwise :meth:`LlamaAttention.attend`."""
+        if self.fused and kv_cache is not None and kv_cache.static and q.shape[1] == 1:
+            k_cache, v_cache = kv_cache.keys[self.layer_idx], kv_cache.values[self.layer_idx]
+            if DA.decode_attention_applies(q[:, 0], k_cache):
+                cos, sin = position_embeddings  # [1, 1, D]
+                out = DA.decode_attention(
+                    q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], k_cache, v_cache,
+                    kv_cache.slots(1),
+                )  # fmt: skip
+                return out[:, None]
+        return super().attend(q, k, v, position_embeddings, attention_mask, kv_cache)
 
 
 class _FusedMLP(LlamaMLP):

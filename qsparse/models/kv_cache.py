@@ -63,6 +63,19 @@ class KVCache:
             return self._slots
         return torch.arange(self.length, self.length + t, device=self.pos.device)
 
+    def slots(self, t: int) -> torch.Tensor:
+        """Positions [T] the current static forward writes (what :meth:`positions` returned),
+        for a layer that writes the cache itself (the fused decode attention).
+
+        Raises:
+            ValueError: not static, or :meth:`positions` was not called for ``t`` tokens.
+        """
+        if not self.static or self._slots is None or self._slots.numel() != t:
+            raise ValueError(
+                "KVCache: call positions(T) on a static cache before writing T positions"
+            )
+        return self._slots
+
     def advance(self, t: int) -> None:
         """Mark ``t`` more positions as written."""
         if self.static:
@@ -77,10 +90,9 @@ class KVCache:
         return the cached keys/values: [B, H_kv, length+T, D], or the whole [B, H_kv, max_len,
         D] buffers when static (after :meth:`positions`)."""
         if self.static:
-            if self._slots is None or self._slots.numel() != k.shape[2]:
-                raise ValueError("KVCache(static=True): call positions(T) before update")
-            self.keys[layer_idx].index_copy_(2, self._slots, k)
-            self.values[layer_idx].index_copy_(2, self._slots, v)
+            slots = self.slots(k.shape[2])
+            self.keys[layer_idx].index_copy_(2, slots, k)
+            self.values[layer_idx].index_copy_(2, slots, v)
             return self.keys[layer_idx], self.values[layer_idx]
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:

@@ -523,3 +523,30 @@ def test_threshold_gemv_matches_reference(kin, n, dtype):
         x = fresh((1, prod.width(kin)), dtype)
         got = threshold_gemv(x, wt, t, n_out=n, producer=prod)
         assert rel_err(got, threshold_gemv_reference(prod.reference(x), w, t)) < 1e-2, prod.kind
+
+
+@pytest.mark.skipif(not K.HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize(
+    "b, h, h_kv, d, length, p",
+    [
+        (1, 32, 32, 128, 80, 79),  # 7B preset, the benchmark's cache: one program per head
+        (1, 32, 32, 64, 144, 20),  # 1.3B preset
+        (4, 9, 3, 64, 2048, 1500),  # SmolLM2's GQA, a long cache split over 8 programs
+        (2, 32, 8, 128, 4096, 4095),  # GQA 4:1 at the last position, 16 splits
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_matches_the_model_path(b, h, h_kv, d, length, p, dtype):
+    from qsparse.kernels import decode_attention as DA
+    from qsparse.models.rope import RotaryEmbedding
+
+    q, k, v = fresh((b, h * d), dtype), fresh((b, h_kv * d), dtype), fresh((b, h_kv * d), dtype)
+    k_cache, v_cache = fresh((b, h_kv, length, d), dtype), fresh((b, h_kv, length, d), dtype)
+    pos = torch.tensor([p], device="cuda")
+    cos, sin = RotaryEmbedding(d, 10000.0)(pos[None], dtype)
+    assert DA.decode_attention_applies(q, k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    ref = DA.decode_attention_reference(q, k, v, cos[0], sin[0], k_ref, v_ref, pos)
+    out = DA.decode_attention(q, k, v, cos[0], sin[0], k_cache, v_cache, pos)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert rel_err(out, ref) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)

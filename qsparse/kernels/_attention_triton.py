@@ -1,0 +1,163 @@
+"""Triton kernels of :mod:`qsparse.kernels.decode_attention` (imported only with Triton)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._gemv_triton import _round_to
+
+
+@triton.jit
+def _rope_halves(ptr, cos_ptr, sin_ptr, row_offs, half, HALF: tl.constexpr, BF16: tl.constexpr):
+    """Load rows ``ptr + row_offs[:, None] + [0, D)`` as halves and rotate them (HF
+    ``rotate_half``): ``[x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]``, fp32 [R, HALF] each,
+    with the rounding of :func:`qsparse.models.rope.apply_rotary_pos_emb` in bf16 when
+    ``BF16`` (so the cached keys are bit for bit the model's)."""
+    d = tl.arange(0, HALF)
+    dm = d < half
+    m = (row_offs[:, None] >= 0) & dm[None, :]
+    x1 = tl.load(ptr + row_offs[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + row_offs[:, None] + half + d[None, :], mask=m, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + half + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + half + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    # each product and sum rounded to the activation dtype, as the PyTorch ops round them
+    r1 = _round_to(_round_to(x1 * c1, BF16) - _round_to(x2 * s1, BF16), BF16)
+    r2 = _round_to(_round_to(x2 * c2, BF16) + _round_to(x1 * s2, BF16), BF16)
+    return r1, r2
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr,  # [B, H * D]
+    k_ptr,  # [B, H_kv * D] this step's keys (before RoPE)
+    v_ptr,  # [B, H_kv * D]
+    cos_ptr,  # [B or 1, D]
+    sin_ptr,
+    kc_ptr,  # [B, H_kv, L, D] caches (contiguous)
+    vc_ptr,
+    pos_ptr,  # [1] int64: the position this step writes
+    out_ptr,  # [B, H * D] (SPLITS == 1) or fp32 partials [B, H, SPLITS, D]
+    m_ptr,  # fp32 [B, H, SPLITS] running max (SPLITS > 1)
+    l_ptr,  # fp32 [B, H, SPLITS] softmax denominators (SPLITS > 1)
+    H_KV,
+    REP,
+    L,
+    CHUNK,
+    half,
+    cos_stride,
+    scale,
+    SPLITS: tl.constexpr,
+    REP_P: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BF16: tl.constexpr,
+):
+    """Program (b * H_kv + g, s): the REP query heads of kv head g, keys of split s."""
+    bg = tl.program_id(0)
+    s = tl.program_id(1)
+    b = bg // H_KV
+    g = bg % H_KV
+    D = 2 * half
+    h_q = H_KV * REP
+    pos = tl.load(pos_ptr).to(tl.int32)
+    cos_row = cos_ptr + b * cos_stride  # cos_stride 0: one row for every batch row
+    sin_row = sin_ptr + b * cos_stride
+    d = tl.arange(0, HALF)
+    dm = d < half
+    # this step's key/value of kv head g: rotate k, write both at ``pos`` (split 0 only)
+    kv_row = tl.full([1], 0, tl.int32) + (b * H_KV + g) * D
+    k1, k2 = _rope_halves(k_ptr, cos_row, sin_row, kv_row, half, HALF, BF16)
+    v1 = tl.load(v_ptr + kv_row[:, None] + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
+    v2 = tl.load(v_ptr + kv_row[:, None] + half + d[None, :], mask=dm[None, :], other=0.0)
+    v2 = v2.to(tl.float32)
+    cache_head = (b * H_KV + g).to(tl.int64) * L * D
+    if s == 0:
+        dst = cache_head + pos * D
+        ty = kc_ptr.dtype.element_ty
+        tl.store(kc_ptr + dst + d[None, :], k1.to(ty), mask=dm[None, :])
+        tl.store(kc_ptr + dst + half + d[None, :], k2.to(ty), mask=dm[None, :])
+        tl.store(vc_ptr + dst + d[None, :], v1.to(ty), mask=dm[None, :])
+        tl.store(vc_ptr + dst + half + d[None, :], v2.to(ty), mask=dm[None, :])
+    # the REP query heads, rotated, scaled: [REP_P, HALF] halves
+    r = tl.arange(0, REP_P)
+    heads = g * REP + r
+    q_rows = tl.where(r < REP, b * h_q * D + heads * D, -1)
+    q1, q2 = _rope_halves(q_ptr, cos_row, sin_row, q_rows, half, HALF, BF16)
+    q1 = q1 * scale
+    q2 = q2 * scale
+    # keys of this split before ``pos`` come from the cache; ``pos`` itself from registers
+    lo = s * CHUNK
+    hi = tl.minimum(lo + CHUNK, pos)
+    m_i = tl.full([REP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([REP_P], tl.float32)
+    acc1 = tl.zeros([REP_P, HALF], tl.float32)
+    acc2 = tl.zeros([REP_P, HALF], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + n
+        km = keys < hi
+        offs = cache_head + keys.to(tl.int64)[:, None] * D + d[None, :]
+        mm = km[:, None] & dm[None, :]
+        kb1 = tl.load(kc_ptr + offs, mask=mm, other=0.0).to(tl.float32)
+        kb2 = tl.load(kc_ptr + offs + half, mask=mm, other=0.0).to(tl.float32)
+        sc = tl.sum(q1[:, None, :] * kb1[None, :, :], axis=2)
+        sc += tl.sum(q2[:, None, :] * kb2[None, :, :], axis=2)  # [REP_P, BLOCK_N]
+        sc = tl.where(km[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        vb1 = tl.load(vc_ptr + offs, mask=mm, other=0.0).to(tl.float32)
+        vb2 = tl.load(vc_ptr + offs + half, mask=mm, other=0.0).to(tl.float32)
+        acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vb1[None, :, :], axis=1)
+        acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vb2[None, :, :], axis=1)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    if (pos >= lo) & (pos < lo + CHUNK):  # the new key lies in this split
+        sc_new = tl.sum(q1 * k1, axis=1) + tl.sum(q2 * k2, axis=1)  # [REP_P]
+        m_new = tl.maximum(m_i, sc_new)
+        alpha = tl.exp(m_i - m_new)
+        p_new = tl.exp(sc_new - m_new)
+        acc1 = acc1 * alpha[:, None] + p_new[:, None] * v1
+        acc2 = acc2 * alpha[:, None] + p_new[:, None] * v2
+        l_i = l_i * alpha + p_new
+        m_i = m_new
+    rm = (r < REP)[:, None] & dm[None, :]
+    if SPLITS == 1:
+        inv = 1.0 / l_i
+        o_rows = (b * h_q + heads) * D
+        ty = out_ptr.dtype.element_ty
+        tl.store(out_ptr + o_rows[:, None] + d[None, :], (acc1 * inv[:, None]).to(ty), mask=rm)
+        tl.store(
+            out_ptr + o_rows[:, None] + half + d[None, :], (acc2 * inv[:, None]).to(ty), mask=rm
+        )
+    else:
+        part = (b * h_q + heads) * SPLITS + s  # [REP_P]
+        tl.store(out_ptr + part[:, None] * D + d[None, :], acc1, mask=rm)
+        tl.store(out_ptr + part[:, None] * D + half + d[None, :], acc2, mask=rm)
+        tl.store(m_ptr + part, m_i, mask=r < REP)
+        tl.store(l_ptr + part, l_i, mask=r < REP)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_ptr,  # fp32 [B * H, SPLITS, D]
+    m_ptr,  # fp32 [B * H, SPLITS]
+    l_ptr,
+    out_ptr,  # [B * H, D]
+    D,
+    SPLITS: tl.constexpr,
+    D_P: tl.constexpr,
+):
+    """Program per (b, h): ``out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s``."""
+    row = tl.program_id(0)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, D_P)
+    m = tl.load(m_ptr + row * SPLITS + s)
+    l_s = tl.load(l_ptr + row * SPLITS + s)
+    w = tl.exp(m - tl.max(m, axis=0))  # splits without keys: m = -inf, weight 0
+    acc = tl.load(part_ptr + (row * SPLITS + s)[:, None] * D + d[None, :], mask=d[None, :] < D)
+    o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_s, axis=0)
+    tl.store(out_ptr + row * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
