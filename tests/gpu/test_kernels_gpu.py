@@ -548,5 +548,9 @@ def test_decode_attention_matches_the_model_path(b, h, h_kv, d, length, p, dtype
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     ref = DA.decode_attention_reference(q, k, v, cos[0], sin[0], k_ref, v_ref, pos)
     out = DA.decode_attention(q, k, v, cos[0], sin[0], k_cache, v_cache, pos)
-    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert torch.equal(v_cache, v_ref)
+    if dtype == torch.bfloat16:  # each RoPE product rounded to bf16 as torch rounds it
+        assert torch.equal(k_cache, k_ref)
+    else:  # fp32: the compiler may contract x c - y s into an FMA (torch rounds the product)
+        torch.testing.assert_close(k_cache, k_ref, rtol=1e-6, atol=1e-6)
     assert rel_err(out, ref) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
