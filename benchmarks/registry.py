@@ -623,6 +623,31 @@ REGISTRY: list[Bench] = [
             for preset in ("1.3B", "7B")
         ),
     ),
+    # the fused decode attention against the model's path on a long generation at batch 8,
+    # where the static cache's masked SDPA reads the whole buffer every step
+    Bench(
+        "decode_attention_7b_long",
+        "decode_modes.py",
+        (
+            *("--presets", "7B", "--batches", "8", "--new-tokens", "512", "--hf-batches", ""),
+            *("--modes", "dense,qsparse", "--attention-ab"),
+        ),
+        group="decode_threshold",
+        est_s=150,
+        rows=(
+            Row(
+                "decode",
+                "7B decode, batch 8, 512 new tokens (cache of 528 positions), CUDA graph, eager "
+                "step: dense / Q-Sparse S=0.6 on the fused decode attention vs the same mode on "
+                "the model's attention path (RoPE, `index_copy_`, masked SDPA over the whole "
+                "cache) in the same run",
+                f"{{{_DM}.7B.b8.eager.dense.vs_dense_sdpa|.3f}}x / "
+                f"{{{_DM}.7B.b8.eager.qsparse.vs_qsparse_sdpa|.3f}}x "
+                f"(dense {{{_DM}.7B.b8.eager.dense.tokens_per_s|.1f}} tokens/s; Q-Sparse "
+                f"{{{_DM}.7B.b8.eager.qsparse.ratio|.2f}}x dense)",
+            ),
+        ),
+    ),
     # fixed per-site thresholds (sparsity=threshold, TEAL) against per-token top-k, end to end
     Bench(
         "teal_decode",
