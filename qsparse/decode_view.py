@@ -32,6 +32,12 @@ sparsifier (q|k|v, gate|up) into one :class:`_Projection`, which is, per site:
   the list GEMV, at batch 1; the masked input through one GEMM at batch 2-16), with the site's
   threshold rounded to the activation dtype as its module compares.
 
+Between the sites, a decode position over the static cache (T = 1, any batch) runs its
+attention in one kernel where kernels run (:data:`FUSED_ATTENTION`):
+:func:`qsparse.kernels.decode_attention.decode_attention` rotates q and k, writes k and v to
+the cache and attends over the positions written so far; the prompt and anything else run the
+model's :meth:`~qsparse.models.llama.LlamaAttention.attend`.
+
 Elsewhere (no kernels, prompt prefill, batch sizes or settings the kernels do not cover) a site
 runs the model's own sparsifier and linear modules. Without kernels on a qsparse model the view
 is the model itself.

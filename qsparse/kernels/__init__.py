@@ -13,7 +13,8 @@ shape, ``QSPARSE_KERNELS=0``), so the caller runs the reference. Setting ``TRITO
 before import also routes CPU tensors through the kernels (Triton's interpreter; tests only).
 
 Inference kernels (sparse-input GEMV, 2-bit ternary GEMV) live in :mod:`qsparse.kernels.gemv`;
-a fixed-threshold site's GEMV (TEAL) in :mod:`qsparse.kernels.threshold_gemv`.
+a fixed-threshold site's GEMV (TEAL) in :mod:`qsparse.kernels.threshold_gemv`; the attention
+of one decode position (RoPE, cache write, attention) in :mod:`qsparse.kernels.decode_attention`.
 """
 
 from __future__ import annotations
