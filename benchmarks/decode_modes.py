@@ -242,8 +242,9 @@ def rows_from_records(records: Sequence[dict]) -> list[dict]:
 
 
 def plot(src: str | Sequence[str], dst: str) -> None:
-    """Bar chart of tokens/s per mode, one panel per preset, bars grouped by batch. ``src``:
-    a JSON file of rows (``--json``), or run_all record files (:func:`rows_from_records`)."""
+    """Bar chart of tokens/s per mode, one panel per preset, bars grouped by batch (the
+    ``--attention-ab`` rows left out). ``src``: a JSON file of rows (``--json``), or run_all
+    record files (:func:`rows_from_records`)."""
     from qsparse.extras import pyplot
 
     plt = pyplot(feature="the decode-modes plot")
@@ -253,6 +254,7 @@ def plot(src: str | Sequence[str], dst: str) -> None:
         rows = rows_from_records(loaded)
     else:
         rows = [r for d in loaded for r in d]
+    rows = [r for r in rows if not r["mode"].endswith("_sdpa")]  # --attention-ab baselines
     presets = list(dict.fromkeys(r["preset"] for r in rows))
     # one colour per mode across the panels (a preset may lack some modes)
     colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["mode"] for r in rows))}
