@@ -129,6 +129,7 @@ def test_deferred_imports_close_no_new_cycles() -> None:
 #: modules that import an optional extra's package when loaded -> that package
 OPTIONAL_AT_IMPORT = {
     "qsparse.evaluation.lm_eval_model": "lm_eval",
+    "qsparse.kernels._attention_triton": "triton",
     "qsparse.kernels._gemv_triton": "triton",
     "qsparse.kernels._int8_gemv_triton": "triton",
     "qsparse.kernels._topk_triton": "triton",
