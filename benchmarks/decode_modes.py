@@ -162,28 +162,29 @@ def run(args: argparse.Namespace, generate_args: Sequence[str] = ()) -> None:
             if compiled:
                 argv += ["--compile", args.compile_backend]
             gen_args = _parser().parse_args([*argv, *generate_args])
-            # (label, mode, args, fused attention): with --head-bits, BitNet modes again on the
-            # int8 head; with --attention-ab, every mode again on the model's attention path
+            # (label, mode, args, model's attention path): with --head-bits, BitNet modes again
+            # on the int8 head; with --attention-ab, every mode again on the model's attention
             runs = []
             for mode in modes:
-                runs.append((mode, mode, gen_args, True))
+                runs.append((mode, mode, gen_args, False))
                 if args.head_bits and mode.startswith("bitnet"):
                     head = copy.copy(gen_args)
                     head.head_bits = args.head_bits
-                    runs.append((f"{mode}_int8head", mode, head, True))
+                    runs.append((f"{mode}_int8head", mode, head, False))
                 if args.attention_ab:
-                    runs.append((f"{mode}_sdpa", mode, gen_args, False))
+                    runs.append((f"{mode}_sdpa", mode, gen_args, True))
             start = time.perf_counter()
             key = f"decode_modes.{preset}.b{batch}"
             step_key = f"{key}.{'compile' if compiled else 'eager'}"
             measured: list[tuple[str, float, float | None]] = []
             dense_tps = None
-            for mode, base_mode, run_args, fused in runs:  # one at a time: a run cut short
-                decode_view.FUSED_ATTENTION = fused  # keeps what it measured
+            for mode, base_mode, run_args, sdpa in runs:  # one at a time: a run cut short
+                fused = decode_view.FUSED_ATTENTION  # keeps what it measured
+                decode_view.FUSED_ATTENTION = fused and not sdpa
                 try:
                     ((_, tps, _, _),) = measure(run_args, [base_mode])
                 finally:
-                    decode_view.FUSED_ATTENTION = True
+                    decode_view.FUSED_ATTENTION = fused
                 dense_tps = tps if mode == "dense" else dense_tps
                 ratio = tps / dense_tps if dense_tps else None
                 measured.append((mode, tps, ratio))

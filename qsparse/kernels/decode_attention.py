@@ -25,8 +25,9 @@ Reference: :func:`decode_attention_reference` (the model's own path: ``apply_rot
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..models.attention import gqa_attention
+from ..models.kv_cache import static_mask
 from ..models.rope import apply_rotary_pos_emb
 from . import kernels_available
 
@@ -47,8 +48,8 @@ def _dims(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int, int, i
 
 def decode_attention_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """True when :func:`decode_attention` runs its kernel for ``q`` [B, H·D] and a cache
-    [B, H_kv, L, D] (else it runs the reference): kernels available on ``q``'s device, float
-    dtypes, an even D, H a multiple of H_kv with at most :data:`MAX_GROUP` query heads each."""
+    [B, H_kv, L, D] (else it runs the reference): kernels available on ``q``'s device, bf16 or
+    fp32, an even D, H a multiple of H_kv with at most :data:`MAX_GROUP` query heads each."""
     b, h, h_kv, _, d = _dims(q, k_cache)
     return (
         kernels_available(q)
@@ -80,12 +81,7 @@ def decode_attention_reference(
     qh, kh = apply_rotary_pos_emb(qh, kh, cos[:, None], sin[:, None])
     k_cache.index_copy_(2, pos, kh)
     v_cache.index_copy_(2, pos, vh)
-    mask = (torch.arange(length, device=q.device)[None, :] <= pos[:, None])[None, None]
-    keys, values = k_cache, v_cache
-    if h != h_kv:
-        keys = keys.repeat_interleave(h // h_kv, dim=1)
-        values = values.repeat_interleave(h // h_kv, dim=1)
-    out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask)
+    out = gqa_attention(qh, k_cache, v_cache, static_mask(pos, length))
     return out.transpose(1, 2).reshape(b, h * d)
 
 
@@ -94,10 +90,6 @@ def _splits(length: int) -> int:
     while n < MAX_SPLITS and n * SPLIT_POSITIONS < length:
         n *= 2
     return n
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 @torch.library.custom_op("qsparse::decode_attention", mutates_args=("k_cache", "v_cache"))
@@ -114,14 +106,16 @@ def decode_attention_op(
     """The launch behind :func:`decode_attention` (validated, contiguous arguments)."""
     if not decode_attention_applies(q, k_cache):
         return decode_attention_reference(q, k, v, cos, sin, k_cache, v_cache, pos)
+    import triton
+
     from ._attention_triton import _combine_splits_kernel, _decode_attention_kernel
 
     b, h, h_kv, length, d = _dims(q, k_cache)
     rep = h // h_kv
     splits = _splits(length)
     chunk = -(-length // splits)
-    rep_p = _next_pow2(rep)
-    half_p = _next_pow2(d // 2)
+    rep_p = triton.next_power_of_2(rep)
+    half_p = triton.next_power_of_2(d // 2)
     block_n = max(16, min(64, 4096 // (rep_p * half_p)))
     out = torch.empty_like(q)
     if splits == 1:
@@ -139,7 +133,7 @@ def decode_attention_op(
     )  # fmt: skip
     if splits > 1:
         _combine_splits_kernel[(b * h,)](
-            part, m, lse, out, d, SPLITS=splits, D_P=_next_pow2(d), num_warps=4
+            part, m, lse, out, d, SPLITS=splits, D_P=triton.next_power_of_2(d), num_warps=4
         )
     return out
 

@@ -9,7 +9,7 @@ import torch
 if TYPE_CHECKING:
     from .config import LlamaConfig
 
-__all__ = ["KVCache", "causal_mask"]
+__all__ = ["KVCache", "causal_mask", "static_mask"]
 
 
 class KVCache:
@@ -126,3 +126,10 @@ def causal_mask(
         keep = key_padding[:, None, None, :s].bool()  # [B, 1, 1, S]
         mask = (mask & keep) | (k_pos == q_pos)[None, None]
     return mask
+
+
+def static_mask(positions: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Boolean mask [1, 1, T, max_len] (True = attend) over a static cache's whole buffer:
+    query at ``positions[i]`` sees the keys at positions ``<= positions[i]``."""
+    keys = torch.arange(max_len, device=positions.device)
+    return (keys[None, :] <= positions[:, None])[None, None]

@@ -36,8 +36,9 @@ from torch import nn
 
 from qsparse.nn import GLUFeedForward
 
+from .attention import gqa_attention
 from .config import LlamaConfig
-from .kv_cache import KVCache, causal_mask
+from .kv_cache import KVCache, causal_mask, static_mask
 from .rope import RotaryEmbedding, apply_rotary_pos_emb
 
 __all__ = [
@@ -71,7 +72,7 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    """Grouped-query causal self-attention with RoPE, via ``F.scaled_dot_product_attention``.
+    """Grouped-query causal self-attention with RoPE, via SDPA (:func:`.attention.gqa_attention`).
 
     ``q = x W_qᵀ`` [B, H, T, D], ``k, v = x W_{k,v}ᵀ`` [B, H_kv, T, D]; H/H_kv query heads
     share each key/value head; ``out = softmax(q kᵀ / sqrt(D) + mask) v`` then ``o_proj``.
@@ -131,22 +132,7 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        gqa = self.num_kv_heads != self.num_heads
-        if gqa and attention_mask is not None:
-            # masked SDPA may fall back to kernels without GQA support: repeat each kv head for
-            # its H/H_kv query heads explicitly (query head h uses kv head h // (H/H_kv))
-            rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-            gqa = False
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attention_mask,
-            is_causal=attention_mask is None and t > 1,
-            enable_gqa=gqa,
-        )
+        out = gqa_attention(q, k, v, attention_mask)
         return out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
 
 
@@ -239,8 +225,7 @@ class LlamaModel(nn.Module):
         if attention_mask is not None or position_ids is not None:
             raise ValueError("a static KVCache takes no attention_mask or position_ids")
         positions = kv_cache.positions(input_ids.shape[1])  # [T]
-        keys = torch.arange(kv_cache.max_len, device=input_ids.device)
-        mask = (keys[None, :] <= positions[:, None])[None, None]  # [1, 1, T, max_len]
+        mask = static_mask(positions, kv_cache.max_len)  # [1, 1, T, max_len]
         x = self.embed_tokens(input_ids)
         position_embeddings = self.rotary_emb(positions[None], x.dtype)
         return self._layers(x, position_embeddings, mask, kv_cache)
