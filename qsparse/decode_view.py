@@ -355,12 +355,11 @@ class _FusedAttention(LlamaAttention):
         if self.fused and kv_cache is not None and kv_cache.static and q.shape[1] == 1:
             k_cache, v_cache = kv_cache.keys[self.layer_idx], kv_cache.values[self.layer_idx]
             if DA.decode_attention_applies(q[:, 0], k_cache):
-                # cos/sin [1, 1, D] passed whole: a view per layer would have the compiled
-                # step compute the tables once per layer
-                cos, sin = position_embeddings
+                cos, sin = position_embeddings  # [1, 1, D]
                 out = DA.decode_attention(
-                    q[:, 0], k[:, 0], v[:, 0], cos, sin, k_cache, v_cache, kv_cache.slots(1)
-                )
+                    q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], k_cache, v_cache,
+                    kv_cache.slots(1),
+                )  # fmt: skip
                 return out[:, None]
         return super().attend(q, k, v, position_embeddings, attention_mask, kv_cache)
 

@@ -43,11 +43,6 @@ for b, h, h_kv, d, length, p, dtype in cases:
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), (b, h, d, length)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(out, ref, **tol)
-    # the tables as the rotary embedding returns them ([1, 1, D]): the same launch
-    k3, v3 = k_ref.clone(), v_ref.clone()
-    k3[:, :, p].normal_(generator=gen)
-    out3 = DA.decode_attention(q, k, v, cos, sin, k3, v3, pos)
-    assert torch.equal(out3, out) and torch.equal(k3, k_ref), (b, h, d, length)
     assert DA._splits(length) == {20: 1, 40: 1, 300: 2, 600: 4, 1100: 8}[length]
 print("DECODE ATTENTION OK")
 """
@@ -142,7 +137,6 @@ def test_without_kernels_it_runs_the_reference():
         (0, torch.zeros(2, 5), "q"),
         (1, torch.zeros(2, 7), "k"),
         (3, torch.zeros(1, 4), "cos/sin"),
-        (3, torch.zeros(1, 2, 8), "cos/sin"),
         (7, torch.tensor([5], dtype=torch.int32), "pos"),
         (5, torch.zeros(2, 2, 8, 12).transpose(2, 3), "contiguous"),
     ],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 from ._gemv_triton import _round_to
 
@@ -28,37 +27,6 @@ def _rope_halves(ptr, cos_ptr, sin_ptr, row_offs, half, HALF: tl.constexpr, BF16
     r1 = _round_to(_round_to(x1 * c1, BF16) - _round_to(x2 * s1, BF16), BF16)
     r2 = _round_to(_round_to(x2 * c2, BF16) + _round_to(x1 * s2, BF16), BF16)
     return r1, r2
-
-
-@triton.jit
-def _attend_block(q1, q2, kb1, kb2, vb1, vb2, km, m_i, l_i, acc1, acc2):
-    """One online-softmax step over a block of cached keys: scores ``q . k`` of the
-    [REP_P, HALF] query halves against the [BLOCK_N, HALF] key halves (``km``: the valid
-    keys), then the running max ``m_i``, denominator ``l_i`` and value sums updated."""
-    sc = tl.sum(q1[:, None, :] * kb1[None, :, :], axis=2)
-    sc += tl.sum(q2[:, None, :] * kb2[None, :, :], axis=2)  # [REP_P, BLOCK_N]
-    sc = tl.where(km[None, :], sc, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(sc - m_new[:, None])
-    acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vb1[None, :, :], axis=1)
-    acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vb2[None, :, :], axis=1)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    return m_new, l_i, acc1, acc2
-
-
-@triton.jit
-def _cache_block(kc_ptr, vc_ptr, cache_head, start, hi, n, d, dm, half, D):
-    """Keys and values ``start + n`` (< ``hi``) of one cache head, as fp32 halves."""
-    keys = start + n
-    km = keys < hi
-    offs = cache_head + keys.to(tl.int64)[:, None] * D + d[None, :]
-    mm = km[:, None] & dm[None, :]
-    kb1 = tl.load(kc_ptr + offs, mask=mm, other=0.0).to(tl.float32)
-    kb2 = tl.load(kc_ptr + offs + half, mask=mm, other=0.0).to(tl.float32)
-    vb1 = tl.load(vc_ptr + offs, mask=mm, other=0.0).to(tl.float32)
-    vb2 = tl.load(vc_ptr + offs + half, mask=mm, other=0.0).to(tl.float32)
-    return kb1, kb2, vb1, vb2, km
 
 
 @triton.jit
@@ -86,11 +54,8 @@ def _decode_attention_kernel(
     HALF: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BF16: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    """Program (b * H_kv + g, s): the REP query heads of kv head g, keys of split s. PDL
-    (launched as a programmatic dependent of the q|k|v projection): the first block of cached
-    keys and values, written by earlier steps, is loaded before waiting for that kernel."""
+    """Program (b * H_kv + g, s): the REP query heads of kv head g, keys of split s."""
     bg = tl.program_id(0)
     s = tl.program_id(1)
     b = bg // H_KV
@@ -102,20 +67,13 @@ def _decode_attention_kernel(
     sin_row = sin_ptr + b * cos_stride
     d = tl.arange(0, HALF)
     dm = d < half
-    cache_head = (b * H_KV + g).to(tl.int64) * L * D
-    # keys of this split before ``pos`` come from the cache; ``pos`` itself from registers
-    lo = s * CHUNK
-    hi = tl.minimum(lo + CHUNK, pos)
-    n = tl.arange(0, BLOCK_N)
-    kb1, kb2, vb1, vb2, km = _cache_block(kc_ptr, vc_ptr, cache_head, lo, hi, n, d, dm, half, D)
-    if PDL:
-        gdc_wait()
     # this step's key/value of kv head g: rotate k, write both at ``pos`` (split 0 only)
     kv_row = tl.full([1], 0, tl.int32) + (b * H_KV + g) * D
     k1, k2 = _rope_halves(k_ptr, cos_row, sin_row, kv_row, half, HALF, BF16)
     v1 = tl.load(v_ptr + kv_row[:, None] + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
     v2 = tl.load(v_ptr + kv_row[:, None] + half + d[None, :], mask=dm[None, :], other=0.0)
     v2 = v2.to(tl.float32)
+    cache_head = (b * H_KV + g).to(tl.int64) * L * D
     if s == 0:
         dst = cache_head + pos * D
         ty = kc_ptr.dtype.element_ty
@@ -130,17 +88,33 @@ def _decode_attention_kernel(
     q1, q2 = _rope_halves(q_ptr, cos_row, sin_row, q_rows, half, HALF, BF16)
     q1 = q1 * scale
     q2 = q2 * scale
+    # keys of this split before ``pos`` come from the cache; ``pos`` itself from registers
+    lo = s * CHUNK
+    hi = tl.minimum(lo + CHUNK, pos)
     m_i = tl.full([REP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([REP_P], tl.float32)
     acc1 = tl.zeros([REP_P, HALF], tl.float32)
     acc2 = tl.zeros([REP_P, HALF], tl.float32)
-    if lo < hi:  # the block loaded first
-        m_i, l_i, acc1, acc2 = _attend_block(q1, q2, kb1, kb2, vb1, vb2, km, m_i, l_i, acc1, acc2)
-    for start in range(lo + BLOCK_N, hi, BLOCK_N):
-        kb1, kb2, vb1, vb2, km = _cache_block(
-            kc_ptr, vc_ptr, cache_head, start, hi, n, d, dm, half, D
-        )
-        m_i, l_i, acc1, acc2 = _attend_block(q1, q2, kb1, kb2, vb1, vb2, km, m_i, l_i, acc1, acc2)
+    n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + n
+        km = keys < hi
+        offs = cache_head + keys.to(tl.int64)[:, None] * D + d[None, :]
+        mm = km[:, None] & dm[None, :]
+        kb1 = tl.load(kc_ptr + offs, mask=mm, other=0.0).to(tl.float32)
+        kb2 = tl.load(kc_ptr + offs + half, mask=mm, other=0.0).to(tl.float32)
+        sc = tl.sum(q1[:, None, :] * kb1[None, :, :], axis=2)
+        sc += tl.sum(q2[:, None, :] * kb2[None, :, :], axis=2)  # [REP_P, BLOCK_N]
+        sc = tl.where(km[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        vb1 = tl.load(vc_ptr + offs, mask=mm, other=0.0).to(tl.float32)
+        vb2 = tl.load(vc_ptr + offs + half, mask=mm, other=0.0).to(tl.float32)
+        acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vb1[None, :, :], axis=1)
+        acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vb2[None, :, :], axis=1)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
     if (pos >= lo) & (pos < lo + CHUNK):  # the new key lies in this split
         sc_new = tl.sum(q1 * k1, axis=1) + tl.sum(q2 * k2, axis=1)  # [REP_P]
         m_new = tl.maximum(m_i, sc_new)

@@ -712,11 +712,8 @@ def _compact_gemv_kernel(
     list. SPLIT > 1: each program writes its fp32 partial sums to ``part[s]`` and counts itself
     in ``sem[j]`` (zero between calls); the last to arrive sums the SPLIT partials in order
     (deterministic), writes y and resets ``sem[j]``.
-    PDL: launched as a programmatic dependent of the list kernel; waits for it here, and lets
-    a programmatic dependent of its own (the decode attention after q|k|v) launch at once.
+    PDL: launched as a programmatic dependent of the list kernel; waits for it here.
     """
-    if PDL:
-        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -986,10 +983,7 @@ def _ternary_dp4a_kernel(
     SPLIT): program (j, s) owns columns j*BN.. and the s-th slice of the words; SPLIT > 1
     sums the programs' scaled fp32 partials in order (:func:`_store_out`; ``qsum`` is taken
     off in slice 0). PDL: the first two weight tiles are requested before waiting for the
-    activation kernel (weights do not depend on it). A programmatic
-    dependent of this kernel (the decode attention after q|k|v) may launch at once."""
-    if PDL:
-        gdc_launch_dependents()
+    activation kernel (weights do not depend on it)."""
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     per = tl.cdiv(tl.cdiv(G, SPLIT), BG) * BG

@@ -103,17 +103,12 @@ def decode_attention_op(
     v_cache: torch.Tensor,
     pos: torch.Tensor,
 ) -> torch.Tensor:
-    """The launch behind :func:`decode_attention` (validated, contiguous arguments; cos/sin
-    [B or 1, D] or [B or 1, 1, D])."""
-    cos, sin = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
+    """The launch behind :func:`decode_attention` (validated, contiguous arguments)."""
     if not decode_attention_applies(q, k_cache):
         return decode_attention_reference(q, k, v, cos, sin, k_cache, v_cache, pos)
     import triton
 
     from ._attention_triton import _combine_splits_kernel, _decode_attention_kernel
-    from .gemv import _pdl_ok
-
-    pdl = _pdl_ok(q)
 
     b, h, h_kv, length, d = _dims(q, k_cache)
     rep = h // h_kv
@@ -134,7 +129,7 @@ def decode_attention_op(
         h_kv, rep, length, chunk, d // 2, cos.shape[1] if cos.shape[0] > 1 else 0,
         d ** -0.5,
         SPLITS=splits, REP_P=rep_p, HALF=half_p, BLOCK_N=block_n,
-        BF16=q.dtype == torch.bfloat16, num_warps=4, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
+        BF16=q.dtype == torch.bfloat16, num_warps=4,
     )  # fmt: skip
     if splits > 1:
         _combine_splits_kernel[(b * h,)](
@@ -163,9 +158,7 @@ def decode_attention(
     Args:
         q: [B, H·D] queries before RoPE; ``k``, ``v``: [B, H_kv·D] this step's keys (before
             RoPE) and values; all of the caches' dtype.
-        cos, sin: [B or 1, D] (or [B or 1, 1, D], as the model's rotary embedding returns
-            them for one position: passed whole, the compiled step computes them once
-            rather than once per layer) RoPE tables of position ``pos``
+        cos, sin: [B or 1, D] RoPE tables of position ``pos``
             (:class:`qsparse.models.rope.RotaryEmbedding`).
         k_cache, v_cache: [B, H_kv, L, D] contiguous caches, written at ``pos``.
         pos: int64 [1] on the caches' device, ``0 <= pos < L`` (not checked: no host sync).
@@ -181,16 +174,9 @@ def decode_attention(
             f"decode_attention: k {tuple(k.shape)}, v {tuple(v.shape)} and v_cache "
             f"{tuple(v_cache.shape)} must be [{b}, {h_kv * d}] and {tuple(k_cache.shape)}"
         )
-    if (
-        cos.dim() not in (2, 3)
-        or cos.shape[-1] != d
-        or cos.shape[0] not in (1, b)
-        or (cos.dim() == 3 and cos.shape[1] != 1)
-        or sin.shape != cos.shape
-    ):
+    if cos.dim() != 2 or cos.shape[1] != d or cos.shape[0] not in (1, b) or sin.shape != cos.shape:
         raise ValueError(
-            f"decode_attention: cos/sin must be [1 or {b}, {d}] or [1 or {b}, 1, {d}], got "
-            f"{tuple(cos.shape)} and {tuple(sin.shape)}"
+            f"decode_attention: cos/sin must be [1 or {b}, {d}], got {tuple(cos.shape)}"
         )
     if pos.shape != (1,) or pos.dtype != torch.long:
         raise ValueError("decode_attention: pos must be an int64 tensor of shape [1]")
