@@ -7,9 +7,10 @@ profiler, CUDA time summed per kernel name), for one preset and batch.
 ``--compile`` (inductor) and ``--graph`` (one CUDA graph per step) profile the step that
 ``qsparse-generate --compile`` times; the kernels replayed inside a graph are still traced
 one by one (CUPTI), so the table lists them as in the eager step. ``--timeline`` adds, per
-mode, where the wall time of the replayed steps goes: kernel time against the idle gaps
-between consecutive kernels (the span of a step minus its kernels' busy time), and the
-kernel pairs whose gaps cost most, summed over a step.
+mode, where the span of a replayed step goes: each kernel's share (the time it alone
+extended the step, :func:`attribute`) and the time no kernel ran. ``FIGURE`` lines under
+``decode_profile.<preset>_b<batch>_<mode>``: ``span_us``, ``idle_us``, ``kernels`` and
+``share_us.<kernel>`` for the project's own kernels.
 
     PYTHONPATH=$PWD python3 benchmarks/decode_profile.py --preset 7B --compile --graph --timeline
 """
@@ -25,6 +26,7 @@ import tempfile
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks._figures import emit
 from qsparse.cli.generate import _preset_model
 from qsparse.generate import MODES, DecodeEngine, convert
 
@@ -76,55 +78,60 @@ def _kernels(prof) -> list[tuple[str, float, float]]:
     return sorted(out, key=lambda e: e[1])
 
 
+Kernel = tuple[str, float, float]  # (name, start us, duration us)
+
+
+def attribute(ks: list[Kernel]) -> tuple[float, dict[str, float], dict[str, int]]:
+    """Split one step's span among its kernels ``ks`` (sorted by start): kernel i's share is
+    ``end_i - max(start_i, latest end before it)``, the time it alone extended the step (a
+    programmatic dependent launched early is charged only from its predecessor's end).
+    Returns (span = last end - first start, shares summed by name, calls by name); the span
+    minus the shares is the time no kernel ran."""
+    share: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    end = ks[0][1]
+    for name, t, d in ks:
+        share[name] += max(0.0, t + d - max(t, end))
+        calls[name] += 1
+        end = max(end, t + d)
+    return end - ks[0][1], dict(share), dict(calls)
+
+
 def timeline(engine: DecodeEngine, steps: int, top: int, tag: str) -> None:
-    """Replay ``steps`` decode steps one at a time (synchronized in between) and print, per
-    step on average, the span from its first kernel's start to its last kernel's end, the
-    kernels' summed time, the gaps (span minus busy time, where no kernel of the step ran) and
-    the ``top`` consecutive kernel pairs with the largest summed gap; then each kernel's share
-    of the span, ``end_i - max(start_i, end_{i-1})`` (a kernel started early, as a
-    programmatic dependent, is charged only from its predecessor's end), summed by name.
-    Per step, these shares plus the gaps make the span."""
-    # decode again over positions already written: back by the steps taken below (the engine
-    # has just generated at least that many tokens)
-    engine.cache.pos.sub_(steps + 2)
-    step = engine._run_step
+    """Replay ``steps`` decode steps one at a time (synchronized in between; the engine has
+    just generated at least ``steps + 2`` tokens) and print, per step on average, the span,
+    the idle time and the ``top`` kernels by share (:func:`attribute`)."""
+    engine.cache.pos.sub_(steps + 2)  # decode again over positions already written
     for _ in range(2):
-        step()
+        engine._run_step()
     torch.cuda.synchronize()
-    spans, busy, count = [], [], []
-    gaps: collections.Counter[tuple[str, str]] = collections.Counter()
+    span = 0.0
     share: collections.Counter[str] = collections.Counter()
     calls: collections.Counter[str] = collections.Counter()
     for _ in range(steps):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step()
+            engine._run_step()
             torch.cuda.synchronize()
         ks = _kernels(prof)
         if not ks:
             print(f"TIMELINE {tag}: no kernels traced")
             return
-        spans.append(ks[-1][1] + ks[-1][2] - ks[0][1])
-        busy.append(sum(d for _, _, d in ks))
-        count.append(len(ks))
-        end = ks[0][1]
-        for name, t, d in ks:
-            share[name[:60]] += max(0.0, t + d - max(t, end)) / steps
-            calls[name[:60]] += 1 / steps
-            end = max(end, t + d)
-        for (a, ta, da), (b, tb, _) in zip(ks, ks[1:], strict=False):
-            gaps[(a[:40], b[:40])] += max(0.0, tb - (ta + da)) / steps
-    span, work = sum(spans) / steps, sum(busy) / steps
-    print(
-        f"TIMELINE {tag}: step span {span:.1f} us, kernels {work:.1f} us "
-        f"({sum(count) / steps:.0f} kernels), gaps {span - work:.1f} us "
-        f"({100 * (span - work) / span:.0f}% of the span)"
-    )
+        s, sh, c = attribute(ks)
+        span += s / steps
+        share.update({k: v / steps for k, v in sh.items()})
+        calls.update({k: v / steps for k, v in c.items()})
     idle = span - sum(share.values())
-    print(f"  idle (no kernel running) {idle:.1f} us/step")
-    for (a, b), g in gaps.most_common(top):
-        print(f"  gap {g:8.1f} us/step  {a} -> {b}")
-    for name, t in share.most_common(2 * top):
-        print(f"  share {t:8.1f} us/step  {calls[name]:5.0f} calls  {name}")
+    print(
+        f"TIMELINE {tag}: step span {span:.1f} us, {sum(calls.values()):.0f} kernels, "
+        f"no kernel running {idle:.1f} us"
+    )
+    emit(f"decode_profile.{tag}.span_us", span, "us")
+    emit(f"decode_profile.{tag}.idle_us", idle, "us")
+    emit(f"decode_profile.{tag}.kernels", sum(calls.values()))
+    for name, t in share.most_common(top):
+        print(f"  share {t:8.1f} us/step {calls[name]:5.0f} calls  {name[:70]}")
+        if name.startswith("_"):  # the project's own kernels: a figure each
+            emit(f"decode_profile.{tag}.share_us.{name.strip('_')}", t, "us")
 
 
 if __name__ == "__main__":

@@ -791,6 +791,26 @@ REGISTRY: list[Bench] = [
     ),
     Bench("ternary_sparse_gemv", "ternary_sparse_gemv.py", ("--decode", "1.3B"), est_s=150),
     Bench(
+        "decode_timeline_7b",
+        "decode_profile.py",
+        ("--preset", "7B", "--compile", "--graph", "--timeline", "--steps", "3")
+        + ("--modes", "dense,qsparse,bitnet,bitnet_qsparse"),
+        est_s=170,
+    ),
+    Bench(
+        "decode_variants_7b_bitnet",
+        "decode_variants.py",
+        ("--preset", "7B", "--mode", "bitnet")
+        + ("--variants", "default,no_pdl,ternary=128x16x4,ternary=32x32x2,prep_warps=4"),
+        est_s=220,
+    ),
+    Bench(
+        "decode_variants_7b_qsparse",
+        "decode_variants.py",
+        ("--preset", "7B", "--mode", "qsparse", "--variants", "default,no_pdl"),
+        est_s=100,
+    ),
+    Bench(
         "expert_gemv",
         "expert_gemv.py",
         group="decode_extra",

@@ -1,0 +1,106 @@
+"""Figure: launch settings of the decode step against the shipped ones, in the same run. For
+one preset and mode (random weights, S = 0.6, batch 1, the step compiled by inductor in a CUDA
+graph: :func:`qsparse.cli.generate.measure`), the step is built and timed once per variant,
+and each variant's tokens/s is divided by the ``default`` run's.
+
+    PYTHONPATH=$PWD python3 benchmarks/decode_variants.py --preset 7B --mode bitnet \\
+        --variants default,no_pdl,ternary=128x16x4,prep_warps=4
+    PYTHONPATH=$PWD python3 benchmarks/decode_variants.py --preset tiny --new-tokens 2 \
+        --compile-backend eager -- --device cpu --no-graph    # a CPU check of the script
+
+Arguments after ``--`` go to every ``qsparse-generate`` run.
+
+Variants (module settings of :mod:`qsparse.kernels.gemv`, changed for that run only):
+
+- ``default``: as shipped (always measured, first);
+- ``no_pdl``: no programmatic dependent launch anywhere (each GEMV waits for its selection or
+  activation kernel to end before it starts, instead of loading weights meanwhile);
+- ``ternary=BKxBNxW``: the batch-1 ternary GEMV's launch shape (``block_k`` word rows per
+  tile, ``block_n`` columns per program, ``num_warps``) in place of ``TERNARY_CONFIG``, or of
+  ``TERNARY_SPARSE_CONFIG`` in a mode with top-k;
+- ``prep_warps=W``: warps of the ternary activation kernel (``select_warps`` of that config).
+
+``FIGURE decode_variants.<preset>.<mode>.<variant>.tokens_per_s`` and ``.ratio`` (to the
+default run; ``=`` in a variant's name written ``_``); ``RATIO`` lines as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+from benchmarks._figures import emit
+from qsparse.cli.generate import _parser, measure
+from qsparse.kernels import gemv as G
+
+_TERNARY = re.compile(r"ternary=(\d+)x(\d+)x(\d+)")
+_WARPS = re.compile(r"prep_warps=(\d+)")
+
+
+def check_variant(name: str) -> str:
+    """``name`` if it is a variant this script knows, else ValueError naming the forms."""
+    if name in ("default", "no_pdl") or _TERNARY.fullmatch(name) or _WARPS.fullmatch(name):
+        return name
+    raise ValueError(
+        f"unknown variant {name!r}: use default, no_pdl, ternary=BKxBNxW or prep_warps=W"
+    )
+
+
+@contextlib.contextmanager
+def variant(name: str, mode: str) -> Iterator[None]:
+    """The module settings of variant ``name`` while the block runs (restored after)."""
+    attr = "TERNARY_SPARSE_CONFIG" if mode == "bitnet_qsparse" else "TERNARY_CONFIG"
+    saved = {a: getattr(G, a) for a in ("_pdl_device_ok", attr)}
+    base = saved[attr]
+    try:
+        if name == "no_pdl":
+            G._pdl_device_ok = lambda index: False
+        elif m := _TERNARY.fullmatch(name):
+            bk, bn, warps = (int(v) for v in m.groups())
+            setattr(G, attr, replace(base, block_k=bk, block_n=bn, num_warps=warps))
+        elif m := _WARPS.fullmatch(name):
+            setattr(G, attr, replace(base, select_warps=int(m.group(1))))
+        yield
+    finally:
+        for a, v in saved.items():
+            setattr(G, a, v)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog="arguments after -- go to qsparse-generate"
+    )
+    ap.add_argument("--preset", default="7B")
+    ap.add_argument("--mode", default="bitnet")
+    ap.add_argument("--variants", default="default,no_pdl", help="comma list (module doc)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    try:
+        names = [check_variant(v) for v in args.variants.split(",") if v != "default"]
+    except ValueError as err:
+        ap.error(f"--variants: {err}")
+    gen_args = _parser().parse_args(
+        ["--preset", args.preset, "--new-tokens", str(args.new_tokens)]
+        + ["--compile", args.compile_backend, *argv[cut + 1 :]]
+    )
+    key = f"decode_variants.{args.preset}.{args.mode}"
+    base = None
+    for name in ["default", *names]:
+        with variant(name, args.mode):
+            ((_, tps, _, _),) = measure(gen_args, [args.mode])
+        base = tps if name == "default" else base
+        print(f"RATIO decode {args.preset} {args.mode} {name}: {tps / base:.3f}x ({tps:.1f} tok/s)")
+        tag = name.replace("=", "_")
+        emit(f"{key}.{tag}.tokens_per_s", tps, "tokens/s")
+        emit(f"{key}.{tag}.ratio", tps / base)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Decode benchmark tools on CPU: benchmarks/decode_variants.py (each variant changes the
+kernel settings it names for its own run only; a figure per variant, tiny preset) and the
+share attribution of benchmarks/decode_profile.py --timeline."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import decode_variants as DV
+from qsparse.kernels import gemv as G
+
+
+def test_each_variant_sets_what_it_names_and_restores_it():
+    dense, sparse, pdl = G.TERNARY_CONFIG, G.TERNARY_SPARSE_CONFIG, G._pdl_device_ok
+    with DV.variant("ternary=32x8x4", "bitnet"):
+        assert (G.TERNARY_CONFIG.block_k, G.TERNARY_CONFIG.block_n) == (32, 8)
+        assert G.TERNARY_CONFIG.num_warps == 4 and G.TERNARY_SPARSE_CONFIG is sparse
+    with DV.variant("prep_warps=4", "bitnet_qsparse"):
+        assert G.TERNARY_SPARSE_CONFIG.select_warps == 4 and G.TERNARY_CONFIG is dense
+    with DV.variant("no_pdl", "qsparse"):
+        assert G._pdl_device_ok(0) is False
+    assert (G.TERNARY_CONFIG, G.TERNARY_SPARSE_CONFIG) == (dense, sparse)
+    assert G._pdl_device_ok is pdl
+
+
+def test_script_prints_a_ratio_per_variant(capsys):
+    DV.main(
+        ["--preset", "tiny", "--mode", "bitnet", "--variants", "default,ternary=32x16x2"]
+        + ["--new-tokens", "2", "--compile-backend", "eager", "--", "--device", "cpu"]
+        + ["--no-graph"]
+    )
+    out = capsys.readouterr().out
+    figures = {ln.split()[1]: float(ln.split()[2]) for ln in out.splitlines() if "FIGURE" in ln}
+    assert figures["decode_variants.tiny.bitnet.default.ratio"] == 1.0
+    assert figures["decode_variants.tiny.bitnet.ternary_32x16x2.tokens_per_s"] > 0
+
+
+def test_unknown_variant_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        DV.main(["--variants", "default,fast"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--variants" in err and "ternary=BKxBNxW" in err
+
+
+def test_timeline_charges_an_early_dependent_from_its_predecessors_end():
+    from benchmarks.decode_profile import attribute
+
+    # a selection (0-4 us), its GEMV launched early at 1 us ending at 10, a gap, an add
+    ks = [("select", 0.0, 4.0), ("gemv", 1.0, 9.0), ("add", 11.0, 1.0), ("select", 13.0, 2.0)]
+    span, share, calls = attribute(ks)
+    assert span == 15.0
+    assert share == {"select": 6.0, "gemv": 6.0, "add": 1.0}
+    assert calls == {"select": 2, "gemv": 1, "add": 1}
+    assert span - sum(share.values()) == 2.0  # no kernel ran in 10-11 and 12-13
