@@ -35,10 +35,11 @@ from dataclasses import replace
 
 from benchmarks._figures import emit
 from qsparse.cli.generate import _parser, measure
+from qsparse.generate import MODES
 from qsparse.kernels import gemv as G
 
-_TERNARY = re.compile(r"ternary=(\d+)x(\d+)x(\d+)")
-_WARPS = re.compile(r"prep_warps=(\d+)")
+_TERNARY = re.compile(r"ternary=([1-9]\d*)x([1-9]\d*)x([1-9]\d*)")
+_WARPS = re.compile(r"prep_warps=([1-9]\d*)")
 
 
 def check_variant(name: str) -> str:
@@ -46,7 +47,8 @@ def check_variant(name: str) -> str:
     if name in ("default", "no_pdl") or _TERNARY.fullmatch(name) or _WARPS.fullmatch(name):
         return name
     raise ValueError(
-        f"unknown variant {name!r}: use default, no_pdl, ternary=BKxBNxW or prep_warps=W"
+        f"unknown variant {name!r}: use default, no_pdl, ternary=BKxBNxW or prep_warps=W "
+        "(positive integers)"
     )
 
 
@@ -75,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=__doc__.split("\n")[0], epilog="arguments after -- go to qsparse-generate"
     )
     ap.add_argument("--preset", default="7B")
-    ap.add_argument("--mode", default="bitnet")
+    ap.add_argument("--mode", default="bitnet", choices=MODES)
     ap.add_argument("--variants", default="default,no_pdl", help="comma list (module doc)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
