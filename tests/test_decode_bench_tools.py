@@ -1,12 +1,14 @@
 """Decode benchmark tools on CPU: benchmarks/decode_variants.py (each variant changes the
-kernel settings it names for its own run only; a figure per variant, tiny preset) and the
-share attribution of benchmarks/decode_profile.py --timeline."""
+kernel settings it names for its own run only; a figure per variant, tiny preset), the share
+attribution of benchmarks/decode_profile.py --timeline, and the grid-barrier kernel of
+benchmarks/grid_barrier.py under the interpreter (one program)."""
 
 from __future__ import annotations
 
 import pytest
 
 from benchmarks import decode_variants as DV
+from qsparse.kernels import HAS_TRITON
 from qsparse.kernels import gemv as G
 
 
@@ -52,3 +54,29 @@ def test_timeline_charges_an_early_dependent_from_its_predecessors_end():
     assert share == {"select": 6.0, "gemv": 6.0, "add": 1.0}
     assert calls == {"select": 2, "gemv": 1, "add": 1}
     assert span - sum(share.values()) == 2.0  # no kernel ran in 10-11 and 12-13
+
+
+BARRIER_SCRIPT = """
+import torch
+from benchmarks.grid_barrier import barrier_rounds
+
+out, count = barrier_rounds(1, 4, "cpu")  # one program: every barrier opens at its arrival
+assert int(count) == 4 and out.tolist() == [1 + 2 + 3 + 4], (count, out)
+print("BARRIER OK")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_grid_barrier_kernel_counts_one_arrival_per_round_under_the_interpreter():
+    from conftest import run_interpreted
+
+    assert "BARRIER OK" in run_interpreted(BARRIER_SCRIPT)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_grid_barrier_refuses_more_programs_than_sms():
+    from benchmarks.grid_barrier import check_programs
+
+    assert check_programs(132, 132) == 132
+    with pytest.raises(ValueError, match="--programs 133"):
+        check_programs(133, 132)
