@@ -797,6 +797,7 @@ REGISTRY: list[Bench] = [
         + ("--modes", "dense,qsparse,bitnet,bitnet_qsparse"),
         est_s=170,
     ),
+    Bench("grid_barrier", "grid_barrier.py", ("--programs", "32", "66", "132"), est_s=30),
     Bench(
         "decode_variants_7b_bitnet",
         "decode_variants.py",
