@@ -1,7 +1,8 @@
 """Decode benchmark tools on CPU: benchmarks/decode_variants.py (each variant changes the
 kernel settings it names for its own run only; a figure per variant, tiny preset), the share
 attribution of benchmarks/decode_profile.py --timeline, and the grid-barrier kernel of
-benchmarks/grid_barrier.py under the interpreter (one program)."""
+benchmarks/grid_barrier.py under the interpreter (one program), and benchmarks/hint_band.py's
+bf16 draw."""
 
 from __future__ import annotations
 
@@ -80,3 +81,13 @@ def test_grid_barrier_refuses_more_programs_than_sms():
     assert check_programs(132, 132) == 132
     with pytest.raises(ValueError, match="--programs 133"):
         check_programs(133, 132)
+
+
+def test_hint_band_reads_a_key_per_site_and_step_with_weights_drawn_in_bf16():
+    import torch
+
+    from benchmarks.hint_band import threshold_keys
+
+    keys = threshold_keys("tiny", "qsparse", 2, 4, None, "", init_bf16=True)
+    assert keys and all(len(k) == 3 for k in keys.values())  # the prompt and two steps
+    assert torch.get_default_dtype() == torch.float32  # restored after the build
