@@ -63,6 +63,7 @@ def transformers_baseline(
     cuda = device.startswith("cuda")
     from transformers import LlamaForCausalLM as HFLlama
 
+    from qsparse.dtypes import default_dtype
     from qsparse.models import LlamaConfig, LlamaForCausalLM
     from qsparse.models.hf_config import to_hf_config
 
@@ -70,12 +71,8 @@ def transformers_baseline(
     torch.manual_seed(0)
     with torch.device(device):
         ours = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
+        with default_dtype(torch.bfloat16):
             hf = HFLlama(to_hf_config(cfg)).eval()
-        finally:
-            torch.set_default_dtype(default)
     hf.load_state_dict(ours.state_dict())
     del ours
     gen = torch.Generator().manual_seed(0)

@@ -41,7 +41,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="inductor-compiled step")
     ap.add_argument("--graph", action="store_true", help="replay each step as a CUDA graph")
     ap.add_argument(
-        "--timeline", action="store_true", help="kernel time vs gaps of the replayed steps"
+        "--timeline",
+        action="store_true",
+        help="each kernel's share of the replayed steps' span, and the time no kernel ran",
     )
     args = ap.parse_args()
     for mode in args.modes.split(","):
@@ -63,7 +65,10 @@ def main() -> None:
         torch.cuda.empty_cache()
 
 
-def _kernels(prof) -> list[tuple[str, float, float]]:
+Kernel = tuple[str, float, float]  # (name, start us, duration us)
+
+
+def _kernels(prof) -> list[Kernel]:
     """(name, start us, duration us) of every CUDA kernel the profiler traced, by start."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
@@ -76,9 +81,6 @@ def _kernels(prof) -> list[tuple[str, float, float]]:
         if e.get("cat") == "kernel" and "dur" in e
     ]
     return sorted(out, key=lambda e: e[1])
-
-
-Kernel = tuple[str, float, float]  # (name, start us, duration us)
 
 
 def attribute(ks: list[Kernel]) -> tuple[float, dict[str, float], dict[str, int]]:

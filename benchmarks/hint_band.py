@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._figures import emit
+from qsparse.dtypes import default_dtype
 from qsparse.generate import convert
 from qsparse.models import LlamaConfig, LlamaForCausalLM
 from qsparse.nn.linear import ActivationSparsifier
@@ -86,12 +87,8 @@ def threshold_keys(
         ids = ids[:, :prompt]
     else:
         cfg = LlamaConfig.from_preset(preset)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16 if init_bf16 else default)
-        try:
+        with default_dtype(torch.bfloat16 if init_bf16 else torch.get_default_dtype()):
             model = LlamaForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(default)
         model = convert(model.to(torch.bfloat16).eval(), mode, 0.6)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=gen)

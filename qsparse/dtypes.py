@@ -3,10 +3,14 @@
 Names are torch's (``float32``, ``bfloat16``, ``float16``); the short spellings ``fp32``,
 ``bf16`` and ``fp16`` are accepted everywhere as aliases. ``auto`` (where a caller allows it)
 means "as stored in the checkpoint" and is passed through as the string ``"auto"``, which
-transformers' ``from_pretrained(dtype=...)`` understands.
+transformers' ``from_pretrained(dtype=...)`` understands. :func:`default_dtype` sets torch's
+default dtype for a block (modules built inside draw their parameters in it).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -35,3 +39,15 @@ def torch_dtype(name: str, setting: str = "dtype", allow_auto: bool = False) -> 
     if key not in DTYPES:
         raise ValueError(f"{setting}={name!r} must be one of {dtype_names(allow_auto)}")
     return DTYPES[key]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` inside the block, the previous default restored after
+    (also on an exception): a model built inside draws its random weights in ``dtype``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

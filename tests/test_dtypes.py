@@ -1,11 +1,12 @@
-"""The one dtype-name table (qsparse/dtypes.py) and the settings that use it."""
+"""The one dtype-name table (qsparse/dtypes.py), the settings that use it, and its default-dtype
+block."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qsparse.dtypes import dtype_names, torch_dtype
+from qsparse.dtypes import default_dtype, dtype_names, torch_dtype
 from qsparse.models.pretrained import hf_model
 from qsparse.training.distill import DistillConfig
 
@@ -30,3 +31,12 @@ def test_every_dtype_setting_takes_the_same_spellings(tiny_hf_checkpoint) -> Non
     with pytest.raises(ValueError, match="model.dtype"):
         hf_model(path, dtype="half")
     assert DistillConfig(mode="logits", kl_weight=1.0, lm_weight=0.0, teacher_dtype="bf16")
+
+
+def test_default_dtype_sets_it_for_the_block_and_restores_it_on_error():
+    with default_dtype(torch.bfloat16):
+        assert torch.nn.Linear(2, 2).weight.dtype == torch.bfloat16
+    assert torch.get_default_dtype() == torch.float32
+    with pytest.raises(RuntimeError), default_dtype(torch.float16):
+        raise RuntimeError("inside")
+    assert torch.get_default_dtype() == torch.float32
