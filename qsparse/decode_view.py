@@ -350,14 +350,19 @@ class _FusedAttention(LlamaAttention):
 
     def attend(self, q, k, v, position_embeddings, attention_mask=None, kv_cache=None):
         """One decode position over a static cache with kernels (and :data:`FUSED_ATTENTION`):
-        :func:`qsparse.kernels.decode_attention.decode_attention` (RoPE, cache write and
-        attention in one kernel); otherwise :meth:`LlamaAttention.attend`."""
+        :func:`qsparse.kernels.decode_attention.decode_attention` (RoPE from the cache's
+        tables, cache write and attention in one kernel); otherwise
+        :meth:`LlamaAttention.attend`."""
         if self.fused and kv_cache is not None and kv_cache.static and q.shape[1] == 1:
             k_cache, v_cache = kv_cache.keys[self.layer_idx], kv_cache.values[self.layer_idx]
-            if DA.decode_attention_applies(q[:, 0], k_cache):
-                cos, sin = position_embeddings  # [1, 1, D]
+            rope = kv_cache.rope  # [max_len, D] tables, read by the kernel at the position
+            if (
+                rope is not None
+                and rope[0].dtype == q.dtype
+                and DA.decode_attention_applies(q[:, 0], k_cache)
+            ):
                 out = DA.decode_attention(
-                    q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], k_cache, v_cache,
+                    q[:, 0], k[:, 0], v[:, 0], rope[0], rope[1], k_cache, v_cache,
                     kv_cache.slots(1),
                 )  # fmt: skip
                 return out[:, None]

@@ -18,7 +18,8 @@ from qsparse.kernels import decode_attention as DA
 from qsparse.models.rope import RotaryEmbedding
 
 # (B, H, H_kv, D, L, pos, dtype): MHA, GQA (3 and 4 query heads a kv head, 9/3 as SmolLM2),
-# position 0, the last position, caches split over 2, 4 and 8 programs
+# position 0, the last position, caches split over 2, 4 and 8 programs; the RoPE tables hold
+# L positions, or more (the first case), and the kernel reads row pos
 cases = [
     (1, 4, 4, 16, 20, 7, torch.float32),
     (2, 6, 2, 8, 40, 0, torch.float32),
@@ -34,7 +35,8 @@ for b, h, h_kv, d, length, p, dtype in cases:
     q, k, v = rnd(b, h * d), rnd(b, h_kv * d), rnd(b, h_kv * d)
     k_cache, v_cache = rnd(b, h_kv, length, d), rnd(b, h_kv, length, d)
     pos = torch.tensor([p])
-    cos, sin = RotaryEmbedding(d, 10000.0)(pos[None], dtype)
+    rows = length + 5 if length == 20 else length
+    cos, sin = RotaryEmbedding(d, 10000.0)(torch.arange(rows)[None], dtype)
     assert DA.decode_attention_applies(q, k_cache)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     ref = DA.decode_attention_reference(q, k, v, cos[0], sin[0], k_ref, v_ref, pos)
@@ -98,7 +100,7 @@ def _inputs(b=2, h=4, h_kv=2, d=8, length=12, p=5):
     k, v = torch.randn(b, h_kv * d, generator=gen), torch.randn(b, h_kv * d, generator=gen)
     caches = torch.randn(2, b, h_kv, length, d, generator=gen)
     pos = torch.tensor([p])
-    cos, sin = RotaryEmbedding(d, 10000.0)(pos[None], torch.float32)
+    cos, sin = RotaryEmbedding(d, 10000.0)(torch.arange(length)[None], torch.float32)
     return q, k, v, cos[0], sin[0], caches[0].clone(), caches[1].clone(), pos
 
 
@@ -117,7 +119,8 @@ def test_reference_is_the_attention_layer_over_a_static_cache():
     cache.values[0].copy_(v_cache)
     positions = cache.positions(1)
     mask = (torch.arange(12)[None, :] <= positions[:, None])[None, None]
-    want = attn.attend(q[:, None], k[:, None], v[:, None], (cos[None], sin[None]), mask, cache)
+    rope = (cos[pos][None], sin[pos][None])  # [1, 1, D]: the tables' row of the position
+    want = attn.attend(q[:, None], k[:, None], v[:, None], rope, mask, cache)
     got = decode_attention_reference(q, k, v, cos, sin, k_cache, v_cache, pos)
     torch.testing.assert_close(got, want[:, 0], rtol=0, atol=0)
     assert torch.equal(k_cache, cache.keys[0]) and torch.equal(v_cache, cache.values[0])
@@ -136,7 +139,8 @@ def test_without_kernels_it_runs_the_reference():
     [
         (0, torch.zeros(2, 5), "q"),
         (1, torch.zeros(2, 7), "k"),
-        (3, torch.zeros(1, 4), "cos/sin"),
+        (3, torch.zeros(1, 8), "cos/sin"),  # one row: not a table of the cache's 12
+        (4, torch.zeros(12, 4), "cos/sin"),
         (7, torch.tensor([5], dtype=torch.int32), "pos"),
         (5, torch.zeros(2, 2, 8, 12).transpose(2, 3), "contiguous"),
     ],
@@ -159,3 +163,19 @@ def test_slots_needs_a_static_cache_after_positions():
     dynamic = KVCache(config, 1, 8, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="static"):
         dynamic.slots(1)
+
+
+def test_static_cache_holds_the_rope_tables_of_every_position():
+    from qsparse.models import LlamaConfig
+
+    config = LlamaConfig.from_preset("tiny")
+    cache = KVCache(config, 2, 9, torch.device("cpu"), torch.bfloat16, static=True)
+    rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+    positions = torch.tensor([3, 4, 8])
+    want = rotary(positions[None], torch.bfloat16)
+    got = cache.rope_at(positions, torch.bfloat16)
+    assert got[0].shape == (1, 3, config.head_dim)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert cache.rope_at(positions, torch.float32) is None  # another dtype: computed instead
+    dynamic = KVCache(config, 1, 8, torch.device("cpu"), torch.float32)
+    assert dynamic.rope is None and dynamic.rope_at(positions, torch.float32) is None

@@ -34,7 +34,7 @@ def _decode_attention_kernel(
     q_ptr,  # [B, H * D]
     k_ptr,  # [B, H_kv * D] this step's keys (before RoPE)
     v_ptr,  # [B, H_kv * D]
-    cos_ptr,  # [B or 1, D]
+    cos_ptr,  # [P >= L, D] RoPE tables, row = position
     sin_ptr,
     kc_ptr,  # [B, H_kv, L, D] caches (contiguous)
     vc_ptr,
@@ -47,7 +47,6 @@ def _decode_attention_kernel(
     L,
     CHUNK,
     half,
-    cos_stride,
     scale,
     SPLITS: tl.constexpr,
     REP_P: tl.constexpr,
@@ -63,8 +62,8 @@ def _decode_attention_kernel(
     D = 2 * half
     h_q = H_KV * REP
     pos = tl.load(pos_ptr).to(tl.int32)
-    cos_row = cos_ptr + b * cos_stride  # cos_stride 0: one row for every batch row
-    sin_row = sin_ptr + b * cos_stride
+    cos_row = cos_ptr + pos * D  # the tables' row of this step's position
+    sin_row = sin_ptr + pos * D
     d = tl.arange(0, HALF)
     dm = d < half
     # this step's key/value of kv head g: rotate k, write both at ``pos`` (split 0 only)

@@ -7,9 +7,10 @@ kernel of its own: about five launches of a few microseconds for a few kilobytes
 split over programs), for ``T = 1`` new position ``p`` per batch row (the static cache's
 device position, so one CUDA graph serves every step). Shapes: ``B`` batch, ``H``/``H_kv``
 query/key heads (GQA: query head ``h`` reads kv head ``h // (H / H_kv)``), ``D`` head dim,
-``L`` cache length:
+``L`` cache length, ``cos``/``sin`` [P >= L, D] the RoPE tables of every position (the static
+cache's, read at row ``p``: no table is computed per step or per layer):
 
-    q' = rope(q, p), k' = rope(k, p)         (HF rotate_half: x cos + rotate_half(x) sin)
+    q' = rope(q, p), k' = rope(k, p)         (HF rotate_half: x cos[p] + rotate_half(x) sin[p])
     K[:, :, p] = k', V[:, :, p] = v
     out_h = softmax(q'_h K_g[:p+1]ᵀ / sqrt(D)) V_g[:p+1]
 
@@ -72,13 +73,14 @@ def decode_attention_reference(
     pos: torch.Tensor,
 ) -> torch.Tensor:
     """The model's path, op for op (:meth:`qsparse.models.llama.LlamaAttention.attend` over a
-    static cache): q [B, H·D], k/v [B, H_kv·D], cos/sin [B or 1, D], caches [B, H_kv, L, D]
-    (written at ``pos``), pos int64 [1] -> [B, H·D]."""
+    static cache): q [B, H·D], k/v [B, H_kv·D], cos/sin [P >= L, D] RoPE tables of positions
+    0..P-1 (row ``pos`` is used), caches [B, H_kv, L, D] (written at ``pos``), pos int64 [1]
+    -> [B, H·D]."""
     b, h, h_kv, length, d = _dims(q, k_cache)
     qh = q.view(b, 1, h, d).transpose(1, 2)
     kh = k.view(b, 1, h_kv, d).transpose(1, 2)
     vh = v.view(b, 1, h_kv, d).transpose(1, 2)
-    qh, kh = apply_rotary_pos_emb(qh, kh, cos[:, None], sin[:, None])
+    qh, kh = apply_rotary_pos_emb(qh, kh, cos[pos][:, None], sin[pos][:, None])
     k_cache.index_copy_(2, pos, kh)
     v_cache.index_copy_(2, pos, vh)
     out = gqa_attention(qh, k_cache, v_cache, static_mask(pos, length))
@@ -126,8 +128,7 @@ def decode_attention_op(
         lse = torch.empty_like(m)
     _decode_attention_kernel[(b * h_kv, splits)](
         q, k, v, cos, sin, k_cache, v_cache, pos, part, m, lse,
-        h_kv, rep, length, chunk, d // 2, cos.shape[1] if cos.shape[0] > 1 else 0,
-        d ** -0.5,
+        h_kv, rep, length, chunk, d // 2, d ** -0.5,
         SPLITS=splits, REP_P=rep_p, HALF=half_p, BLOCK_N=block_n,
         BF16=q.dtype == torch.bfloat16, num_warps=4,
     )  # fmt: skip
@@ -158,8 +159,9 @@ def decode_attention(
     Args:
         q: [B, H·D] queries before RoPE; ``k``, ``v``: [B, H_kv·D] this step's keys (before
             RoPE) and values; all of the caches' dtype.
-        cos, sin: [B or 1, D] RoPE tables of position ``pos``
-            (:class:`qsparse.models.rope.RotaryEmbedding`).
+        cos, sin: [P, D] RoPE tables of positions 0..P-1, P >= L (a static
+            :class:`~qsparse.models.kv_cache.KVCache`'s ``rope``; row ``pos`` is read, so one
+            table serves every layer and step).
         k_cache, v_cache: [B, H_kv, L, D] contiguous caches, written at ``pos``.
         pos: int64 [1] on the caches' device, ``0 <= pos < L`` (not checked: no host sync).
 
@@ -174,9 +176,10 @@ def decode_attention(
             f"decode_attention: k {tuple(k.shape)}, v {tuple(v.shape)} and v_cache "
             f"{tuple(v_cache.shape)} must be [{b}, {h_kv * d}] and {tuple(k_cache.shape)}"
         )
-    if cos.dim() != 2 or cos.shape[1] != d or cos.shape[0] not in (1, b) or sin.shape != cos.shape:
+    if cos.dim() != 2 or cos.shape[1] != d or cos.shape[0] < length or sin.shape != cos.shape:
         raise ValueError(
-            f"decode_attention: cos/sin must be [1 or {b}, {d}], got {tuple(cos.shape)}"
+            f"decode_attention: cos/sin must be RoPE tables [P >= {length}, {d}] (a position "
+            f"per row), got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
     if pos.shape != (1,) or pos.dtype != torch.long:
         raise ValueError("decode_attention: pos must be an int64 tensor of shape [1]")

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .rope import RotaryEmbedding
+
 if TYPE_CHECKING:
     from .config import LlamaConfig
 
@@ -23,7 +25,11 @@ class KVCache:
     - ``static=True``: the position is the device tensor ``pos`` [1] and :meth:`update`
       returns the whole buffers [B, H_kv, max_len, D] (the caller masks keys past the
       query). Every step then has the same shapes and no host sync, so one captured CUDA
-      graph (or one ``torch.compile`` graph) serves every position.
+      graph (or one ``torch.compile`` graph) serves every position. It also holds the RoPE
+      tables of every position, ``rope = (cos, sin)`` [max_len, D] in the cache's dtype
+      (:class:`~qsparse.models.rope.RotaryEmbedding` of the config, computed once here), which
+      the forward reads by position instead of recomputing them per step (and per layer, where
+      a compiler inlines the computation into each consumer).
 
     :meth:`positions` gives the positions of the next T tokens, :meth:`advance` moves past
     them (``LlamaModel.forward`` calls both).
@@ -49,6 +55,11 @@ class KVCache:
         self.length = 0
         self.static = static
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        if static:
+            rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+            cos, sin = rotary(torch.arange(max_len, device=device)[None], dtype)
+            self.rope = (cos[0], sin[0])
         self._slots: torch.Tensor | None = None  # static: positions the current forward writes
 
     def reset(self) -> None:
@@ -62,6 +73,15 @@ class KVCache:
             self._slots = self.pos + torch.arange(t, device=self.pos.device)
             return self._slots
         return torch.arange(self.length, self.length + t, device=self.pos.device)
+
+    def rope_at(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE tables (cos, sin) [1, T, D] of ``positions`` [T] read from :attr:`rope`, or
+        None where this cache holds none in ``dtype`` (not static, or another dtype)."""
+        if self.rope is None or self.rope[0].dtype != dtype:
+            return None
+        return self.rope[0][positions][None], self.rope[1][positions][None]
 
     def slots(self, t: int) -> torch.Tensor:
         """Positions [T] the current static forward writes (what :meth:`positions` returned),

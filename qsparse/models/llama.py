@@ -221,13 +221,16 @@ class LlamaModel(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         """Forward over a ``static`` cache: positions and mask from the device position
-        ``kv_cache.pos`` (no host sync), keys over the whole buffer [B, H_kv, max_len, D]."""
+        ``kv_cache.pos`` (no host sync), RoPE tables read from the cache's
+        (:meth:`KVCache.rope_at`), keys over the whole buffer [B, H_kv, max_len, D]."""
         if attention_mask is not None or position_ids is not None:
             raise ValueError("a static KVCache takes no attention_mask or position_ids")
         positions = kv_cache.positions(input_ids.shape[1])  # [T]
         mask = static_mask(positions, kv_cache.max_len)  # [1, 1, T, max_len]
         x = self.embed_tokens(input_ids)
-        position_embeddings = self.rotary_emb(positions[None], x.dtype)
+        position_embeddings = kv_cache.rope_at(positions, x.dtype)
+        if position_embeddings is None:
+            position_embeddings = self.rotary_emb(positions[None], x.dtype)
         return self._layers(x, position_embeddings, mask, kv_cache)
 
     def _layers(

@@ -543,7 +543,7 @@ def test_decode_attention_matches_the_model_path(b, h, h_kv, d, length, p, dtype
     q, k, v = fresh((b, h * d), dtype), fresh((b, h_kv * d), dtype), fresh((b, h_kv * d), dtype)
     k_cache, v_cache = fresh((b, h_kv, length, d), dtype), fresh((b, h_kv, length, d), dtype)
     pos = torch.tensor([p], device="cuda")
-    cos, sin = RotaryEmbedding(d, 10000.0)(pos[None], dtype)
+    cos, sin = RotaryEmbedding(d, 10000.0)(torch.arange(length, device="cuda")[None], dtype)
     assert DA.decode_attention_applies(q, k_cache)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     ref = DA.decode_attention_reference(q, k, v, cos[0], sin[0], k_ref, v_ref, pos)
