@@ -64,7 +64,14 @@ from .kernels import ternary_rows as TR
 from .kernels import threshold_gemv as TG
 from .models.config import LlamaConfig
 from .models.hf_config import from_hf_config
-from .models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
+from .models.llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+    RMSNorm,
+)
 
 __all__ = [
     "FUSED_ATTENTION",
@@ -264,7 +271,43 @@ class _Projection(nn.Module):
         outs = [lin(x) for lin in self.linears]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def sums_residual(self, x: torch.Tensor) -> bool:
+        """Whether this site's first kernel forms the residual sum ``x + d`` itself for
+        ``x`` (:meth:`forward` with ``residual``): a site that computes its layer's RMSNorm
+        (:meth:`fuse_producer`), batch 1 for the top-k selection, up to
+        :data:`TERNARY_MAX_ROWS` rows for the ternary activation kernel."""
+        if self.pre is None or not kernels_available(x):
+            return False
+        rows = x.numel() // x.shape[-1]
+        if self.mode == "sparse":
+            return rows <= SPARSE_MAX_ROWS
+        return self.mode == "ternary" and not self.rows and rows <= TERNARY_MAX_ROWS
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``x`` [..., K] -> [..., sum(N_i)]. ``residual`` (a site that computes its layer's
+        norm, :meth:`fuse_producer`): ``d`` [..., K], the site reads ``h = x + d`` (the
+        layer's residual add, rounded as torch rounds it) and returns ``(y, h)``; the
+        selection / activation kernel forms h where :meth:`sums_residual`, so the add runs as
+        no kernel of its own."""
+        if residual is not None:
+            if not self.sums_residual(x):
+                h = x + residual
+                return self.forward(h), h
+            lead, n = x.shape[:-1], sum(self.sizes)
+            x2, d2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
+            if self.mode == "sparse":
+                y, h = G.sparse_gemv(
+                    x2, self.wt, self.k, n_out=n, hint=self.hint, producer=self.producer,
+                    residual=d2,
+                )  # fmt: skip
+            else:
+                y, h = G.ternary_gemv(
+                    x2, self.packed, self.alpha, self.k, self.act_bits, hint=self.hint,
+                    producer=self.producer, subln=self.subln, residual=d2,
+                )  # fmt: skip
+            return y[:, :n].reshape(*lead, n), h.reshape(x.shape)
         if self.mode == "dense":
             return F.linear(x, self.weight)
         rows = x.numel() // x.shape[-1]
@@ -385,6 +428,65 @@ class _FusedMLP(LlamaMLP):
         return tuple(self.gate_up(x).split(self.gate_up.sizes, dim=-1))
 
 
+def _site_sum(
+    site: _Projection, norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(site output, h): the block input ``h = x + delta`` (``x`` alone when ``delta`` is
+    None) through the layer's ``norm`` into ``site``. A site that computes the norm itself
+    (``norm`` is then an Identity) also forms the sum (:meth:`_Projection.forward`)."""
+    if delta is None:
+        return site(norm(x)), x
+    if site.pre is not None:
+        return site(x, residual=delta)
+    h = x + delta
+    return site(norm(h)), h
+
+
+class _DecodeLayer(LlamaDecoderLayer):
+    """:class:`LlamaDecoderLayer` over :class:`_FusedAttention` / :class:`_FusedMLP` whose
+    residual adds are left to the site after them: :meth:`forward_sum` takes the residual
+    stream ``x`` and the previous block's output ``delta`` and returns the same pair one layer
+    on, ``h = x + delta``, ``h' = h + attn(norm(h))`` and ``(h', mlp(norm(h')))`` (the
+    arithmetic of :meth:`LlamaDecoderLayer.forward`, additions in the same order), so a sparse
+    or ternary site forms each sum in its first kernel instead of an add kernel of its own."""
+
+    def forward_sum(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        kv_cache=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, delta [B, T, d] (delta None: nothing pending) -> (h', mlp output) [B, T, d]."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv, h = _site_sum(attn.qkv, self.input_layernorm, x, delta)
+        q, k, v = qkv.split(attn.qkv.sizes, dim=-1)
+        out = attn.o_proj(attn.attend(q, k, v, position_embeddings, attention_mask, kv_cache))
+        gate_up, h = _site_sum(mlp.gate_up, self.post_attention_layernorm, h, out)
+        gate, up = gate_up.split(mlp.gate_up.sizes, dim=-1)
+        return h, mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+class _DecodeModel(LlamaModel):
+    """:class:`LlamaModel` whose stack runs :meth:`_DecodeLayer.forward_sum`: each residual
+    add is formed by the next site (the last one before the final norm)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config)
+        self.layers = nn.ModuleList(
+            _DecodeLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+
+    def _layers(self, x, position_embeddings, mask, kv_cache):
+        delta = None
+        for layer in self.layers:
+            x, delta = layer.forward_sum(x, delta, position_embeddings, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(x.shape[1])
+        return self.norm(x if delta is None else x + delta)
+
+
 def decoder_view(
     model: nn.Module, use_kernels: bool, head_bits: int | None = None
 ) -> LlamaForCausalLM:
@@ -407,6 +509,7 @@ def decoder_view(
         cfg = from_hf_config(cfg)
     with torch.device("meta"):
         view = LlamaForCausalLM(cfg)
+        view.model = _DecodeModel(cfg)
     view.model.embed_tokens, view.model.norm = inner.embed_tokens, inner.norm
     if head_bits is None:
         view.lm_head = model.lm_head

@@ -123,8 +123,12 @@ for mode in MODES:
         engine = DecodeEngine(model)
         modes = {layer.self_attn.qkv.mode for layer in engine.decoder.model.layers}
         assert modes == {expect[mode]}, (mode, modes)
+        layer = engine.decoder.model.layers[0]
+        if mode in ("qsparse", "bitnet", "bitnet_qsparse"):  # residual adds formed by the sites
+            h = torch.zeros(batch, 1, model.config.hidden_size)
+            for site in (layer.self_attn.qkv, layer.mlp.gate_up):
+                assert site.sums_residual(h) == (batch == 1 or mode != "qsparse"), (mode, batch)
         if mode.startswith("bitnet"):  # the ternary kernel computes layer norm and SubLN
-            layer = engine.decoder.model.layers[0]
             assert isinstance(layer.input_layernorm, torch.nn.Identity), mode
             assert layer.self_attn.qkv.subln is not None and layer.mlp.down_proj.subln is not None
         got = engine.generate(ids, 3).tokens

@@ -303,15 +303,18 @@ def _list_one_row(
     QMAX: tl.constexpr = 0,
     scale_ptr=None,
     PACKED: tl.constexpr = False,
+    d_ptr=None,
+    r_ptr=None,
+    ADD: tl.constexpr = False,
 ):
     """Batch 1: radix top-k of the site input v[K] (x, or its producer's output:
-    :func:`_produce`), then idx[p] / val[p] for the k kept inputs (:func:`_list_kept`):
+    :func:`_produce`, with ``ADD`` from the residual sum ``x + d``, stored to ``r``), then idx[p] / val[p] for the k kept inputs (:func:`_list_kept`):
     val = v (fp32), or with ``QMAX > 0`` its int8 absmax codes (:func:`_act_codes`, int32)
     and ``scale[0] = gamma / Q``; ``PACKED`` (bf16 v, QMAX = 0): one word per kept input in
     idx."""
     i = tl.arange(0, BLOCK)
     valid = i < K
-    xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
+    xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16, d_ptr, r_ptr, ADD)
     if QMAX > 0:
         val, gamma = _act_codes(xf, QMAX)
     else:
@@ -448,13 +451,18 @@ def _inv_rms(xf, K, eps):
 
 
 @triton.jit
-def _produce(x_ptr, w_ptr, row, i, valid, K, eps, PROD: tl.constexpr, BF16: tl.constexpr):
+def _produce(
+    x_ptr, w_ptr, row, i, valid, K, eps, PROD: tl.constexpr, BF16: tl.constexpr,
+    d_ptr=None, r_ptr=None, ADD: tl.constexpr = False,
+):  # fmt: skip
     """Row ``row`` of the site's input, computed from what its producer read (fp32, each
     step rounded to the activation dtype as the torch modules round it):
 
     - ``PROD == 0``: ``x[row, :K]`` itself;
     - ``PROD == 1``: RMSNorm, ``w * round(x / sqrt(mean(x^2) + eps))`` (``x``: [B, K],
-      ``w``: [K]; ``qsparse.models.llama.RMSNorm``);
+      ``w``: [K]; ``qsparse.models.llama.RMSNorm``); with ``ADD`` the norm's input is the
+      residual sum ``x = round(x + d)`` (``d``: [B, K], the previous block's output), which
+      is also stored to ``r`` [B, K] (the residual stream the layer goes on with);
     - ``PROD == 2`` / ``3``: GLU, ``round(act(g)) * u`` with ``g = x[row, :K]``,
       ``u = x[row, K:2K]`` (the fused gate|up output), act = ReLU^2 (2) or SiLU (3).
     """
@@ -462,6 +470,10 @@ def _produce(x_ptr, w_ptr, row, i, valid, K, eps, PROD: tl.constexpr, BF16: tl.c
         y = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
     elif PROD == 1:
         xf = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
+        if ADD:
+            df = tl.load(d_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
+            xf = _round_to(xf + df, BF16)
+            tl.store(r_ptr + row * K + i, xf.to(r_ptr.dtype.element_ty), mask=valid)
         y = _round_to(xf * _inv_rms(xf, K, eps), BF16)
         w = tl.load(w_ptr + i, mask=valid, other=0.0).to(tl.float32)
         y = _round_to(w * y, BF16)
@@ -537,12 +549,16 @@ def _compact_kernel(
     PROD: tl.constexpr = 0,
     BF16: tl.constexpr = False,
     PACKED: tl.constexpr = False,
+    d_ptr=None,
+    r_ptr=None,
+    ADD: tl.constexpr = False,
 ):
     """x[B, K] -> idx[K] (first cnt entries used), val[B, K] (fp32), cnt[1]; one program.
     PDL: let the GEMV launched after it start (it waits for this kernel's writes). HINT (radix
     only): ``hint[b]`` carries row b's threshold from call to call (:func:`_threshold_hinted`).
     PROD (radix, batch 1 only): select from x's producer output (:func:`_produce`). PACKED
-    (radix, batch 1, bf16): idx holds packed words (:func:`_list_kept`), val is not written."""
+    (radix, batch 1, bf16): idx holds packed words (:func:`_list_kept`), val is not written.
+    ADD (with PROD 1): the norm's input is the residual sum x + d, also stored to r."""
     if PDL:
         gdc_launch_dependents()
     i = tl.arange(0, BLOCK)
@@ -569,6 +585,9 @@ def _compact_kernel(
             PROD,
             BF16,
             PACKED=PACKED,
+            d_ptr=d_ptr,
+            r_ptr=r_ptr,
+            ADD=ADD,
         )
         tl.store(cnt_ptr, k)
     else:
@@ -891,6 +910,9 @@ def _ternary_prep_kernel(
     PROD: tl.constexpr = 0,
     SUBLN: tl.constexpr = False,
     BF16: tl.constexpr = False,
+    d_ptr=None,
+    r_ptr=None,
+    ADD: tl.constexpr = False,
 ):
     """Row b of the site input v[B, K] -> int8 activation codes xq[b, :KP] (KP = K padded to
     16, zeros past K; read as int32 words, word 4g + s holds inputs 16g + 4s .. 16g + 4s +
@@ -900,13 +922,14 @@ def _ternary_prep_kernel(
     (:func:`_threshold_hinted`). ``v`` is computed from x: the producer PROD
     (:func:`_produce`, weight ``w``, ``eps``), then with SUBLN BitNet's SubLN as
     ``torch.nn.RMSNorm`` computes it, ``round(v / sqrt(mean(v^2) + neps) * nw)`` in fp32
-    rounded once to x's dtype (BF16)."""
+    rounded once to x's dtype (BF16). ADD (with PROD 1): the norm's input is the residual sum
+    ``x + d``, also stored to ``r`` (:func:`_produce`)."""
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     valid = i < K
-    xf = _produce(x_ptr, w_ptr, b, i, valid, K, eps, PROD, BF16)
+    xf = _produce(x_ptr, w_ptr, b, i, valid, K, eps, PROD, BF16, d_ptr, r_ptr, ADD)
     if SUBLN:
         nw = tl.load(nw_ptr + i, mask=valid, other=0.0).to(tl.float32)
         xf = _round_to(xf * _inv_rms(xf, K, neps) * nw, BF16)

@@ -315,6 +315,30 @@ def _prod_args(prod: Producer, x: torch.Tensor) -> tuple[int, torch.Tensor, floa
     return prod.code, w.contiguous(), float(prod.eps)
 
 
+def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(
+            f"residual must match x: {tuple(x.shape)} {x.dtype}, got "
+            f"{tuple(residual.shape)} {residual.dtype}"
+        )
+
+
+def _residual_fused(x: torch.Tensor, producer: Producer) -> bool:
+    """Whether a selection / activation kernel forms the residual sum ``x + d`` itself: it
+    does in front of the RMSNorm producer it computes (2-D x of a dtype it fuses)."""
+    return producer.kind == "rmsnorm" and x.dim() == 2 and producer.fuses(x)
+
+
+def _residual_args(
+    x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, r) for the custom ops: the residual (contiguous) and the buffer the kernel writes
+    ``x + d`` to, or two empty tensors without a residual."""
+    if residual is None:
+        return x.new_empty(0), x.new_empty(0)
+    return residual.contiguous(), torch.empty_like(x)
+
+
 def _interpreted(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
@@ -378,6 +402,7 @@ def compact_rows(
     prod_w: torch.Tensor | None = None,
     eps: float = 0.0,
     packed: bool = False,
+    residual: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kept inputs of ``x[B, K]`` as a list: (idx int32 [K], val fp32 [B, K], cnt int32 [1]).
 
@@ -390,7 +415,9 @@ def compact_rows(
     :attr:`Producer.code` (batch 1, radix): select from the producer's output of x (then x is
     [1, 2K] for a GLU), ``prod_w``/``eps`` its RMSNorm weight and epsilon. ``packed`` (batch 1,
     radix, bf16 x, K <= 65536): ``idx[p] = bf16 bits of the value << 16 | index`` instead, and
-    ``val`` is empty (:attr:`GemvConfig.packed`).
+    ``val`` is empty (:attr:`GemvConfig.packed`). ``residual = (d, r)`` (with the RMSNorm
+    producer, ``prod == 1``): the norm reads the residual sum ``x + d`` (rounded to x's dtype),
+    which the kernel also writes to ``r`` ([1, K] each, x's dtype).
     """
     import triton
 
@@ -401,6 +428,8 @@ def compact_rows(
         if bsz != 1 or not radix:
             raise ValueError("a fused producer needs batch 1 and the radix selection")
         width = width // 2 if prod >= 2 else width
+    if residual is not None and prod != 1:
+        raise ValueError("a residual sum goes with the RMSNorm producer (prod=1) only")
     if packed and not _packs(x, width, radix):
         raise ValueError(
             "packed=True needs batch 1, the radix selection, a bf16 x and at most 65536 inputs; "
@@ -435,6 +464,9 @@ def compact_rows(
         PROD=prod,
         BF16=x.dtype == torch.bfloat16,
         PACKED=packed,
+        d_ptr=residual[0] if residual is not None else cnt,  # cnt: never read without ADD
+        r_ptr=residual[1] if residual is not None else cnt,
+        ADD=residual is not None,
         num_warps=select_warps_for(width, num_warps, 1024 if bsz == 1 and radix else 512),
     )
     return idx, val, cnt
@@ -643,7 +675,8 @@ def sparse_gemv(
     n_out: int | None = None,
     hint: torch.Tensor | None = None,
     producer: Producer = NO_PRODUCER,
-) -> torch.Tensor:
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``y[B, N] = (x * M) @ W^T`` for ``x[B, K]`` and ``wt = prepare_dense(W)`` (``M``: top-``k``
     of |x| per row). Each program owns ``min(cfg.block_n, panel width)`` columns (which must
     divide the panel width; a row-major ``wt`` counts as one panel); ``cfg=None``:
@@ -653,9 +686,21 @@ def sparse_gemv(
     columns (drops the panel padding). ``hint``: the site's threshold carry (:func:`new_hint`,
     see :func:`compact_rows`). ``producer``: x is what the site's producer reads (RMSNorm
     input, or the gate|up output [B, 2K]); at batch 1 the selection kernel computes the site
-    input itself (:class:`Producer`), elsewhere :meth:`Producer.reference` runs first. The
-    kernels run inside the custom op ``qsparse::sparse_gemv``, so ``torch.compile`` traces a
-    call without a graph break."""
+    input itself (:class:`Producer`), elsewhere :meth:`Producer.reference` runs first.
+    ``residual``: ``d`` [B, K] of x's dtype, the output of the block before: the site reads the
+    residual sum ``h = x + d`` (rounded to x's dtype, as the layer's add) and the call returns
+    ``(y, h)``; at batch 1 with the RMSNorm producer the selection kernel forms h (and writes
+    it), so the add runs as no kernel of its own (:func:`_residual_fused`). The kernels run
+    inside the custom op ``qsparse::sparse_gemv``, so ``torch.compile`` traces a call without
+    a graph break."""
+    if residual is not None:
+        _check_residual(x, residual)
+        if cfg is None:
+            cfg = sparse_config_for_weights(wt, k or _wt_dims(wt)[0], x.shape[0])
+        fused = _residual_fused(x, producer) and x.shape[0] == 1 and rows is None
+        if not (fused and cfg.radix and k is not None and k < _panels(wt, cfg)[0]):
+            h = x + residual
+            return sparse_gemv(h, wt, k, cfg, out_dtype, rows, n_out, hint, producer), h
     if producer.kind != "none" and (
         x.dim() != 2 or x.shape[0] != 1 or rows is not None or not producer.fuses(x)
     ):
@@ -676,13 +721,16 @@ def sparse_gemv(
     hint = _hint_arg(hint, x.shape[0], x.device)
     idx, val, cnt = rows if rows is not None else (None, None, None)
     code, w, eps = _prod_args(producer, x)
+    add, res = _residual_args(x, residual)
     y = sparse_gemv_op(
-        x.contiguous(), wt, k, idx, val, cnt, out_dtype, _cfg_ints(cfg), hint, code, w, eps
-    )
-    return y[:, :n_out] if n_out is not None else y
+        x.contiguous(), wt, k, idx, val, cnt, out_dtype, _cfg_ints(cfg), hint, code, w, eps,
+        add, res,
+    )  # fmt: skip
+    y = y[:, :n_out] if n_out is not None else y
+    return y if residual is None else (y, res)
 
 
-@torch.library.custom_op("qsparse::sparse_gemv", mutates_args=("hint",))
+@torch.library.custom_op("qsparse::sparse_gemv", mutates_args=("hint", "res"))
 def sparse_gemv_op(
     x: torch.Tensor,
     wt: torch.Tensor,
@@ -696,19 +744,23 @@ def sparse_gemv_op(
     prod: int,
     prod_w: torch.Tensor,
     eps: float,
+    add: torch.Tensor,
+    res: torch.Tensor,
 ) -> torch.Tensor:
     """Sparse GEMV launch behind :func:`sparse_gemv` (validated arguments; ``cfg``:
     :func:`_cfg_ints`; ``hint`` updated in place, empty: none; ``prod``/``prod_w``/``eps``:
-    the fused producer, :func:`_prod_args`). Returns [B, N (padded)] in ``out_dtype``."""
+    the fused producer, :func:`_prod_args`; ``add``/``res``: the residual and the sum written,
+    empty: none, :func:`_residual_args`). Returns [B, N (padded)] in ``out_dtype``."""
     rows = (idx, val, cnt) if idx is not None else None
     carry = hint if hint.numel() else None
     return _sparse_gemv_launch(
-        x, wt, k, _cfg_from_ints(cfg), out_dtype, rows, carry, (prod, prod_w, eps)
-    )
+        x, wt, k, _cfg_from_ints(cfg), out_dtype, rows, carry, (prod, prod_w, eps),
+        residual=(add, res) if add.numel() else None,
+    )  # fmt: skip
 
 
 @sparse_gemv_op.register_fake
-def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, cfg, hint, prod, prod_w, eps):
+def _sparse_gemv_fake(x, wt, k, idx, val, cnt, out_dtype, cfg, hint, prod, prod_w, eps, add, res):
     return x.new_empty((x.shape[0], _wt_dims(wt)[1]), dtype=out_dtype)
 
 
@@ -723,6 +775,7 @@ def _sparse_gemv_launch(
     prod: tuple[int, torch.Tensor, float] = (0, None, 0.0),
     list_rows: Callable[[bool, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     | None = None,
+    residual: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The list kernel (unless ``rows`` are given), then the sparse-input GEMV. ``list_rows(pdl,
     packed)``: launches a list kernel other than the top-k selection (:func:`compact_rows`'
@@ -766,6 +819,7 @@ def _sparse_gemv_launch(
             hint,
             *prod,
             packed=packed,
+            residual=residual,
         )
     )
     bb = max(16, triton.next_power_of_2(bsz)) if use_dot else 1
@@ -933,7 +987,8 @@ def ternary_gemv(
     hint: torch.Tensor | None = None,
     producer: Producer = NO_PRODUCER,
     subln: SubLN | None = None,
-) -> torch.Tensor:
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``y[B, N] = alpha * (Q(v) * M) @ T`` with ``T = unpack_ternary(packed, K).T`` ([K, N])
     and the site input ``v = subln(producer(x))`` (each optional, computed inside the
     activation kernel: ``x`` is then what the producer reads, e.g. the layer's input before its
@@ -949,8 +1004,17 @@ def ternary_gemv(
     :data:`TERNARY_SPARSE_CONFIG` with top-k; batch > 1: :func:`ternary_split_config`). The
     kernels run inside the custom op ``qsparse::ternary_gemv`` (no ``torch.compile`` graph
     break). ``hint``: the site's threshold carry with top-k (:func:`new_hint`, see
-    :func:`compact_rows`).
+    :func:`compact_rows`). ``residual``: ``d`` [B, K] of x's dtype, the output of the block
+    before: the site reads the residual sum ``h = x + d`` (rounded to x's dtype) and the call
+    returns ``(y, h)``; with the RMSNorm producer the activation kernel forms h (and writes it),
+    elsewhere it is summed in PyTorch first.
     """
+    if residual is not None:
+        _check_residual(x, residual)
+        if not (_residual_fused(x, producer) and act_bits is not None):
+            h = x + residual
+            y = ternary_gemv(h, packed, alpha, k, act_bits, cfg, out_dtype, hint, producer, subln)
+            return y, h
     if (producer.kind != "none" or subln is not None) and (
         x.dim() != 2
         or act_bits is None
@@ -984,7 +1048,8 @@ def ternary_gemv(
     code, w, eps = _prod_args(producer, x)
     nw = subln.weight.contiguous() if subln is not None else x.new_empty(0)
     neps = float(subln.eps) if subln is not None else 0.0
-    return ternary_gemv_op(
+    add, res = _residual_args(x, residual)
+    y = ternary_gemv_op(
         x.contiguous(),
         packed,
         alpha_vec,
@@ -999,10 +1064,13 @@ def ternary_gemv(
         eps,
         nw,
         neps,
+        add,
+        res,
     )
+    return y if residual is None else (y, res)
 
 
-@torch.library.custom_op("qsparse::ternary_gemv", mutates_args=("hint",))
+@torch.library.custom_op("qsparse::ternary_gemv", mutates_args=("hint", "res"))
 def ternary_gemv_op(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -1018,11 +1086,14 @@ def ternary_gemv_op(
     eps: float,
     subln_w: torch.Tensor,
     subln_eps: float,
+    add: torch.Tensor,
+    res: torch.Tensor,
 ) -> torch.Tensor:
     """Ternary GEMV launch behind :func:`ternary_gemv` (validated arguments; ``k`` -1: dense;
     ``alpha_vec`` None: the scalar ``alpha_f``; ``cfg``: :func:`_cfg_ints`; ``hint`` updated
     in place, empty: none; ``prod``: :attr:`Producer.code`, ``prod_w`` its weight or empty;
-    ``subln_w``: the SubLN weight, empty: none). Returns [B, N] in ``out_dtype``."""
+    ``subln_w``: the SubLN weight, empty: none; ``add``/``res``: the residual and the sum
+    written, empty: none, :func:`_residual_args`). Returns [B, N] in ``out_dtype``."""
     import triton
 
     from ._gemv_triton import _ternary_dp4a_kernel, _ternary_mma_kernel, _ternary_prep_kernel
@@ -1064,6 +1135,9 @@ def ternary_gemv_op(
         PROD=prod,
         SUBLN=subln_w.numel() > 0,
         BF16=x.dtype == torch.bfloat16,
+        d_ptr=add if add.numel() else x,  # x: never read without ADD
+        r_ptr=res if add.numel() else x,
+        ADD=add.numel() > 0,
         num_warps=select_warps_for(k_in, cfg.select_warps),
     )
     alpha_arg = alpha_vec if alpha_vec is not None else scale
@@ -1121,8 +1195,9 @@ def ternary_gemv_op(
 
 @ternary_gemv_op.register_fake
 def _ternary_gemv_fake(
-    x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, cfg, hint, prod, prod_w, eps, sw, seps
-):
+    x, packed, alpha_vec, alpha_f, k, act_bits, out_dtype, cfg, hint, prod, prod_w, eps, sw, seps,
+    add, res,
+):  # fmt: skip
     return x.new_empty((x.shape[0], packed.shape[1]), dtype=out_dtype)
 
 
