@@ -10,7 +10,8 @@ and each variant's tokens/s is divided by the ``default`` run's.
 
 Arguments after ``--`` go to every ``qsparse-generate`` run.
 
-Variants (module settings of :mod:`qsparse.kernels.gemv`, changed for that run only):
+Variants (module settings of :mod:`qsparse.kernels.gemv` and :mod:`qsparse.decode_view`,
+changed for that run only):
 
 - ``default``: as shipped (always measured, first);
 - ``no_pdl``: no programmatic dependent launch anywhere (each GEMV waits for its selection or
@@ -18,7 +19,9 @@ Variants (module settings of :mod:`qsparse.kernels.gemv`, changed for that run o
 - ``ternary=BKxBNxW``: the batch-1 ternary GEMV's launch shape (``block_k`` word rows per
   tile, ``block_n`` columns per program, ``num_warps``) in place of ``TERNARY_CONFIG``, or of
   ``TERNARY_SPARSE_CONFIG`` in a mode with top-k;
-- ``prep_warps=W``: warps of the ternary activation kernel (``select_warps`` of that config).
+- ``prep_warps=W``: warps of the ternary activation kernel (``select_warps`` of that config);
+- ``no_residual_sum``: each residual add as a PyTorch op (a kernel of its own) instead of in
+  the next site's selection or activation kernel (:data:`qsparse.decode_view.RESIDUAL_SUM`).
 
 ``FIGURE decode_variants.<preset>.<mode>.<variant>.tokens_per_s`` and ``.ratio`` (to the
 default run; ``=`` in a variant's name written ``_``); ``RATIO`` lines as it goes.
@@ -34,20 +37,23 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 from benchmarks._figures import emit
+from qsparse import decode_view as V
 from qsparse.cli.generate import _parser, measure
 from qsparse.generate import MODES
 from qsparse.kernels import gemv as G
 
 _TERNARY = re.compile(r"ternary=([1-9]\d*)x([1-9]\d*)x([1-9]\d*)")
 _WARPS = re.compile(r"prep_warps=([1-9]\d*)")
+_NAMED = ("default", "no_pdl", "no_residual_sum")
 
 
 def check_variant(name: str) -> str:
     """``name`` if it is a variant this script knows, else ValueError naming the forms."""
-    if name in ("default", "no_pdl") or _TERNARY.fullmatch(name) or _WARPS.fullmatch(name):
+    if name in _NAMED or _TERNARY.fullmatch(name) or _WARPS.fullmatch(name):
         return name
     raise ValueError(
-        f"unknown variant {name!r}: use default, no_pdl, ternary=BKxBNxW or prep_warps=W "
+        f"unknown variant {name!r}: use default, no_pdl, no_residual_sum, ternary=BKxBNxW or "
+        "prep_warps=W "
         "(positive integers)"
     )
 
@@ -57,10 +63,12 @@ def variant(name: str, mode: str) -> Iterator[None]:
     """The module settings of variant ``name`` while the block runs (restored after)."""
     attr = "TERNARY_SPARSE_CONFIG" if mode == "bitnet_qsparse" else "TERNARY_CONFIG"
     saved = {a: getattr(G, a) for a in ("_pdl_device_ok", attr)}
-    base = saved[attr]
+    base, residual_sum = saved[attr], V.RESIDUAL_SUM
     try:
         if name == "no_pdl":
             G._pdl_device_ok = lambda index: False
+        elif name == "no_residual_sum":
+            V.RESIDUAL_SUM = False
         elif m := _TERNARY.fullmatch(name):
             bk, bn, warps = (int(v) for v in m.groups())
             setattr(G, attr, replace(base, block_k=bk, block_n=bn, num_warps=warps))
@@ -70,6 +78,7 @@ def variant(name: str, mode: str) -> Iterator[None]:
     finally:
         for a, v in saved.items():
             setattr(G, a, v)
+        V.RESIDUAL_SUM = residual_sum
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -801,14 +801,19 @@ REGISTRY: list[Bench] = [
     Bench(
         "decode_variants_7b_bitnet",
         "decode_variants.py",
-        ("--preset", "7B", "--mode", "bitnet")
-        + ("--variants", "default,no_pdl,ternary=128x16x4,ternary=32x32x2,prep_warps=4"),
-        est_s=220,
+        ("--preset", "7B", "--mode", "bitnet", "--variants", "default,no_pdl,no_residual_sum"),
+        est_s=130,
     ),
     Bench(
         "decode_variants_7b_qsparse",
         "decode_variants.py",
-        ("--preset", "7B", "--mode", "qsparse", "--variants", "default,no_pdl"),
+        ("--preset", "7B", "--mode", "qsparse", "--variants", "default,no_pdl,no_residual_sum"),
+        est_s=130,
+    ),
+    Bench(
+        "decode_variants_7b_bitnet_qsparse",
+        "decode_variants.py",
+        ("--preset", "7B", "--mode", "bitnet_qsparse", "--variants", "default,no_residual_sum"),
         est_s=100,
     ),
     Bench(

@@ -76,6 +76,7 @@ from .models.llama import (
 __all__ = [
     "FUSED_ATTENTION",
     "HEAD_BITS",
+    "RESIDUAL_SUM",
     "SPARSE_MAX_ROWS",
     "TERNARY_MAX_ROWS",
     "TERNARY_ROWS",
@@ -98,6 +99,11 @@ TERNARY_ROWS: bool = os.environ.get("QSPARSE_TERNARY_ROWS", "0") == "1"
 #: in the environment (read at import) or setting this to False before :func:`decoder_view`
 #: keeps the model's own path (RoPE, ``index_copy_``, SDPA), e.g. to measure the difference
 FUSED_ATTENTION: bool = os.environ.get("QSPARSE_FUSED_ATTENTION", "1") != "0"
+#: a sparse or ternary site that computes its layer's RMSNorm also forms the residual sum in
+#: front of it (:meth:`_Projection.sums_residual`); ``QSPARSE_RESIDUAL_SUM=0`` in the
+#: environment (read at import) or setting this to False before a step is traced adds in
+#: PyTorch instead (an add kernel a site), e.g. to measure the difference
+RESIDUAL_SUM: bool = os.environ.get("QSPARSE_RESIDUAL_SUM", "1") != "0"
 #: the values ``head_bits`` takes: None (the model's own lm head) or 8 (:class:`Int8Head`)
 HEAD_BITS = (None, 8)
 
@@ -276,7 +282,7 @@ class _Projection(nn.Module):
         ``x`` (:meth:`forward` with ``residual``): a site that computes its layer's RMSNorm
         (:meth:`fuse_producer`), batch 1 for the top-k selection, up to
         :data:`TERNARY_MAX_ROWS` rows for the ternary activation kernel."""
-        if self.pre is None or not kernels_available(x):
+        if not RESIDUAL_SUM or self.pre is None or not kernels_available(x):
             return False
         rows = x.numel() // x.shape[-1]
         if self.mode == "sparse":

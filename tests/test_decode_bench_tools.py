@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import decode_variants as DV
+from qsparse import decode_view as V
 from qsparse.kernels import HAS_TRITON
 from qsparse.kernels import gemv as G
 
@@ -22,8 +23,10 @@ def test_each_variant_sets_what_it_names_and_restores_it():
         assert G.TERNARY_SPARSE_CONFIG.select_warps == 4 and G.TERNARY_CONFIG is dense
     with DV.variant("no_pdl", "qsparse"):
         assert G._pdl_device_ok(0) is False
+    with DV.variant("no_residual_sum", "qsparse"):
+        assert V.RESIDUAL_SUM is False
     assert (G.TERNARY_CONFIG, G.TERNARY_SPARSE_CONFIG) == (dense, sparse)
-    assert G._pdl_device_ok is pdl
+    assert G._pdl_device_ok is pdl and V.RESIDUAL_SUM is True
 
 
 def test_script_prints_a_ratio_per_variant(capsys):
