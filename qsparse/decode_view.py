@@ -297,29 +297,17 @@ class _Projection(nn.Module):
         layer's residual add, rounded as torch rounds it) and returns ``(y, h)``; the
         selection / activation kernel forms h where :meth:`sums_residual`, so the add runs as
         no kernel of its own."""
-        if residual is not None:
-            if not self.sums_residual(x):
-                h = x + residual
-                return self.forward(h), h
-            lead, n = x.shape[:-1], sum(self.sizes)
-            x2, d2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
-            if self.mode == "sparse":
-                y, h = G.sparse_gemv(
-                    x2, self.wt, self.k, n_out=n, hint=self.hint, producer=self.producer,
-                    residual=d2,
-                )  # fmt: skip
-            else:
-                y, h = G.ternary_gemv(
-                    x2, self.packed, self.alpha, self.k, self.act_bits, hint=self.hint,
-                    producer=self.producer, subln=self.subln, residual=d2,
-                )  # fmt: skip
-            return y[:, :n].reshape(*lead, n), h.reshape(x.shape)
+        if residual is not None and not self.sums_residual(x):
+            h = x + residual
+            return self.forward(h), h
         if self.mode == "dense":
             return F.linear(x, self.weight)
         rows = x.numel() // x.shape[-1]
         if self.mode == "reference" or rows > TERNARY_MAX_ROWS or not kernels_available(x):
             return self.reference(x)
         lead, x2, n = x.shape[:-1], x.reshape(rows, x.shape[-1]), sum(self.sizes)
+        # with a residual, sums_residual held: the sparse batch-1 or the ternary branch below
+        d2 = residual.reshape(rows, x.shape[-1]) if residual is not None else None
         if self.rows and rows == 1:
             # one token, input-major ternary layout: the list kernel computes the RMSNorm
             if self.site.norm is not None:
@@ -348,8 +336,9 @@ class _Projection(nn.Module):
                 hint=self.hint,
                 producer=self.producer,
                 subln=self.subln,
+                residual=d2,
             )
-            return y[:, :n].reshape(*lead, n)
+            return _shaped(y, lead, n, x)
         if self.mode not in ("sparse", "threshold"):
             x2 = self._pre(x2)
         if self.mode == "threshold":
@@ -370,11 +359,23 @@ class _Projection(nn.Module):
             xs = G.masked_topk(x2, self.k, self.hint, producer=self.producer)
             return (xs @ self.wt)[:, :n].reshape(*lead, n)
         if self.mode == "sparse":
-            y = G.sparse_gemv(x2, self.wt, self.k, n_out=n, hint=self.hint, producer=self.producer)
+            y = G.sparse_gemv(
+                x2, self.wt, self.k, n_out=n, hint=self.hint, producer=self.producer,
+                residual=d2,
+            )  # fmt: skip
         else:
             y = G.ternary_gemv(x2, self.packed, self.alpha, self.k, self.act_bits, hint=self.hint)
-            y = y[:, :n]
-        return y.reshape(*lead, n)
+        return _shaped(y, lead, n, x)
+
+
+def _shaped(
+    y: torch.Tensor | tuple[torch.Tensor, torch.Tensor], lead: torch.Size, n: int, x: torch.Tensor
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A fused site's kernel output [rows, >= n] -> [*lead, n]; a pair ``(y, h)`` (called with
+    a residual) -> ``(y shaped so, h shaped as x)``."""
+    if isinstance(y, tuple):
+        return y[0][:, :n].reshape(*lead, n), y[1].reshape(x.shape)
+    return y[:, :n].reshape(*lead, n)
 
 
 class _FusedAttention(LlamaAttention):
@@ -484,13 +485,11 @@ class _DecodeModel(LlamaModel):
             _DecodeLayer(config, i) for i in range(config.num_hidden_layers)
         )
 
-    def _layers(self, x, position_embeddings, mask, kv_cache):
+    def _stack(self, x, position_embeddings, mask, kv_cache):
         delta = None
         for layer in self.layers:
             x, delta = layer.forward_sum(x, delta, position_embeddings, mask, kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(x.shape[1])
-        return self.norm(x if delta is None else x + delta)
+        return x if delta is None else x + delta
 
 
 def decoder_view(

@@ -696,7 +696,7 @@ def sparse_gemv(
     if residual is not None:
         _check_residual(x, residual)
         if cfg is None:
-            cfg = sparse_config_for_weights(wt, k or _wt_dims(wt)[0], x.shape[0])
+            cfg = sparse_config_for_weights(wt, k if k is not None else _wt_dims(wt)[0], x.shape[0])
         fused = _residual_fused(x, producer) and x.shape[0] == 1 and rows is None
         if not (fused and cfg.radix and k is not None and k < _panels(wt, cfg)[0]):
             h = x + residual

@@ -241,11 +241,23 @@ class LlamaModel(nn.Module):
         kv_cache: KVCache | None,
     ) -> torch.Tensor:
         """Decoder stack and final norm: [B, T, d] -> [B, T, d]; advances ``kv_cache``."""
-        for layer in self.layers:
-            x = layer(x, position_embeddings, attention_mask=mask, kv_cache=kv_cache)
+        x = self._stack(x, position_embeddings, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(x.shape[1])
         return self.norm(x)
+
+    def _stack(
+        self,
+        x: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        """The decoder layers in turn: [B, T, d] -> the residual stream [B, T, d] before the
+        final norm."""
+        for layer in self.layers:
+            x = layer(x, position_embeddings, attention_mask=mask, kv_cache=kv_cache)
+        return x
 
 
 @dataclass
