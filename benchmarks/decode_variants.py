@@ -21,7 +21,10 @@ changed for that run only):
   ``TERNARY_SPARSE_CONFIG`` in a mode with top-k;
 - ``prep_warps=W``: warps of the ternary activation kernel (``select_warps`` of that config);
 - ``no_residual_sum``: each residual add as a PyTorch op (a kernel of its own) instead of in
-  the next site's selection or activation kernel (:data:`qsparse.decode_view.RESIDUAL_SUM`).
+  the next site's selection or activation kernel (:data:`qsparse.decode_view.RESIDUAL_SUM`);
+- ``no_pdl_chain``: each site's selection or activation kernel launched after the kernel
+  before it ends, instead of as its programmatic dependent
+  (:data:`qsparse.kernels.gemv.PDL_CHAIN`).
 
 ``FIGURE decode_variants.<preset>.<mode>.<variant>.tokens_per_s`` and ``.ratio`` (to the
 default run; ``=`` in a variant's name written ``_``); ``RATIO`` lines as it goes.
@@ -44,7 +47,7 @@ from qsparse.kernels import gemv as G
 
 _TERNARY = re.compile(r"ternary=([1-9]\d*)x([1-9]\d*)x([1-9]\d*)")
 _WARPS = re.compile(r"prep_warps=([1-9]\d*)")
-_NAMED = ("default", "no_pdl", "no_residual_sum")
+_NAMED = ("default", "no_pdl", "no_residual_sum", "no_pdl_chain")
 
 
 def check_variant(name: str) -> str:
@@ -52,7 +55,8 @@ def check_variant(name: str) -> str:
     if name in _NAMED or _TERNARY.fullmatch(name) or _WARPS.fullmatch(name):
         return name
     raise ValueError(
-        f"unknown variant {name!r}: use default, no_pdl, no_residual_sum, ternary=BKxBNxW or "
+        f"unknown variant {name!r}: use default, no_pdl, no_residual_sum, no_pdl_chain, "
+        "ternary=BKxBNxW or "
         "prep_warps=W "
         "(positive integers)"
     )
@@ -62,13 +66,15 @@ def check_variant(name: str) -> str:
 def variant(name: str, mode: str) -> Iterator[None]:
     """The module settings of variant ``name`` while the block runs (restored after)."""
     attr = "TERNARY_SPARSE_CONFIG" if mode == "bitnet_qsparse" else "TERNARY_CONFIG"
-    saved = {a: getattr(G, a) for a in ("_pdl_device_ok", attr)}
+    saved = {a: getattr(G, a) for a in ("_pdl_device_ok", "PDL_CHAIN", attr)}
     base, residual_sum = saved[attr], V.RESIDUAL_SUM
     try:
         if name == "no_pdl":
             G._pdl_device_ok = lambda index: False
         elif name == "no_residual_sum":
             V.RESIDUAL_SUM = False
+        elif name == "no_pdl_chain":
+            G.PDL_CHAIN = False
         elif m := _TERNARY.fullmatch(name):
             bk, bn, warps = (int(v) for v in m.groups())
             setattr(G, attr, replace(base, block_k=bk, block_n=bn, num_warps=warps))

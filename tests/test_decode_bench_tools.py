@@ -25,8 +25,10 @@ def test_each_variant_sets_what_it_names_and_restores_it():
         assert G._pdl_device_ok(0) is False
     with DV.variant("no_residual_sum", "qsparse"):
         assert V.RESIDUAL_SUM is False
+    with DV.variant("no_pdl_chain", "bitnet"):
+        assert G.PDL_CHAIN is False
     assert (G.TERNARY_CONFIG, G.TERNARY_SPARSE_CONFIG) == (dense, sparse)
-    assert G._pdl_device_ok is pdl and V.RESIDUAL_SUM is True
+    assert G._pdl_device_ok is pdl and V.RESIDUAL_SUM is True and G.PDL_CHAIN is True
 
 
 def test_script_prints_a_ratio_per_variant(capsys):

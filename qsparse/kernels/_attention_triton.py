@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from ._gemv_triton import _round_to
 
@@ -53,8 +54,13 @@ def _decode_attention_kernel(
     HALF: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BF16: tl.constexpr,
+    NEXT: tl.constexpr = False,
 ):
-    """Program (b * H_kv + g, s): the REP query heads of kv head g, keys of split s."""
+    """Program (b * H_kv + g, s): the REP query heads of kv head g, keys of split s. NEXT:
+    let the kernel launched after it (the o site's selection, a programmatic dependent that
+    waits for this output) launch at once."""
+    if NEXT:
+        gdc_launch_dependents()
     bg = tl.program_id(0)
     s = tl.program_id(1)
     b = bg // H_KV
@@ -149,8 +155,12 @@ def _combine_splits_kernel(
     D,
     SPLITS: tl.constexpr,
     D_P: tl.constexpr,
+    NEXT: tl.constexpr = False,
 ):
-    """Program per (b, h): ``out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s``."""
+    """Program per (b, h): ``out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s``. NEXT:
+    as :func:`_decode_attention_kernel`'s."""
+    if NEXT:
+        gdc_launch_dependents()
     row = tl.program_id(0)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, D_P)

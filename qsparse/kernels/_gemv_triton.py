@@ -12,6 +12,10 @@ Sparse input, float weights (``y[b, n] = sum_i xs[b, i] * Wt[i, n]``, ``Wt`` = [
    rows x ``BN`` columns, no masked-off lanes, so the read is ``cnt * N`` weights. On Hopper it
    is launched as a programmatic dependent of (1) (PDL): its programs are already resident
    when the list is written and only then wait (``gdc_wait``).
+3. The next site's one-program kernel (its selection, or the ternary activation kernel) is in
+   turn a programmatic dependent of the GEMV (``PDL_CHAIN`` in :mod:`.gemv`): the GEMV lets
+   it launch once the list is there (``NEXT``), and it waits for the GEMV's output before
+   reading anything (``WAIT``), so its launch overlaps the GEMV's stream.
 
 Selection rule: :mod:`._topk_rule` (shared with the training kernels; same as
 :func:`qsparse.nn.topk.topk_mask`): key = fp32 bits of |x| as int32; ``thr`` = k-th largest
@@ -411,6 +415,7 @@ def _threshold_list_kernel(
     eps=0.0,
     PROD: tl.constexpr = 0,
     BF16: tl.constexpr = False,
+    WAIT: tl.constexpr = False,
 ):
     """Batch 1, a fixed threshold (TEAL): the site inputs v[K] with ``|v| > t[0]`` as a list,
     ascending, ``cnt[0]`` entries; one compare, one prefix sum, no selection. ``v`` is x or
@@ -418,9 +423,12 @@ def _threshold_list_kernel(
     values (fp32), or ``PACKED`` (bf16 v): one word per kept input in idx
     (:func:`_pack_kept`), val not written. PDL: let the GEMV launched after it start (it
     waits for these writes). :func:`_compact_gemv_kernel` then reads ``cnt`` itself
-    (``n_fixed = -1``)."""
+    (``n_fixed = -1``). WAIT: launched as a programmatic dependent of the kernel before it;
+    waits for it before reading x."""
     if PDL:
         gdc_launch_dependents()
+    if WAIT:
+        gdc_wait()
     i = tl.arange(0, BLOCK)
     valid = i < K
     xf = _produce(x_ptr, w_ptr, 0, i, valid, K, eps, PROD, BF16)
@@ -552,15 +560,20 @@ def _compact_kernel(
     d_ptr=None,
     r_ptr=None,
     ADD: tl.constexpr = False,
+    WAIT: tl.constexpr = False,
 ):
     """x[B, K] -> idx[K] (first cnt entries used), val[B, K] (fp32), cnt[1]; one program.
-    PDL: let the GEMV launched after it start (it waits for this kernel's writes). HINT (radix
+    PDL: let the GEMV launched after it start (it waits for this kernel's writes). WAIT:
+    launched as a programmatic dependent of the kernel before it, which writes x or d; waits
+    for it before reading anything. HINT (radix
     only): ``hint[b]`` carries row b's threshold from call to call (:func:`_threshold_hinted`).
     PROD (radix, batch 1 only): select from x's producer output (:func:`_produce`). PACKED
     (radix, batch 1, bf16): idx holds packed words (:func:`_list_kept`), val is not written.
     ADD (with PROD 1): the norm's input is the residual sum x + d, also stored to r."""
     if PDL:
         gdc_launch_dependents()
+    if WAIT:
+        gdc_wait()
     i = tl.arange(0, BLOCK)
     valid = i < K
     slot = tl.arange(0, BB)
@@ -715,6 +728,7 @@ def _compact_gemv_kernel(
     STAGES: tl.constexpr,
     CMASK: tl.constexpr = True,
     PDL: tl.constexpr = False,
+    NEXT: tl.constexpr = False,
     ASM: tl.constexpr = True,
     PACKED: tl.constexpr = False,
 ):
@@ -731,7 +745,9 @@ def _compact_gemv_kernel(
     list. SPLIT > 1: each program writes its fp32 partial sums to ``part[s]`` and counts itself
     in ``sem[j]`` (zero between calls); the last to arrive sums the SPLIT partials in order
     (deterministic), writes y and resets ``sem[j]``.
-    PDL: launched as a programmatic dependent of the list kernel; waits for it here.
+    PDL: launched as a programmatic dependent of the list kernel; waits for it here. NEXT:
+    once its inputs are there, lets the kernel launched after it start (the next site's
+    selection or activation kernel, which waits for this one's output).
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -742,6 +758,8 @@ def _compact_gemv_kernel(
     rb = tl.arange(0, BB)
     if PDL:
         gdc_wait()
+    if NEXT:  # the next site's selection / activation kernel may launch
+        gdc_launch_dependents()
     if n_fixed >= 0:  # batch 1: the list holds exactly k entries, no need to read cnt
         n_kept = n_fixed
     else:
@@ -806,6 +824,7 @@ def _carry_gemv_kernel(
     DBITS: tl.constexpr,
     CMASK: tl.constexpr = True,
     PDL: tl.constexpr = False,
+    NEXT: tl.constexpr = False,
     ASM: tl.constexpr = True,
 ):
     """Batch 1, y[n] = sum_i keep_i x_i Wt[i, n], started before the selection is known.
@@ -840,6 +859,8 @@ def _carry_gemv_kernel(
         acc2 += xv[:, None] * w.to(tl.float32)
     if PDL:
         gdc_wait()
+    if NEXT:  # the next site's selection / activation kernel may launch
+        gdc_launch_dependents()
     n_list = tl.load(cnt_ptr)
     thr = tl.load(cnt_ptr + 1)
     acc2 = tl.where(tl.load(cnt_ptr + 2) > 0, 0.0, acc2)  # the list holds every kept input
@@ -913,6 +934,7 @@ def _ternary_prep_kernel(
     d_ptr=None,
     r_ptr=None,
     ADD: tl.constexpr = False,
+    WAIT: tl.constexpr = False,
 ):
     """Row b of the site input v[B, K] -> int8 activation codes xq[b, :KP] (KP = K padded to
     16, zeros past K; read as int32 words, word 4g + s holds inputs 16g + 4s .. 16g + 4s +
@@ -923,9 +945,13 @@ def _ternary_prep_kernel(
     (:func:`_produce`, weight ``w``, ``eps``), then with SUBLN BitNet's SubLN as
     ``torch.nn.RMSNorm`` computes it, ``round(v / sqrt(mean(v^2) + neps) * nw)`` in fp32
     rounded once to x's dtype (BF16). ADD (with PROD 1): the norm's input is the residual sum
-    ``x + d``, also stored to ``r`` (:func:`_produce`)."""
+    ``x + d``, also stored to ``r`` (:func:`_produce`). WAIT: launched as a programmatic
+    dependent of the kernel before it (the previous site's GEMV); waits for it before reading
+    x or d."""
     if PDL:
         gdc_launch_dependents()
+    if WAIT:
+        gdc_wait()
     b = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     valid = i < K
@@ -997,6 +1023,7 @@ def _ternary_dp4a_kernel(
     ALPHA_VEC: tl.constexpr,
     ASM: tl.constexpr,
     PDL: tl.constexpr = False,
+    NEXT: tl.constexpr = False,
     part_ptr=None,
     sem_ptr=None,
     SPLIT: tl.constexpr = 1,
@@ -1034,6 +1061,8 @@ def _ternary_dp4a_kernel(
     )
     if PDL:
         gdc_wait()
+    if NEXT:  # the next site's selection / activation kernel may launch
+        gdc_launch_dependents()
     for g0 in range(lo, hi, BG):
         g = g0 + tl.arange(0, BG)
         gm = g < hi
@@ -1096,6 +1125,7 @@ def _ternary_mma_kernel(
     STAGES: tl.constexpr,
     ASM: tl.constexpr,
     PDL: tl.constexpr = False,
+    NEXT: tl.constexpr = False,
 ):
     """Batch 2-16: the sum of :func:`_ternary_dp4a_kernel` on int8 tensor cores.
 
@@ -1125,6 +1155,8 @@ def _ternary_mma_kernel(
     acc = tl.zeros([BB, BN], dtype=tl.int32)
     if PDL:
         gdc_wait()
+    if NEXT:  # the next site's selection / activation kernel may launch
+        gdc_launch_dependents()
     for g0 in tl.range(lo, hi, BG, num_stages=STAGES):
         g = g0 + tl.arange(0, BG)
         w = tl.load(

@@ -105,6 +105,7 @@ def _ternary_rows_gemv_kernel(
     ALPHA_VEC: tl.constexpr,
     CMASK: tl.constexpr = True,
     PDL: tl.constexpr = False,
+    NEXT: tl.constexpr = False,
     ASM: tl.constexpr = True,
 ):
     """y[n] = scale * alpha_n * sum_{p < n_kept} qv[p] * (c[idx[p], n] - 1), N = 16 W outputs.
@@ -127,6 +128,8 @@ def _ternary_rows_gemv_kernel(
     wmask = words < W
     if PDL:
         gdc_wait()
+    if NEXT:  # the next site's selection / activation kernel may launch
+        gdc_launch_dependents()
     per = tl.cdiv(tl.cdiv(n_kept, SPLIT), BK) * BK
     lo = pid_s * per
     hi = tl.minimum(lo + per, n_kept)

@@ -31,6 +31,7 @@ from ..models.attention import gqa_attention
 from ..models.kv_cache import static_mask
 from ..models.rope import apply_rotary_pos_emb
 from . import kernels_available
+from .gemv import chain_next
 
 __all__ = ["decode_attention", "decode_attention_applies", "decode_attention_reference"]
 
@@ -120,6 +121,7 @@ def decode_attention_op(
     half_p = triton.next_power_of_2(d // 2)
     block_n = max(16, min(64, 4096 // (rep_p * half_p)))
     out = torch.empty_like(q)
+    nxt = chain_next(q)  # the o site's selection may launch as this kernel's dependent
     if splits == 1:
         part, m, lse = out, out, out  # m/l unused with one split
     else:
@@ -130,12 +132,13 @@ def decode_attention_op(
         q, k, v, cos, sin, k_cache, v_cache, pos, part, m, lse,
         h_kv, rep, length, chunk, d // 2, d ** -0.5,
         SPLITS=splits, REP_P=rep_p, HALF=half_p, BLOCK_N=block_n,
-        BF16=q.dtype == torch.bfloat16, num_warps=4,
+        BF16=q.dtype == torch.bfloat16, NEXT=nxt and splits == 1, num_warps=4,
     )  # fmt: skip
     if splits > 1:
         _combine_splits_kernel[(b * h,)](
-            part, m, lse, out, d, SPLITS=splits, D_P=triton.next_power_of_2(d), num_warps=4
-        )
+            part, m, lse, out, d, SPLITS=splits, D_P=triton.next_power_of_2(d), NEXT=nxt,
+            num_warps=4,
+        )  # fmt: skip
     return out
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -101,6 +102,14 @@ class GemvConfig:
     carry: bool = False  # sparse, batch 1, ``hint=``: start before the selection (measured slower)
     packed: bool = True  # sparse, batch 1, bf16 input: the list as one word per kept input
 
+
+#: the one-program kernel of a site (selection, list or ternary activation kernel) is launched
+#: as a programmatic dependent of the kernel before it and waits for that kernel's output
+#: before reading anything; the decode GEMVs let the kernel after them launch once their own
+#: inputs are there. So the next site's launch overlaps the previous site's weight stream
+#: (Hopper, with ``GemvConfig.pdl``). ``QSPARSE_PDL_CHAIN=0`` in the environment (read at
+#: import) or setting this to False before a step is captured launches them after it instead.
+PDL_CHAIN: bool = os.environ.get("QSPARSE_PDL_CHAIN", "1") != "0"
 
 #: the floor of the activation absmax ``gamma = max(max |x|, ACT_EPS)`` in the ternary GEMVs'
 #: int8 quantization (:func:`ternary_gemv`, :mod:`qsparse.kernels.ternary_rows`): a constant
@@ -339,16 +348,33 @@ def _residual_args(
     return residual.contiguous(), torch.empty_like(x)
 
 
+def _wait_opts(x: torch.Tensor, pdl: bool = True) -> dict[str, bool]:
+    """The keywords of a site's one-program kernel under :data:`PDL_CHAIN`: ``WAIT`` (and
+    ``launch_pdl``): launched as a programmatic dependent of the kernel before it, waiting for
+    it before reading its inputs. ``pdl``: the config's own setting (``GemvConfig.pdl``)."""
+    if pdl and chain_next(x):
+        return {"WAIT": True, "launch_pdl": True}
+    return {"WAIT": False}
+
+
+def chain_next(x: torch.Tensor) -> bool:
+    """Whether a kernel on ``x``'s device that comes before a site's one-program kernel should
+    let it launch early (``gdc_launch_dependents``; :data:`PDL_CHAIN`, Hopper)."""
+    return PDL_CHAIN and _pdl_ok(x)
+
+
 def _interpreted(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
 def _gemv_launch_opts(cfg: GemvConfig, pdl: bool, interp: bool) -> dict[str, bool | int]:
     """The keywords every decode GEMV launch takes: ``PDL`` (a programmatic dependent of the
-    kernel before it, ``launch_pdl``), ``ASM`` (inline PTX; off in the interpreter, which
+    kernel before it, ``launch_pdl``), ``NEXT`` (with PDL and :data:`PDL_CHAIN`: let the
+    kernel after it launch once its inputs are there), ``ASM`` (inline PTX; off in the interpreter, which
     cannot run it) and the config's ``num_warps``/``num_stages``."""
     opts: dict[str, bool | int] = {
         "PDL": pdl,
+        "NEXT": pdl and PDL_CHAIN,
         "ASM": not interp,
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
@@ -403,6 +429,7 @@ def compact_rows(
     eps: float = 0.0,
     packed: bool = False,
     residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+    wait: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kept inputs of ``x[B, K]`` as a list: (idx int32 [K], val fp32 [B, K], cnt int32 [1]).
 
@@ -417,7 +444,9 @@ def compact_rows(
     radix, bf16 x, K <= 65536): ``idx[p] = bf16 bits of the value << 16 | index`` instead, and
     ``val`` is empty (:attr:`GemvConfig.packed`). ``residual = (d, r)`` (with the RMSNorm
     producer, ``prod == 1``): the norm reads the residual sum ``x + d`` (rounded to x's dtype),
-    which the kernel also writes to ``r`` ([1, K] each, x's dtype).
+    which the kernel also writes to ``r`` ([1, K] each, x's dtype). ``wait``: launch it as a
+    programmatic dependent of the kernel before it (:data:`PDL_CHAIN`, Hopper), which must
+    let it launch (a decode GEMV does) and whose writes it waits for.
     """
     import triton
 
@@ -468,6 +497,7 @@ def compact_rows(
         r_ptr=residual[1] if residual is not None else cnt,
         ADD=residual is not None,
         num_warps=select_warps_for(width, num_warps, 1024 if bsz == 1 and radix else 512),
+        **_wait_opts(x, wait),
     )
     return idx, val, cnt
 
@@ -820,6 +850,7 @@ def _sparse_gemv_launch(
             *prod,
             packed=packed,
             residual=residual,
+            wait=cfg.pdl,
         )
     )
     bb = max(16, triton.next_power_of_2(bsz)) if use_dot else 1
@@ -1139,6 +1170,7 @@ def ternary_gemv_op(
         r_ptr=res if add.numel() else x,
         ADD=add.numel() > 0,
         num_warps=select_warps_for(k_in, cfg.select_warps),
+        **_wait_opts(x, cfg.pdl),
     )
     alpha_arg = alpha_vec if alpha_vec is not None else scale
     split = max(1, cfg.split)

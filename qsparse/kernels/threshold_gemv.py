@@ -34,6 +34,7 @@ from .gemv import (
     _pdl_ok,
     _prod_args,
     _sparse_gemv_launch,
+    _wait_opts,
     _wt_dims,
     dense_layout,
     select_warps_for,
@@ -60,6 +61,7 @@ def threshold_rows(
     pdl: bool = False,
     packed: bool = False,
     producer: Producer = NO_PRODUCER,
+    wait: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The inputs of the site input ``v[1, K]`` with ``|v| > t`` as a list, in
     :func:`qsparse.kernels.gemv.compact_rows`' format: (idx int32 [K], val fp32 [1, K], cnt
@@ -67,7 +69,8 @@ def threshold_rows(
     undefined. ``v`` is x, or what ``producer`` makes of x (computed in the kernel: x is then
     the RMSNorm's input, or [1, 2K] for a GLU). ``packed`` (bf16 v): ``idx[p] = bf16 bits of
     the value << 16 | index`` and ``val`` is empty. ``pdl``: let a kernel launched next as a
-    programmatic dependent start early. One Triton program, no host sync; ``K <= 16384``."""
+    programmatic dependent start early; ``wait``: launch it as a programmatic dependent of the
+    kernel before it (:data:`~qsparse.kernels.gemv.PDL_CHAIN`). One Triton program, no host sync; ``K <= 16384``."""
     import triton
 
     from ._gemv_triton import _threshold_list_kernel
@@ -99,6 +102,7 @@ def threshold_rows(
         PROD=code,
         BF16=x.dtype == torch.bfloat16,
         num_warps=select_warps_for(width, 0, 1024),
+        **_wait_opts(x, wait),
     )
     return idx, val, cnt
 
@@ -154,13 +158,12 @@ def threshold_gemv_op(
     producer = Producer(PRODUCERS[prod], prod_w if prod == 1 else None, eps)
     width = x.shape[1] // producer.width(1)
     if x.shape[0] == 1 and width <= MAX_LIST_WIDTH and kernels_available(x):
+        config = _cfg_from_ints(cfg)
 
         def list_rows(pdl: bool, packed: bool):
-            return threshold_rows(x, t, pdl, packed, producer)
+            return threshold_rows(x, t, pdl, packed, producer, wait=config.pdl)
 
-        return _sparse_gemv_launch(
-            x, wt, -1, _cfg_from_ints(cfg), out_dtype, None, list_rows=list_rows
-        )
+        return _sparse_gemv_launch(x, wt, -1, config, out_dtype, None, list_rows=list_rows)
     v = producer.reference(x)
     masked = v * (v.float().abs() > t).to(v.dtype)
     return (masked.to(wt.dtype) @ dense_layout(wt)).to(out_dtype)
