@@ -24,7 +24,9 @@ changed for that run only):
   the next site's selection or activation kernel (:data:`qsparse.decode_view.RESIDUAL_SUM`);
 - ``no_pdl_chain``: each site's selection or activation kernel launched after the kernel
   before it ends, instead of as its programmatic dependent
-  (:data:`qsparse.kernels.gemv.PDL_CHAIN`).
+  (:data:`qsparse.kernels.gemv.PDL_CHAIN`);
+- ``glu_selection``: the down site's first kernel computes ``act(g) * u`` from the gate|up
+  output (:data:`qsparse.decode_view.GLU_IN_SELECTION` on) instead of a GLU kernel of its own.
 
 ``FIGURE decode_variants.<preset>.<mode>.<variant>.tokens_per_s`` and ``.ratio`` (to the
 default run; ``=`` in a variant's name written ``_``); ``RATIO`` lines as it goes.
@@ -47,7 +49,7 @@ from qsparse.kernels import gemv as G
 
 _TERNARY = re.compile(r"ternary=([1-9]\d*)x([1-9]\d*)x([1-9]\d*)")
 _WARPS = re.compile(r"prep_warps=([1-9]\d*)")
-_NAMED = ("default", "no_pdl", "no_residual_sum", "no_pdl_chain")
+_NAMED = ("default", "no_pdl", "no_residual_sum", "no_pdl_chain", "glu_selection")
 
 
 def check_variant(name: str) -> str:
@@ -56,6 +58,7 @@ def check_variant(name: str) -> str:
         return name
     raise ValueError(
         f"unknown variant {name!r}: use default, no_pdl, no_residual_sum, no_pdl_chain, "
+        "glu_selection, "
         "ternary=BKxBNxW or "
         "prep_warps=W "
         "(positive integers)"
@@ -67,7 +70,7 @@ def variant(name: str, mode: str) -> Iterator[None]:
     """The module settings of variant ``name`` while the block runs (restored after)."""
     attr = "TERNARY_SPARSE_CONFIG" if mode == "bitnet_qsparse" else "TERNARY_CONFIG"
     saved = {a: getattr(G, a) for a in ("_pdl_device_ok", "PDL_CHAIN", attr)}
-    base, residual_sum = saved[attr], V.RESIDUAL_SUM
+    base, residual_sum, glu = saved[attr], V.RESIDUAL_SUM, V.GLU_IN_SELECTION
     try:
         if name == "no_pdl":
             G._pdl_device_ok = lambda index: False
@@ -75,6 +78,8 @@ def variant(name: str, mode: str) -> Iterator[None]:
             V.RESIDUAL_SUM = False
         elif name == "no_pdl_chain":
             G.PDL_CHAIN = False
+        elif name == "glu_selection":
+            V.GLU_IN_SELECTION = True
         elif m := _TERNARY.fullmatch(name):
             bk, bn, warps = (int(v) for v in m.groups())
             setattr(G, attr, replace(base, block_k=bk, block_n=bn, num_warps=warps))
@@ -84,7 +89,7 @@ def variant(name: str, mode: str) -> Iterator[None]:
     finally:
         for a, v in saved.items():
             setattr(G, a, v)
-        V.RESIDUAL_SUM = residual_sum
+        V.RESIDUAL_SUM, V.GLU_IN_SELECTION = residual_sum, glu
 
 
 def main(argv: Sequence[str] | None = None) -> None:

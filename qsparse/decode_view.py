@@ -72,9 +72,11 @@ from .models.llama import (
     LlamaModel,
     RMSNorm,
 )
+from .nn.ffn import ReLUSquared
 
 __all__ = [
     "FUSED_ATTENTION",
+    "GLU_IN_SELECTION",
     "HEAD_BITS",
     "RESIDUAL_SUM",
     "SPARSE_MAX_ROWS",
@@ -105,6 +107,12 @@ FUSED_ATTENTION: bool = os.environ.get("QSPARSE_FUSED_ATTENTION", "1") != "0"
 #: PyTorch instead (an add kernel a site), e.g. to measure the difference
 RESIDUAL_SUM: bool = os.environ.get("QSPARSE_RESIDUAL_SUM", "1") != "0"
 #: the values ``head_bits`` takes: None (the model's own lm head) or 8 (:class:`Int8Head`)
+#: the down site's first kernel (top-k selection, fixed-threshold list, ternary activation
+#: kernel) computes the GLU ``act(g) * u`` from the gate|up output itself, so the GLU runs as
+#: no kernel of its own; ``QSPARSE_GLU_SELECTION=1`` in the environment (read at import) or
+#: setting this before :func:`decoder_view` turns it on.
+GLU_IN_SELECTION: bool = os.environ.get("QSPARSE_GLU_SELECTION", "0") == "1"
+
 HEAD_BITS = (None, 8)
 
 
@@ -245,16 +253,22 @@ class _Projection(nn.Module):
             self.register_buffer("alpha_rows", alpha, persistent=False)
             self.rows = True
 
+    def _computes_producer(self, rows_layout: bool = True) -> bool:
+        """Whether this site's first kernel can compute its producer: the sparse selection,
+        the fixed-threshold list, or the ternary activation kernel (followed there by the
+        site's SubLN, which that kernel then computes too; on the input-major layout
+        (``rows_layout``) only without SubLN)."""
+        ternary = self.mode == "ternary" and not self.rows
+        if not (self.mode in ("sparse", "threshold") or (self.rows and rows_layout) or ternary):
+            return False
+        return self.site.norm is None or (ternary and self.subln is not None)
+
     def fuse_producer(self, norm: nn.Module) -> bool:
         """Take over the layer's RMSNorm in front of this site when the site's first kernel can
-        compute it (:class:`~qsparse.kernels.gemv.Producer`): the sparse selection, or the
-        ternary activation kernel (followed there by the site's SubLN, which that kernel then
-        computes too; on the input-major layout only without SubLN). True when taken: the
-        caller must then hand this site the norm's input instead of its output."""
-        ternary = self.mode == "ternary" and not self.rows
-        if not (self.mode in ("sparse", "threshold") or self.rows or ternary):
-            return False
-        if self.site.norm is not None and not (ternary and self.subln is not None):
+        compute it (:class:`~qsparse.kernels.gemv.Producer`, :meth:`_computes_producer`).
+        True when taken: the caller must then hand this site the norm's input instead of its
+        output."""
+        if not self._computes_producer():
             return False
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
         if not isinstance(norm, RMSNorm) and type(norm).__name__ != "LlamaRMSNorm":
@@ -263,6 +277,18 @@ class _Projection(nn.Module):
             return False
         self.producer = G.Producer("rmsnorm", norm.weight, eps)
         self.pre = norm
+        return True
+
+    def fuse_glu(self, act_fn: nn.Module) -> bool:
+        """Take over the GLU in front of this (down) site, ``act(g) * u`` of the gate|up
+        output ``[g | u]``, when :data:`GLU_IN_SELECTION` is on, the activation is ReLU^2 or
+        SiLU and the site's first kernel can compute it (not on the input-major ternary
+        layout). True when taken: the caller must then hand this site ``[g | u]``."""
+        kind = {ReLUSquared: "relu2_glu", nn.SiLU: "silu_glu"}.get(type(act_fn))
+        if not GLU_IN_SELECTION or kind is None or not self._computes_producer(False):
+            return False
+        self.producer = G.Producer(kind)
+        self.pre = _GLU(act_fn)
         return True
 
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,7 +308,7 @@ class _Projection(nn.Module):
         ``x`` (:meth:`forward` with ``residual``): a site that computes its layer's RMSNorm
         (:meth:`fuse_producer`), batch 1 for the top-k selection, up to
         :data:`TERNARY_MAX_ROWS` rows for the ternary activation kernel."""
-        if not RESIDUAL_SUM or self.pre is None or not kernels_available(x):
+        if not RESIDUAL_SUM or self.producer.kind != "rmsnorm" or not kernels_available(x):
             return False
         rows = x.numel() // x.shape[-1]
         if self.mode == "sparse":
@@ -431,8 +457,35 @@ class _FusedMLP(LlamaMLP):
         self.down_proj = _Projection(down_site, [mlp.down_proj], False, kernels)
         self.act_fn = mlp.act_fn
 
+        self.down_proj.fuse_glu(self.act_fn)
+
     def project_gate_up(self, x):
         return tuple(self.gate_up(x).split(self.gate_up.sizes, dim=-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.gate_up(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The down site of the gate|up output ``[g | u]``: ``down(act(g) * u)``, the GLU
+        computed by the down site's first kernel where it took it over
+        (:meth:`_Projection.fuse_glu`)."""
+        if self.down_proj.pre is not None:
+            return self.down_proj(gate_up)
+        gate, up = gate_up.split(self.gate_up.sizes, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class _GLU(nn.Module):
+    """``[g | u]`` [..., 2F] -> ``act(g) * u`` [..., F]: the model's GLU arithmetic on a fused
+    gate|up output (the reference of a down site that computes it, :meth:`_Projection.fuse_glu`)."""
+
+    def __init__(self, act_fn: nn.Module) -> None:
+        super().__init__()
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
 
 
 def _site_sum(
@@ -471,8 +524,7 @@ class _DecodeLayer(LlamaDecoderLayer):
         q, k, v = qkv.split(attn.qkv.sizes, dim=-1)
         out = attn.o_proj(attn.attend(q, k, v, position_embeddings, attention_mask, kv_cache))
         gate_up, h = _site_sum(mlp.gate_up, self.post_attention_layernorm, h, out)
-        gate, up = gate_up.split(mlp.gate_up.sizes, dim=-1)
-        return h, mlp.down_proj(mlp.act_fn(gate) * up)
+        return h, mlp.down(gate_up)
 
 
 class _DecodeModel(LlamaModel):

@@ -27,8 +27,11 @@ def test_each_variant_sets_what_it_names_and_restores_it():
         assert V.RESIDUAL_SUM is False
     with DV.variant("no_pdl_chain", "bitnet"):
         assert G.PDL_CHAIN is False
+    with DV.variant("glu_selection", "qsparse"):
+        assert V.GLU_IN_SELECTION is True
     assert (G.TERNARY_CONFIG, G.TERNARY_SPARSE_CONFIG) == (dense, sparse)
     assert G._pdl_device_ok is pdl and V.RESIDUAL_SUM is True and G.PDL_CHAIN is True
+    assert V.GLU_IN_SELECTION is False
 
 
 def test_script_prints_a_ratio_per_variant(capsys):

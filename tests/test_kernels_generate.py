@@ -150,6 +150,40 @@ def test_engine_with_kernels_under_the_interpreter_matches_plain_forward():
     assert "ENGINE INTERPRETER OK" in run_interpreted(ENGINE_INTERPRETER_SCRIPT)
 
 
+GLU_ENGINE_SCRIPT = """
+import torch
+from qsparse import decode_view
+from qsparse.generate import DecodeEngine, convert
+from qsparse.models import LlamaConfig, LlamaForCausalLM
+
+decode_view.GLU_IN_SELECTION = True  # the down site's first kernel computes act(g) * u
+for mode, act in (("qsparse", "relu2"), ("qsparse", "silu"), ("bitnet_qsparse", "relu2"),
+                  ("bitnet", "relu2"), ("qsparse_threshold", "relu2")):
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_preset("tiny", hidden_act=act)
+    model = convert(LlamaForCausalLM(cfg).eval(), mode, 0.5)
+    for batch in (1, 2):
+        ids = torch.randint(0, 256, (batch, 3), generator=torch.Generator().manual_seed(batch))
+        engine = DecodeEngine(model)
+        down = engine.decoder.model.layers[0].mlp.down_proj
+        assert down.producer.kind == act + "_glu", (mode, act, down.producer)
+        got = engine.generate(ids, 3).tokens
+        ref = model.generate(ids, max_new_tokens=3, use_cache=False)
+        assert torch.equal(got, ref), (mode, act, batch, got, ref)
+print("GLU ENGINE OK")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_glu_in_the_down_selection_decodes_as_the_plain_forward():
+    # decode_view.GLU_IN_SELECTION: the down site's selection / activation kernel computes the
+    # GLU from the gate|up output; greedy tokens unchanged in every mode with a down site that
+    # can, at batch 1 (list kernel) and 2 (masked top-k / batched ternary kernel)
+    from conftest import run_interpreted
+
+    assert "GLU ENGINE OK" in run_interpreted(GLU_ENGINE_SCRIPT)
+
+
 THRESHOLD_ENGINE_SCRIPT = """
 import torch
 import qsparse
