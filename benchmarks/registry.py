@@ -346,6 +346,14 @@ REGISTRY: list[Bench] = [
             ),
             _ratio_row(
                 "decode",
+                "same in one kernel that quantizes the row in every program (`GemvConfig.fused`, "
+                "no activation kernel), batch 1",
+                f"{_TG}.b1.ternary_fused",
+                f"{_TG}.b1.ternary_fused_us",
+                summary="same, fused activation quantization",
+            ),
+            _ratio_row(
+                "decode",
                 "ternary + top-k S=0.6 together, batch 1",
                 f"{_TG}.b1.ternary_sparse",
                 f"{_TG}.b1.ternary_sparse_us",
