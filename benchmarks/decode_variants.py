@@ -25,9 +25,6 @@ changed for that run only):
 - ``no_pdl_chain``: each site's selection or activation kernel launched after the kernel
   before it ends, instead of as its programmatic dependent
   (:data:`qsparse.kernels.gemv.PDL_CHAIN`);
-- ``ternary_fused``: batch-1 ternary sites without top-k in one kernel that quantizes the row
-  in every program (``GemvConfig.fused`` on ``TERNARY_CONFIG``) instead of an activation kernel
-  in front of the GEMV;
 - ``glu_selection``: the down site's first kernel computes ``act(g) * u`` from the gate|up
   output (:data:`qsparse.decode_view.GLU_IN_SELECTION` on) instead of a GLU kernel of its own.
 
@@ -52,7 +49,7 @@ from qsparse.kernels import gemv as G
 
 _TERNARY = re.compile(r"ternary=([1-9]\d*)x([1-9]\d*)x([1-9]\d*)")
 _WARPS = re.compile(r"prep_warps=([1-9]\d*)")
-_NAMED = ("default", "no_pdl", "no_residual_sum", "no_pdl_chain", "glu_selection", "ternary_fused")
+_NAMED = ("default", "no_pdl", "no_residual_sum", "no_pdl_chain", "glu_selection")
 
 
 def check_variant(name: str) -> str:
@@ -61,7 +58,7 @@ def check_variant(name: str) -> str:
         return name
     raise ValueError(
         f"unknown variant {name!r}: use default, no_pdl, no_residual_sum, no_pdl_chain, "
-        "glu_selection, ternary_fused, "
+        "glu_selection, "
         "ternary=BKxBNxW or "
         "prep_warps=W "
         "(positive integers)"
@@ -83,8 +80,6 @@ def variant(name: str, mode: str) -> Iterator[None]:
             G.PDL_CHAIN = False
         elif name == "glu_selection":
             V.GLU_IN_SELECTION = True
-        elif name == "ternary_fused":
-            setattr(G, attr, replace(base, fused=True))
         elif m := _TERNARY.fullmatch(name):
             bk, bn, warps = (int(v) for v in m.groups())
             setattr(G, attr, replace(base, block_k=bk, block_n=bn, num_warps=warps))

@@ -346,14 +346,6 @@ REGISTRY: list[Bench] = [
             ),
             _ratio_row(
                 "decode",
-                "same in one kernel that quantizes the row in every program (`GemvConfig.fused`, "
-                "no activation kernel), batch 1",
-                f"{_TG}.b1.ternary_fused",
-                f"{_TG}.b1.ternary_fused_us",
-                summary="same, fused activation quantization",
-            ),
-            _ratio_row(
-                "decode",
                 "ternary + top-k S=0.6 together, batch 1",
                 f"{_TG}.b1.ternary_sparse",
                 f"{_TG}.b1.ternary_sparse_us",
@@ -806,27 +798,6 @@ REGISTRY: list[Bench] = [
         est_s=170,
     ),
     Bench("grid_barrier", "grid_barrier.py", ("--programs", "32", "66", "132"), est_s=30),
-    Bench(
-        "ternary_fused",
-        "ternary_fused.py",
-        est_s=120,
-        rows=tuple(
-            Row(
-                "decode",
-                f"BitNet b1.58 decode sites of the {preset} preset, batch 1, in one kernel that "
-                "quantizes the row in every program (`GemvConfig(fused=True)`, tile 64x16, 2 "
-                "warps) vs the activation kernel + dp4a GEMV, each with its residual sum / "
-                "RMSNorm / SubLN: qkv; o; gate_up; down",
-                "; ".join(
-                    f"{{ternary_fused.{preset}_{p}.64x16x2|.2f}}x "
-                    f"({{ternary_fused.{preset}_{p}.64x16x2_us|.1f}} vs "
-                    f"{{ternary_fused.{preset}_{p}.unfused_us|.1f}} us)"
-                    for p in ("qkv", "o", "gate_up", "down")
-                ),
-            )
-            for preset in ("7B", "1.3B")
-        ),
-    ),
     Bench(
         "decode_variants_7b_bitnet",
         "decode_variants.py",

@@ -5,8 +5,7 @@ Ternary weights are packed 16 inputs per int32 ([256, 11008] int32, 11.3 MB) and
 with int8 activations by ``dp4a`` (exact int32 sums); ``--buffers`` copies (and as many 90 MB
 bf16 copies for cuBLAS) are cycled inside one CUDA graph so L2 serves neither. The per-token
 absmax int8 quantization (and, for the sparse variant, the top-k selection kernel) runs inside
-every timed call. ``ternary_fused``: batch 1 without top-k as one kernel whose programs each
-quantize the row (``GemvConfig.fused``), no activation kernel in front.
+every timed call.
 
     PYTHONPATH=$PWD python3 benchmarks/ternary_gemv.py
 
@@ -14,8 +13,6 @@ Goal (issue 5): >= 4x bf16 dense at batch 1; and ternary + sparse together.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -115,8 +112,6 @@ def main() -> None:
         t_t = time_graph(tern_calls(x, None, cd))
         t_ts = time_graph(tern_calls(x, k60, cs))
         timed = {"ternary": t_t, "ternary_sparse": t_ts}
-        if batch == 1:  # one kernel that quantizes in every program (GemvConfig.fused)
-            timed["ternary_fused"] = time_graph(tern_calls(x, None, replace(cd, fused=True)))
         emit_vs_dense(f"ternary_gemv.b{batch}", (batch,), t_dense, timed)
 
 

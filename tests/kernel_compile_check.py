@@ -85,21 +85,6 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
         x4[:1], packed, alpha, 819, 8, hint=G.new_hint(1), producer=layer_norm, subln=subln
     )
     G.ternary_gemv(x4, packed, alpha, None, 8, subln=subln)
-    fused = G.GemvConfig(**{**G.TERNARY_CONFIG.__dict__, "fused": True})  # one kernel, batch 1
-    for prod, sub, res in ((layer_norm, subln, x4[:1]), (G.NO_PRODUCER, subln, None)):
-        G.ternary_gemv(
-            x4[:1], packed, alpha, None, 8, fused, producer=prod, subln=sub, residual=res
-        )
-    G.ternary_gemv(
-        torch.randn(1, 4096, dtype=bf16),
-        packed,
-        alpha,
-        None,
-        8,
-        fused,
-        producer=G.Producer("relu2_glu"),
-        subln=subln,
-    )
     G.select_rows(x4, 819)
     G.masked_topk(x4, 819, G.new_hint(4))  # batch 2-16: top-k from carried thresholds
     w11 = G.prepare_dense(torch.zeros(4096, 11008, dtype=bf16))

@@ -459,24 +459,6 @@ def _inv_rms(xf, K, eps):
 
 
 @triton.jit
-def _norm_input(x_ptr, d_ptr, offs, valid, BF16: tl.constexpr, ADD: tl.constexpr):
-    """The RMSNorm's input at element offsets ``offs`` (fp32, zeros where not ``valid``):
-    ``x``, or with ``ADD`` the residual sum ``round(x + d)``."""
-    xf = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    if ADD:
-        xf = _round_to(xf + tl.load(d_ptr + offs, mask=valid, other=0.0).to(tl.float32), BF16)
-    return xf
-
-
-@triton.jit
-def _norm_scaled(xf, w_ptr, i, valid, inv, BF16: tl.constexpr):
-    """Llama's RMSNorm of ``xf`` (inputs ``i`` of a row) given its ``inv = 1 / rms``:
-    ``round(w * round(xf * inv))``."""
-    w = tl.load(w_ptr + i, mask=valid, other=0.0).to(tl.float32)
-    return _round_to(w * _round_to(xf * inv, BF16), BF16)
-
-
-@triton.jit
 def _produce(
     x_ptr, w_ptr, row, i, valid, K, eps, PROD: tl.constexpr, BF16: tl.constexpr,
     d_ptr=None, r_ptr=None, ADD: tl.constexpr = False,
@@ -495,10 +477,14 @@ def _produce(
     if PROD == 0:
         y = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
     elif PROD == 1:
-        xf = _norm_input(x_ptr, d_ptr, row * K + i, valid, BF16, ADD)
+        xf = tl.load(x_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
         if ADD:
+            df = tl.load(d_ptr + row * K + i, mask=valid, other=0.0).to(tl.float32)
+            xf = _round_to(xf + df, BF16)
             tl.store(r_ptr + row * K + i, xf.to(r_ptr.dtype.element_ty), mask=valid)
-        y = _norm_scaled(xf, w_ptr, i, valid, _inv_rms(xf, K, eps), BF16)
+        y = _round_to(xf * _inv_rms(xf, K, eps), BF16)
+        w = tl.load(w_ptr + i, mask=valid, other=0.0).to(tl.float32)
+        y = _round_to(w * y, BF16)
     else:
         g = tl.load(x_ptr + row * 2 * K + i, mask=valid, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + row * 2 * K + K + i, mask=valid, other=0.0).to(tl.float32)
@@ -1113,146 +1099,6 @@ def _ternary_dp4a_kernel(
         dot, qsum_ptr, scale_ptr, alpha_ptr, alpha, y_ptr, part_ptr, sem_ptr, pid, pid_s,
         B, N, rb, rvalid, cols, cmask, SPLIT, BB, BN, ALPHA_VEC, ASM,
     )  # fmt: skip
-
-
-@triton.jit
-def _site_value(
-    x_ptr, w_ptr, nw_ptr, d_ptr, i, valid, K, r1, r2,
-    PROD: tl.constexpr, SUBLN: tl.constexpr, BF16: tl.constexpr, ADD: tl.constexpr,
-):  # fmt: skip
-    """The ternary site input at positions ``i`` (any shape) of a batch-1 row, from the row's
-    scalars: ``r1`` = 1 / rms of the layer norm's input (PROD 1), ``r2`` = 1 / rms of the
-    SubLN's input (SUBLN). The arithmetic of :func:`_produce` and the SubLN of
-    :func:`_ternary_prep_kernel`, element by element."""
-    if PROD == 1:
-        xf = _norm_input(x_ptr, d_ptr, i, valid, BF16, ADD)
-        v = _norm_scaled(xf, w_ptr, i, valid, r1, BF16)
-    else:
-        v = _produce(x_ptr, w_ptr, 0, i, valid, K, 0.0, PROD, BF16)
-    if SUBLN:
-        nw = tl.load(nw_ptr + i, mask=valid, other=0.0).to(tl.float32)
-        v = _round_to(v * r2 * nw, BF16)
-    return v
-
-
-@triton.jit
-def _ternary_fused_kernel(
-    x_ptr,
-    p_ptr,
-    y_ptr,
-    alpha_ptr,
-    alpha,
-    K,
-    G,
-    N,
-    eps,
-    neps,
-    BG: tl.constexpr,
-    BN: tl.constexpr,
-    CH: tl.constexpr,
-    QMAX: tl.constexpr,
-    ALPHA_VEC: tl.constexpr,
-    ASM: tl.constexpr,
-    PDL: tl.constexpr = False,
-    NEXT: tl.constexpr = False,
-    w_ptr=None,
-    nw_ptr=None,
-    d_ptr=None,
-    r_ptr=None,
-    PROD: tl.constexpr = 0,
-    SUBLN: tl.constexpr = False,
-    BF16: tl.constexpr = False,
-    ADD: tl.constexpr = False,
-):
-    """Batch 1, no top-k: :func:`_ternary_prep_kernel` and :func:`_ternary_dp4a_kernel` in one
-    kernel. Every program quantizes the row itself (the scalars in passes of ``CH`` inputs:
-    the layer norm's 1/rms (PROD 1), the SubLN's (SUBLN), the absmax gamma), then forms each
-    tile's int8 codes from them as it multiplies (codes ``clamp(round(v Q / gamma))`` packed
-    four to an int32 word, byte j = input 4s + j of the group), so no activation kernel runs
-    in front of the GEMV and no code vector is written. ADD: the layer norm reads ``x + d``;
-    program 0 writes it to ``r``. The first two weight tiles are requested before waiting
-    for the kernel before it (PDL). Grid (cdiv(N, BN),); y as :func:`_ternary_store`."""
-    pid = tl.program_id(0)
-    cols = pid * BN + tl.arange(0, BN)
-    cmask = cols < N
-    g = tl.arange(0, BG)
-    w = tl.load(
-        p_ptr + g.to(tl.int64)[:, None] * N + cols[None, :],
-        mask=(g < G)[:, None] & cmask[None, :],
-        other=0,
-    )
-    gn = g + BG
-    wn = tl.load(
-        p_ptr + gn.to(tl.int64)[:, None] * N + cols[None, :],
-        mask=(gn < G)[:, None] & cmask[None, :],
-        other=0,
-    )
-    if PDL:
-        gdc_wait()
-    if NEXT:
-        gdc_launch_dependents()
-    c = tl.arange(0, CH)
-    r1 = 1.0
-    if PROD == 1:
-        ss = tl.zeros([CH], dtype=tl.float32)
-        for c0 in range(0, K, CH):
-            i = c0 + c
-            m = i < K
-            xf = _norm_input(x_ptr, d_ptr, i, m, BF16, ADD)
-            if ADD:
-                tl.store(r_ptr + i, xf.to(r_ptr.dtype.element_ty), mask=m & (i * 0 + pid == 0))
-            ss += xf * xf
-        r1 = tl.math.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    r2 = 1.0
-    if SUBLN:
-        ss2 = tl.zeros([CH], dtype=tl.float32)
-        for c0 in range(0, K, CH):
-            i = c0 + c
-            m = i < K
-            v = _site_value(x_ptr, w_ptr, nw_ptr, d_ptr, i, m, K, r1, r2, PROD, False, BF16, ADD)
-            ss2 += v * v
-        r2 = tl.math.rsqrt(tl.sum(ss2, axis=0) / K + neps)
-    am = tl.zeros([CH], dtype=tl.float32)
-    for c0 in range(0, K, CH):
-        i = c0 + c
-        m = i < K
-        v = _site_value(x_ptr, w_ptr, nw_ptr, d_ptr, i, m, K, r1, r2, PROD, SUBLN, BF16, ADD)
-        am = tl.maximum(am, tl.abs(v))
-    gamma = tl.maximum(tl.max(am, axis=0), 1e-5)
-    s = tl.div_rn(1.0, gamma) * QMAX
-    t = tl.arange(0, 16)
-    shift = 8 * (t % 4)
-    acc = tl.zeros([BG, BN], dtype=tl.int32)
-    qs = tl.zeros([BG, 16], dtype=tl.int32)
-    for g0 in range(0, G, BG):
-        g = g0 + tl.arange(0, BG)
-        gn2 = g + 2 * BG
-        wn2 = tl.load(  # two tiles ahead, in flight while this one is multiplied
-            p_ptr + gn2.to(tl.int64)[:, None] * N + cols[None, :],
-            mask=(gn2 < G)[:, None] & cmask[None, :],
-            other=0,
-        )
-        i2 = 16 * g[:, None] + t[None, :]
-        m2 = i2 < K
-        v = _site_value(x_ptr, w_ptr, nw_ptr, d_ptr, i2, m2, K, r1, r2, PROD, SUBLN, BF16, ADD)
-        q = tl.minimum(tl.maximum(round_half_even(v * s), -QMAX - 1.0), QMAX * 1.0)
-        q = tl.where(m2, q.to(tl.int32), 0)
-        qs += q
-        byte = (q & 0xFF) << shift[None, :]
-        for sl in tl.static_range(4):
-            word = tl.sum(tl.where((t // 4 == sl)[None, :], byte, 0), axis=1)
-            cw = (w >> (2 * sl)) & 0x03030303
-            acc = _dp4a(tl.broadcast_to(word[:, None], [BG, BN]), cw, acc, ASM)
-        w = wn
-        wn = wn2
-    dot = tl.sum(acc, axis=0)
-    qsum = tl.sum(tl.sum(qs, axis=1), axis=0)
-    out = (dot - qsum).to(tl.float32) * (gamma / QMAX)
-    if ALPHA_VEC:
-        out = out * tl.load(alpha_ptr + cols, mask=cmask, other=0.0)
-    else:
-        out = out * alpha
-    tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit

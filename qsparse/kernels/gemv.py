@@ -101,7 +101,6 @@ class GemvConfig:
     pdl: bool = True  # launch the GEMV as a programmatic dependent (Hopper+, CUDA only)
     carry: bool = False  # sparse, batch 1, ``hint=``: start before the selection (measured slower)
     packed: bool = True  # sparse, batch 1, bf16 input: the list as one word per kept input
-    fused: bool = False  # ternary, batch 1, no top-k: codes formed in the GEMV (no prep kernel)
 
 
 #: the one-program kernel of a site (selection, list or ternary activation kernel) is launched
@@ -1138,11 +1137,6 @@ def ternary_gemv_op(
     interp = _interpreted(x)
     pdl = cfg.pdl and _pdl_ok(x)
     sparse = k is not None and k < k_in
-    if cfg.fused and bsz == 1 and not sparse:
-        args = (prod, prod_w, eps, subln_w, subln_eps, add, res)
-        return _ternary_fused_launch(
-            x, packed, alpha_vec, alpha_f, k_in, act_bits, out_dtype, cfg, *args
-        )
     xq = torch.empty(bsz, 16 * g, dtype=torch.int8, device=x.device)
     qsum = torch.empty(bsz, dtype=torch.int32, device=x.device)
     scale = torch.empty(bsz, dtype=torch.float32, device=x.device)
@@ -1226,63 +1220,6 @@ def ternary_gemv_op(
         part_ptr=part,
         sem_ptr=sem,
         SPLIT=split,
-        **_gemv_launch_opts(cfg, pdl, interp),
-    )
-    return y.to(out_dtype)
-
-
-def _ternary_fused_launch(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    alpha_vec: torch.Tensor | None,
-    alpha_f: float,
-    k_in: int,
-    act_bits: int,
-    out_dtype: torch.dtype,
-    cfg: GemvConfig,
-    prod: int,
-    prod_w: torch.Tensor,
-    eps: float,
-    subln_w: torch.Tensor,
-    subln_eps: float,
-    add: torch.Tensor,
-    res: torch.Tensor,
-) -> torch.Tensor:
-    """Batch 1 without top-k, ``cfg.fused``: one kernel quantizes and multiplies
-    (:func:`~qsparse.kernels._gemv_triton._ternary_fused_kernel`); its row passes take 16
-    inputs a thread."""
-    import triton
-
-    from ._gemv_triton import _ternary_fused_kernel
-
-    g, n = packed.shape
-    interp = _interpreted(x)
-    pdl = cfg.pdl and _pdl_ok(x)
-    y, _ = _gemv_outputs(x, 1, n, out_dtype, 1, interp)
-    _ternary_fused_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x,
-        packed,
-        y,
-        alpha_vec if alpha_vec is not None else y,
-        alpha_f,
-        k_in,
-        g,
-        n,
-        eps,
-        subln_eps,
-        BG=cfg.block_k,
-        BN=cfg.block_n,
-        CH=min(triton.next_power_of_2(k_in), 512 * cfg.num_warps),
-        QMAX=2 ** (act_bits - 1) - 1,
-        ALPHA_VEC=alpha_vec is not None,
-        w_ptr=prod_w if prod_w.numel() else x,  # x: a pointer the kernel never reads
-        nw_ptr=subln_w if subln_w.numel() else x,
-        d_ptr=add if add.numel() else x,
-        r_ptr=res if add.numel() else x,
-        PROD=prod,
-        SUBLN=subln_w.numel() > 0,
-        BF16=x.dtype == torch.bfloat16,
-        ADD=add.numel() > 0,
         **_gemv_launch_opts(cfg, pdl, interp),
     )
     return y.to(out_dtype)
