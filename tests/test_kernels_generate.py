@@ -160,7 +160,7 @@ decode_view.GLU_IN_SELECTION = True  # the down site's first kernel computes act
 for mode, act in (("qsparse", "relu2"), ("qsparse", "silu"), ("bitnet_qsparse", "relu2"),
                   ("bitnet", "relu2"), ("qsparse_threshold", "relu2")):
     torch.manual_seed(0)
-    cfg = LlamaConfig.from_preset("tiny", hidden_act=act)
+    cfg = LlamaConfig.from_preset("tiny", hidden_act=act, num_hidden_layers=1)
     model = convert(LlamaForCausalLM(cfg).eval(), mode, 0.5)
     for batch in (1, 2):
         ids = torch.randint(0, 256, (batch, 3), generator=torch.Generator().manual_seed(batch))
