@@ -22,9 +22,9 @@ changed for that run only):
 - ``prep_warps=W``: warps of the ternary activation kernel (``select_warps`` of that config);
 - ``no_residual_sum``: each residual add as a PyTorch op (a kernel of its own) instead of in
   the next site's selection or activation kernel (:data:`qsparse.decode_view.RESIDUAL_SUM`);
-- ``no_pdl_chain``: each site's selection or activation kernel launched after the kernel
-  before it ends, instead of as its programmatic dependent
-  (:data:`qsparse.kernels.gemv.PDL_CHAIN`);
+- ``pdl_chain``: each site's selection or activation kernel launched as a programmatic
+  dependent of the kernel before it, instead of after it ends
+  (:data:`qsparse.kernels.gemv.PDL_CHAIN` on);
 - ``glu_selection``: the down site's first kernel computes ``act(g) * u`` from the gate|up
   output (:data:`qsparse.decode_view.GLU_IN_SELECTION` on) instead of a GLU kernel of its own.
 
@@ -49,7 +49,7 @@ from qsparse.kernels import gemv as G
 
 _TERNARY = re.compile(r"ternary=([1-9]\d*)x([1-9]\d*)x([1-9]\d*)")
 _WARPS = re.compile(r"prep_warps=([1-9]\d*)")
-_NAMED = ("default", "no_pdl", "no_residual_sum", "no_pdl_chain", "glu_selection")
+_NAMED = ("default", "no_pdl", "no_residual_sum", "pdl_chain", "glu_selection")
 
 
 def check_variant(name: str) -> str:
@@ -57,7 +57,7 @@ def check_variant(name: str) -> str:
     if name in _NAMED or _TERNARY.fullmatch(name) or _WARPS.fullmatch(name):
         return name
     raise ValueError(
-        f"unknown variant {name!r}: use default, no_pdl, no_residual_sum, no_pdl_chain, "
+        f"unknown variant {name!r}: use default, no_pdl, no_residual_sum, pdl_chain, "
         "glu_selection, "
         "ternary=BKxBNxW or "
         "prep_warps=W "
@@ -76,8 +76,8 @@ def variant(name: str, mode: str) -> Iterator[None]:
             G._pdl_device_ok = lambda index: False
         elif name == "no_residual_sum":
             V.RESIDUAL_SUM = False
-        elif name == "no_pdl_chain":
-            G.PDL_CHAIN = False
+        elif name == "pdl_chain":
+            G.PDL_CHAIN = True
         elif name == "glu_selection":
             V.GLU_IN_SELECTION = True
         elif m := _TERNARY.fullmatch(name):

@@ -819,20 +819,20 @@ REGISTRY: list[Bench] = [
     Bench(
         "decode_variants_7b_qsparse_chain",
         "decode_variants.py",
-        ("--preset", "7B", "--mode", "qsparse", "--variants", "default,no_pdl_chain,glu_selection"),
+        ("--preset", "7B", "--mode", "qsparse", "--variants", "default,pdl_chain,glu_selection"),
         est_s=130,
     ),
     Bench(
         "decode_variants_7b_bitnet_qsparse_chain",
         "decode_variants.py",
         ("--preset", "7B", "--mode", "bitnet_qsparse")
-        + ("--variants", "default,no_pdl_chain,glu_selection"),
+        + ("--variants", "default,pdl_chain,glu_selection"),
         est_s=130,
     ),
     Bench(
         "decode_variants_7b_bitnet_chain",
         "decode_variants.py",
-        ("--preset", "7B", "--mode", "bitnet", "--variants", "default,no_pdl_chain"),
+        ("--preset", "7B", "--mode", "bitnet", "--variants", "default,pdl_chain"),
         est_s=100,
     ),
     Bench(

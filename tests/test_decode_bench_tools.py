@@ -25,12 +25,12 @@ def test_each_variant_sets_what_it_names_and_restores_it():
         assert G._pdl_device_ok(0) is False
     with DV.variant("no_residual_sum", "qsparse"):
         assert V.RESIDUAL_SUM is False
-    with DV.variant("no_pdl_chain", "bitnet"):
-        assert G.PDL_CHAIN is False
+    with DV.variant("pdl_chain", "bitnet"):
+        assert G.PDL_CHAIN is True
     with DV.variant("glu_selection", "qsparse"):
         assert V.GLU_IN_SELECTION is True
     assert (G.TERNARY_CONFIG, G.TERNARY_SPARSE_CONFIG) == (dense, sparse)
-    assert G._pdl_device_ok is pdl and V.RESIDUAL_SUM is True and G.PDL_CHAIN is True
+    assert G._pdl_device_ok is pdl and V.RESIDUAL_SUM is True and G.PDL_CHAIN is False
     assert V.GLU_IN_SELECTION is False
 
 

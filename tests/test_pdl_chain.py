@@ -1,9 +1,9 @@
 """The programmatic-dependent-launch chain of a decode step, checked on the launches themselves.
 
-On Hopper each site's one-program kernel (selection, list or ternary activation kernel) is
-launched as a programmatic dependent of the kernel before it (``WAIT`` + ``launch_pdl``) and the
-GEMVs let the kernel after them launch (``NEXT``); :data:`qsparse.kernels.gemv.PDL_CHAIN` and
-``GemvConfig.pdl`` turn it off. Kernel launches are recorded instead of run (as
+With :data:`qsparse.kernels.gemv.PDL_CHAIN` on (off by default), on Hopper each site's
+one-program kernel (selection, list or ternary activation kernel) is launched as a programmatic
+dependent of the kernel before it (``WAIT`` + ``launch_pdl``) and the GEMVs let the kernel after
+them launch (``NEXT``); ``GemvConfig.pdl`` off turns it off too. Kernel launches are recorded instead of run (as
 ``tests/kernel_compile_check.py`` does), with the Hopper launch path forced on, so the keywords
 each kernel gets can be read on a CPU machine.
 """
@@ -64,7 +64,10 @@ def _by_role(seen: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
     return firsts, gemvs
 
 
-def test_site_kernels_wait_for_the_gemv_before_them_and_gemvs_let_them_launch(launches):
+def test_site_kernels_wait_for_the_gemv_before_them_and_gemvs_let_them_launch(
+    launches, monkeypatch
+):
+    monkeypatch.setattr(G, "PDL_CHAIN", True)
     _site_calls()
     firsts, gemvs = _by_role(launches)
     assert all(kw["WAIT"] and kw["launch_pdl"] for kw in firsts)

@@ -103,13 +103,15 @@ class GemvConfig:
     packed: bool = True  # sparse, batch 1, bf16 input: the list as one word per kept input
 
 
-#: the one-program kernel of a site (selection, list or ternary activation kernel) is launched
-#: as a programmatic dependent of the kernel before it and waits for that kernel's output
-#: before reading anything; the decode GEMVs let the kernel after them launch once their own
-#: inputs are there. So the next site's launch overlaps the previous site's weight stream
-#: (Hopper, with ``GemvConfig.pdl``). ``QSPARSE_PDL_CHAIN=0`` in the environment (read at
-#: import) or setting this to False before a step is captured launches them after it instead.
-PDL_CHAIN: bool = os.environ.get("QSPARSE_PDL_CHAIN", "1") != "0"
+#: when True, the one-program kernel of a site (selection, list or ternary activation kernel)
+#: is launched as a programmatic dependent of the kernel before it and waits for that kernel's
+#: output before reading anything, and the decode GEMVs let the kernel after them launch once
+#: their own inputs are there, so the next site's launch overlaps the previous site's weight
+#: stream (Hopper, with ``GemvConfig.pdl``). Off by default: on an H100 (2026-12-05, 7B, batch
+#: 1, CUDA graph) it made the whole decode step slower in every mode (Q-Sparse 0.964x, BitNet +
+#: Q-Sparse 0.977x, BitNet 0.984x; docs/decode.md). ``QSPARSE_PDL_CHAIN=1`` in the environment
+#: (read at import) or setting this before a step is captured turns it on.
+PDL_CHAIN: bool = os.environ.get("QSPARSE_PDL_CHAIN", "0") == "1"
 
 #: the floor of the activation absmax ``gamma = max(max |x|, ACT_EPS)`` in the ternary GEMVs'
 #: int8 quantization (:func:`ternary_gemv`, :mod:`qsparse.kernels.ternary_rows`): a constant
