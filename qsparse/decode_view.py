@@ -110,7 +110,9 @@ RESIDUAL_SUM: bool = os.environ.get("QSPARSE_RESIDUAL_SUM", "1") != "0"
 #: the down site's first kernel (top-k selection, fixed-threshold list, ternary activation
 #: kernel) computes the GLU ``act(g) * u`` from the gate|up output itself, so the GLU runs as
 #: no kernel of its own; ``QSPARSE_GLU_SELECTION=1`` in the environment (read at import) or
-#: setting this before :func:`decoder_view` turns it on.
+#: setting this before :func:`decoder_view` turns it on. Off: 7B, batch 1, on an H100
+#: (2026-12-05) it lost 3% for Q-Sparse and was within noise for BitNet + Q-Sparse
+#: (docs/decode.md).
 GLU_IN_SELECTION: bool = os.environ.get("QSPARSE_GLU_SELECTION", "0") == "1"
 
 HEAD_BITS = (None, 8)
