@@ -127,3 +127,39 @@ def test_threshold_sites_decode_like_plain_forward(batch, dtype):
     got = engine.generate(ids, 10).tokens
     assert torch.equal(got[:, : ids.shape[1] + 1].cuda(), expected[:, : ids.shape[1] + 1])
     assert_greedy_under_plain_forward(model, got, ids.shape[1])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("mode", ["qsparse", "bitnet", "bitnet_qsparse"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opt_in_launch_settings_decode_like_the_defaults(mode, batch, dtype, monkeypatch):
+    """The two opt-in step settings, on the device (the CPU tier runs them in the interpreter,
+    where no launch is a programmatic dependent):
+
+    - ``gemv.PDL_CHAIN``: each site's first kernel a programmatic dependent of the GEMV before
+      it. It changes only when kernels start, so the tokens equal the default step's bit for
+      bit, in fp32 and bf16.
+    - ``decode_view.GLU_IN_SELECTION``: the down site's first kernel forms ``act(g) * u``;
+      each greedy token is the argmax of a plain full forward (fp32; in bf16 the greedy
+      tokens of a random model can part at a near-tie, so only the first token is checked)."""
+    from qsparse import decode_view
+    from qsparse.kernels import gemv
+
+    model = small_cuda(mode, dtype)
+    ids = torch.randint(
+        0, model.config.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(3)
+    )
+    default = DecodeEngine(model, use_kernels=True, cuda_graph=True).generate(ids, 10).tokens
+    monkeypatch.setattr(gemv, "PDL_CHAIN", True)
+    chained = DecodeEngine(model, use_kernels=True, cuda_graph=True).generate(ids, 10).tokens
+    assert torch.equal(chained, default)
+    monkeypatch.setattr(gemv, "PDL_CHAIN", False)
+    monkeypatch.setattr(decode_view, "GLU_IN_SELECTION", True)
+    engine = DecodeEngine(model, use_kernels=True, cuda_graph=True)
+    down = engine.decoder.model.layers[0].mlp.down_proj
+    assert down.producer.kind.endswith("_glu"), down.producer
+    got = engine.generate(ids, 10).tokens
+    assert torch.equal(got[:, : ids.shape[1] + 1], default[:, : ids.shape[1] + 1])
+    if dtype == torch.float32:
+        assert_greedy_under_plain_forward(model, got, ids.shape[1])
