@@ -836,6 +836,18 @@ REGISTRY: list[Bench] = [
         est_s=100,
     ),
     Bench(
+        "decode_variants_7b_bitnet_qsparse_glu",
+        "decode_variants.py",
+        ("--preset", "7B", "--mode", "bitnet_qsparse", "--variants", "default,glu_selection"),
+        est_s=100,
+    ),
+    Bench(
+        "decode_variants_7b_bitnet_glu",
+        "decode_variants.py",
+        ("--preset", "7B", "--mode", "bitnet", "--variants", "default,glu_selection"),
+        est_s=100,
+    ),
+    Bench(
         "expert_gemv",
         "expert_gemv.py",
         group="decode_extra",
