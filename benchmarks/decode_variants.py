@@ -25,8 +25,10 @@ changed for that run only):
 - ``pdl_chain``: each site's selection or activation kernel launched as a programmatic
   dependent of the kernel before it, instead of after it ends
   (:data:`qsparse.kernels.gemv.PDL_CHAIN` on);
-- ``glu_selection``: the down site's first kernel computes ``act(g) * u`` from the gate|up
-  output (:data:`qsparse.decode_view.GLU_IN_SELECTION` on) instead of a GLU kernel of its own.
+- ``glu_selection`` / ``no_glu_selection``: every down site's first kernel that can computes
+  ``act(g) * u`` from the gate|up output / none does (a GLU kernel of its own instead), in
+  place of the shipped choice, the ternary sites only
+  (:data:`qsparse.decode_view.GLU_IN_SELECTION`).
 
 ``FIGURE decode_variants.<preset>.<mode>.<variant>.tokens_per_s`` and ``.ratio`` (to the
 default run; ``=`` in a variant's name written ``_``); ``RATIO`` lines as it goes.
@@ -49,7 +51,7 @@ from qsparse.kernels import gemv as G
 
 _TERNARY = re.compile(r"ternary=([1-9]\d*)x([1-9]\d*)x([1-9]\d*)")
 _WARPS = re.compile(r"prep_warps=([1-9]\d*)")
-_NAMED = ("default", "no_pdl", "no_residual_sum", "pdl_chain", "glu_selection")
+_NAMED = ("default", "no_pdl", "no_residual_sum", "pdl_chain", "glu_selection", "no_glu_selection")
 
 
 def check_variant(name: str) -> str:
@@ -58,7 +60,7 @@ def check_variant(name: str) -> str:
         return name
     raise ValueError(
         f"unknown variant {name!r}: use default, no_pdl, no_residual_sum, pdl_chain, "
-        "glu_selection, "
+        "glu_selection, no_glu_selection, "
         "ternary=BKxBNxW or "
         "prep_warps=W "
         "(positive integers)"
@@ -79,7 +81,9 @@ def variant(name: str, mode: str) -> Iterator[None]:
         elif name == "pdl_chain":
             G.PDL_CHAIN = True
         elif name == "glu_selection":
-            V.GLU_IN_SELECTION = True
+            V.GLU_IN_SELECTION = V.GLU_SITE_MODES
+        elif name == "no_glu_selection":
+            V.GLU_IN_SELECTION = ()
         elif m := _TERNARY.fullmatch(name):
             bk, bn, warps = (int(v) for v in m.groups())
             setattr(G, attr, replace(base, block_k=bk, block_n=bn, num_warps=warps))

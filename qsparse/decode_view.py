@@ -77,6 +77,7 @@ from .nn.ffn import ReLUSquared
 __all__ = [
     "FUSED_ATTENTION",
     "GLU_IN_SELECTION",
+    "GLU_SITE_MODES",
     "HEAD_BITS",
     "RESIDUAL_SUM",
     "SPARSE_MAX_ROWS",
@@ -107,13 +108,32 @@ FUSED_ATTENTION: bool = os.environ.get("QSPARSE_FUSED_ATTENTION", "1") != "0"
 #: PyTorch instead (an add kernel a site), e.g. to measure the difference
 RESIDUAL_SUM: bool = os.environ.get("QSPARSE_RESIDUAL_SUM", "1") != "0"
 #: the values ``head_bits`` takes: None (the model's own lm head) or 8 (:class:`Int8Head`)
-#: the down site's first kernel (top-k selection, fixed-threshold list, ternary activation
-#: kernel) computes the GLU ``act(g) * u`` from the gate|up output itself, so the GLU runs as
-#: no kernel of its own; ``QSPARSE_GLU_SELECTION=1`` in the environment (read at import) or
-#: setting this before :func:`decoder_view` turns it on. Off: 7B, batch 1, on an H100
-#: (2026-12-05) it lost 3% for Q-Sparse and was within noise for BitNet + Q-Sparse
-#: (docs/decode.md).
-GLU_IN_SELECTION: bool = os.environ.get("QSPARSE_GLU_SELECTION", "0") == "1"
+#: the site modes whose first kernel can compute the GLU in front of a down site
+GLU_SITE_MODES = ("sparse", "threshold", "ternary")
+_GLU_SELECTION_ENV = {"0": (), "ternary": ("ternary",), "1": GLU_SITE_MODES}
+
+
+def _glu_in_selection_from_env(value: str) -> tuple[str, ...]:
+    """The site modes of ``QSPARSE_GLU_SELECTION=value``, else ValueError naming the forms."""
+    if value not in _GLU_SELECTION_ENV:
+        raise ValueError(
+            f"QSPARSE_GLU_SELECTION={value!r}: use 0 (no site), ternary (the default) or 1 "
+            "(every site that can)"
+        )
+    return _GLU_SELECTION_ENV[value]
+
+
+#: the down sites whose first kernel (top-k selection, fixed-threshold list, ternary
+#: activation kernel) computes the GLU ``act(g) * u`` from the gate|up output itself, so the
+#: GLU runs as no kernel of its own, by site mode (a subset of :data:`GLU_SITE_MODES`). The
+#: ternary sites only by default: 7B, batch 1, on an H100 (2026-12-05, three runs each) it
+#: gave BitNet + Q-Sparse 1.009-1.015x and BitNet 1.004-1.005x, but Q-Sparse 0.999x (0.971x
+#: in a run with the PDL chain on), where the selection's one program recomputes the GLU of
+#: the whole row (docs/decode.md). ``QSPARSE_GLU_SELECTION`` in the environment (read at
+#: import: ``0``, ``ternary`` or ``1``) or setting this before :func:`decoder_view` changes it.
+GLU_IN_SELECTION: tuple[str, ...] = _glu_in_selection_from_env(
+    os.environ.get("QSPARSE_GLU_SELECTION", "ternary")
+)
 
 HEAD_BITS = (None, 8)
 
@@ -283,11 +303,14 @@ class _Projection(nn.Module):
 
     def fuse_glu(self, act_fn: nn.Module) -> bool:
         """Take over the GLU in front of this (down) site, ``act(g) * u`` of the gate|up
-        output ``[g | u]``, when :data:`GLU_IN_SELECTION` is on, the activation is ReLU^2 or
-        SiLU and the site's first kernel can compute it (not on the input-major ternary
-        layout). True when taken: the caller must then hand this site ``[g | u]``."""
+        output ``[g | u]``, when :data:`GLU_IN_SELECTION` names this site's mode, the
+        activation is ReLU^2 or SiLU and the site's first kernel can compute it (not on the
+        input-major ternary layout). True when taken: the caller must then hand this site
+        ``[g | u]``."""
         kind = {ReLUSquared: "relu2_glu", nn.SiLU: "silu_glu"}.get(type(act_fn))
-        if not GLU_IN_SELECTION or kind is None or not self._computes_producer(False):
+        if self.mode not in GLU_IN_SELECTION or kind is None:
+            return False
+        if not self._computes_producer(False):
             return False
         self.producer = G.Producer(kind)
         self.pre = _GLU(act_fn)

@@ -28,10 +28,12 @@ def test_each_variant_sets_what_it_names_and_restores_it():
     with DV.variant("pdl_chain", "bitnet"):
         assert G.PDL_CHAIN is True
     with DV.variant("glu_selection", "qsparse"):
-        assert V.GLU_IN_SELECTION is True
+        assert V.GLU_IN_SELECTION == ("sparse", "threshold", "ternary")
+    with DV.variant("no_glu_selection", "bitnet"):
+        assert V.GLU_IN_SELECTION == ()
     assert (G.TERNARY_CONFIG, G.TERNARY_SPARSE_CONFIG) == (dense, sparse)
     assert G._pdl_device_ok is pdl and V.RESIDUAL_SUM is True and G.PDL_CHAIN is False
-    assert V.GLU_IN_SELECTION is False
+    assert V.GLU_IN_SELECTION == ("ternary",)
 
 
 def test_script_prints_a_ratio_per_variant(capsys):
@@ -99,3 +101,11 @@ def test_hint_band_reads_a_key_per_site_and_step_with_weights_drawn_in_bf16():
     keys = threshold_keys("tiny", "qsparse", 2, 4, None, "", init_bf16=True)
     assert keys and all(len(k) == 3 for k in keys.values())  # the prompt and two steps
     assert torch.get_default_dtype() == torch.float32  # restored after the build
+
+
+def test_glu_selection_environment_values():
+    assert V._glu_in_selection_from_env("ternary") == ("ternary",)
+    assert V._glu_in_selection_from_env("0") == ()
+    assert V._glu_in_selection_from_env("1") == V.GLU_SITE_MODES
+    with pytest.raises(ValueError, match="QSPARSE_GLU_SELECTION='yes': use 0"):
+        V._glu_in_selection_from_env("yes")

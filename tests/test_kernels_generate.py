@@ -156,9 +156,13 @@ from qsparse import decode_view
 from qsparse.generate import DecodeEngine, convert
 from qsparse.models import LlamaConfig, LlamaForCausalLM
 
-decode_view.GLU_IN_SELECTION = True  # the down site's first kernel computes act(g) * u
-for mode, act in (("qsparse", "relu2"), ("qsparse", "silu"), ("bitnet_qsparse", "relu2"),
-                  ("bitnet", "relu2"), ("qsparse_threshold", "relu2")):
+assert decode_view.GLU_IN_SELECTION == ("ternary",)  # the default; the engine test runs it
+# here each mode the other way: the GLU in the top-k / list kernel, and in a kernel of its own
+# in front of the ternary sites
+for mode, act, glu in (("qsparse", "relu2", True), ("qsparse", "silu", True),
+                       ("bitnet_qsparse", "relu2", False), ("bitnet", "silu", False),
+                       ("qsparse_threshold", "relu2", True)):
+    decode_view.GLU_IN_SELECTION = decode_view.GLU_SITE_MODES if glu else ()
     torch.manual_seed(0)
     cfg = LlamaConfig.from_preset("tiny", hidden_act=act, num_hidden_layers=1)
     model = convert(LlamaForCausalLM(cfg).eval(), mode, 0.5)
@@ -166,7 +170,8 @@ for mode, act in (("qsparse", "relu2"), ("qsparse", "silu"), ("bitnet_qsparse", 
         ids = torch.randint(0, 256, (batch, 3), generator=torch.Generator().manual_seed(batch))
         engine = DecodeEngine(model)
         down = engine.decoder.model.layers[0].mlp.down_proj
-        assert down.producer.kind == act + "_glu", (mode, act, down.producer)
+        kind = act + "_glu" if glu else "none"
+        assert down.producer.kind == kind, (mode, act, down.producer)
         got = engine.generate(ids, 3).tokens
         ref = model.generate(ids, max_new_tokens=3, use_cache=False)
         assert torch.equal(got, ref), (mode, act, batch, got, ref)
@@ -176,9 +181,10 @@ print("GLU ENGINE OK")
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_glu_in_the_down_selection_decodes_as_the_plain_forward():
-    # decode_view.GLU_IN_SELECTION: the down site's selection / activation kernel computes the
-    # GLU from the gate|up output; greedy tokens unchanged in every mode with a down site that
-    # can, at batch 1 (list kernel) and 2 (masked top-k / batched ternary kernel)
+    # decode_view.GLU_IN_SELECTION, the choice the default does not make in each mode: the
+    # down site's selection / list kernel computing the GLU from the gate|up output (top-k,
+    # threshold), or a GLU of its own in front of the ternary activation kernel; greedy tokens
+    # unchanged at batch 1 (list kernel) and 2 (masked top-k / batched ternary kernel)
     from conftest import run_interpreted
 
     assert "GLU ENGINE OK" in run_interpreted(GLU_ENGINE_SCRIPT)

@@ -138,11 +138,11 @@ def test_opt_in_launch_settings_decode_like_the_defaults(mode, batch, dtype, mon
     where no launch is a programmatic dependent):
 
     - ``gemv.PDL_CHAIN``: each site's first kernel a programmatic dependent of the GEMV before
-      it. It changes only when kernels start, so the tokens equal the default step's bit for
-      bit, in fp32 and bf16.
-    - ``decode_view.GLU_IN_SELECTION``: the down site's first kernel forms ``act(g) * u``;
-      in fp32 each greedy token is the argmax of a plain full forward, as the default step's
-      are (:func:`test_engine_matches_plain_forward`, same prompts). In bf16 the greedy tokens
+      it. It changes only when kernels start, so the tokens equal those of the step without it
+      bit for bit, in fp32 and bf16.
+    - ``decode_view.GLU_IN_SELECTION`` (the ternary sites by default; here none, then every
+      site): the down site's first kernel forms ``act(g) * u``; in fp32 each greedy token is
+      the argmax of a plain full forward, as the step's tokens without it are (:func:`test_engine_matches_plain_forward`, same prompts). In bf16 the greedy tokens
       of a random model can part at a near-tie, so there only the first token is checked."""
     from qsparse import decode_view
     from qsparse.kernels import gemv
@@ -151,12 +151,13 @@ def test_opt_in_launch_settings_decode_like_the_defaults(mode, batch, dtype, mon
     ids = torch.randint(
         0, model.config.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(2)
     )
+    monkeypatch.setattr(decode_view, "GLU_IN_SELECTION", ())
     default = DecodeEngine(model, use_kernels=True, cuda_graph=True).generate(ids, 10).tokens
     monkeypatch.setattr(gemv, "PDL_CHAIN", True)
     chained = DecodeEngine(model, use_kernels=True, cuda_graph=True).generate(ids, 10).tokens
     assert torch.equal(chained, default)
     monkeypatch.setattr(gemv, "PDL_CHAIN", False)
-    monkeypatch.setattr(decode_view, "GLU_IN_SELECTION", True)
+    monkeypatch.setattr(decode_view, "GLU_IN_SELECTION", decode_view.GLU_SITE_MODES)
     engine = DecodeEngine(model, use_kernels=True, cuda_graph=True)
     down = engine.decoder.model.layers[0].mlp.down_proj
     assert down.producer.kind.endswith("_glu"), down.producer
