@@ -816,8 +816,8 @@ REGISTRY: list[Bench] = [
         ("--preset", "7B", "--mode", "bitnet_qsparse", "--variants", "default,no_residual_sum"),
         est_s=100,
     ),
-    # the opt-in PDL chain and the GLU choice against the shipped step; the recorded runs
-    # (55b427f, 39edc2d) predate the GLU default for ternary sites, so they name the same
+    # the opt-in PDL chain and the GLU choice against the shipped step; the runs recorded at
+    # 55b427f and 39edc2d predate the GLU default for ternary sites, so they name the same
     # comparison `glu_selection` where these arguments now say `no_glu_selection`
     Bench(
         "decode_variants_7b_qsparse_chain",
