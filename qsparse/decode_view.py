@@ -84,6 +84,7 @@ __all__ = [
     "TERNARY_MAX_ROWS",
     "TERNARY_ROWS",
     "Int8Head",
+    "check_environment",
     "check_head_bits",
     "decoder_view",
 ]
@@ -111,6 +112,7 @@ RESIDUAL_SUM: bool = os.environ.get("QSPARSE_RESIDUAL_SUM", "1") != "0"
 #: the site modes whose first kernel can compute the GLU in front of a down site
 GLU_SITE_MODES = ("sparse", "threshold", "ternary")
 _GLU_SELECTION_ENV = {"0": (), "ternary": ("ternary",), "1": GLU_SITE_MODES}
+_GLU_SELECTION_DEFAULT = "ternary"
 
 
 def _glu_in_selection_from_env(value: str) -> tuple[str, ...]:
@@ -123,6 +125,13 @@ def _glu_in_selection_from_env(value: str) -> tuple[str, ...]:
     return _GLU_SELECTION_ENV[value]
 
 
+def check_environment() -> None:
+    """ValueError naming the variable and its forms when a ``QSPARSE_*`` decode setting in the
+    environment has a value this module does not know (read when :func:`decoder_view` builds a
+    view, so that a bad value stops a run with one line instead of failing ``import``)."""
+    _glu_in_selection_from_env(os.environ.get("QSPARSE_GLU_SELECTION", _GLU_SELECTION_DEFAULT))
+
+
 #: the down sites whose first kernel (top-k selection, fixed-threshold list, ternary
 #: activation kernel) computes the GLU ``act(g) * u`` from the gate|up output itself, so the
 #: GLU runs as no kernel of its own, by site mode (a subset of :data:`GLU_SITE_MODES`). The
@@ -131,8 +140,9 @@ def _glu_in_selection_from_env(value: str) -> tuple[str, ...]:
 #: in a run with the PDL chain on), where the selection's one program recomputes the GLU of
 #: the whole row (docs/decode.md). ``QSPARSE_GLU_SELECTION`` in the environment (read at
 #: import: ``0``, ``ternary`` or ``1``) or setting this before :func:`decoder_view` changes it.
-GLU_IN_SELECTION: tuple[str, ...] = _glu_in_selection_from_env(
-    os.environ.get("QSPARSE_GLU_SELECTION", "ternary")
+GLU_IN_SELECTION: tuple[str, ...] = _GLU_SELECTION_ENV.get(
+    os.environ.get("QSPARSE_GLU_SELECTION", _GLU_SELECTION_DEFAULT),
+    _GLU_SELECTION_ENV[_GLU_SELECTION_DEFAULT],  # an unknown value: check_environment() says so
 )
 
 HEAD_BITS = (None, 8)
@@ -577,8 +587,10 @@ def decoder_view(
     ``head_bits=None``, else a model that shares ``model``'s embedding, norms, lm head and
     projection weights (no copy) and fuses the projections of each input site
     (:class:`_Projection`; kernel layouts are built here). ``head_bits=8``: the lm head is an
-    :class:`Int8Head` quantized from the model's (:func:`check_head_bits`)."""
+    :class:`Int8Head` quantized from the model's (:func:`check_head_bits`). ValueError for a
+    bad ``QSPARSE_*`` value in the environment (:func:`check_environment`)."""
     check_head_bits(head_bits)
+    check_environment()
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         raise ValueError(

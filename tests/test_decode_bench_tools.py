@@ -101,11 +101,3 @@ def test_hint_band_reads_a_key_per_site_and_step_with_weights_drawn_in_bf16():
     keys = threshold_keys("tiny", "qsparse", 2, 4, None, "", init_bf16=True)
     assert keys and all(len(k) == 3 for k in keys.values())  # the prompt and two steps
     assert torch.get_default_dtype() == torch.float32  # restored after the build
-
-
-def test_glu_selection_environment_values():
-    assert V._glu_in_selection_from_env("ternary") == ("ternary",)
-    assert V._glu_in_selection_from_env("0") == ()
-    assert V._glu_in_selection_from_env("1") == V.GLU_SITE_MODES
-    with pytest.raises(ValueError, match="QSPARSE_GLU_SELECTION='yes': use 0"):
-        V._glu_in_selection_from_env("yes")

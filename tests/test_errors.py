@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -360,6 +361,31 @@ def test_extra_weights_path_is_confined_to_the_checkpoint(exported: Path, tmp_pa
             check_hf_checkpoint(exported)
         with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
             qsparse.load(exported)
+
+
+def test_bad_decode_setting_in_the_environment_is_one_line(monkeypatch) -> None:
+    """``QSPARSE_GLU_SELECTION`` with an unknown value: ``import qsparse`` still works (the
+    default is used until then), building a decode view raises a ValueError naming the variable
+    and its forms, and ``qsparse-generate`` stops with that line before it builds a model."""
+    from qsparse import decode_view as V
+    from qsparse.cli.generate import main as generate_main
+
+    assert V._glu_in_selection_from_env("ternary") == ("ternary",)
+    assert V._glu_in_selection_from_env("0") == ()
+    assert V._glu_in_selection_from_env("1") == V.GLU_SITE_MODES
+    monkeypatch.setenv("QSPARSE_GLU_SELECTION", "yes")
+    message = "QSPARSE_GLU_SELECTION='yes': use 0 (no site), ternary (the default) or 1"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        V.check_environment()
+    from qsparse.models import LlamaConfig, LlamaForCausalLM
+
+    with pytest.raises(ValueError, match="QSPARSE_GLU_SELECTION='yes'"):
+        V.decoder_view(LlamaForCausalLM(LlamaConfig.from_preset("tiny")), use_kernels=True)
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--preset", "tiny", "--device", "cpu", "--new-tokens", "2"])
+    assert str(exit_info.value).startswith(message) and "\n" not in str(exit_info.value)
+    monkeypatch.setenv("QSPARSE_GLU_SELECTION", "0")
+    V.check_environment()
 
 
 # --- what ran ----------------------------------------------------------------------------------

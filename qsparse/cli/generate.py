@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from ..decode_view import check_head_bits
+from ..decode_view import check_environment, check_head_bits
 from ..dtypes import dtype_names, torch_dtype
 from ..generate import MODES, DecodeEngine, compile_backend, convert, kept_fraction
 
@@ -87,6 +87,7 @@ def _validate(args: argparse.Namespace) -> list[str]:
         raise SystemExit(f"--compile: {err}") from None
     try:
         check_head_bits(args.head_bits, "--head-bits")
+        check_environment()
     except ValueError as err:
         raise SystemExit(str(err)) from None
     if args.mode == "all":
