@@ -59,10 +59,7 @@ def check_variant(name: str) -> str:
     if name in _NAMED or _TERNARY.fullmatch(name) or _WARPS.fullmatch(name):
         return name
     raise ValueError(
-        f"unknown variant {name!r}: use default, no_pdl, no_residual_sum, pdl_chain, "
-        "glu_selection, no_glu_selection, "
-        "ternary=BKxBNxW or "
-        "prep_warps=W "
+        f"unknown variant {name!r}: use {', '.join(_NAMED)}, ternary=BKxBNxW or prep_warps=W "
         "(positive integers)"
     )
 

@@ -93,6 +93,20 @@ _DECODE_MODES = (
     ("bitnet_qsparse", "BitNet+Q-Sparse S=0.6"),
 )
 _B1_MODES = ("--modes", "dense,qsparse,bitnet,bitnet_qsparse")
+#: decode_variants.py runs at 7B: (id suffix, mode, variants, estimate in s). The PDL chain
+#: and GLU runs recorded at 55b427f and 39edc2d predate the GLU default for ternary sites, so
+#: they name the same comparison `glu_selection` where these arguments now say
+#: `no_glu_selection`.
+_DECODE_VARIANTS_7B = (
+    ("bitnet", "bitnet", "default,no_pdl,no_residual_sum", 130),
+    ("qsparse", "qsparse", "default,no_pdl,no_residual_sum", 130),
+    ("bitnet_qsparse", "bitnet_qsparse", "default,no_residual_sum", 100),
+    ("qsparse_chain", "qsparse", "default,pdl_chain,glu_selection", 130),
+    ("bitnet_qsparse_chain", "bitnet_qsparse", "default,pdl_chain,no_glu_selection", 130),
+    ("bitnet_chain", "bitnet", "default,pdl_chain", 100),
+    ("bitnet_qsparse_glu", "bitnet_qsparse", "default,no_glu_selection", 100),
+    ("bitnet_glu", "bitnet", "default,no_glu_selection", 100),
+)
 _CKPT = "/tmp/qsparse-llama1b"
 #: the training-stack benchmarks' model and batch (mfu.py, train_step.py)
 _STACK_374M = ("--preset", "374M", "--batch", "8", "--seq", "2048")
@@ -798,57 +812,14 @@ REGISTRY: list[Bench] = [
         est_s=170,
     ),
     Bench("grid_barrier", "grid_barrier.py", ("--programs", "32", "66", "132"), est_s=30),
-    Bench(
-        "decode_variants_7b_bitnet",
-        "decode_variants.py",
-        ("--preset", "7B", "--mode", "bitnet", "--variants", "default,no_pdl,no_residual_sum"),
-        est_s=130,
-    ),
-    Bench(
-        "decode_variants_7b_qsparse",
-        "decode_variants.py",
-        ("--preset", "7B", "--mode", "qsparse", "--variants", "default,no_pdl,no_residual_sum"),
-        est_s=130,
-    ),
-    Bench(
-        "decode_variants_7b_bitnet_qsparse",
-        "decode_variants.py",
-        ("--preset", "7B", "--mode", "bitnet_qsparse", "--variants", "default,no_residual_sum"),
-        est_s=100,
-    ),
-    # the opt-in PDL chain and the GLU choice against the shipped step; the runs recorded at
-    # 55b427f and 39edc2d predate the GLU default for ternary sites, so they name the same
-    # comparison `glu_selection` where these arguments now say `no_glu_selection`
-    Bench(
-        "decode_variants_7b_qsparse_chain",
-        "decode_variants.py",
-        ("--preset", "7B", "--mode", "qsparse", "--variants", "default,pdl_chain,glu_selection"),
-        est_s=130,
-    ),
-    Bench(
-        "decode_variants_7b_bitnet_qsparse_chain",
-        "decode_variants.py",
-        ("--preset", "7B", "--mode", "bitnet_qsparse")
-        + ("--variants", "default,pdl_chain,no_glu_selection"),
-        est_s=130,
-    ),
-    Bench(
-        "decode_variants_7b_bitnet_chain",
-        "decode_variants.py",
-        ("--preset", "7B", "--mode", "bitnet", "--variants", "default,pdl_chain"),
-        est_s=100,
-    ),
-    Bench(
-        "decode_variants_7b_bitnet_qsparse_glu",
-        "decode_variants.py",
-        ("--preset", "7B", "--mode", "bitnet_qsparse", "--variants", "default,no_glu_selection"),
-        est_s=100,
-    ),
-    Bench(
-        "decode_variants_7b_bitnet_glu",
-        "decode_variants.py",
-        ("--preset", "7B", "--mode", "bitnet", "--variants", "default,no_glu_selection"),
-        est_s=100,
+    *(
+        Bench(
+            f"decode_variants_7b_{suffix}",
+            "decode_variants.py",
+            ("--preset", "7B", "--mode", mode, "--variants", variants),
+            est_s=est_s,
+        )
+        for suffix, mode, variants, est_s in _DECODE_VARIANTS_7B
     ),
     Bench(
         "expert_gemv",

@@ -108,7 +108,6 @@ FUSED_ATTENTION: bool = os.environ.get("QSPARSE_FUSED_ATTENTION", "1") != "0"
 #: environment (read at import) or setting this to False before a step is traced adds in
 #: PyTorch instead (an add kernel a site), e.g. to measure the difference
 RESIDUAL_SUM: bool = os.environ.get("QSPARSE_RESIDUAL_SUM", "1") != "0"
-#: the values ``head_bits`` takes: None (the model's own lm head) or 8 (:class:`Int8Head`)
 #: the site modes whose first kernel can compute the GLU in front of a down site
 GLU_SITE_MODES = ("sparse", "threshold", "ternary")
 _GLU_SELECTION_ENV = {"0": (), "ternary": ("ternary",), "1": GLU_SITE_MODES}
@@ -145,6 +144,7 @@ GLU_IN_SELECTION: tuple[str, ...] = _GLU_SELECTION_ENV.get(
     _GLU_SELECTION_ENV[_GLU_SELECTION_DEFAULT],  # an unknown value: check_environment() says so
 )
 
+#: the values ``head_bits`` takes: None (the model's own lm head) or 8 (:class:`Int8Head`)
 HEAD_BITS = (None, 8)
 
 
@@ -318,9 +318,7 @@ class _Projection(nn.Module):
         input-major ternary layout). True when taken: the caller must then hand this site
         ``[g | u]``."""
         kind = {ReLUSquared: "relu2_glu", nn.SiLU: "silu_glu"}.get(type(act_fn))
-        if self.mode not in GLU_IN_SELECTION or kind is None:
-            return False
-        if not self._computes_producer(False):
+        if self.mode not in GLU_IN_SELECTION or kind is None or not self._computes_producer(False):
             return False
         self.producer = G.Producer(kind)
         self.pre = _GLU(act_fn)

@@ -3,9 +3,9 @@
 With :data:`qsparse.kernels.gemv.PDL_CHAIN` on (off by default), on Hopper each site's
 one-program kernel (selection, list or ternary activation kernel) is launched as a programmatic
 dependent of the kernel before it (``WAIT`` + ``launch_pdl``) and the GEMVs let the kernel after
-them launch (``NEXT``); ``GemvConfig.pdl`` off turns it off too. Kernel launches are recorded instead of run (as
-``tests/kernel_compile_check.py`` does), with the Hopper launch path forced on, so the keywords
-each kernel gets can be read on a CPU machine.
+them launch (``NEXT``); ``GemvConfig.pdl`` off turns it off too. Kernel launches are recorded
+instead of run (as ``tests/kernel_compile_check.py`` does), with the Hopper launch path forced
+on, so the keywords each kernel gets can be read on a CPU machine.
 """
 
 from __future__ import annotations

@@ -142,8 +142,9 @@ def test_opt_in_launch_settings_decode_like_the_defaults(mode, batch, dtype, mon
       bit for bit, in fp32 and bf16.
     - ``decode_view.GLU_IN_SELECTION`` (the ternary sites by default; here none, then every
       site): the down site's first kernel forms ``act(g) * u``; in fp32 each greedy token is
-      the argmax of a plain full forward, as the step's tokens without it are (:func:`test_engine_matches_plain_forward`, same prompts). In bf16 the greedy tokens
-      of a random model can part at a near-tie, so there only the first token is checked."""
+      the argmax of a plain full forward, as the step's tokens without it are
+      (:func:`test_engine_matches_plain_forward`, same prompts). In bf16 the greedy tokens of
+      a random model can part at a near-tie, so there only the first token is checked."""
     from qsparse import decode_view
     from qsparse.kernels import gemv
 
