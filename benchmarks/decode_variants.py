@@ -28,7 +28,10 @@ changed for that run only):
 - ``glu_selection`` / ``no_glu_selection``: every down site's first kernel that can computes
   ``act(g) * u`` from the gate|up output / none does (a GLU kernel of its own instead), in
   place of the shipped choice, the ternary sites only
-  (:data:`qsparse.decode_view.GLU_IN_SELECTION`).
+  (:data:`qsparse.decode_view.GLU_IN_SELECTION`);
+- ``no_attention_preload``: the decode attention loads its first block of cached keys and
+  values after the step's position, as it loads the later blocks, instead of before
+  (:data:`qsparse.kernels.decode_attention.PRELOAD_FIRST_BLOCK` off).
 
 ``FIGURE decode_variants.<preset>.<mode>.<variant>.tokens_per_s`` and ``.ratio`` (to the
 default run; ``=`` in a variant's name written ``_``); ``RATIO`` lines as it goes.
@@ -47,11 +50,20 @@ from benchmarks._figures import emit
 from qsparse import decode_view as V
 from qsparse.cli.generate import _parser, measure
 from qsparse.generate import MODES
+from qsparse.kernels import decode_attention as DA
 from qsparse.kernels import gemv as G
 
 _TERNARY = re.compile(r"ternary=([1-9]\d*)x([1-9]\d*)x([1-9]\d*)")
 _WARPS = re.compile(r"prep_warps=([1-9]\d*)")
-_NAMED = ("default", "no_pdl", "no_residual_sum", "pdl_chain", "glu_selection", "no_glu_selection")
+_NAMED = (
+    "default",
+    "no_pdl",
+    "no_residual_sum",
+    "pdl_chain",
+    "glu_selection",
+    "no_glu_selection",
+    "no_attention_preload",
+)
 
 
 def check_variant(name: str) -> str:
@@ -81,6 +93,8 @@ def variant(name: str, mode: str) -> Iterator[None]:
             V.GLU_IN_SELECTION = V.GLU_SITE_MODES
         elif name == "no_glu_selection":
             V.GLU_IN_SELECTION = ()
+        elif name == "no_attention_preload":
+            DA.PRELOAD_FIRST_BLOCK = False
         elif m := _TERNARY.fullmatch(name):
             bk, bn, warps = (int(v) for v in m.groups())
             setattr(G, attr, replace(base, block_k=bk, block_n=bn, num_warps=warps))
@@ -91,6 +105,7 @@ def variant(name: str, mode: str) -> Iterator[None]:
         for a, v in saved.items():
             setattr(G, a, v)
         V.RESIDUAL_SUM, V.GLU_IN_SELECTION = residual_sum, glu
+        DA.PRELOAD_FIRST_BLOCK = True
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -106,6 +106,8 @@ _DECODE_VARIANTS_7B = (
     ("bitnet_chain", "bitnet", "default,pdl_chain", 100),
     ("bitnet_qsparse_glu", "bitnet_qsparse", "default,no_glu_selection", 100),
     ("bitnet_glu", "bitnet", "default,no_glu_selection", 100),
+    ("qsparse_attention", "qsparse", "default,no_attention_preload", 100),
+    ("bitnet_attention", "bitnet", "default,no_attention_preload", 100),
 )
 _CKPT = "/tmp/qsparse-llama1b"
 #: the training-stack benchmarks' model and batch (mfu.py, train_step.py)
@@ -812,6 +814,7 @@ REGISTRY: list[Bench] = [
         est_s=170,
     ),
     Bench("grid_barrier", "grid_barrier.py", ("--programs", "32", "66", "132"), est_s=30),
+    Bench("decode_attention_kernel", "decode_attention_kernel.py", est_s=60),
     *(
         Bench(
             f"decode_variants_7b_{suffix}",

@@ -46,6 +46,12 @@ for b, h, h_kv, d, length, p, dtype in cases:
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(out, ref, **tol)
     assert DA._splits(length) == {20: 1, 40: 1, 300: 2, 600: 4, 1100: 8}[length]
+    # the first block loaded before the position or after it: the same sums, bit for bit
+    DA.PRELOAD_FIRST_BLOCK = False
+    k_late, v_late = k_ref.clone(), v_ref.clone()
+    late = DA.decode_attention(q, k, v, cos[0], sin[0], k_late, v_late, pos)
+    DA.PRELOAD_FIRST_BLOCK = True
+    assert torch.equal(late, out) and torch.equal(k_late, k_cache), (b, h, d, length)
 print("DECODE ATTENTION OK")
 """
 

@@ -31,6 +31,23 @@ def _rope_halves(ptr, cos_ptr, sin_ptr, row_offs, half, HALF: tl.constexpr, BF16
 
 
 @triton.jit
+def _attend_block(q1, q2, kb1, kb2, vb1, vb2, km, m_i, l_i, acc1, acc2):
+    """One block of cached keys in the online softmax: scores ``q . k`` of the rows where
+    ``km`` (the others -inf; their values must be 0), [REP_P, BLOCK_N]; returns the updated
+    (running max, denominator, the two halves of the weighted value sum)."""
+    sc = tl.sum(q1[:, None, :] * kb1[None, :, :], axis=2)
+    sc += tl.sum(q2[:, None, :] * kb2[None, :, :], axis=2)  # [REP_P, BLOCK_N]
+    sc = tl.where(km[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(sc - m_new[:, None])
+    acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vb1[None, :, :], axis=1)
+    acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vb2[None, :, :], axis=1)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr,  # [B, H * D]
     k_ptr,  # [B, H_kv * D] this step's keys (before RoPE)
@@ -55,10 +72,14 @@ def _decode_attention_kernel(
     BLOCK_N: tl.constexpr,
     BF16: tl.constexpr,
     NEXT: tl.constexpr = False,
+    PRELOAD: tl.constexpr = True,
 ):
     """Program (b * H_kv + g, s): the REP query heads of kv head g, keys of split s. NEXT:
     let the kernel launched after it (the o site's selection, a programmatic dependent that
-    waits for this output) launch at once."""
+    waits for this output) launch at once. PRELOAD: the split's first ``BLOCK_N`` cached keys
+    and values are loaded first, before the step's position (which bounds them) is read, so
+    their latency overlaps the position's load and the RoPE of q and k; rows at or past the
+    position are masked afterwards. The same sums in the same order either way."""
     if NEXT:
         gdc_launch_dependents()
     bg = tl.program_id(0)
@@ -67,18 +88,28 @@ def _decode_attention_kernel(
     g = bg % H_KV
     D = 2 * half
     h_q = H_KV * REP
+    d = tl.arange(0, HALF)
+    dm = d < half
+    cache_head = (b * H_KV + g).to(tl.int64) * L * D
+    lo = s * CHUNK
+    n = tl.arange(0, BLOCK_N)
+    if PRELOAD:  # the split's first block of cached keys and values: no wait on ``pos``
+        n0 = lo + n
+        offs0 = cache_head + n0.to(tl.int64)[:, None] * D + d[None, :]
+        m0 = (n0 < tl.minimum(lo + CHUNK, L))[:, None] & dm[None, :]
+        kb1 = tl.load(kc_ptr + offs0, mask=m0, other=0.0).to(tl.float32)
+        kb2 = tl.load(kc_ptr + offs0 + half, mask=m0, other=0.0).to(tl.float32)
+        vb1 = tl.load(vc_ptr + offs0, mask=m0, other=0.0).to(tl.float32)
+        vb2 = tl.load(vc_ptr + offs0 + half, mask=m0, other=0.0).to(tl.float32)
     pos = tl.load(pos_ptr).to(tl.int32)
     cos_row = cos_ptr + pos * D  # the tables' row of this step's position
     sin_row = sin_ptr + pos * D
-    d = tl.arange(0, HALF)
-    dm = d < half
     # this step's key/value of kv head g: rotate k, write both at ``pos`` (split 0 only)
     kv_row = tl.full([1], 0, tl.int32) + (b * H_KV + g) * D
     k1, k2 = _rope_halves(k_ptr, cos_row, sin_row, kv_row, half, HALF, BF16)
     v1 = tl.load(v_ptr + kv_row[:, None] + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
     v2 = tl.load(v_ptr + kv_row[:, None] + half + d[None, :], mask=dm[None, :], other=0.0)
     v2 = v2.to(tl.float32)
-    cache_head = (b * H_KV + g).to(tl.int64) * L * D
     if s == 0:
         dst = cache_head + pos * D
         ty = kc_ptr.dtype.element_ty
@@ -94,32 +125,31 @@ def _decode_attention_kernel(
     q1 = q1 * scale
     q2 = q2 * scale
     # keys of this split before ``pos`` come from the cache; ``pos`` itself from registers
-    lo = s * CHUNK
     hi = tl.minimum(lo + CHUNK, pos)
     m_i = tl.full([REP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([REP_P], tl.float32)
     acc1 = tl.zeros([REP_P, HALF], tl.float32)
     acc2 = tl.zeros([REP_P, HALF], tl.float32)
-    n = tl.arange(0, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
+    start0 = lo
+    if PRELOAD:  # the first block, loaded above before ``pos`` was known
+        if hi > lo:
+            km = n0 < hi
+            vb1 = tl.where(km[:, None], vb1, 0.0)  # rows at or past pos: whatever the cache held
+            vb2 = tl.where(km[:, None], vb2, 0.0)
+            m_i, l_i, acc1, acc2 = _attend_block(
+                q1, q2, kb1, kb2, vb1, vb2, km, m_i, l_i, acc1, acc2
+            )
+        start0 = lo + BLOCK_N
+    for start in range(start0, hi, BLOCK_N):
         keys = start + n
         km = keys < hi
         offs = cache_head + keys.to(tl.int64)[:, None] * D + d[None, :]
         mm = km[:, None] & dm[None, :]
         kb1 = tl.load(kc_ptr + offs, mask=mm, other=0.0).to(tl.float32)
         kb2 = tl.load(kc_ptr + offs + half, mask=mm, other=0.0).to(tl.float32)
-        sc = tl.sum(q1[:, None, :] * kb1[None, :, :], axis=2)
-        sc += tl.sum(q2[:, None, :] * kb2[None, :, :], axis=2)  # [REP_P, BLOCK_N]
-        sc = tl.where(km[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(sc - m_new[:, None])
         vb1 = tl.load(vc_ptr + offs, mask=mm, other=0.0).to(tl.float32)
         vb2 = tl.load(vc_ptr + offs + half, mask=mm, other=0.0).to(tl.float32)
-        acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vb1[None, :, :], axis=1)
-        acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vb2[None, :, :], axis=1)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        m_i, l_i, acc1, acc2 = _attend_block(q1, q2, kb1, kb2, vb1, vb2, km, m_i, l_i, acc1, acc2)
     if (pos >= lo) & (pos < lo + CHUNK):  # the new key lies in this split
         sc_new = tl.sum(q1 * k1, axis=1) + tl.sum(q2 * k2, axis=1)  # [REP_P]
         m_new = tl.maximum(m_i, sc_new)

@@ -41,6 +41,9 @@ SPLIT_POSITIONS = 256
 MAX_SPLITS = 64
 #: most query heads per kv head the kernel holds in registers
 MAX_GROUP = 16
+#: load each program's first block of cached keys and values before the step's position (the
+#: same output bit for bit; off: after it, as the loop loads the later blocks)
+PRELOAD_FIRST_BLOCK = True
 
 
 def _dims(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -132,7 +135,8 @@ def decode_attention_op(
         q, k, v, cos, sin, k_cache, v_cache, pos, part, m, lse,
         h_kv, rep, length, chunk, d // 2, d ** -0.5,
         SPLITS=splits, REP_P=rep_p, HALF=half_p, BLOCK_N=block_n,
-        BF16=q.dtype == torch.bfloat16, NEXT=nxt and splits == 1, num_warps=4,
+        BF16=q.dtype == torch.bfloat16, NEXT=nxt and splits == 1,
+        PRELOAD=PRELOAD_FIRST_BLOCK, num_warps=4,
     )  # fmt: skip
     if splits > 1:
         _combine_splits_kernel[(b * h,)](
