@@ -31,7 +31,9 @@ changed for that run only):
   (:data:`qsparse.decode_view.GLU_IN_SELECTION`);
 - ``no_attention_preload``: the decode attention loads its first block of cached keys and
   values after the step's position, as it loads the later blocks, instead of before
-  (:data:`qsparse.kernels.decode_attention.PRELOAD_FIRST_BLOCK` off).
+  (:data:`qsparse.kernels.decode_attention.PRELOAD_FIRST_BLOCK` off);
+- ``weights_evict_first``: the list GEMV and the 2-bit ternary GEMV load their weights with the
+  L2 policy ``evict_first`` (:data:`qsparse.kernels.gemv.WEIGHTS_EVICT_FIRST` on).
 
 ``FIGURE decode_variants.<preset>.<mode>.<variant>.tokens_per_s`` and ``.ratio`` (to the
 default run; ``=`` in a variant's name written ``_``); ``RATIO`` lines as it goes.
@@ -63,6 +65,7 @@ _NAMED = (
     "glu_selection",
     "no_glu_selection",
     "no_attention_preload",
+    "weights_evict_first",
 )
 
 
@@ -80,7 +83,7 @@ def check_variant(name: str) -> str:
 def variant(name: str, mode: str) -> Iterator[None]:
     """The module settings of variant ``name`` while the block runs (restored after)."""
     attr = "TERNARY_SPARSE_CONFIG" if mode == "bitnet_qsparse" else "TERNARY_CONFIG"
-    saved = {a: getattr(G, a) for a in ("_pdl_device_ok", "PDL_CHAIN", attr)}
+    saved = {a: getattr(G, a) for a in ("_pdl_device_ok", "PDL_CHAIN", "WEIGHTS_EVICT_FIRST", attr)}
     base, residual_sum, glu = saved[attr], V.RESIDUAL_SUM, V.GLU_IN_SELECTION
     try:
         if name == "no_pdl":
@@ -95,6 +98,8 @@ def variant(name: str, mode: str) -> Iterator[None]:
             V.GLU_IN_SELECTION = ()
         elif name == "no_attention_preload":
             DA.PRELOAD_FIRST_BLOCK = False
+        elif name == "weights_evict_first":
+            G.WEIGHTS_EVICT_FIRST = True
         elif m := _TERNARY.fullmatch(name):
             bk, bn, warps = (int(v) for v in m.groups())
             setattr(G, attr, replace(base, block_k=bk, block_n=bn, num_warps=warps))

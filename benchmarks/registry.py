@@ -106,8 +106,10 @@ _DECODE_VARIANTS_7B = (
     ("bitnet_chain", "bitnet", "default,pdl_chain", 100),
     ("bitnet_qsparse_glu", "bitnet_qsparse", "default,no_glu_selection", 100),
     ("bitnet_glu", "bitnet", "default,no_glu_selection", 100),
-    ("qsparse_attention", "qsparse", "default,no_attention_preload", 100),
-    ("bitnet_attention", "bitnet", "default,no_attention_preload", 100),
+    *(
+        (f"{mode}_attention_evict", mode, "default,no_attention_preload,weights_evict_first", 130)
+        for mode in ("qsparse", "bitnet", "bitnet_qsparse")
+    ),
 )
 _CKPT = "/tmp/qsparse-llama1b"
 #: the training-stack benchmarks' model and batch (mfu.py, train_step.py)

@@ -689,17 +689,21 @@ def _store_out(
 
 
 @triton.jit
-def _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK: tl.constexpr):
+def _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK: tl.constexpr, EVICT: tl.constexpr = ""):
     """Weight rows ``r`` [BK] of a program's BN columns (``w_ptr`` at its first column,
     ``wc = arange(BN)``) as a [BK, BN] tile; rows where ``m`` is false read as 0. CMASK:
     columns past N (``cmask`` false) too; without it (N a multiple of BN) the mask is per row
-    only, which keeps the loads vectorized."""
+    only, which keeps the loads vectorized. EVICT: the loads' L2 eviction policy ("" or
+    "evict_first")."""
     if CMASK:
         wmask = m[:, None] & cmask[None, :]
     else:
         wmask = m[:, None]
     return tl.load(
-        w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :], mask=wmask, other=0.0
+        w_ptr + r.to(tl.int64)[:, None] * row_stride + wc[None, :],
+        mask=wmask,
+        other=0.0,
+        eviction_policy=EVICT,
     )
 
 
@@ -731,10 +735,12 @@ def _compact_gemv_kernel(
     NEXT: tl.constexpr = False,
     ASM: tl.constexpr = True,
     PACKED: tl.constexpr = False,
+    EVICT: tl.constexpr = "",
 ):
     """y[b, n] = sum_p val[b, p] * Wt[idx[p], n] over the listed inputs p < cnt (``n_fixed``
     instead of cnt when >= 0). PACKED (batch 1, no dot): idx[p] holds both (the packed words
-    of :func:`_list_kept`) and val is not read.
+    of :func:`_list_kept`) and val is not read. EVICT: the L2 eviction policy of the weight
+    loads (:data:`qsparse.kernels.gemv.WEIGHTS_EVICT_FIRST`).
 
     Program j's weight element (i, j * BN + c) sits at ``(j // PPP) * block_stride +
     (j % PPP) * BN + i * row_stride + c``: row-major [K, N] (PPP = 1, block_stride = BN,
@@ -779,7 +785,7 @@ def _compact_gemv_kernel(
         r = tl.load(idx_ptr + p, mask=pm, other=0)
         if PACKED:
             r, v = _unpack_kept(r)
-        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
+        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK, EVICT)
         if USE_DOT:
             v = tl.load(
                 val_ptr + rb[:, None] * K + p[None, :],
@@ -1027,13 +1033,15 @@ def _ternary_dp4a_kernel(
     part_ptr=None,
     sem_ptr=None,
     SPLIT: tl.constexpr = 1,
+    EVICT: tl.constexpr = "",
 ):
     """y[b, n] = scale_b * alpha_n * (sum_g sum_s dp4a(xw[b, 4g + s], (P[g, n] >> 2s) &
     0x03030303) - qsum_b), xw = the int8 codes read as int32 words. Grid (cdiv(N, BN),
     SPLIT): program (j, s) owns columns j*BN.. and the s-th slice of the words; SPLIT > 1
     sums the programs' scaled fp32 partials in order (:func:`_store_out`; ``qsum`` is taken
     off in slice 0). PDL: the first two weight tiles are requested before waiting for the
-    activation kernel (weights do not depend on it)."""
+    activation kernel (weights do not depend on it). EVICT: the L2 eviction policy of the
+    weight loads."""
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     per = tl.cdiv(tl.cdiv(G, SPLIT), BG) * BG
@@ -1052,12 +1060,14 @@ def _ternary_dp4a_kernel(
         p_ptr + g.to(tl.int64)[:, None] * N + cols[None, :],
         mask=(g < hi)[:, None] & cmask[None, :],
         other=0,
+        eviction_policy=EVICT,
     )
     gn = g + BG
     wn = tl.load(
         p_ptr + gn.to(tl.int64)[:, None] * N + cols[None, :],
         mask=(gn < hi)[:, None] & cmask[None, :],
         other=0,
+        eviction_policy=EVICT,
     )
     if PDL:
         gdc_wait()
@@ -1071,6 +1081,7 @@ def _ternary_dp4a_kernel(
             p_ptr + gn2.to(tl.int64)[:, None] * N + cols[None, :],
             mask=(gn2 < hi)[:, None] & cmask[None, :],
             other=0,
+            eviction_policy=EVICT,
         )
         for sl in tl.static_range(4):
             c = (w >> (2 * sl)) & 0x03030303

@@ -113,6 +113,12 @@ class GemvConfig:
 #: (read at import) or setting this before a step is captured turns it on.
 PDL_CHAIN: bool = os.environ.get("QSPARSE_PDL_CHAIN", "0") == "1"
 
+#: when True, the batch-1/batched list GEMV and the 2-bit ternary GEMV load their weights with
+#: the L2 policy ``evict_first``: a decode step reads each weight byte once, so the weight
+#: stream need not push the step's small, reused data out of L2 (activations, lists, KV
+#: caches, thresholds, the kernels' code). Read when a step is captured.
+WEIGHTS_EVICT_FIRST: bool = False
+
 #: the floor of the activation absmax ``gamma = max(max |x|, ACT_EPS)`` in the ternary GEMVs'
 #: int8 quantization (:func:`ternary_gemv`, :mod:`qsparse.kernels.ternary_rows`): a constant
 #: of the kernels, ``QuantConfig.eps``'s default; a site with another eps does not use them
@@ -367,6 +373,12 @@ def chain_next(x: torch.Tensor) -> bool:
 
 def _interpreted(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
+
+
+def _weights_evict(interp: bool) -> str:
+    """The weight loads' L2 eviction policy (:data:`WEIGHTS_EVICT_FIRST`; none in the
+    interpreter, where it means nothing)."""
+    return "evict_first" if WEIGHTS_EVICT_FIRST and not interp else ""
 
 
 def _gemv_launch_opts(cfg: GemvConfig, pdl: bool, interp: bool) -> dict[str, bool | int]:
@@ -884,6 +896,7 @@ def _sparse_gemv_launch(
         STAGES=cfg.num_stages,
         CMASK=n % block_n != 0,
         PACKED=packed,
+        EVICT=_weights_evict(interp),
         **_gemv_launch_opts(cfg, pdl, interp),
     )
     return y.to(out_dtype)
@@ -1222,6 +1235,7 @@ def ternary_gemv_op(
         part_ptr=part,
         sem_ptr=sem,
         SPLIT=split,
+        EVICT=_weights_evict(interp),
         **_gemv_launch_opts(cfg, pdl, interp),
     )
     return y.to(out_dtype)
