@@ -20,6 +20,8 @@ changed for that run only):
   tile, ``block_n`` columns per program, ``num_warps``) in place of ``TERNARY_CONFIG``, or of
   ``TERNARY_SPARSE_CONFIG`` in a mode with top-k;
 - ``prep_warps=W``: warps of the ternary activation kernel (``select_warps`` of that config);
+- ``select_warps=W``: warps of every one-program selection kernel whose config leaves them to
+  the row width (:func:`qsparse.kernels.gemv.select_warps_for`; the Q-Sparse list kernel);
 - ``no_residual_sum``: each residual add as a PyTorch op (a kernel of its own) instead of in
   the next site's selection or activation kernel (:data:`qsparse.decode_view.RESIDUAL_SUM`);
 - ``pdl_chain``: each site's selection or activation kernel launched as a programmatic
@@ -57,6 +59,7 @@ from qsparse.kernels import gemv as G
 
 _TERNARY = re.compile(r"ternary=([1-9]\d*)x([1-9]\d*)x([1-9]\d*)")
 _WARPS = re.compile(r"prep_warps=([1-9]\d*)")
+_SELECT_WARPS = re.compile(r"select_warps=([1-9]\d*)")
 _NAMED = (
     "default",
     "no_pdl",
@@ -71,11 +74,11 @@ _NAMED = (
 
 def check_variant(name: str) -> str:
     """``name`` if it is a variant this script knows, else ValueError naming the forms."""
-    if name in _NAMED or _TERNARY.fullmatch(name) or _WARPS.fullmatch(name):
+    if any(r.fullmatch(name) for r in (_TERNARY, _WARPS, _SELECT_WARPS)) or name in _NAMED:
         return name
     raise ValueError(
-        f"unknown variant {name!r}: use {', '.join(_NAMED)}, ternary=BKxBNxW or prep_warps=W "
-        "(positive integers)"
+        f"unknown variant {name!r}: use {', '.join(_NAMED)}, ternary=BKxBNxW, prep_warps=W or "
+        "select_warps=W (positive integers)"
     )
 
 
@@ -83,7 +86,8 @@ def check_variant(name: str) -> str:
 def variant(name: str, mode: str) -> Iterator[None]:
     """The module settings of variant ``name`` while the block runs (restored after)."""
     attr = "TERNARY_SPARSE_CONFIG" if mode == "bitnet_qsparse" else "TERNARY_CONFIG"
-    saved = {a: getattr(G, a) for a in ("_pdl_device_ok", "PDL_CHAIN", "WEIGHTS_EVICT_FIRST", attr)}
+    names = ("_pdl_device_ok", "PDL_CHAIN", "WEIGHTS_EVICT_FIRST", "select_warps_for", attr)
+    saved = {a: getattr(G, a) for a in names}
     base, residual_sum, glu = saved[attr], V.RESIDUAL_SUM, V.GLU_IN_SELECTION
     try:
         if name == "no_pdl":
@@ -105,6 +109,9 @@ def variant(name: str, mode: str) -> Iterator[None]:
             setattr(G, attr, replace(base, block_k=bk, block_n=bn, num_warps=warps))
         elif m := _WARPS.fullmatch(name):
             setattr(G, attr, replace(base, select_warps=int(m.group(1))))
+        elif m := _SELECT_WARPS.fullmatch(name):
+            w = int(m.group(1))
+            G.select_warps_for = lambda width, warps=0, lanes_per_warp=512: warps or w
         yield
     finally:
         for a, v in saved.items():

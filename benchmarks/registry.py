@@ -110,6 +110,7 @@ _DECODE_VARIANTS_7B = (
         (f"{mode}_attention_evict", mode, "default,no_attention_preload,weights_evict_first", 130)
         for mode in ("qsparse", "bitnet", "bitnet_qsparse")
     ),
+    ("qsparse_select_warps", "qsparse", "default,select_warps=16,select_warps=32", 130),
 )
 _CKPT = "/tmp/qsparse-llama1b"
 #: the training-stack benchmarks' model and batch (mfu.py, train_step.py)
