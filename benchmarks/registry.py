@@ -818,6 +818,12 @@ REGISTRY: list[Bench] = [
     ),
     Bench("grid_barrier", "grid_barrier.py", ("--programs", "32", "66", "132"), est_s=30),
     Bench("decode_attention_kernel", "decode_attention_kernel.py", est_s=60),
+    Bench(
+        "select_latency_cold",
+        "select_latency.py",
+        ("--cold", "96", "--widths", "4096", "11008", "--warps", "8", "16", "32"),
+        est_s=60,
+    ),
     *(
         Bench(
             f"decode_variants_7b_{suffix}",

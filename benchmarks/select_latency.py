@@ -33,6 +33,14 @@ width and warp count: ``dense`` (no top-k), ``topk`` (carried threshold), ``topk
 (the full radix select every call), each with the SubLN computed in the kernel (``_subln``)
 or not; ratios against ``dense``.
 
+``--cold MB`` times instead what a cold start costs the real selection (``real``) and the
+ternary activation kernel without top-k (``act``): each call after a copy of MB megabytes
+(past L2: the kernel's code and the row leave it, as a decode step's weight stream pushes them
+out) and a read of the row (back into L2, as the kernel before it in a step leaves it), minus
+the copy and the read alone; beside the same call without the copy. ``cold/warm`` above 1 is
+what the kernel's code (about 5400 instructions at 4096 inputs and 8 warps, 8300 at 16384
+and 16) costs when it is not in L2.
+
 ``--producer none`` selects from the row itself (the o and down sites) instead of its RMSNorm
 (q|k|v and gate|up); then ``norm`` equals ``load``.
 
@@ -242,6 +250,73 @@ def _ternary(args: argparse.Namespace) -> None:
             _report(f"ternary_K{width}_w{warps}", (width, warps), times, names, "dense")
 
 
+def _prep(x: torch.Tensor, rest: tuple, opts: dict) -> None:
+    """The ternary activation kernel on row ``x`` (``rest``: its other arguments)."""
+    _ternary_prep_kernel[(1,)](x, *rest, **opts)
+
+
+def _touch(x: torch.Tensor, flush: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Copy ``flush`` (src, dst) first when given (L2 emptied), then read ``x`` (back in L2)."""
+    if flush is not None:
+        flush[1].copy_(flush[0])
+    x.float().sum()
+
+
+def _then(first, second, x: torch.Tensor) -> None:
+    """``first(x)``, then ``second(x)``."""
+    first(x)
+    second(x)
+
+
+def _cold(args: argparse.Namespace) -> None:
+    """Cold against warm starts of the selection and activation kernels (``--cold MB``)."""
+    n = args.cold * 2**20 // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    low, ndig = G._radix_digits(torch.bfloat16, 5)
+    names = ["real_warm", "real_cold", "act_warm", "act_cold"]
+    print(row("K", "warps", *names, "real cold/warm", "act cold/warm"))
+    print(row(*["---"] * 8))
+    for width in args.widths:
+        k = max(1, round((1 - args.sparsity) * width))
+        xs = _rows(width, args.spread)
+        w = 1.0 + 0.1 * torch.randn(width, device="cuda", dtype=torch.bfloat16)
+        kp = 16 * triton.cdiv(width, 16)
+        xq = torch.empty(1, kp, dtype=torch.int8, device="cuda")
+        qsum = torch.empty(1, dtype=torch.int32, device="cuda")
+        scale = torch.empty(1, dtype=torch.float32, device="cuda")
+        for warps in args.warps:
+            hint = G.new_hint(1, "cuda")
+            real = partial(
+                G.compact_rows, k=k, num_warps=warps, hint=hint, prod=1, prod_w=w, eps=1e-5,
+                packed=True,
+            )  # fmt: skip
+            opts = dict(
+                BLOCK=triton.next_power_of_2(kp), SPARSE=False, QMAX=127, LOW=low, NDIG=ndig,
+                DBITS=5, HINT=False, w_ptr=w, nw_ptr=w, neps=1e-6, SUBLN=True, BF16=True,
+                num_warps=warps,
+            )  # fmt: skip
+            act = partial(_prep, rest=(xq, qsum, scale, hint, width, kp, k), opts=opts)
+            times = {}
+            for name, fn in (("real", real), ("act", act)):
+                for cold in (False, True):
+                    before = partial(_touch, flush=(src, dst) if cold else None)
+                    base = time_graph([partial(before, x) for x in xs])
+                    both = time_graph([partial(_then, before, fn, x) for x in xs])
+                    times[f"{name}_{'cold' if cold else 'warm'}"] = both - base
+            ratios = (
+                times["real_cold"] / times["real_warm"],
+                times["act_cold"] / times["act_warm"],
+            )
+            print(
+                row(
+                    width, warps, *(f"{times[n]:.2f}" for n in names), *(f"{r:.2f}" for r in ratios)
+                )
+            )
+            for name, t in times.items():
+                emit(f"select_latency.cold{args.cold}_K{width}_w{warps}.{name}_us", t, "us")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[2048, 4096, 5632, 11008])
@@ -250,8 +325,12 @@ def main() -> None:
     ap.add_argument("--producer", choices=("none", "rmsnorm"), default="rmsnorm")
     ap.add_argument("--ternary", action="store_true", help="the ternary activation kernel")
     ap.add_argument("--spread", type=float, default=0.0, help="log2 std of the rows' scales")
+    ap.add_argument("--cold", type=int, default=0, help="MB copied before each call (module doc)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.cold:
+        _cold(args)
+        return
     if args.ternary:
         _ternary(args)
         return
