@@ -10,16 +10,24 @@ from ._gemv_triton import _round_to
 
 
 @triton.jit
-def _rope_halves(ptr, cos_ptr, sin_ptr, row_offs, half, HALF: tl.constexpr, BF16: tl.constexpr):
-    """Load rows ``ptr + row_offs[:, None] + [0, D)`` as halves and rotate them (HF
-    ``rotate_half``): ``[x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]``, fp32 [R, HALF] each,
-    with the rounding of :func:`qsparse.models.rope.apply_rotary_pos_emb` in bf16 when
-    ``BF16`` (so the cached keys are bit for bit the model's)."""
+def _halves(ptr, row_offs, half, HALF: tl.constexpr):
+    """Rows ``ptr + row_offs[:, None] + [0, D)`` (a negative offset: a row of zeros) as two
+    fp32 halves [R, HALF]."""
     d = tl.arange(0, HALF)
-    dm = d < half
-    m = (row_offs[:, None] >= 0) & dm[None, :]
+    m = (row_offs[:, None] >= 0) & (d < half)[None, :]
     x1 = tl.load(ptr + row_offs[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(ptr + row_offs[:, None] + half + d[None, :], mask=m, other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def _rotate(x1, x2, cos_ptr, sin_ptr, half, HALF: tl.constexpr, BF16: tl.constexpr):
+    """RoPE of rows given as halves (HF ``rotate_half``): ``[x1, x2] -> [x1 c1 - x2 s1, x2 c2
+    + x1 s2]`` with the tables' row at ``cos_ptr``/``sin_ptr``, fp32 [R, HALF] each, with the
+    rounding of :func:`qsparse.models.rope.apply_rotary_pos_emb` in bf16 when ``BF16`` (so the
+    cached keys are bit for bit the model's)."""
+    d = tl.arange(0, HALF)
+    dm = d < half
     c1 = tl.load(cos_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     c2 = tl.load(cos_ptr + half + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(sin_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
@@ -101,15 +109,18 @@ def _decode_attention_kernel(
         kb2 = tl.load(kc_ptr + offs0 + half, mask=m0, other=0.0).to(tl.float32)
         vb1 = tl.load(vc_ptr + offs0, mask=m0, other=0.0).to(tl.float32)
         vb2 = tl.load(vc_ptr + offs0 + half, mask=m0, other=0.0).to(tl.float32)
+    # this step's q, k, v: nothing here depends on ``pos``, so all loads are in flight at once
+    kv_row = tl.full([1], 0, tl.int32) + (b * H_KV + g) * D
+    k1, k2 = _halves(k_ptr, kv_row, half, HALF)
+    v1, v2 = _halves(v_ptr, kv_row, half, HALF)
+    r = tl.arange(0, REP_P)
+    heads = g * REP + r
+    q1, q2 = _halves(q_ptr, tl.where(r < REP, b * h_q * D + heads * D, -1), half, HALF)
     pos = tl.load(pos_ptr).to(tl.int32)
     cos_row = cos_ptr + pos * D  # the tables' row of this step's position
     sin_row = sin_ptr + pos * D
-    # this step's key/value of kv head g: rotate k, write both at ``pos`` (split 0 only)
-    kv_row = tl.full([1], 0, tl.int32) + (b * H_KV + g) * D
-    k1, k2 = _rope_halves(k_ptr, cos_row, sin_row, kv_row, half, HALF, BF16)
-    v1 = tl.load(v_ptr + kv_row[:, None] + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
-    v2 = tl.load(v_ptr + kv_row[:, None] + half + d[None, :], mask=dm[None, :], other=0.0)
-    v2 = v2.to(tl.float32)
+    # rotate k, write k and v at ``pos`` (split 0 only)
+    k1, k2 = _rotate(k1, k2, cos_row, sin_row, half, HALF, BF16)
     if s == 0:
         dst = cache_head + pos * D
         ty = kc_ptr.dtype.element_ty
@@ -118,10 +129,7 @@ def _decode_attention_kernel(
         tl.store(vc_ptr + dst + d[None, :], v1.to(ty), mask=dm[None, :])
         tl.store(vc_ptr + dst + half + d[None, :], v2.to(ty), mask=dm[None, :])
     # the REP query heads, rotated, scaled: [REP_P, HALF] halves
-    r = tl.arange(0, REP_P)
-    heads = g * REP + r
-    q_rows = tl.where(r < REP, b * h_q * D + heads * D, -1)
-    q1, q2 = _rope_halves(q_ptr, cos_row, sin_row, q_rows, half, HALF, BF16)
+    q1, q2 = _rotate(q1, q2, cos_row, sin_row, half, HALF, BF16)
     q1 = q1 * scale
     q2 = q2 * scale
     # keys of this split before ``pos`` come from the cache; ``pos`` itself from registers
