@@ -89,6 +89,7 @@ def variant(name: str, mode: str) -> Iterator[None]:
     names = ("_pdl_device_ok", "PDL_CHAIN", "WEIGHTS_EVICT_FIRST", "select_warps_for", attr)
     saved = {a: getattr(G, a) for a in names}
     base, residual_sum, glu = saved[attr], V.RESIDUAL_SUM, V.GLU_IN_SELECTION
+    preload = DA.PRELOAD_FIRST_BLOCK
     try:
         if name == "no_pdl":
             G._pdl_device_ok = lambda index: False
@@ -117,7 +118,7 @@ def variant(name: str, mode: str) -> Iterator[None]:
         for a, v in saved.items():
             setattr(G, a, v)
         V.RESIDUAL_SUM, V.GLU_IN_SELECTION = residual_sum, glu
-        DA.PRELOAD_FIRST_BLOCK = True
+        DA.PRELOAD_FIRST_BLOCK = preload
 
 
 def main(argv: Sequence[str] | None = None) -> None:
