@@ -59,11 +59,11 @@ def main() -> None:
                 ("after_pos", False, DA.decode_attention),
                 ("model", True, DA.decode_attention_reference),
             ):
-                DA.PRELOAD_FIRST_BLOCK = preload
+                shipped, DA.PRELOAD_FIRST_BLOCK = DA.PRELOAD_FIRST_BLOCK, preload
                 try:
                     times[name] = time_graph(_calls(preset, pos, fn))
                 finally:
-                    DA.PRELOAD_FIRST_BLOCK = True
+                    DA.PRELOAD_FIRST_BLOCK = shipped
                 emit(f"decode_attention_kernel.{preset}.p{pos}.{name}.us", times[name], "us")
             ratio = times["after_pos"] / times["preload"]
             emit(f"decode_attention_kernel.{preset}.p{pos}.preload.ratio", ratio)

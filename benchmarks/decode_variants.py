@@ -31,9 +31,10 @@ changed for that run only):
   ``act(g) * u`` from the gate|up output / none does (a GLU kernel of its own instead), in
   place of the shipped choice, the ternary sites only
   (:data:`qsparse.decode_view.GLU_IN_SELECTION`);
-- ``no_attention_preload``: the decode attention loads its first block of cached keys and
-  values after the step's position, as it loads the later blocks, instead of before
-  (:data:`qsparse.kernels.decode_attention.PRELOAD_FIRST_BLOCK` off);
+- ``attention_preload`` / ``no_attention_preload``: the decode attention loads its first
+  block of cached keys and values before the step's position / after it, as it loads the
+  later blocks (:data:`qsparse.kernels.decode_attention.PRELOAD_FIRST_BLOCK` on / off; off
+  is shipped since 2026-12-06);
 - ``weights_evict_first``: the list GEMV and the 2-bit ternary GEMV load their weights with the
   L2 policy ``evict_first`` (:data:`qsparse.kernels.gemv.WEIGHTS_EVICT_FIRST` on).
 
@@ -67,6 +68,7 @@ _NAMED = (
     "pdl_chain",
     "glu_selection",
     "no_glu_selection",
+    "attention_preload",
     "no_attention_preload",
     "weights_evict_first",
 )
@@ -101,8 +103,8 @@ def variant(name: str, mode: str) -> Iterator[None]:
             V.GLU_IN_SELECTION = V.GLU_SITE_MODES
         elif name == "no_glu_selection":
             V.GLU_IN_SELECTION = ()
-        elif name == "no_attention_preload":
-            DA.PRELOAD_FIRST_BLOCK = False
+        elif name in ("attention_preload", "no_attention_preload"):
+            DA.PRELOAD_FIRST_BLOCK = name == "attention_preload"
         elif name == "weights_evict_first":
             G.WEIGHTS_EVICT_FIRST = True
         elif m := _TERNARY.fullmatch(name):

@@ -147,14 +147,15 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
     given = (torch.zeros(2048, dtype=torch.int32),) * 2 + (torch.ones(1),)
     TR.ternary_rows_gemv(x4[:1], rows, 0.5, 819, rows=given)  # list given: no PDL
     DA.kernels_available = lambda x: True  # the decode attention: one split and two
-    for length, preload in ((80, True), (80, False), (600, True)):
+    shipped = DA.PRELOAD_FIRST_BLOCK
+    for length, preload in ((80, True), (80, False), (600, True), (600, False)):
         q = torch.randn(1, 4 * 64, dtype=bf16)
         kv = torch.randn(1, 2 * 64, dtype=bf16)
         cache = torch.zeros(1, 2, length, 64, dtype=bf16)
         cos = torch.ones(length, 64, dtype=bf16)
         DA.PRELOAD_FIRST_BLOCK = preload
         DA.decode_attention(q, kv, kv, cos, cos, cache, cache.clone(), torch.tensor([5]))
-    DA.PRELOAD_FIRST_BLOCK = True
+    DA.PRELOAD_FIRST_BLOCK = shipped
     I8._interpreted = lambda x: False  # bf16 dots at batch > 1
     q, scale = I8.quantize_int8_rows(torch.randn(1000, 2048))  # the int8 lm head
     for x in (x4[:1], x4, x4[:1].float(), x4.float()):

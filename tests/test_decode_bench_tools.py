@@ -34,6 +34,8 @@ def test_each_variant_sets_what_it_names_and_restores_it():
         assert V.GLU_IN_SELECTION == ()
     with DV.variant("no_attention_preload", "bitnet"):
         assert DA.PRELOAD_FIRST_BLOCK is False
+    with DV.variant("attention_preload", "bitnet"):
+        assert DA.PRELOAD_FIRST_BLOCK is True
     with DV.variant("weights_evict_first", "qsparse"):
         assert G.WEIGHTS_EVICT_FIRST is True and G._weights_evict(False) == "evict_first"
         assert G._weights_evict(True) == ""  # the interpreter: no cache policy
@@ -41,7 +43,7 @@ def test_each_variant_sets_what_it_names_and_restores_it():
         assert G.select_warps_for(4096) == 32 and G.select_warps_for(4096, 8) == 8
     assert (G.TERNARY_CONFIG, G.TERNARY_SPARSE_CONFIG) == (dense, sparse)
     assert G._pdl_device_ok is pdl and V.RESIDUAL_SUM is True and G.PDL_CHAIN is False
-    assert V.GLU_IN_SELECTION == ("ternary",) and DA.PRELOAD_FIRST_BLOCK is True
+    assert V.GLU_IN_SELECTION == ("ternary",) and DA.PRELOAD_FIRST_BLOCK is False
     assert G.WEIGHTS_EVICT_FIRST is False and G.select_warps_for(4096, 0, 1024) == 8
 
 

@@ -42,8 +42,11 @@ MAX_SPLITS = 64
 #: most query heads per kv head the kernel holds in registers
 MAX_GROUP = 16
 #: load each program's first block of cached keys and values before the step's position (the
-#: same output bit for bit; off: after it, as the loop loads the later blocks)
-PRELOAD_FIRST_BLOCK = True
+#: same output bit for bit; off: after it, as the loop loads the later blocks). Off: on one
+#: H100 (2026-12-06) the 7B step ran 1.010x (Q-Sparse) and 1.011x (BitNet b1.58) faster
+#: without it, and the kernel alone took 6.9 instead of 8.0 us at 40 cached positions
+#: (``benchmarks/decode_attention_kernel.py``; at the 1.3B shape it was 1.06-1.08x faster alone)
+PRELOAD_FIRST_BLOCK = False
 
 
 def _dims(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int, int, int]:
