@@ -22,6 +22,8 @@ changed for that run only):
 - ``prep_warps=W``: warps of the ternary activation kernel (``select_warps`` of that config);
 - ``select_warps=W``: warps of every one-program selection kernel whose config leaves them to
   the row width (:func:`qsparse.kernels.gemv.select_warps_for`; the Q-Sparse list kernel);
+- ``wide_select_warps=W``: the same for rows wider than 8192 inputs only (the 7B down site),
+  the others keeping the shipped rule;
 - ``no_residual_sum``: each residual add as a PyTorch op (a kernel of its own) instead of in
   the next site's selection or activation kernel (:data:`qsparse.decode_view.RESIDUAL_SUM`);
 - ``pdl_chain``: each site's selection or activation kernel launched as a programmatic
@@ -35,8 +37,10 @@ changed for that run only):
   block of cached keys and values before the step's position / after it, as it loads the
   later blocks (:data:`qsparse.kernels.decode_attention.PRELOAD_FIRST_BLOCK` on / off; off
   is shipped since 2026-12-06);
-- ``weights_evict_first``: the list GEMV and the 2-bit ternary GEMV load their weights with the
-  L2 policy ``evict_first`` (:data:`qsparse.kernels.gemv.WEIGHTS_EVICT_FIRST` on).
+- ``weights_evict_first`` / ``no_weights_evict_first``: the list GEMV and the 2-bit ternary
+  GEMV load their weights with the L2 policy ``evict_first`` / without a policy
+  (:data:`qsparse.kernels.gemv.WEIGHTS_EVICT_FIRST` on / off; on is shipped since
+  2026-12-06).
 
 ``FIGURE decode_variants.<preset>.<mode>.<variant>.tokens_per_s`` and ``.ratio`` (to the
 default run; ``=`` in a variant's name written ``_``); ``RATIO`` lines as it goes.
@@ -61,6 +65,7 @@ from qsparse.kernels import gemv as G
 _TERNARY = re.compile(r"ternary=([1-9]\d*)x([1-9]\d*)x([1-9]\d*)")
 _WARPS = re.compile(r"prep_warps=([1-9]\d*)")
 _SELECT_WARPS = re.compile(r"select_warps=([1-9]\d*)")
+_WIDE_SELECT_WARPS = re.compile(r"wide_select_warps=([1-9]\d*)")
 _NAMED = (
     "default",
     "no_pdl",
@@ -71,16 +76,20 @@ _NAMED = (
     "attention_preload",
     "no_attention_preload",
     "weights_evict_first",
+    "no_weights_evict_first",
 )
 
 
 def check_variant(name: str) -> str:
     """``name`` if it is a variant this script knows, else ValueError naming the forms."""
-    if any(r.fullmatch(name) for r in (_TERNARY, _WARPS, _SELECT_WARPS)) or name in _NAMED:
+    if (
+        any(r.fullmatch(name) for r in (_TERNARY, _WARPS, _SELECT_WARPS, _WIDE_SELECT_WARPS))
+        or name in _NAMED
+    ):
         return name
     raise ValueError(
         f"unknown variant {name!r}: use {', '.join(_NAMED)}, ternary=BKxBNxW, prep_warps=W or "
-        "select_warps=W (positive integers)"
+        "select_warps=W or wide_select_warps=W (positive integers)"
     )
 
 
@@ -105,8 +114,8 @@ def variant(name: str, mode: str) -> Iterator[None]:
             V.GLU_IN_SELECTION = ()
         elif name in ("attention_preload", "no_attention_preload"):
             DA.PRELOAD_FIRST_BLOCK = name == "attention_preload"
-        elif name == "weights_evict_first":
-            G.WEIGHTS_EVICT_FIRST = True
+        elif name in ("weights_evict_first", "no_weights_evict_first"):
+            G.WEIGHTS_EVICT_FIRST = name == "weights_evict_first"
         elif m := _TERNARY.fullmatch(name):
             bk, bn, warps = (int(v) for v in m.groups())
             setattr(G, attr, replace(base, block_k=bk, block_n=bn, num_warps=warps))
@@ -115,6 +124,11 @@ def variant(name: str, mode: str) -> Iterator[None]:
         elif m := _SELECT_WARPS.fullmatch(name):
             w = int(m.group(1))
             G.select_warps_for = lambda width, warps=0, lanes_per_warp=512: warps or w
+        elif m := _WIDE_SELECT_WARPS.fullmatch(name):
+            w, shipped = int(m.group(1)), saved["select_warps_for"]
+            G.select_warps_for = lambda width, warps=0, lanes_per_warp=512: (
+                warps or (w if width > 8192 else shipped(width, 0, lanes_per_warp))
+            )
         yield
     finally:
         for a, v in saved.items():

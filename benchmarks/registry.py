@@ -107,10 +107,11 @@ _DECODE_VARIANTS_7B = (
     ("bitnet_qsparse_glu", "bitnet_qsparse", "default,no_glu_selection", 100),
     ("bitnet_glu", "bitnet", "default,no_glu_selection", 100),
     *(
-        (f"{mode}_attention_evict", mode, "default,attention_preload,weights_evict_first", 130)
+        (f"{mode}_attention_evict", mode, "default,attention_preload,no_weights_evict_first", 130)
         for mode in ("qsparse", "bitnet", "bitnet_qsparse")
     ),
     ("qsparse_select_warps", "qsparse", "default,select_warps=16,select_warps=32", 130),
+    ("qsparse_wide_select_warps", "qsparse", "default,wide_select_warps=32", 100),
 )
 _CKPT = "/tmp/qsparse-llama1b"
 #: the training-stack benchmarks' model and batch (mfu.py, train_step.py)

@@ -77,12 +77,13 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
         G.sparse_gemv(x, wt, k, cfg, hint=G.new_hint(4))  # threshold carried over
     codes, alpha = G.ternarize(torch.randn(5460, 2048))
     packed = G.pack_ternary(codes)
-    G.WEIGHTS_EVICT_FIRST = True  # the weight loads with an L2 eviction policy
+    shipped_evict = G.WEIGHTS_EVICT_FIRST  # the weight loads with and without an L2 policy
+    G.WEIGHTS_EVICT_FIRST = not shipped_evict
     G.sparse_gemv(
         x1, G.prepare_dense(torch.randn(4096, 4096, dtype=bf16)), 1638, hint=G.new_hint(1)
     )
     G.ternary_gemv(x4[:1], packed, alpha, None, 8)
-    G.WEIGHTS_EVICT_FIRST = False
+    G.WEIGHTS_EVICT_FIRST = shipped_evict
     for x, k in [(x4[:1], None), (x4[:1], 819), (x4, None), (x4, 819)]:
         G.ternary_gemv(x, packed, alpha, k, 8)
     G.ternary_gemv(x4, packed, alpha, 819, 8, hint=G.new_hint(4))

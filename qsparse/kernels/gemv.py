@@ -116,8 +116,12 @@ PDL_CHAIN: bool = os.environ.get("QSPARSE_PDL_CHAIN", "0") == "1"
 #: when True, the batch-1/batched list GEMV and the 2-bit ternary GEMV load their weights with
 #: the L2 policy ``evict_first``: a decode step reads each weight byte once, so the weight
 #: stream need not push the step's small, reused data out of L2 (activations, lists, KV
-#: caches, thresholds, the kernels' code). Read when a step is captured.
-WEIGHTS_EVICT_FIRST: bool = False
+#: caches, thresholds, the kernels' code). Read when a step is captured. On by default: the 7B
+#: decode step at batch 1 ran 1.061-1.062x faster with it in BitNet + Q-Sparse (two runs, one
+#: H200, 2026-12-06), 1.009x in BitNet b1.58 (H100 and H200) and 1.000-1.003x in Q-Sparse
+#: (benchmarks/README.md, thirteenth round). ``QSPARSE_WEIGHTS_EVICT_FIRST=0`` in the
+#: environment (read at import) or setting this before a step is captured turns it off.
+WEIGHTS_EVICT_FIRST: bool = os.environ.get("QSPARSE_WEIGHTS_EVICT_FIRST", "1") != "0"
 
 #: the floor of the activation absmax ``gamma = max(max |x|, ACT_EPS)`` in the ternary GEMVs'
 #: int8 quantization (:func:`ternary_gemv`, :mod:`qsparse.kernels.ternary_rows`): a constant
