@@ -388,6 +388,35 @@ def test_bad_decode_setting_in_the_environment_is_one_line(monkeypatch) -> None:
     V.check_environment()
 
 
+def test_bad_decode_flag_in_the_environment_is_one_line(monkeypatch) -> None:
+    """The on/off decode settings (``QSPARSE_WEIGHTS_EVICT_FIRST``, ``QSPARSE_PDL_CHAIN``) take
+    1 or 0; another value stops ``qsparse-generate`` with one line naming the variable, before
+    a model is built, while ``import`` keeps the default."""
+    from qsparse.cli.generate import main as generate_main
+    from qsparse.decode_view import check_environment
+    from qsparse.kernels import gemv as G
+
+    for name, default in (("QSPARSE_WEIGHTS_EVICT_FIRST", True), ("QSPARSE_PDL_CHAIN", False)):
+        monkeypatch.delenv(name, raising=False)
+        assert G.flag_from_env(name, default) is default
+        assert G._flag_at_import(name, default) is default
+        for value, flag in (("0", False), ("1", True)):
+            monkeypatch.setenv(name, value)
+            assert (
+                G.flag_from_env(name, default) is flag and G._flag_at_import(name, default) is flag
+            )
+        monkeypatch.setenv(name, "false")
+        message = f"{name}='false': use 1 (on) or 0 (off), or leave it unset"
+        assert G._flag_at_import(name, default) is default
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_environment()
+        with pytest.raises(SystemExit) as exit_info:
+            generate_main(["--preset", "tiny", "--device", "cpu", "--new-tokens", "2"])
+        assert str(exit_info.value) == message
+        monkeypatch.delenv(name)
+    check_environment()
+
+
 # --- what ran ----------------------------------------------------------------------------------
 
 
