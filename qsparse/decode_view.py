@@ -129,8 +129,8 @@ def check_environment() -> None:
     environment has a value this module does not know (read when :func:`decoder_view` builds a
     view, so that a bad value stops a run with one line instead of failing ``import``)."""
     _glu_in_selection_from_env(os.environ.get("QSPARSE_GLU_SELECTION", _GLU_SELECTION_DEFAULT))
-    G.flag_from_env("QSPARSE_PDL_CHAIN", False)
-    G.flag_from_env("QSPARSE_WEIGHTS_EVICT_FIRST", True)
+    for name, default in G.ENV_FLAGS.items():
+        G.flag_from_env(name, default)
 
 
 #: the down sites whose first kernel (top-k selection, fixed-threshold list, ternary

@@ -396,6 +396,7 @@ def test_bad_decode_flag_in_the_environment_is_one_line(monkeypatch) -> None:
     from qsparse.decode_view import check_environment
     from qsparse.kernels import gemv as G
 
+    assert G.ENV_FLAGS == {"QSPARSE_WEIGHTS_EVICT_FIRST": True, "QSPARSE_PDL_CHAIN": False}
     for name, default in (("QSPARSE_WEIGHTS_EVICT_FIRST", True), ("QSPARSE_PDL_CHAIN", False)):
         monkeypatch.delenv(name, raising=False)
         assert G.flag_from_env(name, default) is default

@@ -114,9 +114,16 @@ def flag_from_env(name: str, default: bool) -> bool:
     return value == "1"
 
 
+#: the on/off settings this module reads from the environment at import, with their defaults
+#: (``qsparse.decode_view.check_environment`` checks each when a view is built)
+ENV_FLAGS: dict[str, bool] = {}
+
+
 def _flag_at_import(name: str, default: bool) -> bool:
     """:func:`flag_from_env`, with ``default`` for an unknown value so that ``import`` still
-    works (``qsparse.decode_view.check_environment`` reports it when a view is built)."""
+    works (``qsparse.decode_view.check_environment`` reports it when a view is built); records
+    ``name`` in :data:`ENV_FLAGS`."""
+    ENV_FLAGS[name] = default
     try:
         return flag_from_env(name, default)
     except ValueError:
