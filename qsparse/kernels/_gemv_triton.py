@@ -689,7 +689,7 @@ def _store_out(
 
 
 @triton.jit
-def _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK: tl.constexpr, EVICT: tl.constexpr = ""):
+def _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK: tl.constexpr, EVICT: tl.constexpr):
     """Weight rows ``r`` [BK] of a program's BN columns (``w_ptr`` at its first column,
     ``wc = arange(BN)``) as a [BK, BN] tile; rows where ``m`` is false read as 0. CMASK:
     columns past N (``cmask`` false) too; without it (N a multiple of BN) the mask is per row
@@ -832,6 +832,7 @@ def _carry_gemv_kernel(
     PDL: tl.constexpr = False,
     NEXT: tl.constexpr = False,
     ASM: tl.constexpr = True,
+    EVICT: tl.constexpr = "",
 ):
     """Batch 1, y[n] = sum_i keep_i x_i Wt[i, n], started before the selection is known.
 
@@ -861,7 +862,7 @@ def _carry_gemv_kernel(
         r = p0 + tl.arange(0, BK)
         xv = tl.load(x_ptr + r, mask=r < hi1, other=0.0).to(tl.float32)
         m = (r < hi1) & (abs_key(xv) > hi)
-        w = _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK)
+        w = _weight_rows(w_ptr, r, m, cmask, row_stride, wc, CMASK, EVICT)
         acc2 += xv[:, None] * w.to(tl.float32)
     if PDL:
         gdc_wait()
@@ -877,7 +878,7 @@ def _carry_gemv_kernel(
         p = p0 + tl.arange(0, BK)
         pm = p < hi2
         r = tl.load(idx_ptr + p, mask=pm, other=0)
-        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK)
+        w = _weight_rows(w_ptr, r, pm, cmask, row_stride, wc, CMASK, EVICT)
         v = tl.load(val_ptr + p, mask=pm, other=0.0)
         acc2 += v[:, None] * w.to(tl.float32)
     acc = tl.sum(acc2, axis=0)[None, :]

@@ -995,6 +995,7 @@ def _carry_gemv_launch(
         LOW=low,
         DBITS=cfg.digit_bits,
         CMASK=n % block_n != 0,
+        EVICT=_weights_evict(interp),
         **_gemv_launch_opts(cfg, pdl, interp),
     )
     return y.to(out_dtype)
