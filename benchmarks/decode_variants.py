@@ -21,9 +21,11 @@ changed for that run only):
   ``TERNARY_SPARSE_CONFIG`` in a mode with top-k;
 - ``prep_warps=W``: warps of the ternary activation kernel (``select_warps`` of that config);
 - ``select_warps=W``: warps of every one-program selection kernel whose config leaves them to
-  the row width (:func:`qsparse.kernels.gemv.select_warps_for`; the Q-Sparse list kernel);
-- ``wide_select_warps=W``: the same for rows wider than 8192 inputs only (the 7B down site),
-  the others keeping the shipped rule;
+  the row width (:func:`qsparse.kernels.gemv.select_warps_for` and
+  :data:`~qsparse.kernels.gemv.WIDE_LIST_WARPS`; the Q-Sparse list kernel);
+- ``wide_select_warps=W``: warps of the batch-1 list kernel for rows wider than 8192 inputs
+  only (the 7B down site; :data:`qsparse.kernels.gemv.WIDE_LIST_WARPS`, 32 as shipped), the
+  others keeping the shipped rule;
 - ``no_residual_sum``: each residual add as a PyTorch op (a kernel of its own) instead of in
   the next site's selection or activation kernel (:data:`qsparse.decode_view.RESIDUAL_SUM`);
 - ``pdl_chain``: each site's selection or activation kernel launched as a programmatic
@@ -97,7 +99,14 @@ def check_variant(name: str) -> str:
 def variant(name: str, mode: str) -> Iterator[None]:
     """The module settings of variant ``name`` while the block runs (restored after)."""
     attr = "TERNARY_SPARSE_CONFIG" if mode == "bitnet_qsparse" else "TERNARY_CONFIG"
-    names = ("_pdl_device_ok", "PDL_CHAIN", "WEIGHTS_EVICT_FIRST", "select_warps_for", attr)
+    names = (
+        "_pdl_device_ok",
+        "PDL_CHAIN",
+        "WEIGHTS_EVICT_FIRST",
+        "select_warps_for",
+        "WIDE_LIST_WARPS",
+        attr,
+    )
     saved = {a: getattr(G, a) for a in names}
     base, residual_sum, glu = saved[attr], V.RESIDUAL_SUM, V.GLU_IN_SELECTION
     preload = DA.PRELOAD_FIRST_BLOCK
@@ -124,11 +133,9 @@ def variant(name: str, mode: str) -> Iterator[None]:
         elif m := _SELECT_WARPS.fullmatch(name):
             w = int(m.group(1))
             G.select_warps_for = lambda width, warps=0, lanes_per_warp=512: warps or w
+            G.WIDE_LIST_WARPS = w
         elif m := _WIDE_SELECT_WARPS.fullmatch(name):
-            w, shipped = int(m.group(1)), saved["select_warps_for"]
-            G.select_warps_for = lambda width, warps=0, lanes_per_warp=512: (
-                warps or (w if width > 8192 else shipped(width, 0, lanes_per_warp))
-            )
+            G.WIDE_LIST_WARPS = int(m.group(1))
         yield
     finally:
         for a, v in saved.items():

@@ -111,7 +111,7 @@ _DECODE_VARIANTS_7B = (
         for mode in ("qsparse", "bitnet", "bitnet_qsparse")
     ),
     ("qsparse_select_warps", "qsparse", "default,select_warps=16,select_warps=32", 130),
-    ("qsparse_wide_select_warps", "qsparse", "default,wide_select_warps=32", 100),
+    ("qsparse_wide_select_warps", "qsparse", "default,wide_select_warps=16", 100),
 )
 _CKPT = "/tmp/qsparse-llama1b"
 #: the training-stack benchmarks' model and batch (mfu.py, train_step.py)

@@ -96,6 +96,7 @@ def capture_launches() -> list[tuple[JITFunction, tuple, dict]]:
     G.select_rows(x4, 819)
     G.masked_topk(x4, 819, G.new_hint(4))  # batch 2-16: top-k from carried thresholds
     w11 = G.prepare_dense(torch.zeros(4096, 11008, dtype=bf16))
+    G.sparse_gemv(torch.randn(1, 11008, dtype=bf16), w11, 4403, hint=G.new_hint(1))  # 32 warps
     for c in (  # the carried GEMV (GemvConfig.carry), 11008 wide
         G.sparse_config_for(11008, 4096, 4403, carry=True),
         G.GemvConfig(block_k=64, block_n=32, split=1, carry=True),

@@ -41,15 +41,17 @@ def test_each_variant_sets_what_it_names_and_restores_it():
         assert G._weights_evict(True) == ""  # the interpreter: no cache policy
     with DV.variant("no_weights_evict_first", "bitnet"):
         assert G.WEIGHTS_EVICT_FIRST is False and G._weights_evict(False) == ""
-    with DV.variant("select_warps=32", "qsparse"):
-        assert G.select_warps_for(4096) == 32 and G.select_warps_for(4096, 8) == 8
-    with DV.variant("wide_select_warps=32", "qsparse"):
-        assert G.select_warps_for(11008, 0, 1024) == 32 and G.select_warps_for(11008, 8) == 8
-        assert G.select_warps_for(4096, 0, 1024) == 8 and G.select_warps_for(5632, 0, 1024) == 8
+    with DV.variant("select_warps=16", "qsparse"):
+        assert G.select_warps_for(4096) == 16 and G.select_warps_for(4096, 8) == 8
+        assert G.list_select_warps(4096) == 16 and G.list_select_warps(11008) == 16
+    with DV.variant("wide_select_warps=16", "qsparse"):
+        assert G.list_select_warps(11008) == 16 and G.list_select_warps(11008, 8) == 8
+        assert G.list_select_warps(4096) == 8 and G.list_select_warps(5632) == 8
     assert (G.TERNARY_CONFIG, G.TERNARY_SPARSE_CONFIG) == (dense, sparse)
     assert G._pdl_device_ok is pdl and V.RESIDUAL_SUM is True and G.PDL_CHAIN is False
     assert V.GLU_IN_SELECTION == ("ternary",) and DA.PRELOAD_FIRST_BLOCK is False
     assert G.WEIGHTS_EVICT_FIRST is True and G.select_warps_for(4096, 0, 1024) == 8
+    assert G.list_select_warps(11008) == G.WIDE_LIST_WARPS == 32
 
 
 def test_script_prints_a_ratio_per_variant(capsys):

@@ -122,8 +122,12 @@ def test_selection_warps_grow_with_the_row_width():
     assert all(8 <= w <= 16 and w & (w - 1) == 0 for w in warps)
     assert warps == sorted(warps) and warps[0] < warps[-1]
     assert G.select_warps_for(5460, 4) == 4
-    # the batch-1 list kernel: one warp per 1024 lanes (8 at 8192 lanes, 16 at 16384)
+    # one warp per 1024 lanes (8 at 8192 lanes, 16 at 16384)
     assert [G.select_warps_for(w, 0, 1024) for w in (4096, 5632, 8192, 11008)] == [8, 8, 8, 16]
+    # the batch-1 list kernel: so up to 8192 inputs, WIDE_LIST_WARPS (32) above
+    widths = (4096, 5632, 8192, 8193, 11008, 14336)
+    assert [G.list_select_warps(w) for w in widths] == [8, 8, 8, 32, 32, 32]
+    assert G.list_select_warps(11008, 8) == 8
 
 
 def test_prepare_dense_rejects_bad_alignment():

@@ -252,6 +252,27 @@ def select_warps_for(width: int, warps: int = 0, lanes_per_warp: int = 512) -> i
     return max(8, min(16, triton.next_power_of_2(width) // lanes_per_warp))
 
 
+#: rows wider than this many inputs get :data:`WIDE_LIST_WARPS` in the batch-1 list kernel
+WIDE_LIST_FROM: int = 8192
+#: warps of the batch-1 radix list kernel (:func:`compact_rows`) for rows wider than
+#: :data:`WIDE_LIST_FROM` (the 7B down site, 11008 inputs). In a decode step the weight stream
+#: before it leaves its row cold in L2: there 32 warps took 14.0 us against 18.2 with 16 (H200,
+#: ``benchmarks/select_latency.py --cold``; warm 14.2 against 12.5), and the 7B Q-Sparse step
+#: ran 1.028x and 1.029x faster (two runs, H100, 2026-12-06, ``decode_variants.py``).
+WIDE_LIST_WARPS: int = 32
+
+
+def list_select_warps(width: int, warps: int = 0) -> int:
+    """Warps of the batch-1 radix list kernel for rows of ``width`` inputs: ``warps`` if set,
+    :data:`WIDE_LIST_WARPS` above :data:`WIDE_LIST_FROM` inputs, else one per 1024 padded
+    inputs, 8 to 16 (:func:`select_warps_for`)."""
+    if warps:
+        return warps
+    if width > WIDE_LIST_FROM:
+        return WIDE_LIST_WARPS
+    return select_warps_for(width, 0, 1024)
+
+
 def _cfg_ints(cfg: GemvConfig) -> list[int]:
     """``cfg`` as the int list the custom ops take (field order; None -> -1, bools -> 0/1)."""
     return [-1 if v is None else int(v) for v in (getattr(cfg, f.name) for f in fields(cfg))]
@@ -541,7 +562,11 @@ def compact_rows(
         d_ptr=residual[0] if residual is not None else cnt,  # cnt: never read without ADD
         r_ptr=residual[1] if residual is not None else cnt,
         ADD=residual is not None,
-        num_warps=select_warps_for(width, num_warps, 1024 if bsz == 1 and radix else 512),
+        num_warps=(
+            list_select_warps(width, num_warps)
+            if bsz == 1 and radix
+            else select_warps_for(width, num_warps)
+        ),
         **_wait_opts(x, wait),
     )
     return idx, val, cnt
