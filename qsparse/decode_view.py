@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .env_flags import check_env_flags, flag_at_import
 from .kernels import decode_attention as DA
 from .kernels import gemv as G
 from .kernels import int8_gemv as I8
@@ -97,17 +98,17 @@ TERNARY_MAX_ROWS = 16
 #: (:mod:`qsparse.kernels.ternary_rows`); off until measured end to end on an H200.
 #: ``QSPARSE_TERNARY_ROWS=1`` in the environment (read at import) or setting this before
 #: :func:`decoder_view` turns it on
-TERNARY_ROWS: bool = os.environ.get("QSPARSE_TERNARY_ROWS", "0") == "1"
+TERNARY_ROWS: bool = flag_at_import("QSPARSE_TERNARY_ROWS", False)
 #: decode positions over a static cache run :func:`qsparse.kernels.decode_attention.decode_attention`
 #: (RoPE, cache write and attention in one kernel) where kernels run; ``QSPARSE_FUSED_ATTENTION=0``
 #: in the environment (read at import) or setting this to False before :func:`decoder_view`
 #: keeps the model's own path (RoPE, ``index_copy_``, SDPA), e.g. to measure the difference
-FUSED_ATTENTION: bool = os.environ.get("QSPARSE_FUSED_ATTENTION", "1") != "0"
+FUSED_ATTENTION: bool = flag_at_import("QSPARSE_FUSED_ATTENTION", True)
 #: a sparse or ternary site that computes its layer's RMSNorm also forms the residual sum in
 #: front of it (:meth:`_Projection.sums_residual`); ``QSPARSE_RESIDUAL_SUM=0`` in the
 #: environment (read at import) or setting this to False before a step is traced adds in
 #: PyTorch instead (an add kernel a site), e.g. to measure the difference
-RESIDUAL_SUM: bool = os.environ.get("QSPARSE_RESIDUAL_SUM", "1") != "0"
+RESIDUAL_SUM: bool = flag_at_import("QSPARSE_RESIDUAL_SUM", True)
 #: the site modes whose first kernel can compute the GLU in front of a down site
 GLU_SITE_MODES = ("sparse", "threshold", "ternary")
 _GLU_SELECTION_ENV = {"0": (), "ternary": ("ternary",), "1": GLU_SITE_MODES}
@@ -126,11 +127,12 @@ def _glu_in_selection_from_env(value: str) -> tuple[str, ...]:
 
 def check_environment() -> None:
     """ValueError naming the variable and its forms when a ``QSPARSE_*`` decode setting in the
-    environment has a value this module does not know (read when :func:`decoder_view` builds a
-    view, so that a bad value stops a run with one line instead of failing ``import``)."""
+    environment has a value this module does not know: ``QSPARSE_GLU_SELECTION``, and every
+    on/off setting read at import (:func:`qsparse.env_flags.check_env_flags`: 1 or 0). Called
+    when :func:`decoder_view` builds a view, so that a bad value stops a run with one line
+    instead of failing ``import``."""
     _glu_in_selection_from_env(os.environ.get("QSPARSE_GLU_SELECTION", _GLU_SELECTION_DEFAULT))
-    for name, default in G.ENV_FLAGS.items():
-        G.flag_from_env(name, default)
+    check_env_flags()
 
 
 #: the down sites whose first kernel (top-k selection, fixed-threshold list, ternary

@@ -388,34 +388,106 @@ def test_bad_decode_setting_in_the_environment_is_one_line(monkeypatch) -> None:
     V.check_environment()
 
 
-def test_bad_decode_flag_in_the_environment_is_one_line(monkeypatch) -> None:
-    """The on/off decode settings (``QSPARSE_WEIGHTS_EVICT_FIRST``, ``QSPARSE_PDL_CHAIN``) take
-    1 or 0; another value stops ``qsparse-generate`` with one line naming the variable, before
-    a model is built, while ``import`` keeps the default."""
+#: every on/off setting read from the environment at import, with its default
+ON_OFF_FLAGS = {
+    "QSPARSE_WEIGHTS_EVICT_FIRST": True,
+    "QSPARSE_PDL_CHAIN": False,
+    "QSPARSE_TERNARY_ROWS": False,
+    "QSPARSE_FUSED_ATTENTION": True,
+    "QSPARSE_RESIDUAL_SUM": True,
+    "QSPARSE_KERNELS": True,
+}
+_FLAG_MESSAGE = "{name}='false': use 1 (on) or 0 (off), or leave it unset"
+
+
+def test_on_off_flags_are_registered_and_read_at_import() -> None:
+    """Each on/off setting is in ``ENV_FLAGS`` with its default, and ``1``/``0`` set the module
+    attribute it names (read at import, in a fresh interpreter: each set against its default)."""
+    import qsparse.decode_view  # noqa: F401  (imports every module that reads a flag)
+    from qsparse.env_flags import ENV_FLAGS
+
+    assert ENV_FLAGS == ON_OFF_FLAGS
+    env = {**os.environ, **{n: "0" if d else "1" for n, d in ON_OFF_FLAGS.items()}}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+    )
+    code = (
+        "from qsparse import decode_view as V, kernels as K; from qsparse.kernels import gemv as G;"
+        "print(G.WEIGHTS_EVICT_FIRST, G.PDL_CHAIN, V.TERNARY_ROWS, V.FUSED_ATTENTION,"
+        " V.RESIDUAL_SUM, K.ENABLED)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == [str(not d) for d in ON_OFF_FLAGS.values()]
+
+
+@pytest.mark.parametrize(("name", "default"), list(ON_OFF_FLAGS.items()))
+def test_bad_on_off_flag_in_the_environment_is_one_line(monkeypatch, name, default) -> None:
+    """An on/off setting takes 1 or 0 (unset: its default); another value stops
+    ``qsparse-generate`` with one line naming the variable, before a model is built, while
+    ``import`` keeps the default."""
     from qsparse.cli.generate import main as generate_main
     from qsparse.decode_view import check_environment
-    from qsparse.kernels import gemv as G
+    from qsparse.env_flags import check_env_flags, flag_at_import, flag_from_env
 
-    assert G.ENV_FLAGS == {"QSPARSE_WEIGHTS_EVICT_FIRST": True, "QSPARSE_PDL_CHAIN": False}
-    for name, default in (("QSPARSE_WEIGHTS_EVICT_FIRST", True), ("QSPARSE_PDL_CHAIN", False)):
-        monkeypatch.delenv(name, raising=False)
-        assert G.flag_from_env(name, default) is default
-        assert G._flag_at_import(name, default) is default
-        for value, flag in (("0", False), ("1", True)):
-            monkeypatch.setenv(name, value)
-            assert (
-                G.flag_from_env(name, default) is flag and G._flag_at_import(name, default) is flag
-            )
-        monkeypatch.setenv(name, "false")
-        message = f"{name}='false': use 1 (on) or 0 (off), or leave it unset"
-        assert G._flag_at_import(name, default) is default
-        with pytest.raises(ValueError, match=re.escape(message)):
-            check_environment()
-        with pytest.raises(SystemExit) as exit_info:
-            generate_main(["--preset", "tiny", "--device", "cpu", "--new-tokens", "2"])
-        assert str(exit_info.value) == message
-        monkeypatch.delenv(name)
+    monkeypatch.delenv(name, raising=False)
+    assert flag_from_env(name, default) is default
+    assert flag_at_import(name, default) is default
+    for value, flag in (("0", False), ("1", True)):
+        monkeypatch.setenv(name, value)
+        assert flag_from_env(name, default) is flag and flag_at_import(name, default) is flag
+    check_env_flags()
+    monkeypatch.setenv(name, "false")
+    message = _FLAG_MESSAGE.format(name=name)
+    assert flag_at_import(name, default) is default
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_env_flags()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_environment()
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--preset", "tiny", "--device", "cpu", "--new-tokens", "2"])
+    assert str(exit_info.value) == message
+    monkeypatch.delenv(name)
     check_environment()
+
+
+def test_bad_kernels_flag_stops_training_in_one_line_and_writes_nothing(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``QSPARSE_KERNELS=false qsparse-train ...``: one line, status 2, no folder made."""
+    monkeypatch.setenv("QSPARSE_KERNELS", "false")
+    code, stderr = _qsparse_train([*FAST, "run_name=k"], tmp_path, monkeypatch, capsys)
+    line = _one_line_error(code, stderr)
+    assert line == "qsparse-train: " + _FLAG_MESSAGE.format(name="QSPARSE_KERNELS")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["qsparse-eval", "qsparse-compare", "qsparse-teacher-logits"])
+def test_bad_kernels_flag_stops_other_model_commands_in_one_line(
+    tmp_path: Path, monkeypatch, capsys, command: str
+) -> None:
+    """The other commands that run a model through the kernels check the on/off settings first
+    (before the missing checkpoint folder or config would be reported)."""
+    from qsparse.cli import compare, evaluate, teacher_logits
+
+    monkeypatch.setenv("QSPARSE_KERNELS", "false")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    missing = str(tmp_path / "missing")
+    capsys.readouterr()
+    if command == "qsparse-teacher-logits":
+        with pytest.raises(SystemExit) as exit_info:
+            teacher_logits.main([f"distill.teacher_logits={missing}"])
+        code, prog = exit_info.value.code, command
+    elif command == "qsparse-eval":
+        code, prog = evaluate.main([missing, "--text", "kjv"]), "qsparse-eval: error"
+    else:
+        code, prog = compare.main([missing, "--text", "kjv"]), command
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert lines == [f"{prog}: " + _FLAG_MESSAGE.format(name="QSPARSE_KERNELS")]
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- what ran ----------------------------------------------------------------------------------

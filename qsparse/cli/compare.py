@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry (``qsparse-compare``); 0 on success, 2 on bad input."""
     from hydra.errors import HydraException
 
+    from ..env_flags import check_env_flags
     from ..evaluation.compare import render_comparison
     from ..models.hf import CheckpointError
 
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json_out).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
 
     try:
+        check_env_flags()  # QSPARSE_KERNELS and the other on/off settings: 1 or 0
         # every option but the output files is a parameter of compare_methods, by name
         options = {k: v for k, v in vars(args).items() if k not in ("json_out", "plot")}
         rows = compare_methods(**options, on_row=write_json)

@@ -103,6 +103,15 @@ def render(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry (``qsparse-eval``); exit status 0 on success, 2 on bad input."""
     args = build_parser().parse_args(argv)
+    from qsparse.env_flags import check_env_flags
+    from qsparse.errors import full_traceback_requested, report
+
+    try:
+        check_env_flags()  # QSPARSE_KERNELS and the other on/off settings: 1 or 0
+    except ValueError as err:
+        if full_traceback_requested(args.debug):
+            raise
+        return report("qsparse-eval: error", err)
     if args.texts is None and not args.tasks:
         print(
             "qsparse-eval: note: neither --text nor --tasks given; measuring sparsity on a "
@@ -129,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
         )
     except (ValueError, FileNotFoundError) as err:
-        from qsparse.errors import full_traceback_requested, report
-
         if full_traceback_requested(args.debug):
             raise
         return report("qsparse-eval: error", err)

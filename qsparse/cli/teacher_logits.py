@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qsparse.env_flags import check_env_flags
 from qsparse.errors import UserError, full_traceback_requested, report
 from qsparse.io import atomic_write_text
 from qsparse.training.teacher_store import (
@@ -221,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     quiet_libraries()
     try:
+        check_env_flags()  # QSPARSE_KERNELS and the other on/off settings: 1 or 0
         write_teacher_logits(compose(args))
     except (UserError, HydraException) as exc:  # a bad value, or a key Hydra cannot compose
         if full_traceback_requested():

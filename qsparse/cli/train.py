@@ -10,8 +10,9 @@ The config directory ``qsparse/conf`` ships inside the package, so installed use
 same groups and recipes (``--info defaults`` lists what a command composes).
 
 A user's mistake (a bad config value, an unusable data file or checkpoint, a run directory
-that holds a run) prints one line ``qsparse-train: <what is wrong and how to fix it>`` and
-exits with status 2, before anything is written; ``HYDRA_FULL_ERROR=1`` shows the traceback.
+that holds a run, an on/off ``QSPARSE_*`` variable such as ``QSPARSE_KERNELS`` set to neither
+1 nor 0) prints one line ``qsparse-train: <what is wrong and how to fix it>`` and exits with
+status 2, before anything is written; ``HYDRA_FULL_ERROR=1`` shows the traceback.
 The libraries' INFO chatter is kept out of the output (:mod:`qsparse.training.console`).
 A sweep (``-m``) checks every job's config first (:mod:`qsparse.cli.sweep`), runs the jobs
 that can run and exits with the number of jobs that failed.
@@ -28,7 +29,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import qsparse.kernels  # noqa: F401  (registers QSPARSE_KERNELS in qsparse.env_flags)
 from qsparse.cli.sweep import SweepCheck, SweepJobError
+from qsparse.env_flags import check_env_flags
 from qsparse.errors import UserError, full_traceback_requested, report
 from qsparse.training.config import ConfigError  # noqa: F401  (registers train_schema)
 from qsparse.training.console import quiet_libraries
@@ -85,10 +88,23 @@ def _record_error(exc: BaseException) -> None:
         pass
 
 
+def _check_environment() -> None:
+    """Exit with one line (status 2) when an on/off ``QSPARSE_*`` setting in the environment is
+    neither 1 nor 0 (:func:`qsparse.env_flags.check_env_flags`), before Hydra makes a folder."""
+    try:
+        check_env_flags()
+    except UserError as exc:
+        if full_traceback_requested():
+            raise
+        raise SystemExit(report("qsparse-train", exc)) from None
+
+
 def main() -> None:
     """Console-script entry (``qsparse-train``). A user error prints one line and exits with
-    status 2; a misspelled key is reported by Hydra while composing (status 1); a sweep exits
-    with the number of its failed jobs; other failures keep their traceback."""
+    status 2 (a bad on/off ``QSPARSE_*`` variable before Hydra composes anything); a misspelled
+    key is reported by Hydra while composing (status 1); a sweep exits with the number of its
+    failed jobs; other failures keep their traceback."""
+    _check_environment()
     SweepCheck.multirun = False
     quiet_libraries()
     try:

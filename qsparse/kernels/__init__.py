@@ -9,8 +9,9 @@ Training entry points, called by :class:`qsparse.nn.linear.ActivationSparsifier`
   identity backward.
 
 Each returns ``None`` when no kernel applies (CPU tensor, Triton missing, unsupported dtype or
-shape, ``QSPARSE_KERNELS=0``), so the caller runs the reference. Setting ``TRITON_INTERPRET=1``
-before import also routes CPU tensors through the kernels (Triton's interpreter; tests only).
+shape, ``QSPARSE_KERNELS=0``), so the caller runs the reference (``QSPARSE_KERNELS`` takes 1
+or 0: :mod:`qsparse.env_flags`). Setting ``TRITON_INTERPRET=1`` before import also routes CPU
+tensors through the kernels (Triton's interpreter; tests only).
 
 Inference kernels (sparse-input GEMV, 2-bit ternary GEMV) live in :mod:`qsparse.kernels.gemv`;
 a fixed-threshold site's GEMV (TEAL) in :mod:`qsparse.kernels.threshold_gemv`; the attention
@@ -24,9 +25,13 @@ import os
 
 import torch
 
+from ..env_flags import flag_at_import
+
 HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ENABLED: bool = os.environ.get("QSPARSE_KERNELS", "1") != "0"
+#: the Triton kernels run where they apply; ``QSPARSE_KERNELS=0`` in the environment (read at
+#: import) or setting this to False runs the PyTorch references everywhere
+ENABLED: bool = flag_at_import("QSPARSE_KERNELS", True)
 MAX_ROW = 32768  # widest row the token kernel holds in registers
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 
+from ..env_flags import flag_at_import
 from ..nn.quant import absmax_quantize
 from ..nn.topk import topk_mask
 from .topk import KEY_BITS
@@ -103,33 +103,6 @@ class GemvConfig:
     packed: bool = True  # sparse, batch 1, bf16 input: the list as one word per kept input
 
 
-def flag_from_env(name: str, default: bool) -> bool:
-    """The on/off decode setting ``name`` in the environment: ``1`` on, ``0`` off, unset
-    ``default``; any other value is a ValueError naming the variable and its forms."""
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    if value not in ("0", "1"):
-        raise ValueError(f"{name}={value!r}: use 1 (on) or 0 (off), or leave it unset")
-    return value == "1"
-
-
-#: the on/off settings this module reads from the environment at import, with their defaults
-#: (``qsparse.decode_view.check_environment`` checks each when a view is built)
-ENV_FLAGS: dict[str, bool] = {}
-
-
-def _flag_at_import(name: str, default: bool) -> bool:
-    """:func:`flag_from_env`, with ``default`` for an unknown value so that ``import`` still
-    works (``qsparse.decode_view.check_environment`` reports it when a view is built); records
-    ``name`` in :data:`ENV_FLAGS`."""
-    ENV_FLAGS[name] = default
-    try:
-        return flag_from_env(name, default)
-    except ValueError:
-        return default
-
-
 #: when True, the one-program kernel of a site (selection, list or ternary activation kernel)
 #: is launched as a programmatic dependent of the kernel before it and waits for that kernel's
 #: output before reading anything, and the decode GEMVs let the kernel after them launch once
@@ -138,7 +111,7 @@ def _flag_at_import(name: str, default: bool) -> bool:
 #: 1, CUDA graph) it made the whole decode step slower in every mode (Q-Sparse 0.964x, BitNet +
 #: Q-Sparse 0.977x, BitNet 0.984x; docs/decode.md). ``QSPARSE_PDL_CHAIN=1`` in the environment
 #: (read at import) or setting this before a step is captured turns it on.
-PDL_CHAIN: bool = _flag_at_import("QSPARSE_PDL_CHAIN", False)
+PDL_CHAIN: bool = flag_at_import("QSPARSE_PDL_CHAIN", False)
 
 #: when True, the batch-1/batched list GEMV and the 2-bit ternary GEMV load their weights with
 #: the L2 policy ``evict_first``: a decode step reads each weight byte once, so the weight
@@ -148,7 +121,7 @@ PDL_CHAIN: bool = _flag_at_import("QSPARSE_PDL_CHAIN", False)
 #: H200, 2026-12-06), 1.009x in BitNet b1.58 (H100 and H200) and 1.000-1.003x in Q-Sparse
 #: (benchmarks/README.md, thirteenth round). ``QSPARSE_WEIGHTS_EVICT_FIRST=0`` in the
 #: environment (read at import) or setting this before a step is captured turns it off.
-WEIGHTS_EVICT_FIRST: bool = _flag_at_import("QSPARSE_WEIGHTS_EVICT_FIRST", True)
+WEIGHTS_EVICT_FIRST: bool = flag_at_import("QSPARSE_WEIGHTS_EVICT_FIRST", True)
 
 #: the floor of the activation absmax ``gamma = max(max |x|, ACT_EPS)`` in the ternary GEMVs'
 #: int8 quantization (:func:`ternary_gemv`, :mod:`qsparse.kernels.ternary_rows`): a constant
