@@ -9,7 +9,7 @@ reported).
     PYTHONPATH=$PWD python3 benchmarks/decode_modes.py --json decode.json
     python3 benchmarks/decode_modes.py --plot decode.json docs/decode_modes.png   # no GPU
     python3 benchmarks/decode_modes.py --plot benchmarks/results/decode_modes_*.json \
-        benchmarks/decode_modes_h200.png    # from the run_all records (commits in titles)
+        benchmarks/decode_modes.png    # from the run_all records (devices, commits shown)
     PYTHONPATH=$PWD python3 benchmarks/decode_modes.py --presets tiny --batches 1 \\
         --new-tokens 2 --compile-backend eager -- --device cpu --no-kernels --no-graph
     # BitNet modes also with the weight-only int8 lm head (rows bitnet_int8head, ...)
@@ -216,16 +216,32 @@ def run(args: argparse.Namespace, generate_args: Sequence[str] = ()) -> None:
 _RECORD_KEY = re.compile(r"decode_modes\.(.+)\.b(\d+)\.(compile|eager)\.(\w+)\.tokens_per_s")
 
 
+def short_device(name: str | None) -> str | None:
+    """A record's device for a plot label: ``"NVIDIA H100 80GB HBM3"`` -> ``"H100"``."""
+    if not name:
+        return None
+    words = name.removeprefix("NVIDIA ").split()
+    return words[0] if words else None
+
+
 def rows_from_records(records: Sequence[dict]) -> list[dict]:
     """The rows :func:`plot` draws, from ``benchmarks/run_all.py`` records of this script
     (``benchmarks/results/decode_modes_*.json``): one per preset, batch and mode, with the
-    commit each was measured at."""
+    commit and the GPU (:func:`short_device`) each was measured on. Where several records hold
+    the same preset, batch, mode and compile setting, the newest (its ``date``) wins, so that a
+    bar group does not mix a rerun with an older run on another card."""
     rows = []
-    for rec in records:
+    for rec in sorted(records, key=lambda r: str(r.get("date", "")), reverse=True):
         for key, fig in rec.get("figures", {}).items():
             m = _RECORD_KEY.fullmatch(key)
             if m:
                 preset, batch, how, mode = m.groups()
+                if any(
+                    (r["preset"], r["batch"], r["mode"], r["compiled"])
+                    == (preset, int(batch), mode, how == "compile")
+                    for r in rows
+                ):
+                    continue  # a newer record has it
                 rows.append(
                     dict(
                         preset=preset,
@@ -234,9 +250,18 @@ def rows_from_records(records: Sequence[dict]) -> list[dict]:
                         tokens_per_s=fig["value"],
                         compiled=how == "compile",
                         commit=str(rec.get("commit", "unknown"))[:7],
+                        device=short_device(rec.get("device")),
                     )
                 )
     return rows
+
+
+def _batch_label(batch: int, rows: Sequence[dict]) -> str:
+    """``"batch 1\ncompiled, H100"``: a bar group's tick label, with whether its step was
+    compiled and the GPUs its rows were measured on (rows of several runs may differ)."""
+    notes = ["compiled"] if any(r["compiled"] for r in rows) else []
+    notes += sorted({r["device"] for r in rows if r.get("device")})
+    return f"batch {batch}" + (f"\n{', '.join(notes)}" if notes else "")
 
 
 def plot(src: str | Sequence[str], dst: str) -> None:
@@ -270,17 +295,11 @@ def plot(src: str | Sequence[str], dst: str) -> None:
             xs = [i + j * width for i in range(len(batches))]
             ax.bar(xs, vals, width, label=mode, color=colours[mode])
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))])
-        ax.set_xticklabels(
-            [
-                f"batch {b}"
-                + (" (compiled)" if any(r["compiled"] for r in sub if r["batch"] == b) else "")
-                for b in batches
-            ]
-        )
+        ax.set_xticklabels([_batch_label(b, [r for r in sub if r["batch"] == b]) for b in batches])
         ax.set_ylabel("tokens/s")
         commits = sorted({r["commit"] for r in sub if r.get("commit")})
         at = f" ({', '.join(commits)})" if commits else ""
-        ax.set_title(f"{preset} preset, greedy decode, H200{at}", fontsize=9)
+        ax.set_title(f"{preset} preset, greedy decode{at}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(dst, dpi=120)

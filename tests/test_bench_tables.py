@@ -558,11 +558,12 @@ def test_manifest_of_this_checkout_matches_git() -> None:
 
 def test_decode_plot_rows_come_from_run_all_records() -> None:
     """benchmarks/decode_modes.py --plot reads run_all records: one row per preset, batch and
-    mode with its tokens/s, whether the step was compiled and the record's commit."""
-    from benchmarks.decode_modes import rows_from_records
+    mode with its tokens/s, whether the step was compiled, the record's commit and its GPU."""
+    from benchmarks.decode_modes import _batch_label, rows_from_records, short_device
 
     record = {
         "commit": "d59dc26d56e6",
+        "device": "NVIDIA H100 80GB HBM3",
         "figures": {
             "decode_modes.1.3B.b1.compile.bitnet.tokens_per_s": _fig(837.5, 837.5, 837.5, 1),
             "decode_modes.1.3B.b1.compile.bitnet.ratio": _fig(1.3, 1.3, 1.3, 1),
@@ -573,7 +574,18 @@ def test_decode_plot_rows_come_from_run_all_records() -> None:
     rows = sorted(rows_from_records([record]), key=lambda r: r["preset"])
     assert rows == [
         dict(preset="1.3B", batch=1, mode="bitnet", tokens_per_s=837.5, compiled=True,
-             commit="d59dc26"),
+             commit="d59dc26", device="H100"),
         dict(preset="7B", batch=8, mode="dense", tokens_per_s=1165.3, compiled=False,
-             commit="d59dc26"),
+             commit="d59dc26", device="H100"),
     ]  # fmt: skip
+    assert short_device("NVIDIA H200") == "H200" and short_device(None) is None
+    # a bar group measured on two cards names both, so no figure passes for another card's
+    assert _batch_label(1, [rows[0], dict(rows[0], device="H200")]) == (
+        "batch 1\ncompiled, H100, H200"
+    )
+    assert _batch_label(8, [rows[1]]) == "batch 8\nH100"
+    # an older record of the same preset, batch, mode and compile setting is left out
+    older = dict(record, commit="0762a01", device="NVIDIA H200", date="2026-12-02T00:09:14Z")
+    newer = dict(record, date="2026-12-06T05:26:01Z")
+    assert sorted(rows_from_records([older, newer]), key=lambda r: r["preset"]) == rows
+    assert rows_from_records([newer, older]) == rows_from_records([older, newer])
