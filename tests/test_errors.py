@@ -363,7 +363,7 @@ def test_extra_weights_path_is_confined_to_the_checkpoint(exported: Path, tmp_pa
             qsparse.load(exported)
 
 
-def test_bad_decode_setting_in_the_environment_is_one_line(monkeypatch) -> None:
+def test_bad_decode_setting_in_the_environment_is_one_line(monkeypatch, capsys) -> None:
     """``QSPARSE_GLU_SELECTION`` with an unknown value: ``import qsparse`` still works (the
     default is used until then), building a decode view raises a ValueError naming the variable
     and its forms, and ``qsparse-generate`` stops with that line before it builds a model."""
@@ -381,9 +381,10 @@ def test_bad_decode_setting_in_the_environment_is_one_line(monkeypatch) -> None:
 
     with pytest.raises(ValueError, match="QSPARSE_GLU_SELECTION='yes'"):
         V.decoder_view(LlamaForCausalLM(LlamaConfig.from_preset("tiny")), use_kernels=True)
-    with pytest.raises(SystemExit) as exit_info:
-        generate_main(["--preset", "tiny", "--device", "cpu", "--new-tokens", "2"])
-    assert str(exit_info.value).startswith(message) and "\n" not in str(exit_info.value)
+    capsys.readouterr()
+    assert generate_main(["--preset", "tiny", "--device", "cpu", "--new-tokens", "2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"qsparse-generate: {message}")
     monkeypatch.setenv("QSPARSE_GLU_SELECTION", "0")
     V.check_environment()
 
@@ -424,7 +425,7 @@ def test_on_off_flags_are_registered_and_read_at_import() -> None:
 
 
 @pytest.mark.parametrize(("name", "default"), list(ON_OFF_FLAGS.items()))
-def test_bad_on_off_flag_in_the_environment_is_one_line(monkeypatch, name, default) -> None:
+def test_bad_on_off_flag_in_the_environment_is_one_line(monkeypatch, capsys, name, default) -> None:
     """An on/off setting takes 1 or 0 (unset: its default); another value stops
     ``qsparse-generate`` with one line naming the variable, before a model is built, while
     ``import`` keeps the default."""
@@ -446,9 +447,9 @@ def test_bad_on_off_flag_in_the_environment_is_one_line(monkeypatch, name, defau
         check_env_flags()
     with pytest.raises(ValueError, match=re.escape(message)):
         check_environment()
-    with pytest.raises(SystemExit) as exit_info:
-        generate_main(["--preset", "tiny", "--device", "cpu", "--new-tokens", "2"])
-    assert str(exit_info.value) == message
+    capsys.readouterr()
+    assert generate_main(["--preset", "tiny", "--device", "cpu", "--new-tokens", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"qsparse-generate: {message}"]
     monkeypatch.delenv(name)
     check_environment()
 
@@ -488,6 +489,52 @@ def test_bad_kernels_flag_stops_other_model_commands_in_one_line(
     assert code == 2
     assert lines == [f"{prog}: " + _FLAG_MESSAGE.format(name="QSPARSE_KERNELS")]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "nope"], "--preset 'nope' is not a preset: use one of tiny, "),
+        (["--checkpoint", "{tmp}/missing"], "checkpoint path {tmp}/missing does not exist"),
+        (["--checkpoint", "{tmp}/bad"], "{tmp}/bad/config.json is not valid JSON"),
+        (["--preset", "tiny", "--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--preset", "tiny", "--mode", "sparse"], "--mode 'sparse' must be one of"),
+        (["--preset", "tiny", "--compile", "bogus"], "--compile: "),
+    ],
+)
+def test_generate_refuses_bad_input_in_one_line(tmp_path: Path, capsys, argv, message) -> None:
+    """``qsparse-generate`` with a bad option or checkpoint folder: status 2 and one line
+    ``qsparse-generate: <message>`` naming it, before a model is built (no traceback)."""
+    from qsparse.cli.generate import main as generate_main
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    capsys.readouterr()
+    assert generate_main([*argv, "--device", "cpu", "--new-tokens", "2"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "qsparse-generate: " + message.format(tmp=tmp_path)
+    )
+    assert captured.out == ""  # nothing measured
+
+
+def test_generate_decodes_a_checkpoint_folder_and_refuses_one_without_a_tokenizer(
+    tiny_hf_checkpoint, capsys
+) -> None:
+    """The same check passes a good folder (``--prompt`` decodes its text) and names the
+    missing tokenizer of another in one line."""
+    from qsparse.cli.generate import main as generate_main
+
+    argv = ["--device", "cpu", "--dtype", "fp32", "--new-tokens", "2", "--prompt", "the cat"]
+    assert generate_main(["--checkpoint", str(tiny_hf_checkpoint()), *argv]) == 0
+    assert "| checkpoint |" in capsys.readouterr().out
+    bare = tiny_hf_checkpoint(tokenizer=False, seed=1)
+    capsys.readouterr()  # transformers' progress bars while saving
+    assert generate_main(["--checkpoint", str(bare), *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qsparse-generate: ") and "tokenizer" in lines[0]
 
 
 # --- what ran ----------------------------------------------------------------------------------

@@ -28,7 +28,10 @@ import torch
 
 from ..decode_view import check_environment, check_head_bits
 from ..dtypes import dtype_names, torch_dtype
+from ..errors import UserError, full_traceback_requested, report
 from ..generate import MODES, DecodeEngine, compile_backend, convert, kept_fraction
+from ..models.hf import check_hf_checkpoint
+from ..models.presets import PRESETS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,31 +74,40 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> list[str]:
+    """The modes to run; a :class:`~qsparse.errors.UserError` naming the option, environment
+    variable or checkpoint file at fault (before any model is built)."""
     if args.batch < 1:
-        raise SystemExit(f"--batch must be >= 1, got {args.batch}")
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
     if args.new_tokens < 2:
-        raise SystemExit(f"--new-tokens must be >= 2, got {args.new_tokens}")
+        raise UserError(f"--new-tokens must be >= 2, got {args.new_tokens}")
     if args.prompt_len < 1:
-        raise SystemExit(f"--prompt-len must be >= 1, got {args.prompt_len}")
+        raise UserError(f"--prompt-len must be >= 1, got {args.prompt_len}")
     if not 0.0 <= args.sparsity < 1.0:
-        raise SystemExit(f"--sparsity must be in [0, 1), got {args.sparsity}")
+        raise UserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.prompt and not args.checkpoint:
-        raise SystemExit("--prompt needs --checkpoint (a folder with a tokenizer)")
+        raise UserError("--prompt needs --checkpoint (a folder with a tokenizer)")
     try:
         compile_backend(args.compile)
     except ValueError as err:
-        raise SystemExit(f"--compile: {err}") from None
+        raise UserError(f"--compile: {err}") from None
     try:
         check_head_bits(args.head_bits, "--head-bits")
         check_environment()
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise UserError(str(err)) from None
+    if args.checkpoint:
+        check_hf_checkpoint(args.checkpoint, require_tokenizer=bool(args.prompt))
+    elif args.preset not in PRESETS:
+        raise UserError(
+            f"--preset {args.preset!r} is not a preset: use one of {', '.join(PRESETS)}, or "
+            "--checkpoint FOLDER"
+        )
     if args.mode == "all":
         return ["checkpoint"] if args.checkpoint else list(MODES)
     modes = args.mode.split(",")
     for m in modes:
         if m not in MODES:
-            raise SystemExit(f"--mode {m!r} must be one of {MODES} or 'all'")
+            raise UserError(f"--mode {m!r} must be one of {MODES} or 'all'")
     return modes
 
 
@@ -188,8 +200,16 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Console-script entry (``qsparse-generate``); 0 on success. A bad option, ``QSPARSE_*``
+    setting or checkpoint folder prints one line ``qsparse-generate: <message>`` and returns 2
+    before a model is built (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
     args = _parser().parse_args(argv)
-    modes = _validate(args)
+    try:
+        modes = _validate(args)
+    except UserError as err:
+        if full_traceback_requested():
+            raise
+        return report("qsparse-generate", err)
     rows = measure(args, modes)
     src = args.checkpoint or f"preset {args.preset} (random weights)"
     on_cuda = args.device.startswith("cuda")  # what ran: DecodeEngine has neither off CUDA
