@@ -160,6 +160,11 @@ def test_cli_reports_bad_key_and_value_without_training(tmp_path: Path) -> None:
     assert "qsparse-train: sparsity.ratio=1.2 is outside [0, 1)" in bad_value.stderr
     assert "Traceback" not in bad_value.stderr
     assert not (tmp_path / "b" / "checkpoints").exists()
+    # a misspelled recipe is an error, not the base config trained in its place
+    typo = _cli([*FAST, "recipe=from_scratch/qsparse_tyni", f"run_dir={tmp_path / 'c'}"], tmp_path)
+    assert typo.returncode != 0
+    assert "Could not find 'recipe/from_scratch/qsparse_tyni'" in typo.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def test_multirun_sweep_makes_two_grouped_wandb_runs(tmp_path: Path) -> None:
