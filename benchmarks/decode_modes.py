@@ -230,18 +230,15 @@ def rows_from_records(records: Sequence[dict]) -> list[dict]:
     commit and the GPU (:func:`short_device`) each was measured on. Where several records hold
     the same preset, batch, mode and compile setting, the newest (its ``date``) wins, so that a
     bar group does not mix a rerun with an older run on another card."""
-    rows = []
+    rows, seen = [], set()
     for rec in sorted(records, key=lambda r: str(r.get("date", "")), reverse=True):
         for key, fig in rec.get("figures", {}).items():
             m = _RECORD_KEY.fullmatch(key)
             if m:
                 preset, batch, how, mode = m.groups()
-                if any(
-                    (r["preset"], r["batch"], r["mode"], r["compiled"])
-                    == (preset, int(batch), mode, how == "compile")
-                    for r in rows
-                ):
+                if (preset, batch, how, mode) in seen:
                     continue  # a newer record has it
+                seen.add((preset, batch, how, mode))
                 rows.append(
                     dict(
                         preset=preset,
